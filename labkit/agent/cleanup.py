@@ -1,0 +1,119 @@
+"""``labkit cleanup``: remove every kernel object labkit made on this host, and nothing else.
+
+What counts as labkit's (see DESIGN.md, "Naming of kernel objects"): processes recorded in
+/run/labkit/procs; processes whose root lies in /var/lib/labkit or /run/labkit; mounts below those two
+directories; network namespaces named ``lk-*``; links whose names start with ``lk``; cgroups below a
+``labkit`` parent in any hierarchy. Each is matched by exact rule, never by a loose pattern, and
+removal is idempotent: a second run finds nothing. Standard library only.
+"""
+import os
+import signal
+import time
+
+from ..specs import RUN_DIR, STATE_DIR
+from . import cgroups, kernel, process
+from .rootfs import mounts_under
+from .runner import Recorder, read_text, run, which
+
+LABKIT_DIRS = (STATE_DIR, RUN_DIR)
+
+
+def _in_labkit(path):
+    return any(path == d or path.startswith(d + "/") for d in LABKIT_DIRS)
+
+
+def plan():
+    """What cleanup would remove, as (kind, name) pairs. Read-only."""
+    items = []
+    for e in process.list_processes():
+        items.append(("process", e["id"]))
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                root = os.readlink(f"/proc/{p}/root")
+            except OSError:
+                continue
+            if _in_labkit(root):
+                items.append(("process-root", p))
+    for d in LABKIT_DIRS:
+        for mp in mounts_under(d):
+            items.append(("mount", mp))
+    if os.path.isdir("/run/netns"):
+        for n in sorted(os.listdir("/run/netns")):
+            if n.startswith("lk-"):
+                items.append(("netns", n))
+    for _, name in _links():
+        items.append(("link", name))
+    groups, _ = cgroups.labkit_groups()
+    for g in groups:
+        items.append(("cgroup", g))
+    return items
+
+
+def _links():
+    try:
+        import socket
+        return [(i, n) for i, n in socket.if_nameindex() if n.startswith("lk")]
+    except OSError:
+        return []
+
+
+def cleanup(dry_run=False):
+    rec = Recorder("labkit cleanup" + (" (dry run)" if dry_run else ""))
+    items = plan()
+    rec.fact("found", [f"{k} {n}" for k, n in items])
+    if dry_run:
+        return rec.to_dict(removed=[])
+    removed = []
+    for e in process.list_processes():
+        process.stop(e["id"], timeout=2)
+        removed.append(f"process {e['id']}")
+    for kind, pid in items:
+        if kind == "process-root":
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+                removed.append(f"process {pid}")
+            except ProcessLookupError:
+                pass
+    time.sleep(0.05) if removed else None
+    for d in LABKIT_DIRS:
+        for mp in mounts_under(d):
+            try:
+                kernel.umount2(mp, kernel.MNT_DETACH, rec=rec)
+                removed.append(f"mount {mp}")
+            except Exception:  # noqa: BLE001 - keep going, report what is left
+                pass
+    if os.path.isdir("/run/netns") and which("ip"):
+        for n in sorted(os.listdir("/run/netns")):
+            if n.startswith("lk-"):
+                if run(["ip", "netns", "delete", n], recorder=rec, check=False).ok:
+                    removed.append(f"netns {n}")
+    for _, name in _links():
+        if which("ip") and run(["ip", "link", "delete", name], recorder=rec, check=False).ok:
+            removed.append(f"link {name}")
+    groups, parents = cgroups.labkit_groups()
+    for g in groups + parents:
+        _empty_cgroup(g)
+        try:
+            os.rmdir(g)
+            rec.file("rmdir", g)
+            if g in groups:
+                removed.append(f"cgroup {g}")
+        except OSError:
+            pass
+    left = plan()
+    rec.fact("left", [f"{k} {n}" for k, n in left])
+    return rec.to_dict(removed=removed)
+
+
+def _empty_cgroup(path):
+    procs = (read_text(os.path.join(path, "cgroup.procs")) or "").split()
+    for p in procs:
+        try:
+            os.kill(int(p), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+    if procs:
+        end = time.monotonic() + 2
+        while time.monotonic() < end and (read_text(os.path.join(path, "cgroup.procs")) or "").strip():
+            time.sleep(0.02)

@@ -1,0 +1,234 @@
+"""``labkit doctor``: what this target can do for the course, each line with the fix when it cannot.
+
+Every line comes from a real probe on the target, not from a version table: namespaces are created,
+a veth pair and a bridge are made (inside a throwaway ``lk-doctor-*`` network namespace that is
+removed again), KVM is asked to run guest code under a time limit. Standard library only.
+"""
+import json
+import os
+import platform
+import secrets
+import sys
+import time
+
+from ..errors import LabkitError
+from ..specs import NAMESPACES, RUN_DIR, ProcessSpec
+from . import cgroups, process, rootfs
+from .runner import read_text, run, which
+
+KVM_CACHE = RUN_DIR + "/kvm-probe.json"
+QEMU_BY_ARCH = {"x86_64": "qemu-system-x86_64", "aarch64": "qemu-system-aarch64"}
+SETUP_FIX = "run `sudo bash scripts/setup.sh` (or vagrant/provision.sh) on the target"
+
+
+def _line(name, ok, value, detail="", fix="", level=None):
+    status = level or ("ok" if ok else "missing")
+    return {"check": name, "status": status, "value": value, "detail": detail, "fix": "" if ok else fix}
+
+
+def check_kernel():
+    u = os.uname()
+    return _line("kernel", u.sysname == "Linux", f"{u.sysname} {u.release}", f"arch {u.machine}",
+                 fix="the agent needs a Linux kernel; use the lab VM")
+
+
+def check_arch():
+    m = os.uname().machine
+    return _line("arch", m in QEMU_BY_ARCH, m, "x86_64 and aarch64 are supported",
+                 fix="use an x86_64 or aarch64 machine or VM", level=None if m in QEMU_BY_ARCH else "warn")
+
+
+def check_cgroups():
+    d = cgroups.detect()
+    if d["mode"] == "none":
+        return _line("cgroups", False, "none", "no cgroup filesystem is mounted",
+                     fix="mount cgroup2 on /sys/fs/cgroup (`mount -t cgroup2 none /sys/fs/cgroup`)")
+    parts = []
+    if d["v2_mount"]:
+        parts.append(f"v2 at {d['v2_mount']}: {' '.join(d['v2_controllers']) or '(no controllers)'}")
+    v1 = sorted(c for c in d["v1"] if not c.startswith("name="))
+    if v1:
+        parts.append("v1: " + " ".join(v1))
+    return _line("cgroups", True, d["mode"], "; ".join(parts))
+
+
+def check_overlay():
+    fs = read_text("/proc/filesystems") or ""
+    ok = any(line.split()[-1] == "overlay" for line in fs.splitlines() if line.strip())
+    if not ok and which("modprobe"):
+        run(["modprobe", "overlay"], check=False)
+        fs = read_text("/proc/filesystems") or ""
+        ok = any(line.split()[-1] == "overlay" for line in fs.splitlines() if line.strip())
+    return _line("overlayfs", ok, "available" if ok else "missing", "image layers are stacked with it",
+                 fix="load it: `sudo modprobe overlay` (kernel option CONFIG_OVERLAY_FS)")
+
+
+def check_namespaces():
+    have = [n for n in NAMESPACES if os.path.exists(f"/proc/self/ns/{n}")]
+    missing = [n for n in NAMESPACES if n not in have]
+    if missing:
+        return _line("namespaces", False, " ".join(have), f"missing: {' '.join(missing)}",
+                     fix="use a kernel built with CONFIG_*_NS for these (any current distro kernel)")
+    try:
+        res = process.run(ProcessSpec(action="probe", namespaces=NAMESPACES).to_dict(), timeout=20)
+        fresh = [n for n, shared in res["facts"]["shares_with_host"].items() if not shared]
+    except LabkitError as exc:
+        return _line("namespaces", False, " ".join(have), f"creating them failed: {exc.message}",
+                     fix="check `sysctl user.max_user_namespaces` (> 0) and that the agent runs as root")
+    return _line("namespaces", set(fresh) == set(NAMESPACES), " ".join(have),
+                 f"created all {len(fresh)} in a probe process", fix="see the detail")
+
+
+def check_user_namespaces():
+    maxns = (read_text("/proc/sys/user/max_user_namespaces") or "").strip()
+    unpriv = (read_text("/proc/sys/kernel/unprivileged_userns_clone") or "").strip()
+    ok = maxns not in ("", "0")
+    detail = f"user.max_user_namespaces={maxns or '?'}"
+    if unpriv:
+        detail += f", kernel.unprivileged_userns_clone={unpriv}"
+    return _line("user namespaces", ok, "enabled" if ok else "disabled", detail,
+                 fix="`sudo sysctl -w user.max_user_namespaces=15000`")
+
+
+def check_links():
+    ip = which("ip")
+    if not ip:
+        return _line("veth/bridge", False, "no iproute2", fix="install iproute2; " + SETUP_FIX)
+    ns = "lk-doctor-" + secrets.token_hex(3)
+    made = False
+    try:
+        run(["ip", "netns", "add", ns])
+        made = True
+        run(["ip", "-n", ns, "link", "add", "lkd0", "type", "veth", "peer", "name", "lkd1"])
+        run(["ip", "-n", ns, "link", "add", "lkdbr0", "type", "bridge"])
+        run(["ip", "-n", ns, "link", "set", "lkd0", "master", "lkdbr0"])
+        return _line("veth/bridge", True, "working", "made a veth pair and a bridge in a throwaway namespace")
+    except LabkitError as exc:
+        return _line("veth/bridge", False, "failed", exc.message,
+                     fix="load the modules: `sudo modprobe veth bridge`")
+    finally:
+        if made:
+            run(["ip", "netns", "delete", ns], check=False)
+
+
+def check_firewall():
+    found = []
+    if which("nft") and run(["nft", "list", "tables"], check=False).ok:
+        found.append("nft")
+    if which("iptables") and run(["iptables", "-w", "-n", "-L"], check=False, timeout=20).ok:
+        v = run(["iptables", "--version"], check=False).stdout.strip()
+        found.append(v or "iptables")
+    return _line("iptables/nft", bool(found), ", ".join(found) or "none", "NAT and port publishing need one",
+                 fix="install nftables or iptables; " + SETUP_FIX)
+
+
+def _boot_sector():
+    # mov al,1; out 0xf4,al; hlt; jmp $-1 -- isa-debug-exit turns the out into qemu exit code 3
+    code = bytes([0xB0, 0x01, 0xE6, 0xF4, 0xF4, 0xEB, 0xFD])
+    return code + bytes(510 - len(code)) + b"\x55\xaa"
+
+
+def probe_kvm(timeout=10.0):
+    """Ask qemu to run guest code under KVM within ``timeout`` seconds (x86_64 boot-sector probe)."""
+    machine = os.uname().machine
+    if not os.path.exists("/dev/kvm"):
+        return {"usable": False, "reason": "/dev/kvm does not exist (no hardware virtualisation or nested "
+                                           "virtualisation is off)"}
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR)
+        os.close(fd)
+    except OSError as exc:
+        return {"usable": False, "reason": f"cannot open /dev/kvm: {exc.strerror}"}
+    qemu = which(QEMU_BY_ARCH.get(machine, ""))
+    if machine != "x86_64" or not qemu:
+        return {"usable": None, "reason": "/dev/kvm opens; guest code not probed (needs qemu-system-x86_64)"}
+    boot_id = (read_text("/proc/sys/kernel/random/boot_id") or "").strip()
+    cached = read_text(KVM_CACHE)
+    if cached:
+        try:
+            data = json.loads(cached)
+            if data.get("boot_id") == boot_id:
+                return data["result"]
+        except (ValueError, KeyError):
+            pass
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="labkit-kvm-") as d:
+        img = os.path.join(d, "boot.img")
+        with open(img, "wb") as f:
+            f.write(_boot_sector())
+        argv = [qemu, "-accel", "kvm", "-M", "pc", "-m", "16", "-display", "none", "-nodefaults",
+                "-no-reboot", "-serial", "none", "-monitor", "none",
+                "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", "-drive", f"file={img},format=raw,if=ide"]
+        start = time.perf_counter()
+        try:
+            res = run(argv, check=False, timeout=timeout)
+            took = time.perf_counter() - start
+            if res.exit_code == 3:
+                result = {"usable": True, "reason": f"qemu ran a boot sector under KVM in {took:.2f} s "
+                                                    "(a full kernel boot is probed by the VM baseline)"}
+            else:
+                result = {"usable": False, "reason": f"qemu -accel kvm exited {res.exit_code}: "
+                                                     f"{res.stderr.strip()[-200:]}"}
+        except LabkitError:
+            result = {"usable": False, "reason": f"a KVM guest did not finish a boot sector within {timeout:.0f} s "
+                                                 "(nested KVM hangs); the VM baseline will use TCG"}
+    os.makedirs(RUN_DIR, exist_ok=True)
+    with open(KVM_CACHE, "w") as f:
+        json.dump({"boot_id": boot_id, "result": result}, f)
+    return result
+
+
+def check_kvm():
+    r = probe_kvm()
+    if r["usable"] is None:
+        return _line("kvm", True, "unprobed", r["reason"], level="warn")
+    return _line("kvm", bool(r["usable"]), "usable" if r["usable"] else "not usable (TCG will be used)",
+                 r["reason"], fix="enable (nested) virtualisation for the VM in your hypervisor; "
+                                  "without it the VM baseline runs under TCG, slower but correct",
+                 level=None if r["usable"] else "warn")
+
+
+def check_qemu():
+    name = QEMU_BY_ARCH.get(os.uname().machine, "qemu-system-x86_64")
+    q = which(name)
+    if not q:
+        return _line("qemu", False, "missing", f"{name} runs the VM baseline",
+                     fix=f"install it: `sudo apt-get install {'qemu-system-arm' if 'aarch64' in name else 'qemu-system-x86'}`",
+                     level="warn")
+    v = run([q, "--version"], check=False).stdout.splitlines()
+    return _line("qemu", True, v[0] if v else q, q)
+
+
+def check_busybox():
+    bb = rootfs.find_static_busybox()
+    return _line("busybox", bb is not None, bb or "missing", "static: the built-in image is made from it",
+                 fix="install it: `sudo apt-get install busybox-static`")
+
+
+def check_tools():
+    need = ["ip", "nsenter", "unshare", "mount"]
+    missing = [t for t in need if not which(t)]
+    return _line("userland", not missing, "present" if not missing else "missing: " + " ".join(missing),
+                 " ".join(need), fix="install util-linux and iproute2; " + SETUP_FIX)
+
+
+def check_agent():
+    v = sys.version_info
+    ok = v >= (3, 9)
+    return _line("agent", ok and os.geteuid() == 0, f"python {platform.python_version()}",
+                 f"euid {os.geteuid()}", fix="the agent needs python 3.9+ and root")
+
+
+CHECKS = (check_kernel, check_arch, check_agent, check_cgroups, check_overlay, check_namespaces,
+          check_user_namespaces, check_links, check_firewall, check_kvm, check_qemu, check_busybox, check_tools)
+
+
+def doctor():
+    lines = []
+    for check in CHECKS:
+        try:
+            lines.append(check())
+        except Exception as exc:  # noqa: BLE001 - one broken probe must not hide the others
+            lines.append(_line(check.__name__[6:], False, "probe failed", f"{type(exc).__name__}: {exc}",
+                               fix="report this as a labkit bug"))
+    return {"lines": lines, "ok": all(line["status"] != "missing" for line in lines)}

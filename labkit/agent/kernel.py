@@ -1,0 +1,180 @@
+"""Thin, recorded wrappers around the Linux syscalls that containers are made of.
+
+unshare, setns, mount, umount2, pivot_root, chroot, sethostname and bringing an interface up: each
+call is made through ctypes (the agent must run on a bare python3 3.9+, where ``os.unshare`` does
+not exist yet), appended to a :class:`labkit.agent.runner.Recorder` with its arguments spelled the
+way the man page does, and turned into :class:`labkit.errors.MechanismError` naming the call and
+errno when the kernel refuses. Standard library only.
+"""
+import ctypes
+import ctypes.util
+import errno as _errno
+import fcntl
+import os
+import socket
+import struct
+import time
+
+from ..errors import MechanismError
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+#: namespace name (as in /proc/<pid>/ns) -> clone flag
+NS_FLAGS = {"mnt": CLONE_NEWNS, "uts": CLONE_NEWUTS, "ipc": CLONE_NEWIPC, "pid": CLONE_NEWPID,
+            "net": CLONE_NEWNET, "user": CLONE_NEWUSER, "cgroup": CLONE_NEWCGROUP}
+FLAG_NAMES = {v: "CLONE_NEW" + ("NS" if k == "mnt" else k.upper()) for k, v in NS_FLAGS.items()}
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+MNT_DETACH = 2
+_MS_NAMES = [(MS_RDONLY, "MS_RDONLY"), (MS_NOSUID, "MS_NOSUID"), (MS_NODEV, "MS_NODEV"),
+             (MS_NOEXEC, "MS_NOEXEC"), (MS_REMOUNT, "MS_REMOUNT"), (MS_BIND, "MS_BIND"),
+             (MS_REC, "MS_REC"), (MS_PRIVATE, "MS_PRIVATE"), (MS_SLAVE, "MS_SLAVE")]
+
+_libc = None
+
+
+def libc():
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return _libc
+
+
+def _flags_text(flags, names):
+    parts = [name for bit, name in names if flags & bit]
+    return "|".join(parts) if parts else "0"
+
+
+def clone_flags_text(flags):
+    return _flags_text(flags, sorted(FLAG_NAMES.items()))
+
+
+def _call(rec, name, shown_args, fn, fix=None):
+    start = time.perf_counter()
+    res = fn()
+    err = ctypes.get_errno() if res == -1 else 0
+    step = {"kind": "syscall", "call": name, "args": shown_args, "result": res,
+            "errno": _errno.errorcode.get(err, str(err)) if err else None,
+            "duration": time.perf_counter() - start}
+    if rec is not None:
+        rec.add(step)
+    if res == -1:
+        raise MechanismError(f"{name}({', '.join(map(str, shown_args))}) failed: "
+                             f"{_errno.errorcode.get(err, err)} ({os.strerror(err)})",
+                             fix=fix or "", call=name, errno=err)
+    return res
+
+
+def unshare(flags, rec=None):
+    return _call(rec, "unshare", [clone_flags_text(flags)], lambda: libc().unshare(flags),
+                 fix="namespaces need root (or a user namespace first) and a kernel built with them; "
+                     "see `labkit doctor`")
+
+
+def setns(fd, nstype, rec=None, shown=""):
+    return _call(rec, "setns", [shown or fd, clone_flags_text(nstype)], lambda: libc().setns(fd, nstype))
+
+
+def mount(source, target, fstype, flags=0, data=None, rec=None):
+    shown = [repr(source), repr(str(target)), repr(fstype), _flags_text(flags, _MS_NAMES)]
+    if data:
+        shown.append(repr(data))
+    enc = (lambda s: None if s is None else str(s).encode())
+    return _call(rec, "mount", shown,
+                 lambda: libc().mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)))
+
+
+def umount2(target, flags=0, rec=None):
+    return _call(rec, "umount2", [repr(str(target)), "MNT_DETACH" if flags & MNT_DETACH else str(flags)],
+                 lambda: libc().umount2(str(target).encode(), flags))
+
+
+SYS_pivot_root = {"x86_64": 155, "aarch64": 41, "armv7l": 218, "i686": 217, "riscv64": 41,
+                  "ppc64le": 203, "s390x": 217}
+
+
+def pivot_root(new_root, put_old, rec=None):
+    nr = SYS_pivot_root.get(os.uname().machine)
+    if nr is None:
+        raise MechanismError(f"pivot_root: unknown syscall number on {os.uname().machine}")
+    return _call(rec, "pivot_root", [repr(new_root), repr(put_old)],
+                 lambda: libc().syscall(ctypes.c_long(nr), new_root.encode(), put_old.encode()))
+
+
+def _os_call(rec, name, shown, fn):
+    start = time.perf_counter()
+    try:
+        fn()
+    except OSError as exc:
+        if rec is not None:
+            rec.add({"kind": "syscall", "call": name, "args": shown, "result": -1,
+                     "errno": _errno.errorcode.get(exc.errno), "duration": time.perf_counter() - start})
+        raise MechanismError(f"{name}({', '.join(shown)}) failed: {exc.strerror}", call=name,
+                             errno=exc.errno) from None
+    if rec is not None:
+        rec.add({"kind": "syscall", "call": name, "args": shown, "result": 0, "errno": None,
+                 "duration": time.perf_counter() - start})
+
+
+def chroot(path, rec=None):
+    _os_call(rec, "chroot", [repr(str(path))], lambda: os.chroot(path))
+
+
+def chdir(path, rec=None):
+    _os_call(rec, "chdir", [repr(str(path))], lambda: os.chdir(path))
+
+
+def mkdir(path, rec=None, mode=0o755):
+    _os_call(rec, "mkdir", [repr(str(path)), oct(mode)], lambda: os.mkdir(path, mode))
+
+
+def sethostname(name, rec=None):
+    data = name.encode()
+    return _call(rec, "sethostname", [repr(name), len(data)], lambda: libc().sethostname(data, len(data)))
+
+
+def setresuid(uid, rec=None):
+    _os_call(rec, "setresuid", [str(uid)] * 3, lambda: os.setresuid(uid, uid, uid))
+
+
+def setresgid(gid, rec=None):
+    _os_call(rec, "setresgid", [str(gid)] * 3, lambda: os.setresgid(gid, gid, gid))
+
+
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+
+
+def link_up(name, rec=None):
+    """ioctl(SIOCSIFFLAGS, IFF_UP) on an interface of the caller's network namespace."""
+    start = time.perf_counter()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifr = struct.pack("16sH14x", name.encode(), 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, ifr))[1]
+        fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sH14x", name.encode(), flags | IFF_UP))
+    if rec is not None:
+        rec.add({"kind": "syscall", "call": "ioctl", "args": ["SIOCSIFFLAGS", repr(name), "IFF_UP"],
+                 "result": 0, "errno": None, "duration": time.perf_counter() - start})
+
+
+def ns_inode(pid, name):
+    """Inode number of /proc/<pid>/ns/<name> (the namespace's identity), or None."""
+    try:
+        return os.stat(f"/proc/{pid}/ns/{name}").st_ino
+    except OSError:
+        return None

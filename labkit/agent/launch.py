@@ -1,0 +1,296 @@
+"""The launcher: a fresh helper process that builds one process's namespaces and root, then execs it.
+
+The agent never changes its own namespaces (it may be a Jupyter kernel): it starts
+``python3 -m labkit.agent.launch REPORT SPEC CONTEXT`` and reads back a report. Inside:
+
+    P (launcher, host namespaces)      writes uid/gid maps, collects the record, reports
+    └─ C: unshare(CLONE_NEW...)        the namespaces are made here
+       └─ G: (fork, PID 1 if CLONE_NEWPID) mounts, sethostname, chroot or pivot_root,
+             looks around (the process's own view), then execve(argv)
+
+Without a new PID namespace C and G are the same process. Every syscall goes through
+:mod:`labkit.agent.kernel`, so the report lists them with their arguments. This module owns nothing
+after it exits: the agent (:mod:`labkit.agent.process`) records what outlives it.
+Standard library only.
+"""
+import json
+import os
+import signal
+import socket
+import sys
+import time
+
+from ..errors import LabkitError, MechanismError
+from ..specs import ProcessSpec, rootfs_path
+from . import kernel, rootfs
+from .runner import Recorder, pid_starttime, read_text
+
+PR_SET_PDEATHSIG = 1
+ESCAPE_DIR = ".lk-escape"
+CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def mount_ids(text):
+    return {int(line.split()[0]) for line in (text or "").splitlines() if line.strip()}
+
+
+def host_context(marker_path):
+    """Facts about the host that the process's view is compared against (taken by P before fork)."""
+    return {"init_starttime": pid_starttime(1), "mount_ids": sorted(mount_ids(read_text("/proc/self/mountinfo"))),
+            "hostname": os.uname().nodename, "links": sorted(n for _, n in socket.if_nameindex()),
+            "marker": marker_path, "marker_token": read_text(marker_path, "").strip() if marker_path else "",
+            "ns": {n: kernel.ns_inode("self", n) for n in kernel.NS_FLAGS}, "kernel": os.uname().release}
+
+
+def look_around(ctx):
+    """What this process can see from where it is now: its own view, compared with the host's."""
+    view = {"pid": os.getpid(), "hostname": os.uname().nodename, "kernel": os.uname().release,
+            "uid": os.getuid(), "root_listing": sorted(os.listdir("/"))[:40]}
+    have_proc = os.path.exists("/proc/self/stat")
+    view["proc"] = have_proc
+    if have_proc:
+        pids = [int(n) for n in os.listdir("/proc") if n.isdigit()]
+        view["pids_visible"] = len(pids)
+        view["host_pids_visible"] = pid_starttime(1) == ctx["init_starttime"]
+        ids = mount_ids(read_text("/proc/self/mountinfo"))
+        view["mounts"] = len(ids)
+        view["host_mounts_visible"] = bool(ids & set(ctx["mount_ids"]))
+        uid_map = " ".join((read_text("/proc/self/uid_map") or "").split())
+        view["uid_map"] = uid_map
+        view["root_is_host_root"] = uid_map.startswith("0 0 ")
+        view["cgroup"] = (read_text("/proc/self/cgroup") or "").strip().splitlines()[-1:]
+    else:
+        view["pids_visible"] = None
+        view["host_pids_visible"] = None
+        view["mounts"] = None
+        view["host_mounts_visible"] = None
+        view["uid_map"] = None
+        view["root_is_host_root"] = None
+    try:
+        view["links"] = sorted(n for _, n in socket.if_nameindex())
+    except OSError:
+        view["links"] = []
+    view["host_links_visible"] = bool(set(view["links"]) - {"lo"}) and set(view["links"]) == set(ctx["links"])
+    view["hostname_is_host"] = view["hostname"] == ctx["hostname"]
+    marker = ctx.get("marker")
+    view["host_files_visible"] = bool(marker) and (read_text(marker, "") or "").strip() == ctx["marker_token"]
+    return view
+
+
+def _send(fd, obj):
+    os.write(fd, (json.dumps(obj) + "\n").encode())
+
+
+def _child(spec, ctx, msg_w, go_r, detached):
+    """C and then G. Never returns."""
+    rec = Recorder("launch")
+    code = 126
+    try:
+        if not detached:
+            kernel.libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        flags = 0
+        for n in spec.namespaces:
+            flags |= kernel.NS_FLAGS[n]
+        if flags:
+            kernel.unshare(flags, rec=rec)
+        if "user" in spec.namespaces:
+            _send(msg_w, {"stage": "unshared"})
+            if os.read(go_r, 1) != b"g":
+                raise MechanismError("the launcher did not write the uid/gid maps")
+            kernel.setresgid(0, rec=rec)
+            kernel.setresuid(0, rec=rec)
+            os.setgroups([])
+        os.close(go_r)
+        if "pid" in spec.namespaces:
+            g = os.fork()
+            if g:
+                # C: report G's host PID, then wait for it and pass its exit status on.
+                _send(msg_w, {"pid": g, "waiter": os.getpid()})
+                os.close(msg_w)
+                while True:
+                    try:
+                        _, status = os.waitpid(g, 0)
+                        break
+                    except InterruptedError:
+                        continue
+                code = os.waitstatus_to_exitcode(status)
+                os._exit(code if code >= 0 else 128 - code)
+            rec.add({"kind": "syscall", "call": "fork", "args": [], "result": "child is PID 1 of the new PID namespace",
+                     "errno": None, "duration": 0})
+            if not detached:
+                kernel.libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        else:
+            _send(msg_w, {"pid": os.getpid(), "waiter": None})
+        # G from here on.
+        ns = {n: kernel.ns_inode("self", n) for n in kernel.NS_FLAGS}
+        _send(msg_w, {"ns": ns})
+        _setup(spec, rec)
+        view = look_around(ctx)
+        if spec.action == "escape":
+            view = _escape(rec, ctx)
+        _send(msg_w, {"steps": rec.steps, "view": view})
+        if spec.action in ("probe", "escape"):
+            os.close(msg_w)
+            os._exit(0)
+        argv = list(spec.argv) or ["sleep", "2147483647"]
+        env = {"PATH": CONTAINER_PATH, "HOME": "/root", "TERM": "xterm", "LANG": "C.UTF-8"}
+        if spec.hostname:
+            env["HOSTNAME"] = spec.hostname
+        env.update(dict(spec.env))
+        _send(msg_w, {"exec": argv})
+        try:
+            os.execvpe(argv[0], argv, env)
+        except OSError as exc:
+            code = 127
+            raise MechanismError(f"execve({argv[0]!r}) failed: {exc.strerror}",
+                                 fix="check that the program exists in the process's root "
+                                     "(the busybox rootfs has /bin/sh, ls, cat, hostname, ps, ...)") from None
+    except BaseException as exc:  # report every failure to P, never raise past a fork
+        err = exc.to_wire() if isinstance(exc, LabkitError) else {
+            "type": "MechanismError", "message": f"{type(exc).__name__}: {exc}", "fix": ""}
+        try:
+            _send(msg_w, {"steps": rec.steps, "error": err})
+        except OSError:
+            pass
+        os._exit(code)
+
+
+def _setup(spec, rec):
+    """Mounts, hostname, loopback and the root switch, in the namespaces already made."""
+    if "mnt" in spec.namespaces:
+        kernel.mount(None, "/", None, kernel.MS_REC | kernel.MS_PRIVATE, rec=rec)
+    if spec.hostname:
+        kernel.sethostname(spec.hostname, rec=rec)
+    if "net" in spec.namespaces:
+        kernel.link_up("lo", rec=rec)
+    if spec.rootfs is None:
+        if spec.wants_proc and "mnt" in spec.namespaces:
+            kernel.mount("proc", "/proc", "proc", kernel.MS_NOSUID | kernel.MS_NODEV | kernel.MS_NOEXEC, rec=rec)
+        kernel.chdir(spec.cwd, rec=rec)
+        return
+    root = rootfs_path(spec.rootfs)
+    if "mnt" in spec.namespaces:
+        kernel.mount(root, root, None, kernel.MS_BIND | kernel.MS_REC, rec=rec)
+        rootfs.setup_runtime_mounts(root, rec, proc=spec.wants_proc, new_net="net" in spec.namespaces)
+    if spec.root_mode == "pivot_root":
+        kernel.chdir(root, rec=rec)
+        kernel.pivot_root(".", ".", rec=rec)
+        kernel.umount2(".", kernel.MNT_DETACH, rec=rec)
+    else:
+        kernel.chroot(root, rec=rec)
+    kernel.chdir(spec.cwd, rec=rec)
+
+
+def _escape(rec, ctx):
+    """The classic chroot escape: chroot into a subdirectory without chdir, climb '..', chroot('.')."""
+    if not os.path.isdir("/" + ESCAPE_DIR):
+        kernel.mkdir("/" + ESCAPE_DIR, rec=rec)
+    kernel.chroot(ESCAPE_DIR, rec=rec)  # cwd stays outside the new root
+    for _ in range(64):
+        os.chdir("..")
+    rec.add({"kind": "syscall", "call": "chdir", "args": ["'..'  (x64)"], "result": 0, "errno": None, "duration": 0})
+    kernel.chroot(".", rec=rec)
+    view = look_around(ctx)
+    view["escaped"] = view["host_files_visible"]
+    return view
+
+
+def launch(spec, ctx, detached):
+    """P: fork C, write maps, collect the record. Returns (report dict, child pid of C)."""
+    msg_r, msg_w = os.pipe2(os.O_CLOEXEC)
+    go_r, go_w = os.pipe2(os.O_CLOEXEC)
+    c = os.fork()
+    if c == 0:
+        os.close(msg_r)
+        os.close(go_w)
+        _child(spec, ctx, msg_w, go_r, detached)
+    os.close(msg_w)
+    os.close(go_r)
+    rec = Recorder("launch")
+    report = {"steps": [], "pid": None, "waiter": None, "ns": {}, "view": None, "error": None, "exec": None}
+    with os.fdopen(msg_r, "r") as msgs:
+        for line in msgs:
+            msg = json.loads(line)
+            if msg.get("stage") == "unshared":
+                try:
+                    _write_maps(c, spec, rec)
+                    os.write(go_w, b"g")
+                except BaseException:
+                    os.close(go_w)
+                    go_w = None
+                    raise
+                os.close(go_w)
+                go_w = None
+                continue
+            for key in ("pid", "waiter", "ns", "view", "error", "exec"):
+                if key in msg:
+                    report[key] = msg[key]
+            if "steps" in msg:
+                report["steps"] = rec.steps + msg["steps"]
+    if go_w is not None:
+        os.close(go_w)
+    if not report["steps"]:
+        report["steps"] = rec.steps
+    return report, c
+
+
+def _write_maps(pid, spec, rec):
+    text = "".join(f"{i} {o} {n}\n" for i, o, n in spec.id_map)
+    for name in ("uid_map", "gid_map"):
+        with open(f"/proc/{pid}/{name}", "w") as f:
+            f.write(text)
+        rec.file("write", f"/proc/{pid}/{name}", text.strip())
+
+
+def undo_host_mounts(mounts):
+    rec = Recorder("undo host mounts")
+    for target in reversed(mounts):
+        try:
+            kernel.umount2(target, kernel.MNT_DETACH, rec=rec)
+        except MechanismError:
+            pass
+    return rec.steps
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    report_path, spec_json, ctx_json, mode = argv[:4]
+    spec = ProcessSpec.from_dict(json.loads(spec_json))
+    ctx = json.loads(ctx_json)
+    detached = mode == "start"
+    started = time.perf_counter()
+    host_rec = Recorder("host mounts")
+    host_mounts = []
+    if spec.rootfs is not None and "mnt" not in spec.namespaces and spec.wants_proc:
+        # No private mount namespace: this mount is visible on the host until we undo it.
+        target = rootfs_path(spec.rootfs) + "/proc"
+        kernel.mount("proc", target, "proc", kernel.MS_NOSUID | kernel.MS_NODEV | kernel.MS_NOEXEC, rec=host_rec)
+        host_mounts.append(target)
+    try:
+        report, c = launch(spec, ctx, detached)
+    except BaseException:
+        undo_host_mounts(host_mounts)
+        raise
+    report["steps"] = host_rec.steps + report["steps"]
+    report["host_mounts"] = host_mounts
+    exit_code = None
+    if not detached or report["error"] is not None:
+        _, status = os.waitpid(c, 0)
+        exit_code = os.waitstatus_to_exitcode(status)
+    report["exit_code"] = exit_code
+    if spec.action == "escape":
+        try:
+            os.rmdir(rootfs_path(spec.rootfs) + "/" + ESCAPE_DIR)
+        except OSError:
+            pass
+    if exit_code is not None and host_mounts:
+        report["steps"] += undo_host_mounts(host_mounts)
+        report["host_mounts"] = []
+    report["launch_duration"] = time.perf_counter() - started
+    with open(report_path, "w") as f:
+        json.dump(report, f)
+    return 0 if exit_code is None else (exit_code if exit_code >= 0 else 128 - exit_code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""Processes in namespaces: run one to completion, or start one that outlives the client.
+
+Each process is made by the launcher (:mod:`labkit.agent.launch`) in a fresh helper, never in the
+agent itself. A started process gets a state entry in /run/labkit/procs/<id>.json (its host PID and
+start time, so a recycled PID is never mistaken for it, plus any host mounts made for it); ``stop``
+undoes exactly that entry and ``labkit cleanup`` undoes whatever entries are left.
+Standard library only.
+"""
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from ..errors import CommandTimeout, InvalidSpec, MechanismError, NotFound, from_wire
+from ..specs import NAMESPACES, RUN_DIR, ProcessSpec, check_name
+from . import kernel
+from .launch import host_context, undo_host_mounts
+from .runner import Recorder, env_for_children, pid_starttime, read_text, run as run_cmd
+
+PROCS_DIR = RUN_DIR + "/procs"
+MARKER = RUN_DIR + "/host-marker"
+OUTPUT_LIMIT = 1 << 20
+
+
+def _marker():
+    """A file on the host whose secret content tells whether a process can see the host's files."""
+    os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
+    if not os.path.exists(MARKER):
+        fd = os.open(MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(16) + "\n")
+    return MARKER
+
+
+def _launch(spec, mode, stdin, stdout, stderr, timeout=None, input=None):
+    ctx = host_context(_marker())
+    fd, report_path = tempfile.mkstemp(prefix="labkit-report-", suffix=".json")
+    os.close(fd)
+    argv = [sys.executable, "-m", "labkit.agent.launch", report_path, json.dumps(spec.to_dict()),
+            json.dumps(ctx), mode]
+    started = time.perf_counter()
+    try:
+        proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr, env=env_for_children(),
+                                start_new_session=True, cwd="/")
+        try:
+            out, err = proc.communicate(input=input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            _kill_leftover(report_path)
+            raise CommandTimeout(f"the process {list(spec.argv)!r} did not finish within {timeout} s and was killed",
+                                 fix="make it finish sooner, or start it with lab.spawn(...) and stop it yourself")
+        duration = time.perf_counter() - started
+        text = read_text(report_path)
+        if not text:
+            raise MechanismError(f"the launcher exited with {proc.returncode} without a report",
+                                 fix="run `labkit doctor`; stderr of the launcher: " + (err or b"")[-400:].decode(
+                                     "utf-8", "replace") if isinstance(err, bytes) else "")
+        report = json.loads(text)
+    finally:
+        try:
+            os.unlink(report_path)
+        except OSError:
+            pass
+    report["ctx"] = ctx
+    if report.get("error"):
+        raise from_wire(report["error"])
+    return report, out, err, duration
+
+
+def _kill_leftover(report_path):
+    text = read_text(report_path)
+    if text:
+        try:
+            rep = json.loads(text)
+            undo_host_mounts(rep.get("host_mounts") or [])
+        except ValueError:
+            pass
+
+
+def _record(spec, report, what, duration):
+    rec = Recorder(what)
+    rec.steps = report["steps"]
+    rec.fact("pid", report.get("pid"))
+    rec.fact("namespaces", list(spec.namespaces))
+    rec.fact("ns", report.get("ns") or {})
+    rec.fact("host_ns", report["ctx"]["ns"])
+    rec.fact("shares_with_host", {n: (report.get("ns") or {}).get(n) == report["ctx"]["ns"].get(n)
+                                  for n in NAMESPACES})
+    rec.fact("view", report.get("view"))
+    rec.fact("host", {k: report["ctx"][k] for k in ("hostname", "kernel", "links")})
+    out = rec.to_dict(spec=spec.to_dict())
+    out["duration"] = duration
+    return out
+
+
+def run(spec_dict, timeout=60, input=None):
+    """Run a process to completion; returns its record with exit code, stdout and stderr."""
+    spec = ProcessSpec.from_dict(spec_dict)
+    report, out, err, duration = _launch(spec, "run", subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                                         subprocess.PIPE, subprocess.PIPE, timeout=timeout,
+                                         input=input.encode() if input is not None else None)
+    res = _record(spec, report, f"run {list(spec.argv) or spec.action} in namespaces {list(spec.namespaces)}", duration)
+    res["exit_code"] = report.get("exit_code")
+    res["stdout"] = out[:OUTPUT_LIMIT].decode("utf-8", "replace")
+    res["stderr"] = err[:OUTPUT_LIMIT].decode("utf-8", "replace")
+    return res
+
+
+# --- processes that outlive the call -------------------------------------------------------------
+
+def _entry_path(pid_id):
+    check_name(pid_id, "process id")
+    return f"{PROCS_DIR}/{pid_id}.json"
+
+
+def start(spec_dict, name=None):
+    spec = ProcessSpec.from_dict(spec_dict)
+    if spec.action not in ("exec", "hold"):
+        raise InvalidSpec(f"a started process must exec or hold, not {spec.action!r}",
+                          fix="use lab.run(...) for probes and escapes")
+    os.makedirs(PROCS_DIR, mode=0o755, exist_ok=True)
+    pid_id = check_name(name, "process name") if name else "p" + secrets.token_hex(4)
+    if os.path.exists(_entry_path(pid_id)) and is_alive(_load(pid_id)):
+        raise InvalidSpec(f"a process named {pid_id!r} is already running",
+                          fix=f"stop it first (lab.process({pid_id!r}).stop()) or choose another name")
+    log = f"{PROCS_DIR}/{pid_id}.log"
+    with open(log, "wb") as logf:
+        report, _, _, duration = _launch(spec, "start", subprocess.DEVNULL, logf, logf)
+    entry = {"id": pid_id, "pid": report["pid"], "starttime": pid_starttime(report["pid"]),
+             "waiter": report.get("waiter"), "host_mounts": report.get("host_mounts") or [],
+             "spec": spec.to_dict(), "log": log, "created": time.time(), "ns": report.get("ns")}
+    with open(_entry_path(pid_id), "w") as f:
+        json.dump(entry, f)
+    res = _record(spec, report, f"start {list(spec.argv) or 'a holding process'} in namespaces "
+                                f"{list(spec.namespaces)}", duration)
+    res["id"] = pid_id
+    return res
+
+
+def _load(pid_id):
+    text = read_text(_entry_path(pid_id))
+    if text is None:
+        raise NotFound(f"no labkit process {pid_id!r}", fix="list them with lab.processes()")
+    return json.loads(text)
+
+
+def is_alive(entry):
+    st = pid_starttime(entry["pid"])
+    return st is not None and st == entry.get("starttime") and not _is_zombie(entry["pid"])
+
+
+def _is_zombie(pid):
+    stat = read_text(f"/proc/{pid}/stat") or ""
+    return ") Z " in stat
+
+
+def list_processes():
+    if not os.path.isdir(PROCS_DIR):
+        return []
+    out = []
+    for fn in sorted(os.listdir(PROCS_DIR)):
+        if fn.endswith(".json"):
+            e = json.loads(read_text(f"{PROCS_DIR}/{fn}") or "{}")
+            if e:
+                e["alive"] = is_alive(e)
+                out.append(e)
+    return out
+
+
+def inspect(pid_id):
+    """The live state of a started process, read from /proc on the host."""
+    e = _load(pid_id)
+    e["alive"] = alive = is_alive(e)
+    pid = e["pid"]
+    if alive:
+        e["ns_now"] = {n: kernel.ns_inode(pid, n) for n in NAMESPACES}
+        host = {n: kernel.ns_inode(1, n) for n in NAMESPACES}
+        e["host_ns"] = host
+        e["shares_with_host"] = {n: e["ns_now"][n] == host[n] for n in NAMESPACES}
+        status = read_text(f"/proc/{pid}/status") or ""
+        for line in status.splitlines():
+            if line.startswith("NSpid:"):
+                e["nspid"] = [int(x) for x in line.split()[1:]]
+        e["uid_map"] = " ".join((read_text(f"/proc/{pid}/uid_map") or "").split())
+        e["root"] = os.readlink(f"/proc/{pid}/root") if os.path.exists(f"/proc/{pid}/root") else None
+        e["cmdline"] = (read_text(f"/proc/{pid}/cmdline") or "").split("\0")[:-1]
+    return e
+
+
+def exec_in(pid_id, argv, timeout=30):
+    """Run argv inside a started process's namespaces and root, with nsenter(1) (the argv is recorded)."""
+    if isinstance(argv, str) or not argv:
+        raise InvalidSpec(f"argv must be a non-empty list, got {argv!r}", fix="e.g. ['hostname']")
+    e = _load(pid_id)
+    if not is_alive(e):
+        raise NotFound(f"process {pid_id!r} is not running", fix="start it again with lab.spawn(...)")
+    nsargs = {"user": "--user", "mnt": "--mount", "uts": "--uts", "ipc": "--ipc", "net": "--net",
+              "pid": "--pid", "cgroup": "--cgroup"}
+    flags = [nsargs[n] for n in NAMESPACES if n in e["spec"]["namespaces"]]
+    cmd = ["nsenter", "--target", str(e["pid"])] + flags
+    if e["spec"].get("rootfs"):
+        cmd += ["--root", "--wd"]
+    cmd += ["--"] + [str(a) for a in argv]
+    rec = Recorder(f"exec {list(argv)} in {pid_id}")
+    res = run_cmd(cmd, recorder=rec, check=False, timeout=timeout,
+                  env={"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"})
+    out = rec.to_dict(exit_code=res.exit_code, stdout=res.stdout, stderr=res.stderr)
+    return out
+
+
+def stop(pid_id, timeout=5.0):
+    """SIGTERM, then SIGKILL after ``timeout``; undo host mounts; remove the entry."""
+    e = _load(pid_id)
+    rec = Recorder(f"stop {pid_id}")
+    if is_alive(e):
+        _signal(e["pid"], signal.SIGTERM, rec)
+        if not _wait_gone(e, timeout):
+            _signal(e["pid"], signal.SIGKILL, rec)
+            _wait_gone(e, 5)
+    rec.steps += undo_host_mounts(e.get("host_mounts") or [])
+    waiter = e.get("waiter")
+    if waiter:
+        _wait_pid_gone(waiter, 2)
+    try:
+        os.unlink(_entry_path(pid_id))
+    except OSError:
+        pass
+    rec.fact("stopped", not is_alive(e))
+    log = read_text(e.get("log") or "", "")
+    try:
+        os.unlink(e.get("log") or "")
+    except OSError:
+        pass
+    return rec.to_dict(id=pid_id, log=log[-OUTPUT_LIMIT:])
+
+
+def _signal(pid, sig, rec):
+    try:
+        os.kill(pid, sig)
+        rec.add({"kind": "syscall", "call": "kill", "args": [pid, signal.Signals(sig).name], "result": 0,
+                 "errno": None, "duration": 0})
+    except ProcessLookupError:
+        pass
+
+
+def _wait_gone(entry, timeout):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if not is_alive(entry):
+            return True
+        time.sleep(0.02)
+    return not is_alive(entry)
+
+
+def _wait_pid_gone(pid, timeout):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and os.path.exists(f"/proc/{pid}") and not _is_zombie(pid):
+        time.sleep(0.02)

@@ -1,0 +1,140 @@
+"""The one choke point through which the agent runs programs and records what it did.
+
+``run(argv)`` executes a command (argv as a list, never a shell string) and returns a
+:class:`Result` with stdout, stderr, exit code and duration; ``Recorder`` collects the steps of one
+operation (commands *and* syscalls, with their arguments) together with the facts it established,
+so that a notebook can show exactly what happened and nothing that did not. Standard library only.
+"""
+import os
+import shutil
+import subprocess
+import time
+
+from ..errors import CommandFailed, CommandTimeout, InvalidSpec
+
+#: PATH used for every command the agent runs (sudo and sshd may hand us a minimal one).
+SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class Result:
+    """What one command did: argv, exit code, stdout, stderr, duration in seconds."""
+
+    __slots__ = ("argv", "exit_code", "stdout", "stderr", "duration")
+
+    def __init__(self, argv, exit_code, stdout, stderr, duration):
+        self.argv, self.exit_code, self.stdout, self.stderr, self.duration = (
+            list(argv), exit_code, stdout, stderr, duration)
+
+    @property
+    def ok(self):
+        return self.exit_code == 0
+
+    def to_step(self):
+        return {"kind": "command", "argv": self.argv, "exit_code": self.exit_code,
+                "stdout": self.stdout, "stderr": self.stderr, "duration": self.duration}
+
+    def to_dict(self):
+        return {"argv": self.argv, "exit_code": self.exit_code, "stdout": self.stdout,
+                "stderr": self.stderr, "duration": self.duration}
+
+
+def which(name):
+    return shutil.which(name, path=SAFE_PATH)
+
+
+def run(argv, *, input=None, timeout=60, check=True, env=None, recorder=None, fix=None, cwd=None):
+    """Run ``argv`` and return a :class:`Result`; raise CommandFailed/CommandTimeout on failure.
+
+    ``recorder`` (a :class:`Recorder`) gets the step whether it succeeded or not.
+    """
+    if isinstance(argv, str) or not argv:
+        raise InvalidSpec(f"a command must be a non-empty list of arguments, got {argv!r}",
+                          fix="pass argv as a list, e.g. ['ls', '-l', '/']")
+    argv = [str(a) for a in argv]
+    full_env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+    if env:
+        full_env.update(env)
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(argv, input=input if input is None else input.encode(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=None if input else subprocess.DEVNULL,
+                              timeout=timeout, env=full_env, cwd=cwd, start_new_session=True)
+    except FileNotFoundError:
+        res = Result(argv, 127, "", f"{argv[0]}: command not found", time.perf_counter() - start)
+        if recorder is not None:
+            recorder.add(res.to_step())
+        if check:
+            raise CommandFailed(argv, 127, res.stderr,
+                                fix=fix or f"install the program that provides {argv[0]!r} on the target "
+                                            "(`sudo bash scripts/setup.sh` or vagrant/provision.sh)") from None
+        return res
+    except subprocess.TimeoutExpired as exc:
+        if recorder is not None:
+            recorder.add({"kind": "command", "argv": argv, "exit_code": None, "stdout": "",
+                          "stderr": f"killed after {timeout} s", "duration": time.perf_counter() - start})
+        raise CommandTimeout(f"command {argv!r} did not finish within {timeout} s and was killed",
+                             fix="make the command finish sooner or pass a longer timeout") from exc
+    res = Result(argv, proc.returncode, proc.stdout.decode("utf-8", "replace"),
+                 proc.stderr.decode("utf-8", "replace"), time.perf_counter() - start)
+    if recorder is not None:
+        recorder.add(res.to_step())
+    if check and proc.returncode != 0:
+        raise CommandFailed(argv, proc.returncode, res.stderr, res.stdout, fix=fix)
+    return res
+
+
+class Recorder:
+    """Collects the steps of one operation and the facts it established.
+
+    A step is a dict: ``{"kind": "command", "argv": [...], ...}`` from :func:`run`, or
+    ``{"kind": "syscall", "call": "unshare", "args": [...], "result": 0, "duration": ...}``
+    from :mod:`labkit.agent.kernel`, or ``{"kind": "file", "op": "write", "path": ...}``.
+    """
+
+    def __init__(self, what):
+        self.what = what
+        self.steps = []
+        self.facts = {}
+        self.started = time.perf_counter()
+
+    def add(self, step):
+        self.steps.append(step)
+        return step
+
+    def file(self, op, path, detail=""):
+        self.add({"kind": "file", "op": op, "path": str(path), "detail": detail})
+
+    def run(self, argv, **kw):
+        return run(argv, recorder=self, **kw)
+
+    def fact(self, key, value):
+        self.facts[key] = value
+        return value
+
+    def to_dict(self, **extra):
+        out = {"what": self.what, "steps": self.steps, "facts": self.facts,
+               "duration": time.perf_counter() - self.started}
+        out.update(extra)
+        return out
+
+
+def read_text(path, default=None):
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return default
+
+
+def pid_starttime(pid):
+    """The process's start time (clock ticks since boot), to tell a pid from a recycled one."""
+    stat = read_text(f"/proc/{pid}/stat")
+    if not stat:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def env_for_children():
+    """Environment that lets a child python find this labkit package (plain checkout or zipapp)."""
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return {"PYTHONPATH": here, "PATH": SAFE_PATH, "LANG": "C.UTF-8"}
