@@ -179,7 +179,7 @@ def inspect(pid_id):
     pid = e["pid"]
     if alive:
         e["ns_now"] = {n: kernel.ns_inode(pid, n) for n in NAMESPACES}
-        host = {n: kernel.ns_inode(1, n) for n in NAMESPACES}
+        host = {n: kernel.ns_inode("self", n) for n in NAMESPACES}  # the agent runs in the host namespaces
         e["host_ns"] = host
         e["shares_with_host"] = {n: e["ns_now"][n] == host[n] for n in NAMESPACES}
         status = read_text(f"/proc/{pid}/status") or ""

@@ -1,0 +1,266 @@
+"""The client's view of a target: ``Lab`` and the live handles it hands out.
+
+``connect(target)`` picks a transport (:mod:`labkit.transport`) and returns a :class:`Lab`, whose
+methods send one request each to the agent and wrap the answer: a :class:`~labkit.records.Record`
+(what ran, what it established), or a live handle that undoes only what it made when its ``with``
+block ends (:class:`Rootfs`, :class:`Process`). Specs are validated here first, so mistakes are
+reported before anything reaches the target. Standard library only (charts load lazily).
+"""
+import os
+import sys
+
+from .errors import InvalidSpec, LabkitError, PrivilegeError, TransportError, UnsupportedHost
+from .records import DoctorReport, Record
+from .specs import NAMESPACES, ProcessSpec, RootfsSpec, normalize_namespaces
+from . import transport as _t
+
+
+def connect(target="auto", **options):
+    """Return a :class:`Lab` for ``target``:
+
+    - ``"auto"``: in-process when this is Linux and we are root, else ``sudo`` on Linux, else an error
+      that says how to start the lab VM;
+    - ``"local"``: in-process (root on Linux); ``"sudo"``: agent under ``sudo -n`` on this machine;
+    - ``"ssh://user@host:port"`` (options: ``key_filename``, ``sudo``, ``python``): any Linux host.
+    """
+    if isinstance(target, Lab):
+        return target
+    if not isinstance(target, str) or not target:
+        raise InvalidSpec(f"target {target!r} is not a target", fix="use 'auto', 'local', 'sudo' or 'ssh://user@host:port'")
+    t = target.strip()
+    if t == "auto":
+        if sys.platform != "linux":
+            raise UnsupportedHost(f"this machine runs {sys.platform}; the container side needs Linux")
+        if os.geteuid() == 0:
+            return Lab(_t.InProcess(), target="local")
+        return Lab(_t.sudo_transport(**options), target="sudo")
+    if t in ("local", "in-process", "inprocess"):
+        return Lab(_t.InProcess(), target="local")
+    if t == "sudo":
+        return Lab(_t.sudo_transport(**options), target="sudo")
+    if t.startswith("ssh://"):
+        rest = t[len("ssh://"):]
+        user, _, hostport = rest.rpartition("@")
+        host, _, port = hostport.partition(":")
+        if not host:
+            raise InvalidSpec(f"no host in {target!r}", fix="write ssh://user@host:port")
+        return Lab(_t.SSH(host, port=int(port or 22), user=user or None, **options), target=t)
+    if t == "vagrant":
+        raise TransportError("the 'vagrant' target needs the lab VM support, which this labkit version "
+                             "does not have yet", fix="connect with 'ssh://vagrant@127.0.0.1:2222' and "
+                             "key_filename from `vagrant ssh-config`")
+    raise InvalidSpec(f"unknown target {target!r}", fix="use 'auto', 'local', 'sudo' or 'ssh://user@host:port'")
+
+
+class Lab:
+    """A connected target. Every method is one request to the agent."""
+
+    def __init__(self, transport, target=""):
+        self.transport = transport
+        self.target = target
+
+    # -- plumbing ---------------------------------------------------------------------------------
+    def call(self, method, **params):
+        return self.transport.call(method, **params)
+
+    def close(self):
+        self.transport.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        h = self.transport.hello or {}
+        return (f"<Lab {self.target or self.transport.name} via {self.transport.name}: agent {h.get('version')} "
+                f"protocol {h.get('protocol')} python {h.get('python')} on {h.get('machine')}>")
+
+    @property
+    def info(self):
+        return dict(self.transport.hello or {})
+
+    # -- the target -------------------------------------------------------------------------------
+    def doctor(self):
+        """What this target can do for the course (a table in a notebook)."""
+        return DoctorReport(self.call("doctor"), what="labkit doctor")
+
+    def run(self, argv, timeout=60, input=None, check=False):
+        """Run a command on the target's host (as root, in the host's namespaces)."""
+        res = Record(self.call("run", argv=_argv(argv), timeout=timeout, input=input, check=check))
+        res["what"] = "run on the target"
+        res["steps"] = [dict(res, kind="command")]
+        return res
+
+    def read_file(self, path):
+        return self.call("read_file", path=path)
+
+    def list_dir(self, path):
+        return self.call("list_dir", path=path)
+
+    def host_namespaces(self):
+        """{namespace: inode} of the namespaces the agent runs in: the host's own."""
+        return self.call("host_ns")
+
+    # -- root filesystems -------------------------------------------------------------------------
+    def rootfs(self, name="demo", image="busybox", hostname="labkit", replace=False):
+        """Build (or reuse) a rootfs; returns a :class:`Rootfs` handle (``with`` removes it at the end)."""
+        spec = RootfsSpec(name=name, image=image, hostname=hostname)
+        rec = Record(self.call("rootfs.create", name=spec.name, image=spec.image, hostname=spec.hostname,
+                               replace=replace))
+        return Rootfs(self, spec, rec)
+
+    def rootfs_names(self):
+        return self.call("rootfs.list")
+
+    # -- processes in namespaces ------------------------------------------------------------------
+    def spec(self, argv=(), namespaces=(), **kw):
+        if isinstance(argv, str):
+            argv = _argv(argv)
+        return ProcessSpec(argv=tuple(argv), namespaces=normalize_namespaces(namespaces), **_spec_kw(kw))
+
+    def run_in(self, argv=(), namespaces=(), timeout=60, input=None, **kw):
+        """Run ``argv`` in new namespaces (and optionally a rootfs) to completion; returns its record."""
+        spec = self.spec(argv, namespaces, **kw)
+        return Record(self.call("proc.run", spec_dict=spec.to_dict(), timeout=timeout, input=input))
+
+    def probe(self, namespaces=(), **kw):
+        """Start a process in ``namespaces``, let it look around, and return what it saw (its record)."""
+        return self.run_in((), namespaces, action="probe", **kw)
+
+    def spawn(self, argv=(), namespaces=(), name=None, **kw):
+        """Start a process that keeps running (default: one that just waits); returns a :class:`Process`."""
+        spec = self.spec(argv, namespaces, action="exec" if argv else "hold", **kw)
+        rec = Record(self.call("proc.start", spec_dict=spec.to_dict(), name=name))
+        return Process(self, rec["id"], rec)
+
+    def process(self, pid_id):
+        """A handle on an already started process (e.g. from an earlier session)."""
+        return Process(self, pid_id, Record(self.call("proc.inspect", pid_id=pid_id)))
+
+    def processes(self):
+        return [Record(p) for p in self.call("proc.list")]
+
+    def chroot(self, rootfs, argv, timeout=60):
+        """Run ``argv`` with chroot(2) into ``rootfs`` and nothing else (no namespaces)."""
+        return self.run_in(argv, (), rootfs=_rootfs_name(rootfs), root_mode="chroot", timeout=timeout)
+
+    def escape(self, rootfs, pivot_root=False):
+        """Try the classic chroot escape from inside ``rootfs``; ``.escaped`` says whether it worked."""
+        if pivot_root:
+            return self.run_in((), ("mnt",), rootfs=_rootfs_name(rootfs), root_mode="pivot_root", action="escape")
+        return self.run_in((), (), rootfs=_rootfs_name(rootfs), root_mode="chroot", action="escape")
+
+    def isolation_matrix(self, configs=None, rootfs="demo"):
+        """Probe each configuration; return a pandas DataFrame (configuration x what is visible)."""
+        from .isolation import isolation_matrix
+        return isolation_matrix(self, configs, rootfs=rootfs)
+
+    # -- housekeeping -----------------------------------------------------------------------------
+    def cleanup(self, dry_run=False):
+        """Remove every kernel object labkit made on the target (and nothing else)."""
+        return Record(self.call("cleanup", dry_run=dry_run))
+
+
+def _argv(argv):
+    if isinstance(argv, str):
+        raise InvalidSpec(f"commands are lists of arguments, not strings: {argv!r}",
+                          fix=f"write {argv.split()!r}, or ['sh', '-c', {argv!r}] for shell syntax")
+    if not argv:
+        raise InvalidSpec("the command is empty", fix="e.g. ['uname', '-r']")
+    return [str(a) for a in argv]
+
+
+def _rootfs_name(rootfs):
+    return rootfs.name if isinstance(rootfs, Rootfs) else rootfs
+
+
+def _spec_kw(kw):
+    if "rootfs" in kw:
+        kw["rootfs"] = _rootfs_name(kw["rootfs"])
+    if isinstance(kw.get("env"), dict):
+        kw["env"] = tuple(sorted(kw["env"].items()))
+    return kw
+
+
+class Rootfs:
+    """A rootfs under /var/lib/labkit/rootfs/<name>. ``with`` removes it when the block ends
+    (only if this handle built it: a rootfs that already existed is left as it was)."""
+
+    def __init__(self, lab, spec, record):
+        self.lab, self.spec, self.record = lab, spec, record
+        self.name, self.path = spec.name, record.get("path") or spec.path
+        self.created = not record.facts.get("existed", False)
+
+    def __repr__(self):
+        return f"<Rootfs {self.name} at {self.path}>"
+
+    def _repr_html_(self):
+        return self.record._repr_html_()
+
+    def listdir(self, sub="/"):
+        return self.lab.list_dir(self.path + "/" + sub.lstrip("/"))["entries"]
+
+    def read(self, sub):
+        return self.lab.read_file(self.path + "/" + sub.lstrip("/"))
+
+    def remove(self):
+        return Record(self.lab.call("rootfs.remove", name=self.name))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.created:
+            self.remove()
+
+
+class Process:
+    """A process started in namespaces. ``with`` stops it when the block ends."""
+
+    def __init__(self, lab, pid_id, record):
+        self.lab, self.id, self.record = lab, pid_id, record
+
+    @property
+    def pid(self):
+        """Its PID on the host."""
+        return self.record.get("pid") or self.record.facts.get("pid")
+
+    @property
+    def view(self):
+        """What the process saw from inside just before it started its program."""
+        return self.record.facts.get("view")
+
+    def inspect(self):
+        """Live state from the host: namespaces now, NSpid, uid_map, root, alive."""
+        return Record(self.lab.call("proc.inspect", pid_id=self.id))
+
+    def shares_with_host(self):
+        return self.inspect().get("shares_with_host", {})
+
+    def exec(self, argv, timeout=30):
+        """Run ``argv`` inside this process's namespaces and root (nsenter)."""
+        return Record(self.lab.call("proc.exec", pid_id=self.id, argv=_argv(argv), timeout=timeout))
+
+    def stop(self, timeout=5.0):
+        return Record(self.lab.call("proc.stop", pid_id=self.id, timeout=timeout))
+
+    def __repr__(self):
+        return f"<Process {self.id} pid {self.pid}>"
+
+    def _repr_html_(self):
+        return self.record._repr_html_()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.stop()
+        except LabkitError:
+            if exc[0] is None:
+                raise
+
+
+__all__ = ["connect", "Lab", "Rootfs", "Process", "NAMESPACES", "PrivilegeError"]
