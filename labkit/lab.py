@@ -153,11 +153,19 @@ class Lab:
         return self.run_in((), (), rootfs=_rootfs_name(rootfs), root_mode="chroot", action="escape")
 
     def isolation_matrix(self, configs=None, rootfs="demo"):
-        """Probe each configuration; return a pandas DataFrame (configuration x what is visible)."""
+        """Probe each configuration; returns an IsolationResult (.matrix, .reasons, .chart())."""
         from .isolation import isolation_matrix
         return isolation_matrix(self, configs, rootfs=rootfs)
 
     # -- housekeeping -----------------------------------------------------------------------------
+    def release(self, *handles):
+        """Stop/remove the given handles (None is skipped): the end-of-notebook tidy-up."""
+        for h in handles:
+            if isinstance(h, Process):
+                h.stop()
+            elif isinstance(h, Rootfs) and h.created:
+                h.remove()
+
     def cleanup(self, dry_run=False):
         """Remove every kernel object labkit made on the target (and nothing else)."""
         return Record(self.call("cleanup", dry_run=dry_run))

@@ -1,0 +1,133 @@
+"""The checks behind the notebooks' exercises. Each inspects the live state on the target.
+
+A check is ``fn(lab, answer) -> (fraction or bool, feedback)``; :class:`labkit.grading.Checker`
+turns it into points. Checks trust nothing the answer claims: they ask the target (files in the
+rootfs, /proc/<pid>/ns/*, /proc/<pid>/status, uid_map, nsenter) and compare.
+"""
+from .lab import Process, Rootfs
+
+
+def _host_ns(lab):
+    return lab.host_namespaces()
+
+
+# -- 00-setup ------------------------------------------------------------------------------------
+
+def kernel_release(lab, answer):
+    truth = lab.read_file("/proc/sys/kernel/osrelease")["text"].strip()
+    if str(answer).strip() == truth:
+        return True, f"right: the target runs Linux {truth}. Every container you start there shares this kernel."
+    return False, f"the target's kernel is not {answer!r}; ask the target (lab.run(['uname', '-r']))"
+
+
+def cgroup_mode(lab, answer):
+    truth = lab.doctor()["cgroups"]["value"]
+    if str(answer).strip().lower() == truth:
+        return True, f"right: cgroups here are {truth}. Lab 03 shows what that changes."
+    return False, f"the target's cgroup mode is not {answer!r}; read it from lab.doctor()"
+
+
+# -- 01-chroot -----------------------------------------------------------------------------------
+
+def rootfs_built(lab, rootfs):
+    if not isinstance(rootfs, Rootfs):
+        return False, "expected the handle that lab.rootfs(...) returns"
+    top = lab.list_dir(rootfs.path)
+    if not top["exists"]:
+        return False, f"{rootfs.path} does not exist on the target"
+    sh = lab.list_dir(rootfs.path + "/bin")["entries"]
+    missing = [x for x in ("busybox", "sh", "ls") if x not in sh]
+    if missing:
+        return 0.5, f"{rootfs.path}/bin lacks {', '.join(missing)}"
+    return True, f"{rootfs.path} holds a whole tiny system: {len(sh)} programs in /bin, all one static busybox."
+
+
+def hello_in_chroot(lab, rootfs, record):
+    if not isinstance(rootfs, Rootfs):
+        return False, "build the rootfs first (exercise 1)"
+    f = lab.read_file(rootfs.path + "/hello.txt")
+    if not f["exists"]:
+        return False, (f"there is no {rootfs.path}/hello.txt on the host: inside the chroot, '/hello.txt' is "
+                       "that file. Run sh -c 'echo hello from chroot > /hello.txt' with lab.chroot")
+    if "hello from chroot" not in f["text"]:
+        return 0.5, f"hello.txt exists but holds {f['text'][:60]!r}, not 'hello from chroot'"
+    steps = [s for s in (getattr(record, "steps", None) or []) if s.get("call") == "chroot"]
+    if not steps:
+        return 0.5, "the file is there, but your record shows no chroot(2) call: did you write it from the host?"
+    return True, (f"the process wrote '/hello.txt' and the host finds it at {rootfs.path}/hello.txt: chroot only "
+                  "changes where '/' starts.")
+
+
+def pivot_root_holds(lab, record):
+    view = getattr(record, "facts", {}).get("view") or {}
+    spec = record.get("spec") or {} if hasattr(record, "get") else {}
+    if spec.get("action") != "escape":
+        return False, "run the escape attempt (lab.escape(..., pivot_root=True))"
+    if spec.get("root_mode") != "pivot_root" or "mnt" not in spec.get("namespaces", []):
+        return 0.3, "that attempt ran under plain chroot, where the escape works; use pivot_root=True"
+    calls = [s.get("call") for s in record.steps]
+    if "pivot_root" not in calls or "umount2" not in calls:
+        return 0.3, "the record shows no pivot_root/umount2: the old root was never detached"
+    if view.get("escaped") or view.get("host_files_visible"):
+        return False, "the process still reached the host's files: the old root is reachable"
+    return True, ("after pivot_root and detaching the old root, '..' at the top of the mount namespace leads "
+                  "nowhere: the same escape that worked under chroot finds only the container's files.")
+
+
+# -- 02-namespaces -------------------------------------------------------------------------------
+
+def _live(lab, proc):
+    if not isinstance(proc, Process):
+        raise TypeError("expected the handle that lab.spawn(...) returns")
+    info = proc.inspect()
+    if not info.get("alive"):
+        raise ValueError(f"process {proc.id} is not running any more; start it again")
+    return info
+
+
+def own_hostname(lab, proc, hostname="box1"):
+    info = _live(lab, proc)
+    if info["shares_with_host"].get("uts"):
+        return False, f"/proc/{info['pid']}/ns/uts is the host's: add 'uts' to namespaces"
+    seen = proc.exec(["hostname"]).get("stdout", "").strip()
+    host = lab.read_file("/proc/sys/kernel/hostname")["text"].strip()
+    if seen != hostname:
+        return 0.5, f"it has its own UTS namespace, but its hostname is {seen!r}, not {hostname!r}"
+    return True, (f"/proc/{info['pid']}/ns/uts differs from the host's; inside, hostname says {seen!r} while "
+                  f"the host is still {host!r}.")
+
+
+def pid_one(lab, proc):
+    info = _live(lab, proc)
+    nspid = info.get("nspid") or []
+    if info["shares_with_host"].get("pid") or len(nspid) < 2:
+        return False, "it is in the host's PID namespace: add 'pid' to namespaces"
+    if nspid[-1] != 1:
+        return 0.5, f"its PID inside is {nspid[-1]}, not 1"
+    if info["shares_with_host"].get("mnt"):
+        return 0.5, ("it is PID 1 inside, but without its own mount namespace it still reads the host's /proc, "
+                     "so ps shows every host process: add 'mnt'")
+    ps = proc.exec(["ps", "-o", "pid,comm"]).get("stdout", "")
+    n = len([line for line in ps.splitlines()[1:] if line.strip()])
+    return True, (f"NSpid {nspid}: PID {nspid[0]} on the host is PID 1 inside, and ps inside lists {n} processes.")
+
+
+def only_loopback(lab, record):
+    facts = getattr(record, "facts", {}) or {}
+    ns, host = facts.get("ns") or {}, _host_ns(lab)
+    if not ns or ns.get("net") == host.get("net"):
+        return False, "that process shared the host's network namespace: add 'net'"
+    links = (facts.get("view") or {}).get("links")
+    if links != ["lo"]:
+        return 0.5, f"it has its own network namespace but saw {links}"
+    return True, "a new network namespace starts with nothing but a loopback interface: no way out until we add one."
+
+
+def root_is_nobody(lab, proc):
+    info = _live(lab, proc)
+    if info["shares_with_host"].get("user"):
+        return False, "it is in the host's user namespace: add 'user'"
+    m = info.get("uid_map", "").split()
+    if len(m) < 3 or m[0] != "0" or m[1] == "0":
+        return 0.5, f"uid_map is {info.get('uid_map')!r}: root inside should map to an unprivileged uid"
+    return True, f"uid_map '{info['uid_map']}': uid 0 inside is uid {m[1]} on the host, an unprivileged user."
