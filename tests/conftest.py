@@ -1,0 +1,149 @@
+"""Fixtures: real transports (in-process, sudo as a real unprivileged user, SSH to a real sshd on
+127.0.0.1), and a leak check that fails the run when labkit left kernel objects behind."""
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+import labkit
+from labkit import transport as T
+from labkit.lab import Lab
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LEFTOVERS = os.path.join(os.path.dirname(REPO), "shared", "tools", "leftovers")
+STUDENT = "lkstudent"
+SUDOERS = "/etc/sudoers.d/labkit-test"
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.geteuid() != 0:
+        skip = pytest.mark.skip(reason="privileged test: run the suite as root (sudo bash scripts/test.sh)")
+        for item in items:
+            if "privileged" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leftovers():
+    """After the whole suite, ../shared/tools/leftovers must print nothing."""
+    yield
+    if os.geteuid() != 0:
+        return
+    tool = LEFTOVERS if os.path.exists(LEFTOVERS) else None
+    if tool is None:
+        return
+    out = subprocess.run(["bash", tool], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "", "labkit left kernel objects behind:\n" + out.stdout
+
+
+@pytest.fixture(scope="session")
+def student():
+    """A real unprivileged user with passwordless sudo (as on a student's Linux laptop)."""
+    made = False
+    try:
+        pwd.getpwnam(STUDENT)
+    except KeyError:
+        subprocess.run(["useradd", "-m", "-s", "/bin/bash", STUDENT], check=True)
+        made = True
+    subprocess.run(["usermod", "-p", "*", STUDENT], check=True)  # no password, but not locked (sshd)
+    with open(SUDOERS, "w") as f:
+        f.write(f"{STUDENT} ALL=(root) NOPASSWD: ALL\n")
+    os.chmod(SUDOERS, 0o440)
+    try:
+        yield pwd.getpwnam(STUDENT)
+    finally:
+        os.unlink(SUDOERS)
+        if made:
+            subprocess.run(["userdel", "-r", STUDENT], capture_output=True)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def sshd(student):
+    """A real OpenSSH server on 127.0.0.1 with its own host key, accepting one key for the student."""
+    sshd_bin = shutil.which("sshd", path="/usr/sbin:/usr/bin:/sbin")
+    if not sshd_bin:
+        pytest.fail("sshd is missing: scripts/setup.sh --dev installs openssh-server")
+    # sshd reads authorized_keys as the student: the folder must be reachable by that user
+    d = Path(tempfile.mkdtemp(prefix="labkit-sshd-"))
+    os.chmod(d, 0o755)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "host_key")], check=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "client_key")], check=True)
+    shutil.copy(d / "client_key.pub", d / "authorized_keys")
+    os.chmod(d / "authorized_keys", 0o644)
+    port = _free_port()
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\n"
+        f"PidFile {d}/sshd.pid\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n"
+        f"KbdInteractiveAuthentication no\nAllowUsers {STUDENT}\nPermitRootLogin no\nLogLevel ERROR\n")
+    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+    proc = subprocess.Popen([sshd_bin, "-D", "-e", "-f", str(d / "sshd_config")],
+                            stdout=subprocess.DEVNULL, stderr=open(d / "sshd.log", "wb"))
+    end = time.monotonic() + 10
+    while time.monotonic() < end:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail("sshd did not start: " + (d / "sshd.log").read_text())
+    try:
+        yield {"host": "127.0.0.1", "port": port, "user": STUDENT, "key": str(d / "client_key")}
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def open_lab(kind, request):
+    if kind == "inprocess":
+        return Lab(T.InProcess(), target="local")
+    if kind == "sudo":
+        request.getfixturevalue("student")
+        # The agent starts through sudo run by the real unprivileged user, as on a student's laptop.
+        return Lab(T.sudo_transport(wrapper=["runuser", "-u", STUDENT, "--"]), target="sudo")
+    if kind == "ssh":
+        s = request.getfixturevalue("sshd")
+        return labkit.connect(f"ssh://{s['user']}@{s['host']}:{s['port']}", key_filename=s["key"])
+    raise ValueError(kind)
+
+
+@pytest.fixture(params=["inprocess", "sudo", "ssh"], scope="module")
+def any_lab(request):
+    """The same agent test subset runs over every transport."""
+    lab = open_lab(request.param, request)
+    try:
+        yield lab
+    finally:
+        lab.close()
+
+
+@pytest.fixture(scope="session")
+def lab():
+    lab = Lab(T.InProcess(), target="local")
+    yield lab
+    lab.close()
+
+
+@pytest.fixture
+def rootfs_name(lab, request):
+    """A fresh rootfs for one test, removed afterwards."""
+    name = "t-" + request.node.name.split("[")[0][-20:].replace("_", "-").strip("-").lower()
+    r = lab.rootfs(name, replace=True)
+    try:
+        yield r.name
+    finally:
+        r.remove()
