@@ -67,7 +67,7 @@ def rootfs_path(ref):
         raise InvalidSpec(f"rootfs {ref!r} is not a rootfs name", fix="pass the name of a rootfs made "
                           "with lab.rootfs('demo'), e.g. 'demo'")
     if ref.startswith("/"):
-        norm = posixpath.normpath(ref)
+        norm = "/" + posixpath.normpath(ref).lstrip("/")  # normpath keeps a leading "//"
         if norm == "/":
             raise InvalidSpec("a rootfs of '/' would be the host itself, not a container's root",
                               fix="make a rootfs with lab.rootfs('demo') and pass 'demo'")

@@ -1,0 +1,51 @@
+"""Every notebook runs under papermill: with the solutions (full points, read back from the output
+notebook) and as the student edition left blank (runs to the end; every check records zero with a reason)."""
+import json
+import os
+
+import pytest
+
+from labkit.assign import student_edition
+from labkit.cli import NOTEBOOK_DIR, run_notebooks
+from labkit.grading import read_scores
+
+pytestmark = [pytest.mark.privileged, pytest.mark.slow]
+NOTEBOOKS = sorted(f for f in os.listdir(NOTEBOOK_DIR) if f.endswith(".ipynb") and f[:2].isdigit())
+
+
+def test_there_are_notebooks_with_parameters_cells():
+    assert NOTEBOOKS[:3] == ["00-setup.ipynb", "01-chroot.ipynb", "02-namespaces.ipynb"]
+    for name in NOTEBOOKS:
+        nb = json.load(open(os.path.join(NOTEBOOK_DIR, name)))
+        tags = [c.get("metadata", {}).get("tags", []) for c in nb["cells"]]
+        assert ["parameters"] in tags, f"{name} has no tagged parameters cell"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_solution_scores_full_points(name, tmp_path, lab):
+    [(_, out, scores)] = run_notebooks("local", str(tmp_path), [name], student_id="tester")
+    questions = [s for s in scores if s["question"] != "total"]
+    assert questions, "the notebook recorded no scores"
+    for s in questions:
+        assert s["passed"] and s["points"] == s["max_points"], s
+    total = scores[-1]
+    assert total["question"] == "total" and total["points"] == sum(s["max_points"] for s in questions) > 0
+    if name.startswith("02"):
+        assert os.path.getsize(tmp_path / "02-isolation-matrix.png") > 10_000
+    assert lab.processes() == [], "the notebook left processes running"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_blank_edition_runs_to_the_end_with_zero(name, tmp_path, lab):
+    src = json.load(open(os.path.join(NOTEBOOK_DIR, name)))
+    blank = student_edition(src)
+    assert "BEGIN SOLUTION" not in json.dumps(blank)
+    srcdir = tmp_path / "src"
+    srcdir.mkdir()
+    (srcdir / name).write_text(json.dumps(blank))
+    [(_, out, scores)] = run_notebooks("local", str(tmp_path / "out"), [name], source_dir=str(srcdir))
+    questions = [s for s in scores if s["question"] != "total"]
+    assert questions and all(s["points"] == 0 for s in questions)
+    assert all("not answered" in s["feedback"] for s in questions)
+    assert scores[-1]["question"] == "total" and scores[-1]["points"] == 0
+    assert read_scores(out) == scores
