@@ -37,8 +37,8 @@ def check_name(name, what="name"):
     """A labkit object name: lower-case letters, digits, '_', '.', '-'; no '..', no '/'."""
     if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
         raise InvalidSpec(f"{what} {name!r} is not allowed",
-                          fix=f"use 1-63 characters from a-z, 0-9, '_', '.', '-', starting with a letter or "
-                              f"digit and without '..', e.g. 'demo'")
+                          fix="use 1-63 characters from a-z, 0-9, '_', '.', '-', starting with a letter or "
+                              "digit and without '..', e.g. 'demo'")
     return name
 
 

@@ -8,73 +8,25 @@ The agent never changes its own namespaces (it may be a Jupyter kernel): it star
        └─ G: (fork, PID 1 if CLONE_NEWPID) mounts, sethostname, chroot or pivot_root,
              looks around (the process's own view), then execve(argv)
 
-Without a new PID namespace C and G are the same process. Every syscall goes through
-:mod:`labkit.agent.kernel`, so the report lists them with their arguments. This module owns nothing
+Without a new PID namespace C and G are the same process. The mechanisms live in their own modules
+(:mod:`~labkit.agent.namespaces`, :mod:`~labkit.agent.chroot`, :mod:`~labkit.agent.rootfs`); every
+syscall goes through :mod:`labkit.agent.kernel`, so the report lists them with their arguments. This module owns nothing
 after it exits: the agent (:mod:`labkit.agent.process`) records what outlives it.
 Standard library only.
 """
 import json
 import os
 import signal
-import socket
 import sys
 import time
 
 from ..errors import LabkitError, MechanismError
 from ..specs import ProcessSpec, rootfs_path
-from . import kernel, rootfs
-from .runner import Recorder, pid_starttime, read_text
+from . import chroot, kernel, namespaces
+from .runner import Recorder
 
 PR_SET_PDEATHSIG = 1
-ESCAPE_DIR = ".lk-escape"
 CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-def mount_ids(text):
-    return {int(line.split()[0]) for line in (text or "").splitlines() if line.strip()}
-
-
-def host_context(marker_path):
-    """Facts about the host that the process's view is compared against (taken by P before fork)."""
-    return {"init_starttime": pid_starttime(1), "mount_ids": sorted(mount_ids(read_text("/proc/self/mountinfo"))),
-            "hostname": os.uname().nodename, "links": sorted(n for _, n in socket.if_nameindex()),
-            "marker": marker_path, "marker_token": read_text(marker_path, "").strip() if marker_path else "",
-            "ns": {n: kernel.ns_inode("self", n) for n in kernel.NS_FLAGS}, "kernel": os.uname().release}
-
-
-def look_around(ctx):
-    """What this process can see from where it is now: its own view, compared with the host's."""
-    view = {"pid": os.getpid(), "hostname": os.uname().nodename, "kernel": os.uname().release,
-            "uid": os.getuid(), "root_listing": sorted(os.listdir("/"))[:40]}
-    have_proc = os.path.exists("/proc/self/stat")
-    view["proc"] = have_proc
-    if have_proc:
-        pids = [int(n) for n in os.listdir("/proc") if n.isdigit()]
-        view["pids_visible"] = len(pids)
-        view["host_pids_visible"] = pid_starttime(1) == ctx["init_starttime"]
-        ids = mount_ids(read_text("/proc/self/mountinfo"))
-        view["mounts"] = len(ids)
-        view["host_mounts_visible"] = bool(ids & set(ctx["mount_ids"]))
-        uid_map = " ".join((read_text("/proc/self/uid_map") or "").split())
-        view["uid_map"] = uid_map
-        view["root_is_host_root"] = uid_map.startswith("0 0 ")
-        view["cgroup"] = (read_text("/proc/self/cgroup") or "").strip().splitlines()[-1:]
-    else:
-        view["pids_visible"] = None
-        view["host_pids_visible"] = None
-        view["mounts"] = None
-        view["host_mounts_visible"] = None
-        view["uid_map"] = None
-        view["root_is_host_root"] = None
-    try:
-        view["links"] = sorted(n for _, n in socket.if_nameindex())
-    except OSError:
-        view["links"] = []
-    view["host_links_visible"] = bool(set(view["links"]) - {"lo"}) and set(view["links"]) == set(ctx["links"])
-    view["hostname_is_host"] = view["hostname"] == ctx["hostname"]
-    marker = ctx.get("marker")
-    view["host_files_visible"] = bool(marker) and (read_text(marker, "") or "").strip() == ctx["marker_token"]
-    return view
 
 
 def _send(fd, obj):
@@ -88,9 +40,7 @@ def _child(spec, ctx, msg_w, go_r, detached):
     try:
         if not detached:
             kernel.libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        flags = 0
-        for n in spec.namespaces:
-            flags |= kernel.NS_FLAGS[n]
+        flags = namespaces.clone_flags(spec.namespaces)
         if flags:
             kernel.unshare(flags, rec=rec)
         if "user" in spec.namespaces:
@@ -122,12 +72,11 @@ def _child(spec, ctx, msg_w, go_r, detached):
         else:
             _send(msg_w, {"pid": os.getpid(), "waiter": None})
         # G from here on.
-        ns = {n: kernel.ns_inode("self", n) for n in kernel.NS_FLAGS}
-        _send(msg_w, {"ns": ns})
+        _send(msg_w, {"ns": namespaces.inodes()})
         _setup(spec, rec)
-        view = look_around(ctx)
+        view = namespaces.look_around(ctx)
         if spec.action == "escape":
-            view = _escape(rec, ctx)
+            view = chroot.escape(rec, ctx)
         _send(msg_w, {"steps": rec.steps, "view": view})
         if spec.action in ("probe", "escape"):
             os.close(msg_w)
@@ -168,31 +117,7 @@ def _setup(spec, rec):
             kernel.mount("proc", "/proc", "proc", kernel.MS_NOSUID | kernel.MS_NODEV | kernel.MS_NOEXEC, rec=rec)
         kernel.chdir(spec.cwd, rec=rec)
         return
-    root = rootfs_path(spec.rootfs)
-    if "mnt" in spec.namespaces:
-        kernel.mount(root, root, None, kernel.MS_BIND | kernel.MS_REC, rec=rec)
-        rootfs.setup_runtime_mounts(root, rec, proc=spec.wants_proc, new_net="net" in spec.namespaces)
-    if spec.root_mode == "pivot_root":
-        kernel.chdir(root, rec=rec)
-        kernel.pivot_root(".", ".", rec=rec)
-        kernel.umount2(".", kernel.MNT_DETACH, rec=rec)
-    else:
-        kernel.chroot(root, rec=rec)
-    kernel.chdir(spec.cwd, rec=rec)
-
-
-def _escape(rec, ctx):
-    """The classic chroot escape: chroot into a subdirectory without chdir, climb '..', chroot('.')."""
-    if not os.path.isdir("/" + ESCAPE_DIR):
-        kernel.mkdir("/" + ESCAPE_DIR, rec=rec)
-    kernel.chroot(ESCAPE_DIR, rec=rec)  # cwd stays outside the new root
-    for _ in range(64):
-        os.chdir("..")
-    rec.add({"kind": "syscall", "call": "chdir", "args": ["'..'  (x64)"], "result": 0, "errno": None, "duration": 0})
-    kernel.chroot(".", rec=rec)
-    view = look_around(ctx)
-    view["escaped"] = view["host_files_visible"]
-    return view
+    chroot.enter_root(spec, rec)
 
 
 def launch(spec, ctx, detached):
@@ -213,7 +138,7 @@ def launch(spec, ctx, detached):
             msg = json.loads(line)
             if msg.get("stage") == "unshared":
                 try:
-                    _write_maps(c, spec, rec)
+                    namespaces.write_id_maps(c, spec, rec)
                     os.write(go_w, b"g")
                 except BaseException:
                     os.close(go_w)
@@ -232,14 +157,6 @@ def launch(spec, ctx, detached):
     if not report["steps"]:
         report["steps"] = rec.steps
     return report, c
-
-
-def _write_maps(pid, spec, rec):
-    text = "".join(f"{i} {o} {n}\n" for i, o, n in spec.id_map)
-    for name in ("uid_map", "gid_map"):
-        with open(f"/proc/{pid}/{name}", "w") as f:
-            f.write(text)
-        rec.file("write", f"/proc/{pid}/{name}", text.strip())
 
 
 def undo_host_mounts(mounts):
@@ -279,10 +196,7 @@ def main(argv=None):
         exit_code = os.waitstatus_to_exitcode(status)
     report["exit_code"] = exit_code
     if spec.action == "escape":
-        try:
-            os.rmdir(rootfs_path(spec.rootfs) + "/" + ESCAPE_DIR)
-        except OSError:
-            pass
+        chroot.remove_escape_dir(spec)
     if exit_code is not None and host_mounts:
         report["steps"] += undo_host_mounts(host_mounts)
         report["host_mounts"] = []

@@ -17,8 +17,8 @@ import time
 
 from ..errors import CommandTimeout, InvalidSpec, MechanismError, NotFound, from_wire
 from ..specs import NAMESPACES, RUN_DIR, ProcessSpec, check_name
-from . import kernel
-from .launch import host_context, undo_host_mounts
+from .launch import undo_host_mounts
+from .namespaces import host_context, inodes, shares
 from .runner import Recorder, env_for_children, pid_starttime, read_text, run as run_cmd
 
 PROCS_DIR = RUN_DIR + "/procs"
@@ -89,8 +89,7 @@ def _record(spec, report, what, duration):
     rec.fact("namespaces", list(spec.namespaces))
     rec.fact("ns", report.get("ns") or {})
     rec.fact("host_ns", report["ctx"]["ns"])
-    rec.fact("shares_with_host", {n: (report.get("ns") or {}).get(n) == report["ctx"]["ns"].get(n)
-                                  for n in NAMESPACES})
+    rec.fact("shares_with_host", shares(report.get("ns"), report["ctx"]["ns"]))
     rec.fact("view", report.get("view"))
     rec.fact("host", {k: report["ctx"][k] for k in ("hostname", "kernel", "links")})
     out = rec.to_dict(spec=spec.to_dict())
@@ -178,10 +177,9 @@ def inspect(pid_id):
     e["alive"] = alive = is_alive(e)
     pid = e["pid"]
     if alive:
-        e["ns_now"] = {n: kernel.ns_inode(pid, n) for n in NAMESPACES}
-        host = {n: kernel.ns_inode("self", n) for n in NAMESPACES}  # the agent runs in the host namespaces
-        e["host_ns"] = host
-        e["shares_with_host"] = {n: e["ns_now"][n] == host[n] for n in NAMESPACES}
+        e["ns_now"] = inodes(pid)
+        e["host_ns"] = inodes()  # the agent runs in the host's namespaces
+        e["shares_with_host"] = shares(e["ns_now"], e["host_ns"])
         status = read_text(f"/proc/{pid}/status") or ""
         for line in status.splitlines():
             if line.startswith("NSpid:"):

@@ -13,7 +13,7 @@ import traceback
 from .. import protocol
 from ..errors import InvalidSpec, LabkitError, PrivilegeError, UnsupportedHost
 from ..specs import RootfsSpec
-from . import cleanup, doctor, process, rootfs
+from . import cleanup, doctor, namespaces, process, rootfs
 from .runner import read_text, run as run_cmd
 
 
@@ -46,9 +46,8 @@ def m_list_dir(path):
 
 
 def m_host_ns():
-    from .kernel import ns_inode
-    from ..specs import NAMESPACES
-    return {n: ns_inode("self", n) for n in NAMESPACES}
+    """The namespaces the agent runs in: the host's own."""
+    return namespaces.inodes()
 
 
 METHODS = {

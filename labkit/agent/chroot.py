@@ -1,0 +1,51 @@
+"""Changing a process's root: chroot(2) alone, or pivot_root(2) in a private mount namespace.
+
+``enter_root`` switches the caller into a labkit rootfs the way the spec says: with ``chroot`` only
+``/`` moves (the mount namespace, and a way out, stay); with ``pivot_root`` the rootfs is bind-mounted
+onto itself, receives the runtime's /proc, /sys and /dev, becomes the root of the private mount
+namespace, and the old root is detached, as runc does. ``escape`` is the classic chroot breakout,
+used by the labs to show that the first holds nothing and the second holds. Standard library only.
+"""
+import os
+
+from ..specs import rootfs_path
+from . import kernel, rootfs
+from .namespaces import look_around
+
+ESCAPE_DIR = ".lk-escape"
+
+
+def enter_root(spec, rec):
+    """Switch into ``spec.rootfs`` (chroot or pivot_root), then chdir to ``spec.cwd``."""
+    root = rootfs_path(spec.rootfs)
+    if "mnt" in spec.namespaces:
+        kernel.mount(root, root, None, kernel.MS_BIND | kernel.MS_REC, rec=rec)
+        rootfs.setup_runtime_mounts(root, rec, proc=spec.wants_proc, new_net="net" in spec.namespaces)
+    if spec.root_mode == "pivot_root":
+        kernel.chdir(root, rec=rec)
+        kernel.pivot_root(".", ".", rec=rec)          # the old root now sits on top of the new one
+        kernel.umount2(".", kernel.MNT_DETACH, rec=rec)  # ... and is detached: no path leads back
+    else:
+        kernel.chroot(root, rec=rec)
+    kernel.chdir(spec.cwd, rec=rec)
+
+
+def escape(rec, ctx):
+    """The classic chroot escape: chroot into a subdirectory without chdir, climb '..', chroot('.')."""
+    if not os.path.isdir("/" + ESCAPE_DIR):
+        kernel.mkdir("/" + ESCAPE_DIR, rec=rec)
+    kernel.chroot(ESCAPE_DIR, rec=rec)  # cwd stays outside the new root
+    for _ in range(64):
+        os.chdir("..")
+    rec.add({"kind": "syscall", "call": "chdir", "args": ["'..'  (x64)"], "result": 0, "errno": None, "duration": 0})
+    kernel.chroot(".", rec=rec)
+    view = look_around(ctx)
+    view["escaped"] = view["host_files_visible"]
+    return view
+
+
+def remove_escape_dir(spec):
+    try:
+        os.rmdir(rootfs_path(spec.rootfs) + "/" + ESCAPE_DIR)
+    except OSError:
+        pass
