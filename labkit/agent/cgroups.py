@@ -11,17 +11,21 @@ from .runner import read_text
 PARENT = "labkit"
 
 
-def hierarchies():
-    """[(mount point, fstype, [controllers])] for every cgroup mount of this mount namespace."""
+def hierarchies(mountinfo=None, read=read_text):
+    """[(mount point, fstype, [controllers])] for every cgroup mount of this mount namespace.
+
+    ``mountinfo`` (text) and ``read`` (path -> text) default to the live system; tests pass other hosts'.
+    """
     out = []
-    for line in (read_text("/proc/self/mountinfo") or "").splitlines():
+    text = mountinfo if mountinfo is not None else read_text("/proc/self/mountinfo")
+    for line in (text or "").splitlines():
         pre, _, post = line.partition(" - ")
         fields, post = pre.split(), post.split()
         if not post or post[0] not in ("cgroup", "cgroup2"):
             continue
         mp = fields[4]
         if post[0] == "cgroup2":
-            ctrls = (read_text(os.path.join(mp, "cgroup.controllers")) or "").split()
+            ctrls = (read(os.path.join(mp, "cgroup.controllers")) or "").split()
         else:
             opts = post[2].split(",") if len(post) > 2 else []
             ctrls = [o for o in opts if o not in ("rw", "ro", "relatime", "nosuid", "nodev", "noexec",
@@ -32,10 +36,10 @@ def hierarchies():
     return out
 
 
-def detect():
+def detect(mountinfo=None, read=read_text):
     """{'mode': 'v2'|'v1'|'hybrid'|'none', 'v2_mount', 'v2_controllers', 'v1': {controller: mount}}."""
     v1, v2_mount, v2_ctrls = {}, None, []
-    for mp, fstype, ctrls in hierarchies():
+    for mp, fstype, ctrls in hierarchies(mountinfo, read):
         if fstype == "cgroup2":
             if v2_mount is None or mp == "/sys/fs/cgroup":
                 v2_mount, v2_ctrls = mp, ctrls
