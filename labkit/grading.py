@@ -24,7 +24,9 @@ class Checker:
         self.results = []
 
     def check(self, question, points, fn, *args, **kwargs):
-        """Run ``fn(lab, *args)`` -> (fraction 0..1 or bool, feedback); display and record the score."""
+        """Run ``fn(lab, *args)`` -> (fraction 0..1 or bool, feedback); display and record the score.
+
+        Returns nothing (the score is displayed once, not echoed again); see ``self.results``."""
         try:
             if any(a is None or a is Ellipsis for a in args):
                 raise NotAnswered()
@@ -42,7 +44,6 @@ class Checker:
                  "max_points": points, "passed": frac >= 1.0, "feedback": feedback, "student": self.student_id}
         self.results.append(score)
         _display(score)
-        return score
 
     @property
     def total(self):
@@ -53,7 +54,6 @@ class Checker:
         score = {"notebook": self.notebook, "question": "total", "points": got, "max_points": out_of,
                  "passed": got >= out_of, "feedback": f"{got:g} of {out_of:g} points", "student": self.student_id}
         _display(score)
-        return score
 
 
 def _text(score):

@@ -38,12 +38,14 @@ if [ ! -x "$venv/bin/python" ]; then
   echo "labkit setup: creating $venv"
   /usr/bin/python3 -m venv "$venv"
 fi
+# Reinstall only when pyproject.toml changed, or when test tools are wanted and not yet there.
 stamp="$venv/.labkit-installed"
-want=$(cat "$here/pyproject.toml" | sha256sum | cut -c1-16)-$dev
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+want=$(sha256sum < "$here/pyproject.toml" | cut -c1-16)
+have=$(cat "$stamp" 2>/dev/null || true)
+if [ "${have%-*}" != "$want" ] || { [ "$dev" = 1 ] && [ "${have##*-}" != 1 ]; }; then
   echo "labkit setup: installing labkit and its dependencies into $venv"
   "$venv/bin/python" -m pip install -q --upgrade pip
   if [ "$dev" = 1 ]; then extra="[dev]"; else extra=""; fi
   "$venv/bin/python" -m pip install -q -e "$here$extra"
-  echo "$want" > "$stamp"
+  echo "$want-$dev" > "$stamp"
 fi

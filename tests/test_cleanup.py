@@ -49,7 +49,8 @@ def test_cleanup_removes_only_labkit_objects(lab):
         subprocess.run(["ip", "netns", "delete", "notlk-t-cleanup"], capture_output=True)
         subprocess.run(["ip", "link", "delete", "xlkt0"], capture_output=True)
         lab.cleanup()
-        os.rmdir("/run/labkit/t-mnt") if os.path.isdir("/run/labkit/t-mnt") else None
+        if os.path.isdir("/run/labkit/t-mnt"):
+            os.rmdir("/run/labkit/t-mnt")
 
 
 def test_dry_run_changes_nothing(lab):

@@ -75,7 +75,8 @@ def cleanup(dry_run=False):
                 removed.append(f"process {pid}")
             except ProcessLookupError:
                 pass
-    time.sleep(0.05) if removed else None
+    if removed:
+        time.sleep(0.05)  # let the killed processes release their mounts
     for d in LABKIT_DIRS:
         for mp in mounts_under(d):
             try:

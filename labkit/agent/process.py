@@ -57,9 +57,10 @@ def _launch(spec, mode, stdin, stdout, stderr, timeout=None, input=None):
         duration = time.perf_counter() - started
         text = read_text(report_path)
         if not text:
-            raise MechanismError(f"the launcher exited with {proc.returncode} without a report",
-                                 fix="run `labkit doctor`; stderr of the launcher: " + (err or b"")[-400:].decode(
-                                     "utf-8", "replace") if isinstance(err, bytes) else "")
+            tail = (err or b"")[-400:].decode("utf-8", "replace") if isinstance(err, bytes) else ""
+            raise MechanismError(f"the launcher exited with {proc.returncode} without a report"
+                                 + (f"; it said: {tail.strip()}" if tail.strip() else ""),
+                                 fix="run `labkit doctor` on the target to see which mechanism is missing")
         report = json.loads(text)
     finally:
         try:
