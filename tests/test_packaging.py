@@ -61,3 +61,11 @@ def test_agent_imports_only_the_standard_library():
 
 def test_agent_zipapp_is_deterministic():
     assert transport.agent_zipapp_bytes() == transport.agent_zipapp_bytes()
+
+
+def test_agent_parses_as_python_3_9():
+    """The agent runs on a target's system python3, which may be as old as 3.9."""
+    data = transport.agent_zipapp_bytes()
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        for name in z.namelist():
+            ast.parse(z.read(name), filename=name, feature_version=(3, 9))

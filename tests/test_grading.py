@@ -1,0 +1,33 @@
+"""Checks record points that survive papermill and never stop a notebook."""
+from labkit.assign import strip_source, student_edition
+from labkit.grading import MIME, Checker, read_scores
+
+
+def test_scores_for_right_partial_blank_and_broken_answers(capsys):
+    c = Checker(lab=None, notebook="t", student_id="s1")
+    c.check("q1", 2, lambda lab, a: (a == 42, "ok"), 42)
+    c.check("q2", 2, lambda lab, a: (0.5, "half"), 1)
+    c.check("q3", 2, lambda lab, a: (True, "never called"), None)
+    c.check("q4", 2, lambda lab, a: 1 / 0, 1)
+    c.check("q5", 2, lambda lab, a: (7, "clamped"), 1)
+    pts = [r["points"] for r in c.results]
+    assert pts == [2, 1, 0, 0, 2]
+    assert "not answered" in c.results[2]["feedback"]
+    assert "ZeroDivisionError" in c.results[3]["feedback"]
+    assert c.total == (5, 10)
+
+
+def test_read_scores_from_an_output_notebook():
+    nb = {"cells": [{"cell_type": "code", "outputs": [
+        {"output_type": "display_data", "data": {MIME: {"question": "q1", "points": 1}, "text/plain": "x"}}]},
+        {"cell_type": "markdown", "source": "hi"}]}
+    assert read_scores(nb) == [{"question": "q1", "points": 1}]
+
+
+def test_student_edition_drops_solutions_and_outputs():
+    src = "x = None  # your turn\n### BEGIN SOLUTION\nx = 42\n### END SOLUTION\nx"
+    assert strip_source(src) == "x = None  # your turn\nx"
+    nb = {"cells": [{"cell_type": "code", "source": src, "outputs": [{"a": 1}], "execution_count": 3}]}
+    out = student_edition(nb)
+    assert out["cells"][0]["outputs"] == [] and "42" not in out["cells"][0]["source"]
+    assert nb["cells"][0]["outputs"] == [{"a": 1}], "the source notebook is left alone"
