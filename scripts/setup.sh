@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything labkit needs on a Debian/Ubuntu machine, idempotently:
-#   - Debian packages for the target side (busybox-static, iproute2, util-linux, iptables/nft, qemu, sshd, sudo)
-#   - a virtual environment in .venv with labkit and its host-side dependencies (and test tools with --dev)
+#   - the target side, as in the lab VM (vagrant/provision.sh: busybox-static, iproute2, util-linux, iptables/nft, qemu)
+#   - a virtual environment in .venv with labkit and its host-side dependencies
+#   - with --dev, what the tests need: test tools, sshd, Vagrant + libvirt + debootstrap for the VM tier
 # Usage: sudo bash scripts/setup.sh [--dev]
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -13,10 +14,14 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 
-pkgs=(busybox-static iproute2 util-linux procps kmod psmisc iptables nftables sudo
-      python3 python3-venv python3-pip qemu-system-x86 qemu-utils)
-[ "$(uname -m)" = aarch64 ] && pkgs=("${pkgs[@]/qemu-system-x86/qemu-system-arm}")
-[ "$dev" = 1 ] && pkgs+=(openssh-server openssh-client)
+# The target side: exactly what the lab VM gets (vagrant/provision.sh), ending with `labkit doctor`.
+bash "$here/vagrant/provision.sh" "$here"
+
+# The host side: a virtual environment; for the tests also sshd, and Vagrant with libvirt for the VM tier.
+pkgs=(python3-venv python3-pip)
+[ "$dev" = 1 ] && pkgs+=(openssh-server openssh-client vagrant vagrant-libvirt libvirt-daemon-system
+                         libvirt-daemon-driver-qemu libvirt-clients dnsmasq-base dbus debootstrap e2fsprogs
+                         qemu-utils rsync)
 
 missing=()
 for p in "${pkgs[@]}"; do
@@ -25,7 +30,7 @@ done
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "labkit setup: installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
-  # Do not let package scripts start services (sshd, ...): the tests start their own on 127.0.0.1.
+  # Do not let package scripts start services (sshd, libvirtd): the tests start their own.
   policy=/usr/sbin/policy-rc.d; made_policy=0
   if [ ! -e "$policy" ]; then printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod 755 "$policy"; made_policy=1; fi
   apt-get update -qq

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Provision a Linux host for labkit's agent and the course, idempotently, then self-test with `labkit doctor`.
+# Serves the lab VM (Vagrant runs it as root) and any Debian/Ubuntu host (amd64 or arm64) a student or
+# instructor brings:   sudo bash vagrant/provision.sh [--jupyter] [REPO_DIR]
+#   --jupyter   also install JupyterLab and run it as a service for the `vagrant` (or SUDO_USER) user
+#               on port 8888, so that a browser on the laptop can use the VM's forwarded port
+#   REPO_DIR    the labkit checkout (default: the folder above this script; /labkit in the VM)
+set -euo pipefail
+
+jupyter=0
+repo=""
+for arg in "$@"; do
+  case "$arg" in
+    --jupyter) jupyter=1 ;;
+    -*) echo "provision.sh: unknown option $arg" >&2; exit 2 ;;
+    *) repo=$arg ;;
+  esac
+done
+[ -n "$repo" ] || repo=$(cd "$(dirname "$0")/.." && pwd)
+
+if [ "$(id -u)" != 0 ]; then
+  echo "provision.sh: run me as root (sudo bash vagrant/provision.sh): I install packages." >&2
+  exit 1
+fi
+if ! command -v apt-get >/dev/null 2>&1; then
+  echo "provision.sh: this host has no apt-get; labkit's provisioning knows Debian and Ubuntu." >&2
+  echo "  Install by hand: python3 (3.9+), a static busybox, iproute2, util-linux, iptables or nftables, sudo, qemu-system." >&2
+  exit 1
+fi
+if [ ! -f "$repo/labkit/agent/server.py" ]; then
+  echo "provision.sh: $repo is not a labkit checkout (no labkit/agent/server.py)." >&2
+  exit 1
+fi
+
+case "$(uname -m)" in
+  x86_64) qemu=qemu-system-x86 ;;
+  aarch64|arm64) qemu=qemu-system-arm ;;
+  *) qemu="" ; echo "provision.sh: $(uname -m) is not x86_64 or aarch64: the VM baseline will be unavailable" >&2 ;;
+esac
+pkgs=(python3 busybox-static iproute2 util-linux procps kmod psmisc iptables nftables sudo ca-certificates
+      qemu-utils $qemu)
+[ "$jupyter" = 1 ] && pkgs+=(python3-venv python3-pip)
+
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "provision.sh: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+python3 - <<'PY'
+import sys
+if sys.version_info < (3, 9):
+    sys.exit(f"provision.sh: python3 is {sys.version.split()[0]}; the labkit agent needs 3.9 or newer")
+PY
+
+if [ "$jupyter" = 1 ]; then
+  user=${SUDO_USER:-vagrant}
+  id "$user" >/dev/null 2>&1 || user=root
+  venv=/opt/labkit-venv
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+  want=$(sha256sum < "$repo/pyproject.toml" | cut -c1-16)
+  if [ "$(cat "$venv/.labkit-deps" 2>/dev/null || true)" != "$want" ]; then
+    echo "provision.sh: installing JupyterLab and labkit's dependencies into $venv"
+    # dependencies only: labkit itself is imported from the synced checkout, so edits on the host show at once
+    deps=$("$venv/bin/python" -c 'import tomllib,sys; print("\n".join(tomllib.load(open(sys.argv[1],"rb"))["project"]["dependencies"]))' "$repo/pyproject.toml")
+    "$venv/bin/python" -m pip install -q --upgrade pip
+    # shellcheck disable=SC2086
+    "$venv/bin/python" -m pip install -q $deps
+    echo "$want" > "$venv/.labkit-deps"
+  fi
+  if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+    cat > /etc/systemd/system/labkit-jupyter.service <<UNIT
+[Unit]
+Description=JupyterLab for the labkit course (the notebook runs as $user; the agent under sudo)
+After=network-online.target
+
+[Service]
+User=$user
+Environment=PYTHONPATH=$repo
+WorkingDirectory=$repo/notebooks
+ExecStart=$venv/bin/jupyter lab --ip=0.0.0.0 --port=8888 --no-browser --IdentityProvider.token=labkit
+Restart=on-failure
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+    systemctl daemon-reload
+    systemctl enable --now labkit-jupyter.service >/dev/null
+    echo "provision.sh: JupyterLab runs in the VM; on the laptop open http://127.0.0.1:8888/lab?token=labkit"
+  fi
+fi
+
+echo "provision.sh: self-test (labkit doctor)"
+PYTHONPATH="$repo" python3 -m labkit.cli doctor --target local
