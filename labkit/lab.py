@@ -9,7 +9,7 @@ reported before anything reaches the target. Standard library only (charts load 
 import os
 import sys
 
-from .errors import InvalidSpec, LabkitError, PrivilegeError, TransportError, UnsupportedHost
+from .errors import InvalidSpec, LabkitError, PrivilegeError, UnsupportedHost
 from .records import DoctorReport, Record
 from .specs import NAMESPACES, ProcessSpec, RootfsSpec, normalize_namespaces
 from . import transport as _t
@@ -18,8 +18,10 @@ from . import transport as _t
 def connect(target="auto", **options):
     """Return a :class:`Lab` for ``target``:
 
-    - ``"auto"``: in-process when this is Linux and we are root, else ``sudo`` on Linux, else an error
-      that says how to start the lab VM;
+    - ``"auto"``: ``$LABKIT_TARGET`` if set; else in-process when this is Linux and we are root, else
+      ``sudo`` on Linux, else the lab VM when one was created, else an error that says how to start it;
+    - ``"vagrant"``: the lab VM (``vagrant ssh-config`` in labkit's ``vagrant/`` folder, or
+      ``$LABKIT_VAGRANT_DIR``; options: ``vagrant_cmd``, ``netns``);
     - ``"local"``: in-process (root on Linux); ``"sudo"``: agent under ``sudo -n`` on this machine;
     - ``"ssh://user@host:port"`` (options: ``key_filename``, ``sudo``, ``python``): any Linux host.
     """
@@ -29,11 +31,21 @@ def connect(target="auto", **options):
         raise InvalidSpec(f"target {target!r} is not a target", fix="use 'auto', 'local', 'sudo' or 'ssh://user@host:port'")
     t = target.strip()
     if t == "auto":
+        t = os.environ.get("LABKIT_TARGET", "auto")
+    if t == "auto":
+        from . import vagrant
         if sys.platform != "linux":
+            if vagrant.is_configured():
+                return connect("vagrant", **options)
             raise UnsupportedHost(f"this machine runs {sys.platform}; the container side needs Linux")
         if os.geteuid() == 0:
             return Lab(_t.InProcess(), target="local")
-        return Lab(_t.sudo_transport(**options), target="sudo")
+        try:
+            return Lab(_t.sudo_transport(**options), target="sudo")
+        except PrivilegeError:
+            if vagrant.is_configured():
+                return connect("vagrant", **options)
+            raise
     if t in ("local", "in-process", "inprocess"):
         return Lab(_t.InProcess(), target="local")
     if t == "sudo":
@@ -46,9 +58,8 @@ def connect(target="auto", **options):
             raise InvalidSpec(f"no host in {target!r}", fix="write ssh://user@host:port")
         return Lab(_t.SSH(host, port=int(port or 22), user=user or None, **options), target=t)
     if t == "vagrant":
-        raise TransportError("the 'vagrant' target needs the lab VM support, which this labkit version "
-                             "does not have yet", fix="connect with 'ssh://vagrant@127.0.0.1:2222' and "
-                             "key_filename from `vagrant ssh-config`")
+        from . import vagrant
+        return Lab(vagrant.transport(**options), target="vagrant")
     raise InvalidSpec(f"unknown target {target!r}", fix="use 'auto', 'local', 'sudo' or 'ssh://user@host:port'")
 
 

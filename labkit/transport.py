@@ -220,13 +220,42 @@ def sudo_transport(python="/usr/bin/python3", wrapper=()):
     return t
 
 
+def socket_in_netns(netns, host, port, timeout):
+    """A TCP connection made from inside the named network namespace /run/netns/<netns>.
+
+    setns(2) moves only the calling thread, so a short-lived thread enters the namespace, connects,
+    and ends; the socket stays in that namespace. Used to reach a VM whose network exists only there."""
+    from .agent import kernel
+    import socket
+    out = {}
+
+    def work():
+        try:
+            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                kernel.setns(fd, kernel.CLONE_NEWNET)
+            finally:
+                os.close(fd)
+            out["sock"] = socket.create_connection((host, port), timeout=timeout)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            out["error"] = exc
+
+    t = threading.Thread(target=work, name=f"connect-in-{netns}")
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    return out["sock"]
+
+
 class SSH(_Stream):
     """The agent over an SSH exec channel (paramiko)."""
 
     name = "ssh"
 
     def __init__(self, host, port=22, user=None, key_filename=None, sudo=None, python="python3",
-                 remote_agent=None, connect_timeout=15, known_hosts=None, password=None):
+                 remote_agent=None, remote_checkout=None, connect_timeout=15, known_hosts=None, password=None,
+                 netns=None):
         super().__init__()
         try:
             import paramiko
@@ -243,17 +272,23 @@ class SSH(_Stream):
         fix = (f"check that sshd runs on {host}:{port} and accepts this key for {user}: "
                f"`ssh -p {port} -i {key_filename} {user}@{host} true`")
         try:
+            sock = socket_in_netns(netns, host, self.port, connect_timeout) if netns else None
             self.client.connect(host, port=self.port, username=user, key_filename=key_filename, password=password,
-                                timeout=connect_timeout, banner_timeout=connect_timeout,
+                                timeout=connect_timeout, banner_timeout=connect_timeout, sock=sock,
                                 auth_timeout=connect_timeout, allow_agent=False, look_for_keys=False)
         except Exception as exc:  # noqa: BLE001 - paramiko and socket errors alike
-            raise TransportError(f"cannot connect over SSH to {user}@{host}:{port}: {exc}", fix=fix) from None
+            raise TransportError(f"cannot connect over SSH to {user}@{host}:{port}"
+                                 f"{f' in network namespace {netns}' if netns else ''}: {exc}", fix=fix) from None
         self._fix = fix
         remote_uid = self._exec_simple("id -u").strip()
         if sudo is None:
             sudo = remote_uid != "0"
-        agent = remote_agent or self._ship_agent(python)
-        cmd = ("sudo -n " if sudo else "") + f"{shlex.quote(python)} {shlex.quote(agent)}"
+        if remote_agent is None and remote_checkout and self._has_checkout(remote_checkout):
+            # the synced checkout (the lab VM): edits on the host reach the agent with `vagrant rsync`
+            agent = f"env PYTHONPATH={shlex.quote(remote_checkout)} {shlex.quote(python)} -m labkit.agent"
+        else:
+            agent = f"{shlex.quote(python)} {shlex.quote(remote_agent or self._ship_agent(python))}"
+        cmd = ("sudo -n " if sudo else "") + agent
         self.command = cmd
         chan = self.client.get_transport().open_session(timeout=connect_timeout)
         chan.exec_command(cmd)
@@ -277,6 +312,10 @@ class SSH(_Stream):
             raise TransportError(f"`{cmd}` on {self.host} exited {code}: {stderr.read().decode(errors='replace')[-300:]}",
                                  fix=self._fix)
         return out.decode("utf-8", "replace")
+
+    def _has_checkout(self, path):
+        probe = f"test -f {shlex.quote(path)}/labkit/agent/server.py && echo have || echo none"
+        return self._exec_simple(probe).strip() == "have"
 
     def _ship_agent(self, python):
         data = agent_zipapp_bytes()

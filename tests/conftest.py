@@ -31,15 +31,44 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session", autouse=True)
 def no_leftovers():
-    """After the whole suite, ../shared/tools/leftovers must print nothing."""
+    """After the whole suite, ../shared/tools/leftovers must print nothing, and the VM tier must have
+    left no qemu or libvirt process and no namespace."""
     yield
     if os.geteuid() != 0:
         return
-    tool = LEFTOVERS if os.path.exists(LEFTOVERS) else None
-    if tool is None:
-        return
-    out = subprocess.run(["bash", tool], capture_output=True, text=True, timeout=60)
-    assert out.stdout.strip() == "", "labkit left kernel objects behind:\n" + out.stdout
+    import vmtier
+    assert vmtier.leftovers() == [], "the VM tier left things behind"
+    if os.path.exists(LEFTOVERS):
+        out = subprocess.run(["bash", LEFTOVERS], capture_output=True, text=True, timeout=60)
+        assert out.stdout.strip() == "", "labkit left kernel objects behind:\n" + out.stdout
+
+
+def vm_tier_skipped():
+    """The reason the VM tier does not run here, or None. CI always runs it; a developer may skip it."""
+    if os.environ.get("LABKIT_SKIP_VM") == "1" and os.environ.get("CI") != "true":
+        return "VM tier skipped by LABKIT_SKIP_VM=1 (CI always runs it)"
+    if os.geteuid() != 0:
+        return "the VM tier needs root"
+    return None
+
+
+@pytest.fixture(scope="session")
+def vm_tier():
+    """A real `vagrant up` of vagrant/Vagrantfile: a Debian 12 guest on pure cgroup v2 (tests/vmtier.py)."""
+    reason = vm_tier_skipped()
+    if reason:
+        pytest.skip(reason)
+    import vmtier
+    with vmtier.Tier() as tier:
+        yield tier
+
+
+@pytest.fixture(scope="session")
+def vm_lab(vm_tier):
+    """A Lab on the guest, over the SSH transport exactly as a student's laptop reaches the lab VM."""
+    lab = vm_tier.lab()
+    yield lab
+    lab.close()
 
 
 @pytest.fixture(scope="session")
@@ -117,12 +146,14 @@ def open_lab(kind, request):
     if kind == "ssh":
         s = request.getfixturevalue("sshd")
         return labkit.connect(f"ssh://{s['user']}@{s['host']}:{s['port']}", key_filename=s["key"])
+    if kind == "vagrant":
+        return request.getfixturevalue("vm_tier").lab()
     raise ValueError(kind)
 
 
-@pytest.fixture(params=["inprocess", "sudo", "ssh"], scope="module")
+@pytest.fixture(params=["inprocess", "sudo", "ssh", "vagrant"], scope="module")
 def any_lab(request):
-    """The same agent test subset runs over every transport."""
+    """The same agent test subset runs over every transport, and inside the pure cgroup v2 lab VM."""
     lab = open_lab(request.param, request)
     try:
         yield lab

@@ -1,0 +1,110 @@
+"""The lab VM: the Vagrantfile validates, `vagrant ssh-config` is read right, and (the VM tier) a real
+`vagrant up` provisions a Debian 12 guest whose pure cgroup v2 kernel runs the agent and a notebook."""
+import os
+import stat
+import subprocess
+
+import pytest
+
+from labkit import vagrant
+from labkit.errors import TransportError
+
+from conftest import REPO
+
+SSH_CONFIG = """==> default: Vagrant has detected a plugin update; run `vagrant plugin update`.
+Host default
+  HostName 192.168.121.57
+  User vagrant
+  Port 22
+  UserKnownHostsFile /dev/null
+  StrictHostKeyChecking no
+  PasswordAuthentication no
+  IdentityFile "/home/me/labkit/vagrant/.vagrant/machines/default/libvirt/private_key"
+  IdentitiesOnly yes
+  LogLevel FATAL
+
+"""
+
+
+def test_ssh_config_is_parsed_despite_noise():
+    cfg = vagrant.parse_ssh_config(SSH_CONFIG)
+    assert cfg == {"HostName": "192.168.121.57", "User": "vagrant", "Port": "22",
+                   "IdentityFile": "/home/me/labkit/vagrant/.vagrant/machines/default/libvirt/private_key"}
+    assert vagrant.parse_ssh_config("") == {}
+
+
+def _fake_vagrant(tmp_path, out, code):
+    # Stand-in for the `vagrant` command's answers when the VM is down (no VM runs in this test).
+    script = tmp_path / "vagrant"
+    script.write_text(f"#!/bin/sh\ncat <<'X'\n{out}\nX\nexit {code}\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return [str(script)]
+
+
+def test_a_vm_that_is_down_names_the_command_to_run(tmp_path):
+    down = ("The provider for this Vagrant-managed machine is reporting that it\n"
+            "is not yet ready for SSH. Depending on your provider this can carry\ndifferent meanings.")
+    with pytest.raises(TransportError) as err:
+        vagrant.ssh_config(str(tmp_path), vagrant_cmd=_fake_vagrant(tmp_path, down, 1))
+    assert "vagrant up" in err.value.fix
+    with pytest.raises(TransportError) as err:
+        vagrant.ssh_config(str(tmp_path), vagrant_cmd=["/nonexistent/vagrant"])
+    assert "install Vagrant" in err.value.fix
+    # a fresh port after `vagrant reload` is read again on the next connect
+    moved = SSH_CONFIG.replace("Port 22", "Port 2200")
+    assert vagrant.ssh_config(str(tmp_path), vagrant_cmd=_fake_vagrant(tmp_path, moved, 0))["Port"] == "2200"
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/vagrant"), reason="vagrant is not installed")
+def test_vagrantfile_validates_and_refuses_bad_settings():
+    vdir = os.path.join(REPO, "vagrant")
+    env = dict(os.environ, VAGRANT_CHECKPOINT_DISABLE="1", VAGRANT_DOTFILE_PATH="/tmp/labkit-validate-dot")
+    ok = subprocess.run(["vagrant", "validate"], cwd=vdir, env=env, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    for k, v, said in [("LABKIT_VM_MEMORY", "512", "too little"), ("LABKIT_VM_OS", "windows", "not one of"),
+                       ("LABKIT_VM_CPUS", "two", "whole number")]:
+        bad = subprocess.run(["vagrant", "validate"], cwd=vdir, env=dict(env, **{k: v}), capture_output=True,
+                             text=True, timeout=120)
+        assert bad.returncode != 0 and said in bad.stdout + bad.stderr, (k, bad.stdout + bad.stderr)
+    subprocess.run(["rm", "-rf", "/tmp/labkit-validate-dot"])
+
+
+def test_gitattributes_keep_scripts_lf():
+    text = open(os.path.join(REPO, ".gitattributes")).read()
+    assert "*.sh" in text and "eol=lf" in text and "Vagrantfile" in text
+
+
+# --- the VM tier: a real `vagrant up` -----------------------------------------------------------
+
+@pytest.mark.vm
+def test_second_provision_is_idempotent_and_self_tests(vm_tier):
+    res = vm_tier.vagrant("provision", timeout=900)
+    out = res.stdout + res.stderr
+    assert "self-test (labkit doctor)" in out
+    assert "installing" not in out.split("self-test")[0], "a second provision must find everything installed"
+    line = [ln for ln in out.splitlines() if " cgroups " in f" {ln.split(':', 1)[-1]} "][0]
+    assert " v2 " in line and " ok " in line, line
+
+
+@pytest.mark.vm
+def test_guest_is_a_pure_cgroup_v2_kernel_of_its_own(vm_lab, lab):
+    rep = vm_lab.doctor()
+    assert rep["cgroups"]["value"] == "v2", rep.text()
+    assert rep["namespaces"]["status"] == "ok"
+    assert rep["kvm"]["status"] != "missing"
+    guest_kernel = vm_lab.read_file("/proc/sys/kernel/osrelease")["text"].strip()
+    host_kernel = lab.read_file("/proc/sys/kernel/osrelease")["text"].strip()
+    assert guest_kernel != host_kernel, "a VM boots a kernel of its own"
+    assert vm_lab.info["euid"] == 0 and vm_lab.target == "vagrant"
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_a_notebook_scores_the_same_on_the_guest(vm_tier, tmp_path):
+    from labkit.cli import run_notebooks
+    name = "02-namespaces.ipynb"
+    [(_, _, local)] = run_notebooks("local", str(tmp_path / "local"), [name])
+    [(_, _, guest)] = run_notebooks("vagrant", str(tmp_path / "guest"), [name])
+    strip = lambda scores: [(s["question"], s["points"], s["passed"]) for s in scores]  # noqa: E731
+    assert strip(guest) == strip(local)
+    assert guest[-1]["points"] == guest[-1]["max_points"] > 0
