@@ -232,6 +232,8 @@ class Tier:
             os.makedirs("/run/dbus", exist_ok=True)
             out = sh(["dbus-daemon", "--system", "--fork", "--print-pid"]).stdout.split()
             self.pids["dbus"] = int(out[0])
+            with open(os.path.join(STATE, "dbus.pid"), "w") as f:
+                f.write(out[0])
         conf = os.path.join(STATE, "qemu.conf")
         with open(conf, "w") as f:
             f.write(QEMU_CONF)
@@ -307,9 +309,10 @@ class Tier:
                     sh(virsh + ["vol-delete", "--pool", POOL, vol.split()[0]], check=False)
             sh(virsh + ["pool-destroy", POOL], check=False)
             sh(virsh + ["pool-undefine", POOL], check=False)
-        pidfile = os.path.join(STATE, "libvirtd.pid")
-        if "libvirtd" not in self.pids and os.path.exists(pidfile):
-            self.pids["libvirtd"] = int(open(pidfile).read().strip() or 0)
+        for name in ("libvirtd", "dbus"):  # pids recorded by an earlier process (`vmtier.py up`)
+            pidfile = os.path.join(STATE, f"{name}.pid")
+            if name not in self.pids and os.path.exists(pidfile):
+                self.pids[name] = int(open(pidfile).read().strip() or 0)
         attempt("stop libvirtd", lambda: _stop_pid(self.pids.get("libvirtd"), "libvirtd"))
         attempt("stop dbus", lambda: _stop_pid(self.pids.get("dbus"), "dbus-daemon"))
         # whatever libvirt started in the namespace (dnsmasq, qemu) goes with it
@@ -347,7 +350,8 @@ def leftovers():
                 comm = open(f"/proc/{p}/comm").read().strip()
             except OSError:
                 continue
-            if comm.startswith("qemu-system") or comm in ("libvirtd", "virtlogd", "dnsmasq"):
+            if comm.startswith("qemu-system") or comm in ("libvirtd", "virtlogd", "dnsmasq") or \
+                    (comm == "dbus-daemon" and os.path.exists(os.path.join(STATE, "dbus.pid"))):
                 found.append(f"process {p} {comm}")
     if os.path.exists(f"/run/netns/{NETNS}"):
         found.append(f"netns {NETNS}")
