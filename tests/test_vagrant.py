@@ -108,3 +108,13 @@ def test_a_notebook_scores_the_same_on_the_guest(vm_tier, tmp_path):
     strip = lambda scores: [(s["question"], s["points"], s["passed"]) for s in scores]  # noqa: E731
     assert strip(guest) == strip(local)
     assert guest[-1]["points"] == guest[-1]["max_points"] > 0
+
+
+@pytest.mark.vm
+def test_a_vm_that_was_never_created_says_vagrant_up(vm_tier, tmp_path):
+    import vmtier
+    # the real `vagrant`, pointed at an empty state folder: as if `vagrant up` never ran
+    cmd = ["env", f"VAGRANT_DOTFILE_PATH={tmp_path}", "ip", "netns", "exec", vmtier.NETNS, "vagrant"]
+    with pytest.raises(TransportError) as err:
+        vagrant.ssh_config(vagrant_cmd=cmd)
+    assert "vagrant up" in err.value.fix, str(err.value)

@@ -355,6 +355,16 @@ def leftovers():
                 found.append(f"process {p} {comm}")
     if os.path.exists(f"/run/netns/{NETNS}"):
         found.append(f"netns {NETNS}")
+    import glob
+    for pattern in ("/etc/libvirt/qemu/vagrant_*.xml", "/etc/libvirt/qemu/networks/vagrant-libvirt.xml",
+                    f"/etc/libvirt/storage/{POOL}.xml", "/run/libvirt/qemu/*.pid"):
+        found += [f"libvirt definition {p}" for p in glob.glob(pattern)]
+    for line in (sh(["iptables", "-S"], check=False).stdout if shutil.which("iptables") else "").splitlines():
+        if line.startswith("-N LIBVIRT_"):
+            found.append(f"iptables chain {line.split()[1]} on the host")
+    for line in open("/proc/self/mounts"):
+        if "/dev/kvm" in line.split()[1:2] or "qemu.conf" in line:
+            found.append(f"mount {line.split()[1]}")
     return found
 
 
