@@ -2,7 +2,7 @@
 
 No Vagrant box can be downloaded here, so this module builds one (debootstrap, no loop devices and
 no bootloader: `mkfs.ext4 -d`, the kernel and initrd booted directly by libvirt) and caches it. It then
-runs libvirtd, its networks and `vagrant` inside a network namespace of its own (``lk-vmtier``), with
+runs libvirtd, its networks and `vagrant` inside a network namespace of its own (``labkit-vmtier-net``), with
 /dev/kvm hidden from libvirtd (nested KVM hangs here; the guest runs under TCG), and runs
 `vagrant up --provider=libvirt` exactly as a student would: the guest is provisioned by
 vagrant/provision.sh. Everything it starts it stops, by pid, and everything it defines it undefines.
@@ -25,7 +25,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.environ.get("LABKIT_VMTIER_CACHE", "/var/cache/labkit-vmtier")
-NETNS = "lk-vmtier"
+NETNS = "labkit-vmtier-net"  # not "lk-*": that is what `labkit cleanup` removes, and the tests run it
 POOL = "labkit-vmtier"
 BOX_NAME = "labkit/debian12-local"
 STATE = "/run/labkit-vmtier"            # pids and the private config of the tier's daemons
