@@ -19,6 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LEFTOVERS = os.path.join(os.path.dirname(REPO), "shared", "tools", "leftovers")
 STUDENT = "lkstudent"
 SUDOERS = "/etc/sudoers.d/labkit-test"
+GECOS = "labkit test user"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -74,12 +75,11 @@ def vm_lab(vm_tier):
 @pytest.fixture(scope="session")
 def student():
     """A real unprivileged user with passwordless sudo (as on a student's Linux laptop)."""
-    made = False
     try:
-        pwd.getpwnam(STUDENT)
+        ours = pwd.getpwnam(STUDENT).pw_gecos == GECOS  # left by an interrupted run: still ours
     except KeyError:
-        subprocess.run(["useradd", "-m", "-s", "/bin/bash", STUDENT], check=True)
-        made = True
+        subprocess.run(["useradd", "-m", "-s", "/bin/bash", "-c", GECOS, STUDENT], check=True)
+        ours = True
     subprocess.run(["usermod", "-p", "*", STUDENT], check=True)  # no password, but not locked (sshd)
     with open(SUDOERS, "w") as f:
         f.write(f"{STUDENT} ALL=(root) NOPASSWD: ALL\n")
@@ -88,8 +88,11 @@ def student():
         yield pwd.getpwnam(STUDENT)
     finally:
         os.unlink(SUDOERS)
-        if made:
-            subprocess.run(["userdel", "-r", STUDENT], capture_output=True)
+        if ours:
+            subprocess.run(["pkill", "-KILL", "-u", STUDENT], capture_output=True)
+            time.sleep(0.2)
+            res = subprocess.run(["userdel", "-r", STUDENT], capture_output=True, text=True)
+            assert res.returncode in (0, 12), f"could not remove the test user: {res.stderr}"
 
 
 def _free_port():
