@@ -11,7 +11,7 @@ import sys
 
 from .errors import InvalidSpec, LabkitError, PrivilegeError, UnsupportedHost
 from .records import DoctorReport, Record
-from .specs import NAMESPACES, ProcessSpec, RootfsSpec, normalize_namespaces
+from .specs import NAMESPACES, CgroupSpec, ProcessSpec, RootfsSpec, normalize_namespaces
 from . import transport as _t
 
 
@@ -168,6 +168,18 @@ class Lab:
         from .isolation import isolation_matrix
         return isolation_matrix(self, configs, rootfs=rootfs)
 
+    # -- cgroups ----------------------------------------------------------------------------------
+    def cgroup(self, name, memory=None, swap=None, cpus=None, cpu_weight=None, pids=None, cpuset=None,
+               period_us=100000):
+        """Make a labkit cgroup with these limits; returns a :class:`Cgroup` (``with`` removes it)."""
+        spec = CgroupSpec(name=name, memory=memory, swap=swap, cpus=cpus, cpu_weight=cpu_weight, pids=pids,
+                          cpuset=cpuset, period_us=period_us)
+        return Cgroup(self, spec, Record(self.call("cgroup.create", spec_dict=spec.to_dict())))
+
+    def cgroup_mode(self):
+        """{'mode': 'v1'|'v2'|'hybrid', ...}: the target's cgroup layout."""
+        return self.call("cgroup.detect")
+
     # -- housekeeping -----------------------------------------------------------------------------
     def release(self, *handles):
         """Stop/remove the given handles (None is skipped): the end-of-notebook tidy-up."""
@@ -175,6 +187,8 @@ class Lab:
             if isinstance(h, Process):
                 h.stop()
             elif isinstance(h, Rootfs) and h.created:
+                h.remove()
+            elif isinstance(h, Cgroup):
                 h.remove()
 
     def cleanup(self, dry_run=False):
@@ -198,6 +212,8 @@ def _rootfs_name(rootfs):
 def _spec_kw(kw):
     if "rootfs" in kw:
         kw["rootfs"] = _rootfs_name(kw["rootfs"])
+    if isinstance(kw.get("cgroup"), Cgroup):
+        kw["cgroup"] = kw["cgroup"].name
     if isinstance(kw.get("env"), dict):
         kw["env"] = tuple(sorted(kw["env"].items()))
     return kw
@@ -233,6 +249,55 @@ class Rootfs:
     def __exit__(self, *exc):
         if self.created:
             self.remove()
+
+
+class Cgroup:
+    """A labkit cgroup with limits. ``with`` kills what is inside and removes it when the block ends."""
+
+    def __init__(self, lab, spec, record):
+        self.lab, self.spec, self.record = lab, spec, record
+        self.name = spec.name
+
+    @property
+    def mode(self):
+        return self.record.get("mode")
+
+    def run(self, argv, namespaces=(), **kw):
+        """Run ``argv`` inside this cgroup (and any namespaces) to completion."""
+        return self.lab.run_in(argv, namespaces, cgroup=self.name, **kw)
+
+    def spawn(self, argv=(), namespaces=(), **kw):
+        """Start a process inside this cgroup; returns a :class:`Process`."""
+        return self.lab.spawn(argv, namespaces, cgroup=self.name, **kw)
+
+    def stats(self):
+        """The kernel's counters now: memory, OOM kills, CPU time and throttling, pids."""
+        return Record(self.lab.call("cgroup.stats", name=self.name))
+
+    def sample(self, seconds=3.0, interval=0.25):
+        """stats() every ``interval`` s for ``seconds`` s, as a pandas DataFrame (one row per sample)."""
+        import pandas as pd
+        df = pd.DataFrame(self.lab.call("cgroup.sample", name=self.name, seconds=seconds, interval=interval))
+        df["t"] = df["time"] - df["time"].iloc[0]
+        return df
+
+    def kill(self):
+        return Record(self.lab.call("cgroup.kill", name=self.name))
+
+    def remove(self):
+        return Record(self.lab.call("cgroup.remove", name=self.name))
+
+    def __repr__(self):
+        return f"<Cgroup {self.name} ({self.mode})>"
+
+    def _repr_html_(self):
+        return self.record._repr_html_()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
 
 
 class Process:
@@ -282,4 +347,4 @@ class Process:
                 raise
 
 
-__all__ = ["connect", "Lab", "Rootfs", "Process", "NAMESPACES", "PrivilegeError"]
+__all__ = ["connect", "Lab", "Rootfs", "Process", "Cgroup", "NAMESPACES", "PrivilegeError"]

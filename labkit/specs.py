@@ -128,6 +128,8 @@ class ProcessSpec:
     - ``id_map``: the uid and gid map of a new user namespace.
     - ``action``: 'exec' (run argv), 'hold' (keep running), 'probe' (report the view),
       'escape' (try the classic chroot escape, then report the view).
+    - ``cgroup``: name of a labkit cgroup the process joins before anything else (so its limits hold
+      from its first instruction, and a new cgroup namespace is rooted there).
     """
     argv: Tuple[str, ...] = ()
     namespaces: Tuple[str, ...] = ()
@@ -139,6 +141,7 @@ class ProcessSpec:
     action: str = "exec"
     env: Tuple[Tuple[str, str], ...] = ()
     cwd: str = "/"
+    cgroup: Optional[str] = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass normalisation)
@@ -174,6 +177,8 @@ class ProcessSpec:
             if min(inside, outside) < 0 or count < 1:
                 raise InvalidSpec(f"bad id map entry {(inside, outside, count)}",
                                   fix="use (inside, outside, count) with count >= 1, e.g. (0, 100000, 65536)")
+        if self.cgroup is not None:
+            check_name(self.cgroup, "cgroup name")
         if not self.cwd.startswith("/"):
             raise InvalidSpec(f"cwd {self.cwd!r} must be an absolute path", fix="e.g. cwd='/'")
 
@@ -194,3 +199,82 @@ class ProcessSpec:
             raise InvalidSpec(f"unknown process option(s): {', '.join(sorted(extra))}",
                               fix="known options: " + ", ".join(sorted(known)))
         return cls(**data)
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.I)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+MIN_MEMORY = 4 << 20
+
+
+def parse_size(value, what="memory"):
+    """Bytes from 67108864, "64M", "64MiB", "1.5G" (powers of 1024, as Docker's --memory)."""
+    if isinstance(value, bool):
+        value = None
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, str) and _SIZE_RE.match(value):
+        num, unit, _ = _SIZE_RE.match(value).groups()
+        n = int(float(num) * _UNITS[unit.lower()])
+    else:
+        raise InvalidSpec(f"{what} limit {value!r} is not a size",
+                          fix="write bytes (67108864) or a number with K, M or G (64M, 1.5G)")
+    return n
+
+
+@dataclass(frozen=True)
+class CgroupSpec:
+    """A cgroup below labkit's parent and its limits; None leaves a limit as the kernel's default.
+
+    - ``memory``: bytes or "64M" (``memory.max`` / ``memory.limit_in_bytes``); at least 4M.
+    - ``swap``: extra swap allowed on top of ``memory`` (default 0 when memory is limited, so a hog
+      meets the OOM killer at the limit instead of swapping).
+    - ``cpus``: a CPU quota in CPUs (0.5 = half of one CPU per period); ``period_us`` the period.
+    - ``cpu_weight``: relative share when CPUs are contended, 1..10000 (default 100).
+    - ``pids``: the most processes and threads the group may hold.
+    - ``cpuset``: the CPUs the group may run on, e.g. "0" or "0-1".
+    """
+    name: str
+    memory: Optional[int] = None
+    swap: Optional[int] = None
+    cpus: Optional[float] = None
+    period_us: int = 100000
+    cpu_weight: Optional[int] = None
+    pids: Optional[int] = None
+    cpuset: Optional[str] = None
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass normalisation)
+        check_name(self.name, "cgroup name")
+        if self.memory is not None:
+            set_("memory", parse_size(self.memory, "memory"))
+            if self.memory < MIN_MEMORY:
+                raise InvalidSpec(f"a memory limit of {self.memory} bytes is too small to start a process",
+                                  fix="use at least 4M (the lab's hog demo uses 32M)")
+            if self.swap is None:
+                set_("swap", 0)
+        if self.swap is not None:
+            set_("swap", parse_size(self.swap, "swap"))
+            if self.swap < 0:
+                raise InvalidSpec("swap cannot be negative", fix="use 0 for no swap")
+        if self.cpus is not None:
+            try:
+                set_("cpus", float(self.cpus))
+            except (TypeError, ValueError):
+                raise InvalidSpec(f"cpus={self.cpus!r} is not a number", fix="e.g. cpus=0.5") from None
+            if not 0.01 <= self.cpus <= 1024:
+                raise InvalidSpec(f"cpus={self.cpus} is out of range", fix="use 0.01 or more, e.g. 0.5")
+        if not 1000 <= int(self.period_us) <= 1000000:
+            raise InvalidSpec(f"period_us={self.period_us} is out of range", fix="use 1000..1000000 (default 100000)")
+        if self.cpu_weight is not None and not 1 <= int(self.cpu_weight) <= 10000:
+            raise InvalidSpec(f"cpu_weight={self.cpu_weight} is out of range", fix="use 1..10000 (default 100)")
+        if self.pids is not None and (not isinstance(self.pids, int) or isinstance(self.pids, bool) or self.pids < 1):
+            raise InvalidSpec(f"pids={self.pids!r} must be a whole number of at least 1", fix="e.g. pids=32")
+        if self.cpuset is not None and not re.match(r"^\d+(-\d+)?(,\d+(-\d+)?)*$", str(self.cpuset)):
+            raise InvalidSpec(f"cpuset {self.cpuset!r} is not a CPU list", fix='e.g. "0" or "0-1" or "0,2"')
+
+    @property
+    def quota_us(self):
+        return None if self.cpus is None else max(1000, int(round(self.cpus * self.period_us)))
+
+    def to_dict(self):
+        return dataclasses.asdict(self)

@@ -40,13 +40,16 @@ def _child(spec, ctx, msg_w, go_r, detached):
     try:
         if not detached:
             kernel.libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if ctx.get("cgroup_procs"):
+            # P moves us into the cgroup before anything else: its limits then hold from the first
+            # instruction on, and a new cgroup namespace is rooted there
+            _wait_go(go_r, b"c", "move the process into its cgroup")
         flags = namespaces.clone_flags(spec.namespaces)
         if flags:
             kernel.unshare(flags, rec=rec)
         if "user" in spec.namespaces:
             _send(msg_w, {"stage": "unshared"})
-            if os.read(go_r, 1) != b"g":
-                raise MechanismError("the launcher did not write the uid/gid maps")
+            _wait_go(go_r, b"g", "write the uid/gid maps")
             kernel.setresgid(0, rec=rec)
             kernel.setresuid(0, rec=rec)
             os.setgroups([])
@@ -104,6 +107,18 @@ def _child(spec, ctx, msg_w, go_r, detached):
         os._exit(code)
 
 
+def _wait_go(go_r, expected, what):
+    if os.read(go_r, 1) != expected:
+        raise MechanismError(f"the launcher did not {what}")
+
+
+def _join_cgroup(pid, files, rec):
+    for procs in files:
+        with open(procs, "w") as f:
+            f.write(str(pid))
+        rec.file("write", procs, repr(str(pid)))
+
+
 def _setup(spec, rec):
     """Mounts, hostname, loopback and the root switch, in the namespaces already made."""
     if "mnt" in spec.namespaces:
@@ -133,26 +148,27 @@ def launch(spec, ctx, detached):
     os.close(go_r)
     rec = Recorder("launch")
     report = {"steps": [], "pid": None, "waiter": None, "ns": {}, "view": None, "error": None, "exec": None}
-    with os.fdopen(msg_r, "r") as msgs:
-        for line in msgs:
-            msg = json.loads(line)
-            if msg.get("stage") == "unshared":
-                try:
+    try:
+        if ctx.get("cgroup_procs"):
+            _join_cgroup(c, ctx["cgroup_procs"], rec)
+            os.write(go_w, b"c")
+        with os.fdopen(msg_r, "r") as msgs:
+            for line in msgs:
+                msg = json.loads(line)
+                if msg.get("stage") == "unshared":
                     namespaces.write_id_maps(c, spec, rec)
                     os.write(go_w, b"g")
-                except BaseException:
-                    os.close(go_w)
-                    go_w = None
-                    raise
-                os.close(go_w)
-                go_w = None
-                continue
-            for key in ("pid", "waiter", "ns", "view", "error", "exec"):
-                if key in msg:
-                    report[key] = msg[key]
-            if "steps" in msg:
-                report["steps"] = rec.steps + msg["steps"]
-    if go_w is not None:
+                    continue
+                if msg.get("waiter") and ctx.get("cgroup_home"):
+                    # C only waits for PID 1 of the new namespace: it leaves the group, so that it
+                    # neither counts against the limits nor meets the OOM killer there
+                    _join_cgroup(msg["waiter"], ctx["cgroup_home"], rec)
+                for key in ("pid", "waiter", "ns", "view", "error", "exec"):
+                    if key in msg:
+                        report[key] = msg[key]
+                if "steps" in msg:
+                    report["steps"] = rec.steps + msg["steps"]
+    finally:
         os.close(go_w)
     if not report["steps"]:
         report["steps"] = rec.steps
@@ -194,6 +210,9 @@ def main(argv=None):
     if not detached or report["error"] is not None:
         _, status = os.waitpid(c, 0)
         exit_code = os.waitstatus_to_exitcode(status)
+        if exit_code < 0:  # killed by a signal: report it the way a shell does (SIGKILL -> 137)
+            report["signal"] = signal.Signals(-exit_code).name
+            exit_code = 128 - exit_code
     report["exit_code"] = exit_code
     if spec.action == "escape":
         chroot.remove_escape_dir(spec)
@@ -203,7 +222,7 @@ def main(argv=None):
     report["launch_duration"] = time.perf_counter() - started
     with open(report_path, "w") as f:
         json.dump(report, f)
-    return 0 if exit_code is None else (exit_code if exit_code >= 0 else 128 - exit_code)
+    return 0 if exit_code is None else exit_code
 
 
 if __name__ == "__main__":

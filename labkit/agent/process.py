@@ -17,6 +17,7 @@ import time
 
 from ..errors import CommandTimeout, InvalidSpec, MechanismError, NotFound, from_wire
 from ..specs import NAMESPACES, RUN_DIR, ProcessSpec, check_name
+from . import cgroups
 from .launch import undo_host_mounts
 from .namespaces import host_context, inodes, shares
 from .runner import Recorder, env_for_children, pid_starttime, read_text, run as run_cmd
@@ -38,6 +39,9 @@ def _marker():
 
 def _launch(spec, mode, stdin, stdout, stderr, timeout=None, input=None):
     ctx = host_context(_marker())
+    if spec.cgroup:
+        ctx["cgroup_procs"] = cgroups.procs_files(spec.cgroup)
+        ctx["cgroup_home"] = cgroups.home_procs_files(ctx["cgroup_procs"])
     fd, report_path = tempfile.mkstemp(prefix="labkit-report-", suffix=".json")
     os.close(fd)
     argv = [sys.executable, "-m", "labkit.agent.launch", report_path, json.dumps(spec.to_dict()),

@@ -13,7 +13,7 @@ import traceback
 from .. import protocol
 from ..errors import InvalidSpec, LabkitError, PrivilegeError, UnsupportedHost
 from ..specs import RootfsSpec
-from . import cleanup, doctor, namespaces, process, rootfs
+from . import cgroups, cleanup, doctor, namespaces, process, rootfs
 from .runner import read_text, run as run_cmd
 
 
@@ -68,6 +68,13 @@ METHODS = {
     "proc.list": process.list_processes,
     "proc.inspect": process.inspect,
     "proc.exec": process.exec_in,
+    "cgroup.create": lambda spec_dict: cgroups.create(spec_dict),
+    "cgroup.stats": cgroups.stats,
+    "cgroup.sample": cgroups.sample,
+    "cgroup.kill": lambda name: cgroups.kill(name).to_dict(),
+    "cgroup.remove": cgroups.remove,
+    "cgroup.list": cgroups.list_groups,
+    "cgroup.detect": cgroups.detect,
     "cleanup": cleanup.cleanup,
     "cleanup.plan": lambda: [list(i) for i in cleanup.plan()],
 }
