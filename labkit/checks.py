@@ -131,3 +131,59 @@ def root_is_nobody(lab, proc):
     if len(m) < 3 or m[0] != "0" or m[1] == "0":
         return 0.5, f"uid_map is {info.get('uid_map')!r}: root inside should map to an unprivileged uid"
     return True, f"uid_map '{info['uid_map']}': uid 0 inside is uid {m[1]} on the host, an unprivileged user."
+
+
+# -- 03-cgroups ----------------------------------------------------------------------------------
+
+def _cgroup_stats(lab, cg):
+    from .lab import Cgroup
+    if not isinstance(cg, Cgroup):
+        raise TypeError("expected the handle that lab.cgroup(...) returns")
+    return cg.stats()
+
+
+def memory_limit(lab, cg, want=32 << 20):
+    s = _cgroup_stats(lab, cg)
+    if s["memory_max"] != want:
+        return False, f"the group's memory limit is {s['memory_max']} bytes, not {want} (32M)"
+    f = "memory.max" if s["mode"] == "v2" else "memory.limit_in_bytes"
+    return True, f"the kernel holds the limit in {f}: {want} bytes ({s['mode']} cgroups)."
+
+
+def oom_killed(lab, cg, record):
+    s = _cgroup_stats(lab, cg)
+    code = record.get("exit_code") if hasattr(record, "get") else None
+    if not s["oom_kills"]:
+        return False, "the kernel counted no OOM kill in this group: did the hog run inside it?"
+    if code != 137:
+        return 0.5, f"the group had an OOM kill, but your process exited with {code}, not 137 (SIGKILL)"
+    return True, (f"exit 137 = killed by SIGKILL, and the group's oom_kill counter says {s['oom_kills']}: the "
+                  "kernel's OOM killer enforced the limit, inside the group only.")
+
+
+def cpu_throttled(lab, cg, samples):
+    s = _cgroup_stats(lab, cg)
+    if s["cpu_quota"] is None:
+        return False, "the group has no CPU quota"
+    if not s["nr_throttled"]:
+        return False, "the group was never throttled: run the busy loop inside it while you sample"
+    try:
+        used = (samples.cpu_usage_us.iloc[-1] - samples.cpu_usage_us.iloc[0]) / 1e6 / (
+            samples.t.iloc[-1] - samples.t.iloc[0])
+    except Exception:  # noqa: BLE001
+        return 0.5, "the group was throttled, but `samples` is not the DataFrame that cg.sample() returns"
+    return True, (f"quota {s['cpu_quota']:g} CPU, the loop got {used:.2f} CPU, throttled in {s['nr_throttled']} "
+                  f"of {s['nr_periods']} periods.")
+
+
+def bomb_defused(lab, cg, samples):
+    s = _cgroup_stats(lab, cg)
+    if s["pids_max"] is None:
+        return False, "the group has no pids limit"
+    if not s["pids_refused"]:
+        return False, "the kernel refused no fork in this group: did the bomb run inside it?"
+    peak = int(samples.pids_current.max()) if samples is not None else None
+    if peak is not None and peak > s["pids_max"]:
+        return False, f"{peak} processes, above pids.max {s['pids_max']}?"
+    return True, (f"the bomb never got past {s['pids_max']} processes; the kernel refused {s['pids_refused']} forks "
+                  "and the rest of the machine never noticed.")

@@ -48,3 +48,41 @@ def save(fig, output_dir, name):
     path = os.path.join(output_dir, name if name.endswith(".png") else name + ".png")
     fig.savefig(path, bbox_inches="tight")
     return path
+
+
+def cpu_use_chart(df, quota, title="A busy loop under a CPU quota", subtitle=""):
+    """CPU used per sampling interval (from the cgroup's own usage counter) against the quota line."""
+    plt = _plt()
+    t = df["t"].values
+    used = df["cpu_usage_us"].diff().values / (df["t"].diff().values * 1e6)
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ax.plot(t[1:], used[1:], marker="o", color="#1565c0", label="CPU used by the group")
+    if quota:
+        ax.axhline(quota, color="#c62828", linestyle="--", label=f"quota: {quota:g} CPU")
+    ax.set_ylim(0, max(1.05, (used[1:].max() if len(used) > 1 else 0) * 1.2))
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("CPUs (cpu-seconds per second)")
+    ax.set_title(title + (f"\n{subtitle}" if subtitle else ""))
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+def pids_chart(df, pids_max, title="A fork bomb against pids.max", subtitle=""):
+    """Processes in the group and forks the kernel refused, over time."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ax.plot(df["t"], df["pids_current"], marker="o", color="#1565c0", label="processes in the group")
+    ax.axhline(pids_max, color="#c62828", linestyle="--", label=f"pids.max = {pids_max}")
+    ax2 = ax.twinx()
+    ax2.plot(df["t"], df["pids_refused"], color="#6a1b9a", alpha=0.6, label="forks refused (pids.events max)")
+    ax2.set_ylabel("forks refused (cumulative)")
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("processes")
+    ax.set_ylim(0, pids_max * 1.3)
+    ax.set_title(title + (f"\n{subtitle}" if subtitle else ""))
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="lower right")
+    fig.tight_layout()
+    return fig
