@@ -28,6 +28,7 @@ NS_MEANING = {
 STATE_DIR = "/var/lib/labkit"       # persistent: rootfs, images, layers
 RUN_DIR = "/run/labkit"             # live: running processes, their logs
 ROOTFS_DIR = STATE_DIR + "/rootfs"
+CONTAINERS_DIR = STATE_DIR + "/containers"   # <id>/{upper,work,merged}: a container's overlay root
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
@@ -72,10 +73,14 @@ def rootfs_path(ref):
             raise InvalidSpec("a rootfs of '/' would be the host itself, not a container's root",
                               fix="make a rootfs with lab.rootfs('demo') and pass 'demo'")
         parent, name = posixpath.split(norm)
+        cdir, cid = posixpath.split(parent)
+        if cdir == CONTAINERS_DIR and name == "merged":
+            check_name(cid, "container id")
+            return norm
         if parent != ROOTFS_DIR:
             raise InvalidSpec(f"rootfs path {ref!r} is outside labkit's state ({ROOTFS_DIR})",
-                              fix=f"labkit only enters roots it made under {ROOTFS_DIR}; make one with "
-                                  "lab.rootfs('demo') and pass its name")
+                              fix=f"labkit only enters roots it made under {ROOTFS_DIR} (or a container's "
+                                  f"overlay root under {CONTAINERS_DIR}); make one with lab.rootfs('demo')")
         ref = name
     check_name(ref, "rootfs name")
     return ROOTFS_DIR + "/" + ref
@@ -278,3 +283,41 @@ class CgroupSpec:
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+
+_REF_COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
+_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """An image reference: ``name[:tag]`` with name = lower-case components separated by '/'.
+
+    Stored at /var/lib/labkit/images/<name>/<tag>.json, so every component is checked: no '..', no empty
+    component, no leading '/'. (A registry host in front arrives with `labkit pull`.)"""
+    name: str
+    tag: str = "latest"
+
+    @classmethod
+    def parse(cls, ref):
+        if isinstance(ref, ImageRef):
+            return ref
+        if not isinstance(ref, str) or not ref:
+            raise InvalidSpec(f"image {ref!r} is not an image name", fix="e.g. 'busybox' or 'myapp:v1'")
+        name, tag = ref, "latest"
+        last = ref.rsplit("/", 1)[-1]
+        if ":" in last:
+            name, tag = ref.rsplit(":", 1)
+        return cls(name, tag)
+
+    def __post_init__(self):
+        parts = self.name.split("/")
+        if ".." in self.name or any(not _REF_COMPONENT.match(p) for p in parts) or len(self.name) > 255:
+            raise InvalidSpec(f"image name {self.name!r} is not allowed",
+                              fix="use lower-case letters, digits and . _ - in components separated by '/', "
+                                  "without '..' (e.g. 'busybox', 'course/web')")
+        if not _TAG_RE.match(self.tag):
+            raise InvalidSpec(f"tag {self.tag!r} is not allowed", fix="use letters, digits, '_', '.', '-', e.g. 'v1'")
+
+    def __str__(self):
+        return f"{self.name}:{self.tag}"

@@ -65,6 +65,41 @@ PASSWD = "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexisten
 GROUP = "root:x:0:\nnogroup:x:65534:\n"
 
 
+def populate(tmp, hostname, rec, shown=None):
+    """Fill directory ``tmp`` with the busybox userland and a minimal /etc (``shown``: the path to report)."""
+    shown = shown or tmp
+    bb = busybox_or_fail()
+    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "root", "tmp", "proc", "sys", "dev",
+              "var/www", "home"):
+        os.makedirs(os.path.join(tmp, d), exist_ok=True)
+    os.chmod(os.path.join(tmp, "tmp"), 0o1777)
+    os.chmod(os.path.join(tmp, "root"), 0o700)
+    shutil.copy2(bb, os.path.join(tmp, "bin/busybox"))
+    rec.file("copy", bb, f"-> {shown}/bin/busybox ({os.path.getsize(bb)} bytes, static)")
+    listing = run([bb, "--list-full"], recorder=rec).stdout.split()
+    applets = []
+    for rel in listing:
+        rel = rel.strip("/")
+        if not rel or ".." in rel or rel == "bin/busybox":
+            continue
+        dst = os.path.join(tmp, rel)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        if not os.path.lexists(dst):
+            os.symlink("/bin/busybox", dst)
+            applets.append(rel.rsplit("/", 1)[-1])
+    rec.file("symlink", f"{shown}/{{bin,sbin,usr/bin,usr/sbin}}/<applet>", f"{len(applets)} applets -> /bin/busybox")
+    files = {"etc/passwd": PASSWD, "etc/group": GROUP, "etc/hostname": hostname + "\n",
+             "etc/hosts": f"127.0.0.1 localhost\n127.0.1.1 {hostname}\n",
+             "etc/os-release": 'NAME="labkit busybox"\nID=labkit-busybox\nPRETTY_NAME="labkit busybox rootfs"\n',
+             "etc/profile": "export PATH=/bin:/sbin:/usr/bin:/usr/sbin\nexport PS1='\\u@\\h:\\w\\$ '\n",
+             "var/www/index.html": "<h1>Hello from a labkit container</h1>\n",
+             MARKER: f"made by labkit from {bb}\n"}
+    for rel, text in files.items():
+        with open(os.path.join(tmp, rel), "w") as f:
+            f.write(text)
+        rec.file("write", f"{shown}/{rel}")
+
+
 def create(spec: RootfsSpec, replace=False):
     """Build the rootfs; returns a record with its path, size and the applets it has."""
     rec = Recorder(f"build rootfs {spec.name!r} from the built-in busybox image")
@@ -73,42 +108,14 @@ def create(spec: RootfsSpec, replace=False):
         if not replace:
             return info(spec.name, rec=rec, existed=True)
         remove(spec.name)
-    bb = busybox_or_fail()
+    busybox_or_fail()
     os.makedirs(ROOTFS_DIR, mode=0o755, exist_ok=True)
     tmp = root + ".tmp"
     if os.path.lexists(tmp):
         _refuse_if_mounted(tmp)
         shutil.rmtree(tmp)
     try:
-        for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "root", "tmp", "proc", "sys", "dev",
-                  "var/www", "home"):
-            os.makedirs(os.path.join(tmp, d), exist_ok=True)
-        os.chmod(os.path.join(tmp, "tmp"), 0o1777)
-        os.chmod(os.path.join(tmp, "root"), 0o700)
-        shutil.copy2(bb, os.path.join(tmp, "bin/busybox"))
-        rec.file("copy", bb, f"-> {root}/bin/busybox ({os.path.getsize(bb)} bytes, static)")
-        listing = run([bb, "--list-full"], recorder=rec).stdout.split()
-        applets = []
-        for rel in listing:
-            rel = rel.strip("/")
-            if not rel or ".." in rel or rel == "bin/busybox":
-                continue
-            dst = os.path.join(tmp, rel)
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            if not os.path.lexists(dst):
-                os.symlink("/bin/busybox", dst)
-                applets.append(rel.rsplit("/", 1)[-1])
-        rec.file("symlink", f"{root}/{{bin,sbin,usr/bin,usr/sbin}}/<applet>", f"{len(applets)} applets -> /bin/busybox")
-        files = {"etc/passwd": PASSWD, "etc/group": GROUP, "etc/hostname": spec.hostname + "\n",
-                 "etc/hosts": f"127.0.0.1 localhost\n127.0.1.1 {spec.hostname}\n",
-                 "etc/os-release": 'NAME="labkit busybox"\nID=labkit-busybox\nPRETTY_NAME="labkit busybox rootfs"\n',
-                 "etc/profile": "export PATH=/bin:/sbin:/usr/bin:/usr/sbin\nexport PS1='\\u@\\h:\\w\\$ '\n",
-                 "var/www/index.html": "<h1>Hello from a labkit container</h1>\n",
-                 MARKER: f"made by labkit from {bb}\n"}
-        for rel, text in files.items():
-            with open(os.path.join(tmp, rel), "w") as f:
-                f.write(text)
-            rec.file("write", f"{root}/{rel}")
+        populate(tmp, spec.hostname, rec, shown=root)
         os.rename(tmp, root)
         rec.file("rename", tmp, f"-> {root}")
     except BaseException:

@@ -13,7 +13,7 @@ import traceback
 from .. import protocol
 from ..errors import InvalidSpec, LabkitError, PrivilegeError, UnsupportedHost
 from ..specs import RootfsSpec
-from . import cgroups, cleanup, doctor, namespaces, process, rootfs
+from . import cgroups, cleanup, doctor, images, namespaces, process, rootfs
 from .runner import read_text, run as run_cmd
 
 
@@ -75,6 +75,18 @@ METHODS = {
     "cgroup.remove": cgroups.remove,
     "cgroup.list": cgroups.list_groups,
     "cgroup.detect": cgroups.detect,
+    "image.list": images.list_images,
+    "image.inspect": lambda ref: images.load_image(ref),
+    "image.build": images.build,
+    "image.commit": images.commit,
+    "image.tag": images.tag,
+    "image.rmi": images.rmi,
+    "image.export": images.export_oci,
+    "image.import": images.import_oci,
+    "image.busybox": images.ensure_busybox,
+    "overlay.create": images.create_container_root,
+    "overlay.changes": images.upper_changes,
+    "overlay.remove": images.drop_container_root,
     "cleanup": cleanup.cleanup,
     "cleanup.plan": lambda: [list(i) for i in cleanup.plan()],
 }
