@@ -84,6 +84,15 @@ class MechanismError(LabkitError):
     """A kernel mechanism refused a step (a syscall failed); the message names the step."""
 
 
+class BuildFailed(LabkitError):
+    """A recipe line failed; the message shows the line and the end of its output."""
+
+
+class UnsafeLayer(LabkitError, ValueError):
+    """A layer tar tried something a layer may not do; nothing of it was unpacked."""
+    default_fix = "do not use this image: its layer is malformed or malicious"
+
+
 def from_wire(data):
     """Rebuild an error sent by the agent as the same class (or LabkitError when unknown)."""
     cls = _BY_NAME.get(data.get("type"), LabkitError)
@@ -99,4 +108,4 @@ def from_wire(data):
 
 _BY_NAME = {c.__name__: c for c in (
     LabkitError, InvalidSpec, PrivilegeError, UnsupportedHost, TransportError, ProtocolError,
-    AgentTooOld, CommandFailed, CommandTimeout, NotFound, MechanismError)}
+    AgentTooOld, CommandFailed, CommandTimeout, NotFound, MechanismError, BuildFailed, UnsafeLayer)}

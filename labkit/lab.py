@@ -11,7 +11,7 @@ import sys
 
 from .errors import InvalidSpec, LabkitError, PrivilegeError, UnsupportedHost
 from .records import DoctorReport, Record
-from .specs import NAMESPACES, CgroupSpec, ProcessSpec, RootfsSpec, normalize_namespaces
+from .specs import NAMESPACES, CgroupSpec, ImageRef, ProcessSpec, RootfsSpec, check_name, normalize_namespaces
 from . import transport as _t
 
 
@@ -180,6 +180,45 @@ class Lab:
         """{'mode': 'v1'|'v2'|'hybrid', ...}: the target's cgroup layout."""
         return self.call("cgroup.detect")
 
+    # -- images and overlay -----------------------------------------------------------------------
+    def images(self):
+        """The images on the target: ref, id, number of layers, size."""
+        return [Record(i) for i in self.call("image.list")]
+
+    def image(self, ref="busybox"):
+        """One image: its layers (bottom first), config and history."""
+        return Record(self.call("image.inspect", ref=str(ImageRef.parse(ref))))
+
+    def build(self, recipe, tag, context=None, no_cache=False):
+        """Build a recipe (FROM, RUN, COPY, ENV, WORKDIR, CMD) into image ``tag``; ``context``: {name: text}.
+
+        Every line is a cached step; the record lists which steps were rebuilt and how long each took."""
+        ref = str(ImageRef.parse(tag))
+        rec = Record(self.call("image.build", recipe=recipe, ref=ref, context=dict(context or {}),
+                               no_cache=no_cache))
+        rec["what"] = f"build {ref}"
+        return rec
+
+    def tag(self, src, dst):
+        return Record(self.call("image.tag", src=str(ImageRef.parse(src)), dst=str(ImageRef.parse(dst))))
+
+    def rmi(self, ref):
+        return Record(self.call("image.rmi", ref=str(ImageRef.parse(ref))))
+
+    def export_image(self, ref, path):
+        """Write an image as an OCI image layout directory on the target (skopeo, podman, ... read it)."""
+        return Record(self.call("image.export", ref=str(ImageRef.parse(ref)), dest=path))
+
+    def import_image(self, path, ref, tag=None):
+        """Import an OCI image layout directory from the target's disk (digests verified)."""
+        return Record(self.call("image.import", src=path, ref=str(ImageRef.parse(ref)), tag_name=tag))
+
+    def container_root(self, image="busybox", name="demo"):
+        """Mount an overlay root for a container of ``image``: layers below, a writable upper on top."""
+        check_name(name, "container name")
+        rec = Record(self.call("overlay.create", ref=str(ImageRef.parse(image)), cid=name))
+        return OverlayRoot(self, name, rec)
+
     # -- housekeeping -----------------------------------------------------------------------------
     def release(self, *handles):
         """Stop/remove the given handles (None is skipped): the end-of-notebook tidy-up."""
@@ -188,7 +227,7 @@ class Lab:
                 h.stop()
             elif isinstance(h, Rootfs) and h.created:
                 h.remove()
-            elif isinstance(h, Cgroup):
+            elif isinstance(h, (Cgroup, OverlayRoot)):
                 h.remove()
 
     def cleanup(self, dry_run=False):
@@ -249,6 +288,46 @@ class Rootfs:
     def __exit__(self, *exc):
         if self.created:
             self.remove()
+
+
+class OverlayRoot:
+    """A container's overlay root (image layers + its own upper dir). ``with`` unmounts and removes it."""
+
+    def __init__(self, lab, name, record):
+        self.lab, self.name, self.record = lab, name, record
+        self.merged, self.upper, self.image = record["merged"], record["upper"], record["image"]
+
+    @property
+    def lowerdirs(self):
+        return self.record.facts.get("lowerdirs", [])
+
+    def run(self, argv, namespaces=("uts", "pid", "mnt", "ipc", "net"), **kw):
+        """Run ``argv`` with this root (pivot_root in its own mount namespace) to completion."""
+        kw.setdefault("root_mode", "pivot_root")
+        return self.lab.run_in(argv, namespaces, rootfs=self.merged, **kw)
+
+    def changes(self):
+        """What the container changed, as overlayfs keeps it in the upper dir (files, whiteouts, opaque dirs)."""
+        return self.lab.call("overlay.changes", cid=self.name)
+
+    def commit(self, ref, message="commit"):
+        """The upper dir becomes a new layer on top of the image's: a new image ``ref``."""
+        return Record(self.lab.call("image.commit", cid=self.name, ref=str(ImageRef.parse(ref)), message=message))
+
+    def remove(self):
+        return Record(self.lab.call("overlay.remove", cid=self.name))
+
+    def __repr__(self):
+        return f"<OverlayRoot {self.name} of {self.image} at {self.merged}>"
+
+    def _repr_html_(self):
+        return self.record._repr_html_()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
 
 
 class Cgroup:
@@ -347,4 +426,4 @@ class Process:
                 raise
 
 
-__all__ = ["connect", "Lab", "Rootfs", "Process", "Cgroup", "NAMESPACES", "PrivilegeError"]
+__all__ = ["connect", "Lab", "Rootfs", "Process", "Cgroup", "OverlayRoot", "NAMESPACES", "PrivilegeError"]

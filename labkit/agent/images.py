@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import time
 
-from ..errors import InvalidSpec, LabkitError, NotFound
+from ..errors import BuildFailed, InvalidSpec, NotFound, UnsafeLayer
 from ..specs import CONTAINERS_DIR, STATE_DIR, ImageRef, ProcessSpec, check_name
 from . import overlay, rootfs, tarsafe
 from .runner import Recorder, read_text
@@ -31,10 +31,6 @@ IMAGES = STATE_DIR + "/images"
 CACHE = STATE_DIR + "/buildcache"
 DEFAULT_ENV = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
 OCI_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le", "s390x": "s390x"}
-
-
-class BuildFailed(LabkitError):
-    """A recipe line failed; the message shows the line and the end of its output."""
 
 
 def _hex(digest):
@@ -299,7 +295,12 @@ def build(recipe, ref, context=None, no_cache=False):
     started = time.perf_counter()
     for i, (word, arg) in enumerate(steps, 1):
         t0 = time.perf_counter()
-        extra = _context_hash(context, shlex.split(arg)[0]) if word == "COPY" else ""
+        if word == "COPY":
+            extra = _context_hash(context, shlex.split(arg)[0])
+        elif word == "FROM":
+            extra = load_image(arg)["id"]  # a rebuilt base image invalidates everything above it
+        else:
+            extra = ""
         key = _key(parent_key, word, arg, extra)
         cached = read_text(os.path.join(CACHE, key + ".json")) if not no_cache else None
         if cached:
@@ -457,7 +458,7 @@ def _read_blob(layout, digest, limit=64 << 20):
         raise NotFound(f"blob {digest} is missing from {layout}", fix="the layout is incomplete: export it again")
     got = tarsafe.sha256_file(path)
     if got != digest:
-        raise tarsafe.UnsafeLayer(f"blob {digest} in {layout} has the content of {got}",
+        raise UnsafeLayer(f"blob {digest} in {layout} has the content of {got}",
                                   fix="the layout was modified or corrupted: do not use it")
     if os.path.getsize(path) > limit:
         raise InvalidSpec(f"blob {digest} is too large for a manifest or config")
@@ -485,7 +486,7 @@ def import_oci(src, ref, tag_name=None):
         if not os.path.isfile(path):
             raise NotFound(f"layer blob {desc['digest']} is missing from {src}")
         if tarsafe.sha256_file(path) != desc["digest"]:
-            raise tarsafe.UnsafeLayer(f"layer {desc['digest']} does not match its digest",
+            raise UnsafeLayer(f"layer {desc['digest']} does not match its digest",
                                       fix="the layout was modified or corrupted: do not use it")
         mt = desc.get("mediaType", "")
         if mt.endswith("+gzip") or mt.endswith(".gzip"):

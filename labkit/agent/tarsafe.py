@@ -18,16 +18,11 @@ import shutil
 import stat
 import tarfile
 
-from ..errors import InvalidSpec, LabkitError
+from ..errors import InvalidSpec, UnsafeLayer
 
 WH = ".wh."
 OPAQUE = ".wh..wh..opq"
 OPAQUE_XATTR = "trusted.overlay.opaque"
-
-
-class UnsafeLayer(LabkitError, ValueError):
-    """A layer tar tried something a layer may not do; nothing of it was unpacked."""
-    default_fix = "do not use this image: its layer is malformed or malicious"
 
 
 def sha256_file(path):

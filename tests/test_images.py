@@ -1,0 +1,127 @@
+"""Images and overlay roots: copy-up, whiteouts, build cache, commit, OCI export/import, skopeo."""
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from labkit.errors import BuildFailed, InvalidSpec, NotFound, UnsafeLayer
+
+pytestmark = pytest.mark.privileged
+
+RECIPE = """FROM busybox
+RUN echo one > /one  # {run}
+RUN echo two > /two
+COPY page.html /var/www/index.html
+RUN echo {four} > /four
+CMD ["httpd", "-f", "-h", "/var/www"]
+"""
+
+
+@pytest.fixture
+def root(lab):
+    r = lab.container_root("busybox", "t-overlay")
+    yield r
+    r.remove()
+
+
+def test_overlay_copy_up_whiteout_and_opaque_dir(lab, root):
+    rec = root.run(["sh", "-c", "echo changed > /etc/hostname; rm /etc/os-release; rm -rf /var/www; "
+                                "mkdir /var/www; echo new > /var/www/index.html"])
+    assert rec.exit_code == 0, rec.stderr
+    kinds = {c["path"]: c["kind"] for c in root.changes()}
+    assert kinds["/etc/hostname"] == "file"
+    assert kinds["/etc/os-release"].startswith("whiteout")
+    assert kinds["/var/www"].startswith("opaque")
+    # the image's layer is untouched: a second root from the same image still has the old files
+    with lab.container_root("busybox", "t-overlay2") as other:
+        assert "labkit busybox" in other.run(["cat", "/etc/os-release"]).stdout
+
+
+def test_commit_turns_changes_into_a_new_image(lab, root):
+    root.run(["sh", "-c", "echo committed > /note; rm /etc/os-release"])
+    rec = root.commit("t-committed:v1")
+    assert len(rec["image"]["layers"]) == 2
+    try:
+        with lab.container_root("t-committed:v1", "t-from-commit") as r2:
+            out = r2.run(["sh", "-c", "cat /note; test -e /etc/os-release && echo still-there || echo gone"]).stdout
+            assert out.split() == ["committed", "gone"]
+    finally:
+        lab.rmi("t-committed:v1")
+
+
+def test_build_cache_rebuilds_only_from_the_changed_line(lab):
+    ctx = {"page.html": "<h1>hi</h1>"}
+    recipe = lambda four: RECIPE.format(four=four, run=os.urandom(6).hex() if four is None else run)  # noqa: E731
+    run = os.urandom(6).hex()  # the cache is the store's, shared across runs: make this run's lines new
+    try:
+        cold = lab.build(recipe("4"), "t-built:v1", context=ctx)
+        assert cold["rebuilt"] in ([1, 2, 3, 4, 5, 6], [2, 3, 4, 5, 6])  # FROM may be cached by earlier builds
+        warm = lab.build(recipe("4"), "t-built:v1", context=ctx)
+        assert warm["rebuilt"] == []
+        changed = lab.build(recipe("FOUR"), "t-built:v1", context=ctx)
+        assert changed["rebuilt"] == [5, 6]
+        ctx2 = {"page.html": "<h1>changed</h1>"}
+        assert lab.build(recipe("FOUR"), "t-built:v1", context=ctx2)["rebuilt"] == [4, 5, 6]
+        assert lab.build(recipe("FOUR"), "t-built:v1", context=ctx2, no_cache=True)["rebuilt"] == [1, 2, 3, 4, 5, 6]
+        img = lab.image("t-built:v1")
+        assert len(img["layers"]) == 5 and img["config"]["Cmd"] == ["httpd", "-f", "-h", "/var/www"]
+        with lab.container_root("t-built:v1", "t-built-run") as r:
+            assert r.run(["cat", "/one", "/two", "/four", "/var/www/index.html"]).stdout.split() == \
+                ["one", "two", "FOUR", "<h1>changed</h1>"]
+    finally:
+        lab.rmi("t-built:v1")
+
+
+def test_a_failing_build_step_says_which_and_leaves_nothing(lab):
+    with pytest.raises(BuildFailed, match="step 2: RUN exit 3"):
+        lab.build("FROM busybox\nRUN exit 3\n", "t-broken:v1")
+    assert not any(n.startswith("build-") for n in os.listdir("/var/lib/labkit/containers"))
+    with pytest.raises(NotFound):
+        lab.image("t-broken:v1")
+
+
+def test_bad_recipes_and_names(lab):
+    with pytest.raises(InvalidSpec, match="unknown instruction"):
+        lab.build("FROM busybox\nEXPOSE 80\n", "t-x:v1")
+    with pytest.raises(InvalidSpec, match="starts with FROM"):
+        lab.build("RUN true\n", "t-x:v1")
+    with pytest.raises(BuildFailed, match="not in the build context"):
+        lab.build("FROM busybox\nCOPY missing.txt /\n", "t-x:v1")
+    with pytest.raises(InvalidSpec, match="not allowed"):
+        lab.build("FROM busybox\n", "../../etc/passwd")
+    with pytest.raises(InvalidSpec, match="not allowed"):
+        lab.call("image.inspect", ref="a/../../b")
+    with pytest.raises(NotFound, match="no image"):
+        lab.container_root("no-such-image", "t-x")
+
+
+@pytest.mark.skipif(not shutil.which("skopeo"), reason="skopeo is not installed (scripts/setup.sh --dev installs it)")
+def test_oci_export_import_and_skopeo_both_ways(lab, tmp_path):
+    lab.build("FROM busybox\nRUN echo oci > /oci\nENV K=V\n", "t-oci:v1")
+    try:
+        out = str(tmp_path / "layout")
+        exp = lab.export_image("t-oci:v1", out)
+        info = json.loads(subprocess.run(["skopeo", "inspect", f"oci:{out}:v1"], capture_output=True, text=True,
+                                         check=True).stdout)
+        assert info["Layers"] == exp["layers"] and "K=V" in info["Env"]
+        copy = str(tmp_path / "copy")
+        subprocess.run(["skopeo", "copy", "-q", f"oci:{out}:v1", f"oci:{copy}:again"], check=True)
+        back = lab.import_image(copy, "t-oci-back:v1", tag="again")
+        assert back["layers"] == exp["layers"]
+        with lab.container_root("t-oci-back:v1", "t-oci-run") as r:
+            assert r.run(["cat", "/oci"]).stdout.strip() == "oci"
+        # a tampered layout is refused
+        blob = os.path.join(out, "blobs", "sha256", exp["layers"][-1].split(":")[1])
+        with open(blob, "r+b") as f:
+            f.seek(600)
+            f.write(b"X")
+        with pytest.raises(UnsafeLayer, match="does not match"):
+            lab.import_image(out, "t-oci-tampered:v1")
+    finally:
+        for ref in ("t-oci:v1", "t-oci-back:v1"):
+            try:
+                lab.rmi(ref)
+            except NotFound:
+                pass
