@@ -205,6 +205,10 @@ class Lab:
     def rmi(self, ref):
         return Record(self.call("image.rmi", ref=str(ImageRef.parse(ref))))
 
+    def prune(self, cache_keys=None, all_cache=False):
+        """Forget build-cache entries (given keys, or all) and delete the layers nothing refers to."""
+        return Record(self.call("image.prune", cache_keys=list(cache_keys or []), all_cache=all_cache))
+
     def export_image(self, ref, path):
         """Write an image as an OCI image layout directory on the target (skopeo, podman, ... read it)."""
         return Record(self.call("image.export", ref=str(ImageRef.parse(ref)), dest=path))

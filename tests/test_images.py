@@ -49,22 +49,31 @@ def test_commit_turns_changes_into_a_new_image(lab, root):
             assert out.split() == ["committed", "gone"]
     finally:
         lab.rmi("t-committed:v1")
+        lab.prune()
 
 
 def test_build_cache_rebuilds_only_from_the_changed_line(lab):
     ctx = {"page.html": "<h1>hi</h1>"}
     recipe = lambda four: RECIPE.format(four=four, run=os.urandom(6).hex() if four is None else run)  # noqa: E731
     run = os.urandom(6).hex()  # the cache is the store's, shared across runs: make this run's lines new
+    keys = set()
+    build = lab.build
+
+    def tracked(*a, **kw):
+        rec = build(*a, **kw)
+        keys.update(st["key"] for st in rec["steps"][1:])
+        return rec
+    lab_build = tracked
     try:
-        cold = lab.build(recipe("4"), "t-built:v1", context=ctx)
+        cold = lab_build(recipe("4"), "t-built:v1", context=ctx)
         assert cold["rebuilt"] in ([1, 2, 3, 4, 5, 6], [2, 3, 4, 5, 6])  # FROM may be cached by earlier builds
-        warm = lab.build(recipe("4"), "t-built:v1", context=ctx)
+        warm = lab_build(recipe("4"), "t-built:v1", context=ctx)
         assert warm["rebuilt"] == []
-        changed = lab.build(recipe("FOUR"), "t-built:v1", context=ctx)
+        changed = lab_build(recipe("FOUR"), "t-built:v1", context=ctx)
         assert changed["rebuilt"] == [5, 6]
         ctx2 = {"page.html": "<h1>changed</h1>"}
-        assert lab.build(recipe("FOUR"), "t-built:v1", context=ctx2)["rebuilt"] == [4, 5, 6]
-        assert lab.build(recipe("FOUR"), "t-built:v1", context=ctx2, no_cache=True)["rebuilt"] == [1, 2, 3, 4, 5, 6]
+        assert lab_build(recipe("FOUR"), "t-built:v1", context=ctx2)["rebuilt"] == [4, 5, 6]
+        assert lab_build(recipe("FOUR"), "t-built:v1", context=ctx2, no_cache=True)["rebuilt"] == [1, 2, 3, 4, 5, 6]
         img = lab.image("t-built:v1")
         assert len(img["layers"]) == 5 and img["config"]["Cmd"] == ["httpd", "-f", "-h", "/var/www"]
         with lab.container_root("t-built:v1", "t-built-run") as r:
@@ -72,6 +81,7 @@ def test_build_cache_rebuilds_only_from_the_changed_line(lab):
                 ["one", "two", "FOUR", "<h1>changed</h1>"]
     finally:
         lab.rmi("t-built:v1")
+        lab.prune(cache_keys=keys)
 
 
 def test_a_failing_build_step_says_which_and_leaves_nothing(lab):
@@ -125,3 +135,4 @@ def test_oci_export_import_and_skopeo_both_ways(lab, tmp_path):
                 lab.rmi(ref)
             except NotFound:
                 pass
+        lab.prune()

@@ -307,14 +307,14 @@ def build(recipe, ref, context=None, no_cache=False):
             state = json.loads(cached)
             if all(os.path.isdir(layer_dir(d)) for d in state["layers"]):
                 report.append({"step": i, "line": f"{word} {arg}", "cached": True, "layer": state.get("new_layer"),
-                               "seconds": time.perf_counter() - t0})
+                               "seconds": time.perf_counter() - t0, "key": key})
                 parent_key = key
                 continue
         state = _apply(word, arg, state, context, i)
         with open(os.path.join(CACHE, key + ".json"), "w") as f:
             json.dump(state, f)
         report.append({"step": i, "line": f"{word} {arg}", "cached": False, "layer": state.get("new_layer"),
-                       "seconds": time.perf_counter() - t0})
+                       "seconds": time.perf_counter() - t0, "key": key})
         parent_key = key
     image = save_image(ref, {"layers": state["layers"], "config": state["config"], "history": state["history"],
                              "created": time.time()})
@@ -402,6 +402,38 @@ def _run_step(state, arg, step):
         return digest
     finally:
         remove_container_root(cid, rec)
+
+
+def prune(cache_keys=None, all_cache=False):
+    """Forget build-cache entries (the given keys, or all), then delete layers nothing refers to."""
+    removed_cache = 0
+    if os.path.isdir(CACHE):
+        for fn in os.listdir(CACHE):
+            if all_cache or (cache_keys and fn[:-5] in set(cache_keys)):
+                os.unlink(os.path.join(CACHE, fn))
+                removed_cache += 1
+    used = set()
+    for dirpath, _, files in os.walk(IMAGES) if os.path.isdir(IMAGES) else ():
+        for fn in files:
+            if fn.endswith(".json"):
+                used.update(json.loads(read_text(os.path.join(dirpath, fn)) or "{}").get("layers", []))
+    if os.path.isdir(CONTAINERS_DIR):
+        for cid in os.listdir(CONTAINERS_DIR):
+            used.update((json.loads(read_text(f"{CONTAINERS_DIR}/{cid}/image.json") or "{}")).get("layers", []))
+    if os.path.isdir(CACHE):
+        for fn in os.listdir(CACHE):
+            used.update(json.loads(read_text(os.path.join(CACHE, fn)) or "{}").get("layers", []))
+    removed, freed = [], 0
+    for h in sorted(os.listdir(LAYERS)) if os.path.isdir(LAYERS) else []:
+        digest = "sha256:" + h.split(".")[0]
+        if digest in used or "." in h:
+            continue
+        freed += os.path.getsize(blob_path(digest)) if os.path.exists(blob_path(digest)) else 0
+        shutil.rmtree(layer_dir(digest), ignore_errors=True)
+        if os.path.exists(blob_path(digest)):
+            os.unlink(blob_path(digest))
+        removed.append(digest)
+    return {"layers_removed": removed, "cache_entries_removed": removed_cache, "bytes_freed": freed}
 
 
 # --- OCI image layout ----------------------------------------------------------------------------

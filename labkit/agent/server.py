@@ -84,6 +84,7 @@ METHODS = {
     "image.export": images.export_oci,
     "image.import": images.import_oci,
     "image.busybox": images.ensure_busybox,
+    "image.prune": images.prune,
     "overlay.create": images.create_container_root,
     "overlay.changes": images.upper_changes,
     "overlay.remove": images.drop_container_root,

@@ -1,0 +1,23 @@
+"""The benchmarks run and print their figures (no timed assertions: these machines are shared)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = [pytest.mark.privileged, pytest.mark.slow]
+
+
+def test_build_cache_benchmark_prints_min_median_max():
+    res = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "bench_build_cache.py"), "--runs", "3"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    print(res.stdout)
+    lines = res.stdout.splitlines()
+    assert "min s" in lines[1] and "median s" in lines[1] and "max s" in lines[1]
+    rows = {line[:16].strip(): line for line in lines[2:]}
+    assert rows["cold"].endswith("[1, 2, 3, 4, 5, 6]")
+    assert rows["no change"].endswith("[]")
+    assert rows["line 4 changed"].endswith("[4, 5, 6]")
