@@ -187,3 +187,46 @@ def bomb_defused(lab, cg, samples):
         return False, f"{peak} processes, above pids.max {s['pids_max']}?"
     return True, (f"the bomb never got past {s['pids_max']} processes; the kernel refused {s['pids_refused']} forks "
                   "and the rest of the machine never noticed.")
+
+
+# -- 04-overlay-and-images -----------------------------------------------------------------------
+
+def overlay_changes(lab, root):
+    from .lab import OverlayRoot
+    if not isinstance(root, OverlayRoot):
+        return False, "expected the handle that lab.container_root(...) returns"
+    kinds = {c["path"]: c["kind"] for c in root.changes()}
+    got = {"copy-up": kinds.get("/etc/hostname") == "file",
+           "whiteout": (kinds.get("/etc/os-release") or "").startswith("whiteout"),
+           "opaque": (kinds.get("/var/www") or "").startswith("opaque")}
+    missing = [k for k, ok in got.items() if not ok]
+    if missing:
+        return (3 - len(missing)) / 3, ("the upper dir shows no " + ", no ".join(missing) +
+                                        ": change /etc/hostname, delete /etc/os-release, replace /var/www")
+    return True, ("the upper dir holds exactly the differences: a copied-up /etc/hostname, a 0/0 character "
+                  "device where /etc/os-release was, and an opaque /var/www hiding the layer's.")
+
+
+def committed_image(lab, ref, base="busybox"):
+    if ref is None:
+        raise ValueError("commit the container first")
+    img = lab.image(ref)
+    basel = lab.image(base)["layers"]
+    if img["layers"][:len(basel)] != basel or len(img["layers"]) != len(basel) + 1:
+        return 0.5, f"{ref} has {len(img['layers'])} layers; expected busybox's {len(basel)} plus one"
+    return True, (f"{ref} = busybox's layer (shared, stored once) + one new layer "
+                  f"{img['layers'][-1][:19]}... made from the upper dir.")
+
+
+def cached_build(lab, first, again, changed):
+    for name, rec in (("first", first), ("again", again), ("changed", changed)):
+        if rec is None or "rebuilt" not in rec:
+            return False, f"`{name}` is not a build record (lab.build(...))"
+    if again["rebuilt"]:
+        return 0.3, f"the unchanged rebuild still rebuilt steps {again['rebuilt']}: was the recipe identical?"
+    if not changed["rebuilt"] or changed["rebuilt"][0] == 1:
+        return 0.5, "the changed build should rebuild from the changed line on, not from the top"
+    lab.image(changed["image"]["ref"])  # it exists on the target
+    return True, (f"unchanged: nothing rebuilt ({again['seconds']:.3f} s); changed line {changed['rebuilt'][0]}: "
+                  f"steps {changed['rebuilt']} rebuilt ({changed['seconds']:.3f} s) vs {first['seconds']:.3f} s "
+                  "for the first build.")

@@ -282,7 +282,10 @@ def _context_hash(context, src):
 
 
 def build(recipe, ref, context=None, no_cache=False):
-    """Build ``recipe`` into image ``ref``; each line is one step, cached on (parent state, line)."""
+    """Build ``recipe`` into image ``ref``; each line is one step, cached on (the image below it, the line).
+
+    The image below is identified by its layers and config, so a line rebuilt without the cache (new
+    layer digests) gives every line after it new keys as well."""
     ref = ImageRef.parse(ref)
     context = context or {}
     for name in context:
@@ -308,14 +311,14 @@ def build(recipe, ref, context=None, no_cache=False):
             if all(os.path.isdir(layer_dir(d)) for d in state["layers"]):
                 report.append({"step": i, "line": f"{word} {arg}", "cached": True, "layer": state.get("new_layer"),
                                "seconds": time.perf_counter() - t0, "key": key})
-                parent_key = key
+                parent_key = image_id(state)
                 continue
         state = _apply(word, arg, state, context, i)
         with open(os.path.join(CACHE, key + ".json"), "w") as f:
             json.dump(state, f)
         report.append({"step": i, "line": f"{word} {arg}", "cached": False, "layer": state.get("new_layer"),
                        "seconds": time.perf_counter() - t0, "key": key})
-        parent_key = key
+        parent_key = image_id(state)  # like Docker: the next line is keyed on the layers below it
     image = save_image(ref, {"layers": state["layers"], "config": state["config"], "history": state["history"],
                              "created": time.time()})
     return {"image": image, "steps": report, "seconds": time.perf_counter() - started,
