@@ -262,7 +262,25 @@ def _spec_kw(kw):
     return kw
 
 
-class Rootfs:
+class _Handle:
+    """Common to live handles: shows its record in a notebook; ``with`` undoes what it made (``_undo``)."""
+
+    record = None
+
+    def _repr_html_(self):
+        return self.record._repr_html_()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._undo()
+
+    def _undo(self):
+        raise NotImplementedError
+
+
+class Rootfs(_Handle):
     """A rootfs under /var/lib/labkit/rootfs/<name>. ``with`` removes it when the block ends
     (only if this handle built it: a rootfs that already existed is left as it was)."""
 
@@ -274,9 +292,6 @@ class Rootfs:
     def __repr__(self):
         return f"<Rootfs {self.name} at {self.path}>"
 
-    def _repr_html_(self):
-        return self.record._repr_html_()
-
     def listdir(self, sub="/"):
         return self.lab.list_dir(self.path + "/" + sub.lstrip("/"))["entries"]
 
@@ -286,15 +301,12 @@ class Rootfs:
     def remove(self):
         return Record(self.lab.call("rootfs.remove", name=self.name))
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
+    def _undo(self):
         if self.created:
             self.remove()
 
 
-class OverlayRoot:
+class OverlayRoot(_Handle):
     """A container's overlay root (image layers + its own upper dir). ``with`` unmounts and removes it."""
 
     def __init__(self, lab, name, record):
@@ -324,17 +336,11 @@ class OverlayRoot:
     def __repr__(self):
         return f"<OverlayRoot {self.name} of {self.image} at {self.merged}>"
 
-    def _repr_html_(self):
-        return self.record._repr_html_()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
+    def _undo(self):
         self.remove()
 
 
-class Cgroup:
+class Cgroup(_Handle):
     """A labkit cgroup with limits. ``with`` kills what is inside and removes it when the block ends."""
 
     def __init__(self, lab, spec, record):
@@ -373,17 +379,11 @@ class Cgroup:
     def __repr__(self):
         return f"<Cgroup {self.name} ({self.mode})>"
 
-    def _repr_html_(self):
-        return self.record._repr_html_()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
+    def _undo(self):
         self.remove()
 
 
-class Process:
+class Process(_Handle):
     """A process started in namespaces. ``with`` stops it when the block ends."""
 
     def __init__(self, lab, pid_id, record):
@@ -415,12 +415,6 @@ class Process:
 
     def __repr__(self):
         return f"<Process {self.id} pid {self.pid}>"
-
-    def _repr_html_(self):
-        return self.record._repr_html_()
-
-    def __enter__(self):
-        return self
 
     def __exit__(self, *exc):
         try:
