@@ -129,3 +129,38 @@ def test_process_joins_before_its_namespaces(cg_lab):
         assert lines and all(line.endswith(":/") for line in lines if line.split(":")[1] in ("", "pids", "memory"))
         with cg.spawn((), ["pid", "mnt"]) as p:
             assert cg.stats()["procs"] == [p.pid], "only PID 1 of the namespace is in the group, not its waiter"
+
+
+@pytest.mark.privileged
+def test_cpuset_pins_the_process(cg_lab):
+    with cg_lab.cgroup("t-pin", cpuset="0") as cg:
+        with cg.spawn((), ["pid", "mnt"]) as p:
+            status = cg_lab.read_file(f"/proc/{p.pid}/status")["text"]
+            allowed = [ln.split()[1] for ln in status.splitlines() if ln.startswith("Cpus_allowed_list")]
+            assert allowed == ["0"]
+
+
+@pytest.mark.privileged
+def test_cpu_weight_divides_a_contended_cpu(cg_lab):
+    loop = ["sh", "-c", "while :; do :; done"]
+    with cg_lab.cgroup("t-light", cpuset="0", cpu_weight=100) as light, \
+            cg_lab.cgroup("t-heavy", cpuset="0", cpu_weight=400) as heavy:
+        with light.spawn(loop, ["pid", "mnt"]), heavy.spawn(loop, ["pid", "mnt"]):
+            a0, b0 = light.stats()["cpu_usage_us"], heavy.stats()["cpu_usage_us"]
+            import time
+            time.sleep(1.5)
+            a1, b1 = light.stats()["cpu_usage_us"], heavy.stats()["cpu_usage_us"]
+        ratio = (b1 - b0) / max(1, a1 - a0)
+        assert ratio > 2, f"weight 400 vs 100 on one CPU should get about 4x the CPU, got {ratio:.1f}x"
+
+
+@pytest.mark.privileged
+def test_swap_is_limited_where_the_host_accounts_it(cg_lab):
+    mode = cg_lab.cgroup_mode()["mode"]
+    with cg_lab.cgroup("t-swap", memory="64M", swap="16M") as cg:
+        files = {os.path.basename(s["path"]): s["detail"] for s in cg.record.steps if s["op"] == "write"}
+        d = cg_lab.cgroup_mode()["v2_mount"] + "/labkit/t-swap" if mode == "v2" else None
+        if mode == "v2" and cg_lab.read_file(d + "/memory.swap.max")["exists"]:
+            assert files["memory.swap.max"] == repr(str(16 << 20))
+        elif mode != "v2" and "memory.memsw.limit_in_bytes" in files:
+            assert files["memory.memsw.limit_in_bytes"] == repr(str(80 << 20))  # v1: memory + swap together
