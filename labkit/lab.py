@@ -223,6 +223,20 @@ class Lab:
         rec = Record(self.call("overlay.create", ref=str(ImageRef.parse(image)), cid=name))
         return OverlayRoot(self, name, rec)
 
+    # -- networks ---------------------------------------------------------------------------------
+    def network(self, name="default", subnet="10.213.0.0/24"):
+        """A labkit bridge network (made if missing): bridge lkbr-<name>, gateway .1, NAT to the outside."""
+        from .specs import NetworkSpec
+        spec = NetworkSpec(name=name, subnet=subnet)
+        return Network(self, spec, Record(self.call("net.create", name=spec.name, subnet=spec.subnet)))
+
+    def networks(self):
+        return [Record(n) for n in self.call("net.list")]
+
+    def topology(self):
+        """Live state of every labkit network: bridge, ports, members, addresses, published ports."""
+        return self.call("net.topology")
+
     # -- housekeeping -----------------------------------------------------------------------------
     def release(self, *handles):
         """Stop/remove the given handles (None is skipped): the end-of-notebook tidy-up."""
@@ -232,6 +246,8 @@ class Lab:
             elif isinstance(h, Rootfs) and h.created:
                 h.remove()
             elif isinstance(h, (Cgroup, OverlayRoot)):
+                h.remove()
+            elif isinstance(h, Network) and h.created:
                 h.remove()
 
     def cleanup(self, dry_run=False):
@@ -257,6 +273,10 @@ def _spec_kw(kw):
         kw["rootfs"] = _rootfs_name(kw["rootfs"])
     if isinstance(kw.get("cgroup"), Cgroup):
         kw["cgroup"] = kw["cgroup"].name
+    if isinstance(kw.get("network"), Network):
+        kw["network"] = kw["network"].name
+    if "ports" in kw:
+        kw["ports"] = tuple(kw["ports"])
     if isinstance(kw.get("env"), dict):
         kw["env"] = tuple(sorted(kw["env"].items()))
     return kw
@@ -300,6 +320,29 @@ class Rootfs(_Handle):
 
     def remove(self):
         return Record(self.lab.call("rootfs.remove", name=self.name))
+
+    def _undo(self):
+        if self.created:
+            self.remove()
+
+
+class Network(_Handle):
+    """A labkit bridge network. ``with`` removes it (once no process is on it) if this handle made it."""
+
+    def __init__(self, lab, spec, record):
+        self.lab, self.spec, self.record = lab, spec, record
+        self.name, self.bridge = spec.name, spec.bridge
+        self.created = not record.facts.get("existed", False)
+        self.gateway = record["network"]["gateway"]
+
+    def inspect(self):
+        return Record(self.lab.call("net.inspect", name=self.name))
+
+    def remove(self):
+        return Record(self.lab.call("net.remove", name=self.name))
+
+    def __repr__(self):
+        return f"<Network {self.name} {self.spec.subnet} on {self.bridge}>"
 
     def _undo(self):
         if self.created:
@@ -424,4 +467,4 @@ class Process(_Handle):
                 raise
 
 
-__all__ = ["connect", "Lab", "Rootfs", "Process", "Cgroup", "OverlayRoot", "NAMESPACES", "PrivilegeError"]
+__all__ = ["connect", "Lab", "Rootfs", "Process", "Cgroup", "OverlayRoot", "Network", "NAMESPACES", "PrivilegeError"]

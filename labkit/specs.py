@@ -135,6 +135,8 @@ class ProcessSpec:
       'escape' (try the classic chroot escape, then report the view).
     - ``cgroup``: name of a labkit cgroup the process joins before anything else (so its limits hold
       from its first instruction, and a new cgroup namespace is rooted there).
+    - ``network``: a labkit network to join (needs 'net'): eth0, an address (``ip`` or the next free
+      one), a default route, and ``ports`` published as "HOST:CONTAINER", all before the program starts.
     """
     argv: Tuple[str, ...] = ()
     namespaces: Tuple[str, ...] = ()
@@ -147,6 +149,9 @@ class ProcessSpec:
     env: Tuple[Tuple[str, str], ...] = ()
     cwd: str = "/"
     cgroup: Optional[str] = None
+    network: Optional[str] = None
+    ports: Tuple[str, ...] = ()
+    ip: Optional[str] = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass normalisation)
@@ -184,6 +189,16 @@ class ProcessSpec:
                                   fix="use (inside, outside, count) with count >= 1, e.g. (0, 100000, 65536)")
         if self.cgroup is not None:
             check_name(self.cgroup, "cgroup name")
+        set_("ports", tuple(str(p) for p in self.ports))
+        if self.network is not None:
+            NetworkSpec(name=self.network)
+            if "net" not in self.namespaces:
+                raise InvalidSpec("joining a network needs a network namespace of its own",
+                                  fix="add 'net' to namespaces")
+            for p in self.ports:
+                PortSpec.parse(p)
+        elif self.ports or self.ip:
+            raise InvalidSpec("ports and ip need a network", fix="pass network='default'")
         if not self.cwd.startswith("/"):
             raise InvalidSpec(f"cwd {self.cwd!r} must be an absolute path", fix="e.g. cwd='/'")
 
@@ -321,3 +336,59 @@ class ImageRef:
 
     def __str__(self):
         return f"{self.name}:{self.tag}"
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """A labkit bridge network: bridge ``lkbr-<name>``, an IPv4 /16../29 subnet, the gateway at .1."""
+    name: str = "default"
+    subnet: str = "10.213.0.0/24"
+
+    def __post_init__(self):
+        import ipaddress
+        if not isinstance(self.name, str) or not re.match(r"^[a-z0-9]{1,8}$", self.name):
+            raise InvalidSpec(f"network name {self.name!r} is not allowed",
+                              fix="use 1-8 lower-case letters or digits (the bridge is lkbr-<name>)")
+        try:
+            net = ipaddress.ip_network(self.subnet, strict=True)
+        except ValueError as exc:
+            raise InvalidSpec(f"subnet {self.subnet!r}: {exc}", fix="e.g. 10.213.0.0/24") from None
+        if net.version != 4 or not 16 <= net.prefixlen <= 29 or not net.is_private:
+            raise InvalidSpec(f"subnet {self.subnet} must be a private IPv4 /16 to /29",
+                              fix="e.g. 10.213.0.0/24 (it must not clash with the host's own networks)")
+
+    @property
+    def bridge(self):
+        return "lkbr-" + self.name
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class PortSpec:
+    """``-p [HOST_IP:]HOST_PORT:CONTAINER_PORT[/tcp|udp]``."""
+    host_port: int
+    container_port: int
+    host_ip: str = "0.0.0.0"
+    proto: str = "tcp"
+
+    @classmethod
+    def parse(cls, text):
+        if isinstance(text, PortSpec):
+            return text
+        m = re.match(r"^(?:(\d{1,3}(?:\.\d{1,3}){3}):)?(\d+):(\d+)(?:/(tcp|udp))?$", str(text))
+        if not m:
+            raise InvalidSpec(f"port mapping {text!r} is not HOST:CONTAINER",
+                              fix="e.g. '8080:80' or '127.0.0.1:8080:80/tcp'")
+        return cls(int(m.group(2)), int(m.group(3)), m.group(1) or "0.0.0.0", m.group(4) or "tcp")
+
+    def __post_init__(self):
+        for p in (self.host_port, self.container_port):
+            if not 1 <= int(p) <= 65535:
+                raise InvalidSpec(f"port {p} is out of range", fix="ports are 1..65535")
+        if self.proto not in ("tcp", "udp"):
+            raise InvalidSpec(f"protocol {self.proto!r}", fix="tcp or udp")
+
+    def to_dict(self):
+        return dataclasses.asdict(self)

@@ -3,7 +3,8 @@
 What counts as labkit's (see DESIGN.md, "Naming of kernel objects"): processes recorded in
 /run/labkit/procs; processes whose root lies in /var/lib/labkit or /run/labkit; mounts below those two
 directories; network namespaces named ``lk-*``; links whose names start with ``lk``; cgroups below a
-``labkit`` parent in any hierarchy. Each is matched by exact rule, never by a loose pattern, and
+``labkit`` parent in any hierarchy; the nftables table ``ip labkit`` and iptables chains ``LABKIT-*``
+(and the sysctls labkit's networks changed, given back their old values). Each is matched by exact rule, never by a loose pattern, and
 removal is idempotent: a second run finds nothing. Standard library only.
 """
 import os
@@ -11,7 +12,7 @@ import signal
 import time
 
 from ..specs import RUN_DIR, STATE_DIR
-from . import cgroups, kernel, process
+from . import cgroups, kernel, network, process
 from .rootfs import mounts_under
 from .runner import Recorder, read_text, run, which
 
@@ -47,6 +48,10 @@ def plan():
     groups, _ = cgroups.labkit_groups()
     for g in groups:
         items.append(("cgroup", g))
+    for st in network.list_networks():
+        items.append(("network", st["spec"]["name"]))
+    for fw in network.firewall_leftovers():
+        items.append(("firewall", fw))
     return items
 
 
@@ -92,6 +97,10 @@ def cleanup(dry_run=False):
     for _, name in _links():
         if which("ip") and run(["ip", "link", "delete", name], recorder=rec, check=False).ok:
             removed.append(f"link {name}")
+    had_net = [f"network {st['spec']['name']}" for st in network.list_networks()] + \
+        [f"firewall {fw}" for fw in network.firewall_leftovers()]
+    network.cleanup(rec)
+    removed += had_net
     groups, parents = cgroups.labkit_groups()
     for g in groups + parents:
         _empty_cgroup(g)

@@ -22,7 +22,7 @@ import time
 
 from ..errors import LabkitError, MechanismError
 from ..specs import ProcessSpec, rootfs_path
-from . import chroot, kernel, namespaces
+from . import chroot, kernel, namespaces, network
 from .runner import Recorder
 
 PR_SET_PDEATHSIG = 1
@@ -53,6 +53,10 @@ def _child(spec, ctx, msg_w, go_r, detached):
             kernel.setresgid(0, rec=rec)
             kernel.setresuid(0, rec=rec)
             os.setgroups([])
+        if spec.network:
+            # P wires the new network namespace to the bridge before the program can run
+            _send(msg_w, {"stage": "net"})
+            _wait_go(go_r, b"n", "connect the network namespace (see the launcher's error)")
         os.close(go_r)
         if "pid" in spec.namespaces:
             g = os.fork()
@@ -159,6 +163,17 @@ def launch(spec, ctx, detached):
                     namespaces.write_id_maps(c, spec, rec)
                     os.write(go_w, b"g")
                     continue
+                if msg.get("stage") == "net":
+                    try:
+                        res = network.connect(spec.network, c, ctx["owner"], spec.ports, spec.ip)
+                        rec.steps += res["steps"]
+                        report["net"] = {"network": spec.network, "ip": res["ip"], "owner": ctx["owner"],
+                                         "ports": res["facts"]["ports"], "gateway": res["facts"]["gateway"]}
+                        os.write(go_w, b"n")
+                    except LabkitError as exc:
+                        report["net_error"] = exc.to_wire()
+                        os.write(go_w, b"x")
+                    continue
                 if msg.get("waiter") and ctx.get("cgroup_home"):
                     # C only waits for PID 1 of the new namespace: it leaves the group, so that it
                     # neither counts against the limits nor meets the OOM killer there
@@ -214,6 +229,10 @@ def main(argv=None):
             report["signal"] = signal.Signals(-exit_code).name
             exit_code = 128 - exit_code
     report["exit_code"] = exit_code
+    if report.get("net_error"):
+        report["error"] = report["net_error"]
+    if report.get("net") and (exit_code is not None or report["error"] is not None):
+        report["steps"] += network.disconnect(spec.network, ctx["owner"])["steps"]  # the run is over
     if spec.action == "escape":
         chroot.remove_escape_dir(spec)
     if exit_code is not None and host_mounts:

@@ -17,7 +17,7 @@ import time
 
 from ..errors import CommandTimeout, InvalidSpec, MechanismError, NotFound, from_wire
 from ..specs import NAMESPACES, RUN_DIR, ProcessSpec, check_name
-from . import cgroups
+from . import cgroups, network
 from .launch import undo_host_mounts
 from .namespaces import host_context, inodes, shares
 from .runner import Recorder, env_for_children, pid_starttime, read_text, run as run_cmd
@@ -37,8 +37,9 @@ def _marker():
     return MARKER
 
 
-def _launch(spec, mode, stdin, stdout, stderr, timeout=None, input=None):
+def _launch(spec, mode, stdin, stdout, stderr, timeout=None, input=None, owner=None):
     ctx = host_context(_marker())
+    ctx["owner"] = owner or "run-" + secrets.token_hex(4)
     if spec.cgroup:
         ctx["cgroup_procs"] = cgroups.procs_files(spec.cgroup)
         ctx["cgroup_home"] = cgroups.home_procs_files(ctx["cgroup_procs"])
@@ -56,6 +57,8 @@ def _launch(spec, mode, stdin, stdout, stderr, timeout=None, input=None):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
             _kill_leftover(report_path)
+            if spec.network:
+                network.disconnect(spec.network, ctx["owner"])
             raise CommandTimeout(f"the process {list(spec.argv)!r} did not finish within {timeout} s and was killed",
                                  fix="make it finish sooner, or start it with lab.spawn(...) and stop it yourself")
         duration = time.perf_counter() - started
@@ -97,6 +100,8 @@ def _record(spec, report, what, duration):
     rec.fact("shares_with_host", shares(report.get("ns"), report["ctx"]["ns"]))
     rec.fact("view", report.get("view"))
     rec.fact("host", {k: report["ctx"][k] for k in ("hostname", "kernel", "links")})
+    if report.get("net"):
+        rec.fact("net", report["net"])
     out = rec.to_dict(spec=spec.to_dict())
     out["duration"] = duration
     return out
@@ -134,10 +139,11 @@ def start(spec_dict, name=None):
                           fix=f"stop it first (lab.process({pid_id!r}).stop()) or choose another name")
     log = f"{PROCS_DIR}/{pid_id}.log"
     with open(log, "wb") as logf:
-        report, _, _, duration = _launch(spec, "start", subprocess.DEVNULL, logf, logf)
+        report, _, _, duration = _launch(spec, "start", subprocess.DEVNULL, logf, logf, owner=pid_id)
     entry = {"id": pid_id, "pid": report["pid"], "starttime": pid_starttime(report["pid"]),
              "waiter": report.get("waiter"), "host_mounts": report.get("host_mounts") or [],
-             "spec": spec.to_dict(), "log": log, "created": time.time(), "ns": report.get("ns")}
+             "spec": spec.to_dict(), "log": log, "created": time.time(), "ns": report.get("ns"),
+             "net": report.get("net")}
     with open(_entry_path(pid_id), "w") as f:
         json.dump(entry, f)
     res = _record(spec, report, f"start {list(spec.argv) or 'a holding process'} in namespaces "
@@ -226,6 +232,8 @@ def stop(pid_id, timeout=5.0):
             _signal(e["pid"], signal.SIGKILL, rec)
             _wait_gone(e, 5)
     rec.steps += undo_host_mounts(e.get("host_mounts") or [])
+    if e.get("net"):
+        rec.steps += network.disconnect(e["net"]["network"], pid_id)["steps"]
     waiter = e.get("waiter")
     if waiter:
         _wait_pid_gone(waiter, 2)

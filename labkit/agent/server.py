@@ -13,7 +13,7 @@ import traceback
 from .. import protocol
 from ..errors import InvalidSpec, LabkitError, PrivilegeError, UnsupportedHost
 from ..specs import RootfsSpec
-from . import cgroups, cleanup, doctor, images, namespaces, process, rootfs
+from . import cgroups, cleanup, doctor, images, namespaces, network, process, rootfs
 from .runner import read_text, run as run_cmd
 
 
@@ -88,6 +88,11 @@ METHODS = {
     "overlay.create": images.create_container_root,
     "overlay.changes": images.upper_changes,
     "overlay.remove": images.drop_container_root,
+    "net.create": network.create,
+    "net.remove": network.remove,
+    "net.inspect": network.inspect,
+    "net.list": network.list_networks,
+    "net.topology": network.topology,
     "cleanup": cleanup.cleanup,
     "cleanup.plan": lambda: [list(i) for i in cleanup.plan()],
 }

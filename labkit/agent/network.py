@@ -1,0 +1,384 @@
+"""Container networking: a labkit bridge, veth pairs, an address allocator, NAT and published ports.
+
+A network is a Linux bridge ``lkbr-<name>`` holding the gateway address (.1 of its subnet). Joining a
+process makes a veth pair: the host end (``lkv<8 hex>``) becomes a port of the bridge, the other end is
+moved into the process's network namespace and renamed ``eth0``, gets the next free address (a
+file-locked allocator, safe under concurrent starts) and a default route via the gateway. Egress is
+masqueraded; ``-p HOST:CONTAINER`` is a DNAT rule, for other hosts (prerouting) and for this host
+itself, 127.0.0.1 included (output, with ``route_localnet`` on the bridge and masquerading of loopback
+sources). All rules live in labkit's own nftables table ``ip labkit`` (or, without nft, in iptables
+chains named ``LABKIT-*``), rebuilt as a whole from the recorded state, so removing a network or a
+port removes exactly its rules. State: /run/labkit/net/<name>.json. Standard library only.
+"""
+import contextlib
+import fcntl
+import ipaddress
+import json
+import os
+import secrets
+import socket
+
+from ..errors import InvalidSpec, MechanismError, NotFound
+from ..specs import RUN_DIR, NetworkSpec, PortSpec
+from .runner import Recorder, read_text, run, which
+
+NET_DIR = RUN_DIR + "/net"
+LOCK = NET_DIR + "/.lock"
+SYSCTL_STATE = NET_DIR + "/.sysctl.json"
+NFT_TABLE = "labkit"
+IPT_CHAINS = {("nat", "PREROUTING"): "LABKIT-PREROUTING", ("nat", "OUTPUT"): "LABKIT-OUTPUT",
+              ("nat", "POSTROUTING"): "LABKIT-POSTROUTING", ("filter", "FORWARD"): "LABKIT-FORWARD"}
+
+
+@contextlib.contextmanager
+def locked():
+    os.makedirs(NET_DIR, exist_ok=True)
+    with open(LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _path(name):
+    NetworkSpec(name=name)
+    return f"{NET_DIR}/{name}.json"
+
+
+def _load(name):
+    text = read_text(_path(name))
+    if text is None:
+        raise NotFound(f"there is no labkit network {name!r}", fix=f"create it: lab.network({name!r})")
+    return json.loads(text)
+
+
+def _save(state):
+    path = _path(state["spec"]["name"])
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(state, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _all():
+    if not os.path.isdir(NET_DIR):
+        return []
+    return [json.loads(read_text(f"{NET_DIR}/{fn}")) for fn in sorted(os.listdir(NET_DIR))
+            if fn.endswith(".json") and not fn.startswith(".")]
+
+
+def backend():
+    forced = os.environ.get("LABKIT_FIREWALL")
+    if forced in ("nft", "iptables"):
+        return forced
+    if which("nft") and run(["nft", "list", "tables"], check=False).ok:
+        return "nft"
+    if which("iptables"):
+        return "iptables"
+    raise MechanismError("neither nft nor iptables is available", fix="install nftables (or iptables)")
+
+
+# --- host settings -------------------------------------------------------------------------------
+
+def _sysctl(key, value, rec):
+    path = "/proc/sys/" + key.replace(".", "/")
+    before = (read_text(path) or "").strip()
+    saved = json.loads(read_text(SYSCTL_STATE) or "{}")
+    saved.setdefault(key, before)  # remember the host's own value once, to give it back at the end
+    with open(SYSCTL_STATE, "w") as f:
+        json.dump(saved, f)
+    if before != str(value):
+        with open(path, "w") as f:
+            f.write(str(value))
+        rec.file("write", path, f"{before} -> {value}")
+
+
+def _restore_sysctls(rec):
+    saved = json.loads(read_text(SYSCTL_STATE) or "{}")
+    for key, value in saved.items():
+        path = "/proc/sys/" + key.replace(".", "/")
+        if os.path.exists(path) and (read_text(path) or "").strip() != value:
+            with open(path, "w") as f:
+                f.write(value)
+            rec.file("write", path, f"restored {value}")
+    if os.path.exists(SYSCTL_STATE):
+        os.unlink(SYSCTL_STATE)
+
+
+# --- the firewall, rebuilt from state ------------------------------------------------------------
+
+def _nft_ruleset(states):
+    lines = [f"table ip {NFT_TABLE} {{",
+             "  chain prerouting { type nat hook prerouting priority dstnat; policy accept; }",
+             "  chain output { type nat hook output priority -100; policy accept; }",
+             "  chain postrouting { type nat hook postrouting priority srcnat; policy accept; }",
+             "  chain forward { type filter hook forward priority 0; policy accept; }", "}"]
+    rules = []
+    for st in states:
+        br, subnet = st["bridge"], st["spec"]["subnet"]
+        rules.append(f"add rule ip {NFT_TABLE} postrouting ip saddr {subnet} oifname != \"{br}\" masquerade")
+        rules.append(f"add rule ip {NFT_TABLE} postrouting oifname \"{br}\" ip saddr 127.0.0.0/8 masquerade")
+        rules.append(f"add rule ip {NFT_TABLE} forward iifname \"{br}\" accept")
+        rules.append(f"add rule ip {NFT_TABLE} forward oifname \"{br}\" ct state established,related accept")
+        rules.append(f"add rule ip {NFT_TABLE} forward oifname \"{br}\" ct status dnat accept")
+        for p in st["ports"]:
+            match = (f"ip daddr {p['host_ip']} " if p["host_ip"] != "0.0.0.0" else "fib daddr type local ")
+            dnat = f"{p['proto']} dport {p['host_port']} dnat to {p['ip']}:{p['container_port']}"
+            rules.append(f"add rule ip {NFT_TABLE} prerouting {match}{dnat}")
+            rules.append(f"add rule ip {NFT_TABLE} output {match}{dnat}")
+    return "\n".join(lines), rules
+
+
+def _apply_firewall(rec):
+    states = _all()
+    kind = backend()
+    rec.fact("firewall", kind)
+    if kind == "nft":
+        exists = run(["nft", "list", "table", "ip", NFT_TABLE], check=False).ok
+        if not states:
+            if exists:
+                rec.run(["nft", "delete", "table", "ip", NFT_TABLE])
+            return
+        table, rules = _nft_ruleset(states)
+        script = (f"table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\n" if exists else "") + table + "\n" + \
+            "\n".join(rules) + "\n"
+        rec.run(["nft", "-f", "-"], input=script)  # one transaction: the old rules go as the new ones come
+        return
+    # iptables: labkit's own chains, jumped to from the built-in ones
+    for (table, builtin), chain in IPT_CHAINS.items():
+        if not run(["iptables", "-w", "-t", table, "-n", "-L", chain], check=False).ok:
+            if not states:
+                continue
+            rec.run(["iptables", "-w", "-t", table, "-N", chain])
+        rec.run(["iptables", "-w", "-t", table, "-F", chain])
+        jump = ["-j", chain]
+        has_jump = run(["iptables", "-w", "-t", table, "-C", builtin] + jump, check=False).ok
+        if states and not has_jump:
+            rec.run(["iptables", "-w", "-t", table, "-I", builtin, "1"] + jump)
+        if not states:
+            if has_jump:
+                rec.run(["iptables", "-w", "-t", table, "-D", builtin] + jump)
+            rec.run(["iptables", "-w", "-t", table, "-X", chain])
+    for st in states:
+        br, subnet = st["bridge"], st["spec"]["subnet"]
+        add = lambda table, chain, *r: rec.run(["iptables", "-w", "-t", table, "-A", chain, *r])  # noqa: E731
+        add("nat", "LABKIT-POSTROUTING", "-s", subnet, "!", "-o", br, "-j", "MASQUERADE")
+        add("nat", "LABKIT-POSTROUTING", "-o", br, "-s", "127.0.0.0/8", "-j", "MASQUERADE")
+        add("filter", "LABKIT-FORWARD", "-i", br, "-j", "ACCEPT")
+        add("filter", "LABKIT-FORWARD", "-o", br, "-j", "ACCEPT")
+        for p in st["ports"]:
+            dst = ["-d", p["host_ip"]] if p["host_ip"] != "0.0.0.0" else ["-m", "addrtype", "--dst-type", "LOCAL"]
+            tgt = ["-p", p["proto"], "--dport", str(p["host_port"]), "-j", "DNAT",
+                   "--to-destination", f"{p['ip']}:{p['container_port']}"]
+            add("nat", "LABKIT-PREROUTING", *dst, *tgt)
+            add("nat", "LABKIT-OUTPUT", *dst, *tgt)
+
+
+def remove_firewall(rec):
+    """Remove labkit's table/chains whatever the state says (used by cleanup)."""
+    if which("nft") and run(["nft", "list", "table", "ip", NFT_TABLE], check=False).ok:
+        rec.run(["nft", "delete", "table", "ip", NFT_TABLE])
+    if which("iptables"):
+        for (table, builtin), chain in IPT_CHAINS.items():
+            while run(["iptables", "-w", "-t", table, "-C", builtin, "-j", chain], check=False).ok:
+                rec.run(["iptables", "-w", "-t", table, "-D", builtin, "-j", chain])
+            if run(["iptables", "-w", "-t", table, "-n", "-L", chain], check=False).ok:
+                rec.run(["iptables", "-w", "-t", table, "-F", chain])
+                rec.run(["iptables", "-w", "-t", table, "-X", chain])
+
+
+def firewall_leftovers():
+    found = []
+    if which("nft") and run(["nft", "list", "table", "ip", NFT_TABLE], check=False).ok:
+        found.append(f"nft table ip {NFT_TABLE}")
+    if which("iptables"):
+        for (table, _), chain in IPT_CHAINS.items():
+            if run(["iptables", "-w", "-t", table, "-n", "-L", chain], check=False).ok:
+                found.append(f"iptables {table} {chain}")
+    return found
+
+
+# --- networks ------------------------------------------------------------------------------------
+
+def create(name="default", subnet="10.213.0.0/24"):
+    """Make (or reuse) a bridge network; returns its record."""
+    spec = NetworkSpec(name=name, subnet=subnet)
+    rec = Recorder(f"network {name} ({subnet})")
+    with locked():
+        try:
+            st = _load(name)
+            if st["spec"]["subnet"] != subnet:
+                raise InvalidSpec(f"network {name!r} exists with subnet {st['spec']['subnet']}",
+                                  fix="remove it first or use its subnet")
+            rec.fact("existed", True)
+            return rec.to_dict(network=st)
+        except NotFound:
+            pass
+        net = ipaddress.ip_network(subnet)
+        for other in _all():
+            if ipaddress.ip_network(other["spec"]["subnet"]).overlaps(net):
+                raise InvalidSpec(f"subnet {subnet} overlaps network {other['spec']['name']!r}",
+                                  fix="choose a subnet of its own, e.g. 10.214.0.0/24")
+        gw = str(next(net.hosts()))
+        st = {"spec": spec.to_dict(), "bridge": spec.bridge, "gateway": gw, "allocations": {gw: "gateway"},
+              "ports": [], "members": {}}
+        br = spec.bridge
+        rec.run(["ip", "link", "add", br, "type", "bridge"])
+        try:
+            rec.run(["ip", "addr", "add", f"{gw}/{net.prefixlen}", "dev", br])
+            rec.run(["ip", "link", "set", br, "up"])
+            _sysctl("net.ipv4.ip_forward", 1, rec)
+            _sysctl(f"net.ipv4.conf.{br}.route_localnet", 1, rec)
+            _save(st)
+            _apply_firewall(rec)
+        except BaseException:
+            run(["ip", "link", "delete", br], check=False)
+            if os.path.exists(_path(name)):
+                os.unlink(_path(name))
+            raise
+        rec.fact("existed", False)
+        return rec.to_dict(network=st)
+
+
+def remove(name):
+    rec = Recorder(f"remove network {name}")
+    with locked():
+        st = _load(name)
+        if st["members"]:
+            raise InvalidSpec(f"network {name!r} still has members: {', '.join(st['members'])}",
+                              fix="stop those processes first")
+        os.unlink(_path(name))
+        rec.run(["ip", "link", "delete", st["bridge"]], check=False)
+        _apply_firewall(rec)
+        if not _all():
+            _restore_sysctls(rec)
+    return rec.to_dict()
+
+
+def _allocate(st, owner, want=None):
+    net = ipaddress.ip_network(st["spec"]["subnet"])
+    if want:
+        ip = ipaddress.ip_address(want)
+        if ip not in net or str(ip) in st["allocations"]:
+            raise InvalidSpec(f"address {want} is taken or outside {net}", fix="leave ip unset to get a free one")
+        st["allocations"][str(ip)] = owner
+        return str(ip)
+    for ip in net.hosts():
+        if str(ip) not in st["allocations"]:
+            st["allocations"][str(ip)] = owner
+            return str(ip)
+    raise MechanismError(f"network {st['spec']['name']} has no free address left in {net}",
+                         fix="stop some containers or use a larger subnet")
+
+
+def _port_free(p):
+    kind = socket.SOCK_STREAM if p.proto == "tcp" else socket.SOCK_DGRAM
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((p.host_ip, p.host_port))
+            return True
+        except OSError:
+            return False
+
+
+def connect(name, pid, owner, ports=(), ip=None):
+    """Give the network namespace of ``pid`` an eth0 on network ``name``; publish ``ports``."""
+    ports = [PortSpec.parse(p) for p in ports]
+    rec = Recorder(f"connect {owner} (pid {pid}) to network {name}")
+    with locked():
+        st = _load(name)
+        if owner in st["members"]:
+            raise InvalidSpec(f"{owner!r} is on network {name!r} already", fix="disconnect it first")
+        for p in ports:
+            clash = [q for s2 in _all() for q in s2["ports"]
+                     if q["host_port"] == p.host_port and q["proto"] == p.proto]
+            if clash or not _port_free(p):
+                raise InvalidSpec(f"port {p.host_ip}:{p.host_port}/{p.proto} is already taken"
+                                  + (f" by {clash[0]['owner']}" if clash else " by a program on the host"),
+                                  fix="choose another host port, e.g. -p 8081:80")
+        addr = _allocate(st, owner, ip)
+        prefix = ipaddress.ip_network(st["spec"]["subnet"]).prefixlen
+        host_end, peer = "lkv" + secrets.token_hex(4), "lkp" + secrets.token_hex(4)
+        made = False
+        try:
+            rec.run(["ip", "link", "add", host_end, "type", "veth", "peer", "name", peer])
+            made = True
+            rec.run(["ip", "link", "set", host_end, "master", st["bridge"]])
+            rec.run(["ip", "link", "set", host_end, "up"])
+            rec.run(["ip", "link", "set", peer, "netns", str(pid)])
+            inside = ["nsenter", "--target", str(pid), "--net", "--"]
+            rec.run(inside + ["ip", "link", "set", peer, "name", "eth0"])
+            rec.run(inside + ["ip", "addr", "add", f"{addr}/{prefix}", "dev", "eth0"])
+            rec.run(inside + ["ip", "link", "set", "eth0", "up"])
+            rec.run(inside + ["ip", "link", "set", "lo", "up"])
+            rec.run(inside + ["ip", "route", "add", "default", "via", st["gateway"]])
+        except BaseException:
+            if made:
+                run(["ip", "link", "delete", host_end], check=False)
+            del st["allocations"][addr]
+            raise
+        st["members"][owner] = {"ip": addr, "veth": host_end, "pid": pid}
+        st["ports"] += [dict(p.to_dict(), ip=addr, owner=owner) for p in ports]
+        _save(st)
+        if ports:
+            _apply_firewall(rec)
+    rec.fact("ip", addr)
+    rec.fact("veth", host_end)
+    rec.fact("gateway", st["gateway"])
+    rec.fact("ports", [f"{p.host_ip}:{p.host_port}->{addr}:{p.container_port}/{p.proto}" for p in ports])
+    return rec.to_dict(ip=addr)
+
+
+def disconnect(name, owner):
+    """Undo connect(): the veth (if the namespace still exists), the address, the published ports."""
+    rec = Recorder(f"disconnect {owner} from network {name}")
+    with locked():
+        try:
+            st = _load(name)
+        except NotFound:
+            return rec.to_dict()
+        m = st["members"].pop(owner, None)
+        if m is None:
+            return rec.to_dict()
+        if os.path.exists(f"/sys/class/net/{m['veth']}"):
+            rec.run(["ip", "link", "delete", m["veth"]], check=False)
+        st["allocations"].pop(m["ip"], None)
+        had_ports = any(p["owner"] == owner for p in st["ports"])
+        st["ports"] = [p for p in st["ports"] if p["owner"] != owner]
+        _save(st)
+        if had_ports:
+            _apply_firewall(rec)
+    return rec.to_dict()
+
+
+def inspect(name):
+    return _load(name)
+
+
+def list_networks():
+    return _all()
+
+
+def topology():
+    """The live picture: every labkit bridge, its ports, addresses, and who is behind each port."""
+    out = []
+    for st in _all():
+        br = st["bridge"]
+        brif = sorted(os.listdir(f"/sys/class/net/{br}/brif")) if os.path.isdir(f"/sys/class/net/{br}/brif") else []
+        members = {m["veth"]: dict(m, owner=o) for o, m in st["members"].items()}
+        out.append({"network": st["spec"]["name"], "bridge": br, "subnet": st["spec"]["subnet"],
+                    "gateway": st["gateway"], "ports_on_bridge": brif,
+                    "members": [members.get(v, {"veth": v, "owner": "?"}) for v in brif],
+                    "published": st["ports"]})
+    return out
+
+
+def cleanup(rec):
+    """Remove every labkit network's state, rules and sysctl changes (bridges go with the lk* links)."""
+    for st in _all():
+        os.unlink(_path(st["spec"]["name"]))
+    remove_firewall(rec)
+    if os.path.exists(SYSCTL_STATE):
+        _restore_sysctls(rec)
