@@ -453,7 +453,8 @@ class Process(_Handle):
         """Run ``argv`` inside this process's namespaces and root (nsenter)."""
         return Record(self.lab.call("proc.exec", pid_id=self.id, argv=_argv(argv), timeout=timeout))
 
-    def stop(self, timeout=5.0):
+    def stop(self, timeout=None):
+        """SIGTERM, then SIGKILL after ``timeout`` s (default 5; 0 for a process that only holds namespaces)."""
         return Record(self.lab.call("proc.stop", pid_id=self.id, timeout=timeout))
 
     def __repr__(self):

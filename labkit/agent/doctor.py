@@ -115,9 +115,10 @@ def check_firewall():
     found = []
     if which("nft") and run(["nft", "list", "tables"], check=False).ok:
         found.append("nft")
-    if which("iptables") and run(["iptables", "-w", "-n", "-L"], check=False, timeout=20).ok:
-        v = run(["iptables", "--version"], check=False).stdout.strip()
-        found.append(v or "iptables")
+    if which("iptables"):  # --version only: listing would create iptables-nft's tables on the host
+        v = run(["iptables", "--version"], check=False)
+        if v.ok:
+            found.append(v.stdout.strip() or "iptables")
     return _line("iptables/nft", bool(found), ", ".join(found) or "none", "NAT and port publishing need one",
                  fix="install nftables or iptables; " + SETUP_FIX)
 

@@ -147,7 +147,7 @@ def _apply_firewall(rec):
         return
     # iptables: labkit's own chains, jumped to from the built-in ones
     for (table, builtin), chain in IPT_CHAINS.items():
-        if not run(["iptables", "-w", "-t", table, "-n", "-L", chain], check=False).ok:
+        if not _ipt_has_chain(table, chain):
             if not states:
                 continue
             rec.run(["iptables", "-w", "-t", table, "-N", chain])
@@ -175,17 +175,30 @@ def _apply_firewall(rec):
             add("nat", "LABKIT-OUTPUT", *dst, *tgt)
 
 
+def _ipt_nft():
+    v = run(["iptables", "--version"], check=False).stdout
+    return "nf_tables" in v
+
+
+def _ipt_has_chain(table, chain):
+    """Whether labkit's iptables chain exists, without creating iptables-nft's tables as a side effect."""
+    if _ipt_nft():
+        return which("nft") is not None and run(["nft", "list", "chain", "ip", table, chain], check=False).ok
+    return run(["iptables", "-w", "-t", table, "-n", "-L", chain], check=False).ok
+
+
 def remove_firewall(rec):
     """Remove labkit's table/chains whatever the state says (used by cleanup)."""
     if which("nft") and run(["nft", "list", "table", "ip", NFT_TABLE], check=False).ok:
         rec.run(["nft", "delete", "table", "ip", NFT_TABLE])
     if which("iptables"):
         for (table, builtin), chain in IPT_CHAINS.items():
+            if not _ipt_has_chain(table, chain):
+                continue
             while run(["iptables", "-w", "-t", table, "-C", builtin, "-j", chain], check=False).ok:
                 rec.run(["iptables", "-w", "-t", table, "-D", builtin, "-j", chain])
-            if run(["iptables", "-w", "-t", table, "-n", "-L", chain], check=False).ok:
-                rec.run(["iptables", "-w", "-t", table, "-F", chain])
-                rec.run(["iptables", "-w", "-t", table, "-X", chain])
+            rec.run(["iptables", "-w", "-t", table, "-F", chain])
+            rec.run(["iptables", "-w", "-t", table, "-X", chain])
 
 
 def firewall_leftovers():
@@ -194,7 +207,7 @@ def firewall_leftovers():
         found.append(f"nft table ip {NFT_TABLE}")
     if which("iptables"):
         for (table, _), chain in IPT_CHAINS.items():
-            if run(["iptables", "-w", "-t", table, "-n", "-L", chain], check=False).ok:
+            if _ipt_has_chain(table, chain):
                 found.append(f"iptables {table} {chain}")
     return found
 

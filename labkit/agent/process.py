@@ -222,12 +222,18 @@ def exec_in(pid_id, argv, timeout=30):
     return out
 
 
-def stop(pid_id, timeout=5.0):
-    """SIGTERM, then SIGKILL after ``timeout``; undo host mounts; remove the entry."""
+def stop(pid_id, timeout=None):
+    """SIGTERM, then SIGKILL after ``timeout`` seconds; undo host mounts and network; remove the entry.
+
+    Default timeout: 5 s, but 0 for a holding process (a bare `sleep` as PID 1 of its namespace ignores
+    SIGTERM, as every PID 1 without a handler does; there is nothing to shut down gracefully)."""
     e = _load(pid_id)
+    if timeout is None:
+        timeout = 0 if e["spec"].get("action") == "hold" else 5.0
     rec = Recorder(f"stop {pid_id}")
     if is_alive(e):
-        _signal(e["pid"], signal.SIGTERM, rec)
+        if timeout > 0:
+            _signal(e["pid"], signal.SIGTERM, rec)
         if not _wait_gone(e, timeout):
             _signal(e["pid"], signal.SIGKILL, rec)
             _wait_gone(e, 5)
