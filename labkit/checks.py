@@ -230,3 +230,57 @@ def cached_build(lab, first, again, changed):
     return True, (f"unchanged: nothing rebuilt ({again['seconds']:.3f} s); changed line {changed['rebuilt'][0]}: "
                   f"steps {changed['rebuilt']} rebuilt ({changed['seconds']:.3f} s) vs {first['seconds']:.3f} s "
                   "for the first build.")
+
+
+# -- 05-networking -------------------------------------------------------------------------------
+
+HTTP_GET = ("import sys, time, urllib.request\n"
+            "for _ in range(30):\n"
+            "    try:\n"
+            "        sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=2).read().decode()); break\n"
+            "    except OSError:\n"
+            "        time.sleep(0.1)\n"
+            "else:\n"
+            "    sys.exit(1)\n")
+
+def veth_by_hand(lab, commands, red="lk-red", blue="lk-blue", red_ip="10.200.0.1", blue_ip="10.200.0.2"):
+    names = lab.list_dir("/run/netns")["entries"]
+    missing = [n for n in (red, blue) if n not in names]
+    if missing:
+        return False, f"there is no network namespace {', '.join(missing)} (ip netns add ...)"
+    addrs = lab.run(["ip", "-n", red, "-o", "-4", "addr"]).stdout
+    if red_ip not in addrs:
+        return 0.3, f"{red} has no address {red_ip}: ip -n {red} addr add {red_ip}/24 dev ..."
+    ping = lab.run(["ip", "netns", "exec", red, "busybox", "ping", "-c", "1", "-W", "2", blue_ip])
+    if ping.exit_code != 0:
+        return 0.6, f"{red} cannot reach {blue_ip}: are both ends up, and is {blue_ip} on the {blue} end?"
+    return True, f"a packet went from {red} to {blue} over your veth pair: two namespaces, one virtual cable."
+
+
+def published_web(lab, web, port=8080):
+    from .lab import Process
+    if not isinstance(web, Process):
+        return False, "expected the handle that lab.spawn(...) returns"
+    net = web.record.facts.get("net") or {}
+    if not net:
+        return False, "the process is on no network: pass network='default'"
+    # the server may still be starting: ask a few times, on the target, as a client on its localhost would
+    # (with the target's python3, which the agent runs on anyway; a static busybox wget may lack NSS there)
+    got = lab.run(["python3", "-c", HTTP_GET, f"http://127.0.0.1:{port}/"])
+    if got.exit_code != 0:
+        return 0.5, f"nothing answered on the target's 127.0.0.1:{port}: publish it with ports=['{port}:80']"
+    return True, (f"127.0.0.1:{port} on the host reached the web server at {net['ip']}:80 in the container "
+                  "through labkit's DNAT rule.")
+
+
+def container_to_container(lab, web, fetched):
+    ip = ((getattr(web, "record", {}) or {}).get("facts", {}).get("net") or {}).get("ip")
+    if not ip or fetched is None:
+        return False, "start the web container first, then fetch its page from a second container"
+    facts = fetched.get("facts", {})
+    if not facts.get("net"):
+        return 0.3, "the fetching process was not on the network"
+    if fetched.get("exit_code") != 0 or "Hello" not in (fetched.get("stdout") or ""):
+        return 0.5, f"the second container did not get the page from http://{ip}/"
+    return True, (f"{facts['net']['ip']} fetched http://{ip}/ over the bridge: containers on one bridge talk "
+                  "directly, like machines on one switch.")

@@ -86,3 +86,37 @@ def pids_chart(df, pids_max, title="A fork bomb against pids.max", subtitle=""):
     ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="lower right")
     fig.tight_layout()
     return fig
+
+
+def topology_chart(topology, title="labkit networks, drawn from the live state", subtitle=""):
+    """Bridges, their veth ports and the processes behind them, from Lab.topology() (the kernel's view)."""
+    plt = _plt()
+    from matplotlib.patches import FancyBboxPatch
+    nets = topology or []
+    width = max([len(n["members"]) for n in nets] + [1])
+    fig, ax = plt.subplots(figsize=(max(6, 2.6 * width), 1.2 + 2.8 * max(1, len(nets))))
+    ax.set_xlim(0, max(3, width) * 2.6)
+    ax.set_ylim(0, 2.8 * max(1, len(nets)) + 0.6)
+    ax.axis("off")
+
+    def box(x, y, w, h, text, color):
+        ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.05", fc=color, ec="#37474f"))
+        ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=8.5)
+
+    for i, n in enumerate(nets):
+        top = 2.8 * (len(nets) - i)
+        total = max(3, width) * 2.6
+        pub = ", ".join(f"{p['host_ip']}:{p['host_port']}->{p['ip']}:{p['container_port']}" for p in n["published"])
+        box(total / 2 - 1.6, top - 0.9, 3.2, 0.7,
+            f"bridge {n['bridge']}\n{n['gateway']} ({n['subnet']})" + (f"\npublished: {pub}" if pub else ""),
+            "#bbdefb")
+        for j, m in enumerate(n["members"]):
+            x = 0.2 + j * 2.6
+            ax.plot([x + 1.1, total / 2], [top - 1.8, top - 0.9], color="#546e7a")
+            box(x, top - 2.5, 2.2, 0.7, f"{m.get('owner', '?')}\n{m.get('veth')} <-> eth0\n{m.get('ip', '')}",
+                "#c8e6c9")
+    if not nets:
+        ax.text(0.5, 0.5, "no labkit network", transform=ax.transAxes, ha="center")
+    ax.set_title(title + (f"\n{subtitle}" if subtitle else ""))
+    fig.tight_layout()
+    return fig
