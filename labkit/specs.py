@@ -121,6 +121,14 @@ ACTIONS = ("exec", "probe", "escape", "hold")
 ROOT_MODES = ("chroot", "pivot_root")
 
 
+def parse_bind(text):
+    """"/host:/inside[:ro]" -> (host, inside, read_only)."""
+    parts = str(text).split(":")
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
+        raise InvalidSpec(f"volume {text!r} is not HOST:CONTAINER[:ro]", fix="e.g. -v /srv/site:/var/www:ro")
+    return parts[0], parts[1], len(parts) == 3 and parts[2] == "ro"
+
+
 @dataclass(frozen=True)
 class ProcessSpec:
     """A process to start: which namespaces it gets, which root it sees, what it runs.
@@ -137,6 +145,8 @@ class ProcessSpec:
       from its first instruction, and a new cgroup namespace is rooted there).
     - ``network``: a labkit network to join (needs 'net'): eth0, an address (``ip`` or the next free
       one), a default route, and ``ports`` published as "HOST:CONTAINER", all before the program starts.
+    - ``binds``: (host path, path inside, read-only) bind mounts into the rootfs (needs 'mnt');
+      ``read_only``: the root is mounted read-only; ``user``: "uid[:gid]" to run as.
     """
     argv: Tuple[str, ...] = ()
     namespaces: Tuple[str, ...] = ()
@@ -152,6 +162,9 @@ class ProcessSpec:
     network: Optional[str] = None
     ports: Tuple[str, ...] = ()
     ip: Optional[str] = None
+    binds: Tuple[Tuple[str, str, bool], ...] = ()
+    read_only: bool = False
+    user: Optional[str] = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass normalisation)
@@ -199,6 +212,19 @@ class ProcessSpec:
                 PortSpec.parse(p)
         elif self.ports or self.ip:
             raise InvalidSpec("ports and ip need a network", fix="pass network='default'")
+        binds = []
+        for b in self.binds:
+            src, dst, ro = (list(b) + [False])[:3] if not isinstance(b, str) else parse_bind(b)
+            if not str(src).startswith("/") or not str(dst).startswith("/") or ".." in str(dst).split("/"):
+                raise InvalidSpec(f"bind {src}:{dst} needs absolute paths and no '..' inside",
+                                  fix="e.g. -v /srv/site:/var/www:ro")
+            binds.append((str(src), posixpath.normpath(str(dst)), bool(ro)))
+        set_("binds", tuple(binds))
+        if (self.binds or self.read_only) and (self.rootfs is None or "mnt" not in self.namespaces):
+            raise InvalidSpec("bind mounts and a read-only root need a rootfs and a mount namespace",
+                              fix="pass rootfs=... and add 'mnt' to namespaces")
+        if self.user is not None and not re.match(r"^\d+(:\d+)?$", str(self.user)):
+            raise InvalidSpec(f"user {self.user!r} must be numeric uid[:gid]", fix="e.g. user='1000' or '1000:1000'")
         if not self.cwd.startswith("/"):
             raise InvalidSpec(f"cwd {self.cwd!r} must be an absolute path", fix="e.g. cwd='/'")
 

@@ -21,10 +21,22 @@ def enter_root(spec, rec):
     if "mnt" in spec.namespaces:
         kernel.mount(root, root, None, kernel.MS_BIND | kernel.MS_REC, rec=rec)
         rootfs.setup_runtime_mounts(root, rec, proc=spec.wants_proc, new_net="net" in spec.namespaces)
+        for src, dst, ro in spec.binds:  # -v HOST:CONTAINER[:ro]
+            target = root + dst
+            if os.path.isdir(src):
+                os.makedirs(target, exist_ok=True)
+            elif not os.path.exists(target):
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                open(target, "a").close()
+            kernel.mount(src, target, None, kernel.MS_BIND | kernel.MS_REC, rec=rec)
+            if ro:
+                kernel.mount(None, target, None, kernel.MS_BIND | kernel.MS_REMOUNT | kernel.MS_RDONLY, rec=rec)
     if spec.root_mode == "pivot_root":
         kernel.chdir(root, rec=rec)
         kernel.pivot_root(".", ".", rec=rec)          # the old root now sits on top of the new one
         kernel.umount2(".", kernel.MNT_DETACH, rec=rec)  # ... and is detached: no path leads back
+        if spec.read_only:
+            kernel.mount(None, "/", None, kernel.MS_BIND | kernel.MS_REMOUNT | kernel.MS_RDONLY, rec=rec)
     else:
         kernel.chroot(root, rec=rec)
     kernel.chdir(spec.cwd, rec=rec)

@@ -12,7 +12,7 @@ import signal
 import time
 
 from ..specs import RUN_DIR, STATE_DIR
-from . import cgroups, kernel, network, process
+from . import cgroups, engine, kernel, network, process
 from .rootfs import mounts_under
 from .runner import Recorder, read_text, run, which
 
@@ -70,6 +70,7 @@ def cleanup(dry_run=False):
     if dry_run:
         return rec.to_dict(removed=[])
     removed = []
+    engine.cleanup(rec)  # monitors and containers first: their roots, cgroups and veths follow below
     for e in process.list_processes():
         process.stop(e["id"], timeout=2)
         removed.append(f"process {e['id']}")

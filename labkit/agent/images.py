@@ -165,7 +165,15 @@ def mount_container_root(image, cid, rec):
     if os.path.exists(d):
         raise InvalidSpec(f"container {cid!r} exists already", fix="remove it first or choose another name")
     os.makedirs(d)
-    lowers = [layer_dir(x) for x in reversed(image["layers"])]  # overlay wants the top layer first
+    return ensure_mounted(cid, image["layers"], rec)
+
+
+def ensure_mounted(cid, layers, rec):
+    """Mount (again) the overlay root of ``cid``: its upper dir kept what it had before."""
+    d = container_dir(cid)
+    if os.path.ismount(f"{d}/merged"):
+        return f"{d}/merged"
+    lowers = [layer_dir(x) for x in reversed(layers)]  # overlay wants the top layer first
     for low in lowers:
         if not os.path.isdir(low):
             raise NotFound(f"layer {os.path.basename(low)[:12]} of the image is missing from the store",

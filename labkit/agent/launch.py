@@ -81,6 +81,11 @@ def _child(spec, ctx, msg_w, go_r, detached):
         # G from here on.
         _send(msg_w, {"ns": namespaces.inodes()})
         _setup(spec, rec)
+        if spec.user:
+            uid, _, gid = spec.user.partition(":")
+            os.setgroups([])
+            kernel.setresgid(int(gid or uid), rec=rec)
+            kernel.setresuid(int(uid), rec=rec)
         view = namespaces.look_around(ctx)
         if spec.action == "escape":
             view = chroot.escape(rec, ctx)
@@ -206,6 +211,12 @@ def main(argv=None):
     spec = ProcessSpec.from_dict(json.loads(spec_json))
     ctx = json.loads(ctx_json)
     detached = mode == "start"
+    if mode == "monitor":
+        # a container's monitor (like conmon): leave the caller at once, stay the container's parent,
+        # write the start report as soon as the program runs and the exit status when it ends
+        if os.fork():
+            os._exit(0)
+        os.setsid()
     started = time.perf_counter()
     host_rec = Recorder("host mounts")
     host_mounts = []
@@ -221,6 +232,10 @@ def main(argv=None):
         raise
     report["steps"] = host_rec.steps + report["steps"]
     report["host_mounts"] = host_mounts
+    if mode == "monitor":
+        report["monitor"] = os.getpid()
+        _write_json(report_path, dict(report, exit_code=None, running=report["error"] is None))
+        report_path = ctx["exit_path"]
     exit_code = None
     if not detached or report["error"] is not None:
         _, status = os.waitpid(c, 0)
@@ -239,9 +254,16 @@ def main(argv=None):
         report["steps"] += undo_host_mounts(host_mounts)
         report["host_mounts"] = []
     report["launch_duration"] = time.perf_counter() - started
-    with open(report_path, "w") as f:
-        json.dump(report, f)
+    report["finished"] = time.time()
+    _write_json(report_path, report)
     return 0 if exit_code is None else exit_code
+
+
+def _write_json(path, obj):
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)  # readers never see half a report
 
 
 if __name__ == "__main__":

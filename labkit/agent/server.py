@@ -13,7 +13,7 @@ import traceback
 from .. import protocol
 from ..errors import InvalidSpec, LabkitError, PrivilegeError, UnsupportedHost
 from ..specs import RootfsSpec
-from . import cgroups, cleanup, doctor, images, namespaces, network, process, rootfs
+from . import cgroups, cleanup, doctor, engine, images, namespaces, network, process, rootfs
 from .runner import read_text, run as run_cmd
 
 
@@ -93,6 +93,17 @@ METHODS = {
     "net.inspect": network.inspect,
     "net.list": network.list_networks,
     "net.topology": network.topology,
+    "container.create": engine.create,
+    "container.start": engine.start,
+    "container.stop": engine.stop,
+    "container.wait": engine.wait,
+    "container.rm": engine.rm,
+    "container.ps": engine.ps,
+    "container.logs": engine.logs,
+    "container.top": engine.top,
+    "container.inspect": engine.inspect,
+    "container.exec": engine.exec_in,
+    "container.rmi": engine.rmi,
     "cleanup": cleanup.cleanup,
     "cleanup.plan": lambda: [list(i) for i in cleanup.plan()],
 }

@@ -1,0 +1,376 @@
+"""The engine: containers as Docker has them, made of labkit's mechanisms.
+
+A container is an image's overlay root (:mod:`~labkit.agent.images`), a cgroup with its limits
+(:mod:`~labkit.agent.cgroups`), a process in its own namespaces with a pivot_root into that root
+(:mod:`~labkit.agent.launch`), and an address on a labkit network with published ports
+(:mod:`~labkit.agent.network`). Its monitor (``launch ... monitor``, like conmon) is the parent of the
+container's PID 1, outlives the client, keeps the log and writes the exit status.
+
+On disk: /var/lib/labkit/containers/<id>/ (config.json, image.json, upper/work/merged, container.log),
+/var/lib/labkit/names/<name> -> <id> (atomic: no two containers get one name), /run/labkit/containers/<id>/
+(state.json while it runs, exit.json when it ended). Standard library only.
+"""
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import time
+
+from ..errors import InvalidSpec, LabkitError, MechanismError, NotFound
+from ..specs import (CONTAINERS_DIR, RUN_DIR, STATE_DIR, CgroupSpec, ImageRef, PortSpec, ProcessSpec, check_name,
+                     parse_bind)
+from . import cgroups, images, network
+from .namespaces import host_context
+from .runner import Recorder, env_for_children, pid_starttime, read_text, run
+
+NAMES = STATE_DIR + "/names"
+RUNTIME = RUN_DIR + "/containers"
+NAMESPACES = ("uts", "pid", "mnt", "ipc", "net", "cgroup")
+
+
+def _cg(cid):
+    return "c-" + cid
+
+
+def _resolve(ref):
+    """Container id from an id, an id prefix or a name."""
+    if not isinstance(ref, str) or not ref:
+        raise InvalidSpec(f"{ref!r} is not a container name or id", fix="see `labkit ps -a`")
+    if re.match(r"^[a-z0-9][a-z0-9_.-]{0,62}$", ref) and ".." not in ref and os.path.islink(f"{NAMES}/{ref}"):
+        return os.readlink(f"{NAMES}/{ref}")
+    if re.match(r"^[0-9a-f]{3,12}$", ref) and os.path.isdir(CONTAINERS_DIR):
+        hits = [c for c in os.listdir(CONTAINERS_DIR) if c.startswith(ref) and
+                os.path.exists(f"{CONTAINERS_DIR}/{c}/config.json")]
+        if len(hits) == 1:
+            return hits[0]
+        if len(hits) > 1:
+            raise InvalidSpec(f"{ref!r} matches several containers", fix="give more of the id, or the name")
+    raise NotFound(f"no such container: {ref}", fix="see `labkit ps -a`")
+
+
+def _config(cid):
+    text = read_text(f"{CONTAINERS_DIR}/{cid}/config.json")
+    if text is None:
+        raise NotFound(f"no such container: {cid}", fix="see `labkit ps -a`")
+    return json.loads(text)
+
+
+def _state(cid):
+    st = json.loads(read_text(f"{RUNTIME}/{cid}/state.json") or "null")
+    ex = json.loads(read_text(f"{RUNTIME}/{cid}/exit.json") or "null")
+    running = bool(st and st.get("pid") and pid_starttime(st["pid"]) == st.get("starttime")
+                   and ") Z " not in (read_text(f"/proc/{st['pid']}/stat") or ""))
+    return st, ex, running
+
+
+def create(image="busybox", name=None, cmd=None, env=None, hostname=None, ports=(), memory=None, cpus=None,
+           pids=None, volumes=(), read_only=False, workdir=None, user=None, network_name="default"):
+    """`docker create`: the root, the cgroup and the config, nothing running yet."""
+    ref = ImageRef.parse(image)
+    img = images.load_image(ref)
+    ports = [PortSpec.parse(p).to_dict() for p in ports or ()]
+    binds = [parse_bind(v) if isinstance(v, str) else tuple(v) for v in volumes or ()]
+    for src, _, _ in binds:
+        if not os.path.exists(src):
+            raise InvalidSpec(f"volume source {src} does not exist on the target", fix="create it first")
+    CgroupSpec(name="x", memory=memory, cpus=cpus, pids=pids)  # validate the limits before anything is made
+    if cmd is not None and (isinstance(cmd, str) or not all(isinstance(a, str) for a in cmd)):
+        raise InvalidSpec(f"cmd {cmd!r} must be a list of strings", fix="e.g. ['httpd', '-f']")
+    cid = secrets.token_hex(6)
+    name = check_name(name, "container name") if name else f"{ref.name.split('/')[-1]}-{cid[:6]}"
+    os.makedirs(NAMES, exist_ok=True)
+    try:
+        os.symlink(cid, f"{NAMES}/{name}")
+    except FileExistsError:
+        raise InvalidSpec(f"the container name {name!r} is already in use by container "
+                          f"{os.readlink(f'{NAMES}/{name}')}", fix="remove that container (labkit rm) or choose "
+                          "another name") from None
+    rec = Recorder(f"create container {name} from {ref}")
+    try:
+        merged = images.mount_container_root(img, cid, rec)
+        d = images.container_dir(cid)
+        with open(f"{d}/image.json", "w") as f:
+            json.dump(img, f)
+        cg = cgroups.create(CgroupSpec(name=_cg(cid), memory=memory, cpus=cpus, pids=pids).to_dict())
+        rec.steps += cg["steps"]
+        cfg = {"id": cid, "name": name, "image": str(ref), "image_id": img["id"], "created": time.time(),
+               "cmd": list(cmd) if cmd else list(img["config"].get("Cmd") or ["/bin/sh"]),
+               "env": list(img["config"].get("Env") or []) + [f"{k}={v}" for k, v in (env or {}).items()],
+               "hostname": hostname or cid, "workdir": workdir or img["config"].get("WorkingDir") or "/",
+               "ports": ports, "binds": [list(b) for b in binds], "read_only": bool(read_only), "user": user,
+               "network": network_name, "limits": {"memory": memory, "cpus": cpus, "pids": pids},
+               "merged": merged, "upper": f"{d}/upper", "lowers": [images.layer_dir(x) for x in reversed(img["layers"])]}
+        with open(f"{d}/config.json", "w") as f:
+            json.dump(cfg, f, indent=1)
+    except BaseException:
+        _teardown(cid, rec)
+        os.unlink(f"{NAMES}/{name}")
+        raise
+    return rec.to_dict(id=cid, name=name)
+
+
+def start(ref, timeout=30):
+    """`docker start`: network, namespaces, cgroup, root; the monitor stays as its parent."""
+    cid = _resolve(ref)
+    cfg = _config(cid)
+    _, _, running = _state(cid)
+    if running:
+        raise InvalidSpec(f"container {cfg['name']} is already running", fix="stop it first")
+    rec = Recorder(f"start container {cfg['name']}")
+    images.ensure_mounted(cid, json.loads(read_text(f"{images.container_dir(cid)}/image.json"))["layers"], rec)
+    if cfg["network"]:
+        try:
+            network.inspect(cfg["network"])
+        except NotFound:
+            rec.steps += network.create(cfg["network"])["steps"]
+    env = dict(e.split("=", 1) for e in cfg["env"])
+    spec = ProcessSpec(argv=tuple(cfg["cmd"]), namespaces=NAMESPACES if cfg["network"] else
+                       tuple(n for n in NAMESPACES if n != "net"), hostname=cfg["hostname"][:63],
+                       rootfs=cfg["merged"], root_mode="pivot_root", env=tuple(sorted(env.items())),
+                       cwd=cfg["workdir"], cgroup=_cg(cid), network=cfg["network"] or None,
+                       ports=tuple(f"{p['host_ip']}:{p['host_port']}:{p['container_port']}/{p['proto']}"
+                                   for p in cfg["ports"]),
+                       binds=tuple(tuple(b) for b in cfg["binds"]), read_only=cfg["read_only"], user=cfg["user"])
+    rt = f"{RUNTIME}/{cid}"
+    os.makedirs(rt, exist_ok=True)
+    for f in ("exit.json", "state.json", "start.json"):
+        if os.path.exists(f"{rt}/{f}"):
+            os.unlink(f"{rt}/{f}")
+    ctx = host_context(None)
+    ctx["owner"] = cid
+    ctx["exit_path"] = f"{rt}/exit.json"
+    ctx["cgroup_procs"] = cgroups.procs_files(_cg(cid))
+    ctx["cgroup_home"] = cgroups.home_procs_files(ctx["cgroup_procs"])
+    argv = [sys.executable, "-m", "labkit.agent.launch", f"{rt}/start.json", json.dumps(spec.to_dict()),
+            json.dumps(ctx), "monitor"]
+    log = open(f"{images.container_dir(cid)}/container.log", "ab")
+    try:
+        subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env_for_children(),
+                       start_new_session=True, cwd="/", check=True, timeout=timeout)
+    except subprocess.CalledProcessError as exc:
+        raise MechanismError(f"the monitor of {cfg['name']} failed to start (exit {exc.returncode})") from None
+    finally:
+        log.close()
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        text = read_text(f"{rt}/start.json")
+        if text:
+            break
+        time.sleep(0.005)
+    else:
+        raise MechanismError(f"container {cfg['name']} did not start within {timeout} s",
+                             fix=f"see its log: labkit logs {cfg['name']}")
+    report = json.loads(text)
+    if report.get("error"):
+        from ..errors import from_wire
+        raise from_wire(report["error"])
+    state = {"pid": report["pid"], "starttime": pid_starttime(report["pid"]), "monitor": report.get("monitor"),
+             "started": time.time(), "net": report.get("net")}
+    with open(f"{rt}/state.json", "w") as f:
+        json.dump(state, f)
+    rec.steps += report["steps"]
+    rec.fact("pid", report["pid"])
+    rec.fact("net", report.get("net"))
+    return rec.to_dict(id=cid, name=cfg["name"])
+
+
+def _wait_exit(cid, timeout):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if os.path.exists(f"{RUNTIME}/{cid}/exit.json"):
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def stop(ref, timeout=10):
+    """`docker stop`: SIGTERM, then SIGKILL after ``timeout`` seconds."""
+    cid = _resolve(ref)
+    cfg = _config(cid)
+    st, _, running = _state(cid)
+    rec = Recorder(f"stop container {cfg['name']}")
+    if running:
+        os.kill(st["pid"], signal.SIGTERM)
+        rec.add({"kind": "syscall", "call": "kill", "args": [st["pid"], "SIGTERM"], "result": 0, "errno": None,
+                 "duration": 0})
+        if not _wait_exit(cid, timeout):
+            try:
+                os.kill(st["pid"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            rec.add({"kind": "syscall", "call": "kill", "args": [st["pid"], "SIGKILL"], "result": 0,
+                     "errno": None, "duration": 0})
+            _wait_exit(cid, 10)
+    _, ex, _ = _state(cid)
+    rec.fact("exit_code", (ex or {}).get("exit_code"))
+    return rec.to_dict(id=cid, name=cfg["name"])
+
+
+def wait(ref, timeout=3600):
+    cid = _resolve(ref)
+    _wait_exit(cid, timeout)
+    _, ex, _ = _state(cid)
+    return {"exit_code": (ex or {}).get("exit_code")}
+
+
+def _teardown(cid, rec):
+    try:
+        cgroups.remove(_cg(cid))
+    except LabkitError:
+        pass
+    images.remove_container_root(cid, rec)
+
+
+def rm(ref, force=False):
+    """`docker rm`: refuse a running container unless ``force``; undo root, cgroup, name, state."""
+    cid = _resolve(ref)
+    cfg = _config(cid)
+    _, _, running = _state(cid)
+    rec = Recorder(f"remove container {cfg['name']}")
+    if running:
+        if not force:
+            raise InvalidSpec(f"container {cfg['name']} is running", fix=f"stop it first (labkit stop {cfg['name']}) "
+                              "or use rm -f")
+        stop(cid, timeout=0)
+    if cfg["network"]:
+        network.disconnect(cfg["network"], cid)
+    _teardown(cid, rec)
+    for path in (f"{NAMES}/{cfg['name']}",):
+        if os.path.islink(path) and os.readlink(path) == cid:
+            os.unlink(path)
+    run(["rm", "-rf", f"{RUNTIME}/{cid}"], recorder=rec)
+    return rec.to_dict(id=cid, name=cfg["name"])
+
+
+def _ago(t):
+    s = max(0, int(time.time() - t))
+    for unit, n in (("hours", 3600), ("minutes", 60)):
+        if s >= n:
+            return f"{s // n} {unit}"
+    return f"{s} seconds"
+
+
+def _row(cid):
+    cfg = _config(cid)
+    st, ex, running = _state(cid)
+    if running:
+        status = f"Up {_ago(st['started'])}"
+    elif ex:
+        status = f"Exited ({ex.get('exit_code')}) {_ago(ex.get('finished', time.time()))} ago"
+    else:
+        status = "Created"
+    ports = ", ".join(f"{p['host_ip']}:{p['host_port']}->{p['container_port']}/{p['proto']}" for p in cfg["ports"])
+    return {"id": cid, "name": cfg["name"], "image": cfg["image"], "command": " ".join(cfg["cmd"]),
+            "created": cfg["created"], "status": status, "running": running, "ports": ports}
+
+
+def ps(all=False):
+    if not os.path.isdir(CONTAINERS_DIR):
+        return []
+    rows = [_row(c) for c in sorted(os.listdir(CONTAINERS_DIR)) if os.path.exists(f"{CONTAINERS_DIR}/{c}/config.json")]
+    return sorted([r for r in rows if all or r["running"]], key=lambda r: -r["created"])
+
+
+def logs(ref, offset=0):
+    cid = _resolve(ref)
+    path = f"{images.container_dir(cid)}/container.log"
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(1 << 20)
+    _, _, running = _state(cid)
+    return {"text": data.decode("utf-8", "replace"), "offset": offset + len(data), "running": running}
+
+
+def top(ref):
+    """The processes in the container's cgroup, as the host sees them (pid, uid, command)."""
+    cid = _resolve(ref)
+    out = []
+    for pid in cgroups.pids(_cg(cid)):
+        status = read_text(f"/proc/{pid}/status") or ""
+        uid = next((ln.split()[1] for ln in status.splitlines() if ln.startswith("Uid:")), "?")
+        cmd = (read_text(f"/proc/{pid}/cmdline") or "").replace("\0", " ").strip()
+        out.append({"pid": pid, "uid": uid, "cmd": cmd})
+    return out
+
+
+def inspect(ref):
+    """A `docker inspect`-shaped view of the container."""
+    cid = _resolve(ref)
+    cfg = _config(cid)
+    st, ex, running = _state(cid)
+    net = (st or {}).get("net") or {}
+    return {
+        "Id": cid, "Name": "/" + cfg["name"], "Created": cfg["created"], "Image": cfg["image_id"],
+        "State": {"Status": "running" if running else ("exited" if ex else "created"), "Running": running,
+                  "Pid": (st or {}).get("pid") if running else 0, "ExitCode": (ex or {}).get("exit_code"),
+                  "StartedAt": (st or {}).get("started"), "FinishedAt": (ex or {}).get("finished")},
+        "Config": {"Image": cfg["image"], "Cmd": cfg["cmd"], "Env": cfg["env"], "Hostname": cfg["hostname"],
+                   "WorkingDir": cfg["workdir"], "User": cfg["user"] or ""},
+        "HostConfig": {"Memory": cfg["limits"]["memory"], "NanoCpus": cfg["limits"]["cpus"],
+                       "PidsLimit": cfg["limits"]["pids"], "Binds": [":".join([b[0], b[1]] + (["ro"] if b[2] else []))
+                                                                      for b in cfg["binds"]],
+                       "ReadonlyRootfs": cfg["read_only"],
+                       "PortBindings": {f"{p['container_port']}/{p['proto']}": [{"HostIp": p["host_ip"],
+                                                                                 "HostPort": str(p["host_port"])}]
+                                        for p in cfg["ports"]}},
+        "NetworkSettings": {"IPAddress": net.get("ip", "") if running else "", "Gateway": net.get("gateway", "")
+                            if running else "", "Network": cfg["network"]},
+        "GraphDriver": {"Name": "overlay", "Data": {"LowerDir": ":".join(cfg["lowers"]), "UpperDir": cfg["upper"],
+                                                     "MergedDir": cfg["merged"]}},
+    }
+
+
+def exec_in(ref, argv, timeout=60):
+    """`docker exec`: join the container's namespaces, root and cgroup (nsenter), run argv."""
+    cid = _resolve(ref)
+    cfg = _config(cid)
+    st, _, running = _state(cid)
+    if not running:
+        raise InvalidSpec(f"container {cfg['name']} is not running", fix=f"start it: labkit start {cfg['name']}")
+    if isinstance(argv, str) or not argv:
+        raise InvalidSpec(f"argv must be a non-empty list, got {argv!r}", fix="e.g. ['ps']")
+    flags = {"uts": "--uts", "pid": "--pid", "mnt": "--mount", "ipc": "--ipc", "net": "--net", "cgroup": "--cgroup"}
+    nsenter = ["nsenter", "--target", str(st["pid"])] + [flags[n] for n in NAMESPACES
+                                                         if n != "net" or cfg["network"]] + ["--root", "--wd", "--"]
+    procs = " ".join(cgroups.procs_files(_cg(cid)))
+    env = [f"{e}" for e in cfg["env"]]
+    # join the cgroup first (this shell's pid, then exec keeps it), then the namespaces and root
+    join = 'for f in $LK_PROCS; do echo $$ > "$f"; done; exec "$@"'
+    argv_full = ["sh", "-c", join, "sh"] + nsenter + ["env", "-i"] + env + [str(a) for a in argv]
+    rec = Recorder(f"exec {list(argv)} in {cfg['name']}")
+    res = run(argv_full, recorder=rec, check=False, timeout=timeout, env={"LK_PROCS": procs})
+    return rec.to_dict(exit_code=res.exit_code, stdout=res.stdout, stderr=res.stderr)
+
+
+def image_in_use(ref):
+    """Names of containers (any state) created from image ``ref``."""
+    ref = str(ImageRef.parse(ref))
+    return [r["name"] for r in ps(all=True) if r["image"] == ref]
+
+
+def rmi(ref):
+    users = image_in_use(ref)
+    if users:
+        raise InvalidSpec(f"conflict: unable to remove image {ImageRef.parse(ref)}: it is used by container(s) "
+                          f"{', '.join(users)}", fix=f"remove the container first: labkit rm {users[0]}")
+    return images.rmi(ref)
+
+
+def cleanup(rec):
+    """Kill every container's monitor and process (cleanup's part for the engine)."""
+    if not os.path.isdir(RUNTIME):
+        return
+    for cid in os.listdir(RUNTIME):
+        st = json.loads(read_text(f"{RUNTIME}/{cid}/state.json") or "null") or {}
+        for key in ("pid", "monitor"):
+            pid = st.get(key)
+            if pid and pid_starttime(pid) is not None:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    rec.add({"kind": "syscall", "call": "kill", "args": [pid, "SIGKILL"], "result": 0,
+                             "errno": None, "duration": 0})
+                except ProcessLookupError:
+                    pass
