@@ -63,6 +63,208 @@ def cmd_lab(args):
     return 0
 
 
+# --- the docker-like verbs -----------------------------------------------------------------------
+
+def _kv(pairs):
+    out = {}
+    for p in pairs or []:
+        k, sep, v = p.partition("=")
+        if not sep:
+            v = os.environ.get(k, "")
+        out[k] = v
+    return out
+
+
+def _create_kw(args):
+    return dict(name=args.name, env=_kv(args.env), hostname=args.hostname, ports=args.publish or [],
+                memory=args.memory, cpus=args.cpus, pids_limit=args.pids_limit, volumes=args.volume or [],
+                read_only=args.read_only, workdir=args.workdir, user=args.user,
+                network=None if args.network == "none" else args.network)
+
+
+def cmd_create(args):
+    c = _lab(args).create(args.image, args.cmd or None, **_create_kw(args))
+    print(c.id)
+    return 0
+
+
+def cmd_run(args):
+    lab = _lab(args)
+    c = lab.create(args.image, args.cmd or None, **_create_kw(args))
+    try:
+        c.start()
+    except LabkitError:
+        c.rm(force=True)
+        raise
+    if args.detach:
+        print(c.id)
+        return 0
+    code = _follow(lab, c.id)
+    if args.rm:
+        c.rm(force=True)
+    return code if code is not None else 0
+
+
+def _follow(lab, ref, follow=True):
+    import time
+    offset = 0
+    while True:
+        chunk = lab.call("container.logs", ref=ref, offset=offset)
+        sys.stdout.write(chunk["text"])
+        sys.stdout.flush()
+        offset = chunk["offset"]
+        if not follow or (not chunk["running"] and not chunk["text"]):
+            break
+        if not chunk["text"]:
+            time.sleep(0.1)
+    return lab.call("container.wait", ref=ref, timeout=1)["exit_code"] if follow else 0
+
+
+def cmd_start(args):
+    lab = _lab(args)
+    for ref in args.containers:
+        lab.call("container.start", ref=ref)
+        print(ref)
+    return 0
+
+
+def cmd_stop(args):
+    lab = _lab(args)
+    for ref in args.containers:
+        lab.call("container.stop", ref=ref, timeout=args.time)
+        print(ref)
+    return 0
+
+
+def cmd_rm(args):
+    lab = _lab(args)
+    for ref in args.containers:
+        lab.call("container.rm", ref=ref, force=args.force)
+        print(ref)
+    return 0
+
+
+def _ago(t):
+    import time
+    s = max(0, int(time.time() - (t or 0)))
+    for unit, n in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if s >= n:
+            return f"{s // n} {unit} ago"
+    return f"{s} seconds ago"
+
+
+def cmd_ps(args):
+    from .records import text_table
+    rows = [{"CONTAINER ID": r["id"], "IMAGE": r["image"], "COMMAND": '"' + r["command"][:20] + '"',
+             "CREATED": _ago(r["created"]), "STATUS": r["status"], "PORTS": r["ports"], "NAMES": r["name"]}
+            for r in _lab(args).call("container.ps", all=args.all)]
+    print(text_table(rows, ["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES"]))
+    return 0
+
+
+def cmd_logs(args):
+    _follow(_lab(args), args.container, follow=args.follow)
+    return 0
+
+
+def cmd_top(args):
+    from .records import text_table
+    rows = [{"PID": p["pid"], "UID": p["uid"], "CMD": p["cmd"]} for p in _lab(args).call("container.top", ref=args.container)]
+    print(text_table(rows, ["PID", "UID", "CMD"]))
+    return 0
+
+
+def render_format(template, data):
+    """The part of Go templates that `docker inspect --format` users type: {{.A.B}} and {{json .A}}."""
+    import re
+
+    def value(path):
+        v = data
+        for part in [p for p in path.split(".") if p]:
+            v = v.get(part) if isinstance(v, dict) else None
+        return v
+
+    def sub(m):
+        expr = m.group(1).strip()
+        if expr.startswith("json "):
+            return json.dumps(value(expr[5:].strip()))
+        v = value(expr)
+        return "" if v is None else (json.dumps(v) if isinstance(v, (dict, list)) else str(v))
+    return re.sub(r"\{\{\s*(.*?)\s*\}\}", sub, template)
+
+
+def cmd_inspect(args):
+    lab = _lab(args)
+    out = [lab.call("container.inspect", ref=ref) for ref in args.containers]
+    if args.format:
+        for o in out:
+            print(render_format(args.format, o))
+    else:
+        print(json.dumps(out, indent=4))
+    return 0
+
+
+def cmd_exec(args):
+    res = _lab(args).call("container.exec", ref=args.container, argv=args.cmd)
+    sys.stdout.write(res["stdout"])
+    sys.stderr.write(res["stderr"])
+    return res["exit_code"]
+
+
+def cmd_images(args):
+    from .records import text_table
+    rows = []
+    for i in _lab(args).call("image.list"):
+        repo, _, tag = i["ref"].rpartition(":")
+        rows.append({"REPOSITORY": repo, "TAG": tag, "IMAGE ID": i["id"].split(":")[1][:12],
+                     "CREATED": _ago(i["created"]), "SIZE": f"{i['size'] / 1e6:.1f}MB"})
+    print(text_table(rows, ["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"]))
+    return 0
+
+
+def cmd_rmi(args):
+    lab = _lab(args)
+    for ref in args.images:
+        lab.call("container.rmi", ref=ref)
+        print(f"Untagged: {ref}")
+    return 0
+
+
+def cmd_build(args):
+    recipe_path = args.file or os.path.join(args.context, "Dockerfile")
+    if not os.path.exists(recipe_path) and not args.file:
+        recipe_path = os.path.join(args.context, "Labkitfile")
+    with open(recipe_path) as f:
+        recipe = f.read()
+    context = {}
+    for dirpath, _, files in os.walk(args.context):
+        for fn in files:
+            full = os.path.join(dirpath, fn)
+            rel = os.path.relpath(full, args.context)
+            if full != recipe_path and os.path.getsize(full) < (8 << 20):
+                try:
+                    context[rel] = open(full, encoding="utf-8").read()
+                except UnicodeDecodeError:
+                    continue
+    rec = _lab(args).build(recipe, args.tag, context=context, no_cache=args.no_cache)
+    for st in rec["steps"]:
+        print(f"Step {st['step']}/{len(rec['steps'])} : {st['line']}" + ("  (cached)" if st["cached"] else
+                                                                         f"  ({st['seconds']:.2f} s)"))
+    print(f"Successfully built {rec['image']['id'].split(':')[1][:12]}\nSuccessfully tagged {rec['image']['ref']}")
+    return 0
+
+
+def cmd_commit(args):
+    rec = _lab(args).call("image.commit", cid=args.container, ref=args.ref, message=args.message or "commit")
+    print(rec["image"]["id"])
+    return 0
+
+
+def cmd_tag(args):
+    _lab(args).tag(args.source, args.target)
+    return 0
+
+
 def cmd_assign(args):
     from .assign import write_student_editions
     for p in write_student_editions(args.source, args.output):
@@ -88,6 +290,82 @@ def main(argv=None):
     lab.add_argument("--full", action="store_true", help="full mode instead of quick mode")
     lab.add_argument("notebooks", nargs="*")
     lab.set_defaults(fn=cmd_lab)
+    def container_flags(sp):
+        sp.add_argument("--name")
+        sp.add_argument("-e", "--env", action="append", help="KEY=VALUE")
+        sp.add_argument("-p", "--publish", action="append", help="[HOST_IP:]HOST_PORT:CONTAINER_PORT[/tcp]")
+        sp.add_argument("-v", "--volume", action="append", help="HOST_PATH:CONTAINER_PATH[:ro]")
+        sp.add_argument("-h", "--hostname")
+        sp.add_argument("-m", "--memory", help="e.g. 64m")
+        sp.add_argument("--cpus", type=float)
+        sp.add_argument("--pids-limit", type=int)
+        sp.add_argument("--read-only", action="store_true")
+        sp.add_argument("-w", "--workdir")
+        sp.add_argument("-u", "--user", help="uid[:gid]")
+        sp.add_argument("--network", default="default", help="a labkit network, or none")
+        sp.add_argument("image")
+        sp.add_argument("cmd", nargs=argparse.REMAINDER)
+
+    sp = sub.add_parser("create", parents=[common], help="create a container", add_help=False)
+    container_flags(sp)
+    sp.set_defaults(fn=cmd_create)
+    sp = sub.add_parser("run", parents=[common], help="create and start a container", add_help=False)
+    sp.add_argument("-d", "--detach", action="store_true")
+    sp.add_argument("--rm", action="store_true")
+    sp.add_argument("-i", "--interactive", action="store_true", help="accepted; the log is streamed")
+    sp.add_argument("-t", "--tty", action="store_true", help="accepted; the log is streamed")
+    container_flags(sp)
+    sp.set_defaults(fn=cmd_run)
+    for verb, fn, helptext in (("start", cmd_start, "start containers"), ("stop", cmd_stop, "stop containers"),
+                               ("rm", cmd_rm, "remove containers")):
+        sp = sub.add_parser(verb, parents=[common], help=helptext)
+        sp.add_argument("containers", nargs="+")
+        if verb == "stop":
+            sp.add_argument("-t", "--time", type=float, default=10)
+        if verb == "rm":
+            sp.add_argument("-f", "--force", action="store_true")
+        sp.set_defaults(fn=fn)
+    sp = sub.add_parser("ps", parents=[common], help="list containers")
+    sp.add_argument("-a", "--all", action="store_true")
+    sp.set_defaults(fn=cmd_ps)
+    sp = sub.add_parser("logs", parents=[common], help="a container's output")
+    sp.add_argument("-f", "--follow", action="store_true")
+    sp.add_argument("container")
+    sp.set_defaults(fn=cmd_logs)
+    sp = sub.add_parser("top", parents=[common], help="a container's processes")
+    sp.add_argument("container")
+    sp.set_defaults(fn=cmd_top)
+    sp = sub.add_parser("inspect", parents=[common], help="a container's details (JSON)")
+    sp.add_argument("-f", "--format")
+    sp.add_argument("containers", nargs="+")
+    sp.set_defaults(fn=cmd_inspect)
+    sp = sub.add_parser("exec", parents=[common], help="run a command in a running container")
+    sp.add_argument("-i", "--interactive", action="store_true")
+    sp.add_argument("-t", "--tty", action="store_true")
+    sp.add_argument("container")
+    sp.add_argument("cmd", nargs=argparse.REMAINDER)
+    sp.set_defaults(fn=cmd_exec)
+    sp = sub.add_parser("images", parents=[common], help="list images")
+    sp.set_defaults(fn=cmd_images)
+    sp = sub.add_parser("rmi", parents=[common], help="remove images")
+    sp.add_argument("images", nargs="+")
+    sp.set_defaults(fn=cmd_rmi)
+    sp = sub.add_parser("build", parents=[common], help="build an image from a recipe (FROM RUN COPY ENV WORKDIR CMD)")
+    sp.add_argument("-t", "--tag", required=True)
+    sp.add_argument("-f", "--file")
+    sp.add_argument("--no-cache", action="store_true")
+    sp.add_argument("context")
+    sp.set_defaults(fn=cmd_build)
+    sp = sub.add_parser("commit", parents=[common], help="a container's changes as a new image")
+    sp.add_argument("-m", "--message")
+    sp.add_argument("container")
+    sp.add_argument("ref")
+    sp.set_defaults(fn=cmd_commit)
+    sp = sub.add_parser("tag", parents=[common], help="another name for an image")
+    sp.add_argument("source")
+    sp.add_argument("target")
+    sp.set_defaults(fn=cmd_tag)
+
     a = sub.add_parser("assign", help="write student editions (solutions removed)")
     a.add_argument("--source", default=NOTEBOOK_DIR)
     a.add_argument("--output", default="student-notebooks")

@@ -203,7 +203,8 @@ class Lab:
         return Record(self.call("image.tag", src=str(ImageRef.parse(src)), dst=str(ImageRef.parse(dst))))
 
     def rmi(self, ref):
-        return Record(self.call("image.rmi", ref=str(ImageRef.parse(ref))))
+        """`docker rmi`: refused while any container (running or not) was made from the image."""
+        return Record(self.call("container.rmi", ref=str(ImageRef.parse(ref))))
 
     def prune(self, cache_keys=None, all_cache=False):
         """Forget build-cache entries (given keys, or all) and delete the layers nothing refers to."""
@@ -237,6 +238,41 @@ class Lab:
         """Live state of every labkit network: bridge, ports, members, addresses, published ports."""
         return self.call("net.topology")
 
+    # -- the engine (docker-like containers) -------------------------------------------------------
+    def create(self, image="busybox", cmd=None, name=None, env=None, hostname=None, ports=(), memory=None,
+               cpus=None, pids_limit=None, volumes=(), read_only=False, workdir=None, user=None, network="default"):
+        """`docker create`: returns a :class:`Container` (its root, cgroup and config; nothing runs yet)."""
+        rec = Record(self.call("container.create", image=str(ImageRef.parse(image)), name=name,
+                               cmd=_argv(cmd) if cmd else None, env=dict(env or {}), hostname=hostname,
+                               ports=list(ports), memory=memory, cpus=cpus, pids=pids_limit, volumes=list(volumes),
+                               read_only=read_only, workdir=workdir, user=user, network_name=network))
+        return Container(self, rec["id"], rec["name"], rec)
+
+    def run_container(self, image="busybox", cmd=None, detach=True, rm=False, timeout=600, **kw):
+        """`docker run`: create and start; with ``detach=False`` wait for it and return its exit code and log."""
+        c = self.create(image, cmd, **kw)
+        try:
+            c.start()
+        except LabkitError:
+            c.rm(force=True)
+            raise
+        if detach:
+            return c
+        res = c.wait(timeout)
+        out = Record(exit_code=res["exit_code"], logs=c.logs(), name=c.name, id=c.id)
+        if rm:
+            c.rm(force=True)
+        return out
+
+    def container(self, ref):
+        """A handle on an existing container (by name or id)."""
+        info = self.call("container.inspect", ref=ref)
+        return Container(self, info["Id"], info["Name"].lstrip("/"), Record(info))
+
+    def containers(self, all=False):
+        """`docker ps [-a]`."""
+        return [Record(r) for r in self.call("container.ps", all=all)]
+
     # -- housekeeping -----------------------------------------------------------------------------
     def release(self, *handles):
         """Stop/remove the given handles (None is skipped): the end-of-notebook tidy-up."""
@@ -249,6 +285,8 @@ class Lab:
                 h.remove()
             elif isinstance(h, Network) and h.created:
                 h.remove()
+            elif isinstance(h, Container):
+                h.rm(force=True)
 
     def cleanup(self, dry_run=False):
         """Remove every kernel object labkit made on the target (and nothing else)."""
@@ -426,6 +464,55 @@ class Cgroup(_Handle):
         self.remove()
 
 
+class Container(_Handle):
+    """A container on the target. ``with`` removes it (rm -f) when the block ends."""
+
+    def __init__(self, lab, cid, name, record):
+        self.lab, self.id, self.name, self.record = lab, cid, name, record
+
+    def start(self):
+        self.record = Record(self.lab.call("container.start", ref=self.id))
+        return self
+
+    def stop(self, timeout=10):
+        return Record(self.lab.call("container.stop", ref=self.id, timeout=timeout))
+
+    def wait(self, timeout=3600):
+        return self.lab.call("container.wait", ref=self.id, timeout=timeout)
+
+    def rm(self, force=False):
+        return Record(self.lab.call("container.rm", ref=self.id, force=force))
+
+    def logs(self):
+        return self.lab.call("container.logs", ref=self.id)["text"]
+
+    def top(self):
+        return self.lab.call("container.top", ref=self.id)
+
+    def inspect(self):
+        return self.lab.call("container.inspect", ref=self.id)
+
+    def exec(self, argv, timeout=60):
+        return Record(self.lab.call("container.exec", ref=self.id, argv=_argv(argv), timeout=timeout))
+
+    def commit(self, ref):
+        return Record(self.lab.call("image.commit", cid=self.id, ref=str(ImageRef.parse(ref)), message=f"from {self.name}"))
+
+    @property
+    def ip(self):
+        return self.inspect()["NetworkSettings"]["IPAddress"]
+
+    @property
+    def status(self):
+        return self.inspect()["State"]["Status"]
+
+    def __repr__(self):
+        return f"<Container {self.name} {self.id}>"
+
+    def _undo(self):
+        self.rm(force=True)
+
+
 class Process(_Handle):
     """A process started in namespaces. ``with`` stops it when the block ends."""
 
@@ -468,4 +555,4 @@ class Process(_Handle):
                 raise
 
 
-__all__ = ["connect", "Lab", "Rootfs", "Process", "Cgroup", "OverlayRoot", "Network", "NAMESPACES", "PrivilegeError"]
+__all__ = ["connect", "Lab", "Rootfs", "Process", "Cgroup", "OverlayRoot", "Network", "Container", "NAMESPACES", "PrivilegeError"]

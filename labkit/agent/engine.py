@@ -61,7 +61,8 @@ def _config(cid):
 def _state(cid):
     st = json.loads(read_text(f"{RUNTIME}/{cid}/state.json") or "null")
     ex = json.loads(read_text(f"{RUNTIME}/{cid}/exit.json") or "null")
-    running = bool(st and st.get("pid") and pid_starttime(st["pid"]) == st.get("starttime")
+    running = bool(st and st.get("pid") and st.get("starttime") is not None and not ex
+                   and pid_starttime(st["pid"]) == st["starttime"]
                    and ") Z " not in (read_text(f"/proc/{st['pid']}/stat") or ""))
     return st, ex, running
 
