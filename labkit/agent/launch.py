@@ -190,6 +190,8 @@ def launch(spec, ctx, detached):
                     report["steps"] = rec.steps + msg["steps"]
     finally:
         os.close(go_w)
+    if report.get("net_error"):
+        report["error"] = report["net_error"]  # the cause, not the child's "the launcher did not connect"
     if not report["steps"]:
         report["steps"] = rec.steps
     return report, c
@@ -244,8 +246,6 @@ def main(argv=None):
             report["signal"] = signal.Signals(-exit_code).name
             exit_code = 128 - exit_code
     report["exit_code"] = exit_code
-    if report.get("net_error"):
-        report["error"] = report["net_error"]
     if report.get("net") and (exit_code is not None or report["error"] is not None):
         report["steps"] += network.disconnect(spec.network, ctx["owner"])["steps"]  # the run is over
     if spec.action == "escape":

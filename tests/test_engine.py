@@ -1,0 +1,166 @@
+"""The engine, verb by verb, with real containers: lifecycle, survival, stop escalation, exec, ports,
+concurrency, and bad input leaving nothing half-made."""
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from labkit.errors import InvalidSpec, NotFound
+
+from conftest import REPO
+
+pytestmark = pytest.mark.privileged
+WEB = ["httpd", "-f", "-p", "80", "-h", "/var/www"]
+
+
+def http(url, tries=60):
+    for _ in range(tries):
+        try:
+            return urllib.request.urlopen(url, timeout=3).read().decode()
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"no answer from {url}")
+
+
+@pytest.fixture(autouse=True)
+def tidy(lab):
+    yield
+    for c in lab.containers(all=True):
+        if c["name"].startswith("t-"):
+            lab.container(c["id"]).rm(force=True)
+    for n in lab.networks():
+        if n["spec"]["name"] == "default" and not n["members"]:
+            lab.call("net.remove", name="default")
+
+
+def test_lifecycle_verb_by_verb(lab):
+    c = lab.create("busybox", WEB, name="t-web", ports=["18100:80"], memory="64M", pids_limit=64,
+                   hostname="webserver", env={"GREETING": "hi"})
+    assert c.status == "created" and any(r["name"] == "t-web" for r in lab.containers(all=True))
+    assert not any(r["name"] == "t-web" for r in lab.containers())
+    c.start()
+    assert "Hello from a labkit container" in http("http://127.0.0.1:18100/")
+    info = c.inspect()
+    assert info["State"]["Running"] and info["Config"]["Hostname"] == "webserver"
+    ip = info["NetworkSettings"]["IPAddress"]
+    assert ip.startswith("10.213.0.") and "Hello" in http(f"http://{ip}/")
+    assert info["HostConfig"]["Memory"] == "64M" and info["GraphDriver"]["Name"] == "overlay"
+    assert [p["cmd"] for p in c.top()] == [" ".join(WEB)]
+    assert c.exec(["sh", "-c", "echo $GREETING; hostname"]).stdout.split() == ["hi", "webserver"]
+    c.exec(["sh", "-c", "echo '<h1>changed</h1>' > /var/www/index.html"])
+    assert "changed" in http("http://127.0.0.1:18100/")
+    with pytest.raises(InvalidSpec, match="is running"):
+        c.rm()
+    c.stop(timeout=1)
+    assert c.status == "exited" and c.inspect()["State"]["ExitCode"] == 137  # httpd as PID 1 ignores SIGTERM
+    img = c.commit("t-committed:v1")
+    assert len(img["image"]["layers"]) == 2
+    with pytest.raises(InvalidSpec, match="used by container"):
+        lab.rmi("t-committed:v1") if False else lab.call("container.rmi", ref="busybox")
+    c.start()  # a stopped container starts again with its changes
+    assert "changed" in http("http://127.0.0.1:18100/")
+    c.rm(force=True)
+    with pytest.raises(NotFound):
+        lab.container("t-web")
+    with lab.create("t-committed:v1", ["cat", "/var/www/index.html"], name="t-from-commit", network=None) as c2:
+        c2.start()
+        c2.wait(10)
+        assert "changed" in c2.logs()
+    lab.rmi("t-committed:v1")
+    lab.prune()
+
+
+def test_run_foreground_returns_exit_code_and_output(lab):
+    res = lab.run_container("busybox", ["sh", "-c", "echo out; echo err >&2; exit 7"], detach=False, rm=True,
+                            name="t-fg", network=None)
+    assert res["exit_code"] == 7 and "out" in res["logs"] and "err" in res["logs"]
+    with pytest.raises(NotFound):
+        lab.container("t-fg")
+
+
+def test_detached_container_survives_its_client(lab):
+    code = ("import sys; sys.path.insert(0, %r); import labkit\n"
+            "c = labkit.connect('local').run_container('busybox', %r, name='t-survivor', ports=['18101:80'])\n"
+            "print(c.id)\n") % (REPO, WEB)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    cid = out.stdout.strip()
+    # the client process is gone; the container and its monitor are not
+    c = lab.container("t-survivor")
+    assert c.id == cid and c.status == "running"
+    assert "Hello" in http("http://127.0.0.1:18101/")
+    subprocess.run([sys.executable, "-m", "labkit.cli", "stop", "-t", "1", "t-survivor"], check=True,
+                   capture_output=True, cwd=REPO)
+    assert c.status == "exited"
+
+
+def test_stop_sends_sigterm_then_sigkill(lab):
+    polite = lab.run_container("busybox", ["sh", "-c", "trap 'exit 0' TERM; while :; do sleep 0.1; done"],
+                               name="t-polite", network=None)
+    rec = polite.stop(timeout=5)
+    assert [s["args"][1] for s in rec["steps"] if s.get("call") == "kill"] == ["SIGTERM"]
+    assert polite.inspect()["State"]["ExitCode"] == 0
+    stubborn = lab.run_container("busybox", ["sh", "-c", "trap '' TERM; while :; do sleep 0.1; done"],
+                                 name="t-stubborn", network=None)
+    t = time.monotonic()
+    rec = stubborn.stop(timeout=0.5)
+    assert [s["args"][1] for s in rec["steps"] if s.get("call") == "kill"] == ["SIGTERM", "SIGKILL"]
+    assert stubborn.inspect()["State"]["ExitCode"] == 137 and time.monotonic() - t < 15
+
+
+def test_exec_lands_in_the_containers_namespaces_and_cgroup(lab):
+    c = lab.run_container("busybox", ["sleep", "1000"], name="t-exec")
+    pid = c.inspect()["State"]["Pid"]
+    mine = {n: lab.run(["readlink", f"/proc/{pid}/ns/{n}"]).stdout.strip() for n in ("pid", "net", "mnt", "uts", "cgroup")}
+    out = c.exec(["sh", "-c", "for n in pid net mnt uts cgroup; do readlink /proc/self/ns/$n; done; "
+                              "cat /proc/self/cgroup; echo $$"]).stdout.split()
+    assert out[:5] == [mine[n] for n in ("pid", "net", "mnt", "uts", "cgroup")]
+    cg_lines = [ln for ln in out[5:-1] if ":" in ln]
+    assert cg_lines and all(ln.endswith(":/") for ln in cg_lines if ln.split(":")[1] in ("", "pids", "memory"))
+    assert int(out[-1]) > 1, "the exec'd shell is a new process in the container's PID namespace"
+
+
+def test_twenty_containers_from_four_clients_without_collisions(lab):
+    code = ("import sys, json; sys.path.insert(0, %r); import labkit\n"
+            "lab = labkit.connect('local')\n"
+            "k = int(sys.argv[1]); out = []\n"
+            "for i in range(5):\n"
+            "    c = lab.run_container('busybox', ['sleep', '1000'], name=f't-many-{k}-{i}')\n"
+            "    out.append([c.name, c.ip])\n"
+            "dup = []\n"
+            "for i in range(3):\n"
+            "    try:\n"
+            "        lab.run_container('busybox', ['sleep', '1000'], name=f't-same-{i}'); dup.append('won')\n"
+            "    except labkit.LabkitError as e:\n"
+            "        dup.append('refused' if 'already in use' in str(e) else str(e))\n"
+            "print(json.dumps([out, dup]))\n") % REPO
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(k)], stdout=subprocess.PIPE, text=True)
+             for k in range(4)]
+    results = [json.loads(p.communicate(timeout=300)[0]) for p in procs]
+    names = [n for out, _ in results for n, _ in out]
+    ips = [ip for out, _ in results for _, ip in out]
+    assert len(names) == 20 == len(set(names)) and len(set(ips)) == 20
+    for i in range(3):  # each contested name went to exactly one client; the others were told why
+        assert sorted(dup[i] for _, dup in results) == ["refused", "refused", "refused", "won"]
+    assert sum(1 for c in lab.containers() if c["name"].startswith(("t-many-", "t-same-"))) == 23
+
+
+def test_bad_input_is_refused_and_leaves_nothing(lab):
+    before = {c["name"] for c in lab.containers(all=True)}
+    with pytest.raises(NotFound, match="no image"):
+        lab.run_container("no-such-image", ["true"], name="t-bad1")
+    with pytest.raises(InvalidSpec, match="not allowed"):
+        lab.run_container("../../etc", ["true"], name="t-bad2")
+    lab.run_container("busybox", WEB, name="t-port", ports=["18102:80"])
+    with pytest.raises(InvalidSpec, match="already taken"):
+        lab.run_container("busybox", WEB, name="t-port2", ports=["18102:80"])
+    with pytest.raises(InvalidSpec, match="already in use"):
+        lab.create("busybox", WEB, name="t-port")
+    with pytest.raises(InvalidSpec, match="too small"):
+        lab.create("busybox", WEB, name="t-tiny", memory="1k")
+    after = {c["name"] for c in lab.containers(all=True)}
+    assert after - before == {"t-port"}, "a refused run leaves no container behind"
+    assert not os.path.islink("/var/lib/labkit/names/t-port2")
