@@ -284,3 +284,59 @@ def container_to_container(lab, web, fetched):
         return 0.5, f"the second container did not get the page from http://{ip}/"
     return True, (f"{facts['net']['ip']} fetched http://{ip}/ over the bridge: containers on one bridge talk "
                   "directly, like machines on one switch.")
+
+
+# -- 06-mini-docker ------------------------------------------------------------------------------
+
+def six_steps(lab, ctr, start_record):
+    from .lab import Container
+    if not isinstance(ctr, Container):
+        return False, "expected the handle that lab.create(...) returns"
+    info = ctr.inspect()
+    done = []
+    if info["State"]["Status"] != "exited":
+        return 0.3, f"the container is {info['State']['Status']}: start it and let its command finish"
+    done.append("it exited and still exists (docker ps -a)")
+    if lab.list_dir(info["GraphDriver"]["Data"]["UpperDir"])["exists"]:
+        done.append(f"its writable layer is {info['GraphDriver']['Data']['UpperDir']}")
+    net = (start_record or {}).get("facts", {}).get("net") if hasattr(start_record, "get") else None
+    if not net:
+        return 0.6, "its start record shows no network interface: keep network='default'"
+    done.append(f"it had eth0 with {net['ip']}")
+    return True, "; ".join(done) + "."
+
+
+def web_published(lab, webserver, port=8080, name="webserver"):
+    name = getattr(webserver, "name", name)
+    try:
+        info = lab.call("container.inspect", ref=name)
+    except Exception:  # noqa: BLE001
+        return False, f"there is no container named {name!r}"
+    if not info["State"]["Running"]:
+        return 0.3, f"{name} exists but is not running: start it"
+    if "80/tcp" not in info["HostConfig"]["PortBindings"]:
+        return 0.5, f"{name} publishes no port 80: create it with ports=['{port}:80']"
+    got = lab.run(["python3", "-c", HTTP_GET, f"http://127.0.0.1:{port}/"])
+    if got.exit_code != 0:
+        return 0.6, f"nothing answers on 127.0.0.1:{port}"
+    return True, f"{name} answers on 127.0.0.1:{port} (its own address: {info['NetworkSettings']['IPAddress']})."
+
+
+def page_changed(lab, marker, port=8080):
+    if not marker:
+        return False, "write a page that contains your marker text"
+    got = lab.run(["python3", "-c", HTTP_GET, f"http://127.0.0.1:{port}/"])
+    if marker not in got.stdout:
+        return 0.3, f"the page does not contain {marker!r} yet: change /var/www/index.html with exec"
+    return True, "the change made with exec is what the server now sends: the container's writable layer holds it."
+
+
+def torn_down(lab, rmi_error, name="webserver", image="course/web:v1"):
+    if not rmi_error or "used by container" not in str(rmi_error):
+        return 0.3, "first try `rmi` while the container still exists, and keep the error it gives"
+    names = [c["name"] for c in lab.call("container.ps", all=True)]
+    if name in names:
+        return 0.5, f"{name} still exists: stop and rm it"
+    if image in [i["ref"] for i in lab.call("image.list")]:
+        return 0.7, f"{image} is still there: rmi it once the container is gone"
+    return True, "stop, rm, then rmi: an image cannot go while any container, even a stopped one, was made from it."
