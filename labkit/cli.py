@@ -260,6 +260,18 @@ def cmd_commit(args):
     return 0
 
 
+def cmd_pull(args):
+    rec = _lab(args).pull(args.image)
+    print(f"{args.image}: pulled {len(rec['image']['layers'])} layers\nDigest: {rec['image']['id']}")
+    return 0
+
+
+def cmd_push(args):
+    rec = _lab(args).push(args.image)
+    print(f"{args.image}: pushed {len(rec['facts']['pushed_blobs'])} new blobs; manifest {rec['facts']['manifest']}")
+    return 0
+
+
 def cmd_tag(args):
     _lab(args).tag(args.source, args.target)
     return 0
@@ -361,6 +373,10 @@ def main(argv=None):
     sp.add_argument("container")
     sp.add_argument("ref")
     sp.set_defaults(fn=cmd_commit)
+    for verb, fn in (("pull", cmd_pull), ("push", cmd_push)):
+        sp = sub.add_parser(verb, parents=[common], help=f"{verb} an image (OCI distribution API)")
+        sp.add_argument("image")
+        sp.set_defaults(fn=fn)
     sp = sub.add_parser("tag", parents=[common], help="another name for an image")
     sp.add_argument("source")
     sp.add_argument("target")

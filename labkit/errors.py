@@ -84,6 +84,10 @@ class MechanismError(LabkitError):
     """A kernel mechanism refused a step (a syscall failed); the message names the step."""
 
 
+class RegistryError(TransportError):
+    """A registry said no, or could not be reached."""
+
+
 class BuildFailed(LabkitError):
     """A recipe line failed; the message shows the line and the end of its output."""
 
@@ -108,4 +112,4 @@ def from_wire(data):
 
 _BY_NAME = {c.__name__: c for c in (
     LabkitError, InvalidSpec, PrivilegeError, UnsupportedHost, TransportError, ProtocolError,
-    AgentTooOld, CommandFailed, CommandTimeout, NotFound, MechanismError, BuildFailed, UnsafeLayer)}
+    AgentTooOld, CommandFailed, CommandTimeout, NotFound, MechanismError, BuildFailed, UnsafeLayer, RegistryError)}

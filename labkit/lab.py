@@ -206,6 +206,18 @@ class Lab:
         """`docker rmi`: refused while any container (running or not) was made from the image."""
         return Record(self.call("container.rmi", ref=str(ImageRef.parse(ref))))
 
+    def pull(self, ref, username=None, password=None):
+        """Pull an image from a registry (OCI distribution API; digests verified)."""
+        return Record(self.call("image.pull", ref=str(ImageRef.parse(ref)), username=username, password=password))
+
+    def push(self, ref, username=None, password=None):
+        """Push a local image to the registry its name points at (host[:port]/name:tag)."""
+        return Record(self.call("image.push", ref=str(ImageRef.parse(ref)), username=username, password=password))
+
+    def search(self, term, registry="127.0.0.1:5000"):
+        """Repositories in a registry's catalog whose name contains ``term``."""
+        return self.call("image.search", term=term, host=registry)
+
     def prune(self, cache_keys=None, all_cache=False):
         """Forget build-cache entries (given keys, or all) and delete the layers nothing refers to."""
         return Record(self.call("image.prune", cache_keys=list(cache_keys or []), all_cache=all_cache))

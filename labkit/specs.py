@@ -328,14 +328,16 @@ class CgroupSpec:
 
 _REF_COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
 _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_HOST_PART = re.compile(r"^(localhost|[a-z0-9-]+(\.[a-z0-9-]+)+|\d{1,3}(\.\d{1,3}){3})(:\d{1,5})?$|^[a-z0-9-]+:\d{1,5}$")
 
 
 @dataclass(frozen=True)
 class ImageRef:
-    """An image reference: ``name[:tag]`` with name = lower-case components separated by '/'.
+    """An image reference: ``[host[:port]/]name[:tag]``, name = lower-case components separated by '/'.
 
     Stored at /var/lib/labkit/images/<name>/<tag>.json, so every component is checked: no '..', no empty
-    component, no leading '/'. (A registry host in front arrives with `labkit pull`.)"""
+    component, no leading '/'. A first component that looks like a host (has a dot or a port, or is
+    localhost) names the registry; without one the registry is Docker Hub."""
     name: str
     tag: str = "latest"
 
@@ -353,6 +355,8 @@ class ImageRef:
 
     def __post_init__(self):
         parts = self.name.split("/")
+        if len(parts) > 1 and _HOST_PART.match(parts[0]):
+            parts = parts[1:]  # a registry host in front: 127.0.0.1:5000/course/web, docker.io/library/nginx
         if ".." in self.name or any(not _REF_COMPONENT.match(p) for p in parts) or len(self.name) > 255:
             raise InvalidSpec(f"image name {self.name!r} is not allowed",
                               fix="use lower-case letters, digits and . _ - in components separated by '/', "
@@ -362,6 +366,20 @@ class ImageRef:
 
     def __str__(self):
         return f"{self.name}:{self.tag}"
+
+    @property
+    def registry(self):
+        """(host, repository) the way a registry client sees this name (Docker Hub by default)."""
+        parts = self.name.split("/")
+        if len(parts) > 1 and _HOST_PART.match(parts[0]):
+            host, repo = parts[0], "/".join(parts[1:])
+        else:
+            host, repo = "docker.io", self.name
+        if host == "docker.io":
+            host = "registry-1.docker.io"
+            if "/" not in repo:
+                repo = "library/" + repo
+        return host, repo
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import traceback
 from .. import protocol
 from ..errors import InvalidSpec, LabkitError, PrivilegeError, UnsupportedHost
 from ..specs import RootfsSpec
-from . import cgroups, cleanup, doctor, engine, images, namespaces, network, process, rootfs
+from . import cgroups, cleanup, doctor, engine, images, namespaces, network, process, registry, rootfs
 from .runner import read_text, run as run_cmd
 
 
@@ -104,6 +104,9 @@ METHODS = {
     "container.inspect": engine.inspect,
     "container.exec": engine.exec_in,
     "container.rmi": engine.rmi,
+    "image.pull": registry.pull,
+    "image.push": registry.push,
+    "image.search": registry.search,
     "cleanup": cleanup.cleanup,
     "cleanup.plan": lambda: [list(i) for i in cleanup.plan()],
 }
