@@ -147,6 +147,8 @@ class ProcessSpec:
       one), a default route, and ``ports`` published as "HOST:CONTAINER", all before the program starts.
     - ``binds``: (host path, path inside, read-only) bind mounts into the rootfs (needs 'mnt');
       ``read_only``: the root is mounted read-only; ``user``: "uid[:gid]" to run as.
+    - ``look``: record the process's own view before it execs (what it sees of the host); the engine
+      turns it off, it costs a millisecond or two per start.
     """
     argv: Tuple[str, ...] = ()
     namespaces: Tuple[str, ...] = ()
@@ -165,6 +167,7 @@ class ProcessSpec:
     binds: Tuple[Tuple[str, str, bool], ...] = ()
     read_only: bool = False
     user: Optional[str] = None
+    look: bool = True
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass normalisation)
@@ -194,6 +197,8 @@ class ProcessSpec:
         if self.root_mode == "pivot_root" and "mnt" not in self.namespaces:
             raise InvalidSpec("pivot_root needs a private mount namespace (it changes the root of the "
                               "whole mount namespace, the host's if shared)", fix="add 'mnt' to namespaces")
+        if not self.look and self.action in ("probe", "escape"):
+            raise InvalidSpec(f"action {self.action!r} is all about looking", fix="leave look=True")
         if self.action == "escape" and self.rootfs is None:
             raise InvalidSpec("an escape needs a root to escape from", fix="pass rootfs='demo'")
         for inside, outside, count in self.id_map:

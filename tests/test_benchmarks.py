@@ -21,3 +21,14 @@ def test_build_cache_benchmark_prints_min_median_max():
     assert rows["cold"].endswith("[1, 2, 3, 4, 5, 6]")
     assert rows["no change"].endswith("[]")
     assert rows["line 4 changed"].endswith("[4, 5, 6]")
+
+
+def test_start_benchmark_prints_labkit_crun_and_runc():
+    res = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "bench_start.py"), "--runs", "5"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    print(res.stdout)
+    rows = {line.split()[0]: line for line in res.stdout.splitlines()[2:] if line and not line.startswith("note")}
+    assert "labkit" in rows
+    for runtime in ("crun", "runc"):  # measured, or reported as unavailable with the reason
+        assert runtime in rows or f"note: {runtime}:" in res.stdout

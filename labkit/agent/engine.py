@@ -16,15 +16,13 @@ import re
 import secrets
 import signal
 import subprocess
-import sys
 import time
 
 from ..errors import InvalidSpec, LabkitError, MechanismError, NotFound
 from ..specs import (CONTAINERS_DIR, RUN_DIR, STATE_DIR, CgroupSpec, ImageRef, PortSpec, ProcessSpec, check_name,
                      parse_bind)
-from . import cgroups, images, network
-from .namespaces import host_context
-from .runner import Recorder, env_for_children, pid_starttime, read_text, run
+from . import cgroups, images, network, process
+from .runner import Recorder, pid_starttime, read_text, run
 
 NAMES = STATE_DIR + "/names"
 RUNTIME = RUN_DIR + "/containers"
@@ -134,27 +132,23 @@ def start(ref, timeout=30):
                        cwd=cfg["workdir"], cgroup=_cg(cid), network=cfg["network"] or None,
                        ports=tuple(f"{p['host_ip']}:{p['host_port']}:{p['container_port']}/{p['proto']}"
                                    for p in cfg["ports"]),
-                       binds=tuple(tuple(b) for b in cfg["binds"]), read_only=cfg["read_only"], user=cfg["user"])
+                       binds=tuple(tuple(b) for b in cfg["binds"]), read_only=cfg["read_only"], user=cfg["user"],
+                       look=False)
     rt = f"{RUNTIME}/{cid}"
     os.makedirs(rt, exist_ok=True)
     for f in ("exit.json", "state.json", "start.json"):
         if os.path.exists(f"{rt}/{f}"):
             os.unlink(f"{rt}/{f}")
-    ctx = host_context(None)
-    ctx["owner"] = cid
+    ctx = {"owner": cid}
     ctx["exit_path"] = f"{rt}/exit.json"
     ctx["cgroup_procs"] = cgroups.procs_files(_cg(cid))
     ctx["cgroup_home"] = cgroups.home_procs_files(ctx["cgroup_procs"])
-    argv = [sys.executable, "-m", "labkit.agent.launch", f"{rt}/start.json", json.dumps(spec.to_dict()),
-            json.dumps(ctx), "monitor"]
-    log = open(f"{images.container_dir(cid)}/container.log", "ab")
-    try:
-        subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env_for_children(),
-                       start_new_session=True, cwd="/", check=True, timeout=timeout)
-    except subprocess.CalledProcessError as exc:
-        raise MechanismError(f"the monitor of {cfg['name']} failed to start (exit {exc.returncode})") from None
-    finally:
-        log.close()
+    args = [f"{rt}/start.json", json.dumps(spec.to_dict()), json.dumps(ctx), "monitor"]
+    with open(f"{images.container_dir(cid)}/container.log", "ab") as log:
+        code, _, _ = process.run_launcher(args, subprocess.DEVNULL, log, log, timeout=timeout)
+    if code != 0:
+        raise MechanismError(f"the monitor of {cfg['name']} failed to start (exit {code})",
+                             fix=f"see its log: labkit logs {cfg['name']}")
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         text = read_text(f"{rt}/start.json")

@@ -86,7 +86,7 @@ def _child(spec, ctx, msg_w, go_r, detached):
             os.setgroups([])
             kernel.setresgid(int(gid or uid), rec=rec)
             kernel.setresuid(int(uid), rec=rec)
-        view = namespaces.look_around(ctx)
+        view = namespaces.look_around(ctx) if spec.look else None
         if spec.action == "escape":
             view = chroot.escape(rec, ctx)
         _send(msg_w, {"steps": rec.steps, "view": view})

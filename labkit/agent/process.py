@@ -38,24 +38,19 @@ def _marker():
 
 
 def _launch(spec, mode, stdin, stdout, stderr, timeout=None, input=None, owner=None):
-    ctx = host_context(_marker())
+    ctx = host_context(_marker()) if spec.look else {"ns": inodes(), "hostname": "", "kernel": "", "links": []}
     ctx["owner"] = owner or "run-" + secrets.token_hex(4)
     if spec.cgroup:
         ctx["cgroup_procs"] = cgroups.procs_files(spec.cgroup)
         ctx["cgroup_home"] = cgroups.home_procs_files(ctx["cgroup_procs"])
     fd, report_path = tempfile.mkstemp(prefix="labkit-report-", suffix=".json")
     os.close(fd)
-    argv = [sys.executable, "-m", "labkit.agent.launch", report_path, json.dumps(spec.to_dict()),
-            json.dumps(ctx), mode]
+    args = [report_path, json.dumps(spec.to_dict()), json.dumps(ctx), mode]
     started = time.perf_counter()
     try:
-        proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr, env=env_for_children(),
-                                start_new_session=True, cwd="/")
         try:
-            out, err = proc.communicate(input=input, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+            code, out, err = run_launcher(args, stdin, stdout, stderr, input=input, timeout=timeout)
+        except CommandTimeout:
             _kill_leftover(report_path)
             if spec.network:
                 network.disconnect(spec.network, ctx["owner"])
@@ -65,7 +60,7 @@ def _launch(spec, mode, stdin, stdout, stderr, timeout=None, input=None, owner=N
         text = read_text(report_path)
         if not text:
             tail = (err or b"")[-400:].decode("utf-8", "replace") if isinstance(err, bytes) else ""
-            raise MechanismError(f"the launcher exited with {proc.returncode} without a report"
+            raise MechanismError(f"the launcher exited with {code} without a report"
                                  + (f"; it said: {tail.strip()}" if tail.strip() else ""),
                                  fix="run `labkit doctor` on the target to see which mechanism is missing")
         report = json.loads(text)
@@ -78,6 +73,96 @@ def _launch(spec, mode, stdin, stdout, stderr, timeout=None, input=None, owner=N
     if report.get("error"):
         raise from_wire(report["error"])
     return report, out, err, duration
+
+
+def run_launcher(args, stdin, stdout, stderr, input=None, timeout=None):
+    """Run the launcher with ``args``; streams as for subprocess (PIPE, DEVNULL or a file). Returns
+    (exit code, stdout bytes or None, stderr bytes or None). Uses the warm fork server when it can
+    (LABKIT_NO_FORKSERVER=1 turns it off), a fresh ``python3 -m labkit.agent.launch`` otherwise."""
+    if os.environ.get("LABKIT_NO_FORKSERVER") != "1":
+        try:
+            return _via_forkserver(args, stdin, stdout, stderr, input, timeout)
+        except (OSError, MechanismError):
+            if os.environ.get("LABKIT_REQUIRE_FORKSERVER") == "1":
+                raise
+    proc = subprocess.Popen([sys.executable, "-m", "labkit.agent.launch"] + args, stdin=stdin, stdout=stdout,
+                            stderr=stderr, env=env_for_children(), start_new_session=True, cwd="/")
+    try:
+        out, err = proc.communicate(input=input, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise CommandTimeout(f"the launcher did not finish within {timeout} s") from None
+    return proc.returncode, out, err
+
+
+def _via_forkserver(args, stdin, stdout, stderr, input, timeout):
+    import threading
+    from . import forkserver
+    mine, theirs, readers, results = [], [], {}, {}
+
+    def fd_for(stream, writing):
+        if stream is None or stream is subprocess.DEVNULL:
+            fd = os.open(os.devnull, os.O_RDWR)
+            theirs.append(fd)
+            return fd
+        if stream is subprocess.PIPE:
+            r, w = os.pipe()
+            child_end, our_end = (w, r) if writing else (r, w)
+            theirs.append(child_end)
+            mine.append(our_end)
+            return child_end, our_end
+        return stream.fileno() if hasattr(stream, "fileno") else stream
+
+    fds = []
+    pipes = {}
+    for i, (stream, writing) in enumerate(((stdin, False), (stdout, True), (stderr, True))):
+        got = fd_for(stream, writing)
+        if isinstance(got, tuple):
+            fds.append(got[0])
+            pipes[i] = got[1]
+        else:
+            fds.append(got)
+    try:
+        child = forkserver.spawn(args, *fds)
+    finally:
+        for fd in theirs:
+            os.close(fd)
+
+    def drain(i, fd):
+        chunks = []
+        while True:
+            data = os.read(fd, 65536)
+            if not data:
+                break
+            chunks.append(data)
+        os.close(fd)
+        results[i] = b"".join(chunks)
+
+    for i in (1, 2):
+        if i in pipes:
+            readers[i] = threading.Thread(target=drain, args=(i, pipes[i]), daemon=True)
+            readers[i].start()
+    if 0 in pipes:
+        try:
+            if input:
+                os.write(pipes[0], input)
+        finally:
+            os.close(pipes[0])
+    try:
+        code = child.wait(timeout)
+    except TimeoutError:
+        try:
+            os.killpg(child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        child.wait(30)
+        for t in readers.values():
+            t.join(5)
+        raise CommandTimeout(f"the launcher did not finish within {timeout} s") from None
+    for t in readers.values():
+        t.join()
+    return code, results.get(1), results.get(2)
 
 
 def _kill_leftover(report_path):
