@@ -90,6 +90,8 @@ def cmd_create(args):
 
 def cmd_run(args):
     lab = _lab(args)
+    if (args.interactive or args.tty) and not args.detach:
+        return _run_interactive(lab, args)
     c = lab.create(args.image, args.cmd or None, **_create_kw(args))
     try:
         c.start()
@@ -103,6 +105,22 @@ def cmd_run(args):
     if args.rm:
         c.rm(force=True)
     return code if code is not None else 0
+
+
+def _run_interactive(lab, args):
+    """-it: the container gets this terminal. Needs the agent in this very process (root on Linux)."""
+    if lab.transport.name != "in-process":
+        raise LabkitError("run -it needs the agent on this machine, in this process (root on the target)",
+                          fix="on the lab VM: `vagrant ssh -c 'cd /labkit && sudo python3 -m labkit.cli run -it "
+                              "busybox sh'`; here: `sudo labkit run -it ...`")
+    from .agent import engine
+    c = lab.create(args.image, args.cmd or ["/bin/sh"], **_create_kw(args))
+    try:
+        code = engine.run_attached(c.id)
+    finally:
+        if args.rm:
+            c.rm(force=True)
+    return code if isinstance(code, int) else 0
 
 
 def _follow(lab, ref, follow=True):

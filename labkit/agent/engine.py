@@ -16,13 +16,14 @@ import re
 import secrets
 import signal
 import subprocess
+import sys
 import time
 
 from ..errors import InvalidSpec, LabkitError, MechanismError, NotFound
 from ..specs import (CONTAINERS_DIR, RUN_DIR, STATE_DIR, CgroupSpec, ImageRef, PortSpec, ProcessSpec, check_name,
                      parse_bind)
 from . import cgroups, images, network, process
-from .runner import Recorder, pid_starttime, read_text, run
+from .runner import Recorder, env_for_children, pid_starttime, read_text, run
 
 NAMES = STATE_DIR + "/names"
 RUNTIME = RUN_DIR + "/containers"
@@ -111,8 +112,8 @@ def create(image="busybox", name=None, cmd=None, env=None, hostname=None, ports=
     return rec.to_dict(id=cid, name=name)
 
 
-def start(ref, timeout=30):
-    """`docker start`: network, namespaces, cgroup, root; the monitor stays as its parent."""
+def _prepare(ref, mode):
+    """Everything a start needs: the mounted root, the network, the spec, and the launcher's arguments."""
     cid = _resolve(ref)
     cfg = _config(cid)
     _, _, running = _state(cid)
@@ -139,16 +140,14 @@ def start(ref, timeout=30):
     for f in ("exit.json", "state.json", "start.json"):
         if os.path.exists(f"{rt}/{f}"):
             os.unlink(f"{rt}/{f}")
-    ctx = {"owner": cid}
-    ctx["exit_path"] = f"{rt}/exit.json"
-    ctx["cgroup_procs"] = cgroups.procs_files(_cg(cid))
+    ctx = {"owner": cid, "exit_path": f"{rt}/exit.json", "cgroup_procs": cgroups.procs_files(_cg(cid))}
     ctx["cgroup_home"] = cgroups.home_procs_files(ctx["cgroup_procs"])
-    args = [f"{rt}/start.json", json.dumps(spec.to_dict()), json.dumps(ctx), "monitor"]
-    with open(f"{images.container_dir(cid)}/container.log", "ab") as log:
-        code, _, _ = process.run_launcher(args, subprocess.DEVNULL, log, log, timeout=timeout)
-    if code != 0:
-        raise MechanismError(f"the monitor of {cfg['name']} failed to start (exit {code})",
-                             fix=f"see its log: labkit logs {cfg['name']}")
+    args = [f"{rt}/start.json", json.dumps(spec.to_dict()), json.dumps(ctx), mode]
+    return cid, cfg, rec, rt, args
+
+
+def _started(cid, cfg, rec, rt, timeout):
+    """Wait for the launcher's start report; record the running state."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         text = read_text(f"{rt}/start.json")
@@ -170,6 +169,36 @@ def start(ref, timeout=30):
     rec.fact("pid", report["pid"])
     rec.fact("net", report.get("net"))
     return rec.to_dict(id=cid, name=cfg["name"])
+
+
+def start(ref, timeout=30):
+    """`docker start`: network, namespaces, cgroup, root; the monitor stays as its parent."""
+    cid, cfg, rec, rt, args = _prepare(ref, "monitor")
+    with open(f"{images.container_dir(cid)}/container.log", "ab") as log:
+        code, _, _ = process.run_launcher(args, subprocess.DEVNULL, log, log, timeout=timeout)
+    if code != 0:
+        raise MechanismError(f"the monitor of {cfg['name']} failed to start (exit {code})",
+                             fix=f"see its log: labkit logs {cfg['name']}")
+    return _started(cid, cfg, rec, rt, timeout)
+
+
+def run_attached(ref, timeout=30):
+    """`docker run -it`/`start -a`: the container's stdio is this process's terminal; returns its exit code.
+
+    Only for a client on the target itself (the CLI as root): over sudo or SSH, stdin and stdout carry
+    the agent's protocol and cannot be handed to a container."""
+    import threading
+    cid, cfg, rec, rt, args = _prepare(ref, "attach")
+    outcome = {}
+    watcher = threading.Thread(target=lambda: outcome.update(started=_started(cid, cfg, rec, rt, timeout)),
+                               daemon=True)
+    watcher.start()
+    # no new session: the terminal's Ctrl-C reaches the container's foreground, as with docker run -it
+    proc = subprocess.Popen([sys.executable, "-m", "labkit.agent.launch"] + args, env=env_for_children())
+    code = proc.wait()
+    watcher.join(1)
+    ex = json.loads(read_text(f"{rt}/exit.json") or "{}")
+    return ex.get("exit_code", code)
 
 
 def _wait_exit(cid, timeout):

@@ -212,7 +212,7 @@ def main(argv=None):
     report_path, spec_json, ctx_json, mode = argv[:4]
     spec = ProcessSpec.from_dict(json.loads(spec_json))
     ctx = json.loads(ctx_json)
-    detached = mode == "start"
+    detached = mode == "start"  # "run", "monitor" and "attach" stay the parent until the end
     if mode == "monitor":
         # a container's monitor (like conmon): leave the caller at once, stay the container's parent,
         # write the start report as soon as the program runs and the exit status when it ends
@@ -234,7 +234,7 @@ def main(argv=None):
         raise
     report["steps"] = host_rec.steps + report["steps"]
     report["host_mounts"] = host_mounts
-    if mode == "monitor":
+    if mode in ("monitor", "attach"):
         report["monitor"] = os.getpid()
         _write_json(report_path, dict(report, exit_code=None, running=report["error"] is None))
         report_path = ctx["exit_path"]
