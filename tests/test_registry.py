@@ -162,3 +162,109 @@ def test_unknown_image_and_unreachable_registry(lab, registry):
     from labkit.errors import RegistryError
     with pytest.raises(RegistryError, match="cannot reach"):
         lab.pull("127.0.0.1:1/x:v1")
+
+
+# --- the Bearer token flow, against a registry that demands it --------------------------------------
+
+def _b64url(data):
+    import base64
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class TokenIssuer:
+    """A token service for the test registry: it signs the JWT the registry's `auth: token` verifies
+    (RS256, its certificate in the x5c header, the certificate in the registry's rootcertbundle). It
+    gives tokens only for the right username and password, and only for the scope asked for."""
+
+    def __init__(self, d, user="student", password="s3cret"):
+        self.d, self.user, self.password = d, user, password
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=labkit-test-issuer",
+                        "-keyout", f"{d}/key.pem", "-out", f"{d}/cert.pem"], check=True, capture_output=True)
+        der = subprocess.run(["openssl", "x509", "-in", f"{d}/cert.pem", "-outform", "DER"], check=True,
+                             capture_output=True).stdout
+        import base64
+        self.x5c = base64.b64encode(der).decode()
+        self.requests = []
+
+    def token(self, service, scope, auth):
+        import base64
+        ok = auth == "Basic " + base64.b64encode(f"{self.user}:{self.password}".encode()).decode()
+        access = []
+        if ok and scope:
+            _, name, actions = scope.split(":")
+            access = [{"type": "repository", "name": name, "actions": actions.split(",")}]
+        now = int(time.time())
+        header = {"alg": "RS256", "typ": "JWT", "x5c": [self.x5c]}
+        claims = {"iss": "labkit-test-issuer", "sub": self.user if ok else "", "aud": service, "exp": now + 300,
+                  "nbf": now - 10, "iat": now, "jti": os.urandom(8).hex(), "access": access}
+        signing = f"{_b64url(json.dumps(header).encode())}.{_b64url(json.dumps(claims).encode())}"
+        sig = subprocess.run(["openssl", "dgst", "-sha256", "-sign", f"{self.d}/key.pem"], input=signing.encode(),
+                             capture_output=True, check=True).stdout
+        self.requests.append({"scope": scope, "granted": bool(access)})
+        return f"{signing}.{_b64url(sig)}"
+
+
+@pytest.fixture(scope="module")
+def token_registry():
+    import http.server
+    import threading
+    import urllib.parse
+    d = tempfile.mkdtemp(prefix="labkit-registry-token-")
+    issuer = TokenIssuer(d)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            q = urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query)
+            tok = issuer.token(q.get("service", [""])[0], q.get("scope", [""])[0], self.headers.get("Authorization", ""))
+            body = json.dumps({"token": tok}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    auth = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=auth.serve_forever, daemon=True).start()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with open(f"{d}/config.yml", "w") as f:
+        f.write(f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {d}/data\n"
+                f"http:\n  addr: 127.0.0.1:{port}\nauth:\n  token:\n"
+                f"    realm: http://127.0.0.1:{auth.server_address[1]}/token\n    service: labkit-test-registry\n"
+                f"    issuer: labkit-test-issuer\n    rootcertbundle: {d}/cert.pem\n")
+    proc = subprocess.Popen([REGISTRY, "serve", f"{d}/config.yml"], stdout=subprocess.DEVNULL,
+                            stderr=open(f"{d}/log", "wb"))
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1)
+        except urllib.error.HTTPError:
+            break  # 401: up, and asking for a token
+        except OSError:
+            time.sleep(0.05)
+    try:
+        yield {"host": f"127.0.0.1:{port}", "issuer": issuer}
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        auth.shutdown()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_bearer_tokens_are_fetched_and_used(lab, token_registry, built):
+    from labkit.errors import RegistryError
+    ref = f"{token_registry['host']}/private/app:v1"
+    lab.tag(built, ref)
+    with pytest.raises(RegistryError, match="40[13]"):
+        lab.push(ref, username="student", password="wrong")
+    rec = lab.push(ref, username="student", password="s3cret")
+    assert rec["facts"]["pushed_blobs"]
+    assert any(r["granted"] and "push" in r["scope"] for r in token_registry["issuer"].requests)
+    lab.rmi(ref)
+    pulled = lab.pull(ref, username="student", password="s3cret")
+    assert pulled["image"]["layers"] == lab.image(built)["layers"]
+    token_steps = [s for s in pulled["steps"] if s.get("kind") == "http" and "/token" in s["url"]]
+    assert token_steps, "the pull asked the token service for a token"
