@@ -48,6 +48,9 @@ def serve(path):
     sel.register(srv, selectors.EVENT_READ, "accept")
     sel.register(rfd, selectors.EVENT_READ, "child")
     waiting = {}  # pid -> connection to answer when it ends
+    import gc
+    gc.collect()
+    gc.freeze()  # what was imported stays out of the collector's way: a fork then copies fewer pages
     print("ready", flush=True)
     while True:
         for key, _ in sel.select():
@@ -64,6 +67,7 @@ def serve(path):
                     code = 125
                     try:
                         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                        gc.disable()  # a launcher lives for milliseconds: no collections
                         sel.close()
                         srv.close()
                         conn.close()
