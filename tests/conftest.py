@@ -22,6 +22,17 @@ SUDOERS = "/etc/sudoers.d/labkit-test"
 GECOS = "labkit test user"
 
 
+def http_get(url, tries=60):
+    """GET url from this machine, retrying while the server starts; the body as text."""
+    import urllib.request
+    for _ in range(tries):
+        try:
+            return urllib.request.urlopen(url, timeout=3).read().decode()
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"no answer from {url}")
+
+
 def pytest_collection_modifyitems(config, items):
     if os.geteuid() != 0:
         skip = pytest.mark.skip(reason="privileged test: run the suite as root (sudo bash scripts/test.sh)")

@@ -5,25 +5,17 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 
 from labkit.errors import InvalidSpec, NotFound
 
-from conftest import REPO
+from conftest import REPO, http_get as http
 
 pytestmark = pytest.mark.privileged
 WEB = ["httpd", "-f", "-p", "80", "-h", "/var/www"]
 
 
-def http(url, tries=60):
-    for _ in range(tries):
-        try:
-            return urllib.request.urlopen(url, timeout=3).read().decode()
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"no answer from {url}")
 
 
 @pytest.fixture(autouse=True)

@@ -3,27 +3,18 @@ import json
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 
 from labkit.errors import InvalidSpec
 
-from conftest import REPO
+from conftest import REPO, http_get as http
 
 pytestmark = pytest.mark.privileged
 WEB = ["httpd", "-f", "-p", "80", "-h", "/var/www"]
 NS = ("uts", "pid", "mnt", "net", "ipc")
 
 
-def http(url, tries=50):
-    for _ in range(tries):
-        try:
-            return urllib.request.urlopen(url, timeout=3).read().decode()
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"no answer from {url}")
 
 
 def sh(*argv):

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -17,28 +18,34 @@ pytestmark = pytest.mark.privileged
 REGISTRY = shutil.which("docker-registry", path="/usr/bin:/usr/sbin")
 
 
-@pytest.fixture(scope="module")
-def registry():
-    if not REGISTRY:
-        pytest.fail("docker-registry is missing: scripts/setup.sh --dev installs it")
-    d = tempfile.mkdtemp(prefix="labkit-registry-")
+def start_registry(d, extra="", auth=""):
+    """docker-registry on a free port of 127.0.0.1, storing in ``d``; returns (process, port) once it answers."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with open(f"{d}/config.yml", "w") as f:
         f.write(f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {d}/data\n"
-                f"  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n")
+                f"{extra}http:\n  addr: 127.0.0.1:{port}\n{auth}")
     proc = subprocess.Popen([REGISTRY, "serve", f"{d}/config.yml"], stdout=subprocess.DEVNULL,
                             stderr=open(f"{d}/log", "wb"))
     for _ in range(200):
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1)
-            break
+            return proc, port
+        except urllib.error.HTTPError:
+            return proc, port  # 401: up, and asking for credentials
         except OSError:
             time.sleep(0.05)
-    else:
-        proc.kill()
-        pytest.fail("docker-registry did not start: " + open(f"{d}/log").read())
+    proc.kill()
+    pytest.fail("docker-registry did not start: " + open(f"{d}/log").read())
+
+
+@pytest.fixture(scope="module")
+def registry():
+    if not REGISTRY:
+        pytest.fail("docker-registry is missing: scripts/setup.sh --dev installs it")
+    d = tempfile.mkdtemp(prefix="labkit-registry-")
+    proc, port = start_registry(d, "  delete:\n    enabled: true\n")
     try:
         yield {"host": f"127.0.0.1:{port}", "dir": d}
     finally:
@@ -228,23 +235,9 @@ def token_registry():
 
     auth = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=auth.serve_forever, daemon=True).start()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with open(f"{d}/config.yml", "w") as f:
-        f.write(f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {d}/data\n"
-                f"http:\n  addr: 127.0.0.1:{port}\nauth:\n  token:\n"
-                f"    realm: http://127.0.0.1:{auth.server_address[1]}/token\n    service: labkit-test-registry\n"
-                f"    issuer: labkit-test-issuer\n    rootcertbundle: {d}/cert.pem\n")
-    proc = subprocess.Popen([REGISTRY, "serve", f"{d}/config.yml"], stdout=subprocess.DEVNULL,
-                            stderr=open(f"{d}/log", "wb"))
-    for _ in range(200):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1)
-        except urllib.error.HTTPError:
-            break  # 401: up, and asking for a token
-        except OSError:
-            time.sleep(0.05)
+    proc, port = start_registry(d, auth=f"auth:\n  token:\n    realm: http://127.0.0.1:{auth.server_address[1]}/token\n"
+                                         f"    service: labkit-test-registry\n    issuer: labkit-test-issuer\n"
+                                         f"    rootcertbundle: {d}/cert.pem\n")
     try:
         yield {"host": f"127.0.0.1:{port}", "issuer": issuer}
     finally:
