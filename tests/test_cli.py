@@ -68,3 +68,35 @@ def test_run_it_gives_the_container_a_terminal(tmp_path):
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
     names = labkit(*["ps", "-a", "--target", "local"]).stdout
     assert "t-it" not in names, "--rm removed the container after the shell exited"
+
+
+def test_inspect_format_renders_like_docker():
+    from labkit.cli import render_format
+    data = {"NetworkSettings": {"IPAddress": "10.213.0.2", "Ports": {"80/tcp": [1]}}, "State": {"Running": True}}
+    assert render_format("{{.NetworkSettings.IPAddress}}", data) == "10.213.0.2"
+    assert render_format("ip={{ .NetworkSettings.IPAddress }} up={{.State.Running}}", data) == "ip=10.213.0.2 up=True"
+    assert render_format("{{json .NetworkSettings.Ports}}", data) == '{"80/tcp": [1]}'
+    assert render_format("{{.Nothing.Here}}", data) == ""
+
+
+def test_docker_verbs_from_the_shell():
+    run = labkit("run", "-d", "--target", "local", "--name", "t-cli-web", "-p", "18110:80", "busybox",
+                 "httpd", "-f", "-p", "80", "-h", "/var/www")
+    assert run.returncode == 0, run.stderr
+    try:
+        assert "t-cli-web" in labkit("ps", "--target", "local").stdout
+        ip = labkit("inspect", "--target", "local", "--format", "{{.NetworkSettings.IPAddress}}", "t-cli-web").stdout
+        assert ip.strip().startswith("10.213.0.")
+        assert "httpd" in labkit("top", "--target", "local", "t-cli-web").stdout
+        assert labkit("exec", "--target", "local", "t-cli-web", "hostname").returncode == 0
+        rmi = labkit("rmi", "--target", "local", "busybox")
+        assert rmi.returncode == 2 and "used by container" in rmi.stderr
+        assert labkit("stop", "--target", "local", "-t", "1", "t-cli-web").returncode == 0
+        assert "Exited (137)" in labkit("ps", "-a", "--target", "local").stdout
+    finally:
+        labkit("rm", "-f", "--target", "local", "t-cli-web")
+        import labkit as lk
+        lab = lk.connect("local")
+        for n in lab.networks():  # the engine made the default network on first use: give it back
+            if n["spec"]["name"] == "default" and not n["members"]:
+                lab.call("net.remove", name="default")
