@@ -8,7 +8,9 @@ The agent never changes its own namespaces (it may be a Jupyter kernel): it star
        └─ G: (fork, PID 1 if CLONE_NEWPID) mounts, sethostname, chroot or pivot_root,
              looks around (the process's own view), then execve(argv)
 
-Without a new PID namespace C and G are the same process. The mechanisms live in their own modules
+Without a new PID namespace C and G are the same process; so they are when there is no user
+namespace and no network to wire, because then P itself calls unshare(CLONE_NEWPID) and its one child
+is PID 1 at once (one fork fewer: a container starts in about crun's time). The mechanisms live in their own modules
 (:mod:`~labkit.agent.namespaces`, :mod:`~labkit.agent.chroot`, :mod:`~labkit.agent.rootfs`); every
 syscall goes through :mod:`labkit.agent.kernel`, so the report lists them with their arguments. This module owns nothing
 after it exits: the agent (:mod:`labkit.agent.process`) records what outlives it.
@@ -33,8 +35,8 @@ def _send(fd, obj):
     os.write(fd, (json.dumps(obj) + "\n").encode())
 
 
-def _child(spec, ctx, msg_w, go_r, detached):
-    """C and then G. Never returns."""
+def _child(spec, ctx, msg_w, go_r, detached, pid_ns_made=False):
+    """C and then G (or, when P made the PID namespace already, C is G: PID 1). Never returns."""
     rec = Recorder("launch")
     code = 126
     try:
@@ -44,7 +46,7 @@ def _child(spec, ctx, msg_w, go_r, detached):
             # P moves us into the cgroup before anything else: its limits then hold from the first
             # instruction on, and a new cgroup namespace is rooted there
             _wait_go(go_r, b"c", "move the process into its cgroup")
-        flags = namespaces.clone_flags(spec.namespaces)
+        flags = namespaces.clone_flags(n for n in spec.namespaces if not (pid_ns_made and n == "pid"))
         if flags:
             kernel.unshare(flags, rec=rec)
         if "user" in spec.namespaces:
@@ -58,7 +60,7 @@ def _child(spec, ctx, msg_w, go_r, detached):
             _send(msg_w, {"stage": "net"})
             _wait_go(go_r, b"n", "connect the network namespace (see the launcher's error)")
         os.close(go_r)
-        if "pid" in spec.namespaces:
+        if "pid" in spec.namespaces and not pid_ns_made:
             g = os.fork()
             if g:
                 # C: report G's host PID, then wait for it and pass its exit status on.
@@ -76,7 +78,7 @@ def _child(spec, ctx, msg_w, go_r, detached):
                      "errno": None, "duration": 0})
             if not detached:
                 kernel.libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        else:
+        elif not pid_ns_made:
             _send(msg_w, {"pid": os.getpid(), "waiter": None})
         # G from here on.
         _send(msg_w, {"ns": namespaces.inodes()})
@@ -148,15 +150,25 @@ def launch(spec, ctx, detached):
     """P: fork C, write maps, collect the record. Returns (report dict, child pid of C)."""
     msg_r, msg_w = os.pipe2(os.O_CLOEXEC)
     go_r, go_w = os.pipe2(os.O_CLOEXEC)
+    rec = Recorder("launch")
+    # Fast path: without a user namespace and a network to wire, P itself asks for the new PID namespace,
+    # so its one child is PID 1 at once (no waiter in between). With either, P must stay where it is:
+    # its helpers (ip, the uid maps) would otherwise be born inside the container's PID namespace.
+    pid_ns_made = "pid" in spec.namespaces and "user" not in spec.namespaces and not spec.network
+    if pid_ns_made:
+        kernel.unshare(kernel.CLONE_NEWPID, rec=rec)
     c = os.fork()
     if c == 0:
         os.close(msg_r)
         os.close(go_w)
-        _child(spec, ctx, msg_w, go_r, detached)
+        _child(spec, ctx, msg_w, go_r, detached, pid_ns_made)
     os.close(msg_w)
     os.close(go_r)
-    rec = Recorder("launch")
-    report = {"steps": [], "pid": None, "waiter": None, "ns": {}, "view": None, "error": None, "exec": None}
+    if pid_ns_made:
+        rec.add({"kind": "syscall", "call": "fork", "args": [], "result": f"{c}: PID 1 of the new PID namespace",
+                 "errno": None, "duration": 0})
+    report = {"steps": [], "pid": c if pid_ns_made else None, "waiter": None, "ns": {}, "view": None,
+              "error": None, "exec": None}
     try:
         if ctx.get("cgroup_procs"):
             _join_cgroup(c, ctx["cgroup_procs"], rec)
