@@ -285,6 +285,12 @@ class Lab:
         """`docker ps [-a]`."""
         return [Record(r) for r in self.call("container.ps", all=all)]
 
+    # -- the VM baseline --------------------------------------------------------------------------
+    def vm(self, command="true", memory_mb=256, cpus=1, timeout=180, accel=None):
+        """Boot a real VM (qemu; KVM when the probe says it works, else TCG) and run ``command`` in it."""
+        return Record(self.call("vm.boot", command=command, memory_mb=memory_mb, cpus=cpus, timeout=timeout,
+                                accel_mode=accel))
+
     # -- housekeeping -----------------------------------------------------------------------------
     def release(self, *handles):
         """Stop/remove the given handles (None is skipped): the end-of-notebook tidy-up."""

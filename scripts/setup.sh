@@ -21,7 +21,7 @@ bash "$here/vagrant/provision.sh" "$here"
 pkgs=(python3-venv python3-pip)
 [ "$dev" = 1 ] && pkgs+=(openssh-server openssh-client vagrant vagrant-libvirt libvirt-daemon-system
                          libvirt-daemon-driver-qemu libvirt-clients dnsmasq-base dbus debootstrap e2fsprogs
-                         qemu-utils rsync skopeo docker-registry crun runc tmux)
+                         qemu-utils rsync skopeo docker-registry crun runc tmux linux-image-cloud-amd64)
 
 missing=()
 for p in "${pkgs[@]}"; do

@@ -13,7 +13,7 @@ import traceback
 from .. import protocol
 from ..errors import InvalidSpec, LabkitError, PrivilegeError, UnsupportedHost
 from ..specs import RootfsSpec
-from . import cgroups, cleanup, doctor, engine, images, namespaces, network, process, registry, rootfs
+from . import cgroups, cleanup, doctor, engine, images, namespaces, network, process, registry, rootfs, vm
 from .runner import read_text, run as run_cmd
 
 
@@ -107,6 +107,7 @@ METHODS = {
     "image.pull": registry.pull,
     "image.push": registry.push,
     "image.search": registry.search,
+    "vm.boot": vm.boot,
     "cleanup": cleanup.cleanup,
     "cleanup.plan": lambda: [list(i) for i in cleanup.plan()],
 }
