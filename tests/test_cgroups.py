@@ -92,7 +92,7 @@ def test_memory_hog_is_oom_killed_at_the_limit(cg_lab):
         rec = cg.run(HOG, ["pid", "mnt"])
         s = cg.stats()
         assert rec.exit_code == 137 and "survived" not in rec.stdout
-        assert s["oom_kills"] == 1, s
+        assert s["oom_kills"] >= 1, s  # the OOM killer may pick more than one process of the group
         assert s["memory_peak"] is None or s["memory_peak"] <= 32 << 20
     with cg_lab.cgroup("t-roomy", memory="256M") as cg:
         assert cg.run(HOG).stdout.strip() == "survived" and cg.stats()["oom_kills"] == 0
