@@ -138,37 +138,30 @@ def _follow(lab, ref, follow=True):
     return lab.call("container.wait", ref=ref, timeout=1)["exit_code"] if follow else 0
 
 
-def cmd_start(args):
+def _each(args, method, **params):
+    """start/stop/rm: one request per container named, each name printed as Docker does."""
     lab = _lab(args)
     for ref in args.containers:
-        lab.call("container.start", ref=ref)
+        lab.call(method, ref=ref, **params)
         print(ref)
     return 0
+
+
+def cmd_start(args):
+    return _each(args, "container.start")
 
 
 def cmd_stop(args):
-    lab = _lab(args)
-    for ref in args.containers:
-        lab.call("container.stop", ref=ref, timeout=args.time)
-        print(ref)
-    return 0
+    return _each(args, "container.stop", timeout=args.time)
 
 
 def cmd_rm(args):
-    lab = _lab(args)
-    for ref in args.containers:
-        lab.call("container.rm", ref=ref, force=args.force)
-        print(ref)
-    return 0
+    return _each(args, "container.rm", force=args.force)
 
 
 def _ago(t):
-    import time
-    s = max(0, int(time.time() - (t or 0)))
-    for unit, n in (("days", 86400), ("hours", 3600), ("minutes", 60)):
-        if s >= n:
-            return f"{s // n} {unit} ago"
-    return f"{s} seconds ago"
+    from .agent.engine import ago
+    return ago(t) + " ago"
 
 
 def cmd_ps(args):

@@ -269,9 +269,10 @@ def rm(ref, force=False):
     return rec.to_dict(id=cid, name=cfg["name"])
 
 
-def _ago(t):
-    s = max(0, int(time.time() - t))
-    for unit, n in (("hours", 3600), ("minutes", 60)):
+def ago(t):
+    """How long since ``t`` (epoch seconds), the way `docker ps` says it: "3 minutes"."""
+    s = max(0, int(time.time() - (t or 0)))
+    for unit, n in (("days", 86400), ("hours", 3600), ("minutes", 60)):
         if s >= n:
             return f"{s // n} {unit}"
     return f"{s} seconds"
@@ -281,9 +282,9 @@ def _row(cid):
     cfg = _config(cid)
     st, ex, running = _state(cid)
     if running:
-        status = f"Up {_ago(st['started'])}"
+        status = f"Up {ago(st['started'])}"
     elif ex:
-        status = f"Exited ({ex.get('exit_code')}) {_ago(ex.get('finished', time.time()))} ago"
+        status = f"Exited ({ex.get('exit_code')}) {ago(ex.get('finished', time.time()))} ago"
     else:
         status = "Created"
     ports = ", ".join(f"{p['host_ip']}:{p['host_port']}->{p['container_port']}/{p['proto']}" for p in cfg["ports"])
