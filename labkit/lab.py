@@ -163,10 +163,11 @@ class Lab:
             return self.run_in((), ("mnt",), rootfs=_rootfs_name(rootfs), root_mode="pivot_root", action="escape")
         return self.run_in((), (), rootfs=_rootfs_name(rootfs), root_mode="chroot", action="escape")
 
-    def isolation_matrix(self, configs=None, rootfs="demo"):
-        """Probe each configuration; returns an IsolationResult (.matrix, .reasons, .chart())."""
-        from .isolation import isolation_matrix
-        return isolation_matrix(self, configs, rootfs=rootfs)
+    def isolation_matrix(self, configs=None, rootfs="demo", columns=None, vm=False, accel=None):
+        """Run one probe in each configuration (and a VM with ``vm=True``); returns an IsolationResult
+        (.matrix, .reasons, .chart()). ``columns``: the six basic ones by default, or ``isolation.ALL``."""
+        from .isolation import BASIC, isolation_matrix
+        return isolation_matrix(self, configs, rootfs=rootfs, columns=columns or BASIC, vm=vm, accel=accel)
 
     # -- cgroups ----------------------------------------------------------------------------------
     def cgroup(self, name, memory=None, swap=None, cpus=None, cpu_weight=None, pids=None, cpuset=None,
@@ -291,6 +292,15 @@ class Lab:
         return Record(self.call("vm.boot", command=command, memory_mb=memory_mb, cpus=cpus, timeout=timeout,
                                 accel_mode=accel))
 
+    def vm_start(self, memory_mb=256, cpus=1, accel=None, network=None, disk_mb=0, timeout=180):
+        """Boot a VM that stays up and takes commands (``.exec``); ``with`` stops it. ``network``: a labkit
+        network for a virtio NIC on a tap; ``disk_mb``: a virtio disk (ext4, mounted at /mnt)."""
+        if network and network not in [n["spec"]["name"] for n in self.networks()]:
+            self.network(network)
+        rec = Record(self.call("vm.start", memory_mb=memory_mb, cpus=cpus, accel_mode=accel, network_name=network,
+                               disk_mb=disk_mb, timeout=timeout))
+        return VirtualMachine(self, rec["id"], rec)
+
     # -- housekeeping -----------------------------------------------------------------------------
     def release(self, *handles):
         """Stop/remove the given handles (None is skipped): the end-of-notebook tidy-up."""
@@ -305,6 +315,8 @@ class Lab:
                 h.remove()
             elif isinstance(h, Container):
                 h.rm(force=True)
+            elif isinstance(h, VirtualMachine):
+                h.stop()
 
     def cleanup(self, dry_run=False):
         """Remove every kernel object labkit made on the target (and nothing else)."""
@@ -462,6 +474,12 @@ class Cgroup(_Handle):
         """The kernel's counters now: memory, OOM kills, CPU time and throttling, pids."""
         return Record(self.lab.call("cgroup.stats", name=self.name))
 
+    def limits(self):
+        """The memory and pids limits the kernel holds for this group now (None: no limit)."""
+        s = self.stats()
+        mem = s.get("memory_max")
+        return {"memory": mem if mem is not None and mem < 1 << 60 else None, "pids": s.get("pids_max")}
+
     def sample(self, seconds=3.0, interval=0.25):
         """stats() every ``interval`` s for ``seconds`` s, as a pandas DataFrame (one row per sample)."""
         import pandas as pd
@@ -480,6 +498,32 @@ class Cgroup(_Handle):
 
     def _undo(self):
         self.remove()
+
+
+class VirtualMachine(_Handle):
+    """A running VM (qemu) on the target. ``exec`` runs a shell command in the guest; ``with`` stops it."""
+
+    def __init__(self, lab, vm_id, record):
+        self.lab, self.id, self.record = lab, vm_id, record
+        self.accel = record.facts.get("accel")
+        self.ip = record.get("ip")
+
+    def exec(self, command, timeout=300):
+        """Run ``command`` (busybox sh) in the guest: {'stdout', 'exit_code', 'duration'}."""
+        return Record(self.lab.call("vm.exec", vm_id=self.id, command=command, timeout=timeout))
+
+    def footprint(self):
+        """qemu's RSS and PSS on the host and the guest's own MemTotal/MemAvailable (KiB)."""
+        return Record(self.lab.call("vm.footprint", vm_id=self.id))
+
+    def stop(self):
+        return Record(self.lab.call("vm.stop", vm_id=self.id))
+
+    def __repr__(self):
+        return f"<VirtualMachine {self.id} ({(self.accel or '?').upper()}, kernel {self.record.facts.get('kernel')})>"
+
+    def _undo(self):
+        self.stop()
 
 
 class Container(_Handle):

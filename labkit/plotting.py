@@ -19,7 +19,7 @@ def _plt():
 
 
 def isolation_heatmap(df, title="What a process can see of the host", subtitle=""):
-    """Heatmap of an isolation matrix: rows are configurations, columns what is visible (1 = host's)."""
+    """Heatmap of an isolation matrix: rows are configurations, columns what it sees or reaches (1 = host's)."""
     plt = _plt()
     from matplotlib.colors import ListedColormap
     values = df.astype(float).values
@@ -35,7 +35,7 @@ def isolation_heatmap(df, title="What a process can see of the host", subtitle="
             ax.text(j, i, "host's" if values[i, j] >= 0.5 else "own", ha="center", va="center",
                     color="white", fontsize=9)
     ax.set_title(title + (f"\n{subtitle}" if subtitle else ""))
-    ax.set_xlabel("what the process sees (red: the host's, green: its own or nothing)")
+    ax.set_xlabel("red: it sees, shares or can reach the host's; green: its own, bounded, or nothing")
     fig.tight_layout()
     return fig
 

@@ -12,7 +12,7 @@ import signal
 import time
 
 from ..specs import RUN_DIR, STATE_DIR
-from . import cgroups, engine, kernel, network, process
+from . import cgroups, engine, kernel, network, process, vm
 from .rootfs import mounts_under
 from .runner import Recorder, read_text, run, which
 
@@ -48,6 +48,8 @@ def plan():
     groups, _ = cgroups.labkit_groups()
     for g in groups:
         items.append(("cgroup", g))
+    for st in vm.list_vms():
+        items.append(("vm", st["id"]))
     for st in network.list_networks():
         items.append(("network", st["spec"]["name"]))
     for fw in network.firewall_leftovers():
@@ -70,6 +72,7 @@ def cleanup(dry_run=False):
     if dry_run:
         return rec.to_dict(removed=[])
     removed = []
+    removed += vm.cleanup(rec)  # qemu first: a VM's tap is on a labkit bridge
     engine.cleanup(rec)  # monitors and containers first: their roots, cgroups and veths follow below
     for e in process.list_processes():
         process.stop(e["id"], timeout=2)

@@ -179,3 +179,70 @@ def ns_inode(pid, name):
         return int(link[link.index("[") + 1:-1])
     except (OSError, ValueError):
         return None
+
+
+# -- capabilities and seccomp (lab 08) --------------------------------------------------------------
+PR_CAPBSET_READ, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP = 23, 24, 38, 22
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
+SECCOMP_MODE_FILTER = 2
+SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO = 0x7FFF0000, 0x00050000
+AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+
+
+def drop_capabilities(keep, rec=None):
+    """Drop every capability not in ``keep`` from the bounding set (execve then cannot give it back,
+    not even to root) and clear the ambient set."""
+    lc = libc()
+    keep = set(keep)
+    dropped = []
+    from ..specs import CAPS
+    for num, name in enumerate(CAPS):
+        if name in keep:
+            continue
+        if lc.prctl(PR_CAPBSET_READ, num, 0, 0, 0) == 1:
+            _call(None, "prctl", ["PR_CAPBSET_DROP", name], lambda n=num: lc.prctl(PR_CAPBSET_DROP, n, 0, 0, 0))
+            dropped.append(name)
+    lc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    if rec is not None:
+        rec.add({"kind": "syscall", "call": "prctl", "args": ["PR_CAPBSET_DROP", f"{len(dropped)} capabilities"],
+                 "result": 0, "errno": None, "duration": 0, "dropped": dropped, "kept": sorted(keep)})
+    return dropped
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def seccomp_numbers(names, machine=None):
+    """Syscall numbers for ``names`` on this CPU; unknown names are an InvalidSpec that lists the known."""
+    from ..specs import syscall_numbers
+    return syscall_numbers(names, machine or os.uname().machine)
+
+
+def seccomp_deny(names, rec=None):
+    """Install a seccomp BPF filter: the named syscalls fail with EPERM, everything else is allowed.
+
+    Sets no_new_privs first (the kernel demands it of a process without CAP_SYS_ADMIN). The program:
+    load the architecture (a call made through another ABI is refused), load the syscall number,
+    compare it with each denied number."""
+    machine = os.uname().machine
+    nums = seccomp_numbers(names, machine)
+    ld_w_abs, jeq_k, ret_k = 0x20, 0x15, 0x06
+    prog = [(ld_w_abs, 0, 0, 4),                                      # A = seccomp_data.arch
+            (jeq_k, 1, 0, AUDIT_ARCH[machine]),                       # our arch? skip the next line
+            (ret_k, 0, 0, SECCOMP_RET_ERRNO | _errno.EPERM),          # another ABI: refuse
+            (ld_w_abs, 0, 0, 0)]                                      # A = seccomp_data.nr
+    for i, nr in enumerate(nums):
+        prog.append((jeq_k, len(nums) - i, 0, nr))                    # match: jump to the EPERM return
+    prog += [(ret_k, 0, 0, SECCOMP_RET_ALLOW), (ret_k, 0, 0, SECCOMP_RET_ERRNO | _errno.EPERM)]
+    arr = (_SockFilter * len(prog))(*[_SockFilter(*p) for p in prog])
+    fprog = _SockFprog(len(prog), arr)
+    lc = libc()
+    _call(rec, "prctl", ["PR_SET_NO_NEW_PRIVS", 1], lambda: lc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))
+    _call(rec, "prctl", ["PR_SET_SECCOMP", "SECCOMP_MODE_FILTER", f"deny {', '.join(names)} -> EPERM ({len(prog)} BPF instructions)"],
+          lambda: lc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0))
+    return nums

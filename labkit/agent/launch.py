@@ -88,6 +88,10 @@ def _child(spec, ctx, msg_w, go_r, detached, pid_ns_made=False):
             os.setgroups([])
             kernel.setresgid(int(gid or uid), rec=rec)
             kernel.setresuid(int(uid), rec=rec)
+        if spec.cap_keep is not None:
+            kernel.drop_capabilities(spec.cap_keep, rec=rec)
+        if spec.seccomp_deny:
+            kernel.seccomp_deny(spec.seccomp_deny, rec=rec)
         view = namespaces.look_around(ctx) if spec.look else None
         if spec.action == "escape":
             view = chroot.escape(rec, ctx)

@@ -344,6 +344,27 @@ def connect(name, pid, owner, ports=(), ip=None):
     return rec.to_dict(ip=addr)
 
 
+def attach_tap(name, owner):
+    """A tap device on network ``name``'s bridge for a VM (qemu opens it); returns ip, prefix, gateway, tap."""
+    rec = Recorder(f"connect VM {owner} to network {name}")
+    with locked():
+        st = _load(name)
+        addr = _allocate(st, owner)
+        tap = "lkt" + secrets.token_hex(4)
+        try:
+            rec.run(["ip", "tuntap", "add", "dev", tap, "mode", "tap"])
+            rec.run(["ip", "link", "set", tap, "master", st["bridge"]])
+            rec.run(["ip", "link", "set", tap, "up"])
+        except BaseException:
+            run(["ip", "link", "delete", tap], check=False)
+            del st["allocations"][addr]
+            raise
+        st["members"][owner] = {"ip": addr, "veth": tap, "pid": None}
+        _save(st)
+    prefix = ipaddress.ip_network(st["spec"]["subnet"]).prefixlen
+    return rec.to_dict(ip=addr, prefix=prefix, gateway=st["gateway"], tap=tap)
+
+
 def disconnect(name, owner):
     """Undo connect(): the veth (if the namespace still exists), the address, the published ports."""
     rec = Recorder(f"disconnect {owner} from network {name}")

@@ -13,7 +13,7 @@ import traceback
 from .. import protocol
 from ..errors import InvalidSpec, LabkitError, PrivilegeError, UnsupportedHost
 from ..specs import RootfsSpec
-from . import cgroups, cleanup, doctor, engine, images, namespaces, network, process, registry, rootfs, vm
+from . import cgroups, cleanup, doctor, engine, images, namespaces, network, process, registry, rootfs, vm, workloads
 from .runner import read_text, run as run_cmd
 
 
@@ -108,6 +108,13 @@ METHODS = {
     "image.push": registry.push,
     "image.search": registry.search,
     "vm.boot": vm.boot,
+    "vm.start": vm.m_start,
+    "vm.exec": vm.m_exec,
+    "vm.footprint": vm.m_footprint,
+    "vm.stop": vm.m_stop,
+    "vm.list": vm.list_vms,
+    "probe.context": workloads.probe_context,
+    "probe.done": workloads.probe_done,
     "cleanup": cleanup.cleanup,
     "cleanup.plan": lambda: [list(i) for i in cleanup.plan()],
 }

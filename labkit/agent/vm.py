@@ -1,43 +1,71 @@
 """The VM baseline: a real virtual machine booted with qemu, running the same busybox as the containers.
 
-``boot(command)`` builds an initramfs from the target's static busybox (a newc cpio archive written
-here, so no tool is needed), boots a distro kernel with it under qemu -- KVM when the doctor's probe
-says it works, TCG otherwise, and every result says which -- runs ``command`` as the guest's first job,
-and returns what it printed, the guest's kernel release, the boot-to-ready time and qemu's memory
-footprint. The guest prints markers on its serial console; the host reads them. Nothing outlives the
-call: qemu is killed on any error or timeout. Standard library only.
+A :class:`VM` builds an initramfs from the target's static busybox (a newc cpio archive written here,
+so no tool is needed) with the virtio drivers of the kernel it boots and labkit's probe and workload
+scripts (:mod:`labkit.agent.workloads`) in ``/lk``, boots the target's own ``/boot`` kernel with it under
+qemu -- KVM only when a bounded full-boot probe passes, TCG otherwise, and every result says which --
+and then takes commands over its serial console, one at a time (``exec``), until ``stop``. Optional:
+a virtio disk (an ext4 image on the host's disk, mounted at /mnt) and a virtio NIC on a tap device on
+a labkit bridge network. ``boot(command)`` is one VM, one command. A live VM is a recorded state entry
+(``/run/labkit/vms/<id>.json``): ``cleanup()`` kills its qemu, removes its tap and its disk.
+Standard library only.
 """
+import base64
 import glob
 import gzip
 import io
+import json
+import lzma
 import os
 import re
-import shlex
+import secrets
+import shutil
+import signal
 import subprocess
-import tempfile
 import time
 
-from ..errors import CommandTimeout, MechanismError, NotFound
-from . import doctor, rootfs
-from .runner import Recorder, read_text, which
+from ..errors import CommandTimeout, InvalidSpec, MechanismError, NotFound
+from ..specs import RUN_DIR, STATE_DIR
+from . import doctor, network, rootfs, workloads
+from .runner import Recorder, read_text, run, which
 
 READY = "LABKIT-VM-READY"
-DONE = "LABKIT-VM-DONE"
+UP = "LABKIT-VM-UP"
+END = "LABKIT-VM-END"
+VM_RUN = RUN_DIR + "/vms"
+VM_DISKS = STATE_DIR + "/vms"
 QEMU = {"x86_64": ("qemu-system-x86_64", ["-M", "q35"], "ttyS0"),
         "aarch64": ("qemu-system-aarch64", ["-M", "virt", "-cpu", "max"], "ttyAMA0")}
+MODULES = ("virtio_pci", "virtio_blk", "virtio_net")
 
-INIT = """#!/bin/sh
+INIT = r"""#!/bin/sh
+export PATH=/bin:/sbin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev 2>/dev/null
 echo {ready} $(cat /proc/uptime)
-cmd=$(sed -n 's/.*labkit.cmd=\\([^ ]*\\).*/\\1/p' /proc/cmdline | base64 -d 2>/dev/null)
-echo LABKIT-VM-KERNEL $(uname -r)
-echo LABKIT-VM-MEMKB $(grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2) $(grep MemAvailable /proc/meminfo | tr -s ' ' | cut -d' ' -f2)
-echo LABKIT-VM-OUT-BEGIN
-sh -c "$cmd"
-echo LABKIT-VM-OUT-END $?
-echo {done}
+for m in $(cat /lk/modules); do insmod /lk/mod/$m 2>/dev/null; done
+arg() {{ sed -n "s/.*labkit\.$1=\([^ ]*\).*/\1/p" /proc/cmdline; }}
+hostname labkit-vm
+ip link set lo up
+addr=$(arg ip)
+if [ -n "$addr" ]; then
+  n=0; while [ ! -e /sys/class/net/eth0 ] && [ $n -lt 100 ]; do sleep 0.05; n=$((n+1)); done
+  ip addr add "$addr" dev eth0 && ip link set eth0 up && ip route add default via "$(arg gw)"
+fi
+if [ "$(arg disk)" = 1 ]; then
+  n=0; while [ ! -b /dev/vda ] && [ $n -lt 100 ]; do sleep 0.05; n=$((n+1)); done
+  mkdir -p /mnt && mount -t ext4 /dev/vda /mnt
+fi
+mkdir -p /tmp && mount -t tmpfs tmp /tmp
+stty -echo 2>/dev/null
+echo {up} $(cat /proc/uptime)
+while IFS= read -r line; do
+  case "$line" in "LKCMD "*) ;; *) continue ;; esac
+  cmd=$(echo "${{line#LKCMD }}" | base64 -d)
+  sh -c "$cmd" </dev/null 2>&1
+  echo "{end} $?"
+done
 poweroff -f
 """
 
@@ -68,20 +96,80 @@ def _cpio(entries):
     return out.getvalue()
 
 
-def build_initramfs(path):
+
+def _kernel_release(kernel_path):
+    name = os.path.basename(kernel_path)
+    return name[len("vmlinuz-"):] if name.startswith("vmlinuz-") else None
+
+
+def _module_files(release, names=MODULES):
+    """[(file name, bytes)] for the named modules of ``release`` and what they need, in load order.
+
+    Built-in drivers (modules.builtin) need nothing; .ko.xz and .ko.gz are unpacked here (busybox insmod
+    takes plain ELF), .ko.zst with the zstd tool when there is one."""
+    base = f"/lib/modules/{release}" if release else None
+    deps_text = read_text(f"{base}/modules.dep") if base else None
+    if not deps_text:
+        return [], [f"no /lib/modules/{release}: only built-in drivers (no disk or network if virtio is modular)"]
+    deps = {}
+    for line in deps_text.splitlines():
+        mod, _, rest = line.partition(":")
+        deps[mod] = rest.split()
+    by_name = {re.sub(r"\.ko(\.\w+)?$", "", os.path.basename(m)).replace("-", "_"): m for m in deps}
+    builtin = read_text(f"{base}/modules.builtin") or ""
+    order, notes = [], []
+
+    def visit(path):
+        if path in order:
+            return
+        for dep in reversed(deps.get(path, [])):
+            visit(dep)
+        order.append(path)
+
+    for name in names:
+        if name in by_name:
+            visit(by_name[name])
+        elif f"/{name}.ko" not in builtin:
+            notes.append(f"module {name} not found for {release}")
+    files = []
+    for rel in order:
+        path = f"{base}/{rel}"
+        with open(path, "rb") as f:
+            data = f.read()
+        if rel.endswith(".xz"):
+            data = lzma.decompress(data)
+        elif rel.endswith(".gz"):
+            data = gzip.decompress(data)
+        elif rel.endswith(".zst"):
+            if not which("zstd"):
+                notes.append(f"{os.path.basename(rel)} is zstd-compressed and zstd is not installed")
+                continue
+            data = subprocess.run(["zstd", "-dc", path], capture_output=True, check=True).stdout
+        files.append((re.sub(r"\.(xz|gz|zst)$", "", os.path.basename(rel)), data))
+    return files, notes
+
+
+def build_initramfs(path, kernel=None):
+    """The guest's root: busybox and its applets, /init, the probe and workload scripts, virtio modules."""
     bb = rootfs.busybox_or_fail()
     with open(bb, "rb") as f:
         busybox = f.read()
-    entries = [(d, 0o040755, b"") for d in ("bin", "sbin", "proc", "sys", "dev", "tmp", "etc")]
+    entries = [(d, 0o040755, b"") for d in ("bin", "sbin", "proc", "sys", "dev", "tmp", "etc", "mnt", "lk", "lk/mod")]
     entries.append(("bin/busybox", 0o100755, busybox))
-    for applet in ("sh", "mount", "echo", "cat", "sed", "grep", "tr", "cut", "uname", "poweroff", "base64", "ls",
-                   "ps", "dd", "sync", "sleep", "true", "seq", "wc", "head", "md5sum", "sha256sum", "date", "id",
-                   "hostname", "mkdir", "rm", "cp", "awk", "time"):
-        entries.append((f"bin/{applet}", 0o120777, "busybox"))
-    entries.append(("init", 0o100755, INIT.format(ready=READY, done=DONE)))
+    listed = subprocess.run([bb, "--list"], capture_output=True, text=True).stdout.split()
+    for applet in listed or ("sh", "mount", "echo", "cat", "sed", "poweroff", "base64", "insmod", "ip"):
+        if applet not in ("busybox",) and "/" not in applet:
+            entries.append((f"bin/{applet}", 0o120777, "busybox"))
+    mods, notes = _module_files(_kernel_release(kernel)) if kernel else ([], [])
+    for name, data in mods:
+        entries.append((f"lk/mod/{name}", 0o100644, data))
+    entries.append(("lk/modules", 0o100644, "\n".join(n for n, _ in mods) + "\n"))
+    entries.append(("lk/probe.sh", 0o100755, workloads.PROBE_SH))
+    entries.append(("lk/bench.sh", 0o100755, workloads.BENCH_SH))
+    entries.append(("init", 0o100755, INIT.format(ready=READY, up=UP, end=END)))
     with gzip.open(path, "wb", compresslevel=1) as f:
         f.write(_cpio(entries))
-    return path
+    return notes
 
 
 PROBE_CACHE = "/run/labkit/kvm-vm-probe.json"
@@ -93,7 +181,6 @@ def accel(probe_timeout=20):
     The doctor's boot-sector probe comes first (cheap); when it passes, a full boot of this VM is tried
     under KVM with a time limit, because nested KVM can run a boot sector and still hang a kernel.
     The answer is cached until the target reboots."""
-    import json
     probe = doctor.probe_kvm()
     if not probe.get("usable"):
         return "tcg", probe.get("reason", "KVM is not usable")
@@ -116,83 +203,294 @@ def accel(probe_timeout=20):
     return mode, reason
 
 
-def _rss_kb(pid):
+def _status_kb(pid, key):
     for line in (read_text(f"/proc/{pid}/status") or "").splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1])
     return None
 
 
-def boot(command="true", memory_mb=256, cpus=1, timeout=120, accel_mode=None):
-    """Boot the baseline VM, run ``command`` in it; returns output, kernel, timings, footprint, accel."""
-    import base64
-    machine = os.uname().machine
-    if machine not in QEMU:
-        raise MechanismError(f"no VM baseline for {machine}", fix="use an x86_64 or aarch64 target")
-    qemu_name, mach_args, console = QEMU[machine]
-    qemu = which(qemu_name)
-    if not qemu:
-        raise NotFound(f"{qemu_name} is not installed", fix="`sudo apt-get install qemu-system-x86` (or -arm)")
-    kernel = find_kernel()
-    mode, why = (accel_mode, "asked for") if accel_mode else accel()
-    rec = Recorder(f"boot a VM ({mode}) and run {command!r}")
-    rec.fact("accel", mode)
-    rec.fact("accel_reason", why)
-    with tempfile.TemporaryDirectory(prefix="labkit-vm-") as d:
-        initrd = build_initramfs(os.path.join(d, "initrd.gz"))
-        cmdline = (f"console={console} quiet panic=-1 rdinit=/init "
-                   f"labkit.cmd={base64.b64encode(command.encode()).decode()}")
-        argv = [qemu, *mach_args, "-accel", mode, "-m", str(memory_mb), "-smp", str(cpus), "-nographic",
-                "-nodefaults", "-no-reboot", "-serial", "stdio", "-monitor", "none", "-kernel", kernel,
-                "-initrd", initrd, "-append", cmdline]
-        if mode == "kvm":
-            argv[argv.index("-accel") + 1] = "kvm"
-        rec.add({"kind": "command", "argv": argv, "exit_code": None, "stdout": "", "stderr": "", "duration": 0})
-        start = time.perf_counter()
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        lines, ready_at, peak_rss = [], None, 0
+def pss_kb(pid):
+    """Proportional set size of a process (shared pages divided among their users), in KiB."""
+    for line in (read_text(f"/proc/{pid}/smaps_rollup") or "").splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    return None
+
+
+class VM:
+    """A live VM: ``start()`` boots it and waits until it takes commands, ``exec()`` runs one, ``stop()`` ends it."""
+
+    def __init__(self, memory_mb=256, cpus=1, accel_mode=None, network_name=None, disk_mb=0, boot_timeout=120):
+        if not isinstance(memory_mb, int) or not 64 <= memory_mb <= 16384:
+            raise InvalidSpec(f"memory_mb={memory_mb!r} must be a whole number of MiB from 64 to 16384",
+                              fix="e.g. memory_mb=256")
+        if not isinstance(cpus, int) or not 1 <= cpus <= (os.cpu_count() or 1):
+            raise InvalidSpec(f"cpus={cpus!r} must be 1..{os.cpu_count()}", fix="e.g. cpus=1")
+        if accel_mode not in (None, "kvm", "tcg"):
+            raise InvalidSpec(f"accel={accel_mode!r} must be 'kvm', 'tcg' or None (probe)", fix="leave it unset")
+        self.id = secrets.token_hex(4)
+        self.memory_mb, self.cpus, self.network_name, self.disk_mb = memory_mb, cpus, network_name, int(disk_mb or 0)
+        self.accel_mode, self.boot_timeout = accel_mode, boot_timeout
+        self.rec = Recorder(f"VM {self.id}")
+        self.proc = None
+        self.net = None
+        self.dir = f"{VM_RUN}/{self.id}"
+        self.disk = f"{VM_DISKS}/{self.id}.img" if self.disk_mb else None
+        self._buf = b""
+        self.console = []
+
+    # -- life cycle ------------------------------------------------------------------------------
+    def start(self):
+        machine = os.uname().machine
+        if machine not in QEMU:
+            raise MechanismError(f"no VM baseline for {machine}", fix="use an x86_64 or aarch64 target")
+        qemu_name, mach_args, console = QEMU[machine]
+        qemu = which(qemu_name)
+        if not qemu:
+            raise NotFound(f"{qemu_name} is not installed",
+                           fix="`sudo apt-get install qemu-system-x86` (qemu-system-arm on arm64)")
+        kernel = find_kernel()
+        mode, why = (self.accel_mode, "asked for") if self.accel_mode else accel()
+        self.mode = mode
+        self.rec.what = f"boot a VM ({mode.upper()})"
+        self.rec.fact("accel", mode)
+        self.rec.fact("accel_reason", why)
+        self.rec.fact("kernel_image", kernel)
+        os.makedirs(self.dir, exist_ok=True)
+        self._save({"pid": None})
         try:
-            deadline = time.monotonic() + timeout
-            os.set_blocking(proc.stdout.fileno(), False)
-            buf = b""
-            while True:
-                if time.monotonic() > deadline:
-                    raise CommandTimeout(f"the VM did not finish within {timeout} s ({mode})",
-                                         fix="give it longer (TCG is slow) or a lighter command")
-                chunk = proc.stdout.read(65536)
-                if chunk:
-                    buf += chunk
-                    *full, buf = buf.split(b"\n")
-                    for raw in full:
-                        line = raw.decode("utf-8", "replace").rstrip("\r")
-                        lines.append(line)
-                        if READY in line and ready_at is None:
-                            ready_at = time.perf_counter() - start
-                            peak_rss = max(peak_rss, _rss_kb(proc.pid) or 0)
-                elif proc.poll() is not None:
-                    break
-                else:
-                    rss = _rss_kb(proc.pid)
-                    peak_rss = max(peak_rss, rss or 0)
-                    time.sleep(0.005)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-        total = time.perf_counter() - start
-    text = "\n".join(lines)
-    if DONE not in text:
-        raise MechanismError(f"the VM ended without finishing its command ({mode}); console tail:\n"
-                             + "\n".join(lines[-15:]), fix="see the console output; run `labkit doctor`")
-    out = text.split("LABKIT-VM-OUT-BEGIN", 1)[1].split("LABKIT-VM-OUT-END", 1)
-    status = int(out[1].split()[0]) if out[1].split() else None
-    mem = re.search(r"LABKIT-VM-MEMKB (\d+) (\d+)", text)
-    rec.fact("kernel", re.search(r"LABKIT-VM-KERNEL (\S+)", text).group(1))
-    rec.fact("host_kernel", os.uname().release)
-    rec.fact("boot_to_ready_s", ready_at)
-    rec.fact("total_s", total)
-    rec.fact("qemu_peak_rss_kb", peak_rss)
-    rec.fact("guest_mem_total_kb", int(mem.group(1)) if mem else None)
-    rec.fact("guest_mem_available_kb", int(mem.group(2)) if mem else None)
-    return rec.to_dict(stdout=out[0].strip("\n") + ("\n" if out[0].strip() else ""), exit_code=status,
-                       kernel_image=kernel, command=shlex.split(command)[:1])
+            notes = build_initramfs(f"{self.dir}/initrd.gz", kernel)
+            self.rec.fact("initramfs_notes", notes)
+            extra = ""
+            argv = [qemu, *mach_args, "-name", f"labkit-vm-{self.id}", "-accel", mode, "-m", str(self.memory_mb),
+                    "-smp", str(self.cpus), "-nographic", "-nodefaults", "-no-reboot", "-serial", "stdio",
+                    "-monitor", "none", "-kernel", kernel, "-initrd", f"{self.dir}/initrd.gz"]
+            if self.disk:
+                os.makedirs(VM_DISKS, exist_ok=True)
+                with open(self.disk, "wb") as f:
+                    f.truncate(self.disk_mb << 20)
+                mkfs = which("mkfs.ext4")
+                if not mkfs:
+                    raise NotFound("mkfs.ext4 is not installed (for the VM's disk)",
+                                   fix="`sudo apt-get install e2fsprogs`")
+                self.rec.run([mkfs, "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", self.disk])
+                argv += ["-drive", f"file={self.disk},format=raw,if=virtio"]
+                extra += " labkit.disk=1"
+            if self.network_name:
+                self.net = network.attach_tap(self.network_name, f"vm-{self.id}")
+                self._save({"pid": None})
+                mac = "52:54:00:" + ":".join(self.id[i:i + 2] for i in (0, 2, 4))
+                argv += ["-netdev", f"tap,id=n0,ifname={self.net['tap']},script=no,downscript=no",
+                         "-device", f"virtio-net-pci,netdev=n0,mac={mac}"]
+                extra += f" labkit.ip={self.net['ip']}/{self.net['prefix']} labkit.gw={self.net['gateway']}"
+            argv += ["-append", f"console={console} quiet loglevel=1 panic=-1 rdinit=/init{extra}"]
+            self.rec.add({"kind": "command", "argv": argv, "exit_code": None, "stdout": "", "stderr": "",
+                          "duration": 0})
+            self.t0 = time.perf_counter()
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT)
+            self._save({"pid": self.proc.pid})
+            os.set_blocking(self.proc.stdout.fileno(), False)
+            self._read_until(READY, self.boot_timeout, "boot to its first instruction")
+            self.rec.fact("boot_to_ready_s", time.perf_counter() - self.t0)
+            self._read_until(UP, self.boot_timeout, "load its drivers and come up")
+            self.rec.fact("boot_to_up_s", time.perf_counter() - self.t0)
+            self.rec.fact("kernel", self.exec("uname -r", timeout=30)["stdout"].strip())
+            self.rec.fact("host_kernel", os.uname().release)
+            if self.net:
+                self.rec.fact("ip", self.net["ip"])
+        except BaseException:
+            self.stop()
+            raise
+        _LIVE[self.id] = self
+        return self
+
+    def _save(self, extra):
+        os.makedirs(VM_RUN, exist_ok=True)
+        state = {"id": self.id, "network": self.network_name, "tap": self.net and self.net["tap"],
+                 "disk": self.disk, "dir": self.dir, **extra}
+        with open(f"{VM_RUN}/{self.id}.json", "w") as f:
+            json.dump(state, f)
+
+    def _read_until(self, marker, timeout, what):
+        deadline = time.monotonic() + timeout
+        out = []
+        while True:
+            while b"\n" in self._buf:
+                raw, self._buf = self._buf.split(b"\n", 1)
+                line = raw.decode("utf-8", "replace").rstrip("\r")
+                self.console.append(line)
+                if marker in line:
+                    return out, line
+                out.append(line)
+            if time.monotonic() > deadline:
+                raise CommandTimeout(f"the VM did not {what} within {timeout} s ({self.mode.upper()})",
+                                     fix="give it longer (TCG is slow) or a lighter command; console tail:\n"
+                                         + "\n".join(self.console[-10:]))
+            chunk = self.proc.stdout.read(65536) if self.proc else None
+            if chunk:
+                self._buf += chunk
+            elif self.proc is None or self.proc.poll() is not None:
+                raise MechanismError(f"the VM stopped before it could {what}; console tail:\n"
+                                     + "\n".join(self.console[-15:]), fix="see the console; run `labkit doctor`")
+            else:
+                time.sleep(0.002)
+
+    def exec(self, command, timeout=120):
+        """Run ``command`` (sh) in the guest; returns stdout (stderr merged), exit code, wall seconds."""
+        if not isinstance(command, str) or not command.strip():
+            raise InvalidSpec(f"command {command!r} must be a non-empty shell command", fix="e.g. 'uname -r'")
+        line = "LKCMD " + base64.b64encode(command.encode()).decode() + "\n"
+        if len(line) > 3500:
+            raise InvalidSpec("the command is too long for the VM's console line",
+                              fix="put the script in a file or split it; /lk/probe.sh and /lk/bench.sh are there")
+        if self.proc is None or self.proc.poll() is not None:
+            raise MechanismError(f"VM {self.id} is not running", fix="start it again")
+        t = time.perf_counter()
+        self.proc.stdin.write(line.encode())
+        self.proc.stdin.flush()
+        out, end = self._read_until(END, timeout, f"finish {command[:60]!r}")
+        code = int(end.split(END, 1)[1].split()[0])
+        return {"stdout": "\n".join(out) + ("\n" if out else ""), "exit_code": code,
+                "duration": time.perf_counter() - t}
+
+    def footprint(self):
+        """qemu's memory as the host sees it (RSS and PSS, KiB) and the guest's own view."""
+        pid = self.proc.pid
+        mem = self.exec("grep -E 'MemTotal|MemAvailable' /proc/meminfo", timeout=30)["stdout"]
+        vals = dict(re.findall(r"(\w+):\s+(\d+)", mem))
+        return {"qemu_rss_kb": _status_kb(pid, "VmRSS"), "qemu_pss_kb": pss_kb(pid),
+                "guest_mem_total_kb": int(vals.get("MemTotal", 0)) or None,
+                "guest_mem_available_kb": int(vals.get("MemAvailable", 0)) or None}
+
+    def stop(self):
+        """Kill qemu (nothing in the guest needs saving), remove the tap, the disk, the state entry."""
+        _LIVE.pop(self.id, None)
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait()
+            for stream in (self.proc.stdin, self.proc.stdout):
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+        _remove({"id": self.id, "network": self.network_name, "tap": self.net and self.net["tap"],
+                 "disk": self.disk, "dir": self.dir, "pid": None}, self.rec)
+
+    def info(self):
+        return self.rec.to_dict(id=self.id, pid=self.proc.pid if self.proc else None, ip=self.net and self.net["ip"])
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+_LIVE = {}
+
+
+def _remove(state, rec):
+    pid = state.get("pid")
+    if pid and f"labkit-vm-{state['id']}" in (read_text(f"/proc/{pid}/cmdline") or "").replace("\0", " "):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for _ in range(200):
+            if not os.path.exists(f"/proc/{pid}") or "Z" in ((read_text(f"/proc/{pid}/stat") or "").split(") ")[-1][:1]):
+                break
+            time.sleep(0.01)
+    if state.get("network"):
+        network.disconnect(state["network"], f"vm-{state['id']}")
+    if state.get("tap") and os.path.exists(f"/sys/class/net/{state['tap']}"):
+        run(["ip", "link", "delete", state["tap"]], recorder=rec, check=False)
+    if state.get("disk") and os.path.exists(state["disk"]):
+        os.unlink(state["disk"])
+        rec.file("unlink", state["disk"])
+    if state.get("dir"):
+        shutil.rmtree(state["dir"], ignore_errors=True)
+    try:
+        os.unlink(f"{VM_RUN}/{state['id']}.json")
+    except FileNotFoundError:
+        pass
+
+
+def list_vms():
+    if not os.path.isdir(VM_RUN):
+        return []
+    out = []
+    for fn in sorted(os.listdir(VM_RUN)):
+        if fn.endswith(".json"):
+            try:
+                out.append(json.loads(read_text(f"{VM_RUN}/{fn}")))
+            except (TypeError, ValueError):
+                continue
+    return out
+
+
+def cleanup(rec):
+    """Kill every VM labkit started on this target (by its recorded state), then its tap and disk."""
+    removed = []
+    for vm in list(_LIVE.values()):
+        vm.stop()
+        removed.append(f"vm {vm.id}")
+    for state in list_vms():
+        _remove(state, rec)
+        removed.append(f"vm {state['id']}")
+    return removed
+
+
+# -- the agent's methods --------------------------------------------------------------------------
+def m_start(memory_mb=256, cpus=1, accel_mode=None, network_name=None, disk_mb=0, timeout=120):
+    vm = VM(memory_mb=memory_mb, cpus=cpus, accel_mode=accel_mode, network_name=network_name, disk_mb=disk_mb,
+            boot_timeout=timeout)
+    vm.start()
+    return vm.info()
+
+
+def _live(vm_id):
+    vm = _LIVE.get(vm_id)
+    if vm is None:
+        raise NotFound(f"no VM {vm_id!r} running in this agent",
+                       fix="VMs live as long as the agent that started them; start a new one")
+    return vm
+
+
+def m_exec(vm_id, command, timeout=120):
+    return _live(vm_id).exec(command, timeout=timeout)
+
+
+def m_footprint(vm_id):
+    return _live(vm_id).footprint()
+
+
+def m_stop(vm_id):
+    vm = _LIVE.get(vm_id)
+    if vm is not None:
+        vm.stop()
+    else:
+        for state in list_vms():
+            if state["id"] == vm_id:
+                _remove(state, Recorder("stop VM"))
+    return {"id": vm_id, "stopped": True}
+
+
+def boot(command="true", memory_mb=256, cpus=1, timeout=120, accel_mode=None):
+    """Boot the baseline VM, run ``command`` in it, stop it; returns output, kernel, timings, footprint, accel."""
+    vm = VM(memory_mb=memory_mb, cpus=cpus, accel_mode=accel_mode, boot_timeout=timeout)
+    try:
+        vm.start()
+        res = vm.exec(command, timeout=timeout)
+        fp = vm.footprint()
+        vm.rec.fact("qemu_peak_rss_kb", _status_kb(vm.proc.pid, "VmHWM"))
+        vm.rec.fact("qemu_pss_kb", fp["qemu_pss_kb"])
+        vm.rec.fact("guest_mem_total_kb", fp["guest_mem_total_kb"])
+        vm.rec.fact("guest_mem_available_kb", fp["guest_mem_available_kb"])
+        vm.rec.fact("total_s", time.perf_counter() - vm.t0)
+    finally:
+        vm.stop()
+    return vm.rec.to_dict(stdout=res["stdout"], exit_code=res["exit_code"], kernel_image=vm.rec.facts["kernel_image"],
+                          command=command)

@@ -1,0 +1,239 @@
+"""The probe and the workloads: busybox shell scripts that run unchanged on the host, in a container and in the VM.
+
+Identical code in every case is what makes the comparison fair: the same static busybox binary runs
+the same script as a plain process on the host, inside a labkit container (its image's busybox, or
+the host's bind-mounted) and as the VM's guest (the script is copied into the VM's initramfs).
+
+``PROBE_SH`` reports raw facts about where it runs (``key=value`` lines): kernel release and boot id,
+PID 1's start time, mount ids, links, uid map, capabilities, and whether it may mount, load a module
+or set the clock -- each tried for real in a way that changes nothing: a tmpfs mounted and unmounted
+at once on a directory of its own, ``init_module`` on a file that is not a module (the kernel checks
+the capability first, then refuses the file), ``adjtimex`` setting the tick to the value it has.
+``compare(facts, host)`` turns those facts into what they mean relative to the host (here, in the
+agent, which runs in the host's namespaces).
+
+``BENCH_SH`` times one workload from inside, with microsecond stamps from busybox ``adjtimex``
+(busybox's ``date`` has no nanoseconds), so start-up never counts in a workload's figure:
+``LKB <name> <elapsed_us> <amount> <unit>``. Standard library only.
+"""
+import os
+import re
+import socket
+
+from .runner import read_text
+
+PROBE_SH = r"""
+k() { printf '%s=%s\n' "$1" "$2"; }
+k kernel "$(uname -r)"
+k hostname "$(hostname)"
+k uid "$(id -u)"
+if [ -r /proc/self/stat ]; then
+  k proc 1
+  k boot_id "$(cat /proc/sys/kernel/random/boot_id 2>/dev/null)"
+  k pid1_start "$(sed 's/.*) //' /proc/1/stat | cut -d' ' -f20)"
+  k pids "$(ls /proc | grep -c '^[0-9]')"
+  k mount_ids "$(cut -d' ' -f1 /proc/self/mountinfo | tr '\n' ' ')"
+  for ns in mnt net pid user uts cgroup; do k "ns_$ns" "$(readlink /proc/self/ns/$ns | tr -dc 0-9)"; done
+  k uid_map "$(tr -s ' ' < /proc/self/uid_map | sed 's/^ //' | tr '\n' ';')"
+  k capeff "$(grep CapEff /proc/self/status | cut -f2)"
+  k links "$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | tr '\n' ' ')"
+  k mem_total_kb "$(grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2)"
+  k seccomp "$(grep '^Seccomp:' /proc/self/status | cut -f2)"
+else
+  k proc 0
+fi
+k marker "$(cat "$1" 2>/dev/null)"
+d=/tmp/.lk-probe-$$
+{ [ -d /tmp ] && [ -w /tmp ]; } || d=/.lk-probe-$$
+if mkdir "$d" 2>/dev/null; then
+  k can_mkdir 1
+  if mount -t tmpfs lk-probe "$d" 2>/dev/null; then umount "$d"; k can_mount 1; else k can_mount 0; fi
+  printf 'not a kernel module' > "$d/x.ko" 2>/dev/null
+  err=$(insmod "$d/x.ko" 2>&1)
+  rm -f "$d/x.ko"; rmdir "$d"
+else
+  k can_mkdir 0
+  err=$(insmod /proc/self/status 2>&1)
+fi
+case "$err" in *"not permitted"*) k can_load_module 0 ;; *"not support"*|*"not implemented"*) k can_load_module nosys ;;
+  *) k can_load_module 1 ;; esac
+tick=$(adjtimex 2>/dev/null | sed -n 's/.*tick: *\([0-9]*\).*/\1/p')
+if [ -n "$tick" ] && adjtimex -t "$tick" >/dev/null 2>&1; then k can_set_clock 1; else k can_set_clock 0; fi
+"""
+
+BENCH_SH = r"""
+now() { adjtimex | awk '/tv_sec/{s=$2} /tv_usec/{u=$2} END{printf "%d%06d\n", s, u}'; }
+w=$1; n=$2; dir=${3:-/tmp}
+t0=$(now)
+case "$w" in
+  cpu) awk -v n="$n" 'BEGIN{s=0; for(i=0;i<n;i++) s+=i%7; print s}' >/dev/null; unit=loops ;;
+  memory) dd if=/dev/zero of=/dev/null bs=16M count=$((n/16)) 2>/dev/null; unit=MiB ;;
+  syscalls) dd if=/dev/zero of=/dev/null bs=1 count="$n" 2>/dev/null; n=$((n*2)); unit=syscalls ;;
+  fork) i=0; while [ $i -lt "$n" ]; do /bin/true; i=$((i+1)); done; unit=processes ;;
+  fileio) dd if=/dev/zero of="$dir/.lk-bench-io" bs=1M count="$n" conv=fsync 2>/dev/null; unit=MiB ;;
+  *) echo "unknown workload $w" >&2; exit 2 ;;
+esac
+t1=$(now)
+[ "$w" = fileio ] && rm -f "$dir/.lk-bench-io"
+echo "LKB $w $((t1-t0)) $n $unit"
+"""
+
+# Network peers: the instance side listens with busybox nc; the host side (labkit.bench) drives it.
+NET_SINK_SH = 'nc -l -p "$1" >/dev/null'
+NET_ECHO_SH = 'nc -l -p "$1" -e cat'
+
+WORKLOADS = ("cpu", "memory", "syscalls", "fork", "fileio")
+
+
+def parse_bench(text):
+    """The LKB lines of BENCH_SH's output: [{'workload', 'elapsed_s', 'amount', 'unit'}]."""
+    out = []
+    for m in re.finditer(r"^LKB (\S+) (-?\d+) (\d+) (\S+)\s*$", text or "", re.M):
+        out.append({"workload": m.group(1), "elapsed_s": int(m.group(2)) / 1e6, "amount": int(m.group(3)),
+                    "unit": m.group(4)})
+    return out
+
+
+def parse_probe(text):
+    facts = {}
+    for line in (text or "").splitlines():
+        key, sep, value = line.strip("\r").partition("=")
+        if sep and re.fullmatch(r"[a-z_0-9]+", key):
+            facts[key] = value.strip()
+    return facts
+
+
+def host_facts(marker=""):
+    """The same facts, read by the agent in the host's namespaces: what a probe's view is compared with."""
+    stat = read_text("/proc/1/stat") or ""
+    start = stat.rsplit(") ", 1)[-1].split()[19] if ") " in stat else ""
+    try:
+        links = sorted(n for _, n in socket.if_nameindex())
+    except OSError:
+        links = []
+    mounts = {line.split()[0] for line in (read_text("/proc/self/mountinfo") or "").splitlines() if line.strip()}
+    return {"kernel": os.uname().release, "hostname": os.uname().nodename,
+            "boot_id": (read_text("/proc/sys/kernel/random/boot_id") or "").strip(), "pid1_start": start,
+            "mount_ids": sorted(mounts), "links": links, "marker": marker,
+            "ns": {n: os.stat(f"/proc/self/ns/{n}").st_ino for n in ("mnt", "net", "pid", "user", "uts", "cgroup")}}
+
+
+CAP_NAMES = {21: "CAP_SYS_ADMIN", 16: "CAP_SYS_MODULE", 25: "CAP_SYS_TIME", 19: "CAP_SYS_PTRACE", 12: "CAP_NET_ADMIN"}
+
+
+def compare(facts, host, limits=None, vm=False):
+    """What a probe's facts mean: {column: (1 if it reaches or shares the host's, else 0, reason)}.
+
+    ``limits``: the memory and pids limits of the cgroup the probe ran in (None: unlimited);
+    ``vm``: the facts come from a guest kernel (its root is the guest's root, not the host's)."""
+    limits = limits or {}
+    proc = facts.get("proc") == "1"
+    same_kernel = facts.get("boot_id") == host["boot_id"] if facts.get("boot_id") else facts.get("kernel") == host["kernel"]
+    out = {}
+    if not proc:
+        out["host PIDs"] = (0, "no /proc inside: ps shows nothing (hidden, not isolated)")
+    elif facts.get("pid1_start") == host["pid1_start"] and same_kernel:
+        out["host PIDs"] = (1, f"its /proc lists the host's processes ({facts.get('pids')} PIDs, the host's PID 1)")
+    else:
+        out["host PIDs"] = (0, f"its /proc shows {facts.get('pids')} PID(s), its own")
+    out["hostname"] = (int(facts.get("hostname") == host["hostname"]), f"hostname {facts.get('hostname')!r}")
+    def shared_ns(name):
+        # namespace inodes are only comparable within one kernel (every kernel's first ones are alike)
+        value = facts.get(f"ns_{name}")
+        return bool(value) and same_kernel and int(value) == host["ns"][name]
+
+    ids = set((facts.get("mount_ids") or "").split())
+    shared_mounts = shared_ns("mnt")
+    if shared_mounts:
+        out["mounts"] = (1, "the host's mount namespace" + ("" if ids & set(host["mount_ids"]) else
+                                                            f" (it sees only the {len(ids)} mount(s) under its root)"))
+    else:
+        out["mounts"] = (0, f"{len(ids)} mounts of its own" if proc else "no /proc: mount table not readable")
+    links = sorted((facts.get("links") or "").split())
+    shared_links = shared_ns("net")
+    out["links"] = (int(shared_links), "links: " + (", ".join(links) or "none visible")
+                    + (" (the host's network namespace)" if shared_links else ""))
+    uid_map = facts.get("uid_map", "")
+    if vm:
+        out["users"] = (0, f"uid {facts.get('uid')} is the guest kernel's root, not the host's")
+    elif not proc:
+        out["users"] = (int(facts.get("uid") == "0"), f"uid {facts.get('uid')}; no /proc: uid_map not readable")
+    else:
+        host_root = shared_ns("user") and facts.get("uid") == "0"
+        out["users"] = (int(host_root), f"uid {facts.get('uid')}, uid_map {uid_map.rstrip(';')!r}"
+                        + (" (the host's root)" if host_root else " (not the host's root)"))
+    seen = bool(host.get("marker")) and facts.get("marker") == host["marker"]
+    out["files"] = (int(seen), "reads a file the host just wrote" if seen else "cannot see the host's files")
+    out["kernel"] = (int(same_kernel), f"kernel {facts.get('kernel')}, boot id {(facts.get('boot_id') or '?')[:8]}"
+                     + (" (the host's kernel)" if same_kernel else " (a kernel of its own)"))
+    can_mount = facts.get("can_mount") == "1"
+    out["mount (host)"] = (int(can_mount and shared_mounts),
+                           "mounted a tmpfs in the host's mount namespace" if can_mount and shared_mounts else
+                           "mounted a tmpfs in a mount table of its own" if can_mount else "mount(2): not permitted")
+    mod = facts.get("can_load_module")
+    if mod == "nosys":
+        try:
+            has_cap = bool(int(facts.get("capeff", "0"), 16) >> 16 & 1) and shared_ns("user")
+        except ValueError:
+            has_cap = False
+        out["load module"] = (int(has_cap and same_kernel), "this kernel has no module loading (init_module: ENOSYS); "
+                              + ("it holds CAP_SYS_MODULE in the host's user namespace, so it could on a kernel "
+                                 "that has it" if has_cap else "nor does it hold CAP_SYS_MODULE in the host's user namespace"))
+    else:
+        mod = mod == "1"
+        out["load module"] = (int(mod and same_kernel),
+                              "init_module passed the permission check: it could load code into the host's kernel"
+                              if mod and same_kernel else "could load a module, into its own kernel only" if mod
+                              else "init_module: not permitted")
+    clock = facts.get("can_set_clock") == "1"
+    out["set clock"] = (int(clock and same_kernel), "adjtimex(ADJ_TICK) allowed: it can set the host's clock"
+                        if clock and same_kernel else "can set its own kernel's clock only" if clock
+                        else "adjtimex: not permitted (no CAP_SYS_TIME in the host's user namespace)")
+    mem_kb = facts.get("mem_total_kb")
+    if vm:
+        out["memory"] = (0, f"bounded by the VM's RAM ({int(mem_kb) // 1024 if mem_kb else '?'} MiB seen by its kernel)")
+    elif limits.get("memory"):
+        out["memory"] = (0, f"cgroup memory limit {limits['memory']} bytes")
+    else:
+        out["memory"] = (1, "no memory limit: it can take all of the host's memory")
+    if vm:
+        out["PIDs"] = (0, "the guest's processes are the guest's; the host sees one qemu process")
+    elif limits.get("pids"):
+        out["PIDs"] = (0, f"cgroup pids limit {limits['pids']}")
+    else:
+        out["PIDs"] = (1, "no pids limit: a fork bomb fills the host's process table")
+    return out
+
+
+def caps_text(capeff):
+    """A CapEff hex mask as the names of a few capabilities that matter for escaping."""
+    try:
+        mask = int(capeff, 16)
+    except (TypeError, ValueError):
+        return "?"
+    n = bin(mask).count("1")
+    named = [name for bit, name in sorted(CAP_NAMES.items()) if mask >> bit & 1]
+    return f"{n} capabilities" + (f" incl. {', '.join(named)}" if named else "")
+
+
+PROBE_DIR = "/run/labkit/probe"
+
+
+def probe_context():
+    """What the host side needs to run the probe: the script, the host's busybox, a fresh marker file
+    (a host file only the host can see) and the host's own facts to compare with."""
+    import secrets
+    from . import rootfs
+    os.makedirs(PROBE_DIR, exist_ok=True)
+    token = secrets.token_hex(8)
+    marker = f"{PROBE_DIR}/marker-{token}"
+    with open(marker, "w") as f:
+        f.write(token + "\n")
+    return {"script": PROBE_SH, "busybox": rootfs.busybox_or_fail(), "marker": marker, "host": host_facts(token)}
+
+
+def probe_done(marker):
+    """Remove the marker file probe_context made (only a file of that shape, in that directory)."""
+    if re.fullmatch(re.escape(PROBE_DIR) + r"/marker-[0-9a-f]{16}", str(marker)) and os.path.exists(marker):
+        os.unlink(marker)
+    return {"removed": marker}
