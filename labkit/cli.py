@@ -1,4 +1,4 @@
-"""The ``labkit`` command: doctor, cleanup, lab (run the notebooks headless), assign.
+"""The ``labkit`` command: doctor, cleanup, lab (run the notebooks headless), bench, assign, and docker-like verbs.
 
 Mirrors what a notebook does with ``labkit.connect()``; exits non-zero with the error's fix on failure.
 """
@@ -288,6 +288,23 @@ def cmd_tag(args):
     return 0
 
 
+def cmd_bench(args):
+    from . import bench
+    experiments = [e.strip() for e in args.only.split(",")] if args.only else None
+    cases = [c.strip() for c in args.cases.split(",")]
+    res = bench.Bench(_lab(args), "full" if args.full else "quick", experiments=experiments, cases=cases,
+                      accel=args.accel, repeats=args.repeats, progress=not args.quiet).run()
+    import pandas as pd
+    with pd.option_context("display.width", 160, "display.max_columns", 20):
+        print(bench.env_line(res.env))
+        print(res.summary().round(3).to_string(index=False))
+    for note in res.env.get("notes", []):
+        print("note:", note)
+    for path in res.save(args.output):
+        print("wrote", path)
+    return 0
+
+
 def cmd_assign(args):
     from .assign import write_student_editions
     for p in write_student_editions(args.source, args.output):
@@ -393,6 +410,16 @@ def main(argv=None):
     sp.add_argument("target")
     sp.set_defaults(fn=cmd_tag)
 
+    b = sub.add_parser("bench", parents=[common], help="measure native vs container vs VM (CSV + PNG charts)")
+    b.add_argument("--full", action="store_true", help="more repeats and larger workloads (slower, more precise)")
+    b.add_argument("--only", help="comma-separated experiments: " + ",".join(
+        ("startup", "cpu", "memory", "syscalls", "fork", "fileio", "net-throughput", "net-latency", "density")))
+    b.add_argument("--cases", default="native,container,vm", help="native plus any of container, vm")
+    b.add_argument("--accel", choices=("kvm", "tcg"), help="force the VM's accelerator (default: probe)")
+    b.add_argument("--repeats", type=int)
+    b.add_argument("--output", default="bench-output")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(fn=cmd_bench)
     a = sub.add_parser("assign", help="write student editions (solutions removed)")
     a.add_argument("--source", default=NOTEBOOK_DIR)
     a.add_argument("--output", default="student-notebooks")

@@ -120,3 +120,81 @@ def topology_chart(topology, title="labkit networks, drawn from the live state",
     ax.set_title(title + (f"\n{subtitle}" if subtitle else ""))
     fig.tight_layout()
     return fig
+
+
+CASE_COLORS = {"native": "#455a64", "process": "#455a64", "unshare": "#78909c", "labkit": "#1565c0",
+               "container": "#1565c0", "container (bridge)": "#1565c0", "container (NAT)": "#64b5f6",
+               "crun": "#6a1b9a", "runc": "#ab47bc"}
+VM_COLOR = "#e65100"
+
+
+def _case_color(case):
+    return VM_COLOR if str(case).startswith("VM") or case == "vm" else CASE_COLORS.get(case, "#607d8b")
+
+
+def startup_chart(summary, title="Start-up: asking for it to its first useful instruction", subtitle=""):
+    """Median start-up per case with min-max whiskers, on a log scale (milliseconds to seconds)."""
+    plt = _plt()
+    s = summary.reset_index(drop=True)
+    fig, ax = plt.subplots(figsize=(7.5, 0.5 * len(s) + 1.8))
+    y = range(len(s))
+    err = [s["median"] - s["min"], s["max"] - s["median"]]
+    ax.barh(list(y), s["median"], xerr=err, color=[_case_color(c) for c in s["case"]], capsize=3)
+    ax.set_yticks(list(y))
+    ax.set_yticklabels(s["case"])
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    for i, v, hi in zip(y, s["median"], s["max"]):
+        ax.text(hi * 1.15, i, f"{v:.1f} ms" if v < 1000 else f"{v / 1000:.2f} s", va="center", fontsize=9)
+    ax.set_xlabel("milliseconds (log scale); bar = median, whiskers = min..max")
+    ax.set_title(title + (f"\n{subtitle}" if subtitle else ""))
+    fig.tight_layout()
+    return fig
+
+
+def overhead_chart(ratios, title="What isolation costs: time relative to native (same run)", subtitle=""):
+    """Grouped bars of each case's median time over native's (1.0 = no overhead), log scale."""
+    plt = _plt()
+    import numpy as np
+    cols = [c for c in ratios.columns if c != "native"]
+    fig, ax = plt.subplots(figsize=(1.2 * len(ratios.index) + 3.5, 4.2))
+    x = np.arange(len(ratios.index))
+    width = 0.8 / max(len(cols), 1)
+    for k, c in enumerate(cols):
+        vals = ratios[c].values.astype(float)
+        ax.bar(x + k * width - 0.4 + width / 2, vals, width, label=c, color=_case_color(c))
+        for xi, v in zip(x + k * width - 0.4 + width / 2, vals):
+            if np.isfinite(v):
+                ax.text(xi, v * 1.05, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+    ax.axhline(1.0, color="black", lw=1, ls="--")
+    ax.set_yscale("log")
+    ax.set_xticks(x)
+    ax.set_xticklabels(ratios.index, rotation=20, ha="right")
+    ax.set_ylabel("median time / native median time (log)")
+    ax.legend(fontsize=8)
+    ax.set_title(title + (f"\n{subtitle}" if subtitle else ""))
+    fig.tight_layout()
+    return fig
+
+
+def density_chart(samples, vm_label="VM", title="Idle memory per instance as instances grow", subtitle=""):
+    """Median PSS per instance (MiB, log scale) against the number of instances, containers vs VMs."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for case, g in samples.groupby("case"):
+        per = g.groupby("instances")["pss_kb"].median() / 1024
+        label = vm_label if case == "vm" else "container"
+        ax.plot(per.index, per.values, marker="o", color=_case_color(case), label=label + " (PSS)")
+        drop = g.groupby("instances")["mem_available_drop_kb"].median() / 1024
+        drop = drop[drop > 0]  # the host's free memory moves for other reasons too: only rises are drawn
+        if not drop.empty:
+            ax.plot(drop.index, drop.values, marker="x", ls=":", color=_case_color(case),
+                    label=label + " (host MemAvailable drop)")
+    ax.set_yscale("log")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("instances running at once")
+    ax.set_ylabel("MiB per instance (log)")
+    ax.legend(fontsize=8)
+    ax.set_title(title + (f"\n{subtitle}" if subtitle else ""))
+    fig.tight_layout()
+    return fig

@@ -13,7 +13,7 @@ import traceback
 from .. import protocol
 from ..errors import InvalidSpec, LabkitError, PrivilegeError, UnsupportedHost
 from ..specs import RootfsSpec
-from . import cgroups, cleanup, doctor, engine, images, namespaces, network, process, registry, rootfs, vm, workloads
+from . import bench, cgroups, cleanup, doctor, engine, images, namespaces, network, process, registry, rootfs, vm, workloads
 from .runner import read_text, run as run_cmd
 
 
@@ -114,6 +114,18 @@ METHODS = {
     "vm.stop": vm.m_stop,
     "vm.list": vm.list_vms,
     "probe.context": workloads.probe_context,
+    "bench.environment": bench.environment,
+    "bench.native": bench.native,
+    "bench.container": bench.container,
+    "bench.vm": bench.in_vm,
+    "bench.net_serve": bench.net_serve,
+    "bench.net_measure": bench.net_measure,
+    "bench.startup_prepare": bench.startup_prepare,
+    "bench.startup_sample": bench.startup_sample,
+    "bench.startup_finish": bench.startup_finish,
+    "bench.mem_available": bench.mem_available_kb,
+    "bench.container_footprint": bench.container_footprint,
+    "bench.vm_footprint": bench.vm_footprint,
     "probe.done": workloads.probe_done,
     "cleanup": cleanup.cleanup,
     "cleanup.plan": lambda: [list(i) for i in cleanup.plan()],

@@ -12,7 +12,8 @@ the capability first, then refuses the file), ``adjtimex`` setting the tick to t
 ``compare(facts, host)`` turns those facts into what they mean relative to the host (here, in the
 agent, which runs in the host's namespaces).
 
-``BENCH_SH`` times one workload from inside, with microsecond stamps from busybox ``adjtimex``
+Busybox's shell runs its own applets for plain command names (awk, dd, sed, ...), so the code is the
+same binary's everywhere, never the host's GNU tools. ``BENCH_SH`` times one workload from inside, with microsecond stamps from busybox ``adjtimex``
 (busybox's ``date`` has no nanoseconds), so start-up never counts in a workload's figure:
 ``LKB <name> <elapsed_us> <amount> <unit>``. Standard library only.
 """
@@ -64,12 +65,13 @@ if [ -n "$tick" ] && adjtimex -t "$tick" >/dev/null 2>&1; then k can_set_clock 1
 BENCH_SH = r"""
 now() { adjtimex | awk '/tv_sec/{s=$2} /tv_usec/{u=$2} END{printf "%d%06d\n", s, u}'; }
 w=$1; n=$2; dir=${3:-/tmp}
+bb=$(readlink /proc/$$/exe)  # the busybox running this script: the same binary forks below
 t0=$(now)
 case "$w" in
   cpu) awk -v n="$n" 'BEGIN{s=0; for(i=0;i<n;i++) s+=i%7; print s}' >/dev/null; unit=loops ;;
   memory) dd if=/dev/zero of=/dev/null bs=16M count=$((n/16)) 2>/dev/null; unit=MiB ;;
   syscalls) dd if=/dev/zero of=/dev/null bs=1 count="$n" 2>/dev/null; n=$((n*2)); unit=syscalls ;;
-  fork) i=0; while [ $i -lt "$n" ]; do /bin/true; i=$((i+1)); done; unit=processes ;;
+  fork) i=0; while [ $i -lt "$n" ]; do "$bb" true; i=$((i+1)); done; unit=processes ;;
   fileio) dd if=/dev/zero of="$dir/.lk-bench-io" bs=1M count="$n" conv=fsync 2>/dev/null; unit=MiB ;;
   *) echo "unknown workload $w" >&2; exit 2 ;;
 esac

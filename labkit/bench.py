@@ -1,0 +1,365 @@
+"""The overhead harness: what isolation costs, native vs container vs VM, measured in one run.
+
+:class:`Bench` plans the measurements (quick or full), warms up, repeats, and interleaves the cases
+(the order rotates every repeat, so no case always runs first or on a warmer cache); every sample is
+taken on the target by :mod:`labkit.agent.bench` and kept raw in a pandas DataFrame. :class:`BenchResult`
+summarises (min / median / max, each case's median time over native's median time, from the same run),
+records the environment (kernel, CPU, cgroup mode, how the VM was accelerated), draws the charts
+(:mod:`labkit.plotting`) and writes CSV and PNG files. What runs where:
+
+========== =================================================================================
+start-up   process, ``unshare``, labkit, crun and runc where installed, and the VM (boot to /init)
+cpu        busybox awk arithmetic loop                         (pure user-space CPU)
+memory     dd /dev/zero -> /dev/null in 16 MiB blocks           (kernel memory bandwidth)
+syscalls   dd with 1-byte blocks: two syscalls per byte          (syscall entry and exit)
+fork       fork+exec of /bin/true                              (process creation)
+fileio     dd 1 MiB blocks to a file, then fsync              (host disk / overlay / VM disk)
+network    a host client to an nc listener: loopback, container over veth+bridge and over NAT,
+           VM over virtio-net on a tap on the same bridge       (throughput and round-trip latency)
+density    N idle containers vs N idle VMs: PSS per instance and the host's MemAvailable drop
+========== =================================================================================
+"""
+import json
+import os
+import secrets
+import sys
+import time
+
+PLANS = {
+    "quick": {"repeats": 3, "warmup": 1, "startup_runs": 5, "vm_boots": 2, "density": (1, 2, 4),
+              "amounts": {"cpu": 300_000, "memory": 512, "syscalls": 50_000, "fork": 30, "fileio": 32},
+              "net": {"throughput": 32, "latency": 300}, "vm_memory_mb": 512},
+    "full": {"repeats": 10, "warmup": 2, "startup_runs": 20, "vm_boots": 5, "density": (1, 2, 4, 8),
+             "amounts": {"cpu": 3_000_000, "memory": 4096, "syscalls": 500_000, "fork": 300, "fileio": 256},
+             "net": {"throughput": 256, "latency": 3000}, "vm_memory_mb": 512},
+}
+WORKLOADS = ("cpu", "memory", "syscalls", "fork", "fileio")
+EXPERIMENTS = ("startup",) + WORKLOADS + ("net-throughput", "net-latency", "density")
+CASES = ("native", "container", "vm")
+BENCH_NET = ("bench", "10.213.77.0/24")
+RATE_UNITS = {"cpu": "Mloops/s", "memory": "MiB/s", "syscalls": "Msyscalls/s", "fork": "processes/s",
+              "fileio": "MiB/s", "net-throughput": "MiB/s", "net-latency": "µs per round trip",
+              "startup": "ms", "density": "MiB per instance"}
+
+
+class Progress:
+    """A text progress bar on stderr (redrawn in place on a terminal, a line per tenth otherwise)."""
+
+    def __init__(self, total, enabled=True, stream=None):
+        self.total, self.done, self.enabled = max(total, 1), 0, enabled
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._last_tenth = -1
+
+    def step(self, what):
+        self.done += 1
+        if not self.enabled:
+            return
+        frac = min(self.done / self.total, 1.0)
+        bar = "#" * int(frac * 30) + "-" * (30 - int(frac * 30))
+        line = f"[{bar}] {self.done}/{self.total} {what}"
+        if self.tty:
+            self.stream.write("\r" + line[:100].ljust(100) + ("\n" if self.done >= self.total else ""))
+            self.stream.flush()
+        elif int(frac * 10) != self._last_tenth:
+            self._last_tenth = int(frac * 10)
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+
+class Bench:
+    """One run of the harness on ``lab``'s target. ``mode``: 'quick' (minutes, even under TCG) or 'full'."""
+
+    def __init__(self, lab, mode="quick", experiments=None, cases=CASES, accel=None, progress=True, repeats=None):
+        from .errors import InvalidSpec
+        if mode not in PLANS:
+            raise InvalidSpec(f"bench mode {mode!r}", fix="'quick' or 'full'")
+        self.lab, self.mode, self.plan = lab, mode, dict(PLANS[mode])
+        if repeats is not None:
+            if not isinstance(repeats, int) or repeats < 1:
+                raise InvalidSpec(f"repeats={repeats!r} must be a positive whole number", fix="e.g. repeats=5")
+            self.plan["repeats"] = repeats
+        self.experiments = tuple(experiments or EXPERIMENTS)
+        bad = [e for e in self.experiments if e not in EXPERIMENTS]
+        if bad:
+            raise InvalidSpec(f"unknown experiment(s) {', '.join(bad)}", fix="choose from " + ", ".join(EXPERIMENTS))
+        self.cases = tuple(cases)
+        bad = [c for c in self.cases if c not in CASES]
+        if bad or "native" not in self.cases:
+            raise InvalidSpec(f"cases {self.cases!r}: every run needs 'native' (the reference) and knows only "
+                              + ", ".join(CASES), fix="e.g. cases=('native', 'container')")
+        self.accel, self.progress_enabled = accel, progress
+        self.samples = []
+
+    # -- the plan ------------------------------------------------------------------------------------
+    def _count(self):
+        p, n = self.plan, 0
+        reps = p["warmup"] + p["repeats"]
+        per_case = len(self.cases) + ("container" in self.cases)  # NAT is a second container path
+        for e in self.experiments:
+            if e == "startup":
+                n += p["startup_runs"] * 5 + (p["vm_boots"] if "vm" in self.cases else 0)
+            elif e in WORKLOADS:
+                n += reps * len(self.cases)
+            elif e.startswith("net-"):
+                n += reps * per_case
+            elif e == "density":
+                n += len(p["density"]) * (len(self.cases) - 1)
+        return n + 1
+
+    def _add(self, experiment, case, repeat, sample, **extra):
+        row = {"experiment": experiment, "case": case, "repeat": repeat, "elapsed_s": sample["elapsed_s"],
+               "amount": sample.get("amount"), "unit": sample.get("unit")}
+        row.update(extra)
+        if repeat >= 0:
+            self.samples.append(row)
+        return row
+
+    def run(self):
+        """Measure everything planned; returns a :class:`BenchResult` (raw samples, summary, charts)."""
+        lab = self.lab
+        self.bar = Progress(self._count(), self.progress_enabled)
+        env = lab.call("bench.environment")
+        self.bar.step("environment")
+        self.vm_accel = self.accel or env["vm_accel"]
+        started = time.time()
+        net_made, box, vm = False, None, None
+        needs_instances = any(e in WORKLOADS or e.startswith("net-") for e in self.experiments)
+        try:
+            if "startup" in self.experiments:
+                self._startup()
+            if needs_instances:
+                needs_net = any(e.startswith("net-") for e in self.experiments)
+                if needs_net and BENCH_NET[0] not in [n["spec"]["name"] for n in lab.networks()]:
+                    lab.network(*BENCH_NET)
+                    net_made = True
+                if "container" in self.cases:
+                    self.nat_port = 20000 + secrets.randbelow(20000)
+                    box = lab.run_container("busybox", ["sleep", "1000000"], name=f"lkbench-{secrets.token_hex(3)}",
+                                            network=BENCH_NET[0] if needs_net else None,
+                                            ports=[f"127.0.0.1:{self.nat_port}:5201"] if needs_net else ())
+                    self.box_ip = box.inspect()["NetworkSettings"]["IPAddress"] if needs_net else None
+                if "vm" in self.cases:
+                    disk = self.plan["amounts"]["fileio"] * 2 + 64 if "fileio" in self.experiments else 0
+                    vm = lab.vm_start(memory_mb=self.plan["vm_memory_mb"], accel=self.accel,
+                                      network=BENCH_NET[0] if needs_net else None, disk_mb=disk)
+                for e in self.experiments:
+                    if e in WORKLOADS:
+                        self._workload(e, box, vm)
+                    elif e.startswith("net-"):
+                        self._network(e.split("-", 1)[1], box, vm)
+        finally:
+            if vm is not None:
+                vm.stop()
+            if box is not None:
+                box.rm(force=True)
+            if net_made:
+                lab.call("net.remove", name=BENCH_NET[0])
+        if "density" in self.experiments:
+            self._density()
+        env["mode"], env["duration_s"], env["cases"] = self.mode, time.time() - started, list(self.cases)
+        env["vm_accel_used"] = self.vm_accel
+        env["notes"] = list(getattr(self, "startup_notes", []))
+        if self.vm_accel == "tcg" and "vm" in self.cases:
+            env["notes"].append("the VM ran under TCG (qemu translating every guest instruction), not KVM: "
+                                + env.get("vm_accel_reason", "") + "; its CPU-bound figures measure emulation, "
+                                "not virtualisation overhead")
+        return BenchResult(self.samples, env, self.plan)
+
+    def _order(self, cases, r):
+        k = r % len(cases)
+        return cases[k:] + cases[:k]
+
+    def _startup(self):
+        lab, p = self.lab, self.plan
+        rig = lab.call("bench.startup_prepare")
+        try:
+            cases = ["process", "unshare", "labkit"] + sorted(rig["runtimes"])
+            for r in range(-1, p["startup_runs"]):
+                for case in self._order(cases, r):
+                    s = lab.call("bench.startup_sample", case=case, rig=rig)
+                    self._add("startup", case, r, dict(s, amount=1, unit="start"))
+                    if r >= 0:
+                        self.bar.step(f"start-up {case}")
+            if "vm" in self.cases:
+                for r in range(p["vm_boots"]):
+                    s = lab.call("bench.startup_sample", case="vm", rig=rig, accel_mode=self.accel)
+                    self._add("startup", "vm", r, dict(s, amount=1, unit="start"), accel=s.get("accel"),
+                              to_up_s=s.get("to_up_s"))
+                    self.bar.step("start-up vm")
+            self.startup_notes = rig["notes"]
+        finally:
+            lab.call("bench.startup_finish", rig=rig)
+
+    def _workload(self, name, box, vm):
+        lab, p = self.lab, self.plan
+        amount = p["amounts"][name]
+        for r in range(-p["warmup"], p["repeats"]):
+            for case in self._order(list(self.cases), r):
+                if case == "native":
+                    s = lab.call("bench.native", workload=name, amount=amount)
+                elif case == "container":
+                    s = lab.call("bench.container", ref=box.id, workload=name, amount=amount)
+                else:
+                    s = lab.call("bench.vm", vm_id=vm.id, workload=name, amount=amount)
+                self._add(name, case, r, s, accel=self.vm_accel if case == "vm" else None)
+                self.bar.step(f"{name} {case}")
+
+    def _network(self, mode, box, vm):
+        lab, p = self.lab, self.plan
+        amount = p["net"][mode]
+        paths = [("native", "native", "127.0.0.1", None)]
+        if "container" in self.cases:
+            paths += [("container", "container (bridge)", self.box_ip, None),
+                      ("container", "container (NAT)", "127.0.0.1", self.nat_port)]
+        if "vm" in self.cases:
+            paths.append(("vm", "vm", vm.ip, None))
+        for r in range(-p["warmup"], p["repeats"]):
+            for where, label, ip, fixed_port in self._order(paths, r):
+                port = 5201 if fixed_port else 30000 + secrets.randbelow(20000)
+                lab.call("bench.net_serve", case=where, mode=mode, port=port, ref=box.id if box else None,
+                         vm_id=vm.id if vm else None)
+                s = lab.call("bench.net_measure", ip=ip, port=fixed_port or port, mode=mode, amount=amount)
+                self._add(f"net-{mode}", label, r, s, rtt_median_s=s.get("rtt_median_s"),
+                          accel=self.vm_accel if where == "vm" else None)
+                self.bar.step(f"net {mode} {label}")
+
+    def _density(self):
+        lab = self.lab
+        for n in self.plan["density"]:
+            for case in [c for c in self.cases if c != "native"]:
+                before = lab.call("bench.mem_available")
+                handles = []
+                try:
+                    for i in range(n):
+                        if case == "container":
+                            handles.append(lab.run_container("busybox", ["sleep", "1000000"], network=None,
+                                                             name=f"lkdense-{secrets.token_hex(3)}"))
+                        else:
+                            handles.append(lab.vm_start(memory_mb=256, accel=self.accel))
+                    time.sleep(1.0)  # let them settle into idle
+                    after = lab.call("bench.mem_available")
+                    for h in handles:
+                        if case == "container":
+                            fp = lab.call("bench.container_footprint", ref=h.id)
+                        else:
+                            fp = lab.call("bench.vm_footprint", vm_id=h.id)
+                        self.samples.append({"experiment": "density", "case": case, "repeat": 0, "instances": n,
+                                             "elapsed_s": None, "amount": n, "unit": "instances",
+                                             "pss_kb": fp["pss_kb"], "monitor_pss_kb": fp.get("monitor_pss_kb"),
+                                             "mem_available_drop_kb": (before - after) / n,
+                                             "accel": self.vm_accel if case == "vm" else None})
+                finally:
+                    for h in handles:
+                        if case == "container":
+                            h.rm(force=True)
+                        else:
+                            h.stop()
+                self.bar.step(f"density {case} x{n}")
+
+
+class BenchResult:
+    """Raw samples (``.samples``, a DataFrame), ``.summary()``, ``.env``, ``.charts()``, ``.save(dir)``."""
+
+    def __init__(self, samples, env, plan):
+        import pandas as pd
+        self.samples = pd.DataFrame(samples)
+        self.env, self.plan = env, plan
+
+    def accel_label(self):
+        a = (self.env.get("vm_accel_used") or "?").upper()
+        return f"VM ({a})"
+
+    def summary(self):
+        """One row per experiment and case: min / median / max of the natural figure, and the median
+        time of the case over native's median time measured in the same run (1.00 = no overhead; for
+        start-up, native is a plain process)."""
+        import pandas as pd
+        df = self.samples
+        rows = []
+        if df.empty:
+            return pd.DataFrame()
+        timed = df[df["experiment"] != "density"].copy()
+        for (exp, case), g in timed.groupby(["experiment", "case"], sort=False):
+            if exp == "startup":
+                vals = g["elapsed_s"] * 1000
+            elif exp == "net-latency":
+                vals = g["rtt_median_s"] * 1e6
+            else:
+                vals = g["amount"] / g["elapsed_s"]
+                if exp in ("cpu", "syscalls"):
+                    vals = vals / 1e6
+            ref_case = "process" if exp == "startup" else "native"
+            ref = timed[(timed["experiment"] == exp) & (timed["case"] == ref_case)]
+            ref_t = (ref["rtt_median_s"] if exp == "net-latency" else ref["elapsed_s"]).median()
+            own_t = (g["rtt_median_s"] if exp == "net-latency" else g["elapsed_s"]).median()
+            rows.append({"experiment": exp, "case": self._label(case), "n": len(g), "unit": RATE_UNITS[exp],
+                         "min": vals.min(), "median": vals.median(), "max": vals.max(),
+                         "time vs " + "native": own_t / ref_t if ref_t else None})
+        dens = df[df["experiment"] == "density"]
+        for (case, n), g in (dens.groupby(["case", "instances"], sort=False) if not dens.empty else ()):
+            vals = g["pss_kb"] / 1024
+            rows.append({"experiment": f"density x{int(n)}", "case": self._label(case), "n": len(g),
+                         "unit": RATE_UNITS["density"], "min": vals.min(), "median": vals.median(), "max": vals.max(),
+                         "time vs native": None})
+        return pd.DataFrame(rows)
+
+    def _label(self, case):
+        return self.accel_label() if case == "vm" else case
+
+    def ratios(self):
+        """container/native and VM/native time ratios per experiment (medians of the same run)."""
+        s = self.summary()
+        s = s[~s["experiment"].str.startswith("density") & (s["experiment"] != "startup")]
+        return s.pivot_table(index="experiment", columns="case", values="time vs native", sort=False)
+
+    def charts(self):
+        """{name: matplotlib figure} for every experiment measured."""
+        from . import plotting
+        figs = {}
+        s = self.summary()
+        sub = env_line(self.env)
+        if (s["experiment"] == "startup").any():
+            figs["startup"] = plotting.startup_chart(s[s["experiment"] == "startup"], subtitle=sub)
+        r = self.ratios()
+        if not r.empty:
+            figs["overhead"] = plotting.overhead_chart(r, subtitle=sub)
+        d = self.samples[self.samples["experiment"] == "density"] if not self.samples.empty else None
+        if d is not None and not d.empty:
+            figs["density"] = plotting.density_chart(d, vm_label=self.accel_label(), subtitle=sub)
+        return figs
+
+    def save(self, output_dir):
+        """Write samples.csv, summary.csv, environment.json and a PNG per chart; returns the paths."""
+        from . import plotting
+        os.makedirs(output_dir, exist_ok=True)
+        paths = []
+        for name, frame in (("bench-samples.csv", self.samples), ("bench-summary.csv", self.summary())):
+            path = os.path.join(output_dir, name)
+            frame.to_csv(path, index=False)
+            paths.append(path)
+        path = os.path.join(output_dir, "bench-environment.json")
+        with open(path, "w") as f:
+            json.dump(self.env, f, indent=1, default=str)
+        paths.append(path)
+        for name, fig in self.charts().items():
+            paths.append(plotting.save(fig, output_dir, f"bench-{name}"))
+        return paths
+
+    def _repr_html_(self):
+        return self.summary().round(3)._repr_html_()
+
+
+def env_line(env):
+    accel = (env.get("vm_accel_used") or env.get("vm_accel") or "?").upper()
+    vm = f"VM under {accel}, " if "vm" in env.get("cases", CASES) else ""
+    return (f"kernel {env.get('kernel')}, {env.get('machine')}, {env.get('cores')} cores, "
+            f"{env.get('cgroup_mode')} cgroups, {vm}{env.get('mode')} mode")
+
+
+def run(lab, mode="quick", **kw):
+    """Bench(lab, mode, **kw).run()."""
+    return Bench(lab, mode, **kw).run()
+
+
+__all__ = ["Bench", "BenchResult", "PLANS", "EXPERIMENTS", "run"]
