@@ -32,3 +32,17 @@ def test_start_benchmark_prints_labkit_crun_and_runc():
     assert "labkit" in rows
     for runtime in ("crun", "runc"):  # measured, or reported as unavailable with the reason
         assert runtime in rows or f"note: {runtime}:" in res.stdout
+
+
+def test_overhead_benchmark_prints_startup_medians_and_ratios_from_one_run():
+    res = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "bench_overhead.py")],
+                         capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stderr
+    print(res.stdout)
+    out = res.stdout
+    for case in ("process", "unshare", "labkit", "VM ("):
+        assert any(line.split()[:1] == ["startup"] and case in line for line in out.splitlines()), case
+    ratios = out.split("median time / native median time (same run):", 1)[1]
+    for exp in ("cpu", "memory", "syscalls", "fileio", "net-throughput", "net-latency"):
+        assert any(line.startswith(exp) for line in ratios.splitlines()), exp
+    assert "container" in ratios and "VM (" in ratios

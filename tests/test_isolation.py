@@ -1,5 +1,9 @@
-"""The isolation matrix agrees with what each configuration really isolates."""
+"""The isolation matrix agrees with what each configuration really isolates, from a plain process to a VM."""
+import os
+
 import pytest
+
+from labkit import isolation
 
 pytestmark = pytest.mark.privileged
 
@@ -7,13 +11,42 @@ pytestmark = pytest.mark.privileged
 def test_matrix_rows(lab, rootfs_name, tmp_path):
     res = lab.isolation_matrix(rootfs=rootfs_name)
     m = res.matrix
+    assert list(m.columns) == list(isolation.BASIC)
     assert m.loc["plain process"].tolist() == [1] * 6
-    assert m.loc["container (all + pivot_root)"].tolist() == [0] * 6
+    assert m.loc["container"].tolist() == [0, 0, 0, 0, 1, 0], "without a user namespace root is the host's root"
+    assert m.loc["container + userns, default caps"].tolist() == [0] * 6
     assert m.loc["net", "links"] == 0 and m.loc["net"].sum() == 5
     assert m.loc["uts", "hostname"] == 0 and m.loc["user", "users"] == 0
     assert m.loc["pid (host /proc)", "host PIDs"] == 1 and m.loc["pid + mnt (own /proc)", "host PIDs"] == 0
     assert m.loc["chroot", "files"] == 0 and m.loc["chroot", "host PIDs"] == 1
+    assert m.loc["chroot", "mounts"] == 1, "chroot shares the host's mount namespace"
     assert "hostname 'lk-uts'" == res.reasons.loc["uts", "hostname"]
     from labkit import plotting
     path = plotting.save(res.chart(), str(tmp_path), "m")
     assert path.endswith("m.png")
+
+
+@pytest.mark.slow
+def test_every_column_and_the_vm_checked_against_the_truth(lab, rootfs_name):
+    res = lab.isolation_matrix(rootfs=rootfs_name, columns=isolation.ALL, vm=True, accel="tcg")
+    m, f = res.matrix, res.facts
+    vm_row = "VM (TCG)"
+    host_pid_ns = os.stat("/proc/self/ns/pid").st_ino
+    # the facts themselves, against the kernel's truth
+    assert int(f["container"]["ns_pid"]) != host_pid_ns and int(f["net"]["ns_pid"]) == host_pid_ns
+    assert f["container"]["boot_id"] == open("/proc/sys/kernel/random/boot_id").read().strip()
+    assert f[vm_row]["boot_id"] != f["container"]["boot_id"], "a VM boots a kernel of its own"
+    assert f["container + userns, default caps"]["uid_map"].startswith("0 100000 65536")
+    caps = int(f["container + userns, default caps"]["capeff"], 16)
+    assert caps >> 21 & 1 == 0 and caps >> 25 & 1 == 0, "no CAP_SYS_ADMIN, no CAP_SYS_TIME"
+    # the lecture's point: every container shares the host's kernel; only the VM has its own
+    assert m["kernel"].drop(vm_row).eq(1).all() and m.loc[vm_row, "kernel"] == 0
+    assert m.loc[vm_row].sum() == 0
+    assert m.loc["plain process"].sum() == len(isolation.ALL)
+    # what a root container without a user namespace can still do to the host
+    assert m.loc["container", "set clock"] == 1 and m.loc["container", "mount (host)"] == 0
+    assert m.loc["container + userns, default caps", "set clock"] == 0
+    assert m.loc["container", "memory"] == 0 and "268435456" in res.reasons.loc["container", "memory"]
+    assert m.loc["chroot", "mount (host)"] == 1, "root in a chroot can still mount on the host"
+    assert "bounded by the VM's RAM" in res.reasons.loc[vm_row, "memory"]
+    assert not os.listdir("/run/labkit/probe"), "the marker file is gone"

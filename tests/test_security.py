@@ -1,0 +1,61 @@
+"""Capabilities, seccomp, user namespaces, read-only roots and escapes: each seen from inside, for real."""
+import os
+
+import pytest
+
+from labkit.errors import InvalidSpec
+from labkit.specs import DOCKER_DEFAULT_CAPS, ProcessSpec, syscall_numbers
+
+pytestmark = pytest.mark.privileged
+
+
+def test_spec_checks_capabilities_and_syscalls():
+    assert ProcessSpec(argv=["true"], cap_keep=["net_bind_service", "CAP_KILL"]).cap_keep == (
+        "CAP_KILL", "CAP_NET_BIND_SERVICE")
+    with pytest.raises(InvalidSpec, match="unknown capability"):
+        ProcessSpec(argv=["true"], cap_keep=["SYS_GOD"])
+    with pytest.raises(InvalidSpec, match="list"):
+        ProcessSpec(argv=["true"], cap_keep="KILL")
+    with pytest.raises(InvalidSpec, match="unknown syscall"):
+        ProcessSpec(argv=["true"], seccomp_deny=["fly"])
+    assert syscall_numbers(["mkdir"], "x86_64") == [83, 258] and syscall_numbers(["mkdir"], "aarch64") == [34]
+
+
+def test_seccomp_makes_the_denied_syscall_fail_with_eperm(lab, rootfs_name):
+    argv = ["/bin/sh", "-c", "mkdir /made-here; echo mkdir=$?; hostname; echo hostname=$?"]
+    free = lab.run_in(argv, ["mnt", "uts"], rootfs=rootfs_name, root_mode="pivot_root")
+    assert "mkdir=0" in free.stdout
+    rec = lab.run_in(argv, ["mnt", "uts"], rootfs=rootfs_name, root_mode="pivot_root", seccomp_deny=["mkdir"])
+    assert "mkdir=1" in rec.stdout and "Operation not permitted" in rec.stderr
+    assert "hostname=0" in rec.stdout, "only the named syscall is refused"
+    status = lab.run_in(["/bin/sh", "-c", "grep -E '^(Seccomp|NoNewPrivs)' /proc/self/status"], ["mnt", "pid"],
+                        rootfs=rootfs_name, root_mode="pivot_root", seccomp_deny=["mount"]).stdout
+    assert "Seccomp:\t2" in status and "NoNewPrivs:\t1" in status
+
+
+def test_dropped_capabilities_stay_dropped_even_for_root(lab, rootfs_name):
+    rec = lab.run_in(["/bin/sh", "-c", "grep -E '^Cap(Eff|Bnd)' /proc/self/status; mkdir -p /m; mount -t tmpfs x /m; echo rc=$?"],
+                     ["mnt", "pid"], rootfs=rootfs_name, root_mode="pivot_root", cap_keep=DOCKER_DEFAULT_CAPS)
+    eff = int(rec.stdout.split("CapEff:")[1].split()[0], 16)
+    from labkit.specs import CAPS
+    assert eff == sum(1 << CAPS.index(c) for c in DOCKER_DEFAULT_CAPS)
+    assert "rc=0" not in rec.stdout and "permission denied" in rec.stderr.lower(), "no CAP_SYS_ADMIN: no mount"
+
+
+def test_a_read_only_root_refuses_writes(lab, rootfs_name):
+    rec = lab.run_in(["/bin/sh", "-c", "echo x > /etc/new-file; echo rc=$?"], ["mnt"], rootfs=rootfs_name,
+                     root_mode="pivot_root", read_only=True)
+    assert "rc=1" in rec.stdout and "Read-only file system" in rec.stderr
+    assert not os.path.exists(f"/var/lib/labkit/rootfs/{rootfs_name}/etc/new-file")
+
+
+def test_root_in_a_user_namespace_is_nobody_on_the_host(lab, rootfs_name):
+    p = lab.spawn(["/bin/sleep", "30"], ["user", "mnt", "pid"], rootfs=rootfs_name, root_mode="pivot_root",
+                  id_map=((0, 100000, 65536),))
+    try:
+        info = p.inspect()
+        status = open(f"/proc/{info['pid']}/status").read()
+        uid_line = [ln for ln in status.splitlines() if ln.startswith("Uid:")][0].split()
+        assert uid_line[1] == "100000", "root inside is uid 100000 outside"
+    finally:
+        p.stop()

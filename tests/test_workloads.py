@@ -1,0 +1,76 @@
+"""The probe and the workload scripts: parsed and interpreted right (pure), and real on the host."""
+import os
+import subprocess
+
+import pytest
+
+from labkit.agent import rootfs, workloads as W
+
+
+def host(**kw):
+    h = {"kernel": "6.1.0", "hostname": "host", "boot_id": "b" * 36, "pid1_start": "22", "mount_ids": ["21", "22"],
+         "links": ["eth0", "lo"], "marker": "tok", "ns": {n: 4026531840 + i for i, n in
+                                                          enumerate(("mnt", "net", "pid", "user", "uts", "cgroup"))}}
+    h.update(kw)
+    return h
+
+
+def test_parse_bench_and_probe():
+    assert W.parse_bench("noise\nLKB cpu 250000 1000 loops\n") == [
+        {"workload": "cpu", "elapsed_s": 0.25, "amount": 1000, "unit": "loops"}]
+    assert W.parse_bench("LKB cpu x 1 loops") == []
+    assert W.parse_probe("kernel=6.1\r\nbad line\nuid_map=0 0 1;\n") == {"kernel": "6.1", "uid_map": "0 0 1;"}
+
+
+def test_compare_a_vm_shares_nothing_even_with_the_same_kernel_release():
+    h = host()
+    guest = {"kernel": "6.1.0", "boot_id": "c" * 36, "proc": "1", "pid1_start": "22", "ns_mnt": str(h["ns"]["mnt"]),
+             "ns_user": str(h["ns"]["user"]), "uid": "0", "hostname": "labkit-vm", "can_mount": "1",
+             "can_load_module": "1", "can_set_clock": "1", "mem_total_kb": "200000"}
+    c = W.compare(guest, h, vm=True)
+    assert all(v == 0 for v, _ in c.values()), c
+    assert "own" in c["kernel"][1] and "own kernel" in c["load module"][1]
+
+
+def test_compare_a_plain_process_shares_everything():
+    h = host()
+    facts = {"kernel": "6.1.0", "boot_id": h["boot_id"], "proc": "1", "pid1_start": "22", "pids": "70",
+             "uid": "0", "hostname": "host", "marker": "tok", "mount_ids": "21 22", "links": "eth0 lo",
+             "can_mount": "1", "can_load_module": "1", "can_set_clock": "1",
+             **{f"ns_{n}": str(i) for n, i in h["ns"].items()}}
+    c = W.compare(facts, h)
+    assert all(v == 1 for v, _ in c.values()), c
+    c = W.compare(dict(facts, can_load_module="nosys", capeff="0000000000010000"), h)
+    assert c["load module"][0] == 1 and "ENOSYS" in c["load module"][1]
+    c = W.compare(facts, h, limits={"memory": 1 << 28, "pids": 64})
+    assert c["memory"][0] == 0 and c["PIDs"][0] == 0
+
+
+@pytest.mark.privileged
+def test_the_probe_on_the_host_sees_the_host():
+    ctx = W.probe_context()
+    try:
+        out = subprocess.run([ctx["busybox"], "sh", "-c", W.PROBE_SH, "probe", ctx["marker"]],
+                             capture_output=True, text=True, timeout=60).stdout
+        facts = W.parse_probe(out)
+        assert facts["boot_id"] == ctx["host"]["boot_id"] and facts["kernel"] == os.uname().release
+        assert int(facts["ns_mnt"]) == os.stat("/proc/self/ns/mnt").st_ino
+        assert facts["marker"] == ctx["host"]["marker"]
+        cmp = W.compare(facts, ctx["host"])
+        assert {k: v for k, (v, _) in cmp.items() if v != 1} == {}, "a plain root process reaches everything"
+    finally:
+        W.probe_done(ctx["marker"])
+    assert not os.path.exists(ctx["marker"])
+
+
+@pytest.mark.privileged
+@pytest.mark.parametrize("workload,amount,unit", [("cpu", 20000, "loops"), ("memory", 32, "MiB"),
+                                                  ("syscalls", 1000, "syscalls"), ("fork", 5, "processes"),
+                                                  ("fileio", 2, "MiB")])
+def test_every_workload_times_itself(workload, amount, unit, tmp_path):
+    out = subprocess.run([rootfs.busybox_or_fail(), "sh", "-c", W.BENCH_SH, "bench", workload, str(amount),
+                          str(tmp_path)], capture_output=True, text=True, timeout=120)
+    [s] = W.parse_bench(out.stdout)
+    assert s["unit"] == unit and s["elapsed_s"] > 0
+    assert s["amount"] == (amount * 2 if workload == "syscalls" else amount)
+    assert os.listdir(tmp_path) == [], "the file I/O workload removes its file"
