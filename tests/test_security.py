@@ -59,3 +59,28 @@ def test_root_in_a_user_namespace_is_nobody_on_the_host(lab, rootfs_name):
         assert uid_line[1] == "100000", "root inside is uid 100000 outside"
     finally:
         p.stop()
+
+
+def test_escape_attempts_succeed_where_they_should_and_fail_when_hardened(lab, rootfs_name):
+    from labkit import security
+    box = ["uts", "pid", "mnt", "ipc", "net", "cgroup"]
+    table, why = security.escape_attempts(lab, rootfs_name, {
+        "chroot only": {},
+        "root container": {"namespaces": box},
+        "hardened": {"namespaces": box + ["user"], "id_map": ((0, 100000, 65536),), "cap_keep": DOCKER_DEFAULT_CAPS,
+                     "read_only": True, "seccomp_deny": ["mount", "unshare"]}})
+    assert (table["hardened"] == "blocked").all(), why["hardened"].to_dict()
+    assert (table["chroot only"] == "ESCAPED").all(), why["chroot only"].to_dict()
+    rc = table["root container"]
+    assert rc["break out of its root (chroot ..)"] == "blocked" and rc["see the host's PID 1"] == "blocked"
+    assert rc["write the host's /proc/sys"] == "ESCAPED", "root without a user namespace is the host's root"
+    assert "not permitted" in why.loc["mount in the host's mount table", "hardened"]
+    assert not os.listdir("/run/labkit/probe")
+
+
+def test_decode_caps_and_the_dirty_cow_note():
+    from labkit import security
+    assert security.decode_caps("0000000000200000") == ["CAP_SYS_ADMIN"]
+    assert sorted(security.decode_caps("00000000a80425fb")) == sorted(DOCKER_DEFAULT_CAPS)
+    assert "not affected" in security.dirty_cow_note("6.1.0-56-cloud-amd64")
+    assert "backported" in security.dirty_cow_note("4.4.0-21-generic")

@@ -43,10 +43,24 @@ def enter_root(spec, rec):
 
 
 def escape(rec, ctx):
-    """The classic chroot escape: chroot into a subdirectory without chdir, climb '..', chroot('.')."""
-    if not os.path.isdir("/" + ESCAPE_DIR):
-        kernel.mkdir("/" + ESCAPE_DIR, rec=rec)
-    kernel.chroot(ESCAPE_DIR, rec=rec)  # cwd stays outside the new root
+    """The classic chroot escape: chroot into a subdirectory without chdir, climb '..', chroot('.').
+
+    A read-only root does not stop it (any existing directory will do); what stops it is a root that
+    is the top of its mount namespace (pivot_root), or no CAP_SYS_CHROOT: the view says which."""
+    from ..errors import MechanismError
+    target = ESCAPE_DIR
+    try:
+        if not os.path.isdir("/" + ESCAPE_DIR):
+            kernel.mkdir("/" + ESCAPE_DIR, rec=rec)
+    except MechanismError:
+        target = next((d for d in ("tmp", "etc", "bin") if os.path.isdir("/" + d)), ".")
+    try:
+        kernel.chroot(target, rec=rec)  # cwd stays outside the new root
+    except MechanismError as exc:
+        view = look_around(ctx)
+        view["escaped"] = False
+        view["escape_error"] = exc.message
+        return view
     for _ in range(64):
         os.chdir("..")
     rec.add({"kind": "syscall", "call": "chdir", "args": ["'..'  (x64)"], "result": 0, "errno": None, "duration": 0})

@@ -8,7 +8,8 @@ the host's bind-mounted) and as the VM's guest (the script is copied into the VM
 PID 1's start time, mount ids, links, uid map, capabilities, and whether it may mount, load a module
 or set the clock -- each tried for real in a way that changes nothing: a tmpfs mounted and unmounted
 at once on a directory of its own, ``init_module`` on a file that is not a module (the kernel checks
-the capability first, then refuses the file), ``adjtimex`` setting the tick to the value it has.
+the capability first, then refuses the file), ``adjtimex`` setting the tick to the value it has,
+a kernel setting in /proc/sys written back with the value it holds.
 ``compare(facts, host)`` turns those facts into what they mean relative to the host (here, in the
 agent, which runs in the host's namespaces).
 
@@ -44,9 +45,9 @@ else
   k proc 0
 fi
 k marker "$(cat "$1" 2>/dev/null)"
-d=/tmp/.lk-probe-$$
-{ [ -d /tmp ] && [ -w /tmp ]; } || d=/.lk-probe-$$
-if mkdir "$d" 2>/dev/null; then
+d=
+for c in /tmp /dev/shm /dev /; do if [ -d $c ] && [ -w $c ]; then d=$c/.lk-probe-$$; break; fi; done
+if [ -n "$d" ] && mkdir "$d" 2>/dev/null; then
   k can_mkdir 1
   if mount -t tmpfs lk-probe "$d" 2>/dev/null; then umount "$d"; k can_mount 1; else k can_mount 0; fi
   printf 'not a kernel module' > "$d/x.ko" 2>/dev/null
@@ -54,12 +55,17 @@ if mkdir "$d" 2>/dev/null; then
   rm -f "$d/x.ko"; rmdir "$d"
 else
   k can_mkdir 0
+  k can_mount untested
   err=$(insmod /proc/self/status 2>&1)
 fi
 case "$err" in *"not permitted"*) k can_load_module 0 ;; *"not support"*|*"not implemented"*) k can_load_module nosys ;;
   *) k can_load_module 1 ;; esac
 tick=$(adjtimex 2>/dev/null | sed -n 's/.*tick: *\([0-9]*\).*/\1/p')
 if [ -n "$tick" ] && adjtimex -t "$tick" >/dev/null 2>&1; then k can_set_clock 1; else k can_set_clock 0; fi
+f=/proc/sys/kernel/printk_ratelimit
+if v=$(cat $f 2>/dev/null) && [ -n "$v" ]; then
+  if (echo "$v" > $f) 2>/dev/null; then k can_write_proc_sys 1; else k can_write_proc_sys 0; fi
+fi
 """
 
 BENCH_SH = r"""
@@ -171,7 +177,9 @@ def compare(facts, host, limits=None, vm=False):
     can_mount = facts.get("can_mount") == "1"
     out["mount (host)"] = (int(can_mount and shared_mounts),
                            "mounted a tmpfs in the host's mount namespace" if can_mount and shared_mounts else
-                           "mounted a tmpfs in a mount table of its own" if can_mount else "mount(2): not permitted")
+                           "mounted a tmpfs in a mount table of its own" if can_mount else
+                           "no writable directory to try a mount on" if facts.get("can_mount") == "untested"
+                           else "mount(2): not permitted")
     mod = facts.get("can_load_module")
     if mod == "nosys":
         try:
@@ -191,6 +199,14 @@ def compare(facts, host, limits=None, vm=False):
     out["set clock"] = (int(clock and same_kernel), "adjtimex(ADJ_TICK) allowed: it can set the host's clock"
                         if clock and same_kernel else "can set its own kernel's clock only" if clock
                         else "adjtimex: not permitted (no CAP_SYS_TIME in the host's user namespace)")
+    w = facts.get("can_write_proc_sys")
+    if w is None:
+        out["write /proc/sys"] = (0, "no /proc/sys to write to")
+    else:
+        w = w == "1"
+        out["write /proc/sys"] = (int(w and same_kernel), "wrote a kernel setting in /proc/sys: the host's kernel's"
+                                  if w and same_kernel else "wrote its own kernel's /proc/sys" if w else
+                                  "/proc/sys: permission denied (the setting belongs to the host's root)")
     mem_kb = facts.get("mem_total_kb")
     if vm:
         out["memory"] = (0, f"bounded by the VM's RAM ({int(mem_kb) // 1024 if mem_kb else '?'} MiB seen by its kernel)")
