@@ -46,8 +46,8 @@ else
 fi
 k marker "$(cat "$1" 2>/dev/null)"
 d=
-for c in /tmp /dev/shm /dev /; do if [ -d $c ] && [ -w $c ]; then d=$c/.lk-probe-$$; break; fi; done
-if [ -n "$d" ] && mkdir "$d" 2>/dev/null; then
+for c in /tmp /dev/shm /dev /; do if mkdir "$c/.lk-probe-$$" 2>/dev/null; then d=$c/.lk-probe-$$; break; fi; done
+if [ -n "$d" ]; then
   k can_mkdir 1
   if mount -t tmpfs lk-probe "$d" 2>/dev/null; then umount "$d"; k can_mount 1; else k can_mount 0; fi
   printf 'not a kernel module' > "$d/x.ko" 2>/dev/null
