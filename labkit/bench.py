@@ -16,7 +16,8 @@ fork       fork+exec of /bin/true                              (process creation
 fileio     dd 1 MiB blocks to a file, then fsync              (host disk / overlay / VM disk)
 network    a host client to an nc listener: loopback, container over veth+bridge and over NAT,
            VM over virtio-net on a tap on the same bridge       (throughput and round-trip latency)
-density    N idle containers vs N idle VMs: PSS per instance and the host's MemAvailable drop
+density    N idle containers vs N idle VMs: PSS per instance (a container's processes plus its monitor;
+           a VM's qemu) and the host's MemAvailable drop
 ========== =================================================================================
 """
 import json
@@ -247,6 +248,7 @@ class Bench:
                         self.samples.append({"experiment": "density", "case": case, "repeat": 0, "instances": n,
                                              "elapsed_s": None, "amount": n, "unit": "instances",
                                              "pss_kb": fp["pss_kb"], "monitor_pss_kb": fp.get("monitor_pss_kb"),
+                                             "processes_pss_kb": fp.get("processes_pss_kb"),
                                              "mem_available_drop_kb": (before - after) / n,
                                              "accel": self.vm_accel if case == "vm" else None})
                 finally:

@@ -340,3 +340,170 @@ def torn_down(lab, rmi_error, name="webserver", image="course/web:v1"):
     if image in [i["ref"] for i in lab.call("image.list")]:
         return 0.7, f"{image} is still there: rmi it once the container is gone"
     return True, "stop, rm, then rmi: an image cannot go while any container, even a stopped one, was made from it."
+
+
+# -- 07-containers-vs-vms ------------------------------------------------------------------------
+
+def kernel_instances(lab, boot_ids, vm):
+    """boot_ids = {'host', 'container', 'vm'}: checked against the host's boot id and the live VM's."""
+    from .lab import VirtualMachine
+    if not isinstance(boot_ids, dict) or not {"host", "container", "vm"} <= set(boot_ids):
+        return False, "expected a dict with the keys 'host', 'container' and 'vm'"
+    if not isinstance(vm, VirtualMachine):
+        return False, "expected the handle that lab.vm_start(...) returns"
+    host = lab.read_file("/proc/sys/kernel/random/boot_id")["text"].strip()
+    guest = vm.exec("cat /proc/sys/kernel/random/boot_id")["stdout"].strip()
+    got = {k: str(v).strip() for k, v in boot_ids.items()}
+    if got["host"] != host:
+        return 0.2, "boot_ids['host'] is not the target's boot id: read /proc/sys/kernel/random/boot_id with lab.read_file"
+    if got["container"] != host:
+        return 0.4, ("boot_ids['container'] should be what a process in a container reads: run cat on the same file "
+                     "with lab.run_in(..., rootfs=...)")
+    if got["vm"] != guest:
+        return 0.6, "boot_ids['vm'] is not what the VM reads: vm.exec('cat /proc/sys/kernel/random/boot_id')"
+    return True, (f"the container reads the host's boot id ({host[:8]}…): one kernel, booted once, shared. The VM "
+                  f"reads {guest[:8]}…: a second kernel, booted a moment ago, inside qemu.")
+
+
+def bench_ran(lab, result):
+    from .bench import BenchResult, EXPERIMENTS
+    if not isinstance(result, BenchResult):
+        return False, "expected what bench.run(lab, ...) returns"
+    truth = lab.run(["uname", "-r"]).stdout.strip()
+    if result.env.get("kernel") != truth:
+        return 0.2, "that result was not measured on this target"
+    missing = [e for e in EXPERIMENTS if e not in set(result.samples["experiment"])]
+    if missing:
+        return 0.6, f"some experiments are missing: {', '.join(missing)} (run all of them)"
+    cases = set(result.samples["case"])
+    if not {"native", "container", "vm"} <= cases:
+        return 0.7, "run the three cases: native, container and vm"
+    accel = result.env.get("vm_accel_used", "?").upper()
+    if result.accel_label() != f"VM ({accel})":
+        return 0.8, "the VM's label must say how it was accelerated"
+    cpu = result.ratios().loc["cpu", "container"]
+    note = ("within a few percent of native, as expected: a container runs on the host's CPU and kernel with "
+            "nothing in between" if abs(cpu - 1) < 0.05 else
+            f"{cpu:.2f}× native: more than a few percent. Look for noise (the other core busy?) and re-run; "
+            "the harness interleaves, so both cases saw the same machine")
+    return True, f"every experiment measured, VM under {accel}. Container CPU time: {note}."
+
+
+def read_the_numbers(lab, result, answers):
+    if not isinstance(answers, dict):
+        return False, "expected a dict of your three numbers"
+    s = result.summary()
+    r = result.ratios()
+    vm = result.accel_label()
+    start = s[s["experiment"] == "startup"].set_index("case")["median"]
+    dens = s[s["experiment"].str.startswith("density")]
+    last = dens[dens["experiment"] == dens["experiment"].iloc[-1]].set_index("case")["median"]
+    truth = {"cpu_ratio": r.loc["cpu", "container"], "vm_start_over_labkit": start[vm] / start["labkit"],
+             "vm_over_container_memory": last[vm] / last["container"]}
+    wrong = []
+    for key, want in truth.items():
+        try:
+            got = float(answers.get(key))
+        except (TypeError, ValueError):
+            wrong.append(f"{key} is missing")
+            continue
+        if abs(got - want) > 0.05 * abs(want):
+            wrong.append(f"{key}: {got:g} is not {want:.3g}")
+    if wrong:
+        return (3 - len(wrong)) / 3, "; ".join(wrong) + " (read them from result.ratios() and result.summary())"
+    return True, (f"right. A container costs {truth['cpu_ratio']:.2f}× native CPU time, starts "
+                  f"{truth['vm_start_over_labkit']:.0f}× sooner than the VM, and idles in "
+                  f"{truth['vm_over_container_memory']:.0f}× less memory.")
+
+
+# -- 08-security ---------------------------------------------------------------------------------
+
+def capabilities_dropped(lab, record):
+    spec = record.get("spec") if hasattr(record, "get") else None
+    if not spec:
+        return False, "expected the record lab.run_in(...) returns"
+    keep = spec.get("cap_keep")
+    if keep is None:
+        return 0.2, "the process kept every capability: pass cap_keep=DOCKER_DEFAULT_CAPS"
+    if "CAP_SYS_ADMIN" in keep:
+        return 0.4, "CAP_SYS_ADMIN is still kept: it is the one that allows sethostname, mount and much more"
+    if "uts" not in spec.get("namespaces", []):
+        return 0.4, "give it a UTS namespace: without one a permitted sethostname would rename the host"
+    if record.exit_code == 0 or "not permitted" not in (record.stderr or ""):
+        return 0.6, "the hostname change should have failed with 'Operation not permitted'"
+    eff = next((ln.split()[1] for ln in (record.stdout or "").splitlines() if ln.startswith("CapEff:")), None)
+    from .security import decode_caps
+    if eff is None or sorted(decode_caps(eff)) != sorted(keep):
+        return 0.8, "print the process's CapEff line first (grep CapEff /proc/self/status)"
+    return True, (f"root inside, but with {len(keep)} capabilities and not CAP_SYS_ADMIN: even in its own UTS "
+                  "namespace it may not rename itself. Root is a set of capabilities, and they can be taken away.")
+
+
+def uid_shifted(lab, rootfs, path="/tmp/mine"):
+    from .lab import Rootfs
+    if not isinstance(rootfs, Rootfs):
+        return False, "expected the rootfs handle"
+    res = lab.run(["stat", "-c", "%u", rootfs.path + path])
+    if res.exit_code != 0:
+        return 0.2, f"{path} does not exist in the rootfs: create it from inside the user namespace"
+    uid = int(res.stdout.strip())
+    if uid == 0:
+        return 0.4, "the file belongs to the host's root: the process was not in a user namespace"
+    if uid != 100000:
+        return 0.7, f"the file belongs to uid {uid} on the host; map root to 100000: id_map=((0, 100000, 65536),)"
+    return True, ("inside it was root's file (uid 0); on the host it belongs to uid 100000, an unprivileged user: "
+                  "whatever root in the container does, it does as nobody on the host.")
+
+
+def seccomp_blocked(lab, rootfs, record, path="/newdir"):
+    spec = record.get("spec") if hasattr(record, "get") else None
+    if not spec:
+        return False, "expected the record lab.run_in(...) returns"
+    if "mkdir" not in spec.get("seccomp_deny", ()) and "mkdirat" not in spec.get("seccomp_deny", ()):
+        return 0.2, "deny mkdir: seccomp_deny=['mkdir']"
+    if not any(s.get("call") == "prctl" and "PR_SET_SECCOMP" in s.get("args", []) for s in record.steps):
+        return 0.4, "the record shows no seccomp filter being installed"
+    if "not permitted" not in (record.stderr or ""):
+        return 0.6, f"mkdir {path} should have failed with 'Operation not permitted'"
+    if lab.list_dir(rootfs.path + path)["exists"]:
+        return 0.7, f"{path} exists in the rootfs: did it run without the filter?"
+    return True, ("the filter answered EPERM before the kernel did any work: root, every capability, and still no "
+                  "mkdir. Docker's default profile refuses about 50 syscalls the same way.")
+
+
+def read_only_refused(lab, rootfs, record, path="/etc/owned"):
+    spec = record.get("spec") if hasattr(record, "get") else None
+    if not spec or not spec.get("read_only"):
+        return 0.3, "mount the root read-only: read_only=True"
+    if "Read-only file system" not in (record.stderr or ""):
+        return 0.6, f"writing {path} should have failed with 'Read-only file system'"
+    if lab.list_dir(rootfs.path + "/etc")["exists"] and "owned" in lab.list_dir(rootfs.path + "/etc")["entries"]:
+        return 0.7, f"{path} exists in the rootfs"
+    return True, "the kernel refused the write (EROFS): an attacker inside cannot plant files in the image."
+
+
+def hardened_holds(lab, rootfs, hardened):
+    """Re-runs every escape attempt with the student's options: all must be blocked."""
+    from .security import escape_attempts
+    if not isinstance(hardened, dict) or "user" not in (hardened.get("namespaces") or []):
+        return 0.2, "a hardened container needs a user namespace: add 'user' to namespaces (and an id_map)"
+    table, why = escape_attempts(lab, rootfs.name, {"yours": hardened})
+    escaped = [a for a, v in table["yours"].items() if v != "blocked"]
+    if escaped:
+        return 1 - len(escaped) / len(table), "still possible: " + "; ".join(f"{a} ({why['yours'][a]})" for a in escaped)
+    return True, "every attempt was blocked, each by the kernel's own answer (see the reasons table)."
+
+
+def kernel_shared_by(lab, iso, answer):
+    from .isolation import IsolationResult
+    if not isinstance(iso, IsolationResult):
+        return False, "expected what lab.isolation_matrix(...) returns"
+    host = lab.read_file("/proc/sys/kernel/random/boot_id")["text"].strip()
+    truth = {label for label, f in iso.facts.items() if f.get("boot_id") == host}
+    if not any(not f.get("boot_id") == host for f in iso.facts.values()):
+        return 0.3, "run the matrix with vm=True: without a VM every row shares the kernel"
+    got = set(answer or [])
+    if got != truth:
+        return 0.5, f"not quite: {sorted(truth - got)} missing, {sorted(got - truth)} wrong (read the kernel column)"
+    return True, (f"{len(truth)} configurations share the host's kernel: one kernel bug (Dirty COW) reaches all of "
+                  "them; the VM's guest kernel is a second wall.")
