@@ -21,7 +21,14 @@ bash "$here/vagrant/provision.sh" "$here"
 pkgs=(python3-venv python3-pip)
 [ "$dev" = 1 ] && pkgs+=(openssh-server openssh-client vagrant vagrant-libvirt libvirt-daemon-system
                          libvirt-daemon-driver-qemu libvirt-clients dnsmasq-base dbus debootstrap e2fsprogs
-                         qemu-utils rsync skopeo docker-registry crun runc tmux linux-image-cloud-amd64)
+                         qemu-utils rsync skopeo docker-registry crun runc tmux)
+# the VM baseline boots the target's own /boot kernel; the tests also boot the other architecture's
+if [ "$dev" = 1 ]; then
+  case "$(dpkg --print-architecture)" in
+    amd64) pkgs+=(linux-image-cloud-amd64 qemu-system-arm) ;;
+    arm64) pkgs+=(linux-image-cloud-arm64 qemu-system-x86) ;;
+  esac
+fi
 
 missing=()
 for p in "${pkgs[@]}"; do
@@ -54,3 +61,7 @@ if [ "${have%-*}" != "$want" ] || { [ "$dev" = 1 ] && [ "${have##*-}" != 1 ]; };
   "$venv/bin/python" -m pip install -q -e "$here$extra"
   echo "$want-$dev" > "$stamp"
 fi
+
+# For the tests: the other architecture's kernel and busybox, to boot a foreign guest under TCG.
+[ "$dev" = 1 ] && bash "$here/scripts/fetch-foreign-guest.sh"
+exit 0

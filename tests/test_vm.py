@@ -124,3 +124,39 @@ def test_the_initramfs_carries_the_virtio_modules_in_load_order():
             assert names.index("virtio_ring.ko") < names.index(mod) and names.index("virtio.ko") < names.index(mod)
     assert all(data[:4] == b"\x7fELF" for _, data in files), "modules are plain ELF for busybox insmod"
     assert platform.machine() in vm.QEMU
+
+
+def foreign_guest():
+    """(machine, kernel, busybox, modules root) of the other architecture (scripts/fetch-foreign-guest.sh)."""
+    import glob
+    other = {"x86_64": ("aarch64", "arm64"), "aarch64": ("x86_64", "amd64")}[platform.machine()]
+    root = f"/var/cache/labkit-foreign/{other[1]}/root"
+    kernels = glob.glob(f"{root}/boot/vmlinuz-*")
+    if not kernels:
+        if os.environ.get("CI") == "true":
+            raise AssertionError("scripts/setup.sh --dev should have fetched the foreign guest")
+        pytest.skip("no foreign guest: run sudo bash scripts/fetch-foreign-guest.sh")
+    return other[0], kernels[0], f"{root}/bin/busybox", root
+
+
+def test_the_other_architecture_boots_too_with_disk_and_network(lab):
+    """x86_64 and aarch64 both: the other one's distro kernel and busybox boot here under TCG
+    (qemu-system-aarch64 -M virt on this x86_64 machine), with the same probe and workloads."""
+    from labkit.agent import network, vm as V
+    machine, kernel, busybox, root = foreign_guest()
+    with pytest.raises(InvalidSpec, match="emulated"):
+        V.VM(accel_mode="kvm", machine=machine, kernel=kernel, busybox=busybox)
+    network.create("vmarch", "10.213.93.0/24")
+    guest = V.VM(accel_mode="tcg", machine=machine, kernel=kernel, busybox=busybox, modules_root=root, disk_mb=64,
+                 network_name="vmarch", boot_timeout=240)
+    try:
+        guest.start()
+        assert guest.rec.facts["machine"] == machine
+        out = guest.exec("uname -m; grep ' /mnt ' /proc/mounts; ip -4 addr show eth0", timeout=120)["stdout"]
+        assert out.split()[0] == machine and "/dev/vda /mnt ext4" in out and guest.net["ip"] in out
+        sample = guest.exec("sh /lk/bench.sh cpu 20000 /mnt", timeout=120)["stdout"]
+        assert "LKB cpu" in sample
+    finally:
+        guest.stop()
+        network.remove("vmarch")
+    assert not ours_running()

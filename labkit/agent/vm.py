@@ -36,7 +36,7 @@ VM_RUN = RUN_DIR + "/vms"
 VM_DISKS = STATE_DIR + "/vms"
 QEMU = {"x86_64": ("qemu-system-x86_64", ["-M", "q35"], "ttyS0"),
         "aarch64": ("qemu-system-aarch64", ["-M", "virt", "-cpu", "max"], "ttyAMA0")}
-MODULES = ("virtio_pci", "virtio_blk", "virtio_net")
+MODULES = ("virtio_pci", "virtio_mmio", "virtio_blk", "virtio_net")
 
 INIT = r"""#!/bin/sh
 export PATH=/bin:/sbin
@@ -102,19 +102,40 @@ def _kernel_release(kernel_path):
     return name[len("vmlinuz-"):] if name.startswith("vmlinuz-") else None
 
 
-def _module_files(release, names=MODULES):
+def _module_files(release, names=MODULES, root="/"):
     """[(file name, bytes)] for the named modules of ``release`` and what they need, in load order.
 
     Built-in drivers (modules.builtin) need nothing; .ko.xz and .ko.gz are unpacked here (busybox insmod
     takes plain ELF), .ko.zst with the zstd tool when there is one."""
-    base = f"/lib/modules/{release}" if release else None
-    deps_text = read_text(f"{base}/modules.dep") if base else None
-    if not deps_text:
+    base = os.path.join(root, f"lib/modules/{release}") if release else None
+    if not base or not os.path.isdir(base):
         return [], [f"no /lib/modules/{release}: only built-in drivers (no disk or network if virtio is modular)"]
+    deps_text = read_text(f"{base}/modules.dep")
     deps = {}
-    for line in deps_text.splitlines():
-        mod, _, rest = line.partition(":")
-        deps[mod] = rest.split()
+    if deps_text:
+        for line in deps_text.splitlines():
+            mod, _, rest = line.partition(":")
+            deps[mod] = rest.split()
+    else:
+        # an unpacked kernel package has no modules.dep (depmod writes it on install): read each module's
+        # own "depends=" entry from its .modinfo strings instead
+        found = {}
+        for d, _, names_ in os.walk(base):
+            for n in names_:
+                if re.search(r"\.ko(\.(xz|gz|zst))?$", n):
+                    found[re.sub(r"\.ko(\.\w+)?$", "", n).replace("-", "_")] = os.path.relpath(os.path.join(d, n), base)
+
+        def deps_of(rel):
+            data = _read_module(f"{base}/{rel}")
+            m = re.search(rb"depends=([^\0]*)", data or b"")
+            return [found[x.replace("-", "_")] for x in (m.group(1).decode().split(",") if m else []) if x and x.replace("-", "_") in found]
+
+        todo = [found[n] for n in names if n in found]
+        while todo:
+            rel = todo.pop()
+            if rel not in deps:
+                deps[rel] = deps_of(rel)
+                todo += deps[rel]
     by_name = {re.sub(r"\.ko(\.\w+)?$", "", os.path.basename(m)).replace("-", "_"): m for m in deps}
     builtin = read_text(f"{base}/modules.builtin") or ""
     order, notes = [], []
@@ -133,34 +154,56 @@ def _module_files(release, names=MODULES):
             notes.append(f"module {name} not found for {release}")
     files = []
     for rel in order:
-        path = f"{base}/{rel}"
-        with open(path, "rb") as f:
-            data = f.read()
-        if rel.endswith(".xz"):
-            data = lzma.decompress(data)
-        elif rel.endswith(".gz"):
-            data = gzip.decompress(data)
-        elif rel.endswith(".zst"):
-            if not which("zstd"):
-                notes.append(f"{os.path.basename(rel)} is zstd-compressed and zstd is not installed")
-                continue
-            data = subprocess.run(["zstd", "-dc", path], capture_output=True, check=True).stdout
+        data = _read_module(f"{base}/{rel}")
+        if data is None:
+            notes.append(f"{os.path.basename(rel)} is zstd-compressed and zstd is not installed")
+            continue
         files.append((re.sub(r"\.(xz|gz|zst)$", "", os.path.basename(rel)), data))
     return files, notes
 
 
-def build_initramfs(path, kernel=None):
+def _applets(bb):
+    """The applet names of busybox ``bb`` (a foreign-architecture busybox cannot run here: then the
+    target's own busybox's list, which Debian builds from the same configuration)."""
+    for binary in (bb, rootfs.find_static_busybox()):
+        if not binary:
+            continue
+        try:
+            listed = subprocess.run([binary, "--list"], capture_output=True, text=True, timeout=10).stdout.split()
+        except OSError:
+            continue
+        if listed:
+            return listed
+    return ["sh", "mount", "echo", "cat", "sed", "poweroff", "base64", "insmod", "ip", "hostname", "mkdir", "stty",
+            "sleep", "uname", "grep", "cut", "tr", "awk", "dd", "nc", "adjtimex", "ls", "rm", "id", "readlink"]
+
+
+def _read_module(path):
+    """A module's ELF bytes (unpacked from .xz/.gz here, .zst with the zstd tool; None without it)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if path.endswith(".xz"):
+        return lzma.decompress(data)
+    if path.endswith(".gz"):
+        return gzip.decompress(data)
+    if path.endswith(".zst"):
+        if not which("zstd"):
+            return None
+        return subprocess.run(["zstd", "-dc", path], capture_output=True, check=True).stdout
+    return data
+
+
+def build_initramfs(path, kernel=None, busybox=None, modules_root="/"):
     """The guest's root: busybox and its applets, /init, the probe and workload scripts, virtio modules."""
-    bb = rootfs.busybox_or_fail()
+    bb = busybox or rootfs.busybox_or_fail()
     with open(bb, "rb") as f:
         busybox = f.read()
     entries = [(d, 0o040755, b"") for d in ("bin", "sbin", "proc", "sys", "dev", "tmp", "etc", "mnt", "lk", "lk/mod")]
     entries.append(("bin/busybox", 0o100755, busybox))
-    listed = subprocess.run([bb, "--list"], capture_output=True, text=True).stdout.split()
-    for applet in listed or ("sh", "mount", "echo", "cat", "sed", "poweroff", "base64", "insmod", "ip"):
-        if applet not in ("busybox",) and "/" not in applet:
+    for applet in _applets(bb):
+        if applet != "busybox" and "/" not in applet:
             entries.append((f"bin/{applet}", 0o120777, "busybox"))
-    mods, notes = _module_files(_kernel_release(kernel)) if kernel else ([], [])
+    mods, notes = _module_files(_kernel_release(kernel), root=modules_root) if kernel else ([], [])
     for name, data in mods:
         entries.append((f"lk/mod/{name}", 0o100644, data))
     entries.append(("lk/modules", 0o100644, "\n".join(n for n, _ in mods) + "\n"))
@@ -221,7 +264,10 @@ def pss_kb(pid):
 class VM:
     """A live VM: ``start()`` boots it and waits until it takes commands, ``exec()`` runs one, ``stop()`` ends it."""
 
-    def __init__(self, memory_mb=256, cpus=1, accel_mode=None, network_name=None, disk_mb=0, boot_timeout=120):
+    def __init__(self, memory_mb=256, cpus=1, accel_mode=None, network_name=None, disk_mb=0, boot_timeout=120,
+                 machine=None, kernel=None, busybox=None, modules_root="/"):
+        """``machine``/``kernel``/``busybox``/``modules_root``: a guest of another architecture than the
+        target's (the tests boot an aarch64 guest on x86_64 under TCG); by default the target's own."""
         if not isinstance(memory_mb, int) or not 64 <= memory_mb <= 16384:
             raise InvalidSpec(f"memory_mb={memory_mb!r} must be a whole number of MiB from 64 to 16384",
                               fix="e.g. memory_mb=256")
@@ -239,10 +285,15 @@ class VM:
         self.disk = f"{VM_DISKS}/{self.id}.img" if self.disk_mb else None
         self._buf = b""
         self.console = []
+        self.machine = machine or os.uname().machine
+        self.kernel, self.busybox, self.modules_root = kernel, busybox, modules_root
+        if self.machine != os.uname().machine and accel_mode != "tcg":
+            raise InvalidSpec(f"a {self.machine} guest on a {os.uname().machine} target can only be emulated",
+                              fix="pass accel='tcg'")
 
     # -- life cycle ------------------------------------------------------------------------------
     def start(self):
-        machine = os.uname().machine
+        machine = self.machine
         if machine not in QEMU:
             raise MechanismError(f"no VM baseline for {machine}", fix="use an x86_64 or aarch64 target")
         qemu_name, mach_args, console = QEMU[machine]
@@ -250,17 +301,20 @@ class VM:
         if not qemu:
             raise NotFound(f"{qemu_name} is not installed",
                            fix="`sudo apt-get install qemu-system-x86` (qemu-system-arm on arm64)")
-        kernel = find_kernel()
+        kernel = self.kernel or find_kernel()
         mode, why = (self.accel_mode, "asked for") if self.accel_mode else accel()
         self.mode = mode
+        if mode == "kvm" and machine == "aarch64":
+            mach_args = ["-M", "virt", "-cpu", "host"]  # KVM runs the host's own CPU model
         self.rec.what = f"boot a VM ({mode.upper()})"
         self.rec.fact("accel", mode)
         self.rec.fact("accel_reason", why)
         self.rec.fact("kernel_image", kernel)
+        self.rec.fact("machine", machine)
         os.makedirs(self.dir, exist_ok=True)
         self._save({"pid": None})
         try:
-            notes = build_initramfs(f"{self.dir}/initrd.gz", kernel)
+            notes = build_initramfs(f"{self.dir}/initrd.gz", kernel, self.busybox, self.modules_root)
             self.rec.fact("initramfs_notes", notes)
             extra = ""
             argv = [qemu, *mach_args, "-name", f"labkit-vm-{self.id}", "-accel", mode, "-m", str(self.memory_mb),
