@@ -11,7 +11,8 @@ from .agent.workloads import compare
 from .specs import DOCKER_DEFAULT_CAPS
 
 BASIC = ("host PIDs", "hostname", "mounts", "links", "users", "files")
-ALL = BASIC + ("kernel", "mount (host)", "load module", "set clock", "write /proc/sys", "memory", "PIDs")
+ALL = BASIC + ("kernel", "mount (host)", "load module", "set clock", "write /proc/sys", "write /sys",
+                "memory", "PIDs")
 LIMITS = {"memory": "256M", "pids": 128}
 USERNS_MAP = ((0, 100000, 65536),)
 

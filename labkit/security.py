@@ -15,6 +15,7 @@ ATTEMPTS = {
     "see the host's PID 1": "host PIDs",
     "mount in the host's mount table": "mount (host)",
     "write the host's /proc/sys": "write /proc/sys",
+    "write the host's /sys": "write /sys",
     "set the host's clock": "set clock",
     "load a kernel module": "load module",
 }

@@ -26,7 +26,7 @@ def test_compare_a_vm_shares_nothing_even_with_the_same_kernel_release():
     h = host()
     guest = {"kernel": "6.1.0", "boot_id": "c" * 36, "proc": "1", "pid1_start": "22", "ns_mnt": str(h["ns"]["mnt"]),
              "ns_user": str(h["ns"]["user"]), "uid": "0", "hostname": "labkit-vm", "can_mount": "1",
-             "can_load_module": "1", "can_set_clock": "1", "can_write_proc_sys": "1", "mem_total_kb": "200000"}
+             "can_load_module": "1", "can_set_clock": "1", "can_write_proc_sys": "1", "can_write_sys": "1", "mem_total_kb": "200000"}
     c = W.compare(guest, h, vm=True)
     assert all(v == 0 for v, _ in c.values()), c
     assert "own" in c["kernel"][1] and "own kernel" in c["load module"][1]
@@ -36,7 +36,7 @@ def test_compare_a_plain_process_shares_everything():
     h = host()
     facts = {"kernel": "6.1.0", "boot_id": h["boot_id"], "proc": "1", "pid1_start": "22", "pids": "70",
              "uid": "0", "hostname": "host", "marker": "tok", "mount_ids": "21 22", "links": "eth0 lo",
-             "can_mount": "1", "can_load_module": "1", "can_set_clock": "1", "can_write_proc_sys": "1",
+             "can_mount": "1", "can_load_module": "1", "can_set_clock": "1", "can_write_proc_sys": "1", "can_write_sys": "1",
              **{f"ns_{n}": str(i) for n, i in h["ns"].items()}}
     c = W.compare(facts, h)
     assert all(v == 1 for v, _ in c.values()), c

@@ -24,7 +24,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 if ! command -v apt-get >/dev/null 2>&1; then
   echo "provision.sh: this host has no apt-get; labkit's provisioning knows Debian and Ubuntu." >&2
-  echo "  Install by hand: python3 (3.9+), a static busybox, iproute2, util-linux, iptables or nftables, sudo, qemu-system." >&2
+  echo "  Install by hand: python3 (3.9+), a static busybox, iproute2, util-linux, iptables or nftables, sudo, qemu-system, e2fsprogs, zstd." >&2
   exit 1
 fi
 if [ ! -f "$repo/labkit/agent/server.py" ]; then
@@ -38,7 +38,7 @@ case "$(uname -m)" in
   *) qemu="" ; echo "provision.sh: $(uname -m) is not x86_64 or aarch64: the VM baseline will be unavailable" >&2 ;;
 esac
 pkgs=(python3 busybox-static iproute2 util-linux procps kmod psmisc iptables nftables sudo ca-certificates
-      qemu-utils $qemu)
+      qemu-utils e2fsprogs zstd $qemu)
 [ "$jupyter" = 1 ] && pkgs+=(python3-venv python3-pip)
 
 missing=()

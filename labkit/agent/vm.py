@@ -71,8 +71,11 @@ poweroff -f
 
 
 def find_kernel():
-    """The target's own /boot kernel when readable, else nothing (the fix says which package to add)."""
-    for path in sorted(glob.glob("/boot/vmlinuz-*"), reverse=True):
+    """The target's own /boot kernel when readable (the running one first), else a clear error."""
+    running = f"/boot/vmlinuz-{os.uname().release}"
+    for path in [running] + sorted(glob.glob("/boot/vmlinuz-*"), reverse=True):
+        if not os.path.exists(path):
+            continue
         if os.access(path, os.R_OK) and os.path.getsize(path) > 1 << 20:
             return path
     raise NotFound("no readable kernel in /boot for the VM baseline",

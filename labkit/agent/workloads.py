@@ -9,7 +9,8 @@ PID 1's start time, mount ids, links, uid map, capabilities, and whether it may 
 or set the clock -- each tried for real in a way that changes nothing: a tmpfs mounted and unmounted
 at once on a directory of its own, ``init_module`` on a file that is not a module (the kernel checks
 the capability first, then refuses the file), ``adjtimex`` setting the tick to the value it has,
-a kernel setting in /proc/sys written back with the value it holds.
+a kernel setting in /proc/sys and a kernel parameter in /sys written back with the values they hold
+(when its root has no sysfs, it mounts one first if it may, as an intruder would).
 ``compare(facts, host)`` turns those facts into what they mean relative to the host (here, in the
 agent, which runs in the host's namespaces).
 
@@ -47,16 +48,30 @@ fi
 k marker "$(cat "$1" 2>/dev/null)"
 d=
 for c in /tmp /dev/shm /dev /; do if mkdir "$c/.lk-probe-$$" 2>/dev/null; then d=$c/.lk-probe-$$; break; fi; done
+sysw() {  # write a kernel parameter in sysfs back with the value it has
+  if v=$(cat "$1" 2>/dev/null) && [ -n "$v" ]; then
+    if (echo "$v" > "$1") 2>/dev/null; then k can_write_sys 1; else k can_write_sys 0; fi
+  fi
+}
+sysf=/sys/module/printk/parameters/time
 if [ -n "$d" ]; then
   k can_mkdir 1
   if mount -t tmpfs lk-probe "$d" 2>/dev/null; then umount "$d"; k can_mount 1; else k can_mount 0; fi
   printf 'not a kernel module' > "$d/x.ko" 2>/dev/null
   err=$(insmod "$d/x.ko" 2>&1)
-  rm -f "$d/x.ko"; rmdir "$d"
+  rm -f "$d/x.ko"
+  # no sysfs in its root? whoever may mount can bring one: try that too
+  if [ ! -e $sysf ] && mount -t sysfs lk-probe-sys "$d" 2>/dev/null; then
+    sysw "$d/module/printk/parameters/time"; umount "$d"
+  else
+    sysw $sysf
+  fi
+  rmdir "$d"
 else
   k can_mkdir 0
   k can_mount untested
   err=$(insmod /proc/self/status 2>&1)
+  sysw $sysf
 fi
 case "$err" in *"not permitted"*) k can_load_module 0 ;; *"not support"*|*"not implemented"*) k can_load_module nosys ;;
   *) k can_load_module 1 ;; esac
@@ -199,14 +214,18 @@ def compare(facts, host, limits=None, vm=False):
     out["set clock"] = (int(clock and same_kernel), "adjtimex(ADJ_TICK) allowed: it can set the host's clock"
                         if clock and same_kernel else "can set its own kernel's clock only" if clock
                         else "adjtimex: not permitted (no CAP_SYS_TIME in the host's user namespace)")
-    w = facts.get("can_write_proc_sys")
-    if w is None:
-        out["write /proc/sys"] = (0, "no /proc/sys to write to")
-    else:
-        w = w == "1"
-        out["write /proc/sys"] = (int(w and same_kernel), "wrote a kernel setting in /proc/sys: the host's kernel's"
-                                  if w and same_kernel else "wrote its own kernel's /proc/sys" if w else
-                                  "/proc/sys: permission denied (the setting belongs to the host's root)")
+    for col, key, what, missing, refused in (
+            ("write /proc/sys", "can_write_proc_sys", "a kernel setting in /proc/sys", "no /proc/sys to write to",
+             "/proc/sys: permission denied (the setting belongs to the host's root)"),
+            ("write /sys", "can_write_sys", "a kernel parameter in /sys", "no sysfs to write to, and it may not mount one",
+             "/sys: read-only or permission denied")):
+        w = facts.get(key)
+        if w is None:
+            out[col] = (0, missing)
+        else:
+            w = w == "1"
+            out[col] = (int(w and same_kernel), f"wrote {what}: the host's kernel's" if w and same_kernel
+                        else f"wrote {what} of its own kernel" if w else refused)
     mem_kb = facts.get("mem_total_kb")
     if vm:
         out["memory"] = (0, f"bounded by the VM's RAM ({int(mem_kb) // 1024 if mem_kb else '?'} MiB seen by its kernel)")
