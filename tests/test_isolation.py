@@ -50,3 +50,14 @@ def test_every_column_and_the_vm_checked_against_the_truth(lab, rootfs_name):
     assert m.loc["chroot", "mount (host)"] == 1, "root in a chroot can still mount on the host"
     assert "bounded by the VM's RAM" in res.reasons.loc[vm_row, "memory"]
     assert not os.listdir("/run/labkit/probe"), "the marker file is gone"
+    # every namespace inode the probe read, against the configuration that made it
+    host_ns = {n: os.stat(f"/proc/self/ns/{n}").st_ino for n in ("mnt", "net", "pid", "user", "uts", "cgroup")}
+    for label, opts in isolation.default_configs(rootfs_name):
+        made = set(opts.get("namespaces", ()))
+        for n, ino in host_ns.items():
+            assert (int(f[label][f"ns_{n}"]) == ino) == (n not in made), (label, n)
+    assert f["uts"]["hostname"] == "lk-uts" and f["container"]["hostname"] == "box"
+    from labkit.agent.vm import find_kernel
+    assert f[vm_row]["kernel"] == os.path.basename(find_kernel())[len("vmlinuz-"):], "the VM runs the /boot image"
+    assert int(f[vm_row]["mem_total_kb"]) < 256 * 1024 < int(f["container"]["mem_total_kb"]), \
+        "the VM sees its own RAM; a container sees the host's"
