@@ -156,13 +156,22 @@ def overhead_chart(ratios, title="What isolation costs: time relative to native 
     """Grouped bars of each case's median time over native's (1.0 = no overhead), log scale."""
     plt = _plt()
     import numpy as np
-    cols = [c for c in ratios.columns if c != "native"]
+    ratios = ratios.copy()
+    if "container (bridge)" in ratios.columns:  # one container colour: the bridge is its network path
+        base = ratios["container"] if "container" in ratios.columns else np.nan
+        ratios["container"] = ratios["container (bridge)"].combine_first(base) if "container" in ratios.columns \
+            else ratios["container (bridge)"]
+        ratios = ratios.drop(columns=["container (bridge)"])
+    order = ["container", "container (NAT)"]
+    cols = [c for c in order if c in ratios.columns] + [c for c in ratios.columns
+                                                        if c not in order and c != "native"]
     fig, ax = plt.subplots(figsize=(1.2 * len(ratios.index) + 3.5, 4.2))
     x = np.arange(len(ratios.index))
     width = 0.8 / max(len(cols), 1)
     for k, c in enumerate(cols):
         vals = ratios[c].values.astype(float)
-        ax.bar(x + k * width - 0.4 + width / 2, vals, width, label=c, color=_case_color(c))
+        label = "container (network: veth + bridge)" if c == "container" else c
+        ax.bar(x + k * width - 0.4 + width / 2, vals, width, label=label, color=_case_color(c))
         for xi, v in zip(x + k * width - 0.4 + width / 2, vals):
             if np.isfinite(v):
                 ax.text(xi, v * 1.05, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
