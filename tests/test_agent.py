@@ -92,3 +92,25 @@ def test_agent_refuses_bad_input(any_lab):
         any_lab.call("rootfs.create", name="../../etc")
     with pytest.raises(InvalidSpec, match="no method"):
         any_lab.call("rm_rf_everything")
+
+
+def test_probe_bench_and_vm_over_every_transport(any_lab):
+    """The isolation probe, a slice of the harness (container path included) and, outside the lab VM, a
+    VM whose handle lives in the agent process, all through the protocol."""
+    from labkit import bench, isolation
+    r = any_lab.rootfs("t-transport", replace=True)
+    try:
+        configs = [c for c in isolation.default_configs(r.name) if c[0] in ("plain process", "container")]
+        res = any_lab.isolation_matrix(configs=configs, rootfs=r.name)
+        assert res.matrix.loc["plain process"].sum() == 6 and res.matrix.loc["container", "host PIDs"] == 0
+    finally:
+        r.remove()
+    out = bench.Bench(any_lab, experiments=["cpu", "net-latency"], cases=["native", "container"], repeats=1,
+                      progress=False).run()
+    assert set(out.samples["case"]) == {"native", "container", "container (bridge)", "container (NAT)"}
+    assert out.env["cgroup_mode"] in ("v1", "v2", "hybrid")
+    if any_lab.target == "vagrant":
+        return  # a VM inside the TCG-emulated lab VM would take minutes to boot; the host's tests cover it
+    with any_lab.vm_start(accel="tcg") as vm:
+        assert vm.exec("echo $((6 * 7))")["stdout"] == "42\n"
+    assert vm.id not in [v["id"] for v in any_lab.call("vm.list")]
