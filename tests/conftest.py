@@ -43,13 +43,15 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session", autouse=True)
 def no_leftovers():
-    """After the whole suite, ../shared/tools/leftovers must print nothing, and the VM tier must have
-    left no qemu or libvirt process and no namespace."""
+    """After the whole suite, ../shared/tools/leftovers must print nothing, no labkit VM (qemu named
+    labkit-vm-<id>) may run, and the VM tier must have left no qemu or libvirt process and no namespace."""
     yield
     if os.geteuid() != 0:
         return
     import vmtier
     assert vmtier.leftovers() == [], "the VM tier left things behind"
+    qemu = subprocess.run(["pgrep", "-af", "labkit-vm-"], capture_output=True, text=True).stdout.strip()
+    assert qemu == "", "labkit left a VM running:\n" + qemu
     if os.path.exists(LEFTOVERS):
         out = subprocess.run(["bash", LEFTOVERS], capture_output=True, text=True, timeout=60)
         assert out.stdout.strip() == "", "labkit left kernel objects behind:\n" + out.stdout

@@ -36,7 +36,7 @@ BOX_PACKAGES = [
     "systemd-sysv", "openssh-server", "sudo", "python3", "rsync", "linux-image-cloud-amd64",
     "initramfs-tools", "ifupdown", "isc-dhcp-client", "iproute2", "udev", "dbus", "kmod", "netbase",
     "busybox-static", "util-linux", "procps", "psmisc", "iptables", "nftables", "ca-certificates",
-    "qemu-utils", "qemu-system-x86",
+    "qemu-utils", "qemu-system-x86", "e2fsprogs", "zstd",
 ]
 VAGRANT_PUB = None  # read from the installed Vagrant at build time
 QEMU_CONF = """# labkit VM tier: libvirtd's qemu.conf, bind-mounted over /etc/libvirt/qemu.conf in its own mount namespace
@@ -92,7 +92,7 @@ def box_recipe_hash():
         src = f.read()
     # the recipe is this module's box section; any edit rebuilds (cheap to reason about, ~2 min)
     start, end = src.index(b"# --- the box"), src.index(b"# --- libvirt")
-    return hashlib.sha256(src[start:end]).hexdigest()[:16]
+    return hashlib.sha256(src[start:end] + json.dumps(BOX_PACKAGES).encode()).hexdigest()[:16]
 
 
 def vagrant_insecure_key():
