@@ -47,7 +47,8 @@ else
 fi
 k marker "$(cat "$1" 2>/dev/null)"
 d=
-for c in /tmp /dev/shm /dev /; do if mkdir "$c/.lk-probe-$$" 2>/dev/null; then d=$c/.lk-probe-$$; break; fi; done
+# /run/labkit/probe first: where it exists (the host's root) a mount left by a killed probe is labkit's to clean
+for c in /run/labkit/probe /tmp /dev/shm /dev /; do if mkdir "$c/.lk-probe-$$" 2>/dev/null; then d=$c/.lk-probe-$$; break; fi; done
 sysw() {  # write a kernel parameter in sysfs back with the value it has
   if v=$(cat "$1" 2>/dev/null) && [ -n "$v" ]; then
     if (echo "$v" > "$1") 2>/dev/null; then k can_write_sys 1; else k can_write_sys 0; fi
