@@ -79,7 +79,8 @@ def _create_kw(args):
     return dict(name=args.name, env=_kv(args.env), hostname=args.hostname, ports=args.publish or [],
                 memory=args.memory, cpus=args.cpus, pids_limit=args.pids_limit, volumes=args.volume or [],
                 read_only=args.read_only, workdir=args.workdir, user=args.user,
-                network=None if args.network == "none" else args.network)
+                network=None if args.network == "none" else args.network,
+                cap_add=args.cap_add or [], cap_drop=args.cap_drop or [], privileged=args.privileged)
 
 
 def cmd_create(args):
@@ -343,6 +344,9 @@ def main(argv=None):
         sp.add_argument("-w", "--workdir")
         sp.add_argument("-u", "--user", help="uid[:gid]")
         sp.add_argument("--network", default="default", help="a labkit network, or none")
+        sp.add_argument("--cap-add", action="append", help="a capability to add to Docker's default 14 (or ALL)")
+        sp.add_argument("--cap-drop", action="append", help="a capability to drop (or ALL)")
+        sp.add_argument("--privileged", action="store_true", help="keep every capability, /proc/sys writable")
         sp.add_argument("image")
         sp.add_argument("cmd", nargs=argparse.REMAINDER)
 

@@ -253,12 +253,16 @@ class Lab:
 
     # -- the engine (docker-like containers) -------------------------------------------------------
     def create(self, image="busybox", cmd=None, name=None, env=None, hostname=None, ports=(), memory=None,
-               cpus=None, pids_limit=None, volumes=(), read_only=False, workdir=None, user=None, network="default"):
-        """`docker create`: returns a :class:`Container` (its root, cgroup and config; nothing runs yet)."""
+               cpus=None, pids_limit=None, volumes=(), read_only=False, workdir=None, user=None, network="default",
+               cap_add=(), cap_drop=(), privileged=False):
+        """`docker create`: returns a :class:`Container` (its root, cgroup and config; nothing runs yet).
+        Docker's 14 default capabilities (``cap_add``/``cap_drop`` change them) and a read-only /proc/sys,
+        unless ``privileged``."""
         rec = Record(self.call("container.create", image=str(ImageRef.parse(image)), name=name,
                                cmd=_argv(cmd) if cmd else None, env=dict(env or {}), hostname=hostname,
                                ports=list(ports), memory=memory, cpus=cpus, pids=pids_limit, volumes=list(volumes),
-                               read_only=read_only, workdir=workdir, user=user, network_name=network))
+                               read_only=read_only, workdir=workdir, user=user, network_name=network,
+                               cap_add=list(cap_add or ()), cap_drop=list(cap_drop or ()), privileged=privileged))
         return Container(self, rec["id"], rec["name"], rec)
 
     def run_container(self, image="busybox", cmd=None, detach=True, rm=False, timeout=600, **kw):

@@ -207,7 +207,8 @@ class ProcessSpec:
     - ``binds``: (host path, path inside, read-only) bind mounts into the rootfs (needs 'mnt');
       ``read_only``: the root is mounted read-only; ``user``: "uid[:gid]" to run as.
     - ``cap_keep``: capabilities left in the bounding set (None: all; ``DOCKER_DEFAULT_CAPS`` is
-      Docker's default); ``seccomp_deny``: syscalls a seccomp filter makes fail with EPERM.
+      Docker's default); ``seccomp_deny``: syscalls a seccomp filter makes fail with EPERM;
+      ``proc_sys_ro``: /proc/sys and /proc/sysrq-trigger read-only, as Docker mounts them.
     - ``look``: record the process's own view before it execs (what it sees of the host); the engine
       turns it off, it costs a millisecond or two per start.
     """
@@ -231,6 +232,7 @@ class ProcessSpec:
     look: bool = True
     cap_keep: Optional[Tuple[str, ...]] = None
     seccomp_deny: Tuple[str, ...] = ()
+    proc_sys_ro: bool = False
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass normalisation)
@@ -295,6 +297,9 @@ class ProcessSpec:
             raise InvalidSpec(f"user {self.user!r} must be numeric uid[:gid]", fix="e.g. user='1000' or '1000:1000'")
         if not self.cwd.startswith("/"):
             raise InvalidSpec(f"cwd {self.cwd!r} must be an absolute path", fix="e.g. cwd='/'")
+        if self.proc_sys_ro and (self.rootfs is None or "mnt" not in self.namespaces):
+            raise InvalidSpec("a read-only /proc/sys is mounted in the container's own root",
+                              fix="pass rootfs=... and add 'mnt' to namespaces")
         if self.cap_keep is not None:
             if isinstance(self.cap_keep, str):
                 raise InvalidSpec("cap_keep must be a list of capability names", fix="e.g. ['NET_BIND_SERVICE']")

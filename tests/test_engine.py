@@ -156,3 +156,55 @@ def test_bad_input_is_refused_and_leaves_nothing(lab):
     after = {c["name"] for c in lab.containers(all=True)}
     assert after - before == {"t-port"}, "a refused run leaves no container behind"
     assert not os.path.islink("/var/lib/labkit/names/t-port2")
+
+
+def caps_of(text, line="CapEff:"):
+    from labkit.security import decode_caps
+    return sorted(decode_caps(next(ln.split()[1] for ln in text.splitlines() if ln.startswith(line))))
+
+
+def test_containers_get_dockers_default_capabilities_in_run_and_in_exec(lab):
+    from labkit.specs import DOCKER_DEFAULT_CAPS
+    probe = ["sh", "-c", "grep CapEff /proc/self/status; echo 5 > /proc/sys/kernel/printk_ratelimit; echo rc=$?; "
+                         "sleep 30"]
+    c = lab.run_container("busybox", probe, name="t-caps", network=None)
+    try:
+        for _ in range(100):
+            log = c.logs()
+            if "rc=" in log:
+                break
+            time.sleep(0.05)
+        assert caps_of(log) == sorted(DOCKER_DEFAULT_CAPS)
+        assert "rc=1" in log and "Read-only file system" in log, "/proc/sys is read-only, as Docker mounts it"
+        got = c.exec(["sh", "-c", "grep CapEff /proc/self/status; hostname other"])
+        assert caps_of(got.stdout) == sorted(DOCKER_DEFAULT_CAPS), "exec joins with the container's capabilities"
+        assert got.exit_code != 0 and "not permitted" in got.stderr.lower()
+        assert c.inspect()["HostConfig"]["Privileged"] is False
+    finally:
+        c.rm(force=True)
+    c = lab.run_container("busybox", ["sleep", "30"], name="t-caps2", network=None, cap_add=["SYS_ADMIN"],
+                          cap_drop=["NET_RAW"])
+    try:
+        caps = caps_of(c.exec(["grep", "CapEff", "/proc/self/status"]).stdout)
+        assert "CAP_SYS_ADMIN" in caps and "CAP_NET_RAW" not in caps and len(caps) == 14
+        info = c.inspect()["HostConfig"]
+        assert info["CapAdd"] == ["CAP_SYS_ADMIN"] and info["CapDrop"] == ["CAP_NET_RAW"]
+    finally:
+        c.rm(force=True)
+    c = lab.run_container("busybox", ["sleep", "30"], name="t-caps3", network=None, privileged=True)
+    try:
+        assert "CAP_SYS_ADMIN" in caps_of(c.exec(["grep", "CapEff", "/proc/self/status"]).stdout)
+        assert c.inspect()["HostConfig"]["Privileged"] is True
+    finally:
+        c.rm(force=True)
+    with pytest.raises(InvalidSpec, match="unknown capability"):
+        lab.create("busybox", ["true"], name="t-caps4", cap_add=["GODMODE"])
+    assert "t-caps4" not in [x["name"] for x in lab.containers(all=True)], "nothing half-made"
+
+
+def test_cli_cap_flags(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "labkit.cli", "run", "--rm", "--network", "none", "--cap-drop", "ALL",
+                          "--cap-add", "chown", "busybox", "grep", "CapEff", "/proc/self/status"],
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert caps_of(out.stdout) == ["CAP_CHOWN"]

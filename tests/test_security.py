@@ -67,9 +67,11 @@ def test_escape_attempts_succeed_where_they_should_and_fail_when_hardened(lab, r
     table, why = security.escape_attempts(lab, rootfs_name, {
         "chroot only": {},
         "root container": {"namespaces": box},
+        "Docker's defaults": {"namespaces": box, "cap_keep": DOCKER_DEFAULT_CAPS, "proc_sys_ro": True},
         "hardened": {"namespaces": box + ["user"], "id_map": ((0, 100000, 65536),), "cap_keep": DOCKER_DEFAULT_CAPS,
                      "read_only": True, "seccomp_deny": ["mount", "unshare"]}})
     assert (table["hardened"] == "blocked").all(), why["hardened"].to_dict()
+    assert (table["Docker's defaults"] == "blocked").all(), why["Docker's defaults"].to_dict()
     assert (table["chroot only"] == "ESCAPED").all(), why["chroot only"].to_dict()
     rc = table["root container"]
     assert rc["break out of its root (chroot ..)"] == "blocked" and rc["see the host's PID 1"] == "blocked"

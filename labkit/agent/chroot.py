@@ -21,6 +21,12 @@ def enter_root(spec, rec):
     if "mnt" in spec.namespaces:
         kernel.mount(root, root, None, kernel.MS_BIND | kernel.MS_REC, rec=rec)
         rootfs.setup_runtime_mounts(root, rec, proc=spec.wants_proc, new_net="net" in spec.namespaces)
+        if spec.proc_sys_ro and spec.wants_proc:  # the kernel's settings: look, do not touch (as Docker)
+            for entry in ("sys", "sysrq-trigger"):
+                path = f"{root}/proc/{entry}"
+                if os.path.exists(path):
+                    kernel.mount(path, path, None, kernel.MS_BIND, rec=rec)
+                    kernel.mount(None, path, None, kernel.MS_BIND | kernel.MS_REMOUNT | kernel.MS_RDONLY, rec=rec)
         for src, dst, ro in spec.binds:  # -v HOST:CONTAINER[:ro]
             target = root + dst
             if os.path.isdir(src):

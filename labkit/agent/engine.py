@@ -20,8 +20,8 @@ import sys
 import time
 
 from ..errors import InvalidSpec, LabkitError, MechanismError, NotFound
-from ..specs import (CONTAINERS_DIR, RUN_DIR, STATE_DIR, CgroupSpec, ImageRef, PortSpec, ProcessSpec, check_name,
-                     parse_bind)
+from ..specs import (CAPS, CONTAINERS_DIR, DOCKER_DEFAULT_CAPS, RUN_DIR, STATE_DIR, CgroupSpec, ImageRef, PortSpec,
+                     ProcessSpec, check_name, normalize_caps, parse_bind)
 from . import cgroups, images, network, process
 from .runner import Recorder, env_for_children, pid_starttime, read_text, run
 
@@ -66,10 +66,26 @@ def _state(cid):
     return st, ex, running
 
 
+def capabilities(cap_add=(), cap_drop=(), privileged=False):
+    """Docker's rule: the 14 default capabilities, plus ``cap_add``, minus ``cap_drop`` ('ALL' allowed in
+    both); ``privileged`` keeps every one (None). Returns a sorted list or None."""
+    if privileged:
+        return None
+    add = [c for c in cap_add or () if str(c).upper() != "ALL"]
+    drop = [c for c in cap_drop or () if str(c).upper() != "ALL"]
+    base = set() if any(str(c).upper() == "ALL" for c in cap_drop or ()) else set(DOCKER_DEFAULT_CAPS)
+    if any(str(c).upper() == "ALL" for c in cap_add or ()):
+        base |= set(CAPS)
+    return sorted((base | set(normalize_caps(add))) - set(normalize_caps(drop)))
+
+
 def create(image="busybox", name=None, cmd=None, env=None, hostname=None, ports=(), memory=None, cpus=None,
-           pids=None, volumes=(), read_only=False, workdir=None, user=None, network_name="default"):
-    """`docker create`: the root, the cgroup and the config, nothing running yet."""
+           pids=None, volumes=(), read_only=False, workdir=None, user=None, network_name="default",
+           cap_add=(), cap_drop=(), privileged=False):
+    """`docker create`: the root, the cgroup and the config, nothing running yet. Like Docker, a container
+    keeps 14 capabilities and sees /proc/sys read-only unless ``privileged``."""
     ref = ImageRef.parse(image)
+    caps = capabilities(cap_add, cap_drop, privileged)
     img = images.load_image(ref)
     ports = [PortSpec.parse(p).to_dict() for p in ports or ()]
     binds = [parse_bind(v) if isinstance(v, str) else tuple(v) for v in volumes or ()]
@@ -102,6 +118,9 @@ def create(image="busybox", name=None, cmd=None, env=None, hostname=None, ports=
                "hostname": hostname or cid, "workdir": workdir or img["config"].get("WorkingDir") or "/",
                "ports": ports, "binds": [list(b) for b in binds], "read_only": bool(read_only), "user": user,
                "network": network_name, "limits": {"memory": memory, "cpus": cpus, "pids": pids},
+               "caps": caps, "privileged": bool(privileged), "cap_add": normalize_caps(
+                   c for c in cap_add or () if str(c).upper() != "ALL"), "cap_drop": normalize_caps(
+                   c for c in cap_drop or () if str(c).upper() != "ALL"),
                "merged": merged, "upper": f"{d}/upper", "lowers": [images.layer_dir(x) for x in reversed(img["layers"])]}
         with open(f"{d}/config.json", "w") as f:
             json.dump(cfg, f, indent=1)
@@ -134,7 +153,8 @@ def _prepare(ref, mode):
                        ports=tuple(f"{p['host_ip']}:{p['host_port']}:{p['container_port']}/{p['proto']}"
                                    for p in cfg["ports"]),
                        binds=tuple(tuple(b) for b in cfg["binds"]), read_only=cfg["read_only"], user=cfg["user"],
-                       look=False)
+                       cap_keep=tuple(cfg["caps"]) if cfg.get("caps") is not None else None,
+                       proc_sys_ro="caps" in cfg and not cfg.get("privileged"), look=False)
     rt = f"{RUNTIME}/{cid}"
     os.makedirs(rt, exist_ok=True)
     for f in ("exit.json", "state.json", "start.json"):
@@ -335,6 +355,9 @@ def inspect(ref):
         "Config": {"Image": cfg["image"], "Cmd": cfg["cmd"], "Env": cfg["env"], "Hostname": cfg["hostname"],
                    "WorkingDir": cfg["workdir"], "User": cfg["user"] or ""},
         "HostConfig": {"Memory": cfg["limits"]["memory"], "NanoCpus": cfg["limits"]["cpus"],
+                       "Privileged": cfg.get("privileged", "caps" not in cfg), "CapAdd": list(cfg.get("cap_add") or []) or None,
+                       "CapDrop": list(cfg.get("cap_drop") or []) or None,
+                       "Capabilities": cfg.get("caps"),
                        "PidsLimit": cfg["limits"]["pids"], "Binds": [":".join([b[0], b[1]] + (["ro"] if b[2] else []))
                                                                       for b in cfg["binds"]],
                        "ReadonlyRootfs": cfg["read_only"],
@@ -357,16 +380,17 @@ def exec_in(ref, argv, timeout=60):
         raise InvalidSpec(f"container {cfg['name']} is not running", fix=f"start it: labkit start {cfg['name']}")
     if isinstance(argv, str) or not argv:
         raise InvalidSpec(f"argv must be a non-empty list, got {argv!r}", fix="e.g. ['ps']")
-    flags = {"uts": "--uts", "pid": "--pid", "mnt": "--mount", "ipc": "--ipc", "net": "--net", "cgroup": "--cgroup"}
-    nsenter = ["nsenter", "--target", str(st["pid"])] + [flags[n] for n in NAMESPACES
-                                                         if n != "net" or cfg["network"]] + ["--root", "--wd", "--"]
-    procs = " ".join(cgroups.procs_files(_cg(cid)))
-    env = [f"{e}" for e in cfg["env"]]
-    # join the cgroup first (this shell's pid, then exec keeps it), then the namespaces and root
-    join = 'for f in $LK_PROCS; do echo $$ > "$f"; done; exec "$@"'
-    argv_full = ["sh", "-c", join, "sh"] + nsenter + ["env", "-i"] + env + [str(a) for a in argv]
+    namespaces = [n for n in NAMESPACES if n != "net" or cfg["network"]]
+    env = dict(e.split("=", 1) for e in cfg["env"])
+    env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    spec = {"pid": st["pid"], "namespaces": namespaces, "procs": cgroups.procs_files(_cg(cid)), "cwd": cfg["workdir"],
+            "env": env, "argv": [str(a) for a in argv], "cap_keep": cfg.get("caps")}
     rec = Recorder(f"exec {list(argv)} in {cfg['name']}")
-    res = run(argv_full, recorder=rec, check=False, timeout=timeout, env={"LK_PROCS": procs})
+    rec.fact("joins", f"cgroup {_cg(cid)}, namespaces {', '.join(namespaces)} and the root of PID {st['pid']}")
+    rec.fact("capabilities", "all (privileged)" if spec["cap_keep"] is None else spec["cap_keep"])
+    # labkit.agent.enter: nsenter's work, plus the capability drop that nsenter cannot do
+    res = run([sys.executable, "-m", "labkit.agent.enter", json.dumps(spec)], recorder=rec, check=False,
+              timeout=timeout, env=env_for_children())
     return rec.to_dict(exit_code=res.exit_code, stdout=res.stdout, stderr=res.stderr)
 
 

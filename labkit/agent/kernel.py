@@ -16,6 +16,7 @@ import struct
 import time
 
 from ..errors import MechanismError
+from ..specs import CAPS, syscall_numbers
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
@@ -195,7 +196,6 @@ def drop_capabilities(keep, rec=None):
     lc = libc()
     keep = set(keep)
     dropped = []
-    from ..specs import CAPS
     for num, name in enumerate(CAPS):
         if name in keep:
             continue
@@ -219,7 +219,6 @@ class _SockFprog(ctypes.Structure):
 
 def seccomp_numbers(names, machine=None):
     """Syscall numbers for ``names`` on this CPU; unknown names are an InvalidSpec that lists the known."""
-    from ..specs import syscall_numbers
     return syscall_numbers(names, machine or os.uname().machine)
 
 
