@@ -49,14 +49,7 @@ def main(argv=None):
             sys.stderr.write(f"labkit exec: {spec['argv'][0]}: {exc.strerror}\n")
             sys.stderr.flush()
         os._exit(127)
-    while True:
-        try:
-            _, status = os.waitpid(child, 0)
-            break
-        except InterruptedError:
-            continue
-    code = os.waitstatus_to_exitcode(status)
-    return code if code >= 0 else 128 - code
+    return kernel.wait_exit_code(child)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,13 @@ def _call(rec, name, shown_args, fn, fix=None):
     return res
 
 
+def wait_exit_code(pid):
+    """Wait for child ``pid``; its exit status as a shell reports it (128 + N when killed by signal N)."""
+    _, status = os.waitpid(pid, 0)  # retried on EINTR by Python itself (PEP 475)
+    code = os.waitstatus_to_exitcode(status)
+    return code if code >= 0 else 128 - code
+
+
 def unshare(flags, rec=None):
     return _call(rec, "unshare", [clone_flags_text(flags)], lambda: libc().unshare(flags),
                  fix="namespaces need root (or a user namespace first) and a kernel built with them; "

@@ -66,14 +66,7 @@ def _child(spec, ctx, msg_w, go_r, detached, pid_ns_made=False):
                 # C: report G's host PID, then wait for it and pass its exit status on.
                 _send(msg_w, {"pid": g, "waiter": os.getpid()})
                 os.close(msg_w)
-                while True:
-                    try:
-                        _, status = os.waitpid(g, 0)
-                        break
-                    except InterruptedError:
-                        continue
-                code = os.waitstatus_to_exitcode(status)
-                os._exit(code if code >= 0 else 128 - code)
+                os._exit(kernel.wait_exit_code(g))
             rec.add({"kind": "syscall", "call": "fork", "args": [], "result": "child is PID 1 of the new PID namespace",
                      "errno": None, "duration": 0})
             if not detached:
