@@ -89,14 +89,24 @@ def test_detached_container_survives_its_client(lab):
     assert c.status == "exited"
 
 
+def wait_for_log(c, text, tries=200):
+    for _ in range(tries):
+        if text in c.logs():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{text!r} never appeared in the log of {c.name}")
+
+
 def test_stop_sends_sigterm_then_sigkill(lab):
-    polite = lab.run_container("busybox", ["sh", "-c", "trap 'exit 0' TERM; while :; do sleep 0.1; done"],
+    polite = lab.run_container("busybox", ["sh", "-c", "trap 'exit 0' TERM; echo ready; while :; do sleep 0.1; done"],
                                name="t-polite", network=None)
+    wait_for_log(polite, "ready")  # a SIGTERM before the trap is set would just kill the shell (143)
     rec = polite.stop(timeout=5)
     assert [s["args"][1] for s in rec["steps"] if s.get("call") == "kill"] == ["SIGTERM"]
     assert polite.inspect()["State"]["ExitCode"] == 0
-    stubborn = lab.run_container("busybox", ["sh", "-c", "trap '' TERM; while :; do sleep 0.1; done"],
+    stubborn = lab.run_container("busybox", ["sh", "-c", "trap '' TERM; echo ready; while :; do sleep 0.1; done"],
                                  name="t-stubborn", network=None)
+    wait_for_log(stubborn, "ready")
     t = time.monotonic()
     rec = stubborn.stop(timeout=0.5)
     assert [s["args"][1] for s in rec["steps"] if s.get("call") == "kill"] == ["SIGTERM", "SIGKILL"]
