@@ -23,7 +23,8 @@ def test_run_on_target(any_lab):
 def test_doctor_has_every_line(any_lab):
     rep = any_lab.doctor()
     names = {line["check"] for line in rep.lines}
-    for want in ("kernel", "cgroups", "overlayfs", "namespaces", "veth/bridge", "iptables/nft", "kvm", "busybox"):
+    for want in ("kernel", "cgroups", "overlayfs", "namespaces", "veth/bridge", "iptables/nft", "kvm", "busybox",
+                 "vm kernel", "qemu"):
         assert want in names
     assert rep["cgroups"]["value"] in ("v1", "v2", "hybrid")
     assert rep["namespaces"]["status"] == "ok"

@@ -4,6 +4,7 @@ Every line comes from a real probe on the target, not from a version table: name
 a veth pair and a bridge are made (inside a throwaway ``lk-doctor-*`` network namespace that is
 removed again), KVM is asked to run guest code under a time limit. Standard library only.
 """
+import glob
 import json
 import os
 import platform
@@ -179,8 +180,20 @@ def probe_kvm(timeout=10.0):
     return result
 
 
+VM_PROBE_CACHE = "/run/labkit/kvm-vm-probe.json"  # the VM baseline's full-boot verdict, per boot
+
+
 def check_kvm():
     r = probe_kvm()
+    try:
+        full = json.loads(read_text(VM_PROBE_CACHE) or "{}")
+    except ValueError:
+        full = {}
+    if r["usable"] and full.get("boot_id") == (read_text("/proc/sys/kernel/random/boot_id") or "").strip() \
+            and full.get("mode") == "tcg":
+        return _line("kvm", False, "boot sector only (TCG will be used)", f"{r['reason']}; but {full['reason']}",
+                     fix="nested KVM runs a boot sector and hangs a kernel here: the VM baseline uses TCG, "
+                         "slower but correct", level="warn")
     if r["usable"] is None:
         return _line("kvm", True, "unprobed", r["reason"], level="warn")
     return _line("kvm", bool(r["usable"]), "usable" if r["usable"] else "not usable (TCG will be used)",
@@ -198,6 +211,26 @@ def check_qemu():
                      level="warn")
     v = run([q, "--version"], check=False).stdout.splitlines()
     return _line("qemu", True, v[0] if v else q, q)
+
+
+def boot_kernel():
+    """The distro kernel the VM baseline boots: the running one's image in /boot first, else the newest
+    readable one; None when /boot has none (a container or WSL kernel, or an unreadable /boot)."""
+    running = f"/boot/vmlinuz-{os.uname().release}"
+    for path in [running] + sorted(glob.glob("/boot/vmlinuz-*"), reverse=True):
+        if os.path.exists(path) and os.access(path, os.R_OK) and os.path.getsize(path) > 1 << 20:
+            return path
+    return None
+
+
+def check_vm_kernel():
+    path = boot_kernel()
+    if path is None:
+        return _line("vm kernel", False, "missing", "the VM baseline boots a distro kernel from /boot",
+                     fix="install one: `sudo apt-get install linux-image-cloud-amd64` (-arm64 on arm64)", level="warn")
+    running = os.path.basename(path) == f"vmlinuz-{os.uname().release}"
+    return _line("vm kernel", True, os.path.basename(path), "the VM baseline boots it"
+                 + ("" if running else f" (this machine runs {os.uname().release}, a kernel not in /boot)"))
 
 
 def check_busybox():
@@ -221,7 +254,8 @@ def check_agent():
 
 
 CHECKS = (check_kernel, check_arch, check_agent, check_cgroups, check_overlay, check_namespaces,
-          check_user_namespaces, check_links, check_firewall, check_kvm, check_qemu, check_busybox, check_tools)
+          check_user_namespaces, check_links, check_firewall, check_kvm, check_qemu, check_vm_kernel, check_busybox,
+          check_tools)
 
 
 def doctor():

@@ -11,7 +11,6 @@ a labkit bridge network. ``boot(command)`` is one VM, one command. A live VM is 
 Standard library only.
 """
 import base64
-import glob
 import gzip
 import io
 import json
@@ -71,16 +70,13 @@ poweroff -f
 
 
 def find_kernel():
-    """The target's own /boot kernel when readable (the running one first), else a clear error."""
-    running = f"/boot/vmlinuz-{os.uname().release}"
-    for path in [running] + sorted(glob.glob("/boot/vmlinuz-*"), reverse=True):
-        if not os.path.exists(path):
-            continue
-        if os.access(path, os.R_OK) and os.path.getsize(path) > 1 << 20:
-            return path
-    raise NotFound("no readable kernel in /boot for the VM baseline",
-                   fix="install a distro kernel: `sudo apt-get install linux-image-cloud-amd64` "
-                       "(linux-image-cloud-arm64 on arm64)")
+    """The target's own /boot kernel (:func:`labkit.agent.doctor.boot_kernel`), else a clear error."""
+    path = doctor.boot_kernel()
+    if path is None:
+        raise NotFound("no readable kernel in /boot for the VM baseline",
+                       fix="install a distro kernel: `sudo apt-get install linux-image-cloud-amd64` "
+                           "(linux-image-cloud-arm64 on arm64)")
+    return path
 
 
 def _cpio(entries):
@@ -218,7 +214,7 @@ def build_initramfs(path, kernel=None, busybox=None, modules_root="/"):
     return notes
 
 
-PROBE_CACHE = "/run/labkit/kvm-vm-probe.json"
+PROBE_CACHE = doctor.VM_PROBE_CACHE
 
 
 def accel(probe_timeout=20):
