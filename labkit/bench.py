@@ -309,6 +309,18 @@ class BenchResult:
     def _label(self, case):
         return self.accel_label() if case == "vm" else case
 
+    def medians(self, experiment, summary=None):
+        """(label, {case: median}) of one experiment's summary rows; for 'density', the rows at the
+        largest number of instances measured (label e.g. 'density x4'; None when there are none)."""
+        import pandas as pd
+        s = self.summary() if summary is None else summary
+        if experiment == "density":
+            d = s[s["experiment"].str.startswith("density")]
+            if d.empty:
+                return None, pd.Series(dtype=float)
+            experiment = d["experiment"].iloc[-1]
+        return experiment, s[s["experiment"] == experiment].set_index("case")["median"]
+
     def ratios(self):
         """container/native and VM/native time ratios per experiment (medians of the same run)."""
         s = self.summary()

@@ -7,6 +7,11 @@ rootfs, /proc/<pid>/ns/*, /proc/<pid>/status, uid_map, nsenter) and compare.
 from .lab import Process, Rootfs
 
 
+def _spec_of(record):
+    """The spec a run_in record carries (None for anything else)."""
+    return record.get("spec") if hasattr(record, "get") else None
+
+
 def _host_ns(lab):
     return lab.host_namespaces()
 
@@ -60,7 +65,7 @@ def hello_in_chroot(lab, rootfs, record):
 
 def pivot_root_holds(lab, record):
     view = getattr(record, "facts", {}).get("view") or {}
-    spec = record.get("spec") or {} if hasattr(record, "get") else {}
+    spec = _spec_of(record) or {}
     if spec.get("action") != "escape":
         return False, "run the escape attempt (lab.escape(..., pivot_root=True))"
     if spec.get("root_mode") != "pivot_root" or "mnt" not in spec.get("namespaces", []):
@@ -392,12 +397,10 @@ def bench_ran(lab, result):
 def read_the_numbers(lab, result, answers):
     if not isinstance(answers, dict):
         return False, "expected a dict of your three numbers"
-    s = result.summary()
     r = result.ratios()
     vm = result.accel_label()
-    start = s[s["experiment"] == "startup"].set_index("case")["median"]
-    dens = s[s["experiment"].str.startswith("density")]
-    last = dens[dens["experiment"] == dens["experiment"].iloc[-1]].set_index("case")["median"]
+    _, start = result.medians("startup")
+    _, last = result.medians("density")
     truth = {"cpu_ratio": r.loc["cpu", "container"], "vm_start_over_labkit": start[vm] / start["labkit"],
              "vm_over_container_memory": last[vm] / last["container"]}
     wrong = []
@@ -419,7 +422,7 @@ def read_the_numbers(lab, result, answers):
 # -- 08-security ---------------------------------------------------------------------------------
 
 def capabilities_dropped(lab, record):
-    spec = record.get("spec") if hasattr(record, "get") else None
+    spec = _spec_of(record)
     if not spec:
         return False, "expected the record lab.run_in(...) returns"
     keep = spec.get("cap_keep")
@@ -456,7 +459,7 @@ def uid_shifted(lab, rootfs, path="/tmp/mine"):
 
 
 def seccomp_blocked(lab, rootfs, record, path="/newdir"):
-    spec = record.get("spec") if hasattr(record, "get") else None
+    spec = _spec_of(record)
     if not spec:
         return False, "expected the record lab.run_in(...) returns"
     if "mkdir" not in spec.get("seccomp_deny", ()) and "mkdirat" not in spec.get("seccomp_deny", ()):
@@ -472,7 +475,7 @@ def seccomp_blocked(lab, rootfs, record, path="/newdir"):
 
 
 def read_only_refused(lab, rootfs, record, path="/etc/owned"):
-    spec = record.get("spec") if hasattr(record, "get") else None
+    spec = _spec_of(record)
     if not spec or not spec.get("read_only"):
         return 0.3, "mount the root read-only: read_only=True"
     if "Read-only file system" not in (record.stderr or ""):
@@ -500,7 +503,7 @@ def kernel_shared_by(lab, iso, answer):
         return False, "expected what lab.isolation_matrix(...) returns"
     host = lab.read_file("/proc/sys/kernel/random/boot_id")["text"].strip()
     truth = {label for label, f in iso.facts.items() if f.get("boot_id") == host}
-    if not any(not f.get("boot_id") == host for f in iso.facts.values()):
+    if all(f.get("boot_id") == host for f in iso.facts.values()):
         return 0.3, "run the matrix with vm=True: without a VM every row shares the kernel"
     got = set(answer or [])
     if got != truth:

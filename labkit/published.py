@@ -30,28 +30,25 @@ PUBLISHED = {
 
 def _this_run(result):
     s = result.summary()
+    r = result.ratios()
     vm = result.accel_label()
     out = {}
     for exp in PUBLISHED:
         if exp == "startup":
-            rows = s[s["experiment"] == "startup"].set_index("case")["median"]
+            _, rows = result.medians("startup", s)
             if "labkit" in rows and vm in rows:
                 out[exp] = (f"labkit {rows['labkit']:.1f} ms", f"{vm} {rows[vm]:.0f} ms to /init")
         elif exp == "density":
-            d = s[s["experiment"].str.startswith("density")]
-            if not d.empty:
-                last = d["experiment"].iloc[-1]
-                rows = d[d["experiment"] == last].set_index("case")["median"]
+            last, rows = result.medians("density", s)
+            if last:
                 out[exp] = (f"{rows.get('container', float('nan')):.2f} MiB PSS each ({last})",
                             f"{rows.get(vm, float('nan')):.0f} MiB PSS each ({last})")
-        else:
-            r = result.ratios()
-            if exp in r.index:
-                row = r.loc[exp]
-                vals = [row.get(c) for c in ("container", "container (bridge)") if c in row and row.get(c) == row.get(c)]
-                box = vals[0] if vals else None
-                out[exp] = (f"{box:.2f}× native time" if box is not None else "-",
-                            f"{row.get(vm):.2f}× native time" if vm in row and row.get(vm) == row.get(vm) else "-")
+        elif exp in r.index:
+            row = r.loc[exp]
+            vals = [row.get(c) for c in ("container", "container (bridge)") if c in row and row.get(c) == row.get(c)]
+            box = vals[0] if vals else None
+            out[exp] = (f"{box:.2f}× native time" if box is not None else "-",
+                        f"{row.get(vm):.2f}× native time" if vm in row and row.get(vm) == row.get(vm) else "-")
     return out
 
 
@@ -75,8 +72,8 @@ def lecture_points(result, boot_ids=None):
     s = result.summary()
     vm = result.accel_label()
     tcg = "TCG" in vm
-    start = s[s["experiment"] == "startup"].set_index("case")["median"] if (s["experiment"] == "startup").any() else {}
-    dens = s[s["experiment"].str.startswith("density")]
+    _, start = result.medians("startup", s)
+    last, d = result.medians("density", s)
     r = result.ratios()
     rows = []
 
@@ -88,13 +85,10 @@ def lecture_points(result, boot_ids=None):
             f"a container starts in {start['labkit']:.0f} ms, the VM boots to /init in {start[vm]:.0f} ms "
             f"({start[vm] / start['labkit']:.0f}×)", "backed" + (" (a KVM boot is faster than TCG's, still far slower)"
                                                                   if tcg else ""))
-    if not dens.empty:
-        last = dens["experiment"].iloc[-1]
-        d = dens[dens["experiment"] == last].set_index("case")["median"]
-        if "container" in d and vm in d:
-            add("containers", "fewer servers for the same applications",
-                f"idle: {d['container']:.2f} MiB per container vs {d[vm]:.0f} MiB per VM ({last}): "
-                f"{d[vm] / d['container']:.0f}× more instances fit in the same memory", "backed")
+    if last and "container" in d and vm in d:
+        add("containers", "fewer servers for the same applications",
+            f"idle: {d['container']:.2f} MiB per container vs {d[vm]:.0f} MiB per VM ({last}): "
+            f"{d[vm] / d['container']:.0f}× more instances fit in the same memory", "backed")
     if "cpu" in r.index and "container" in r.columns:
         c = r.loc["cpu", "container"]
         add("containers", "the development environment matches production",

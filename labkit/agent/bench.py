@@ -53,7 +53,7 @@ def environment():
     return {"kernel": os.uname().release, "machine": platform.machine(), "cpu": cpu or platform.processor(),
             "cores": os.cpu_count(), "mem_total_kb": mem, "cgroup_mode": cgroups.detect()["mode"],
             "qemu": qv, "vm_accel": mode, "vm_accel_reason": reason,
-            "busybox": subprocess.run([bb], capture_output=True, text=True).stdout.splitlines()[:1][0:1] or [""],
+            "busybox": subprocess.run([bb], capture_output=True, text=True).stdout.splitlines()[:1] or [""],
             "crun": bool(which("crun")), "runc": bool(which("runc")), "time": time.time()}
 
 

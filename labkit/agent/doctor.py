@@ -144,15 +144,9 @@ def probe_kvm(timeout=10.0):
     qemu = which(QEMU_BY_ARCH.get(machine, ""))
     if machine != "x86_64" or not qemu:
         return {"usable": None, "reason": "/dev/kvm opens; guest code not probed (needs qemu-system-x86_64)"}
-    boot_id = (read_text("/proc/sys/kernel/random/boot_id") or "").strip()
-    cached = read_text(KVM_CACHE)
-    if cached:
-        try:
-            data = json.loads(cached)
-            if data.get("boot_id") == boot_id:
-                return data["result"]
-        except (ValueError, KeyError):
-            pass
+    cached = read_boot_cache(KVM_CACHE)
+    if cached and "result" in cached:
+        return cached["result"]
     import tempfile
     with tempfile.TemporaryDirectory(prefix="labkit-kvm-") as d:
         img = os.path.join(d, "boot.img")
@@ -174,10 +168,30 @@ def probe_kvm(timeout=10.0):
         except LabkitError:
             result = {"usable": False, "reason": f"a KVM guest did not finish a boot sector within {timeout:.0f} s "
                                                  "(nested KVM hangs); the VM baseline will use TCG"}
-    os.makedirs(RUN_DIR, exist_ok=True)
-    with open(KVM_CACHE, "w") as f:
-        json.dump({"boot_id": boot_id, "result": result}, f)
+    write_boot_cache(KVM_CACHE, {"result": result})
     return result
+
+
+def _boot_id():
+    return (read_text("/proc/sys/kernel/random/boot_id") or "").strip()
+
+
+def read_boot_cache(path):
+    """What was cached at ``path`` since the target last booted (the entry minus its boot id), else None."""
+    try:
+        data = json.loads(read_text(path) or "{}")
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or data.pop("boot_id", None) != _boot_id():
+        return None
+    return data
+
+
+def write_boot_cache(path, payload):
+    """Cache ``payload`` (a dict) at ``path`` until the target reboots."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"boot_id": _boot_id(), **payload}, f)
 
 
 VM_PROBE_CACHE = "/run/labkit/kvm-vm-probe.json"  # the VM baseline's full-boot verdict, per boot
@@ -185,12 +199,8 @@ VM_PROBE_CACHE = "/run/labkit/kvm-vm-probe.json"  # the VM baseline's full-boot 
 
 def check_kvm():
     r = probe_kvm()
-    try:
-        full = json.loads(read_text(VM_PROBE_CACHE) or "{}")
-    except ValueError:
-        full = {}
-    if r["usable"] and full.get("boot_id") == (read_text("/proc/sys/kernel/random/boot_id") or "").strip() \
-            and full.get("mode") == "tcg":
+    full = read_boot_cache(VM_PROBE_CACHE) or {}
+    if r["usable"] and full.get("mode") == "tcg":
         return _line("kvm", False, "boot sector only (TCG will be used)", f"{r['reason']}; but {full['reason']}",
                      fix="nested KVM runs a boot sector and hangs a kernel here: the VM baseline uses TCG, "
                          "slower but correct", level="warn")

@@ -23,6 +23,7 @@ from ..errors import InvalidSpec, LabkitError, MechanismError, NotFound
 from ..specs import (CAPS, CONTAINERS_DIR, DOCKER_DEFAULT_CAPS, RUN_DIR, STATE_DIR, CgroupSpec, ImageRef, PortSpec,
                      ProcessSpec, check_name, normalize_caps, parse_bind)
 from . import cgroups, images, network, process
+from .launch import CONTAINER_PATH
 from .runner import Recorder, env_for_children, pid_starttime, read_text, run
 
 NAMES = STATE_DIR + "/names"
@@ -57,6 +58,15 @@ def _config(cid):
     return json.loads(text)
 
 
+def _namespaces(cfg):
+    """A container's namespaces: all of labkit's, less 'net' when it has no network."""
+    return tuple(n for n in NAMESPACES if n != "net" or cfg["network"])
+
+
+def _env(cfg):
+    return dict(e.split("=", 1) for e in cfg["env"])
+
+
 def _state(cid):
     st = json.loads(read_text(f"{RUNTIME}/{cid}/state.json") or "null")
     ex = json.loads(read_text(f"{RUNTIME}/{cid}/exit.json") or "null")
@@ -68,15 +78,20 @@ def _state(cid):
 
 def capabilities(cap_add=(), cap_drop=(), privileged=False):
     """Docker's rule: the 14 default capabilities, plus ``cap_add``, minus ``cap_drop`` ('ALL' allowed in
-    both); ``privileged`` keeps every one (None). Returns a sorted list or None."""
+    both); ``privileged`` keeps every one (None). Returns (sorted list or None, added, dropped), the last
+    two normalised and without 'ALL' (as inspect shows them)."""
+    def split(names):
+        names = list(names or ())
+        return any(str(c).upper() == "ALL" for c in names), normalize_caps(c for c in names if str(c).upper() != "ALL")
+
+    add_all, add = split(cap_add)
+    drop_all, drop = split(cap_drop)
     if privileged:
-        return None
-    add = [c for c in cap_add or () if str(c).upper() != "ALL"]
-    drop = [c for c in cap_drop or () if str(c).upper() != "ALL"]
-    base = set() if any(str(c).upper() == "ALL" for c in cap_drop or ()) else set(DOCKER_DEFAULT_CAPS)
-    if any(str(c).upper() == "ALL" for c in cap_add or ()):
+        return None, add, drop
+    base = set() if drop_all else set(DOCKER_DEFAULT_CAPS)
+    if add_all:
         base |= set(CAPS)
-    return sorted((base | set(normalize_caps(add))) - set(normalize_caps(drop)))
+    return sorted((base | set(add)) - set(drop)), add, drop
 
 
 def create(image="busybox", name=None, cmd=None, env=None, hostname=None, ports=(), memory=None, cpus=None,
@@ -85,7 +100,7 @@ def create(image="busybox", name=None, cmd=None, env=None, hostname=None, ports=
     """`docker create`: the root, the cgroup and the config, nothing running yet. Like Docker, a container
     keeps 14 capabilities and sees /proc/sys read-only unless ``privileged``."""
     ref = ImageRef.parse(image)
-    caps = capabilities(cap_add, cap_drop, privileged)
+    caps, cap_add, cap_drop = capabilities(cap_add, cap_drop, privileged)
     img = images.load_image(ref)
     ports = [PortSpec.parse(p).to_dict() for p in ports or ()]
     binds = [parse_bind(v) if isinstance(v, str) else tuple(v) for v in volumes or ()]
@@ -118,9 +133,7 @@ def create(image="busybox", name=None, cmd=None, env=None, hostname=None, ports=
                "hostname": hostname or cid, "workdir": workdir or img["config"].get("WorkingDir") or "/",
                "ports": ports, "binds": [list(b) for b in binds], "read_only": bool(read_only), "user": user,
                "network": network_name, "limits": {"memory": memory, "cpus": cpus, "pids": pids},
-               "caps": caps, "privileged": bool(privileged), "cap_add": normalize_caps(
-                   c for c in cap_add or () if str(c).upper() != "ALL"), "cap_drop": normalize_caps(
-                   c for c in cap_drop or () if str(c).upper() != "ALL"),
+               "caps": caps, "privileged": bool(privileged), "cap_add": cap_add, "cap_drop": cap_drop,
                "merged": merged, "upper": f"{d}/upper", "lowers": [images.layer_dir(x) for x in reversed(img["layers"])]}
         with open(f"{d}/config.json", "w") as f:
             json.dump(cfg, f, indent=1)
@@ -145,9 +158,8 @@ def _prepare(ref, mode):
             network.inspect(cfg["network"])
         except NotFound:
             rec.steps += network.create(cfg["network"])["steps"]
-    env = dict(e.split("=", 1) for e in cfg["env"])
-    spec = ProcessSpec(argv=tuple(cfg["cmd"]), namespaces=NAMESPACES if cfg["network"] else
-                       tuple(n for n in NAMESPACES if n != "net"), hostname=cfg["hostname"][:63],
+    env = _env(cfg)
+    spec = ProcessSpec(argv=tuple(cfg["cmd"]), namespaces=_namespaces(cfg), hostname=cfg["hostname"][:63],
                        rootfs=cfg["merged"], root_mode="pivot_root", env=tuple(sorted(env.items())),
                        cwd=cfg["workdir"], cgroup=_cg(cid), network=cfg["network"] or None,
                        ports=tuple(f"{p['host_ip']}:{p['host_port']}:{p['container_port']}/{p['proto']}"
@@ -380,9 +392,9 @@ def exec_in(ref, argv, timeout=60):
         raise InvalidSpec(f"container {cfg['name']} is not running", fix=f"start it: labkit start {cfg['name']}")
     if isinstance(argv, str) or not argv:
         raise InvalidSpec(f"argv must be a non-empty list, got {argv!r}", fix="e.g. ['ps']")
-    namespaces = [n for n in NAMESPACES if n != "net" or cfg["network"]]
-    env = dict(e.split("=", 1) for e in cfg["env"])
-    env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    namespaces = list(_namespaces(cfg))
+    env = _env(cfg)
+    env.setdefault("PATH", CONTAINER_PATH)
     spec = {"pid": st["pid"], "namespaces": namespaces, "procs": cgroups.procs_files(_cg(cid)), "cwd": cfg["workdir"],
             "env": env, "argv": [str(a) for a in argv], "cap_keep": cfg.get("caps")}
     rec = Recorder(f"exec {list(argv)} in {cfg['name']}")

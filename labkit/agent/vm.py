@@ -226,22 +226,16 @@ def accel(probe_timeout=20):
     probe = doctor.probe_kvm()
     if not probe.get("usable"):
         return "tcg", probe.get("reason", "KVM is not usable")
-    boot_id = (read_text("/proc/sys/kernel/random/boot_id") or "").strip()
-    try:
-        cached = json.loads(read_text(PROBE_CACHE) or "{}")
-        if cached.get("boot_id") == boot_id:
-            return cached["mode"], cached["reason"]
-    except ValueError:
-        pass
+    cached = doctor.read_boot_cache(PROBE_CACHE)
+    if cached and "mode" in cached and "reason" in cached:
+        return cached["mode"], cached["reason"]
     try:
         r = boot("true", accel_mode="kvm", timeout=probe_timeout)
         mode, reason = "kvm", f"a KVM guest booted to ready in {r['facts']['boot_to_ready_s']:.2f} s"
     except (CommandTimeout, MechanismError) as exc:
         mode, reason = "tcg", (f"a KVM guest did not boot within {probe_timeout} s: "
                                f"using TCG, slower but correct ({exc.message.splitlines()[0]})")
-    os.makedirs(os.path.dirname(PROBE_CACHE), exist_ok=True)
-    with open(PROBE_CACHE, "w") as f:
-        json.dump({"boot_id": boot_id, "mode": mode, "reason": reason}, f)
+    doctor.write_boot_cache(PROBE_CACHE, {"mode": mode, "reason": reason})
     return mode, reason
 
 
@@ -311,7 +305,7 @@ class VM:
         self.rec.fact("kernel_image", kernel)
         self.rec.fact("machine", machine)
         os.makedirs(self.dir, exist_ok=True)
-        self._save({"pid": None})
+        self._save()
         try:
             notes = build_initramfs(f"{self.dir}/initrd.gz", kernel, self.busybox, self.modules_root)
             self.rec.fact("initramfs_notes", notes)
@@ -332,7 +326,7 @@ class VM:
                 extra += " labkit.disk=1"
             if self.network_name:
                 self.net = network.attach_tap(self.network_name, f"vm-{self.id}")
-                self._save({"pid": None})
+                self._save()
                 mac = "52:54:00:" + ":".join(self.id[i:i + 2] for i in (0, 2, 4))
                 argv += ["-netdev", f"tap,id=n0,ifname={self.net['tap']},script=no,downscript=no",
                          "-device", f"virtio-net-pci,netdev=n0,mac={mac}"]
@@ -343,7 +337,7 @@ class VM:
             self.t0 = time.perf_counter()
             self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          stderr=subprocess.STDOUT)
-            self._save({"pid": self.proc.pid})
+            self._save(self.proc.pid)
             os.set_blocking(self.proc.stdout.fileno(), False)
             self._read_until(READY, self.boot_timeout, "boot to its first instruction")
             self.rec.fact("boot_to_ready_s", time.perf_counter() - self.t0)
@@ -359,12 +353,15 @@ class VM:
         _LIVE[self.id] = self
         return self
 
-    def _save(self, extra):
+    def _state(self, pid=None):
+        """The recorded state entry: what cleanup needs to undo this VM."""
+        return {"id": self.id, "network": self.network_name, "tap": self.net and self.net["tap"],
+                "disk": self.disk, "dir": self.dir, "pid": pid}
+
+    def _save(self, pid=None):
         os.makedirs(VM_RUN, exist_ok=True)
-        state = {"id": self.id, "network": self.network_name, "tap": self.net and self.net["tap"],
-                 "disk": self.disk, "dir": self.dir, **extra}
         with open(f"{VM_RUN}/{self.id}.json", "w") as f:
-            json.dump(state, f)
+            json.dump(self._state(pid), f)
 
     def _read_until(self, marker, timeout, what):
         deadline = time.monotonic() + timeout
@@ -429,8 +426,7 @@ class VM:
                     stream.close()
                 except OSError:
                     pass
-        _remove({"id": self.id, "network": self.network_name, "tap": self.net and self.net["tap"],
-                 "disk": self.disk, "dir": self.dir, "pid": None}, self.rec)
+        _remove(self._state(), self.rec)
 
     def info(self):
         return self.rec.to_dict(id=self.id, pid=self.proc.pid if self.proc else None, ip=self.net and self.net["ip"])
