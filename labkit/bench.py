@@ -119,6 +119,11 @@ class Bench:
     def run(self):
         """Measure everything planned; returns a :class:`BenchResult` (raw samples, summary, charts)."""
         lab = self.lab
+        # A target that cannot boot the VM (no kernel in /boot, no qemu) is still measured: without the VM
+        # case, and the result says why (env['vm_missing'], a note, the VM columns of the tables).
+        vm_missing = lab.vm_missing() if "vm" in self.cases else None
+        if vm_missing:
+            self.cases = tuple(c for c in self.cases if c != "vm")
         self.bar = Progress(self._count(), self.progress_enabled)
         env = lab.call("bench.environment")
         self.bar.step("environment")
@@ -161,6 +166,9 @@ class Bench:
         env["mode"], env["duration_s"], env["cases"] = self.mode, time.time() - started, list(self.cases)
         env["vm_accel_used"] = self.vm_accel
         env["notes"] = list(getattr(self, "startup_notes", []))
+        if vm_missing:
+            env["vm_missing"] = vm_missing
+            env["notes"].append("no VM was measured: " + vm_missing)
         if self.vm_accel == "tcg" and "vm" in self.cases:
             env["notes"].append("the VM ran under TCG (qemu translating every guest instruction), not KVM: "
                                 + env.get("vm_accel_reason", "") + "; its CPU-bound figures measure emulation, "
@@ -269,6 +277,9 @@ class BenchResult:
         self.env, self.plan = env, plan
 
     def accel_label(self):
+        """The VM's column everywhere: 'VM (KVM)' or 'VM (TCG)'; 'VM (not measured)' when the target had none."""
+        if self.env.get("vm_missing"):
+            return "VM (not measured)"
         a = (self.env.get("vm_accel_used") or "?").upper()
         return f"VM ({a})"
 
@@ -366,7 +377,7 @@ class BenchResult:
 
 def env_line(env):
     accel = (env.get("vm_accel_used") or env.get("vm_accel") or "?").upper()
-    vm = f"VM under {accel}, " if "vm" in env.get("cases", CASES) else ""
+    vm = f"VM under {accel}, " if "vm" in env.get("cases", CASES) else ("no VM, " if env.get("vm_missing") else "")
     return (f"kernel {env.get('kernel')}, {env.get('machine')}, {env.get('cores')} cores, "
             f"{env.get('cgroup_mode')} cgroups, {vm}{env.get('mode')} mode")
 

@@ -349,6 +349,17 @@ def torn_down(lab, rmi_error, name="webserver", image="course/web:v1"):
 
 # -- 07-containers-vs-vms ------------------------------------------------------------------------
 
+def needs_vm(check):
+    """Mark a check that cannot pass without the VM baseline: on a target that cannot boot one, the Checker
+    scores it zero with the target's own reason (asked here, not taken from the notebook), before anything else."""
+    def unavailable(lab):
+        why = lab.vm_missing()
+        return f"this target cannot boot the VM this question needs: {why}" if why else None
+    check.unavailable = unavailable
+    return check
+
+
+@needs_vm
 def kernel_instances(lab, boot_ids, vm):
     """boot_ids = {'host', 'container', 'vm'}: checked against the host's boot id and the live VM's."""
     from .lab import VirtualMachine
@@ -370,6 +381,7 @@ def kernel_instances(lab, boot_ids, vm):
                   f"reads {guest[:8]}…: a second kernel, booted a moment ago, inside qemu.")
 
 
+@needs_vm
 def bench_ran(lab, result):
     from .bench import BenchResult, EXPERIMENTS
     if not isinstance(result, BenchResult):
@@ -394,6 +406,7 @@ def bench_ran(lab, result):
     return True, f"every experiment measured, VM under {accel}. Container CPU time: {note}."
 
 
+@needs_vm
 def read_the_numbers(lab, result, answers):
     if not isinstance(answers, dict):
         return False, "expected a dict of your three numbers"

@@ -1,4 +1,4 @@
-"""The ``labkit`` command: doctor, cleanup, lab (run the notebooks headless), bench, assign, and docker-like verbs.
+"""The ``labkit`` command: doctor, cleanup, lab (run the notebooks headless), scores, bench, assign, and docker-like verbs.
 
 Mirrors what a notebook does with ``labkit.connect()``; exits non-zero with the error's fix on failure.
 """
@@ -8,9 +8,8 @@ import os
 import sys
 
 from . import __version__
-from .errors import LabkitError
-
-NOTEBOOK_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")
+from .errors import LabkitError, NotFound
+from .runbook import NOTEBOOK_DIR
 
 
 def _lab(args):
@@ -35,32 +34,39 @@ def cmd_cleanup(args):
     return 1 if left else 0
 
 
-def run_notebooks(target, output, notebooks=None, student_id="anonymous", quick=True, timeout=900,
-                  source_dir=NOTEBOOK_DIR):
-    """Execute notebooks with papermill into ``output``; returns [(name, path, scores)]."""
-    import papermill as pm
-    from .grading import read_scores
-    os.makedirs(output, exist_ok=True)
-    names = notebooks or sorted(f for f in os.listdir(source_dir) if f.endswith(".ipynb") and f[:2].isdigit())
-    results = []
-    for name in names:
-        out = os.path.join(output, name)
-        pm.execute_notebook(os.path.join(source_dir, name), out, cwd=output, kernel_name="python3",
-                            parameters={"target": target, "student_id": student_id, "quick": quick,
-                                        "output_dir": os.path.abspath(output)},
-                            execution_timeout=timeout, progress_bar=False)
-        results.append((name, out, read_scores(out)))
-    return results
-
-
 def cmd_lab(args):
-    results = run_notebooks(args.target, args.output, args.notebooks or None, quick=not args.full)
-    for name, path, scores in results:
-        total = [s for s in scores if s["question"] == "total"]
-        t = total[-1] if total else {"points": 0, "max_points": 0}
-        print(f"{name}: {t['points']:g}/{t['max_points']:g} points -> {path}")
-    print(f"executed notebooks and charts are in {os.path.abspath(args.output)}")
-    return 0
+    from .runbook import run_notebooks
+    print(f"labkit {__version__}: executing the notebooks on target {args.target!r} "
+          f"({'full' if args.full else 'quick'} mode) into {os.path.abspath(args.output)}", flush=True)
+    runs = run_notebooks(args.target, args.output, args.notebooks or None, quick=not args.full,
+                         on_done=lambda run: print(run.line(), flush=True))
+    return _totals(runs, args.output)
+
+
+def _totals(runs, output):
+    got = sum(r.total[0] for r in runs)
+    out_of = sum(r.total[1] for r in runs)
+    failed = [r.name for r in runs if r.error]
+    secs = sum(r.seconds or 0 for r in runs)
+    print(f"{'all':<30} {got:5g}/{out_of:<4g} points  {secs:6.1f} s"
+          + (f"  ({len(failed)} failed: {', '.join(failed)})" if failed else ""))
+    print(f"executed notebooks and charts are in {os.path.abspath(output)}")
+    return 1 if failed else 0
+
+
+def cmd_scores(args):
+    from .runbook import course_notebooks, read_runs
+    runs = read_runs(args.output, expected=course_notebooks() if args.all else None)
+    if not runs:
+        raise NotFound(f"no executed notebooks in {args.output}", fix="run `labkit lab --output DIR` first")
+    for run in runs:
+        print(run.line())
+    code = _totals(runs, args.output)
+    short = [r.name for r in runs if not r.full]
+    if args.require_full and short:
+        print(f"not full points: {', '.join(short)}", file=sys.stderr)
+        return 1
+    return code
 
 
 # --- the docker-like verbs -----------------------------------------------------------------------
@@ -331,6 +337,12 @@ def main(argv=None):
     lab.add_argument("--full", action="store_true", help="full mode instead of quick mode")
     lab.add_argument("notebooks", nargs="*")
     lab.set_defaults(fn=cmd_lab)
+    sc = sub.add_parser("scores", help="the points each executed notebook in a folder recorded")
+    sc.add_argument("output", nargs="?", default="lab-output")
+    sc.add_argument("--all", action="store_true", help="every course notebook must be there")
+    sc.add_argument("--require-full", action="store_true",
+                    help="exit 1 unless every notebook ran to the end with all its points (the solution editions)")
+    sc.set_defaults(fn=cmd_scores)
     def container_flags(sp):
         sp.add_argument("--name")
         sp.add_argument("-e", "--env", action="append", help="KEY=VALUE")

@@ -28,9 +28,14 @@ class Checker:
 
         Returns nothing (the score is displayed once, not echoed again); see ``self.results``."""
         try:
-            if any(a is None or a is Ellipsis for a in args):
+            unavailable = getattr(fn, "unavailable", None)  # e.g. checks.needs_vm: the target lacks what it needs
+            why = unavailable(self.lab) if unavailable else None
+            if why:
+                got, feedback = False, why
+            elif any(a is None or a is Ellipsis for a in args):
                 raise NotAnswered()
-            got, feedback = fn(self.lab, *args, **kwargs)
+            else:
+                got, feedback = fn(self.lab, *args, **kwargs)
             frac = float(got) if not isinstance(got, bool) else (1.0 if got else 0.0)
             frac = min(max(frac, 0.0), 1.0)
         except NotAnswered:

@@ -296,6 +296,12 @@ class Lab:
         return Record(self.call("vm.boot", command=command, memory_mb=memory_mb, cpus=cpus, timeout=timeout,
                                 accel_mode=accel))
 
+    def vm_missing(self):
+        """None when this target can boot the VM baseline; else why not, with the fix (one sentence).
+        Cheap: it looks for qemu, a kernel in /boot and busybox, and boots nothing."""
+        m = self.call("vm.missing")
+        return None if m is None else f"{m['reason']} ({m['fix']})"
+
     def vm_start(self, memory_mb=256, cpus=1, accel=None, network=None, disk_mb=0, timeout=180):
         """Boot a VM that stays up and takes commands (``.exec``); ``with`` stops it. ``network``: a labkit
         network for a virtio NIC on a tap; ``disk_mb``: a virtio disk (ext4, mounted at /mnt)."""

@@ -56,12 +56,13 @@ def published_table(result):
     """A DataFrame: per measure, the papers' findings and this run's figures (VM labelled with its accel)."""
     import pandas as pd
     mine = _this_run(result)
+    missing = result.env.get("vm_missing")
     rows = []
     for exp, (docker, kvm, fc) in PUBLISHED.items():
         box, vm = mine.get(exp, ("-", "-"))
         rows.append({"measure": exp, "Felter et al.: Docker": docker or "-", "Felter et al.: KVM": kvm or "-",
                      "Firecracker (KVM microVM)": fc or "-", "this run: container": box,
-                     f"this run: {result.accel_label()}": vm})
+                     f"this run: {result.accel_label()}": f"no VM on this target: {missing}" if missing else vm})
     return pd.DataFrame(rows).set_index("measure")
 
 
@@ -80,6 +81,11 @@ def lecture_points(result, boot_ids=None):
     def add(side, point, evidence, verdict):
         rows.append({"favours": side, "lecture's point": point, "this run": evidence, "verdict": verdict})
 
+    missing = result.env.get("vm_missing")
+    if missing:
+        add("both", "every point that compares with a VM", f"no VM could be measured on this target: {missing}",
+            "not decidable here")
+
     if "labkit" in start and vm in start:
         add("containers", "many small services, started and stopped often (microservices)",
             f"a container starts in {start['labkit']:.0f} ms, the VM boots to /init in {start[vm]:.0f} ms "
@@ -96,7 +102,7 @@ def lecture_points(result, boot_ids=None):
             "backed" if abs(c - 1) < 0.1 else "questioned")
         add("containers", "cloud-native applications (scale out by adding instances)",
             "start-up and density above decide how fast and how far one can scale out", "backed by the two rows above")
-    if boot_ids:
+    if boot_ids and boot_ids.get("vm"):
         same = boot_ids.get("container") == boot_ids.get("host")
         own = boot_ids.get("vm") not in (None, boot_ids.get("host"))
         add("VMs", "an application that needs another operating system (or another kernel)",
@@ -113,5 +119,6 @@ def lecture_points(result, boot_ids=None):
     add("VMs", "a monolith that grows by adding memory and CPUs to one machine",
         f"CPU-bound work in the VM: {r.loc['cpu', vm]:.1f}× native time" if "cpu" in r.index and vm in r.columns
         else "not measured", "not decidable here: under TCG every instruction is emulated; with KVM the published "
-        "figures put a tuned guest close to native" if tcg else "backed if the ratio is close to 1")
+        "figures put a tuned guest close to native" if tcg else "not decidable here" if missing
+        else "backed if the ratio is close to 1")
     return pd.DataFrame(rows)

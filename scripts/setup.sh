@@ -1,18 +1,16 @@
 #!/usr/bin/env bash
 # Install everything labkit needs on a Debian/Ubuntu machine, idempotently:
-#   - the target side, as in the lab VM (vagrant/provision.sh: busybox-static, iproute2, util-linux, iptables/nft, qemu)
+#   - the target side, as in the lab VM (vagrant/provision.sh: busybox-static, iproute2, util-linux, iptables/nft,
+#     qemu, crun/runc, and a distro kernel in /boot for the VM baseline when there is none)
 #   - a virtual environment in .venv with labkit and its host-side dependencies
 #   - with --dev, what the tests need: test tools, sshd, Vagrant + libvirt + debootstrap for the VM tier
-# Usage: sudo bash scripts/setup.sh [--dev]
+# Usage: bash scripts/setup.sh [--dev]      (as root; from a user account it asks sudo for itself)
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 dev=0
 [ "${1:-}" = "--dev" ] && dev=1
 
-if [ "$(id -u)" != 0 ]; then
-  echo "labkit setup: run me as root (sudo bash scripts/setup.sh): I install Debian packages." >&2
-  exit 1
-fi
+. "$here/scripts/as-root.sh"
 
 # The target side: exactly what the lab VM gets (vagrant/provision.sh), ending with `labkit doctor`.
 bash "$here/vagrant/provision.sh" "$here"
@@ -22,11 +20,11 @@ pkgs=(python3-venv python3-pip)
 [ "$dev" = 1 ] && pkgs+=(openssh-server openssh-client vagrant vagrant-libvirt libvirt-daemon-system
                          libvirt-daemon-driver-qemu libvirt-clients dnsmasq-base dbus debootstrap e2fsprogs
                          qemu-utils rsync skopeo docker-registry crun runc tmux)
-# the VM baseline boots the target's own /boot kernel; the tests also boot the other architecture's
+# The VM baseline's kernel comes with the target side (provision.sh); the tests also boot the other architecture's.
 if [ "$dev" = 1 ]; then
   case "$(dpkg --print-architecture)" in
-    amd64) pkgs+=(linux-image-cloud-amd64 qemu-system-arm) ;;
-    arm64) pkgs+=(linux-image-cloud-arm64 qemu-system-x86) ;;
+    amd64) pkgs+=(qemu-system-arm) ;;
+    arm64) pkgs+=(qemu-system-x86) ;;
   esac
 fi
 
@@ -34,7 +32,9 @@ missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
-if [ "${#missing[@]}" -gt 0 ]; then
+if [ "${#missing[@]}" -gt 0 ] && ! command -v apt-get >/dev/null 2>&1; then
+  echo "labkit setup: no apt-get here to install ${missing[*]}; going on with what this host has" >&2
+elif [ "${#missing[@]}" -gt 0 ]; then
   echo "labkit setup: installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   # Do not let package scripts start services (sshd, libvirtd): the tests start their own.

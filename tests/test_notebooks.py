@@ -6,11 +6,11 @@ import os
 import pytest
 
 from labkit.assign import student_edition
-from labkit.cli import NOTEBOOK_DIR, run_notebooks
+from labkit.runbook import NOTEBOOK_DIR, course_notebooks, run_notebooks
 from labkit.grading import read_scores
 
 pytestmark = [pytest.mark.privileged, pytest.mark.slow]
-NOTEBOOKS = sorted(f for f in os.listdir(NOTEBOOK_DIR) if f.endswith(".ipynb") and f[:2].isdigit())
+NOTEBOOKS = course_notebooks()
 
 
 def test_there_are_notebooks_with_parameters_cells():
@@ -23,7 +23,9 @@ def test_there_are_notebooks_with_parameters_cells():
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_solution_scores_full_points(name, tmp_path, lab):
-    [(_, out, scores)] = run_notebooks("local", str(tmp_path), [name], student_id="tester")
+    [run] = run_notebooks("local", str(tmp_path), [name], student_id="tester")
+    assert run.error is None, run.error
+    scores = run.scores
     questions = [s for s in scores if s["question"] != "total"]
     assert questions, "the notebook recorded no scores"
     for s in questions:
@@ -43,7 +45,9 @@ def test_blank_edition_runs_to_the_end_with_zero(name, tmp_path, lab):
     srcdir = tmp_path / "src"
     srcdir.mkdir()
     (srcdir / name).write_text(json.dumps(blank))
-    [(_, out, scores)] = run_notebooks("local", str(tmp_path / "out"), [name], source_dir=str(srcdir))
+    [run] = run_notebooks("local", str(tmp_path / "out"), [name], source_dir=str(srcdir))
+    assert run.error is None, run.error
+    out, scores = run.path, run.scores
     questions = [s for s in scores if s["question"] != "total"]
     assert questions and all(s["points"] == 0 for s in questions)
     assert all("not answered" in s["feedback"] for s in questions)

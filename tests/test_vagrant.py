@@ -101,10 +101,10 @@ def test_guest_is_a_pure_cgroup_v2_kernel_of_its_own(vm_lab, lab):
 @pytest.mark.vm
 @pytest.mark.slow
 def test_a_notebook_scores_the_same_on_the_guest(vm_tier, tmp_path):
-    from labkit.cli import run_notebooks
+    from labkit.runbook import run_notebooks
     name = "02-namespaces.ipynb"
-    [(_, _, local)] = run_notebooks("local", str(tmp_path / "local"), [name])
-    [(_, _, guest)] = run_notebooks("vagrant", str(tmp_path / "guest"), [name])
+    [local] = [r.scores for r in run_notebooks("local", str(tmp_path / "local"), [name])]
+    [guest] = [r.scores for r in run_notebooks("vagrant", str(tmp_path / "guest"), [name])]
     strip = lambda scores: [(s["question"], s["points"], s["passed"]) for s in scores]  # noqa: E731
     assert strip(guest) == strip(local)
     assert guest[-1]["points"] == guest[-1]["max_points"] > 0

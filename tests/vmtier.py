@@ -63,6 +63,7 @@ def sh(argv, check=True, timeout=1200, env=None, capture=True, **kw):
     res = subprocess.run(argv, capture_output=capture, text=True, timeout=timeout, env=full_env,
                          stdin=subprocess.DEVNULL, **kw)
     if capture:
+        os.makedirs(CACHE, exist_ok=True)
         with open(LOG, "a") as f:
             f.write(f"$ {' '.join(argv)}\n{res.stdout[-4000:]}{res.stderr[-4000:]}\n")
     if check and res.returncode != 0:

@@ -233,11 +233,15 @@ def boot_kernel():
     return None
 
 
+KERNEL_FIX = ("install a distro kernel: `sudo apt-get install linux-image-cloud-amd64` (linux-image-cloud-arm64 on "
+              "arm64, linux-image-virtual on Ubuntu); scripts/setup.sh and vagrant/provision.sh do when /boot has none")
+
+
 def check_vm_kernel():
     path = boot_kernel()
     if path is None:
         return _line("vm kernel", False, "missing", "the VM baseline boots a distro kernel from /boot",
-                     fix="install one: `sudo apt-get install linux-image-cloud-amd64` (-arm64 on arm64)", level="warn")
+                     fix=KERNEL_FIX, level="warn")
     running = os.path.basename(path) == f"vmlinuz-{os.uname().release}"
     return _line("vm kernel", True, os.path.basename(path), "the VM baseline boots it"
                  + ("" if running else f" (this machine runs {os.uname().release}, a kernel not in /boot)"))

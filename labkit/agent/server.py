@@ -107,6 +107,7 @@ METHODS = {
     "image.pull": registry.pull,
     "image.push": registry.push,
     "image.search": registry.search,
+    "vm.missing": vm.missing,
     "vm.boot": vm.boot,
     "vm.start": vm.m_start,
     "vm.exec": vm.m_exec,

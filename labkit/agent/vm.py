@@ -69,13 +69,28 @@ poweroff -f
 """
 
 
+def missing():
+    """Why this target cannot boot the VM baseline ({'reason', 'fix'}), or None when it can: a supported CPU,
+    qemu for it, a distro kernel in /boot and a static busybox. Cheap: nothing is booted."""
+    machine = os.uname().machine
+    if machine not in QEMU:
+        return {"reason": f"no VM baseline for {machine}", "fix": "use an x86_64 or aarch64 target"}
+    if not which(QEMU[machine][0]):
+        return {"reason": f"{QEMU[machine][0]} is not installed",
+                "fix": "`sudo apt-get install " + ("qemu-system-arm" if machine == "aarch64" else "qemu-system-x86")
+                       + "` (scripts/setup.sh and vagrant/provision.sh do)"}
+    if doctor.boot_kernel() is None:
+        return {"reason": "no readable kernel in /boot for the VM baseline", "fix": doctor.KERNEL_FIX}
+    if rootfs.find_static_busybox() is None:
+        return {"reason": "no static busybox for the VM's initramfs", "fix": "`sudo apt-get install busybox-static`"}
+    return None
+
+
 def find_kernel():
     """The target's own /boot kernel (:func:`labkit.agent.doctor.boot_kernel`), else a clear error."""
     path = doctor.boot_kernel()
     if path is None:
-        raise NotFound("no readable kernel in /boot for the VM baseline",
-                       fix="install a distro kernel: `sudo apt-get install linux-image-cloud-amd64` "
-                           "(linux-image-cloud-arm64 on arm64)")
+        raise NotFound("no readable kernel in /boot for the VM baseline", fix=doctor.KERNEL_FIX)
     return path
 
 
@@ -222,7 +237,10 @@ def accel(probe_timeout=20):
 
     The doctor's boot-sector probe comes first (cheap); when it passes, a full boot of this VM is tried
     under KVM with a time limit, because nested KVM can run a boot sector and still hang a kernel.
-    The answer is cached until the target reboots."""
+    The answer is cached until the target reboots. ('none', reason) when no VM can boot here at all."""
+    gone = missing()
+    if gone:
+        return "none", gone["reason"]
     probe = doctor.probe_kvm()
     if not probe.get("usable"):
         return "tcg", probe.get("reason", "KVM is not usable")

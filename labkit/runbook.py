@@ -1,0 +1,112 @@
+"""Executing the course's notebooks headless (papermill) and reading back what each one scored.
+
+``run_notebooks(target, output)`` executes every notebook (or the ones named) in course order into
+``output``, one :class:`NotebookRun` each: its points read back from the executed notebook
+(:func:`labkit.grading.read_scores`), how long it took, and the error that stopped it, if one did. A
+notebook that fails does not stop the others. ``read_runs(output)`` reads an output folder back, so a
+CI job or an instructor can check a run it did not make (``labkit scores DIR``).
+"""
+import os
+import time
+from dataclasses import dataclass, field
+
+from .grading import read_scores
+
+NOTEBOOK_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")
+
+
+def course_notebooks(source_dir=NOTEBOOK_DIR):
+    """The course's notebooks in order: ``NN-title.ipynb``."""
+    return sorted(f for f in os.listdir(source_dir) if f.endswith(".ipynb") and f[:2].isdigit())
+
+
+@dataclass
+class NotebookRun:
+    name: str
+    path: str
+    scores: list = field(default_factory=list)
+    seconds: float = None
+    error: str = None
+
+    @property
+    def total(self):
+        """(points, max_points) from the notebook's 'total' line, else summed over its questions."""
+        totals = [s for s in self.scores if s.get("question") == "total"]
+        if totals:
+            return totals[-1]["points"], totals[-1]["max_points"]
+        qs = self.questions
+        return sum(s["points"] for s in qs), sum(s["max_points"] for s in qs)
+
+    @property
+    def questions(self):
+        return [s for s in self.scores if s.get("question") != "total"]
+
+    @property
+    def full(self):
+        """Ran to the end and every question has all its points."""
+        got, out_of = self.total
+        return (self.error is None and bool(self.questions) and out_of > 0 and got >= out_of
+                and all(s["points"] >= s["max_points"] for s in self.questions))
+
+    def line(self):
+        got, out_of = self.total
+        took = "" if self.seconds is None else f"  {self.seconds:6.1f} s"
+        head = f"{self.name:<30} {got:5g}/{out_of:<4g} points{took}"
+        if self.error:
+            return head + f"  FAILED: {self.error}"
+        short = [f"{s['question']} {s['points']:g}/{s['max_points']:g}" for s in self.questions
+                 if s["points"] < s["max_points"]]
+        return head + ("  short: " + "; ".join(short) if short else "")
+
+
+def run_notebooks(target, output, notebooks=None, student_id="anonymous", quick=True, timeout=900,
+                  source_dir=NOTEBOOK_DIR, on_done=None):
+    """Execute notebooks with papermill into ``output``; a list of :class:`NotebookRun`. ``on_done(run)``
+    is called as each one finishes (the lab command prints its line there)."""
+    import papermill as pm
+    os.makedirs(output, exist_ok=True)
+    runs = []
+    for name in notebooks or course_notebooks(source_dir):
+        out = os.path.join(output, name)
+        started, error = time.monotonic(), None
+        try:
+            pm.execute_notebook(os.path.join(source_dir, name), out, cwd=output, kernel_name="python3",
+                                parameters={"target": target, "student_id": student_id, "quick": quick,
+                                            "output_dir": os.path.abspath(output)},
+                                execution_timeout=timeout, progress_bar=False)
+        except Exception as exc:  # noqa: BLE001 - one notebook's failure is reported, the others still run
+            error = _describe(exc)
+        run = NotebookRun(name, out, read_scores(out) if os.path.exists(out) else [],
+                          time.monotonic() - started, error)
+        runs.append(run)
+        if on_done:
+            on_done(run)
+    return runs
+
+
+def _describe(exc):
+    ename, evalue = getattr(exc, "ename", None), getattr(exc, "evalue", None)
+    if ename:
+        cell = getattr(exc, "exec_count", None)
+        return f"{ename}: {evalue}" + (f" (cell [{cell}])" if cell is not None else "")
+    return f"{type(exc).__name__}: {exc}"
+
+
+def read_runs(output, expected=None):
+    """The executed notebooks in ``output`` as NotebookRuns (times and failures from papermill's metadata); each name in ``expected`` that has
+    no executed notebook there becomes a run with the error 'not executed'."""
+    import json
+    have = course_notebooks(output) if os.path.isdir(output) else []
+    runs = []
+    for name in have:
+        path = os.path.join(output, name)
+        with open(path, encoding="utf-8") as f:
+            nb = json.load(f)
+        pm = (nb.get("metadata") or {}).get("papermill") or {}
+        runs.append(NotebookRun(name, path, read_scores(nb), pm.get("duration"),
+                                "papermill recorded an exception: open the notebook" if pm.get("exception") else None))
+    for name in expected or ():
+        if name not in have:
+            runs.append(NotebookRun(name, os.path.join(output, name), error="not executed: no such file in "
+                                    + output))
+    return sorted(runs, key=lambda r: r.name)
