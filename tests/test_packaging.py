@@ -113,3 +113,13 @@ def test_agent_parses_as_python_3_9():
     with zipfile.ZipFile(io.BytesIO(data)) as z:
         for name in z.namelist():
             ast.parse(z.read(name), filename=name, feature_version=(3, 9))
+
+
+def test_the_lab_vm_box_carries_everything_provision_installs():
+    """The VM tier's guest has no way out to a mirror: its box must hold every package provision.sh asks
+    for, or `vagrant up` fails in CI (as it did when crun and runc joined the list)."""
+    import vmtier
+    text = open(os.path.join(REPO, "vagrant", "provision.sh")).read()
+    body = re.search(r"^pkgs=\((.*?)\)", text, re.S | re.M).group(1)
+    wanted = {w for w in body.split() if not w.startswith("$")} | {"qemu-system-x86"}
+    assert wanted - set(vmtier.BOX_PACKAGES) == set()
