@@ -5,23 +5,32 @@
 - :class:`Subprocess` (``sudo``): the agent runs as ``sudo -n python3 agent.pyz`` next to an
   unprivileged notebook on a Linux laptop.
 - :class:`SSH`: the agent runs over an SSH exec channel (paramiko) on the lab VM or any Linux host,
-  with ``sudo -n`` when the SSH user is not root; the agent is shipped as a zipapp when missing.
+  with ``sudo -n`` when the SSH user is not root; the agent is shipped as a zipapp when missing. The
+  server's host key must be a trusted one (:class:`HostKeyCheck`: known_hosts files, a pinned
+  fingerprint, or, for the lab VM, the key stored on the first connect), else labkit does not log in.
+
+Every transport reaches an agent that is root on its target: whoever can use the transport is root there.
 
 ``agent_zipapp()`` packs the standard-library-only part of labkit into one file. The client core in
 this module is standard library only; paramiko is imported only by the SSH transport.
 """
+import base64
+import binascii
 import hashlib
+import hmac
 import io
 import itertools
 import os
+import re
 import shlex
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 
 from . import protocol
-from .errors import LabkitError, PrivilegeError, ProtocolError, TransportError, from_wire
+from .errors import InvalidSpec, LabkitError, PrivilegeError, ProtocolError, TransportError, from_wire
 
 PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 # The agent's files: the package root modules it imports, and the agent subpackage.
@@ -210,9 +219,12 @@ def sudo_transport(python="/usr/bin/python3", wrapper=()):
         raise UnsupportedHost(f"the sudo transport runs the agent on this machine, which is {sys.platform}")
     pyz = agent_zipapp()
     argv = list(wrapper) + ["sudo", "-n", python, pyz]
-    fix = ("let this user run the agent without a password: add a sudoers rule such as "
-           f"`{os.environ.get('USER', 'student')} ALL=(root) NOPASSWD: {python}` (visudo), or run `sudo -v` "
-           "in a terminal first, or use labkit.connect('vagrant')")
+    user = os.environ.get("USER") or "student"
+    fix = ("the agent is root, so whoever may start it is root on this machine. If this user may be root here "
+           f"(your own laptop), let it start the agent without a password: add the sudoers rule `{user} "
+           f"ALL=(root) NOPASSWD: {python}` with visudo (python3 runs any code: this rule makes {user}, and "
+           f"every program {user} runs, root without a password). Otherwise use labkit.connect('vagrant'): "
+           "root inside the lab VM only")
     try:
         t = Subprocess(argv, name="sudo", fix=fix)
     except TransportError as exc:
@@ -248,50 +260,384 @@ def socket_in_netns(netns, host, port, timeout):
     return out["sock"]
 
 
+# --- SSH host keys: which server this client agrees to talk to ---------------------------------------
+
+class HostKeyError(TransportError):
+    """The SSH server's host key is not one this client trusts; the connection was closed before logging in."""
+
+
+class UnknownHostKey(HostKeyError):
+    """No trusted key is known for this host (never connected, or never told which key is right)."""
+
+
+class HostKeyChanged(HostKeyError):
+    """The host offered a key other than the one trusted for it: re-keyed, recreated, or intercepted."""
+
+
+#: the host key algorithms that a known key of each type can be negotiated with
+_ALGORITHMS_FOR_KEY = {"ssh-rsa": ("rsa-sha2-512", "rsa-sha2-256", "ssh-rsa")}
+_KEYSCAN_TYPE = {"ssh-ed25519": "ed25519", "ssh-rsa": "rsa", "ssh-dss": "dsa"}
+_FINGERPRINT = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}$")
+
+
+def fingerprint(key):
+    """OpenSSH's SHA256 fingerprint of a public key (a paramiko key), e.g. ``SHA256:uN...``."""
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
+
+
+def _short_type(key_type):
+    return _KEYSCAN_TYPE.get(key_type) or ("ecdsa" if key_type.startswith("ecdsa-") else key_type)
+
+
+def config_dir():
+    """labkit's per-user configuration folder: ``$XDG_CONFIG_HOME/labkit``, else ``~/.config/labkit``."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "labkit")
+
+
+def user_known_hosts():
+    """The known_hosts files OpenSSH reads by default: the user's, then the system-wide one."""
+    return [os.path.join(os.path.expanduser("~"), ".ssh", "known_hosts"), "/etc/ssh/ssh_known_hosts"]
+
+
+def _pattern_matches(pattern, name):
+    if pattern.startswith("|1|"):
+        import paramiko
+        try:
+            return hmac.compare_digest(paramiko.HostKeys.hash_host(name, pattern), pattern)
+        except (AssertionError, ValueError, binascii.Error, IndexError):
+            return False
+    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern.lower())
+    return re.fullmatch(regex, name.lower()) is not None
+
+
+def _names_match(patterns, name):
+    """OpenSSH's rule for one known_hosts line: some pattern matches and no negated one does."""
+    hit = False
+    for pattern in patterns:
+        negated = pattern.startswith("!")
+        if _pattern_matches(pattern[1:] if negated else pattern, name):
+            if negated:
+                return False
+            hit = True
+    return hit
+
+
+def read_known_hosts(path, name=None):
+    """The keys in a known_hosts file, as ``[(marker, key)]``: those whose host patterns match ``name``
+    (``host``, or ``[host]:port`` when the port is not 22), or every key when ``name`` is None.
+    ``marker`` is ``"@revoked"`` for a revoked key, else ``""``; lines paramiko cannot read are skipped,
+    as OpenSSH skips them."""
+    import paramiko
+    from paramiko.hostkeys import HostKeyEntry, InvalidHostKey
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise HostKeyError(f"cannot read the known hosts file {path}: {exc.strerror}",
+                           fix=f"make {path} readable by this user, or remove it") from None
+    out = []
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        marker = ""
+        if line.startswith("@"):
+            marker, _, line = line.partition(" ")
+            if marker != "@revoked":
+                continue  # @cert-authority: host certificates are not used here
+            line = line.strip()
+        try:
+            entry = HostKeyEntry.from_line(re.sub(r"[ \t]+", " ", line))
+        except (InvalidHostKey, paramiko.SSHException, ValueError, TypeError):
+            continue
+        if entry is not None and entry.key is not None and (name is None or _names_match(entry.hostnames, name)):
+            out.append((marker, entry.key))
+    return out
+
+
+def _write_private(path, text):
+    """Write ``text`` to a new file ``path`` (mode 0600, folder 0700), atomically; False when ``path`` exists."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # never replaces a key stored meanwhile
+        except FileExistsError:
+            return False
+        except OSError:  # a file system without hard links: the same, with a small window
+            if os.path.exists(path):
+                return False
+            os.replace(tmp, path)
+        return True
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class HostKeyCheck:
+    """Which SSH host keys one connection accepts, checked before anything is sent to the server.
+
+    Trusted are: keys for the host in ``known_hosts`` files (the user's ``~/.ssh/known_hosts`` and
+    ``/etc/ssh/ssh_known_hosts``, plus ``known_hosts``, a path or a list of paths), and keys pinned by
+    fingerprint (``host_key="SHA256:..."`` or a list). A key marked ``@revoked`` is refused. Anything
+    else is refused: an unknown key with :class:`UnknownHostKey`, a key other than the trusted one with
+    :class:`HostKeyChanged`, each with the fingerprint and how to trust a key after checking it.
+
+    ``tofu`` (trust on first use, for the lab VM): a file of keys kept for one machine. Its keys are
+    trusted whatever address the machine answers at; while it holds none, the first key seen is stored
+    there (after the login succeeded). The user's own known_hosts files are not read in this mode (old
+    VMs behind the same forwarded port would be mistaken for this one). ``label`` names the machine.
+
+    Used by paramiko as the missing-host-key policy of a client that was given no keys of its own, so
+    that every key is judged here.
+    """
+
+    def __init__(self, host, port=22, known_hosts=None, host_key=None, tofu=None, label=None):
+        self.host, self.port = host, int(port)
+        self.name = host if self.port == 22 else f"[{host}]:{self.port}"
+        if isinstance(known_hosts, (str, os.PathLike)):
+            known_hosts = [known_hosts]
+        self.explicit = [os.fspath(p) for p in (known_hosts or [])]
+        for path in self.explicit:
+            if not os.path.isfile(path):
+                raise InvalidSpec(f"known_hosts file {path} does not exist",
+                                  fix="pass the path of an OpenSSH known_hosts file, e.g. ~/.ssh/known_hosts")
+        pins = [host_key] if isinstance(host_key, str) else list(host_key or [])
+        for pin in pins:
+            if not isinstance(pin, str) or not _FINGERPRINT.match(pin):
+                raise InvalidSpec(f"host_key {pin!r} is not a SHA256 fingerprint",
+                                  fix="write it as `ssh-keygen -lf` prints it, e.g. host_key='SHA256:' + 43 characters")
+        self.pins = pins
+        self.tofu, self.label = (os.fspath(tofu) if tofu else None), label
+        self.files = ([] if self.tofu else user_known_hosts()) + self.explicit
+        self.accepted = None  # {"type", "fingerprint", "by"} once a key was accepted
+        self._store = None
+
+    def where(self):
+        return self.label or f"{self.host}:{self.port}"
+
+    def trusted(self):
+        """``(trusted, revoked)``: lists of ``(key, where it is trusted)`` for this host."""
+        trusted, revoked = [], []
+        if self.tofu:
+            for _, key in read_known_hosts(self.tofu):
+                trusted.append((key, f"stored on first use in {self.tofu}"))
+        for path in self.files:
+            for marker, key in read_known_hosts(path, self.name):
+                (revoked if marker == "@revoked" else trusted).append((key, path))
+        return trusted, revoked
+
+    def disabled_algorithms(self):
+        """Host key algorithms to leave out so that the server shows a key of a type trusted for it."""
+        import paramiko
+        trusted, _ = self.trusted()
+        allowed = set()
+        for key, _ in trusted:
+            allowed.update(_ALGORITHMS_FOR_KEY.get(key.get_name(), (key.get_name(),)))
+        offered = list(getattr(paramiko.Transport, "_preferred_keys", ()))
+        if not allowed or not allowed.intersection(offered):
+            return {}
+        return {"keys": [a for a in offered if a not in allowed]}
+
+    def trusted_types(self):
+        return sorted({key.get_name() for key, _ in self.trusted()[0]})
+
+    # paramiko's MissingHostKeyPolicy interface: the client knows no keys, so it asks about every one
+    def missing_host_key(self, client, hostname, key):
+        self.check(key)
+
+    def check(self, key):
+        kind, fp = key.get_name(), fingerprint(key)
+        blob = key.asbytes()
+        trusted, revoked = self.trusted()
+        for bad, path in revoked:
+            if bad.asbytes() == blob:
+                raise HostKeyChanged(
+                    f"the SSH host key of {self.where()} ({kind} {fp}) is marked @revoked in {path}; "
+                    "labkit did not log in",
+                    fix=f"do not use this key: ask whoever runs {self.host} for its new one", host=self.host,
+                    port=self.port, key_type=kind, fingerprint=fp)
+        for good, source in trusted:
+            if good.asbytes() == blob:
+                self.accepted = {"type": kind, "fingerprint": fp, "by": source}
+                return
+        for pin in self.pins:
+            if hmac.compare_digest(pin, fp):
+                self.accepted = {"type": kind, "fingerprint": fp, "by": "the host_key fingerprint passed to connect"}
+                return
+        if trusted or self.pins:
+            raise self._changed(kind, fp, trusted)
+        if self.tofu:
+            self._store = key
+            self.accepted = {"type": kind, "fingerprint": fp, "by": f"first use: stored now in {self.tofu}"}
+            return
+        raise self._unknown(kind, fp)
+
+    def _unknown(self, kind, fp):
+        looked = ", ".join(self.files) if self.files else "no known_hosts file"
+        short = _short_type(kind)
+        port = f"-p {self.port} " if self.port != 22 else ""
+        return UnknownHostKey(
+            f"the SSH host key of {self.host}:{self.port} is unknown to this client: it offered {kind} {fp} "
+            f"(looked for {self.name} in {looked}); labkit did not log in",
+            fix=(f"check that {fp} is the host's own key: on the host run `ssh-keygen -lf "
+                 f"/etc/ssh/ssh_host_{short}_key.pub` (or ask whoever runs it). If it is, pass "
+                 f"host_key={fp!r} to labkit.connect(...), or add it to your known hosts: "
+                 f"`ssh-keyscan {port}-t {short} {self.host} >> ~/.ssh/known_hosts` and check that "
+                 f"`ssh-keygen -lF '{self.name}'` prints the same {fp}"),
+            host=self.host, port=self.port, key_type=kind, fingerprint=fp)
+
+    def _changed(self, kind, fp, trusted):
+        was = "; ".join(sorted({f"{k.get_name()} {fingerprint(k)} ({src})" for k, src in trusted}
+                               | {f"{pin} (the host_key passed to connect)" for pin in self.pins}))
+        details = {"host": self.host, "port": self.port, "key_type": kind, "fingerprint": fp}
+        if self.tofu:
+            return HostKeyChanged(
+                f"the SSH host key of {self.where()} CHANGED: {self.host}:{self.port} offered {kind} {fp}, but "
+                f"labkit trusts {was}; labkit did not log in", fix=self.changed_fix(kind, fp), **details)
+        return HostKeyChanged(
+            f"the SSH host key of {self.host}:{self.port} CHANGED: it offered {kind} {fp}, but this client trusts "
+            f"{was}. Either the host was reinstalled or re-keyed, or something is intercepting the connection; "
+            "labkit did not log in", fix=self.changed_fix(kind, fp), **details)
+
+    def changed_fix(self, kind="ssh-ed25519", fp="the new fingerprint"):
+        if self.tofu:
+            return (f"if you recreated this VM (`vagrant destroy`, then `vagrant up`) or regenerated its host "
+                    f"keys, delete the stored key (`rm {self.tofu}`; on Windows `del {self.tofu}`) and "
+                    f"connect again: labkit then stores the new key. Otherwise do not connect: something else "
+                    f"answers at {self.host}:{self.port}")
+        files = sorted({src for _, src in self.trusted()[0] if src in self.files})
+        remove = " and ".join(f"`ssh-keygen -R '{self.name}' -f {p}`" for p in files)
+        new = f"host_key={fp!r}" if fp.startswith("SHA256:") else "host_key='SHA256:...'"
+        return (f"do not connect until you know which: on the host run `ssh-keygen -lf "
+                f"/etc/ssh/ssh_host_{_short_type(kind)}_key.pub` (or ask whoever runs it). If {fp} is right, "
+                + (f"remove the old entry with {remove}, then " if remove else "")
+                + f"pass {new} to labkit.connect(...) (in place of the old host_key, if you passed one) "
+                "or add the new key to ~/.ssh/known_hosts as for a new host")
+
+    def store(self):
+        """Keep the key accepted on first use (call after the login succeeded)."""
+        key, self._store = self._store, None
+        if key is None or not self.tofu:
+            return
+        text = (f"# labkit: the SSH host key of {self.where()}, trusted on first use on "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S %z')} at {self.host}:{self.port}.\n"
+                "# Every later connect must see this key. Delete this file only if the machine was recreated\n"
+                "# or re-keyed on purpose: labkit then stores the key it finds on the next connect.\n"
+                f"{self.name} {key.get_name()} {key.get_base64()}\n")
+        try:
+            stored = _write_private(self.tofu, text)
+        except OSError as exc:
+            raise HostKeyError(f"cannot store the host key of {self.where()} in {self.tofu}: {exc.strerror}",
+                               fix=f"make {os.path.dirname(self.tofu)} writable by this user") from None
+        if not stored:  # another connect stored a key meanwhile: this one must agree with it
+            self.check(key)
+
+
+def ssh_client(host, port=22, user=None, key_filename=None, password=None, connect_timeout=15, netns=None,
+               known_hosts=None, host_key=None, trust_on_first_use=None, trust_label=None):
+    """A connected and logged-in paramiko ``SSHClient`` whose server showed a trusted host key
+    (:class:`HostKeyCheck`), and the check (``check.accepted`` says which key and why)."""
+    try:
+        import paramiko
+    except ImportError:
+        raise TransportError("the SSH transport needs paramiko",
+                             fix="pip install paramiko (it is in labkit's dependencies)") from None
+    port = int(port)
+    check = HostKeyCheck(host, port, known_hosts=known_hosts, host_key=host_key, tofu=trust_on_first_use,
+                         label=trust_label)
+    client = paramiko.SSHClient()
+    client.set_missing_host_key_policy(check)  # no keys loaded into the client: the check sees every key
+    fix = (f"check that sshd runs on {host}:{port} and accepts this key for {user}: "
+           f"`ssh -p {port} -i {key_filename} {user}@{host} true`")
+    disabled = check.disabled_algorithms()
+    try:
+        sock = socket_in_netns(netns, host, port, connect_timeout) if netns else None
+        client.connect(host, port=port, username=user, key_filename=key_filename, password=password,
+                       timeout=connect_timeout, banner_timeout=connect_timeout, sock=sock,
+                       auth_timeout=connect_timeout, allow_agent=False, look_for_keys=False,
+                       disabled_algorithms=disabled)
+        check.store()
+    except LabkitError:
+        client.close()
+        raise
+    except Exception as exc:  # noqa: BLE001 - paramiko and socket errors alike
+        client.close()
+        if disabled and isinstance(exc, getattr(paramiko, "IncompatiblePeer", ())) and "host key" in str(exc):
+            types = ", ".join(check.trusted_types()) or "the pinned one"
+            raise HostKeyChanged(
+                f"the SSH server at {host}:{port} offers no host key of the type trusted for {check.where()} "
+                f"({types}): it is not the machine this client knows; labkit did not log in",
+                fix=check.changed_fix(), host=host, port=port) from None
+        raise TransportError(f"cannot connect over SSH to {user}@{host}:{port}"
+                             f"{f' in network namespace {netns}' if netns else ''}: {exc}", fix=fix) from None
+    return client, check
+
+
+def ssh_exec(client, cmd, data=None, fix="", where="the target"):
+    """Run ``cmd`` over ``client`` as the SSH user; its stdout as text, a TransportError if it fails."""
+    stdin, stdout, stderr = client.exec_command(cmd, timeout=60)
+    if data is not None:
+        stdin.write(data)
+        stdin.channel.shutdown_write()
+    out = stdout.read()
+    code = stdout.channel.recv_exit_status()
+    if code != 0:
+        raise TransportError(f"`{cmd}` on {where} exited {code}: {stderr.read().decode(errors='replace')[-300:]}",
+                             fix=fix)
+    return out.decode("utf-8", "replace")
+
+
 class SSH(_Stream):
-    """The agent over an SSH exec channel (paramiko)."""
+    """The agent over an SSH exec channel (paramiko).
+
+    The server's host key is checked before anything is sent (:class:`HostKeyCheck`): it must be in the
+    user's known hosts (``~/.ssh/known_hosts``, ``/etc/ssh/ssh_known_hosts``) or in ``known_hosts`` (a
+    file or a list of files), or match ``host_key`` (a ``SHA256:`` fingerprint, or a list); the lab VM
+    uses ``trust_on_first_use`` (a per-VM file, see :mod:`labkit.vagrant`). ``self.host_key`` says which
+    key was accepted and why."""
 
     name = "ssh"
 
     def __init__(self, host, port=22, user=None, key_filename=None, sudo=None, python="python3",
                  remote_agent=None, remote_checkout=None, connect_timeout=15, known_hosts=None, password=None,
-                 netns=None):
+                 netns=None, host_key=None, trust_on_first_use=None, trust_label=None):
         super().__init__()
-        try:
-            import paramiko
-        except ImportError:
-            raise TransportError("the SSH transport needs paramiko",
-                                 fix="pip install paramiko (it is in labkit's dependencies)") from None
         self.host, self.port, self.user = host, int(port), user
-        self.client = paramiko.SSHClient()
-        if known_hosts:
-            self.client.load_host_keys(known_hosts)
-            self.client.set_missing_host_key_policy(paramiko.RejectPolicy())
-        else:
-            self.client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+        self.client, check = ssh_client(host, port=self.port, user=user, key_filename=key_filename,
+                                        password=password, connect_timeout=connect_timeout, netns=netns,
+                                        known_hosts=known_hosts, host_key=host_key,
+                                        trust_on_first_use=trust_on_first_use, trust_label=trust_label)
+        self.host_key = check.accepted
         fix = (f"check that sshd runs on {host}:{port} and accepts this key for {user}: "
                f"`ssh -p {port} -i {key_filename} {user}@{host} true`")
-        try:
-            sock = socket_in_netns(netns, host, self.port, connect_timeout) if netns else None
-            self.client.connect(host, port=self.port, username=user, key_filename=key_filename, password=password,
-                                timeout=connect_timeout, banner_timeout=connect_timeout, sock=sock,
-                                auth_timeout=connect_timeout, allow_agent=False, look_for_keys=False)
-        except Exception as exc:  # noqa: BLE001 - paramiko and socket errors alike
-            raise TransportError(f"cannot connect over SSH to {user}@{host}:{port}"
-                                 f"{f' in network namespace {netns}' if netns else ''}: {exc}", fix=fix) from None
         self._fix = fix
-        remote_uid = self._exec_simple("id -u").strip()
-        if sudo is None:
-            sudo = remote_uid != "0"
-        if remote_agent is None and remote_checkout and self._has_checkout(remote_checkout):
-            # the synced checkout (the lab VM): edits on the host reach the agent with `vagrant rsync`
-            agent = f"env PYTHONPATH={shlex.quote(remote_checkout)} {shlex.quote(python)} -m labkit.agent"
-        else:
-            agent = f"{shlex.quote(python)} {shlex.quote(remote_agent or self._ship_agent(python))}"
-        cmd = ("sudo -n " if sudo else "") + agent
-        self.command = cmd
-        chan = self.client.get_transport().open_session(timeout=connect_timeout)
-        chan.exec_command(cmd)
+        try:
+            remote_uid = self._exec_simple("id -u").strip()
+            if sudo is None:
+                sudo = remote_uid != "0"
+            if remote_agent is None and remote_checkout and self._has_checkout(remote_checkout):
+                # the synced checkout (the lab VM): edits on the host reach the agent with `vagrant rsync`
+                agent = f"env PYTHONPATH={shlex.quote(remote_checkout)} {shlex.quote(python)} -m labkit.agent"
+            else:
+                agent = f"{shlex.quote(python)} {shlex.quote(remote_agent or self._ship_agent(python))}"
+            cmd = ("sudo -n " if sudo else "") + agent
+            self.command = cmd
+            chan = self.client.get_transport().open_session(timeout=connect_timeout)
+            chan.exec_command(cmd)
+        except BaseException:
+            self.client.close()
+            raise
         self.chan = chan
         self._errbuf = bytearray()
         threading.Thread(target=self._drain, daemon=True).start()
@@ -302,16 +648,7 @@ class SSH(_Stream):
             raise
 
     def _exec_simple(self, cmd, data=None):
-        stdin, stdout, stderr = self.client.exec_command(cmd, timeout=60)
-        if data is not None:
-            stdin.write(data)
-            stdin.channel.shutdown_write()
-        out = stdout.read()
-        code = stdout.channel.recv_exit_status()
-        if code != 0:
-            raise TransportError(f"`{cmd}` on {self.host} exited {code}: {stderr.read().decode(errors='replace')[-300:]}",
-                                 fix=self._fix)
-        return out.decode("utf-8", "replace")
+        return ssh_exec(self.client, cmd, data=data, fix=self._fix, where=self.host)
 
     def _has_checkout(self, path):
         probe = f"test -f {shlex.quote(path)}/labkit/agent/server.py && echo have || echo none"

@@ -114,24 +114,25 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def sshd(student):
-    """A real OpenSSH server on 127.0.0.1 with its own host key, accepting one key for the student."""
+def _sshd(d, client_pub):
+    """Start a real OpenSSH server on 127.0.0.1 with a host key of its own (made in ``d``), accepting the
+    client key ``client_pub`` for the student; yields its address, host key and a known_hosts file naming it."""
     sshd_bin = shutil.which("sshd", path="/usr/sbin:/usr/bin:/sbin")
     if not sshd_bin:
         pytest.fail("sshd is missing: scripts/setup.sh --dev installs openssh-server")
-    # sshd reads authorized_keys as the student: the folder must be reachable by that user
-    d = Path(tempfile.mkdtemp(prefix="labkit-sshd-"))
-    os.chmod(d, 0o755)
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "host_key")], check=True)
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "client_key")], check=True)
-    shutil.copy(d / "client_key.pub", d / "authorized_keys")
+    shutil.copy(client_pub, d / "authorized_keys")
     os.chmod(d / "authorized_keys", 0o644)
     port = _free_port()
     (d / "sshd_config").write_text(
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\n"
         f"PidFile {d}/sshd.pid\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n"
         f"KbdInteractiveAuthentication no\nAllowUsers {STUDENT}\nPermitRootLogin no\nLogLevel ERROR\n")
+    # what a client that trusts this server has in its known_hosts: the host key, named [host]:port
+    kind, blob = (d / "host_key.pub").read_text().split()[:2]
+    (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {kind} {blob}\n")
+    fp = subprocess.run(["ssh-keygen", "-lf", str(d / "host_key.pub")], check=True, capture_output=True,
+                        text=True).stdout.split()[1]
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
     proc = subprocess.Popen([sshd_bin, "-D", "-e", "-f", str(d / "sshd_config")],
                             stdout=subprocess.DEVNULL, stderr=open(d / "sshd.log", "wb"))
@@ -145,10 +146,38 @@ def sshd(student):
         proc.kill()
         pytest.fail("sshd did not start: " + (d / "sshd.log").read_text())
     try:
-        yield {"host": "127.0.0.1", "port": port, "user": STUDENT, "key": str(d / "client_key")}
+        yield {"host": "127.0.0.1", "port": port, "user": STUDENT, "key": str(d / "client_key"),
+               "host_key": str(d / "host_key.pub"), "known_hosts": str(d / "known_hosts"), "fingerprint": fp,
+               "key_type": kind}
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def sshd(student):
+    """A real OpenSSH server on 127.0.0.1 with its own host key, accepting one key for the student.
+    ``sshd["known_hosts"]`` is a known_hosts file that trusts it (SSH clients check host keys)."""
+    # sshd reads authorized_keys as the student: the folder must be reachable by that user
+    d = Path(tempfile.mkdtemp(prefix="labkit-sshd-"))
+    os.chmod(d, 0o755)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "client_key")], check=True)
+    try:
+        yield from _sshd(d, d / "client_key.pub")
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def sshd_rekeyed(sshd):
+    """A second real sshd for the same student and client key, with another host key: what a client sees
+    when a host was re-keyed or recreated, or when something else answers in its place."""
+    d = Path(tempfile.mkdtemp(prefix="labkit-sshd2-"))
+    os.chmod(d, 0o755)
+    shutil.copy(sshd["key"], d / "client_key")
+    try:
+        yield from _sshd(d, sshd["key"] + ".pub")
+    finally:
         shutil.rmtree(d, ignore_errors=True)
 
 
@@ -161,7 +190,8 @@ def open_lab(kind, request):
         return Lab(T.sudo_transport(wrapper=["runuser", "-u", STUDENT, "--"]), target="sudo")
     if kind == "ssh":
         s = request.getfixturevalue("sshd")
-        return labkit.connect(f"ssh://{s['user']}@{s['host']}:{s['port']}", key_filename=s["key"])
+        return labkit.connect(f"ssh://{s['user']}@{s['host']}:{s['port']}", key_filename=s["key"],
+                              known_hosts=s["known_hosts"])
     if kind == "vagrant":
         return request.getfixturevalue("vm_tier").lab()
     raise ValueError(kind)

@@ -1,5 +1,6 @@
 """The lab VM: the Vagrantfile validates, `vagrant ssh-config` is read right, and (the VM tier) a real
 `vagrant up` provisions a Debian 12 guest whose pure cgroup v2 kernel runs the agent and a notebook."""
+import grp
 import os
 import stat
 import subprocess
@@ -28,7 +29,7 @@ Host default
 
 def test_ssh_config_is_parsed_despite_noise():
     cfg = vagrant.parse_ssh_config(SSH_CONFIG)
-    assert cfg == {"HostName": "192.168.121.57", "User": "vagrant", "Port": "22",
+    assert cfg == {"Host": "default", "HostName": "192.168.121.57", "User": "vagrant", "Port": "22",
                    "IdentityFile": "/home/me/labkit/vagrant/.vagrant/machines/default/libvirt/private_key"}
     assert vagrant.parse_ssh_config("") == {}
 
@@ -72,6 +73,37 @@ def test_vagrantfile_validates_and_refuses_bad_settings():
 def test_gitattributes_keep_scripts_lf():
     text = open(os.path.join(REPO, ".gitattributes")).read()
     assert "*.sh" in text and "eol=lf" in text and "Vagrantfile" in text
+
+
+@pytest.mark.privileged
+def test_provision_makes_a_random_jupyter_token_once(tmp_path):
+    """provision.sh's token step, run on its own with its paths moved to a temporary folder: a random
+    token, root and the user's group only, no newline (jupyter reads the file whole), kept on the next
+    provision, replaced when it is not a token; and no fixed token in the VM's files."""
+    vdir = os.path.join(REPO, "vagrant")
+    text = open(os.path.join(vdir, "provision.sh")).read()
+    for name in ("provision.sh", "Vagrantfile"):
+        body = open(os.path.join(vdir, name)).read()
+        assert "token=labkit" not in body and "IdentityProvider.token" not in body, name
+    assert "JUPYTER_TOKEN_FILE=$token_file" in text
+    start = text.index("  token_file=/etc/labkit/jupyter-token\n")
+    end = text.index('  mv -f "$tmp" "$token_file"\n', start) + len('  mv -f "$tmp" "$token_file"\n')
+    step = text[start:end].replace("/etc/labkit", str(tmp_path / "etc"))
+    script = tmp_path / "step.sh"
+    script.write_text("set -euo pipefail\nuser=nobody\n" + step)
+    path = tmp_path / "etc" / "jupyter-token"
+    tokens = []
+    for _ in range(2):
+        subprocess.run(["bash", str(script)], check=True, capture_output=True)
+        st = path.stat()
+        assert oct(st.st_mode & 0o777) == "0o640" and st.st_uid == 0
+        assert grp.getgrgid(st.st_gid).gr_name == subprocess.run(["id", "-gn", "nobody"], capture_output=True,
+                                                                   text=True).stdout.strip()
+        tokens.append(path.read_text())
+    assert tokens[0] == tokens[1] and len(tokens[0]) >= 40 and "\n" not in tokens[0]
+    path.write_text("labkit\n")
+    subprocess.run(["bash", str(script)], check=True, capture_output=True)
+    assert path.read_text() not in ("labkit\n", tokens[0]) and len(path.read_text()) >= 40
 
 
 # --- the VM tier: a real `vagrant up` -----------------------------------------------------------

@@ -3,7 +3,8 @@
 # Serves the lab VM (Vagrant runs it as root) and any Debian/Ubuntu host (amd64 or arm64) a student or
 # instructor brings:   sudo bash vagrant/provision.sh [--jupyter] [REPO_DIR]
 #   --jupyter   also install JupyterLab and run it as a service for the `vagrant` (or SUDO_USER) user
-#               on port 8888, so that a browser on the laptop can use the VM's forwarded port
+#               on port 8888, so that a browser on the laptop can use the VM's forwarded port; its token is
+#               made at random on the first run and kept in /etc/labkit/jupyter-token (root and that user)
 #   REPO_DIR    the labkit checkout (default: the folder above this script; /labkit in the VM)
 set -euo pipefail
 
@@ -104,8 +105,25 @@ if [ "$jupyter" = 1 ]; then
     "$venv/bin/python" -m pip install -q $deps
     echo "$want" > "$venv/.labkit-deps"
   fi
+  # JupyterLab's token: random, made once, readable by root and $user only (whoever has it is $user in
+  # this VM, and $user is root through sudo). jupyter reads it from the file (JUPYTER_TOKEN_FILE), so it is
+  # in no unit file and no command line (`ps` shows those to every user).
+  token_file=/etc/labkit/jupyter-token
+  group=$(id -gn "$user")
+  install -d -m 0755 /etc/labkit
+  token=$(cat "$token_file" 2>/dev/null || true)
+  if ! [[ "$token" =~ ^[A-Za-z0-9_-]{32,}$ ]]; then
+    token=$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')
+    echo "provision.sh: made a new random token for JupyterLab in $token_file"
+  fi
+  tmp=$(mktemp /etc/labkit/.jupyter-token.XXXXXX)   # mode 0600 until it is the group's
+  printf '%s' "$token" > "$tmp"                     # no newline: jupyter takes the file's text whole
+  chown "root:$group" "$tmp"
+  chmod 0640 "$tmp"
+  mv -f "$tmp" "$token_file"
   if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
-    cat > /etc/systemd/system/labkit-jupyter.service <<UNIT
+    unit=/etc/systemd/system/labkit-jupyter.service
+    cat > "$unit.new" <<UNIT
 [Unit]
 Description=JupyterLab for the labkit course (the notebook runs as $user; the agent under sudo)
 After=network-online.target
@@ -113,16 +131,27 @@ After=network-online.target
 [Service]
 User=$user
 Environment=PYTHONPATH=$repo
+Environment=JUPYTER_TOKEN_FILE=$token_file
 WorkingDirectory=$repo/notebooks
-ExecStart=$venv/bin/jupyter lab --ip=0.0.0.0 --port=8888 --no-browser --IdentityProvider.token=labkit
+ExecStart=$venv/bin/jupyter lab --ip=0.0.0.0 --port=8888 --no-browser
 Restart=on-failure
 
 [Install]
 WantedBy=multi-user.target
 UNIT
-    systemctl daemon-reload
-    systemctl enable --now labkit-jupyter.service >/dev/null
-    echo "provision.sh: JupyterLab runs in the VM; on the laptop open http://127.0.0.1:8888/lab?token=labkit"
+    if cmp -s "$unit.new" "$unit"; then
+      rm -f "$unit.new"
+      systemctl enable --now labkit-jupyter.service >/dev/null
+    else
+      mv -f "$unit.new" "$unit"
+      systemctl daemon-reload
+      systemctl enable labkit-jupyter.service >/dev/null
+      systemctl restart labkit-jupyter.service  # a JupyterLab started with an older unit (a fixed token) stops
+    fi
+    port=${LABKIT_JUPYTER_HOST_PORT:-8888}   # the laptop's end of the forwarded port (the Vagrantfile says)
+    echo "provision.sh: JupyterLab runs here; on the laptop open http://127.0.0.1:$port/lab?token=$token"
+    echo "  The token is in $token_file (root and $user only): \`vagrant ssh -c 'cat $token_file'\` on the laptop,"
+    echo "  or labkit.vagrant.jupyter_url(). Keep it to yourself: whoever has it is $user here, and $user is root."
   fi
 fi
 

@@ -267,7 +267,58 @@ def check_agent():
                  f"euid {os.geteuid()}", fix="the agent needs python 3.9+ and root")
 
 
-CHECKS = (check_kernel, check_arch, check_agent, check_cgroups, check_overlay, check_namespaces,
+_SHELLS = ("sh", "bash", "dash", "zsh", "ksh", "fish", "tcsh", "csh")
+
+
+def _parent(pid):
+    """(parent pid, parent's command name) from /proc, or (0, "")."""
+    tail = (read_text(f"/proc/{pid}/stat") or "").rpartition(")")[2].split()
+    if len(tail) < 2 or not tail[1].isdigit():
+        return 0, ""
+    ppid = int(tail[1])
+    return ppid, (read_text(f"/proc/{ppid}/comm") or "").strip() if ppid > 1 else ""
+
+
+def _started_by_sshd():
+    """True when an SSH login ran this agent: sshd (sshd-session since OpenSSH 9.8) is its parent,
+    with at most sudo and a shell between them (as the SSH transport starts it)."""
+    pid = os.getpid()
+    for _ in range(6):
+        pid, comm = _parent(pid)
+        if comm in ("sshd", "sshd-session"):
+            return True
+        if comm != "sudo" and comm not in _SHELLS:
+            return False
+    return False
+
+
+def _served():
+    """True when this process is an agent of its own (``python3 agent.pyz`` or ``-m labkit.agent``),
+    False when the agent's code runs inside the client (the in-process transport)."""
+    main = (sys.argv[0] if sys.argv else "") or ""
+    return main.endswith(".pyz") or main.endswith(os.path.join("agent", "__main__.py"))
+
+
+def check_access():
+    """How the agent was reached, said plainly: whoever can reach it that way is root on this machine."""
+    if os.geteuid() != 0:
+        return _line("agent access", False, f"not root (euid {os.geteuid()})", "the agent needs root",
+                     fix="start it as root: labkit.connect('sudo'), 'vagrant' or 'ssh://root@host'")
+    if not _served():
+        return _line("agent access", True, "root (in-process)",
+                     "agent access is root here: the process running labkit is root")
+    user = os.environ.get("SUDO_USER")
+    if _started_by_sshd():
+        how, who = (f"ssh + sudo ({user})", f"anyone with {user}'s SSH login") if user else \
+            ("ssh (root)", "anyone with root's SSH login")
+    elif user:
+        how, who = f"sudo ({user})", f"every program {user} runs"
+    else:
+        how, who = "a root process", "whatever started it"
+    return _line("agent access", True, f"root via {how}", f"agent access is root here: so is {who}")
+
+
+CHECKS = (check_kernel, check_arch, check_agent, check_access, check_cgroups, check_overlay, check_namespaces,
           check_user_namespaces, check_links, check_firewall, check_kvm, check_qemu, check_vm_kernel, check_busybox,
           check_tools)
 
