@@ -5,6 +5,8 @@ where it is used (the agent never trusts the wire). Live handles that exist in t
 the mechanism modules (:mod:`labkit.agent.rootfs`, :mod:`labkit.agent.launch`). Standard library only.
 """
 import dataclasses
+import ipaddress
+import math
 import posixpath
 import re
 from dataclasses import dataclass
@@ -30,17 +32,37 @@ RUN_DIR = "/run/labkit"             # live: running processes, their logs
 ROOTFS_DIR = STATE_DIR + "/rootfs"
 CONTAINERS_DIR = STATE_DIR + "/containers"   # <id>/{upper,work,merged}: a container's overlay root
 
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
-_HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+# Every pattern here is applied with fullmatch: '$' would let a trailing newline through ('demo\n').
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+_HOST_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
 
 
 def check_name(name, what="name"):
     """A labkit object name: lower-case letters, digits, '_', '.', '-'; no '..', no '/'."""
-    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name:
         raise InvalidSpec(f"{what} {name!r} is not allowed",
                           fix="use 1-63 characters from a-z, 0-9, '_', '.', '-', starting with a letter or "
                               "digit and without '..', e.g. 'demo'")
     return name
+
+
+def whole_number(value, what, low, high, fix):
+    """``value`` as an int in low..high: an int, an integral float or a string of digits; anything else
+    (a bool, 'abc', 1.5, None) is InvalidSpec, never a ValueError deep inside the agent."""
+    n = None
+    if isinstance(value, bool):
+        n = None
+    elif isinstance(value, int):
+        n = value
+    elif isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        n = int(value)
+    elif isinstance(value, str) and re.fullmatch(r"[0-9]{1,20}", value.strip()):
+        n = int(value.strip())
+    if n is None:
+        raise InvalidSpec(f"{what}={value!r} is not a whole number", fix=fix)
+    if not low <= n <= high:
+        raise InvalidSpec(f"{what}={n} is out of range ({low}..{high})", fix=fix)
+    return n
 
 
 def normalize_namespaces(names):
@@ -109,7 +131,7 @@ class RootfsSpec:
 
 
 def check_hostname(name):
-    if not isinstance(name, str) or len(name) > 64 or not _HOST_RE.match(name):
+    if not isinstance(name, str) or len(name) > 64 or not _HOST_RE.fullmatch(name):
         raise InvalidSpec(f"hostname {name!r} is not valid",
                           fix="use letters, digits and '-' (at most 63 per label, 64 in all), e.g. 'box1'")
     return name
@@ -117,6 +139,8 @@ def check_hostname(name):
 
 #: uid/gid map for a new user namespace: (inside, outside, count); root inside = an unprivileged uid outside
 DEFAULT_ID_MAP = ((0, 100000, 65536),)
+#: the highest uid or gid (2**32 - 2; 2**32 - 1 is the kernel's "no id")
+MAX_ID = 4294967294
 ACTIONS = ("exec", "probe", "escape", "hold")
 ROOT_MODES = ("chroot", "pivot_root")
 
@@ -239,13 +263,34 @@ class ProcessSpec:
         if isinstance(self.argv, str):
             raise InvalidSpec(f"argv must be a list of arguments, not the string {self.argv!r}",
                               fix=f"write {self.argv.split()!r} instead, or ['sh', '-c', {self.argv!r}]")
+        if not isinstance(self.argv, (list, tuple)):
+            raise InvalidSpec(f"argv must be a list of arguments, not {type(self.argv).__name__}",
+                              fix="e.g. argv=['hostname']")
         set_("argv", tuple(str(a) for a in self.argv))
+        if any("\0" in a for a in self.argv):
+            raise InvalidSpec("an argument holds a NUL byte, which no program can receive",
+                              fix="remove the '\\0' from argv")
         set_("namespaces", normalize_namespaces(self.namespaces))
         if isinstance(self.env, dict):
             set_("env", tuple(sorted((str(k), str(v)) for k, v in self.env.items())))
+        elif isinstance(self.env, (list, tuple)) and all(isinstance(kv, (list, tuple)) and len(kv) == 2
+                                                          for kv in self.env):
+            set_("env", tuple((str(k), str(v)) for k, v in self.env))
         else:
-            set_("env", tuple(tuple(kv) for kv in self.env))
-        set_("id_map", tuple(tuple(int(x) for x in m) for m in self.id_map))
+            raise InvalidSpec(f"env {self.env!r} is not a dict or a list of (name, value) pairs",
+                              fix="e.g. env={'LANG': 'C.UTF-8'}")
+        for k, v in self.env:
+            if not k or "=" in k or "\0" in k or "\0" in v:
+                raise InvalidSpec(f"environment variable {k!r} cannot be set",
+                                  fix="use a non-empty name without '=' and no NUL bytes, e.g. ('LANG', 'C.UTF-8')")
+        if not isinstance(self.id_map, (list, tuple)) or not all(
+                isinstance(m, (list, tuple)) and len(m) == 3 for m in self.id_map):
+            raise InvalidSpec(f"id_map {self.id_map!r} is not a list of (inside, outside, count)",
+                              fix="e.g. [(0, 100000, 65536)]")
+        id_fix = "use (inside, outside, count) with ids 0..4294967294 and count >= 1, e.g. (0, 100000, 65536)"
+        set_("id_map", tuple((whole_number(i, "id map inside id", 0, MAX_ID, id_fix),
+                              whole_number(o, "id map outside id", 0, MAX_ID, id_fix),
+                              whole_number(c, "id map count", 1, MAX_ID + 1, id_fix)) for i, o, c in self.id_map))
         if self.action not in ACTIONS:
             raise InvalidSpec(f"unknown action {self.action!r}", fix="use one of " + ", ".join(ACTIONS))
         if self.action == "exec" and not self.argv:
@@ -293,9 +338,12 @@ class ProcessSpec:
         if (self.binds or self.read_only) and (self.rootfs is None or "mnt" not in self.namespaces):
             raise InvalidSpec("bind mounts and a read-only root need a rootfs and a mount namespace",
                               fix="pass rootfs=... and add 'mnt' to namespaces")
-        if self.user is not None and not re.match(r"^\d+(:\d+)?$", str(self.user)):
-            raise InvalidSpec(f"user {self.user!r} must be numeric uid[:gid]", fix="e.g. user='1000' or '1000:1000'")
-        if not self.cwd.startswith("/"):
+        if self.user is not None:
+            m = re.fullmatch(r"([0-9]{1,10})(?::([0-9]{1,10}))?", str(self.user))
+            if not m or any(int(x) > MAX_ID for x in m.groups() if x is not None):
+                raise InvalidSpec(f"user {self.user!r} must be numeric uid[:gid] (0..{MAX_ID})",
+                                  fix="e.g. user='1000' or '1000:1000'")
+        if not isinstance(self.cwd, str) or "\0" in self.cwd or not self.cwd.startswith("/"):
             raise InvalidSpec(f"cwd {self.cwd!r} must be an absolute path", fix="e.g. cwd='/'")
         if self.proc_sys_ro and (self.rootfs is None or "mnt" not in self.namespaces):
             raise InvalidSpec("a read-only /proc/sys is mounted in the container's own root",
@@ -324,6 +372,9 @@ class ProcessSpec:
     @classmethod
     def from_dict(cls, data):
         known = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(data, dict):
+            raise InvalidSpec(f"a process spec must be an object, not {type(data).__name__}",
+                              fix="e.g. {'argv': ['hostname']}")
         extra = set(data) - known
         if extra:
             raise InvalidSpec(f"unknown process option(s): {', '.join(sorted(extra))}",
@@ -331,9 +382,14 @@ class ProcessSpec:
         return cls(**data)
 
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.I)
+_CPUSET_RE = re.compile(r"[0-9]{1,5}(-[0-9]{1,5})?(,[0-9]{1,5}(-[0-9]{1,5})?)*")
+_SIZE_RE = re.compile(r"\s*([0-9]{1,20}(?:\.[0-9]{1,20})?)\s*([kmgt]?)(i?b?)\s*", re.I | re.ASCII)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 MIN_MEMORY = 4 << 20
+#: the largest memory or swap limit a spec takes: more than any lab machine has; bigger is a typo
+MAX_MEMORY = 4 << 40
+#: the kernel's PID_MAX_LIMIT: no pids.max above it can ever bind
+MAX_PIDS = 4194304
 
 
 def parse_size(value, what="memory"):
@@ -342,9 +398,9 @@ def parse_size(value, what="memory"):
         value = None
     if isinstance(value, int):
         n = value
-    elif isinstance(value, str) and _SIZE_RE.match(value):
-        num, unit, _ = _SIZE_RE.match(value).groups()
-        n = int(float(num) * _UNITS[unit.lower()])
+    elif isinstance(value, str) and _SIZE_RE.fullmatch(value):
+        num, unit, _ = _SIZE_RE.fullmatch(value).groups()
+        n = int(float(num) * _UNITS[unit.lower()])  # at most 1e20 * 2**40: finite
     else:
         raise InvalidSpec(f"{what} limit {value!r} is not a size",
                           fix="write bytes (67108864) or a number with K, M or G (64M, 1.5G)")
@@ -380,12 +436,20 @@ class CgroupSpec:
             if self.memory < MIN_MEMORY:
                 raise InvalidSpec(f"a memory limit of {self.memory} bytes is too small to start a process",
                                   fix="use at least 4M (the lab's hog demo uses 32M)")
+            if self.memory > MAX_MEMORY:
+                raise InvalidSpec(f"a memory limit of {self.memory} bytes is more than any lab machine has "
+                                  f"(at most {MAX_MEMORY >> 40} TiB)",
+                                  fix="write the limit with its unit, e.g. memory='512M' or '2G'; leave memory=None "
+                                      "for no limit")
             if self.swap is None:
                 set_("swap", 0)
         if self.swap is not None:
             set_("swap", parse_size(self.swap, "swap"))
             if self.swap < 0:
                 raise InvalidSpec("swap cannot be negative", fix="use 0 for no swap")
+            if self.swap > MAX_MEMORY:
+                raise InvalidSpec(f"a swap limit of {self.swap} bytes is more than any lab machine has "
+                                  f"(at most {MAX_MEMORY >> 40} TiB)", fix="e.g. swap='64M', or 0 for no swap")
         if self.cpus is not None:
             try:
                 set_("cpus", float(self.cpus))
@@ -393,14 +457,30 @@ class CgroupSpec:
                 raise InvalidSpec(f"cpus={self.cpus!r} is not a number", fix="e.g. cpus=0.5") from None
             if not 0.01 <= self.cpus <= 1024:
                 raise InvalidSpec(f"cpus={self.cpus} is out of range", fix="use 0.01 or more, e.g. 0.5")
-        if not 1000 <= int(self.period_us) <= 1000000:
-            raise InvalidSpec(f"period_us={self.period_us} is out of range", fix="use 1000..1000000 (default 100000)")
-        if self.cpu_weight is not None and not 1 <= int(self.cpu_weight) <= 10000:
-            raise InvalidSpec(f"cpu_weight={self.cpu_weight} is out of range", fix="use 1..10000 (default 100)")
-        if self.pids is not None and (not isinstance(self.pids, int) or isinstance(self.pids, bool) or self.pids < 1):
-            raise InvalidSpec(f"pids={self.pids!r} must be a whole number of at least 1", fix="e.g. pids=32")
-        if self.cpuset is not None and not re.match(r"^\d+(-\d+)?(,\d+(-\d+)?)*$", str(self.cpuset)):
+        set_("period_us", whole_number(self.period_us, "period_us", 1000, 1000000,
+                                       "use microseconds from 1000 to 1000000 (default 100000)"))
+        if self.cpu_weight is not None:
+            set_("cpu_weight", whole_number(self.cpu_weight, "cpu_weight", 1, 10000, "use 1..10000 (default 100)"))
+        if self.pids is not None:
+            set_("pids", whole_number(self.pids, "pids", 1, MAX_PIDS,
+                                      f"give the most processes the group may hold, 1..{MAX_PIDS}, e.g. pids=32"))
+        if self.cpuset is not None and not _CPUSET_RE.fullmatch(str(self.cpuset)):
             raise InvalidSpec(f"cpuset {self.cpuset!r} is not a CPU list", fix='e.g. "0" or "0-1" or "0,2"')
+
+    @classmethod
+    def from_dict(cls, data):
+        """A spec from a request's dict: anything but a dict of known fields is InvalidSpec."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(data, dict):
+            raise InvalidSpec(f"a cgroup spec must be an object, not {type(data).__name__}",
+                              fix="e.g. {'name': 'box', 'memory': '32M'}")
+        extra = set(data) - known
+        if extra:
+            raise InvalidSpec(f"unknown cgroup option(s): {', '.join(sorted(map(str, extra)))}",
+                              fix="known options: " + ", ".join(sorted(known)))
+        if "name" not in data:
+            raise InvalidSpec("a cgroup spec needs a name", fix="e.g. {'name': 'box'}")
+        return cls(**data)
 
     @property
     def quota_us(self):
@@ -410,9 +490,10 @@ class CgroupSpec:
         return dataclasses.asdict(self)
 
 
-_REF_COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
-_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-_HOST_PART = re.compile(r"^(localhost|[a-z0-9-]+(\.[a-z0-9-]+)+|\d{1,3}(\.\d{1,3}){3})(:\d{1,5})?$|^[a-z0-9-]+:\d{1,5}$")
+_REF_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
+_TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+_HOST_PART = re.compile(r"(?:localhost|[a-z0-9-]+(\.[a-z0-9-]+)+|[0-9]{1,3}(\.[0-9]{1,3}){3})(:[0-9]{1,5})?"
+                        r"|[a-z0-9-]+:[0-9]{1,5}")
 
 
 @dataclass(frozen=True)
@@ -438,14 +519,17 @@ class ImageRef:
         return cls(name, tag)
 
     def __post_init__(self):
+        if not isinstance(self.name, str) or not isinstance(self.tag, str):
+            raise InvalidSpec(f"image {self.name!r}:{self.tag!r} is not an image name",
+                              fix="e.g. 'busybox' or 'myapp:v1'")
         parts = self.name.split("/")
-        if len(parts) > 1 and _HOST_PART.match(parts[0]):
+        if len(parts) > 1 and _HOST_PART.fullmatch(parts[0]):
             parts = parts[1:]  # a registry host in front: 127.0.0.1:5000/course/web, docker.io/library/nginx
-        if ".." in self.name or any(not _REF_COMPONENT.match(p) for p in parts) or len(self.name) > 255:
+        if ".." in self.name or any(not _REF_COMPONENT.fullmatch(p) for p in parts) or len(self.name) > 255:
             raise InvalidSpec(f"image name {self.name!r} is not allowed",
                               fix="use lower-case letters, digits and . _ - in components separated by '/', "
                                   "without '..' (e.g. 'busybox', 'course/web')")
-        if not _TAG_RE.match(self.tag):
+        if not _TAG_RE.fullmatch(self.tag):
             raise InvalidSpec(f"tag {self.tag!r} is not allowed", fix="use letters, digits, '_', '.', '-', e.g. 'v1'")
 
     def __str__(self):
@@ -455,7 +539,7 @@ class ImageRef:
     def registry(self):
         """(host, repository) the way a registry client sees this name (Docker Hub by default)."""
         parts = self.name.split("/")
-        if len(parts) > 1 and _HOST_PART.match(parts[0]):
+        if len(parts) > 1 and _HOST_PART.fullmatch(parts[0]):
             host, repo = parts[0], "/".join(parts[1:])
         else:
             host, repo = "docker.io", self.name
@@ -473,13 +557,12 @@ class NetworkSpec:
     subnet: str = "10.213.0.0/24"
 
     def __post_init__(self):
-        import ipaddress
-        if not isinstance(self.name, str) or not re.match(r"^[a-z0-9]{1,8}$", self.name):
+        if not isinstance(self.name, str) or not re.fullmatch(r"[a-z0-9]{1,8}", self.name):
             raise InvalidSpec(f"network name {self.name!r} is not allowed",
                               fix="use 1-8 lower-case letters or digits (the bridge is lkbr-<name>)")
         try:
             net = ipaddress.ip_network(self.subnet, strict=True)
-        except ValueError as exc:
+        except (TypeError, ValueError) as exc:
             raise InvalidSpec(f"subnet {self.subnet!r}: {exc}", fix="e.g. 10.213.0.0/24") from None
         if net.version != 4 or not 16 <= net.prefixlen <= 29 or not net.is_private:
             raise InvalidSpec(f"subnet {self.subnet} must be a private IPv4 /16 to /29",
@@ -491,6 +574,11 @@ class NetworkSpec:
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+
+def check_port(value, what="port"):
+    """A TCP/UDP port: a whole number 1..65535 (never a string that reaches a shell)."""
+    return whole_number(value, what, 1, 65535, "ports are whole numbers 1..65535, e.g. 8080")
 
 
 @dataclass(frozen=True)
@@ -505,16 +593,22 @@ class PortSpec:
     def parse(cls, text):
         if isinstance(text, PortSpec):
             return text
-        m = re.match(r"^(?:(\d{1,3}(?:\.\d{1,3}){3}):)?(\d+):(\d+)(?:/(tcp|udp))?$", str(text))
+        m = re.fullmatch(r"(?:([0-9]{1,3}(?:\.[0-9]{1,3}){3}):)?([0-9]{1,5}):([0-9]{1,5})(?:/(tcp|udp))?", str(text))
         if not m:
             raise InvalidSpec(f"port mapping {text!r} is not HOST:CONTAINER",
                               fix="e.g. '8080:80' or '127.0.0.1:8080:80/tcp'")
         return cls(int(m.group(2)), int(m.group(3)), m.group(1) or "0.0.0.0", m.group(4) or "tcp")
 
     def __post_init__(self):
-        for p in (self.host_port, self.container_port):
-            if not 1 <= int(p) <= 65535:
-                raise InvalidSpec(f"port {p} is out of range", fix="ports are 1..65535")
+        for field in ("host_port", "container_port"):
+            object.__setattr__(self, field, check_port(getattr(self, field), field))
+        try:
+            if not isinstance(self.host_ip, str):
+                raise TypeError(self.host_ip)
+            ipaddress.IPv4Address(self.host_ip)
+        except (TypeError, ValueError):
+            raise InvalidSpec(f"host_ip {self.host_ip!r} is not an IPv4 address",
+                              fix="e.g. '127.0.0.1' (this host only) or '0.0.0.0' (every address)") from None
         if self.proto not in ("tcp", "udp"):
             raise InvalidSpec(f"protocol {self.proto!r}", fix="tcp or udp")
 

@@ -16,12 +16,15 @@ this module is standard library only; paramiko is imported only by the SSH trans
 """
 import base64
 import binascii
+import collections
 import hashlib
 import hmac
 import io
 import itertools
+import math
 import os
 import re
+import select
 import shlex
 import subprocess
 import sys
@@ -75,26 +78,53 @@ def agent_zipapp(cache_dir=None):
 
 
 class Transport:
-    """Base: ``call(method, **params)`` sends one request and returns the result or raises."""
+    """Base: ``call(method, **params)`` sends one request and returns the result or raises.
+
+    Each request waits for its answer at most a time limit (:func:`labkit.protocol.request_timeout`):
+    ``_timeout=SECONDS`` on one call, else ``transport.timeout`` (or ``$LABKIT_TIMEOUT``) as the base for
+    every call, raised for slow methods (VM boots, benchmarks, image transfers) and for a request's own
+    ``timeout``. ``math.inf`` waits for ever. A call that runs out of time raises TransportError; the
+    agent's late answer is dropped when it comes, and the transport stays usable."""
 
     name = "transport"
 
-    def __init__(self):
+    def __init__(self, timeout=None):
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self.hello = None
+        self.timeout = timeout
 
-    def call(self, method, **params):
+    def _timeout_for(self, method, params, override):
+        if override is not None:
+            if isinstance(override, bool) or not isinstance(override, (int, float)) or not override > 0:
+                raise InvalidSpec(f"_timeout={override!r} is not a number of seconds",
+                                  fix="pass seconds > 0, e.g. _timeout=3600 (math.inf waits for ever)")
+            return float(override)
+        base = self.timeout
+        if base is None and os.environ.get("LABKIT_TIMEOUT"):
+            try:
+                base = float(os.environ["LABKIT_TIMEOUT"])
+            except ValueError:
+                raise InvalidSpec(f"LABKIT_TIMEOUT={os.environ['LABKIT_TIMEOUT']!r} is not a number of seconds",
+                                  fix="set it to seconds, e.g. LABKIT_TIMEOUT=1800, or unset it") from None
+        return protocol.request_timeout(method, params, base)
+
+    def call(self, method, _timeout=None, **params):
         req = {"id": next(self._ids), "method": method, "params": params}
+        timeout = self._timeout_for(method, params, _timeout)
+        line = protocol.encode(req, sender="client")  # refused here when it cannot go on the wire
         with self._lock:
-            answer = self._roundtrip(req)
+            answer = self._roundtrip(req, line, timeout)
+        if answer.get("id") is None and answer.get("ok") is False:
+            raise from_wire(answer.get("error") or {})  # the agent could not read the request's line
         if answer.get("id") != req["id"]:
-            raise ProtocolError(f"the agent answered request {answer.get('id')} to request {req['id']}")
+            raise ProtocolError(f"the agent answered request {answer.get('id')!r} to request {req['id']}",
+                                fix="reconnect with labkit.connect(...); if it repeats, update labkit on the target")
         if answer.get("ok"):
             return answer.get("result")
         raise from_wire(answer.get("error") or {})
 
-    def _roundtrip(self, req):
+    def _roundtrip(self, req, line, timeout):
         raise NotImplementedError
 
     def close(self):
@@ -115,8 +145,8 @@ class InProcess(Transport):
 
     name = "in-process"
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, timeout=None):
+        super().__init__(timeout)
         from .agent import server
         if sys.platform != "linux":
             from .errors import UnsupportedHost
@@ -125,11 +155,85 @@ class InProcess(Transport):
             raise PrivilegeError(f"the in-process transport needs root; this process runs as uid {os.geteuid()}",
                                  fix="use labkit.connect('sudo') (the agent runs under sudo) or run as root")
         self._server = server
-        self.hello = protocol.check_hello(protocol.decode(protocol.encode(server._hello())))
+        self.hello = protocol.check_hello(protocol.decode(server.encode_answer(server._hello()), sender="agent"))
 
-    def _roundtrip(self, req):
-        answer = self._server.handle(protocol.decode(protocol.encode(req)))
-        return protocol.decode(protocol.encode(answer))
+    def _roundtrip(self, req, line, timeout):
+        # the agent's code runs in this thread: no time limit applies beyond the agent's own
+        try:
+            request = protocol.decode(line, sender="client")
+        except LabkitError as exc:
+            answer = protocol.response(None, error=exc.to_wire())
+        else:
+            answer = self._server.handle(request)
+        return protocol.decode(self._server.encode_answer(answer), sender="agent")
+
+
+class _NoAnswer(Exception):
+    """Internal: the time limit ran out (``sent``: whether the request's line went out whole)."""
+
+    def __init__(self, sent):
+        super().__init__(sent)
+        self.sent = sent
+
+
+def _ready(src, write, wait):
+    """Whether ``src`` (an fd, or an object with fileno()) can be read (written) within ``wait`` seconds
+    (None: no limit). poll(), not select(): a notebook may hold more than 1024 files."""
+    if hasattr(select, "poll"):
+        p = select.poll()
+        p.register(src, select.POLLOUT if write else select.POLLIN)
+        return bool(p.poll(None if wait is None else int(math.ceil(wait * 1000))))
+    r, w, _ = select.select([] if write else [src], [src] if write else [], [], wait)  # Windows: sockets
+    return bool(r or w)
+
+
+class _LineReader:
+    """Protocol lines from a pipe (a file descriptor) or an SSH channel (paramiko): each line read within a
+    deadline, and never more than protocol.MAX_LINE bytes (and one chunk) of it held in memory."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, source):
+        self._src = source  # an int fd, or an object with fileno() and recv() (paramiko.Channel)
+        self._buf = bytearray()
+        self._scanned = 0   # bytes of _buf known to hold no newline
+        self._eof = False
+
+    def _read(self):
+        if isinstance(self._src, int):
+            try:
+                return os.read(self._src, self.CHUNK)
+            except BlockingIOError:
+                return None
+        return self._src.recv(self.CHUNK)
+
+    def readline(self, timeout):
+        """The next line (b"" at EOF); _NoAnswer when none came within ``timeout`` seconds (None or inf:
+        no limit); ProtocolError when it grows past MAX_LINE without a newline."""
+        deadline = None if timeout is None or math.isinf(timeout) else time.monotonic() + timeout
+        while True:
+            nl = self._buf.find(b"\n", self._scanned)
+            if nl >= 0:
+                line = self._buf[:nl + 1]
+                del self._buf[:nl + 1]
+                self._scanned = 0
+                return line
+            self._scanned = len(self._buf)
+            if len(self._buf) > protocol.MAX_LINE:
+                raise protocol.long_error("agent", None)
+            if self._eof:
+                line, self._buf = self._buf, bytearray()
+                self._scanned = 0
+                return line
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not _ready(self._src, False, wait):
+                raise _NoAnswer(sent=True)
+            chunk = self._read()
+            if chunk is None:
+                continue
+            if not chunk:
+                self._eof = True
+            self._buf += chunk
 
 
 class _Stream(Transport):
@@ -137,11 +241,24 @@ class _Stream(Transport):
 
     def _start(self, rfile, wfile):
         self._r, self._w = rfile, wfile
-        line = self._r.readline()
+        # read and write around the file objects' buffers: poll() on the pipe or channel bounds the wait
+        chan = getattr(rfile, "channel", None)
+        self._reader = _LineReader(chan if chan is not None else rfile.fileno())
+        self._wfd = None
+        if getattr(wfile, "channel", None) is None:
+            self._wfd = wfile.fileno()
+            os.set_blocking(self._wfd, False)
+        self._abandoned = collections.deque()  # ids of requests that timed out, oldest first
+        self._broken = None
+        try:
+            line = self._reader.readline(protocol.HELLO_TIMEOUT)
+        except _NoAnswer:
+            raise TransportError(f"the agent ({self.describe()}) said nothing within {protocol.HELLO_TIMEOUT:g} s "
+                                 f"of starting: {self._stderr_tail() or 'no output'}", fix=self._start_fix()) from None
         if not line:
             raise TransportError(f"the agent ({self.describe()}) exited before saying hello: "
                                  f"{self._stderr_tail() or 'no output'}", fix=self._start_fix())
-        self.hello = protocol.check_hello(protocol.decode(line))
+        self.hello = protocol.check_hello(protocol.decode(line, sender="agent"))
 
     def _start_fix(self):
         return ""
@@ -149,24 +266,95 @@ class _Stream(Transport):
     def _stderr_tail(self):
         return ""
 
-    def _roundtrip(self, req):
-        try:
-            self._w.write(protocol.encode(req))
+    def _break(self, reason):
+        """The stream is out of step (a line cut short or too long): no later answer can be trusted, so
+        the connection is closed (our read end first, so an agent still writing stops at once)."""
+        self._broken = reason
+        for closer in (self._r.close, self.close):
+            try:
+                closer()
+            except Exception:  # noqa: BLE001 - closing a stream already in trouble
+                pass
+
+    def _send(self, data, deadline):
+        if self._wfd is None:  # an SSH channel: paramiko's window does the flow control
+            self._w.write(data)
             self._w.flush()
-            line = self._r.readline()
+            return
+        view = memoryview(data)
+        while view:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not _ready(self._wfd, True, wait):
+                if len(view) < len(data):
+                    self._break("a request was cut short when its time ran out")
+                raise _NoAnswer(sent=False)
+            try:
+                view = view[os.write(self._wfd, view):]
+            except BlockingIOError:
+                continue
+
+    def _timed_out(self, req, timeout):
+        return TransportError(
+            f"the agent ({self.describe()}) did not answer {req['method']!r} within {timeout:g} s",
+            fix=f"if it is still working, give the call more time: lab.call({req['method']!r}, ..., _timeout=SECONDS), "
+                f"or for every call lab.transport.timeout = SECONDS (or LABKIT_TIMEOUT=SECONDS); its late answer "
+                f"is dropped. If the agent hangs, reconnect with labkit.connect(...)")
+
+    def _roundtrip(self, req, line, timeout):
+        if self._broken:
+            raise TransportError(f"the connection to the agent ({self.describe()}) was closed: {self._broken}",
+                                 fix="reconnect with labkit.connect(...)")
+        deadline = None if math.isinf(timeout) else time.monotonic() + timeout
+        sent = False
+        try:
+            self._send(line, deadline)
+            sent = True
+            while True:
+                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    got = self._reader.readline(wait)
+                except ProtocolError:
+                    self._break("the agent sent a line longer than the protocol allows")
+                    raise
+                if not got:
+                    break
+                try:
+                    answer = protocol.decode(got, sender="agent")
+                except ProtocolError:
+                    if self._abandoned:  # a bad line, but a whole one: the late answer of a timed-out request
+                        self._abandoned.popleft()
+                        continue
+                    raise
+                if self._abandoned:  # the agent answers in order: this is the oldest timed-out request's
+                    old = self._abandoned.popleft()
+                    if answer.get("id") not in (old, None):
+                        msg = f"it answered request {answer.get('id')!r} where {old} was due"
+                        self._break(msg)
+                        raise ProtocolError(f"the agent ({self.describe()}): {msg}",
+                                            fix="reconnect with labkit.connect(...)")
+                    continue
+                return answer
+        except _NoAnswer as exc:
+            if exc.sent:
+                self._abandoned.append(req["id"])
+            raise self._timed_out(req, timeout) from None
+        except KeyboardInterrupt:  # a notebook's interrupt: keep the stream in step for the next call
+            if sent:
+                self._abandoned.append(req["id"])
+            else:
+                self._break("a request was interrupted while it was being sent")
+            raise
         except (OSError, ValueError) as exc:
             raise TransportError(f"lost the agent ({self.describe()}): {exc}", fix=self._start_fix()) from None
-        if not line:
-            raise TransportError(f"the agent ({self.describe()}) closed the connection: {self._stderr_tail()}",
-                                 fix="reconnect with labkit.connect(...); " + self._start_fix())
-        return protocol.decode(line)
+        raise TransportError(f"the agent ({self.describe()}) closed the connection: {self._stderr_tail()}",
+                             fix="reconnect with labkit.connect(...); " + self._start_fix())
 
 
 class Subprocess(_Stream):
     """The agent as a child process, e.g. ``sudo -n python3 agent.pyz``."""
 
-    def __init__(self, argv, name="subprocess", fix=""):
-        super().__init__()
+    def __init__(self, argv, name="subprocess", fix="", timeout=None):
+        super().__init__(timeout)
         self.name, self.argv, self._fix = name, list(argv), fix
         self._errbuf = bytearray()
         try:
@@ -212,7 +400,7 @@ class Subprocess(_Stream):
             proc.wait()
 
 
-def sudo_transport(python="/usr/bin/python3", wrapper=()):
+def sudo_transport(python="/usr/bin/python3", wrapper=(), timeout=None):
     """The agent under ``sudo -n`` (no password prompt: a notebook cannot answer one)."""
     if sys.platform != "linux":
         from .errors import UnsupportedHost
@@ -226,7 +414,7 @@ def sudo_transport(python="/usr/bin/python3", wrapper=()):
            f"every program {user} runs, root without a password). Otherwise use labkit.connect('vagrant'): "
            "root inside the lab VM only")
     try:
-        t = Subprocess(argv, name="sudo", fix=fix)
+        t = Subprocess(argv, name="sudo", fix=fix, timeout=timeout)
     except TransportError as exc:
         raise PrivilegeError(f"could not start the agent with sudo: {exc.message}", fix=fix) from None
     return t

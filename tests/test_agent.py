@@ -115,3 +115,137 @@ def test_probe_bench_and_vm_over_every_transport(any_lab):
     with any_lab.vm_start(accel="tcg") as vm:
         assert vm.exec("echo $((6 * 7))")["stdout"] == "42\n"
     assert vm.id not in [v["id"] for v in any_lab.call("vm.list")]
+
+
+# -- hostile input: the agent is root, so every line and every value is an attack until checked ----------
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+
+from labkit import protocol  # noqa: E402
+from labkit import transport as T  # noqa: E402
+from labkit.errors import ProtocolError  # noqa: E402
+from labkit.lab import Lab  # noqa: E402
+
+
+@pytest.fixture(params=["inprocess", "sudo"], scope="module")
+def root_lab(request):
+    """The in-process agent, and the agent as `sudo -n python3 agent.pyz` (started by root here, so the
+    test needs no second user): the two ways in where a hostile line reaches the agent's own loop."""
+    lab = Lab(T.InProcess() if request.param == "inprocess" else T.sudo_transport(), target=request.param)
+    try:
+        yield lab
+    finally:
+        lab.close()
+
+
+def _peak_rss_bytes(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM for {pid}")
+
+
+def test_hostile_lines_do_not_kill_the_sudo_agent():
+    """Raw lines to the real agent process (sudo -n python3 agent.pyz), as any client could write them:
+    each is answered with a ProtocolError naming the client, and the agent answers the next request."""
+    agent = subprocess.Popen(["sudo", "-n", "/usr/bin/python3", T.agent_zipapp()], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        hello = json.loads(agent.stdout.readline())
+        pid = hello["pid"]
+
+        def answer_to(*chunks):
+            for chunk in chunks:
+                agent.stdin.write(chunk)
+            agent.stdin.flush()
+            return json.loads(agent.stdout.readline())
+
+        deep = answer_to(b"[" * 200000 + b"\n")           # formerly: RecursionError, the agent died
+        assert deep["id"] is None and deep["error"]["type"] == "ProtocolError"
+        assert deep["error"]["message"].startswith("the client sent") and "nest" in deep["error"]["message"]
+        garbage = answer_to(b"\x00\xffnot json at all\n")
+        assert "the client sent a line that is not JSON" in garbage["error"]["message"]
+        assert "labkit.connect" in garbage["error"]["fix"]
+        # five times the bound, in 1 MiB pieces: refused, and never held whole
+        piece = b"a" * (1 << 20)
+        huge = answer_to(*([piece] * (5 * protocol.MAX_LINE // len(piece))), b"\n")
+        assert huge["error"]["type"] == "ProtocolError"
+        assert f"a line of {5 * protocol.MAX_LINE + 1} bytes, more than" in huge["error"]["message"]
+        assert _peak_rss_bytes(pid) < 3 * protocol.MAX_LINE
+        ok = answer_to(b'{"id": 41, "method": "hello"}\n')
+        assert ok["id"] == 41 and ok["ok"] is True and ok["result"]["pid"] == pid
+        assert agent.poll() is None
+    finally:
+        agent.stdin.close()
+        agent.wait(30)
+
+
+def test_what_cannot_go_on_the_wire_is_refused_by_the_client(root_lab):
+    deep = cur = []
+    for _ in range(200000):
+        cur.append([])
+        cur = cur[0]
+    with pytest.raises(ProtocolError) as err:
+        root_lab.call("run", argv=deep)
+    assert "the client tried to send" in err.value.message and err.value.fix
+    with pytest.raises(ProtocolError, match="more than the protocol's limit"):
+        root_lab.call("run", argv=["true"], input="x" * protocol.MAX_LINE)
+    assert root_lab.call("run", argv=["echo", "still here"])["stdout"] == "still here\n"
+
+
+def test_read_file_refuses_what_is_not_a_regular_file_and_reads_a_bounded_prefix(root_lab, tmp_path):
+    with pytest.raises(InvalidSpec, match="character device, not a regular file") as err:
+        root_lab.read_file("/dev/zero")                        # formerly: read until the agent ran out of memory
+    assert "run(['dd'" in err.value.fix
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(InvalidSpec, match="a FIFO"):            # and opening it must not wait for a writer
+        root_lab.read_file(str(tmp_path / "fifo"))
+    with pytest.raises(InvalidSpec, match="a directory") as err:
+        root_lab.read_file(str(tmp_path))
+    assert "list_dir" in err.value.fix
+    big = tmp_path / "big"
+    big.write_bytes(b"0123456789" * 300000)
+    part = root_lab.call("read_file", path=str(big), limit=1000)
+    assert part["exists"] and part["truncated"] and part["text"] == "0123456789" * 100
+    whole = root_lab.read_file(str(big))
+    assert whole["truncated"] and len(whole["text"]) == 1 << 20
+    for limit in (0, -1, "all", True, (8 << 20) + 1):
+        with pytest.raises(InvalidSpec, match="limit"):
+            root_lab.call("read_file", path=str(big), limit=limit)
+    with pytest.raises(InvalidSpec, match="absolute"):
+        root_lab.read_file("/etc/host\0name")
+    assert root_lab.read_file("/proc/self/status")["text"].startswith("Name:")   # /proc: regular, size 0
+    assert root_lab.read_file(str(tmp_path / "missing")) == {"path": str(tmp_path / "missing"), "exists": False,
+                                                            "text": "", "truncated": False}
+
+
+def test_the_agent_refuses_bad_values_before_making_anything(root_lab, tmp_path):
+    with pytest.raises(InvalidSpec, match="not allowed"):
+        root_lab.call("rootfs.create", name="t-nl\n")           # formerly: /var/lib/labkit/rootfs/t-nl<newline>
+    assert not os.path.lexists("/var/lib/labkit/rootfs/t-nl\n")
+    for spec, words in [({"name": "t-nl\n"}, "not allowed"),
+                        ({"name": "t-bad", "period_us": "abc"}, "not a whole number"),   # formerly 'agent bug'
+                        ({"name": "t-bad", "pids": 10 ** 9}, "out of range"),
+                        ({"name": "t-bad", "memory": 10 ** 30}, "more than any lab machine"),
+                        ({"name": "t-bad", "memory_max": 1}, "unknown cgroup option"),
+                        ("t-bad", "must be an object")]:
+        with pytest.raises(InvalidSpec, match=words):
+            root_lab.call("cgroup.create", spec_dict=spec)
+    assert not {"t-bad", "t-nl\n"} & set(root_lab.call("cgroup.list"))
+    marker = tmp_path / "pwned"
+    for case in ("native", "container", "vm"):
+        with pytest.raises(InvalidSpec, match="port") as err:
+            root_lab.call("bench.net_serve", case=case, mode="latency", port=f"1; touch {marker}", ref="none",
+                          vm_id="none")
+        assert "1..65535" in err.value.fix
+        with pytest.raises(InvalidSpec, match="out of range"):
+            root_lab.call("bench.net_serve", case=case, mode="latency", port=70000, ref="none", vm_id="none")
+    assert not marker.exists()
+    with pytest.raises(InvalidSpec, match="IPv4"):
+        root_lab.call("bench.net_measure", ip="999.1.1.1", port=80, mode="latency", amount=1)
+    with pytest.raises(InvalidSpec, match="no method"):
+        root_lab.call(["hello"])
+    with pytest.raises(InvalidSpec, match="not a whole number"):
+        root_lab.call("proc.run", spec_dict={"argv": ["true"], "id_map": [[0, "abc", 1]]})

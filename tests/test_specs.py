@@ -64,3 +64,117 @@ def test_rootfs_spec():
     assert RootfsSpec("demo").path == "/var/lib/labkit/rootfs/demo"
     with pytest.raises(InvalidSpec, match="built-in image"):
         RootfsSpec("demo", image="ubuntu")
+
+
+# -- the agent is root: every value is an attack until checked -------------------------------------------
+from labkit import specs  # noqa: E402
+from labkit.specs import CgroupSpec, ImageRef, NetworkSpec, PortSpec, check_hostname, parse_size  # noqa: E402
+
+
+@pytest.mark.parametrize("make", [
+    lambda: check_name("demo\n"),
+    lambda: rootfs_path("demo\n"),
+    lambda: RootfsSpec("demo\n"),
+    lambda: check_hostname("box\n"),
+    lambda: ImageRef.parse("busybox\n"),
+    lambda: ImageRef.parse("busybox:v1\n"),
+    lambda: ImageRef.parse("127.0.0.1:5000\n/course/web:v1"),
+    lambda: NetworkSpec("net\n"),
+    lambda: PortSpec.parse("8080:80\n"),
+    lambda: ProcessSpec(argv=["true"], user="1000\n"),
+    lambda: CgroupSpec("box", cpuset="0\n"),
+    lambda: CgroupSpec("box\n"),
+], ids=["name", "rootfs path", "rootfs spec", "hostname", "image", "tag", "registry host", "network", "port",
+        "user", "cpuset", "cgroup"])
+def test_a_trailing_newline_is_not_part_of_any_name(make):
+    # '$' matches before a final newline: 'demo\n' passed and became /var/lib/labkit/rootfs/demo<newline>
+    with pytest.raises(InvalidSpec) as err:
+        make()
+    assert err.value.fix
+
+
+def test_no_pattern_in_specs_anchors_with_dollar():
+    import inspect
+    import re
+    src = inspect.getsource(specs)
+    assert not re.search(r"""re\.(match|search)\(""", src), "use fullmatch: '$' lets a trailing newline through"
+    assert not re.search(r"""\$["']""", src.replace("'$'", "")), "a pattern ends with '$'; use fullmatch"
+
+
+@pytest.mark.parametrize("host_ip", ["999.1.1.1", "1.2.3", "256.0.0.1", "::1", "localhost", 5])
+def test_host_ip_must_be_an_ipv4_address(host_ip):
+    with pytest.raises(InvalidSpec, match="IPv4") as err:
+        PortSpec(8080, 80, host_ip=host_ip)
+    assert "127.0.0.1" in err.value.fix
+    with pytest.raises(InvalidSpec):
+        PortSpec.parse(f"{host_ip}:8080:80")
+    assert PortSpec.parse("127.0.0.1:8080:80/udp") == PortSpec(8080, 80, "127.0.0.1", "udp")
+
+
+@pytest.mark.parametrize("port", ["abc", "80; touch /tmp/x", 0, 65536, -1, True, 1.5, None])
+def test_ports_are_whole_numbers_in_range(port):
+    with pytest.raises(InvalidSpec) as err:
+        PortSpec(port, 80)
+    assert "1..65535" in err.value.fix
+    with pytest.raises(InvalidSpec):
+        specs.check_port(port)
+    assert specs.check_port(65535) == 65535 and PortSpec("8080", 80).host_port == 8080
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("period_us", "abc", "not a whole number"),      # was a ValueError: 'agent bug'
+    ("period_us", 1.5, "not a whole number"),
+    ("period_us", 10, "out of range"),
+    ("cpu_weight", "heavy", "not a whole number"),
+    ("cpu_weight", 0, "out of range"),
+    ("pids", 0, "out of range"),
+    ("pids", 4194305, "out of range"),                 # above the kernel's PID_MAX_LIMIT
+    ("pids", 10 ** 12, "out of range"),
+    ("pids", True, "not a whole number"),
+    ("pids", "many", "not a whole number"),
+    ("memory", "1k", "too small"),
+    ("memory", 10 ** 30, "more than any lab machine"),
+    ("memory", "5T", "more than any lab machine"),
+    ("memory", "9" * 21, "not a size"),
+    ("memory", "1e9", "not a size"),
+    ("memory", -1, "too small"),
+    ("swap", "64T", "more than any lab machine"),
+    ("cpus", "abc", "not a number"),
+])
+def test_absurd_cgroup_limits_are_refused(field, value, words):
+    with pytest.raises(InvalidSpec, match=words) as err:
+        CgroupSpec("box", **{field: value})
+    assert err.value.fix and err.value.message
+
+
+def test_sane_cgroup_limits_pass_and_normalise():
+    s = CgroupSpec("box", memory="32M", pids=specs.MAX_PIDS, period_us="50000", cpu_weight=50.0, cpus=0.5)
+    assert s.memory == 32 << 20 and s.pids == 4194304 and s.period_us == 50000 and s.cpu_weight == 50
+    assert CgroupSpec("box", memory=specs.MAX_MEMORY).memory == specs.MAX_MEMORY
+    assert parse_size("1.5G") == 3 << 29 and parse_size(" 64 MiB ") == 64 << 20
+    assert CgroupSpec.from_dict(s.to_dict()) == s
+    with pytest.raises(InvalidSpec, match="unknown cgroup option"):
+        CgroupSpec.from_dict({"name": "box", "memory_max": 1})
+    with pytest.raises(InvalidSpec, match="must be an object"):
+        CgroupSpec.from_dict(["box"])
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({"id_map": [(0, "abc", 1)]}, "not a whole number"),
+    ({"id_map": [(0, 100000)]}, "inside, outside, count"),
+    ({"id_map": [(0, 100000, 0)]}, "out of range"),
+    ({"id_map": [(0, 2 ** 32, 1)]}, "out of range"),
+    ({"user": "99999999999"}, "uid"),
+    ({"env": [("A",)]}, "pairs"),
+    ({"env": {"A=B": "c"}}, "cannot be set"),
+    ({"env": {"A": "x\0y"}}, "cannot be set"),
+    ({"argv": ["echo", "a\0b"]}, "NUL"),
+    ({"argv": 5}, "list of arguments"),
+    ({"cwd": 5}, "absolute"),
+])
+def test_process_spec_refuses_values_that_would_break_inside_the_agent(kw, words):
+    kw = {"argv": ["true"], **kw}
+    with pytest.raises(InvalidSpec, match=words):
+        ProcessSpec(**kw)
+    with pytest.raises(InvalidSpec):
+        ProcessSpec.from_dict(kw)

@@ -12,17 +12,19 @@ network peers are busybox ``nc`` listeners inside each case and a client here, o
 the bundle directory of a start-up rig (removed by ``startup_finish``) and the listeners it starts
 (they end with their one connection). Standard library only.
 """
+import ipaddress
 import json
 import os
 import platform
 import secrets
+import shlex
 import shutil
 import socket
 import subprocess
 import time
 
 from ..errors import InvalidSpec, MechanismError
-from ..specs import RUN_DIR, STATE_DIR, CgroupSpec, ProcessSpec
+from ..specs import RUN_DIR, STATE_DIR, CgroupSpec, ProcessSpec, check_port
 from . import cgroups, engine, images, process, rootfs, vm, workloads
 from .runner import read_text, which
 
@@ -99,21 +101,27 @@ def _listener(mode, port, busybox="/bin/busybox"):
     return [busybox, "nc", "-l", "-p", str(port), "-e", *prog]
 
 
+# runs its arguments in the background, detached from the exec's pipes: the arguments stay an argv list,
+# never text a shell parses
+_BACKGROUND = '"$@" </dev/null >/dev/null 2>&1 &'
+
+
 def net_serve(case, mode, port, ref=None, vm_id=None):
     """Start a one-connection listener in ``case``: a sink for 'throughput', an echo for 'latency'."""
     if mode not in ("throughput", "latency"):
         raise InvalidSpec(f"network mode {mode!r}", fix="'throughput' or 'latency'")
+    if case not in ("native", "container", "vm"):
+        raise InvalidSpec(f"unknown case {case!r}", fix="native, container or vm")
+    port = check_port(port)
     if case == "native":
         subprocess.Popen(_listener(mode, port, rootfs.busybox_or_fail()), stdin=subprocess.DEVNULL,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    elif case == "container":
+        engine.exec_in(ref, ["/bin/busybox", "sh", "-c", _BACKGROUND, "sh", *_listener(mode, port)], timeout=30)
     else:
-        line = " ".join(_listener(mode, port)) + " </dev/null >/dev/null 2>&1 &"
-        if case == "container":
-            engine.exec_in(ref, ["/bin/busybox", "sh", "-c", line], timeout=30)
-        elif case == "vm":
-            vm._live(vm_id).exec(line, timeout=60)
-        else:
-            raise InvalidSpec(f"unknown case {case!r}", fix="native, container or vm")
+        # the VM's console takes one shell line: every word quoted (and the port is a checked int)
+        vm._live(vm_id).exec(" ".join(shlex.quote(a) for a in _listener(mode, port)) +
+                             " </dev/null >/dev/null 2>&1 &", timeout=60)
     return {"port": port}
 
 
@@ -134,9 +142,15 @@ def _connect(ip, port, timeout=30):
 def net_measure(ip, port, mode, amount):
     """The client on the host: send ``amount`` MiB to a sink (until it has read all and closed), or make
     ``amount`` one-byte round trips to an echo. Returns elapsed seconds and what was moved."""
-    if not isinstance(amount, int) or amount < 1:
+    if not isinstance(amount, int) or isinstance(amount, bool) or amount < 1:
         raise InvalidSpec(f"amount {amount!r} must be a positive whole number", fix="e.g. 16")
-    s = _connect(ip, port)
+    if mode not in ("throughput", "latency"):
+        raise InvalidSpec(f"network mode {mode!r}", fix="'throughput' or 'latency'")
+    try:
+        ip = str(ipaddress.IPv4Address(ip))
+    except (TypeError, ValueError):
+        raise InvalidSpec(f"ip {ip!r} is not an IPv4 address", fix="the case's address, e.g. '127.0.0.1'") from None
+    s = _connect(ip, check_port(port))
     try:
         s.settimeout(300)
         if mode == "throughput":

@@ -7,14 +7,15 @@ stdout (or an SSH channel). Standard library only.
 """
 import os
 import platform
+import stat
 import sys
 import traceback
 
 from .. import protocol
 from ..errors import InvalidSpec, LabkitError, PrivilegeError, UnsupportedHost
-from ..specs import RootfsSpec
+from ..specs import CgroupSpec, RootfsSpec
 from . import bench, cgroups, cleanup, doctor, engine, images, namespaces, network, process, registry, rootfs, vm, workloads
-from .runner import read_text, run as run_cmd
+from .runner import run as run_cmd
 
 
 def _hello():
@@ -28,17 +29,60 @@ def m_run(argv, timeout=60, input=None, check=False):
     return run_cmd(argv, timeout=timeout, input=input, check=check).to_dict()
 
 
+#: the most read_file returns in one answer (escaped as JSON it stays well inside protocol.MAX_LINE)
+MAX_READ = 8 << 20
+
+
+def _abs_path(path, example):
+    if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
+        raise InvalidSpec(f"path {path!r} must be an absolute path", fix=f"e.g. {example!r}")
+    return path
+
+
 def m_read_file(path, limit=1 << 20):
-    """Read a text file on the target (for checks): {'exists', 'text'}."""
-    if not isinstance(path, str) or not path.startswith("/"):
-        raise InvalidSpec(f"path {path!r} must be absolute", fix="e.g. '/proc/self/mountinfo'")
-    text = read_text(path)
-    return {"path": path, "exists": text is not None, "text": (text or "")[:limit]}
+    """Read a text file on the target (for checks): {'path', 'exists', 'text', 'truncated'}.
+
+    At most ``limit`` bytes (1 MiB by default, MAX_READ at most) of a regular file (the files of /proc
+    and /sys are regular files); a device, FIFO, socket or directory is refused before anything is read."""
+    _abs_path(path, "/proc/self/mountinfo")
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_READ:
+        raise InvalidSpec(f"read_file limit {limit!r} must be a whole number of bytes from 1 to {MAX_READ}",
+                          fix=f"e.g. limit=65536; read bigger files in pieces with run(['dd', ...]) or copy "
+                              f"them off the target")
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer, nor reading /proc/kmsg for a message
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0))
+    except OSError:
+        return {"path": path, "exists": False, "text": "", "truncated": False}
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = {stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFIFO: "a FIFO",
+                    stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory"}.get(stat.S_IFMT(mode), "not a file")
+            raise InvalidSpec(f"read_file {path!r}: it is {kind}, not a regular file",
+                              fix="read_file reads regular files (and /proc and /sys entries); list a directory "
+                                  "with list_dir, read a device with run(['dd', 'if=...', 'bs=4096', 'count=1'])")
+        chunks, got = [], 0
+        while got <= limit:
+            try:
+                chunk = os.read(fd, min(1 << 20, limit + 1 - got))
+            except BlockingIOError:  # nothing more to read now (e.g. /proc/kmsg): what came is the text
+                break
+            except OSError:          # a file that cannot be read (some /sys attributes): as before, absent
+                return {"path": path, "exists": False, "text": "", "truncated": False}
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    return {"path": path, "exists": True, "text": data[:limit].decode("utf-8", "replace"),
+            "truncated": len(data) > limit}
 
 
 def m_list_dir(path):
-    if not isinstance(path, str) or not path.startswith("/"):
-        raise InvalidSpec(f"path {path!r} must be absolute", fix="e.g. '/var/lib/labkit/rootfs/demo'")
+    _abs_path(path, "/var/lib/labkit/rootfs/demo")
     try:
         return {"path": path, "exists": True, "entries": sorted(os.listdir(path))}
     except FileNotFoundError:
@@ -68,7 +112,7 @@ METHODS = {
     "proc.list": process.list_processes,
     "proc.inspect": process.inspect,
     "proc.exec": process.exec_in,
-    "cgroup.create": lambda spec_dict: cgroups.create(spec_dict),
+    "cgroup.create": lambda spec_dict: cgroups.create(CgroupSpec.from_dict(spec_dict).to_dict()),
     "cgroup.stats": cgroups.stats,
     "cgroup.sample": cgroups.sample,
     "cgroup.kill": lambda name: cgroups.kill(name).to_dict(),
@@ -146,7 +190,7 @@ def handle(request):
     try:
         method = request.get("method")
         params = request.get("params") or {}
-        if method not in METHODS:
+        if not isinstance(method, str) or method not in METHODS:
             raise InvalidSpec(f"the agent has no method {method!r}",
                               fix="the client and agent versions differ; update labkit on the target")
         if not isinstance(params, dict):
@@ -169,20 +213,69 @@ def handle(request):
             "fix": "report it with this traceback:\n" + tb, "details": {}})
 
 
+def encode_answer(answer):
+    """The answer's line; an answer that cannot go on the wire (too long, nested too deep, not JSON data)
+    becomes a ProtocolError answer to the same request, so the client learns why and the loop goes on."""
+    try:
+        return protocol.encode(answer, sender="agent")
+    except LabkitError as exc:
+        error = exc.to_wire()
+    try:
+        return protocol.encode(protocol.response(answer.get("id"), error=error), sender="agent")
+    except LabkitError:  # the request's own id is what does not fit: answer as to an unreadable line
+        return protocol.encode(protocol.response(None, error=error), sender="agent")
+
+
+_PIECE = 1 << 20
+
+
+def _skip_line(infile):
+    """Read and drop the rest of an over-long line, a piece at a time; the number of bytes dropped."""
+    dropped = 0
+    while True:
+        piece = infile.readline(_PIECE)
+        dropped += len(piece)
+        if not piece or piece.endswith(b"\n"):
+            return dropped
+
+
+def read_request(infile):
+    """The next request from ``infile``: (request dict or None at EOF, error answer or None).
+
+    Holds at most protocol.MAX_LINE bytes of a line (read a piece at a time); the rest of a longer line
+    is read and dropped, and the line answered with a ProtocolError, as is a line that is not JSON or
+    nests too deep."""
+    while True:
+        line = bytearray()
+        while True:
+            piece = infile.readline(_PIECE)
+            line += piece
+            if not piece or piece.endswith(b"\n"):
+                break
+            if len(line) >= protocol.MAX_LINE:
+                size = len(line) + _skip_line(infile)
+                return None, protocol.response(None, error=protocol.long_error("client", size).to_wire())
+        if not line:
+            return None, None
+        if not line.isspace():
+            break
+    try:
+        return protocol.decode(line, sender="client"), None
+    except LabkitError as exc:
+        return None, protocol.response(None, error=exc.to_wire())
+
+
 def serve(infile, outfile):
-    """Speak the protocol over binary file objects until EOF."""
-    outfile.write(protocol.encode(_hello()))
+    """Speak the protocol over binary file objects until EOF; no line the client sends ends the loop."""
+    outfile.write(encode_answer(_hello()))
     outfile.flush()
-    for line in infile:
-        if not line.strip():
-            continue
-        try:
-            request = protocol.decode(line)
-        except LabkitError as exc:
-            answer = protocol.response(None, error=exc.to_wire())
-        else:
+    while True:
+        request, answer = read_request(infile)
+        if request is None and answer is None:
+            return
+        if answer is None:
             answer = handle(request)
-        outfile.write(protocol.encode(answer))
+        outfile.write(encode_answer(answer))
         outfile.flush()
 
 
