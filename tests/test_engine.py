@@ -218,3 +218,36 @@ def test_cli_cap_flags(tmp_path):
                          capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert caps_of(out.stdout) == ["CAP_CHOWN"]
+
+
+@pytest.fixture
+def loop_secret(tmp_path):
+    """A loop device whose first bytes only the host wrote: what a container must not read."""
+    img = tmp_path / "disk.img"
+    img.write_bytes(b"LABKIT-HOST-SECRET" + b"\0" * (1 << 20))
+    dev = subprocess.run(["losetup", "-f", "--show", str(img)], capture_output=True, text=True, check=True).stdout.strip()
+    st = os.stat(dev)
+    try:
+        yield dev, os.major(st.st_rdev), os.minor(st.st_rdev)
+    finally:
+        subprocess.run(["losetup", "-d", dev], capture_output=True)
+
+
+def test_a_default_container_cannot_read_a_host_device_it_makes(lab, loop_secret, tmp_path):
+    """Docker's defaults keep CAP_MKNOD; what stops the attack is that the node cannot be opened (nodev on the
+    root, /dev and volumes). With --privileged the same commands read the host's disk: the test can fail."""
+    dev, major, minor = loop_secret
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    attack = ("for d in /tmp/d /dev/d /vol/d; do mknod $d b %d %d && head -c 18 $d; echo \" rc=$?\"; done"
+              % (major, minor))
+    r = lab.run_container("busybox", ["sh", "-c", attack], name="t-mknod", volumes=[f"{vol}:/vol"], detach=False,
+                          rm=True, network=None)
+    out = r["logs"]
+    assert "LABKIT-HOST-SECRET" not in out, out
+    assert out.count("Permission denied") == 3, out
+    priv = lab.run_container("busybox", ["sh", "-c", attack.replace("/tmp/d", "/tmp/p").replace("/dev/d", "/dev/p")
+                                         .replace("/vol/d", "/vol/p")], name="t-mknod-priv", privileged=True,
+                             volumes=[f"{vol}:/vol"], detach=False, rm=True, network=None)
+    pout = priv["logs"]
+    assert pout.count("LABKIT-HOST-SECRET") == 3, pout

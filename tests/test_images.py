@@ -136,3 +136,66 @@ def test_oci_export_import_and_skopeo_both_ways(lab, tmp_path):
             except NotFound:
                 pass
         lab.prune()
+
+
+def test_recipes_cannot_write_outside_their_tree(lab):
+    """COPY to /../../.. and WORKDIR ../.. stop at the image's root, as in Docker; the host is untouched."""
+    mark = "labkit-escape-" + os.urandom(4).hex()
+    recipe = (f"FROM busybox\nCOPY f /../../../../../../tmp/{mark}\nWORKDIR ../../../../../tmp/{mark}-wd\n"
+              f"COPY g ../../../../../tmp/{mark}-rel\n")
+    rec = lab.build(recipe, "t-escape:v1", context={"f": "from f\n", "g": "from g\n"})
+    try:
+        assert not os.path.exists(f"/tmp/{mark}") and not os.path.exists(f"/var/tmp/{mark}")
+        assert not os.path.exists(f"/tmp/{mark}-rel") and not os.path.exists(f"/tmp/{mark}-wd")
+        assert rec["image"]["config"]["WorkingDir"] == f"/tmp/{mark}-wd"
+        with lab.container_root("t-escape:v1", "t-escape") as root:
+            out = root.run(["cat", f"/tmp/{mark}", f"/tmp/{mark}-rel"]).stdout
+        assert out == "from f\nfrom g\n"
+    finally:
+        lab.rmi("t-escape:v1")
+
+
+def _layout(tmp_path, config):
+    """A one-layer OCI image layout with the given image config (what skopeo would leave)."""
+    import hashlib
+    import io
+    import json
+    import tarfile
+    d = tmp_path / "layout"
+    (d / "blobs" / "sha256").mkdir(parents=True)
+
+    def blob(data):
+        h = hashlib.sha256(data).hexdigest()
+        (d / "blobs" / "sha256" / h).write_bytes(data)
+        return {"digest": "sha256:" + h, "size": len(data)}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("hello")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"hi\n"))
+    layer = blob(buf.getvalue())
+    cfg = blob(json.dumps({"architecture": "amd64", "os": "linux", "config": config,
+                           "rootfs": {"type": "layers", "diff_ids": [layer["digest"]]}}).encode())
+    man = blob(json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                           "config": dict(cfg, mediaType="application/vnd.oci.image.config.v1+json"),
+                           "layers": [dict(layer, mediaType="application/vnd.oci.image.layer.v1.tar")]}).encode())
+    (d / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+        dict(man, mediaType="application/vnd.oci.image.manifest.v1+json")]}))
+    (d / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    return str(d)
+
+
+def test_an_image_whose_workdir_climbs_out_is_refused(lab, tmp_path):
+    src = _layout(tmp_path, {"WorkingDir": "../../../../../../tmp/evil", "Cmd": ["/bin/sh"]})
+    with pytest.raises(InvalidSpec, match="WorkingDir .* is not an absolute path"):
+        lab.import_image(src, "t-evilwd:v1")
+    with pytest.raises(NotFound):
+        lab.image("t-evilwd:v1")
+    src2 = _layout(tmp_path / "2", {"WorkingDir": "/app/../../..", "Env": ["A=1"], "Entrypoint": ["/bin/echo"],
+                                     "Cmd": ["hi"]})
+    lab.import_image(src2, "t-wd:v1")
+    try:
+        cfg = lab.image("t-wd:v1")["config"]
+        assert cfg["WorkingDir"] == "/" and cfg["Cmd"] == ["/bin/echo", "hi"] and cfg["Env"] == ["A=1"]
+    finally:
+        lab.rmi("t-wd:v1")

@@ -119,6 +119,56 @@ def test_pull_what_skopeo_pushed(lab, registry, built, tmp_path):
     assert pulled["image"]["layers"] == lab.image(built)["layers"]
 
 
+def test_a_root_tree_with_device_nodes_pulls_and_runs(lab, registry, tmp_path):
+    """Images made from a real root tree (debootstrap, `docker import` of a tar) carry /dev/null and friends.
+    Docker pulls and runs them; so does labkit: the nodes are left out of the layer (the container's /dev is
+    made at start) and the pull says which. The tree is packed by GNU tar and pushed by skopeo."""
+    root = tmp_path / "root"
+    for d in ("bin", "dev", "etc", "tmp"):
+        (root / d).mkdir(parents=True)
+    shutil.copy(shutil.which("busybox", path="/usr/bin:/bin"), root / "bin" / "busybox")
+    os.symlink("busybox", root / "bin" / "sh")
+    (root / "etc" / "hostname").write_text("rootfs-image\n")
+    for name, kind, major, minor in (("null", "c", 1, 3), ("zero", "c", 1, 5), ("full", "c", 1, 7),
+                                     ("random", "c", 1, 8), ("urandom", "c", 1, 9), ("tty", "c", 5, 0),
+                                     ("console", "c", 5, 1), ("loop0", "b", 7, 0)):
+        subprocess.run(["mknod", "-m", "666", str(root / "dev" / name), kind, str(major), str(minor)], check=True)
+    layer = tmp_path / "layer.tar"
+    subprocess.run(["tar", "-C", str(root), "--numeric-owner", "-cf", str(layer), "."], check=True)
+    data = layer.read_bytes()
+    layout = tmp_path / "layout"
+    (layout / "blobs" / "sha256").mkdir(parents=True)
+
+    def blob(b):
+        h = hashlib.sha256(b).hexdigest()
+        (layout / "blobs" / "sha256" / h).write_bytes(b)
+        return {"digest": "sha256:" + h, "size": len(b)}
+    arch = {"x86_64": "amd64", "aarch64": "arm64"}[platform.machine()]
+    lay = blob(data)
+    cfg = blob(json.dumps({"architecture": arch, "os": "linux", "config": {"Cmd": ["/bin/sh"]},
+                           "rootfs": {"type": "layers", "diff_ids": [lay["digest"]]}}).encode())
+    man = blob(json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                           "config": dict(cfg, mediaType="application/vnd.oci.image.config.v1+json"),
+                           "layers": [dict(lay, mediaType="application/vnd.oci.image.layer.v1.tar")]}).encode())
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+        dict(man, mediaType="application/vnd.oci.image.manifest.v1+json",
+             annotations={"org.opencontainers.image.ref.name": "v1"})]}))
+    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    ref = f"{registry['host']}/course/rootfs:v1"
+    skopeo("copy", "--dest-tls-verify=false", f"oci:{layout}:v1", f"docker://{ref}")
+    try:
+        pulled = lab.pull(ref)
+        assert sorted(pulled["facts"]["devices_skipped"]) == sorted(
+            f"dev/{n}" for n in ("null", "zero", "full", "random", "urandom", "tty", "console", "loop0"))
+        res = lab.run_container(ref, ["sh", "-c", "cat /etc/hostname; echo x > /dev/null && head -c 4 /dev/zero | "
+                                      "wc -c; ls /dev"], detach=False, rm=True, network=None)
+        assert res["exit_code"] == 0, res["logs"]
+        lines = res["logs"].split()
+        assert lines[0] == "rootfs-image" and lines[1] == "4" and "loop0" not in lines and "null" in lines
+    finally:
+        _rmi(lab, ref)
+
+
 def _put_blob(host, repo, data):
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     start = urllib.request.urlopen(urllib.request.Request(f"http://{host}/v2/{repo}/blobs/uploads/", data=b"",

@@ -278,6 +278,9 @@ class Tier:
         os.environ.update({k: v for k, v in vagrant_env(self.dotfile).items()
                            if k.startswith("VAGRANT_")})
         os.environ["LABKIT_VAGRANT_NETNS"] = NETNS
+        # the VM's host key is trusted on first use and stored per machine id: keep that store with the tier
+        self.saved_xdg = os.environ.get("XDG_CONFIG_HOME")
+        os.environ["XDG_CONFIG_HOME"] = os.path.join(STATE, "config")
         return self
 
     def lab(self):
@@ -328,6 +331,10 @@ class Tier:
         for k in ("VAGRANT_HOME", "VAGRANT_DOTFILE_PATH", "VAGRANT_CWD", "LABKIT_VAGRANT_NETNS",
                   "VAGRANT_DEFAULT_PROVIDER", "VAGRANT_CHECKPOINT_DISABLE", "VAGRANT_NO_COLOR"):
             os.environ.pop(k, None)
+        if getattr(self, "saved_xdg", None) is not None:
+            os.environ["XDG_CONFIG_HOME"] = self.saved_xdg
+        elif hasattr(self, "saved_xdg"):
+            os.environ.pop("XDG_CONFIG_HOME", None)
         if errors:
             raise RuntimeError("VM tier teardown left work undone: " + "; ".join(errors))
 

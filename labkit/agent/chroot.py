@@ -20,13 +20,18 @@ def enter_root(spec, rec):
     root = rootfs_path(spec.rootfs)
     if "mnt" in spec.namespaces:
         kernel.mount(root, root, None, kernel.MS_BIND | kernel.MS_REC, rec=rec)
-        rootfs.setup_runtime_mounts(root, rec, proc=spec.wants_proc, new_net="net" in spec.namespaces)
+        # Unless it keeps every capability (privileged), a process cannot use device nodes it makes in its
+        # root or its volumes (nodev), as Docker's device allow-list ensures: its /dev holds the safe ones.
+        nodev = spec.cap_keep is not None
+        if nodev:
+            kernel.remount_bind(root, kernel.MS_NODEV, rec=rec)
+        rootfs.setup_runtime_mounts(root, rec, proc=spec.wants_proc, new_net="net" in spec.namespaces, nodev=nodev)
         if spec.proc_sys_ro and spec.wants_proc:  # the kernel's settings: look, do not touch (as Docker)
             for entry in ("sys", "sysrq-trigger"):
                 path = f"{root}/proc/{entry}"
                 if os.path.exists(path):
                     kernel.mount(path, path, None, kernel.MS_BIND, rec=rec)
-                    kernel.mount(None, path, None, kernel.MS_BIND | kernel.MS_REMOUNT | kernel.MS_RDONLY, rec=rec)
+                    kernel.remount_bind(path, kernel.MS_RDONLY, rec=rec)
         for src, dst, ro in spec.binds:  # -v HOST:CONTAINER[:ro]
             target = root + dst
             if os.path.isdir(src):
@@ -35,14 +40,15 @@ def enter_root(spec, rec):
                 os.makedirs(os.path.dirname(target), exist_ok=True)
                 open(target, "a").close()
             kernel.mount(src, target, None, kernel.MS_BIND | kernel.MS_REC, rec=rec)
-            if ro:
-                kernel.mount(None, target, None, kernel.MS_BIND | kernel.MS_REMOUNT | kernel.MS_RDONLY, rec=rec)
+            if ro or nodev:
+                kernel.remount_bind(target, (kernel.MS_RDONLY if ro else 0) | (kernel.MS_NODEV if nodev else 0),
+                                    rec=rec)
     if spec.root_mode == "pivot_root":
         kernel.chdir(root, rec=rec)
         kernel.pivot_root(".", ".", rec=rec)          # the old root now sits on top of the new one
         kernel.umount2(".", kernel.MNT_DETACH, rec=rec)  # ... and is detached: no path leads back
         if spec.read_only:
-            kernel.mount(None, "/", None, kernel.MS_BIND | kernel.MS_REMOUNT | kernel.MS_RDONLY, rec=rec)
+            kernel.remount_bind("/", kernel.MS_RDONLY, rec=rec)
     else:
         kernel.chroot(root, rec=rec)
     kernel.chdir(spec.cwd, rec=rec)

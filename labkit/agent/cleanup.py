@@ -2,7 +2,8 @@
 
 What counts as labkit's (see DESIGN.md, "Naming of kernel objects"): processes recorded in
 /run/labkit/procs; processes whose root lies in /var/lib/labkit or /run/labkit; mounts below those two
-directories; network namespaces named ``lk-*``; links whose names start with ``lk``; cgroups below a
+directories (not a mount at them); network namespaces named ``lk-*``; links of labkit's name families
+(:data:`labkit.agent.network.LINK_NAME`); cgroups below a
 ``labkit`` parent in any hierarchy; the nftables table ``ip labkit`` and iptables chains ``LABKIT-*``
 (and the sysctls labkit's networks changed, given back their old values). Each is matched by exact rule, never by a loose pattern, and
 removal is idempotent: a second run finds nothing. Standard library only.
@@ -23,6 +24,12 @@ def _in_labkit(path):
     return any(path == d or path.startswith(d + "/") for d in LABKIT_DIRS)
 
 
+def _mounts():
+    """Mount points strictly below labkit's directories (a filesystem mounted at /var/lib/labkit itself is
+    the host's way of giving labkit a disk, not labkit's to remove), deepest first."""
+    return [mp for d in LABKIT_DIRS for mp in mounts_under(d) if mp != d]
+
+
 def plan():
     """What cleanup would remove, as (kind, name) pairs. Read-only."""
     items = []
@@ -36,9 +43,8 @@ def plan():
                 continue
             if _in_labkit(root):
                 items.append(("process-root", p))
-    for d in LABKIT_DIRS:
-        for mp in mounts_under(d):
-            items.append(("mount", mp))
+    for mp in _mounts():
+        items.append(("mount", mp))
     if os.path.isdir("/run/netns"):
         for n in sorted(os.listdir("/run/netns")):
             if n.startswith("lk-"):
@@ -60,7 +66,7 @@ def plan():
 def _links():
     try:
         import socket
-        return [(i, n) for i, n in socket.if_nameindex() if n.startswith("lk")]
+        return [(i, n) for i, n in socket.if_nameindex() if network.is_labkit_link(n)]
     except OSError:
         return []
 
@@ -86,13 +92,12 @@ def cleanup(dry_run=False):
                 pass
     if removed:
         time.sleep(0.05)  # let the killed processes release their mounts
-    for d in LABKIT_DIRS:
-        for mp in mounts_under(d):
-            try:
-                kernel.umount2(mp, kernel.MNT_DETACH, rec=rec)
-                removed.append(f"mount {mp}")
-            except Exception:  # noqa: BLE001 - keep going, report what is left
-                pass
+    for mp in _mounts():
+        try:
+            kernel.umount2(mp, kernel.MNT_DETACH, rec=rec)
+            removed.append(f"mount {mp}")
+        except Exception:  # noqa: BLE001 - keep going, report what is left
+            pass
     if os.path.isdir("/run/netns") and which("ip"):
         for n in sorted(os.listdir("/run/netns")):
             if n.startswith("lk-"):

@@ -24,7 +24,8 @@ from ..specs import (CAPS, CONTAINERS_DIR, DOCKER_DEFAULT_CAPS, RUN_DIR, STATE_D
                      ProcessSpec, check_name, normalize_caps, parse_bind)
 from . import cgroups, images, network, process
 from .launch import CONTAINER_PATH
-from .runner import Recorder, env_for_children, pid_starttime, read_text, run
+from .runner import Recorder, env_for_children, pid_starttime, read_text, run, same_process
+from .state import private_dir, read_json, write_json
 
 NAMES = STATE_DIR + "/names"
 RUNTIME = RUN_DIR + "/containers"
@@ -39,9 +40,11 @@ def _resolve(ref):
     """Container id from an id, an id prefix or a name."""
     if not isinstance(ref, str) or not ref:
         raise InvalidSpec(f"{ref!r} is not a container name or id", fix="see `labkit ps -a`")
-    if re.match(r"^[a-z0-9][a-z0-9_.-]{0,62}$", ref) and ".." not in ref and os.path.islink(f"{NAMES}/{ref}"):
-        return os.readlink(f"{NAMES}/{ref}")
-    if re.match(r"^[0-9a-f]{3,12}$", ref) and os.path.isdir(CONTAINERS_DIR):
+    if re.fullmatch(r"[a-z0-9][a-z0-9_.-]{0,62}", ref) and ".." not in ref and os.path.islink(f"{NAMES}/{ref}"):
+        cid = os.readlink(f"{NAMES}/{ref}")
+        if re.fullmatch(r"[0-9a-f]{12}", cid):  # a name link made by create(); anything else is not ours
+            return cid
+    if re.fullmatch(r"[0-9a-f]{3,12}", ref) and os.path.isdir(CONTAINERS_DIR):
         hits = [c for c in os.listdir(CONTAINERS_DIR) if c.startswith(ref) and
                 os.path.exists(f"{CONTAINERS_DIR}/{c}/config.json")]
         if len(hits) == 1:
@@ -52,10 +55,10 @@ def _resolve(ref):
 
 
 def _config(cid):
-    text = read_text(f"{CONTAINERS_DIR}/{cid}/config.json")
-    if text is None:
+    cfg = read_json(f"{CONTAINERS_DIR}/{check_name(cid, 'container id')}/config.json")
+    if not isinstance(cfg, dict) or cfg.get("id") != cid:
         raise NotFound(f"no such container: {cid}", fix="see `labkit ps -a`")
-    return json.loads(text)
+    return cfg
 
 
 def _namespaces(cfg):
@@ -68,11 +71,11 @@ def _env(cfg):
 
 
 def _state(cid):
-    st = json.loads(read_text(f"{RUNTIME}/{cid}/state.json") or "null")
-    ex = json.loads(read_text(f"{RUNTIME}/{cid}/exit.json") or "null")
-    running = bool(st and st.get("pid") and st.get("starttime") is not None and not ex
-                   and pid_starttime(st["pid"]) == st["starttime"]
-                   and ") Z " not in (read_text(f"/proc/{st['pid']}/stat") or ""))
+    st = read_json(f"{RUNTIME}/{cid}/state.json")
+    ex = read_json(f"{RUNTIME}/{cid}/exit.json")
+    st = st if isinstance(st, dict) else None
+    ex = ex if isinstance(ex, dict) else None
+    running = bool(st and not ex and same_process(st.get("pid"), st.get("starttime")))
     return st, ex, running
 
 
@@ -112,7 +115,7 @@ def create(image="busybox", name=None, cmd=None, env=None, hostname=None, ports=
         raise InvalidSpec(f"cmd {cmd!r} must be a list of strings", fix="e.g. ['httpd', '-f']")
     cid = secrets.token_hex(6)
     name = check_name(name, "container name") if name else f"{ref.name.split('/')[-1]}-{cid[:6]}"
-    os.makedirs(NAMES, exist_ok=True)
+    private_dir(NAMES)
     try:
         os.symlink(cid, f"{NAMES}/{name}")
     except FileExistsError:
@@ -123,8 +126,7 @@ def create(image="busybox", name=None, cmd=None, env=None, hostname=None, ports=
     try:
         merged = images.mount_container_root(img, cid, rec)
         d = images.container_dir(cid)
-        with open(f"{d}/image.json", "w") as f:
-            json.dump(img, f)
+        write_json(f"{d}/image.json", img)
         cg = cgroups.create(CgroupSpec(name=_cg(cid), memory=memory, cpus=cpus, pids=pids).to_dict())
         rec.steps += cg["steps"]
         cfg = {"id": cid, "name": name, "image": str(ref), "image_id": img["id"], "created": time.time(),
@@ -135,8 +137,7 @@ def create(image="busybox", name=None, cmd=None, env=None, hostname=None, ports=
                "network": network_name, "limits": {"memory": memory, "cpus": cpus, "pids": pids},
                "caps": caps, "privileged": bool(privileged), "cap_add": cap_add, "cap_drop": cap_drop,
                "merged": merged, "upper": f"{d}/upper", "lowers": [images.layer_dir(x) for x in reversed(img["layers"])]}
-        with open(f"{d}/config.json", "w") as f:
-            json.dump(cfg, f, indent=1)
+        write_json(f"{d}/config.json", cfg, indent=1)
     except BaseException:
         _teardown(cid, rec)
         os.unlink(f"{NAMES}/{name}")
@@ -152,7 +153,10 @@ def _prepare(ref, mode):
     if running:
         raise InvalidSpec(f"container {cfg['name']} is already running", fix="stop it first")
     rec = Recorder(f"start container {cfg['name']}")
-    images.ensure_mounted(cid, json.loads(read_text(f"{images.container_dir(cid)}/image.json"))["layers"], rec)
+    img = read_json(f"{images.container_dir(cid)}/image.json")
+    if not isinstance(img, dict) or not isinstance(img.get("layers"), list):
+        raise NotFound(f"container {cfg['name']} has lost its image record", fix=f"remove it: labkit rm {cfg['name']}")
+    images.ensure_mounted(cid, img["layers"], rec)
     if cfg["network"]:
         try:
             network.inspect(cfg["network"])
@@ -168,7 +172,8 @@ def _prepare(ref, mode):
                        cap_keep=tuple(cfg["caps"]) if cfg.get("caps") is not None else None,
                        proc_sys_ro="caps" in cfg and not cfg.get("privileged"), look=False)
     rt = f"{RUNTIME}/{cid}"
-    os.makedirs(rt, exist_ok=True)
+    private_dir(RUNTIME)
+    private_dir(rt)
     for f in ("exit.json", "state.json", "start.json"):
         if os.path.exists(f"{rt}/{f}"):
             os.unlink(f"{rt}/{f}")
@@ -193,10 +198,11 @@ def _started(cid, cfg, rec, rt, timeout):
     if report.get("error"):
         from ..errors import from_wire
         raise from_wire(report["error"])
-    state = {"pid": report["pid"], "starttime": pid_starttime(report["pid"]), "monitor": report.get("monitor"),
+    monitor = report.get("monitor")
+    state = {"pid": report["pid"], "starttime": pid_starttime(report["pid"]), "monitor": monitor,
+             "monitor_starttime": pid_starttime(monitor) if monitor else None,
              "started": time.time(), "net": report.get("net")}
-    with open(f"{rt}/state.json", "w") as f:
-        json.dump(state, f)
+    write_json(f"{rt}/state.json", state)
     rec.steps += report["steps"]
     rec.fact("pid", report["pid"])
     rec.fact("net", report.get("net"))
@@ -229,8 +235,8 @@ def run_attached(ref, timeout=30):
     proc = subprocess.Popen([sys.executable, "-m", "labkit.agent.launch"] + args, env=env_for_children())
     code = proc.wait()
     watcher.join(1)
-    ex = json.loads(read_text(f"{rt}/exit.json") or "{}")
-    return ex.get("exit_code", code)
+    ex = read_json(f"{rt}/exit.json", default={})
+    return ex.get("exit_code", code) if isinstance(ex, dict) else code
 
 
 def _wait_exit(cid, timeout):
@@ -425,10 +431,12 @@ def cleanup(rec):
     if not os.path.isdir(RUNTIME):
         return
     for cid in os.listdir(RUNTIME):
-        st = json.loads(read_text(f"{RUNTIME}/{cid}/state.json") or "null") or {}
-        for key in ("pid", "monitor"):
+        st = read_json(f"{RUNTIME}/{cid}/state.json", default={})
+        st = st if isinstance(st, dict) else {}
+        for key, started in (("pid", "starttime"), ("monitor", "monitor_starttime")):
             pid = st.get(key)
-            if pid and pid_starttime(pid) is not None:
+            # only the very process that was started: after a reboot or pid reuse the number is someone else's
+            if same_process(pid, st.get(started)):
                 try:
                     os.kill(pid, signal.SIGKILL)
                     rec.add({"kind": "syscall", "call": "kill", "args": [pid, "SIGKILL"], "result": 0,

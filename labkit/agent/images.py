@@ -15,15 +15,17 @@ import hashlib
 import json
 import os
 import platform
+import posixpath
 import shlex
 import shutil
 import tempfile
 import time
 
 from ..errors import BuildFailed, InvalidSpec, NotFound, UnsafeLayer
-from ..specs import CONTAINERS_DIR, STATE_DIR, ImageRef, ProcessSpec, check_name
+from ..specs import CONTAINERS_DIR, DOCKER_DEFAULT_CAPS, STATE_DIR, ImageRef, ProcessSpec, check_name
 from . import overlay, rootfs, tarsafe
-from .runner import Recorder, read_text
+from .runner import Recorder
+from .state import private_dir, read_dir, read_json, write_json
 
 BLOBS = STATE_DIR + "/blobs/sha256"
 LAYERS = STATE_DIR + "/layers/sha256"
@@ -48,18 +50,32 @@ def blob_path(digest):
     return os.path.join(BLOBS, _hex(digest))
 
 
-def add_layer_tar(tar_path, digest=None):
-    """Take a layer tar into the store (verified and unpacked once); returns its digest."""
-    os.makedirs(BLOBS, exist_ok=True)
-    os.makedirs(LAYERS, exist_ok=True)
+def add_layer_tar(tar_path, digest=None, rec=None):
+    """Take a layer tar into the store (verified and unpacked once); returns its digest. Device nodes the
+    layer holds are left out (see :func:`labkit.agent.tarsafe.unpack`); they are listed in the layer's
+    ``<hex>.json`` beside it and, when ``rec`` is given, in its facts as ``devices_skipped``."""
+    private_dir(BLOBS)
+    private_dir(LAYERS)
     digest = digest or tarsafe.sha256_file(tar_path)
     if not os.path.isdir(layer_dir(digest)):
-        tarsafe.unpack(tar_path, layer_dir(digest), digest=digest)
+        special = tarsafe.unpack(tar_path, layer_dir(digest), digest=digest)
+        devices = [path for kind, path in special if kind == "device"]
+        if devices:
+            write_json(layer_dir(digest) + ".json", {"devices_skipped": devices})
+    devices = skipped_devices(digest)
+    if rec is not None and devices:
+        rec.fact("devices_skipped", sorted(set(rec.facts.get("devices_skipped", [])) | set(devices)))
     if not os.path.exists(blob_path(digest)):
         tmp = blob_path(digest) + ".tmp"
         shutil.copyfile(tar_path, tmp)
         os.replace(tmp, blob_path(digest))
     return digest
+
+
+def skipped_devices(digest):
+    """The device nodes a stored layer held and the store left out ([] for most layers)."""
+    meta = read_json(layer_dir(digest) + ".json", default={})
+    return list(meta.get("devices_skipped", [])) if isinstance(meta, dict) else []
 
 
 def add_layer_dir(src):
@@ -83,13 +99,8 @@ def _image_path(ref):
 
 
 def save_image(ref, image):
-    path = _image_path(ref)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     image = dict(image, ref=str(ImageRef.parse(ref)), id=image_id(image))
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(image, f, indent=1)
-    os.replace(tmp, path)
+    write_json(_image_path(ref), image, indent=1)
     return image
 
 
@@ -100,19 +111,57 @@ def image_id(image):
 
 def load_image(ref):
     ref = ImageRef.parse(ref)
-    text = read_text(_image_path(ref))
-    if text is None:
+    image = read_json(_image_path(ref))
+    if not _is_image(image):
         if str(ref) == "busybox:latest":
             return ensure_busybox()
         raise NotFound(f"no image {ref} on the target", fix="list them with lab.images(); build one or pull it")
-    return json.loads(text)
+    return image
+
+
+def _is_image(image):
+    return (isinstance(image, dict) and isinstance(image.get("layers"), list) and isinstance(image.get("config"), dict)
+            and all(isinstance(d, str) for d in image["layers"]))
+
+
+def in_root(path, cwd="/"):
+    """``path`` as a container sees it: relative to ``cwd``, '..' stopped at the root, always absolute.
+    Joined to a directory on the host it can only name something below that directory."""
+    if not isinstance(path, str) or "\0" in path:
+        raise InvalidSpec(f"{path!r} is not a path", fix="e.g. /app")
+    if not path.startswith("/"):
+        path = posixpath.join(cwd if isinstance(cwd, str) and cwd.startswith("/") else "/", path)
+    return "/" + posixpath.normpath(path).lstrip("/")
+
+
+def image_config(c, source):
+    """The labkit config (Env, Cmd, WorkingDir) of an OCI/Docker image config's ``config`` object, checked:
+    strings where strings belong, and an absolute WorkingDir. ``source`` names the image in errors."""
+    c = c if isinstance(c, dict) else {}
+
+    def strings(key):
+        v = c.get(key)
+        if v is None:
+            return None
+        if not isinstance(v, list) or not all(isinstance(x, str) and "\0" not in x for x in v):
+            raise InvalidSpec(f"{source}: the image's {key} must be a list of strings", fix="rebuild the image")
+        return v
+    env = strings("Env") or DEFAULT_ENV
+    if any("=" not in e for e in env):
+        raise InvalidSpec(f"{source}: every Env entry must be KEY=VALUE", fix="rebuild the image")
+    wd = c.get("WorkingDir") or "/"
+    if not isinstance(wd, str) or not wd.startswith("/"):
+        raise InvalidSpec(f"{source}: the image's WorkingDir {wd!r} is not an absolute path",
+                          fix="images must name their working directory from the root, e.g. /app (as Docker requires)")
+    cmd = (strings("Entrypoint") or []) + (strings("Cmd") or []) or ["/bin/sh"]
+    return {"Env": env, "Cmd": cmd, "WorkingDir": in_root(wd)}
 
 
 def ensure_busybox():
     """The built-in image: one layer made from the target's static busybox (works offline)."""
-    path = _image_path("busybox:latest")
-    if os.path.exists(path):
-        return json.loads(read_text(path))
+    image = read_json(_image_path("busybox:latest"))
+    if _is_image(image):
+        return image
     rec = Recorder("build the busybox image")
     tmp = tempfile.mkdtemp(prefix="busybox-", dir=os.path.dirname(LAYERS) if os.path.isdir(LAYERS) else None)
     try:
@@ -131,12 +180,11 @@ def list_images():
     out = []
     if not os.path.isdir(IMAGES):
         return out
-    for dirpath, _, files in os.walk(IMAGES):
-        for fn in sorted(files):
-            if fn.endswith(".json"):
-                img = json.loads(read_text(os.path.join(dirpath, fn)))
+    for dirpath, _, _ in os.walk(IMAGES):
+        for _, img in read_dir(dirpath):
+            if _is_image(img) and "ref" in img:
                 size = sum(os.path.getsize(blob_path(d)) for d in img["layers"] if os.path.exists(blob_path(d)))
-                out.append({"ref": img["ref"], "id": img["id"], "layers": len(img["layers"]), "size": size,
+                out.append({"ref": img["ref"], "id": img.get("id"), "layers": len(img["layers"]), "size": size,
                             "created": img.get("created")})
     return sorted(out, key=lambda i: i["ref"])
 
@@ -164,7 +212,8 @@ def mount_container_root(image, cid, rec):
     d = container_dir(cid)
     if os.path.exists(d):
         raise InvalidSpec(f"container {cid!r} exists already", fix="remove it first or choose another name")
-    os.makedirs(d)
+    private_dir(CONTAINERS_DIR)
+    os.makedirs(d, mode=0o700)
     return ensure_mounted(cid, image["layers"], rec)
 
 
@@ -189,8 +238,7 @@ def create_container_root(ref, cid):
     image = load_image(ref)
     rec = Recorder(f"overlay root for {cid!r} from {ImageRef.parse(ref)}")
     merged = mount_container_root(image, cid, rec)
-    with open(f"{container_dir(cid)}/image.json", "w") as f:
-        json.dump(image, f)
+    write_json(f"{container_dir(cid)}/image.json", image)
     rec.fact("lowerdirs", [layer_dir(x) for x in reversed(image["layers"])])
     return rec.to_dict(id=cid, merged=merged, upper=f"{container_dir(cid)}/upper", image=image["ref"])
 
@@ -224,8 +272,8 @@ def _runtime_dirs_only(upper):
 def commit(cid, ref, message="commit"):
     """A container's upper directory becomes a new top layer of a new image."""
     d = container_dir(cid)
-    meta = json.loads(read_text(f"{d}/image.json") or "null") or {}
-    if not meta:
+    meta = read_json(f"{d}/image.json")
+    if not _is_image(meta):
         raise NotFound(f"no container {cid!r} with an overlay root", fix="start one with lab.container_root(...)")
     _runtime_dirs_only(f"{d}/upper")
     digest, entries = add_layer_dir(f"{d}/upper")
@@ -313,17 +361,16 @@ def build(recipe, ref, context=None, no_cache=False):
         else:
             extra = ""
         key = _key(parent_key, word, arg, extra)
-        cached = read_text(os.path.join(CACHE, key + ".json")) if not no_cache else None
-        if cached:
-            state = json.loads(cached)
+        cached = read_json(os.path.join(CACHE, key + ".json")) if not no_cache else None
+        if _is_image(cached):
+            state = cached
             if all(os.path.isdir(layer_dir(d)) for d in state["layers"]):
                 report.append({"step": i, "line": f"{word} {arg}", "cached": True, "layer": state.get("new_layer"),
                                "seconds": time.perf_counter() - t0, "key": key})
                 parent_key = image_id(state)
                 continue
         state = _apply(word, arg, state, context, i)
-        with open(os.path.join(CACHE, key + ".json"), "w") as f:
-            json.dump(state, f)
+        write_json(os.path.join(CACHE, key + ".json"), state)
         report.append({"step": i, "line": f"{word} {arg}", "cached": False, "layer": state.get("new_layer"),
                        "seconds": time.perf_counter() - t0, "key": key})
         parent_key = image_id(state)  # like Docker: the next line is keyed on the layers below it
@@ -358,8 +405,7 @@ def _apply(word, arg, state, context, step):
         return state
     with tempfile.TemporaryDirectory(prefix="step-", dir=STATE_DIR) as tree:
         if word == "WORKDIR":
-            path = arg if arg.startswith("/") else os.path.join(cfg.get("WorkingDir") or "/", arg)
-            cfg["WorkingDir"] = os.path.normpath(path)
+            cfg["WorkingDir"] = in_root(arg, cfg.get("WorkingDir") or "/")
             os.makedirs(os.path.join(tree, cfg["WorkingDir"].lstrip("/")), exist_ok=True)
             digest, _ = add_layer_dir(tree)
         elif word == "COPY":
@@ -372,12 +418,15 @@ def _apply(word, arg, state, context, step):
             if not names:
                 raise BuildFailed(f"step {step}: COPY {arg}: {src!r} is not in the build context",
                                   fix="pass it in context={'" + src + "': '...'}")
-            if not dst.startswith("/"):
-                dst = os.path.join(cfg.get("WorkingDir") or "/", dst)
+            into_dir = dst.endswith("/")
+            dst = in_root(dst, cfg.get("WorkingDir") or "/")  # '..' stops at the image's root, as in Docker
             for n in names:
                 rel = n if src in (".", "./") else os.path.relpath(n, src) if n != src else ""
-                target = dst.rstrip("/") + ("/" + rel if rel else ("/" + os.path.basename(n)
-                                                                     if dst.endswith("/") else ""))
+                target = in_root(dst.rstrip("/") + ("/" + rel if rel else ("/" + os.path.basename(n)
+                                                                            if into_dir else "")))
+                if target == "/":
+                    raise BuildFailed(f"step {step}: COPY {arg}: the destination is the root itself",
+                                      fix="name a file or a directory, e.g. COPY app /app/")
                 full = os.path.join(tree, target.lstrip("/"))
                 os.makedirs(os.path.dirname(full), exist_ok=True)
                 with open(full, "w") as f:
@@ -401,7 +450,9 @@ def _run_step(state, arg, step):
         env = dict(e.split("=", 1) for e in cfg.get("Env", []))
         spec = ProcessSpec(argv=("/bin/sh", "-c", arg), namespaces=("uts", "pid", "mnt", "ipc", "net"),
                            rootfs=merged, root_mode="pivot_root", env=tuple(sorted(env.items())),
-                           cwd=cfg.get("WorkingDir") or "/", hostname="build")
+                           cwd=in_root(cfg.get("WorkingDir") or "/"), hostname="build",
+                           # a recipe is untrusted input: its RUN lines get what a `docker run` gets
+                           cap_keep=tuple(DOCKER_DEFAULT_CAPS), proc_sys_ro=True)
         res = process.run(spec.to_dict(), timeout=600)
         if res["exit_code"] != 0:
             tail = (res["stderr"] or res["stdout"])[-600:]
@@ -424,16 +475,13 @@ def prune(cache_keys=None, all_cache=False):
                 os.unlink(os.path.join(CACHE, fn))
                 removed_cache += 1
     used = set()
-    for dirpath, _, files in os.walk(IMAGES) if os.path.isdir(IMAGES) else ():
-        for fn in files:
-            if fn.endswith(".json"):
-                used.update(json.loads(read_text(os.path.join(dirpath, fn)) or "{}").get("layers", []))
-    if os.path.isdir(CONTAINERS_DIR):
-        for cid in os.listdir(CONTAINERS_DIR):
-            used.update((json.loads(read_text(f"{CONTAINERS_DIR}/{cid}/image.json") or "{}")).get("layers", []))
-    if os.path.isdir(CACHE):
-        for fn in os.listdir(CACHE):
-            used.update(json.loads(read_text(os.path.join(CACHE, fn)) or "{}").get("layers", []))
+    entries = [img for dirpath, _, _ in (os.walk(IMAGES) if os.path.isdir(IMAGES) else ()) for _, img in read_dir(dirpath)]
+    for cid in os.listdir(CONTAINERS_DIR) if os.path.isdir(CONTAINERS_DIR) else ():
+        entries.append(read_json(f"{CONTAINERS_DIR}/{cid}/image.json"))
+    entries += [img for _, img in read_dir(CACHE)]
+    for img in entries:
+        if _is_image(img):
+            used.update(img["layers"])
     removed, freed = [], 0
     for h in sorted(os.listdir(LAYERS)) if os.path.isdir(LAYERS) else []:
         digest = "sha256:" + h.split(".")[0]
@@ -441,8 +489,9 @@ def prune(cache_keys=None, all_cache=False):
             continue
         freed += os.path.getsize(blob_path(digest)) if os.path.exists(blob_path(digest)) else 0
         shutil.rmtree(layer_dir(digest), ignore_errors=True)
-        if os.path.exists(blob_path(digest)):
-            os.unlink(blob_path(digest))
+        for path in (blob_path(digest), layer_dir(digest) + ".json"):
+            if os.path.exists(path):
+                os.unlink(path)
         removed.append(digest)
     return {"layers_removed": removed, "cache_entries_removed": removed_cache, "bytes_freed": freed}
 
@@ -510,8 +559,8 @@ def _read_blob(layout, digest, limit=64 << 20):
 
 def import_oci(src, ref, tag_name=None):
     """Import an OCI image layout directory as image ``ref`` (every blob's digest verified)."""
-    index = json.loads(read_text(os.path.join(src, "index.json")) or "null") or {}
-    mans = index.get("manifests") or []
+    index = read_json(os.path.join(src, "index.json"), default={})
+    mans = (index.get("manifests") if isinstance(index, dict) else None) or []
     if tag_name:
         mans = [m for m in mans if (m.get("annotations") or {}).get("org.opencontainers.image.ref.name") == tag_name]
     if not mans:
@@ -533,19 +582,16 @@ def import_oci(src, ref, tag_name=None):
                                       fix="the layout was modified or corrupted: do not use it")
         mt = desc.get("mediaType", "")
         if mt.endswith("+gzip") or mt.endswith(".gzip"):
-            import gzip
-            with tempfile.NamedTemporaryFile(dir=STATE_DIR, suffix=".tar", delete=False) as out, \
-                    gzip.open(path, "rb") as gz:
-                shutil.copyfileobj(gz, out)
+            work = tempfile.mkdtemp(prefix="import-", dir=STATE_DIR)
             try:
+                tar = os.path.join(work, "layer.tar")
+                tarsafe.gunzip_bounded(path, tar, tarsafe.gunzip_limit(os.path.getsize(path)), f"layer {i + 1}")
                 want = diff_ids[i] if i < len(diff_ids) else None
-                layers.append(add_layer_tar(out.name, want))
+                layers.append(add_layer_tar(tar, want))
             finally:
-                os.unlink(out.name)
+                shutil.rmtree(work, ignore_errors=True)
         else:
             layers.append(add_layer_tar(path, desc["digest"]))
-    c = config.get("config") or {}
-    image = {"layers": layers, "config": {"Env": c.get("Env") or DEFAULT_ENV, "Cmd": c.get("Cmd") or
-                                          (c.get("Entrypoint") or ["/bin/sh"]), "WorkingDir": c.get("WorkingDir") or "/"},
+    image = {"layers": layers, "config": image_config(config.get("config"), f"{src}"),
              "history": config.get("history", []), "created": time.time()}
     return save_image(ref, image)

@@ -97,6 +97,24 @@ def setns(fd, nstype, rec=None, shown=""):
     return _call(rec, "setns", [shown or fd, clone_flags_text(nstype)], lambda: libc().setns(fd, nstype))
 
 
+def bind_flags(path):
+    """The per-mount flags (MS_RDONLY, NOSUID, NODEV, NOEXEC, the atime ones) of the mount holding ``path``:
+    a bind remount must repeat the ones it keeps (the kernel refuses to drop a locked one)."""
+    f = os.statvfs(path).f_flag
+    keep = 0
+    for st, ms in ((os.ST_RDONLY, MS_RDONLY), (os.ST_NOSUID, MS_NOSUID), (os.ST_NODEV, MS_NODEV),
+                   (os.ST_NOEXEC, MS_NOEXEC), (os.ST_NOATIME, 1024), (os.ST_NODIRATIME, 2048),
+                   (os.ST_RELATIME, 1 << 21)):
+        if f & st:
+            keep |= ms
+    return keep
+
+
+def remount_bind(path, add, rec=None):
+    """Remount the bind mount at ``path`` with ``add`` (e.g. MS_NODEV, MS_RDONLY) on top of its flags."""
+    return mount(None, path, None, MS_BIND | MS_REMOUNT | bind_flags(path) | add, rec=rec)
+
+
 def mount(source, target, fstype, flags=0, data=None, rec=None):
     shown = [repr(source), repr(str(target)), repr(fstype), _flags_text(flags, _MS_NAMES)]
     if data:

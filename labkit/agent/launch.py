@@ -23,9 +23,10 @@ import sys
 import time
 
 from ..errors import LabkitError, MechanismError
-from ..specs import ProcessSpec, rootfs_path
+from ..specs import RUN_DIR, STATE_DIR, ProcessSpec, rootfs_path
 from . import chroot, kernel, namespaces, network
 from .runner import Recorder
+from .state import write_json
 
 PR_SET_PDEATHSIG = 1
 CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -207,8 +208,13 @@ def launch(spec, ctx, detached):
 
 
 def undo_host_mounts(mounts):
+    """Unmount what a launcher mounted on the host (a rootfs's /proc). The list may come from a state file:
+    only mount points strictly below labkit's own directories are touched."""
     rec = Recorder("undo host mounts")
-    for target in reversed(mounts):
+    for target in reversed(mounts if isinstance(mounts, list) else []):
+        if not isinstance(target, str) or not any(target.startswith(d + "/") and "/../" not in target + "/"
+                                                  for d in (STATE_DIR, RUN_DIR)):
+            continue
         try:
             kernel.umount2(target, kernel.MNT_DETACH, rec=rec)
         except MechanismError:
@@ -269,10 +275,7 @@ def main(argv=None):
 
 
 def _write_json(path, obj):
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)  # readers never see half a report
+    write_json(path, obj)  # a unique O_EXCL temp in the same private directory, then rename
 
 
 if __name__ == "__main__":

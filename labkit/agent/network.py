@@ -13,26 +13,38 @@ port removes exactly its rules. State: /run/labkit/net/<name>.json. Standard lib
 import contextlib
 import fcntl
 import ipaddress
-import json
 import os
+import re
 import secrets
 import socket
 
 from ..errors import InvalidSpec, MechanismError, NotFound
 from ..specs import RUN_DIR, NetworkSpec, PortSpec
 from .runner import Recorder, read_text, run, which
+from .state import private_dir, read_dir, read_json, write_json
 
 NET_DIR = RUN_DIR + "/net"
 LOCK = NET_DIR + "/.lock"
 SYSCTL_STATE = NET_DIR + "/.sysctl.json"
 NFT_TABLE = "labkit"
+# The links labkit makes on a host, by family: bridges lkbr-<network>, veth host ends lkv<8 hex> (their peers
+# lkp<8 hex> until they move into a namespace), VM taps lkt<8 hex>, and lk-<name> for links a lab makes by hand.
+LINK_NAME = re.compile(r"(lkbr-[a-z0-9]{1,8}|lk[vpt][0-9a-f]{8}|lk-[A-Za-z0-9_.-]{1,12})")
+SYSCTL_KEY = re.compile(r"net\.ipv4\.(ip_forward|conf\.[A-Za-z0-9_.-]{1,15}\.route_localnet)")
+
+
+def is_labkit_link(name):
+    """True for a link name of one of labkit's families (what cleanup may delete); nothing else matches."""
+    return isinstance(name, str) and LINK_NAME.fullmatch(name) is not None and ".." not in name
+
+
 IPT_CHAINS = {("nat", "PREROUTING"): "LABKIT-PREROUTING", ("nat", "OUTPUT"): "LABKIT-OUTPUT",
               ("nat", "POSTROUTING"): "LABKIT-POSTROUTING", ("filter", "FORWARD"): "LABKIT-FORWARD"}
 
 
 @contextlib.contextmanager
 def locked():
-    os.makedirs(NET_DIR, exist_ok=True)
+    private_dir(NET_DIR)
     with open(LOCK, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
@@ -47,25 +59,29 @@ def _path(name):
 
 
 def _load(name):
-    text = read_text(_path(name))
-    if text is None:
+    state = read_json(_path(name))
+    if not _is_state(state) or state["spec"]["name"] != name:
         raise NotFound(f"there is no labkit network {name!r}", fix=f"create it: lab.network({name!r})")
-    return json.loads(text)
+    return state
+
+
+def _is_state(state):
+    return isinstance(state, dict) and isinstance(state.get("spec"), dict) and isinstance(state["spec"].get("name"), str)
 
 
 def _save(state):
-    path = _path(state["spec"]["name"])
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(state, f, indent=1)
-    os.replace(tmp, path)
+    write_json(_path(state["spec"]["name"]), state, indent=1)
 
 
 def _all():
-    if not os.path.isdir(NET_DIR):
-        return []
-    return [json.loads(read_text(f"{NET_DIR}/{fn}")) for fn in sorted(os.listdir(NET_DIR))
-            if fn.endswith(".json") and not fn.startswith(".")]
+    out = []
+    for name, st in read_dir(NET_DIR):
+        try:
+            if _is_state(st) and st["spec"]["name"] == name and _path(name):
+                out.append(st)
+        except InvalidSpec:  # a file named like no network labkit could make: not ours
+            continue
+    return out
 
 
 def backend():
@@ -84,18 +100,24 @@ def backend():
 def _sysctl(key, value, rec):
     path = "/proc/sys/" + key.replace(".", "/")
     before = (read_text(path) or "").strip()
-    saved = json.loads(read_text(SYSCTL_STATE) or "{}")
+    saved = _saved_sysctls()
     saved.setdefault(key, before)  # remember the host's own value once, to give it back at the end
-    with open(SYSCTL_STATE, "w") as f:
-        json.dump(saved, f)
+    write_json(SYSCTL_STATE, saved)
     if before != str(value):
         with open(path, "w") as f:
             f.write(str(value))
         rec.file("write", path, f"{before} -> {value}")
 
 
+def _saved_sysctls():
+    """The host's own sysctl values labkit changed: only the keys labkit changes, only numbers."""
+    saved = read_json(SYSCTL_STATE, default={})
+    return {k: v for k, v in (saved.items() if isinstance(saved, dict) else ())
+            if SYSCTL_KEY.fullmatch(k) and ".." not in k and isinstance(v, str) and v.isdigit()}
+
+
 def _restore_sysctls(rec):
-    saved = json.loads(read_text(SYSCTL_STATE) or "{}")
+    saved = _saved_sysctls()
     for key, value in saved.items():
         path = "/proc/sys/" + key.replace(".", "/")
         if os.path.exists(path) and (read_text(path) or "").strip() != value:

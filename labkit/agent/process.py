@@ -20,9 +20,11 @@ from ..specs import NAMESPACES, RUN_DIR, ProcessSpec, check_name
 from . import cgroups, network
 from .launch import undo_host_mounts
 from .namespaces import host_context, inodes, shares
-from .runner import Recorder, env_for_children, pid_starttime, read_text, run as run_cmd
+from .runner import Recorder, env_for_children, pid_starttime, read_text, run as run_cmd, same_process
+from .state import private_dir, read_dir, read_json, write_json
 
 PROCS_DIR = RUN_DIR + "/procs"
+REPORTS_DIR = RUN_DIR + "/reports"  # root's alone: nothing a local user could plant or forge
 MARKER = RUN_DIR + "/host-marker"
 OUTPUT_LIMIT = 1 << 20
 
@@ -43,7 +45,7 @@ def _launch(spec, mode, stdin, stdout, stderr, timeout=None, input=None, owner=N
     if spec.cgroup:
         ctx["cgroup_procs"] = cgroups.procs_files(spec.cgroup)
         ctx["cgroup_home"] = cgroups.home_procs_files(ctx["cgroup_procs"])
-    fd, report_path = tempfile.mkstemp(prefix="labkit-report-", suffix=".json")
+    fd, report_path = tempfile.mkstemp(prefix="report-", suffix=".json", dir=private_dir(REPORTS_DIR))
     os.close(fd)
     args = [report_path, json.dumps(spec.to_dict()), json.dumps(ctx), mode]
     started = time.perf_counter()
@@ -212,25 +214,29 @@ def _entry_path(pid_id):
     return f"{PROCS_DIR}/{pid_id}.json"
 
 
+def _log_path(pid_id):
+    check_name(pid_id, "process id")
+    return f"{PROCS_DIR}/{pid_id}.log"
+
+
 def start(spec_dict, name=None):
     spec = ProcessSpec.from_dict(spec_dict)
     if spec.action not in ("exec", "hold"):
         raise InvalidSpec(f"a started process must exec or hold, not {spec.action!r}",
                           fix="use lab.run(...) for probes and escapes")
-    os.makedirs(PROCS_DIR, mode=0o755, exist_ok=True)
+    private_dir(PROCS_DIR)
     pid_id = check_name(name, "process name") if name else "p" + secrets.token_hex(4)
     if os.path.exists(_entry_path(pid_id)) and is_alive(_load(pid_id)):
         raise InvalidSpec(f"a process named {pid_id!r} is already running",
                           fix=f"stop it first (lab.process({pid_id!r}).stop()) or choose another name")
-    log = f"{PROCS_DIR}/{pid_id}.log"
+    log = _log_path(pid_id)
     with open(log, "wb") as logf:
         report, _, _, duration = _launch(spec, "start", subprocess.DEVNULL, logf, logf, owner=pid_id)
     entry = {"id": pid_id, "pid": report["pid"], "starttime": pid_starttime(report["pid"]),
              "waiter": report.get("waiter"), "host_mounts": report.get("host_mounts") or [],
              "spec": spec.to_dict(), "log": log, "created": time.time(), "ns": report.get("ns"),
              "net": report.get("net")}
-    with open(_entry_path(pid_id), "w") as f:
-        json.dump(entry, f)
+    write_json(_entry_path(pid_id), entry)
     res = _record(spec, report, f"start {list(spec.argv) or 'a holding process'} in namespaces "
                                 f"{list(spec.namespaces)}", duration)
     res["id"] = pid_id
@@ -238,32 +244,22 @@ def start(spec_dict, name=None):
 
 
 def _load(pid_id):
-    text = read_text(_entry_path(pid_id))
-    if text is None:
+    entry = read_json(_entry_path(pid_id))
+    if not isinstance(entry, dict) or not isinstance(entry.get("pid"), int):
         raise NotFound(f"no labkit process {pid_id!r}", fix="list them with lab.processes()")
-    return json.loads(text)
+    return entry
 
 
 def is_alive(entry):
-    st = pid_starttime(entry["pid"])
-    return st is not None and st == entry.get("starttime") and not _is_zombie(entry["pid"])
-
-
-def _is_zombie(pid):
-    stat = read_text(f"/proc/{pid}/stat") or ""
-    return ") Z " in stat
+    return same_process(entry.get("pid"), entry.get("starttime"))
 
 
 def list_processes():
-    if not os.path.isdir(PROCS_DIR):
-        return []
     out = []
-    for fn in sorted(os.listdir(PROCS_DIR)):
-        if fn.endswith(".json"):
-            e = json.loads(read_text(f"{PROCS_DIR}/{fn}") or "{}")
-            if e:
-                e["alive"] = is_alive(e)
-                out.append(e)
+    for _, e in read_dir(PROCS_DIR):
+        if isinstance(e.get("pid"), int):
+            e["alive"] = is_alive(e)
+            out.append(e)
     return out
 
 
@@ -333,9 +329,9 @@ def stop(pid_id, timeout=None):
     except OSError:
         pass
     rec.fact("stopped", not is_alive(e))
-    log = read_text(e.get("log") or "", "")
+    log = read_text(_log_path(pid_id), "")  # by rule, never a path read from the entry
     try:
-        os.unlink(e.get("log") or "")
+        os.unlink(_log_path(pid_id))
     except OSError:
         pass
     return rec.to_dict(id=pid_id, log=log[-OUTPUT_LIMIT:])
@@ -361,5 +357,5 @@ def _wait_gone(entry, timeout):
 
 def _wait_pid_gone(pid, timeout):
     end = time.monotonic() + timeout
-    while time.monotonic() < end and os.path.exists(f"/proc/{pid}") and not _is_zombie(pid):
+    while time.monotonic() < end and os.path.exists(f"/proc/{pid}") and ") Z " not in (read_text(f"/proc/{pid}/stat") or ""):
         time.sleep(0.02)

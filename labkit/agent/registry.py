@@ -35,7 +35,6 @@ realms, malformed or oversized manifests) raise :class:`RegistryError`; refusals
 sizes, bombs) raise :class:`UnsafeLayer`. Standard library only.
 """
 import base64
-import gzip
 import hashlib
 import http.client
 import ipaddress
@@ -44,17 +43,15 @@ import os
 import platform
 import re
 import shutil
-import tarfile
 import tempfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import zlib
 
 from ..errors import InvalidSpec, LabkitError, NotFound, RegistryError, UnsafeLayer
 from ..specs import STATE_DIR, ImageRef
-from . import images
+from . import images, tarsafe
 from .runner import Recorder
 
 MT_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -80,9 +77,6 @@ DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 TOKEN_RE = re.compile(r"^[A-Za-z0-9._~+/=-]{1,16384}$")
 _LOOPBACK4 = ipaddress.ip_network("127.0.0.0/8")
 _LOOPBACK6 = ipaddress.ip_address("::1")
-# the signatures of what a tar reader would decompress by itself where a plain tar belongs
-_COMPRESSED = (("gzip", re.compile(re.escape(b"\x1f\x8b"))), ("bzip2", re.compile(rb"BZh[1-9]1AY&SY")),
-               ("xz", re.compile(re.escape(b"\xfd7zXZ\x00"))), ("zstd", re.compile(re.escape(b"\x28\xb5\x2f\xfd"))))
 
 
 # --- hosts and URLs ------------------------------------------------------------------------------
@@ -469,58 +463,11 @@ def _gunzip(blob, size, out, what):
     """Decompress a gzip layer to ``out``, bounded: at most max(GZIP_FREE_BYTES, GZIP_MAX_RATIO x its
     compressed size) and never above MAX_LAYER_BYTES. Returns the sha256 of the tar."""
     limit = min(MAX_LAYER_BYTES, max(GZIP_FREE_BYTES, GZIP_MAX_RATIO * size))
-    h, total = hashlib.sha256(), 0
-    with gzip.open(blob, "rb") as src, open(out, "xb") as dst:
-        while True:
-            try:
-                chunk = src.read(min(CHUNK, limit + 1 - total))
-            except (OSError, EOFError, zlib.error) as exc:
-                raise UnsafeLayer(f"{what} is not a valid gzip stream: {exc}",
-                                  fix="the image is corrupt or malicious: do not use it") from None
-            if not chunk:
-                break
-            total += len(chunk)
-            if total > limit:
-                raise UnsafeLayer(f"{what} decompresses to more than {limit} bytes from {size} (a gzip bomb?): "
-                                  f"labkit allows {GZIP_MAX_RATIO}x its size beyond {GZIP_FREE_BYTES} bytes, and "
-                                  f"at most {MAX_LAYER_BYTES}", fix="do not use this image")
-            h.update(chunk)
-            dst.write(chunk)
-    return "sha256:" + h.hexdigest()
+    return tarsafe.gunzip_bounded(blob, out, limit, what, how=f"labkit allows {GZIP_MAX_RATIO}x its size beyond "
+                                  f"{GZIP_FREE_BYTES} bytes, and at most {MAX_LAYER_BYTES}")
 
 
-def _check_plain_tar(path, what):
-    """Refuse anything but an uncompressed tar. The tar reader (``tarfile`` in mode ``r:*``) tries gzip, bzip2,
-    xz (and zstd in newer Pythons) before plain tar and would decompress such a stream by itself, without a
-    bound: so the file may start with none of their signatures, and its first block must be a tar header
-    whose checksum is right (or the zero block of an empty tar)."""
-    with open(path, "rb") as f:
-        head = f.read(512)
-    for name, magic in _COMPRESSED:
-        if magic.match(head):
-            raise UnsafeLayer(f"{what} holds a compressed stream ({name}) where an uncompressed tar belongs",
-                              fix="labkit unpacks tar and tar+gzip layers only: pull a gzip build of the image")
-    if head == bytes(512):
-        return
-    try:
-        tarfile.TarInfo.frombuf(head, "utf-8", "surrogateescape")
-    except (tarfile.TarError, ValueError) as exc:
-        raise UnsafeLayer(f"{what} is not a tar archive: its first block is no tar header ({exc})",
-                          fix="do not use this image") from None
-
-
-def _strings(config, key):
-    """A list-of-strings field of an image config ([] when absent)."""
-    value = config.get(key)
-    if value is None:
-        return []
-    if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
-        raise UnsafeLayer(f"the image config's {key} is not a list of strings",
-                          fix="the image is malformed: do not use it")
-    return value
-
-
-def _store(tars):
+def _store(tars, rec=None):
     """Add the checked layer tars [(path, diff_id)] to the store; if one is refused, whatever this call made
     for the earlier ones is removed again. Returns the diff_ids and the paths this call made (layers that
     were in the store already are left alone, whatever happens)."""
@@ -529,7 +476,7 @@ def _store(tars):
         for tar, diff_id in tars:
             d = images.layer_dir(diff_id)
             made += [p for p in (d, d + ".json", images.blob_path(diff_id)) if not os.path.lexists(p)]
-            images.add_layer_tar(tar, diff_id)
+            images.add_layer_tar(tar, diff_id, rec=rec)
     except BaseException:
         _remove(made)
         raise
@@ -602,22 +549,16 @@ def pull(ref, username=None, password=None):
                 os.unlink(blob)
             else:
                 tar, got = blob, ldigest
-            _check_plain_tar(tar, what)
+            tarsafe.check_plain_tar(tar, what)
             if got != diff_id:
                 raise UnsafeLayer(f"{what} unpacks to a tar whose sha256 is {got}, not the {diff_id} the image "
                                   f"config names", fix="the image is malformed or altered: do not use it")
             tars.append((tar, diff_id))
-        c = config.get("config") if isinstance(config.get("config"), dict) else {}
-        cmd = _strings(c, "Entrypoint") + _strings(c, "Cmd") or ["/bin/sh"]
-        env = _strings(c, "Env") or images.DEFAULT_ENV
-        workdir = c.get("WorkingDir") or "/"
-        if not isinstance(workdir, str):
-            raise UnsafeLayer("the image config's WorkingDir is not a string",
-                              fix="the image is malformed: do not use it")
+        cfg = images.image_config(config.get("config"), f"{ref}")  # types checked, WorkingDir absolute
         history = config.get("history") if isinstance(config.get("history"), list) else []
-        layers, made = _store(tars)
+        layers, made = _store(tars, rec)
         try:
-            image = {"layers": layers, "config": {"Env": env, "Cmd": cmd, "WorkingDir": workdir},
+            image = {"layers": layers, "config": cfg,
                      "history": history, "created": time.time(),
                      "source": {"registry": host, "repository": repo, "tag": ref.tag, "digest": digest}}
             saved = images.save_image(ref, image)

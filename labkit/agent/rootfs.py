@@ -196,8 +196,9 @@ DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc
              "stderr": "/proc/self/fd/2", "ptmx": "pts/ptmx", "core": "/proc/kcore"}
 
 
-def setup_runtime_mounts(root, rec, proc=True, new_net=False):
-    """Mount proc, sys, dev into ``root`` (in the caller's mount namespace); return the mount points."""
+def setup_runtime_mounts(root, rec, proc=True, new_net=False, nodev=True):
+    """Mount proc, sys, dev into ``root`` (in the caller's mount namespace); return the mount points.
+    ``nodev``: /dev is a nodev tmpfs (a process that keeps every capability gets one without)."""
     done = []
     nosuid = kernel.MS_NOSUID | kernel.MS_NODEV
     if proc:
@@ -211,7 +212,10 @@ def setup_runtime_mounts(root, rec, proc=True, new_net=False):
         kernel.mount(None, f"{root}/sys", None, kernel.MS_BIND | kernel.MS_REMOUNT | kernel.MS_RDONLY | nosuid
                      | kernel.MS_NOEXEC, rec=rec)
     done.append(f"{root}/sys")
-    kernel.mount("tmpfs", f"{root}/dev", "tmpfs", kernel.MS_NOSUID, "mode=755,size=65536k", rec=rec)
+    # nodev: a device node made in /dev by the container's root cannot be opened; the safe ones are bind
+    # mounts of the host's own nodes (a bind mount keeps its source's flags)
+    kernel.mount("tmpfs", f"{root}/dev", "tmpfs", nosuid if nodev else kernel.MS_NOSUID, "mode=755,size=65536k",
+                 rec=rec)
     done.append(f"{root}/dev")
     for d in DEVICES:
         target = f"{root}/dev/{d}"

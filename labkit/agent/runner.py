@@ -134,6 +134,18 @@ def pid_starttime(pid):
     return int(stat.rsplit(")", 1)[1].split()[19])
 
 
+def same_process(pid, starttime):
+    """True when ``pid`` is still the process that had ``starttime`` (not a recycled pid, not a reboot's
+    new process, not a zombie): the only test before signalling a pid read from a state file."""
+    if not isinstance(pid, int) or pid <= 0 or starttime is None:
+        return False
+    stat = read_text(f"/proc/{pid}/stat")
+    if not stat:
+        return False
+    fields = stat.rsplit(")", 1)[1].split()
+    return int(fields[19]) == starttime and fields[0] != "Z"
+
+
 def env_for_children():
     """Environment that lets a child python find this labkit package (plain checkout or zipapp)."""
     here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -3,20 +3,25 @@
 ``unpack(blob, dest, digest)`` verifies the blob's sha256 *before* anything is written, then unpacks
 into a fresh directory that is renamed to ``dest`` only when every entry passed: no absolute names, no
 ``..``, no entry that goes through a symlink, no hard link to outside the layer or to an entry not yet
-unpacked, no symlink whose target climbs out of the root, no device nodes. Each refusal names the bad
-entry, and a refused layer leaves nothing on disk. OCI whiteouts (``.wh.name``, ``.wh..wh..opq``) become
+unpacked, no symlink whose target climbs out of the root. Every write, chmod, chown and utime acts on the
+entry itself (directory file descriptors, O_NOFOLLOW), never through a link. Device nodes are left out and
+reported (a container's /dev is made at start). Each refusal names the bad entry, and a refused layer
+leaves nothing on disk. OCI whiteouts (``.wh.name``, ``.wh..wh..opq``) become
 what overlayfs understands (a 0/0 character device, the ``trusted.overlay.opaque`` xattr).
 
 ``pack(upper, out)`` does the reverse for a container's upper directory (commit, build).
 Standard library only.
 """
+import gzip
 import hashlib
 import io
 import os
 import posixpath
+import re
 import shutil
 import stat
 import tarfile
+import zlib
 
 from ..errors import InvalidSpec, UnsafeLayer
 
@@ -31,6 +36,59 @@ def sha256_file(path):
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return "sha256:" + h.hexdigest()
+
+
+# the signatures of what a tar reader could decompress by itself where a plain tar belongs
+COMPRESSED = (("gzip", re.compile(re.escape(b"\x1f\x8b"))), ("bzip2", re.compile(rb"BZh[1-9]1AY&SY")),
+              ("xz", re.compile(re.escape(b"\xfd7zXZ\x00"))), ("zstd", re.compile(re.escape(b"\x28\xb5\x2f\xfd"))))
+GZIP_MAX_RATIO = 100        # decompressed / compressed size of a gzip layer ...
+GZIP_FREE_BYTES = 16 << 20  # ... beyond this much, which any layer may decompress to
+MAX_LAYER_BYTES = 16 << 30  # one layer once decompressed
+
+
+def gunzip_limit(size):
+    """How far a gzip layer of ``size`` bytes may decompress (the registry client applies its own copy)."""
+    return min(MAX_LAYER_BYTES, max(GZIP_FREE_BYTES, GZIP_MAX_RATIO * size))
+
+
+def gunzip_bounded(blob, out, limit, what, how=""):
+    """Decompress the gzip file ``blob`` into the new file ``out``, refusing past ``limit`` bytes (a gzip bomb)
+    and a broken stream; returns the sha256 of what was written."""
+    h, total = hashlib.sha256(), 0
+    with gzip.open(blob, "rb") as src, open(out, "xb") as dst:
+        while True:
+            try:
+                chunk = src.read(min(1 << 20, limit + 1 - total))
+            except (OSError, EOFError, zlib.error) as exc:
+                raise UnsafeLayer(f"{what} is not a valid gzip stream: {exc}",
+                                  fix="the image is corrupt or malicious: do not use it") from None
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > limit:
+                raise UnsafeLayer(f"{what} decompresses to more than {limit} bytes (a gzip bomb?)"
+                                  + (f": {how}" if how else ""), fix="do not use this image")
+            h.update(chunk)
+            dst.write(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def check_plain_tar(path, what):
+    """Refuse anything but an uncompressed tar: no compressed stream's signature, and a first block that is a
+    tar header with the right checksum (or the zero block of an empty tar)."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    for name, magic in COMPRESSED:
+        if magic.match(head):
+            raise UnsafeLayer(f"{what} holds a compressed stream ({name}) where an uncompressed tar belongs",
+                              fix="labkit unpacks tar and tar+gzip layers only: pull a gzip build of the image")
+    if head == bytes(512) or not head:
+        return
+    try:
+        tarfile.TarInfo.frombuf(head, "utf-8", "surrogateescape")
+    except (tarfile.TarError, ValueError) as exc:
+        raise UnsafeLayer(f"{what} is not a tar archive: its first block is no tar header ({exc})",
+                          fix="do not use this image") from None
 
 
 def _clean_name(name):
@@ -66,17 +124,88 @@ def _symlink_escapes(member_rel, target):
     return False
 
 
-def _no_symlink_parents(root, rel):
-    """Refuse to write below a symlink (that is how a later entry reaches outside the root)."""
-    cur = root
-    for part in rel.split("/")[:-1]:
-        cur = os.path.join(cur, part)
-        if os.path.islink(cur):
-            raise UnsafeLayer(f"entry {rel!r} would be written through the symlink {part!r}")
+O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+MAX_DEPTH = 256  # path components of one entry: deeper than any real image, shallow enough for every walk
 
 
-def unpack(blob, dest, digest=None, allow_devices=False):
-    """Verify and unpack a layer tar; returns a list of (kind, path) for whiteouts and opaque dirs."""
+def _lstat_at(dir_fd, name):
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def _remove_at(dir_fd, name):
+    """Remove ``name`` in ``dir_fd`` (a whole tree when it is a directory), never following a symlink."""
+    st = _lstat_at(dir_fd, name)
+    if st is None:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(name, dir_fd=dir_fd)
+        return
+    stack = [(dir_fd, name, None)]  # iterative: a deep tree must not exhaust Python's recursion
+    while stack:
+        parent, child, fd = stack.pop()
+        if fd is None:
+            fd = os.open(child, O_DIR, dir_fd=parent)
+            subdirs = []
+            for entry in os.listdir(fd):
+                est = os.stat(entry, dir_fd=fd, follow_symlinks=False)
+                if stat.S_ISDIR(est.st_mode):
+                    subdirs.append(entry)
+                else:
+                    os.unlink(entry, dir_fd=fd)
+            stack.append((parent, child, fd))
+            stack.extend((fd, d, None) for d in subdirs)
+        else:
+            os.close(fd)
+            os.rmdir(child, dir_fd=parent)
+
+
+def _open_parent(root_fd, rel, create):
+    """An fd of the directory that holds ``rel`` (walked one component at a time with O_NOFOLLOW, so no entry
+    is ever reached through a symlink), and the entry's own name. ``create``: make missing directories."""
+    parts = rel.split("/")
+    fd = os.dup(root_fd)
+    try:
+        for i, part in enumerate(parts[:-1]):
+            try:
+                nxt = os.open(part, O_DIR, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise UnsafeLayer(f"entry {rel!r} refers to {'/'.join(parts[:i + 1])!r}, which is not in the layer")
+                os.mkdir(part, 0o755, dir_fd=fd)
+                nxt = os.open(part, O_DIR, dir_fd=fd)
+            except (NotADirectoryError, OSError) as exc:
+                if stat.S_ISLNK(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode):
+                    raise UnsafeLayer(f"entry {rel!r} would be written through the symlink "
+                                      f"{'/'.join(parts[:i + 1])!r}") from None
+                raise UnsafeLayer(f"entry {rel!r} lies below {'/'.join(parts[:i + 1])!r}, which is not a "
+                                  f"directory ({exc.strerror})") from None
+            os.close(fd)
+            fd = nxt
+        return fd, parts[-1]
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _set_meta(fd, m):
+    """Owner first (chown clears set-user-ID bits, even for root), then mode, then times: on the open file."""
+    os.fchown(fd, m.uid, m.gid)
+    os.fchmod(fd, m.mode & 0o7777)
+    os.utime(fd, (m.mtime, m.mtime))
+
+
+def unpack(blob, dest, digest=None):
+    """Verify and unpack a layer tar; returns a list of (kind, path) for whiteouts, opaque dirs and the
+    device nodes that were left out.
+
+    Every step acts on the entry itself through directory file descriptors and O_NOFOLLOW: a symlink that an
+    earlier entry made is never followed, so a layer cannot reach a file outside the directory it is
+    unpacked into, whatever order its entries come in. Device nodes are not created (a container's /dev
+    is made when it starts, as Docker does for rootless and user-namespaced containers): they are
+    recorded as ('device', path) so the caller can say so."""
     if digest is not None:
         got = sha256_file(blob)
         if got != digest:
@@ -84,88 +213,136 @@ def unpack(blob, dest, digest=None, allow_devices=False):
                               fix="the registry or file lied about the content: fetch it again or do not use it")
     if os.path.lexists(dest):
         raise InvalidSpec(f"{dest} exists already", fix="layers are immutable: unpack each one once")
-    tmp = dest + ".unpacking"
-    if os.path.lexists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
+    # a name of its own: two agents may unpack the same layer at once; the first rename wins
+    tmp = f"{dest}.unpacking-{os.getpid()}-{os.urandom(4).hex()}"
+    os.makedirs(tmp, mode=0o700)
     special = []
+    root_fd = os.open(tmp, O_DIR)
     try:
-        with tarfile.open(blob, "r:*") as tar:
+        check_plain_tar(blob, f"layer {digest or os.path.basename(blob)}")
+        with tarfile.open(blob, "r:") as tar:  # plain tar only: never a decompressor without a bound
             seen = set()
             for m in tar:
                 rel = _clean_name(m.name)
                 if not rel:
                     continue
-                _no_symlink_parents(tmp, rel)
-                path = os.path.join(tmp, rel)
-                base = posixpath.basename(rel)
-                parent = os.path.dirname(path)
-                if base == OPAQUE:
-                    os.makedirs(parent, exist_ok=True)
-                    os.setxattr(parent, OPAQUE_XATTR, b"y")
-                    special.append(("opaque", posixpath.dirname(rel) or "/"))
-                    continue
-                if base.startswith(WH):
-                    target = os.path.join(parent, base[len(WH):])
-                    os.makedirs(parent, exist_ok=True)
-                    os.mknod(target, stat.S_IFCHR | 0o000, os.makedev(0, 0))
-                    special.append(("whiteout", posixpath.join(posixpath.dirname(rel), base[len(WH):])))
-                    continue
-                if m.isdev() and not allow_devices:
-                    raise UnsafeLayer(f"entry {rel!r} is a device node ({'char' if m.ischr() else 'block'} "
-                                      f"{m.devmajor}:{m.devminor}); layers may not create devices")
-                if m.issym() and _symlink_escapes(rel, m.linkname):
-                    raise UnsafeLayer(f"symlink {rel!r} -> {m.linkname!r} points outside the root")
-                if m.islnk():
-                    link = _clean_name(m.linkname)
-                    if link not in seen:
-                        raise UnsafeLayer(f"hard link {rel!r} -> {m.linkname!r} points outside the layer "
-                                          "(or to an entry that is not in it)")
-                    _no_symlink_parents(tmp, link)
-                    if os.path.islink(os.path.join(tmp, link)):
-                        raise UnsafeLayer(f"hard link {rel!r} -> {m.linkname!r} targets a symlink")
-                os.makedirs(parent, exist_ok=True)
-                if os.path.lexists(path) and not (m.isdir() and os.path.isdir(path)):
-                    if os.path.isdir(path) and not os.path.islink(path):
-                        shutil.rmtree(path)
-                    else:
-                        os.unlink(path)
-                if m.isdir():
-                    os.makedirs(path, exist_ok=True)
-                    os.chmod(path, m.mode & 0o7777)
-                elif m.isreg():
-                    with tar.extractfile(m) as src, open(path, "xb") as dst:
-                        shutil.copyfileobj(src, dst)
-                    os.chmod(path, m.mode & 0o7777)
-                elif m.issym():
-                    os.symlink(m.linkname, path)
-                elif m.islnk():
-                    os.link(os.path.join(tmp, _clean_name(m.linkname)), path)
-                elif m.isfifo():
-                    os.mkfifo(path, m.mode & 0o777)
-                elif m.isdev():
-                    kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK
-                    os.mknod(path, kind | (m.mode & 0o777), os.makedev(m.devmajor, m.devminor))
+                if rel.count("/") >= MAX_DEPTH:
+                    raise UnsafeLayer(f"entry {rel[:80]!r}... is {rel.count('/') + 1} directories deep "
+                                      f"(more than {MAX_DEPTH})")
+                try:
+                    kind = _unpack_entry(tar, m, rel, root_fd, seen)
+                except UnsafeLayer:
+                    raise
+                except (OSError, ValueError, OverflowError, tarfile.TarError) as exc:
+                    raise UnsafeLayer(f"entry {rel!r} could not be unpacked: {exc}") from None
+                if kind:
+                    special.append(kind)
                 else:
-                    raise UnsafeLayer(f"entry {rel!r} has an unknown type {m.type!r}")
-                os.lchown(path, m.uid, m.gid)
-                if not m.issym():
-                    os.utime(path, (m.mtime, m.mtime))
-                seen.add(rel)
-        os.rename(tmp, dest)
+                    seen.add(rel)
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not os.path.isdir(dest):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another agent unpacked the same digest first
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # fd-based on Linux: never follows the layer's symlinks
         raise
+    finally:
+        os.close(root_fd)
     return special
+
+
+def _unpack_entry(tar, m, rel, root_fd, seen):
+    """Write one tar member below root_fd; returns a (kind, path) for a special entry, else None."""
+    base = posixpath.basename(rel)
+    if base == OPAQUE:
+        pfd, _ = _open_parent(root_fd, rel, create=True)
+        try:
+            os.setxattr(pfd, OPAQUE_XATTR, b"y")
+        finally:
+            os.close(pfd)
+        return ("opaque", posixpath.dirname(rel) or "/")
+    if m.ischr() or m.isblk():  # (tarfile's isdev() counts FIFOs too)
+        return ("device", rel)
+    if m.issym() and _symlink_escapes(rel, m.linkname):
+        raise UnsafeLayer(f"symlink {rel!r} -> {m.linkname!r} points outside the root")
+    if m.islnk():
+        link = _clean_name(m.linkname)
+        if link not in seen:
+            raise UnsafeLayer(f"hard link {rel!r} -> {m.linkname!r} points outside the layer "
+                              "(or to an entry that is not in it)")
+    pfd, name = _open_parent(root_fd, rel, create=True)
+    try:
+        if base.startswith(WH):
+            gone = base[len(WH):]
+            _remove_at(pfd, gone)
+            os.mknod(gone, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=pfd)
+            return ("whiteout", posixpath.join(posixpath.dirname(rel), gone))
+        st = _lstat_at(pfd, name)
+        if st is not None and not (m.isdir() and stat.S_ISDIR(st.st_mode)):
+            _remove_at(pfd, name)
+        if m.isdir():
+            if st is None or not stat.S_ISDIR(st.st_mode):
+                os.mkdir(name, 0o700, dir_fd=pfd)
+            fd = os.open(name, O_DIR, dir_fd=pfd)
+            try:
+                _set_meta(fd, m)
+            finally:
+                os.close(fd)
+        elif m.isreg():
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=pfd)
+            try:
+                src = tar.extractfile(m)
+                for chunk in iter(lambda: src.read(1 << 20), b""):
+                    _write_all(fd, chunk)
+                _set_meta(fd, m)
+            finally:
+                os.close(fd)
+        elif m.issym():
+            os.symlink(m.linkname, name, dir_fd=pfd)
+            os.chown(name, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
+            os.utime(name, (m.mtime, m.mtime), dir_fd=pfd, follow_symlinks=False)
+        elif m.islnk():
+            link = _clean_name(m.linkname)
+            lfd, lname = _open_parent(root_fd, link, create=False)
+            try:
+                lst = _lstat_at(lfd, lname)
+                if lst is None or stat.S_ISLNK(lst.st_mode) or stat.S_ISDIR(lst.st_mode):
+                    raise UnsafeLayer(f"hard link {rel!r} -> {m.linkname!r} targets "
+                                      + ("nothing" if lst is None else "a symlink" if stat.S_ISLNK(lst.st_mode)
+                                         else "a directory"))
+                os.link(lname, name, src_dir_fd=lfd, dst_dir_fd=pfd, follow_symlinks=False)
+            finally:
+                os.close(lfd)
+        elif m.isfifo():
+            os.mkfifo(name, 0o600, dir_fd=pfd)
+            fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+            try:
+                _set_meta(fd, m)
+            finally:
+                os.close(fd)
+        else:
+            raise UnsafeLayer(f"entry {rel!r} has an unknown type {m.type!r}")
+    finally:
+        os.close(pfd)
+    return None
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _is_whiteout(st):
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(0, 0)
 
 
-def _is_opaque(path):
+def _is_opaque(fd):
     try:
-        return os.getxattr(path, OPAQUE_XATTR, follow_symlinks=False) == b"y"
+        return os.getxattr(fd, OPAQUE_XATTR) == b"y"
     except OSError:
         return False
 
@@ -173,39 +350,71 @@ def _is_opaque(path):
 def pack(upper, out):
     """Write ``upper`` (an overlay upper dir, or any root) as an OCI layer tar; returns (digest, entries).
 
-    Deterministic: sorted names, mtimes kept, no user names, so the same tree gives the same digest."""
+    Deterministic: sorted names, whole-second mtimes, no user names, so the same tree gives the same digest.
+    The tree may belong to a running container whose root swaps a file for a symlink while this runs:
+    it is walked by directory file descriptors (``os.fwalk``), every file is opened with O_NOFOLLOW and
+    must still be the inode that was listed, so nothing outside ``upper`` is ever read into the layer.
+    Sockets are left out (a tar cannot hold them)."""
     entries = []
+    links = {}
     with open(out, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        def add(info, fileobj=None):
-            info.uname = info.gname = ""
-            tar.addfile(info, fileobj)
-
-        for dirpath, dirnames, filenames in os.walk(upper):
+        for dirpath, dirnames, filenames, dfd in os.fwalk(upper, follow_symlinks=False):
             dirnames.sort()
             rel_dir = os.path.relpath(dirpath, upper)
             rel_dir = "" if rel_dir == "." else rel_dir
-            if rel_dir and _is_opaque(dirpath):
-                add(tarfile.TarInfo(posixpath.join(rel_dir, OPAQUE)))
+            if rel_dir and _is_opaque(dfd):
+                tar.addfile(tarfile.TarInfo(posixpath.join(rel_dir, OPAQUE)))
                 entries.append(("opaque", rel_dir))
             for name in sorted(dirnames + filenames):
-                full = os.path.join(dirpath, name)
                 rel = posixpath.join(rel_dir, name) if rel_dir else name
-                st = os.lstat(full)
+                st = _lstat_at(dfd, name)
+                if st is None or stat.S_ISSOCK(st.st_mode):
+                    continue
                 if _is_whiteout(st):
                     info = tarfile.TarInfo(posixpath.join(rel_dir, WH + name) if rel_dir else WH + name)
                     info.mtime = int(st.st_mtime)
-                    add(info)
+                    tar.addfile(info)
                     entries.append(("whiteout", rel))
                     continue
-                info = tar.gettarinfo(full, arcname=rel)
-                if info.isreg():
-                    with open(full, "rb") as src:
-                        add(info, src)
+                info = tarfile.TarInfo(rel)
+                info.mode, info.uid, info.gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+                info.mtime, info.uname, info.gname = int(st.st_mtime), "", ""
+                key = (st.st_dev, st.st_ino)
+                if stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and key in links:
+                    info.type, info.linkname = tarfile.LNKTYPE, links[key]
+                    tar.addfile(info)
+                elif stat.S_ISREG(st.st_mode):
+                    _add_file(tar, info, dfd, name, st)
+                    if st.st_nlink > 1:
+                        links[key] = rel
+                elif stat.S_ISDIR(st.st_mode):
+                    info.type = tarfile.DIRTYPE
+                    tar.addfile(info)
+                elif stat.S_ISLNK(st.st_mode):
+                    info.type, info.linkname = tarfile.SYMTYPE, os.readlink(name, dir_fd=dfd)
+                    tar.addfile(info)
+                elif stat.S_ISFIFO(st.st_mode):
+                    info.type = tarfile.FIFOTYPE
+                    tar.addfile(info)
                 else:
-                    add(info)
+                    info.type = tarfile.CHRTYPE if stat.S_ISCHR(st.st_mode) else tarfile.BLKTYPE
+                    info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+                    tar.addfile(info)
                 entries.append(("file" if info.isreg() else "dir" if info.isdir() else
                                 "symlink" if info.issym() else "other", rel))
     return sha256_file(out), entries
+
+
+def _add_file(tar, info, dfd, name, st):
+    """Add a regular file read through an fd opened with O_NOFOLLOW that must be the inode listed."""
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+    with os.fdopen(fd, "rb") as src:
+        fst = os.fstat(src.fileno())
+        if not stat.S_ISREG(fst.st_mode) or (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
+            raise UnsafeLayer(f"{info.name!r} changed while it was being packed (it is no longer the file "
+                              "that was listed)", fix="stop the container, then commit it again")
+        info.size = fst.st_size
+        tar.addfile(info, src)
 
 
 def tar_bytes(files):

@@ -13,7 +13,6 @@ Standard library only.
 import base64
 import gzip
 import io
-import json
 import lzma
 import os
 import re
@@ -23,10 +22,11 @@ import signal
 import subprocess
 import time
 
-from ..errors import CommandTimeout, InvalidSpec, MechanismError, NotFound
+from ..errors import CommandTimeout, InvalidSpec, LabkitError, MechanismError, NotFound
 from ..specs import RUN_DIR, STATE_DIR
 from . import doctor, network, rootfs, workloads
-from .runner import Recorder, read_text, run, which
+from .runner import Recorder, pid_starttime, read_text, run, same_process, which
+from .state import private_dir, read_dir, write_json
 
 READY = "LABKIT-VM-READY"
 UP = "LABKIT-VM-UP"
@@ -322,7 +322,8 @@ class VM:
         self.rec.fact("accel_reason", why)
         self.rec.fact("kernel_image", kernel)
         self.rec.fact("machine", machine)
-        os.makedirs(self.dir, exist_ok=True)
+        private_dir(VM_RUN)
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
         self._save()
         try:
             notes = build_initramfs(f"{self.dir}/initrd.gz", kernel, self.busybox, self.modules_root)
@@ -332,7 +333,7 @@ class VM:
                     "-smp", str(self.cpus), "-nographic", "-nodefaults", "-no-reboot", "-serial", "stdio",
                     "-monitor", "none", "-kernel", kernel, "-initrd", f"{self.dir}/initrd.gz"]
             if self.disk:
-                os.makedirs(VM_DISKS, exist_ok=True)
+                private_dir(VM_DISKS)
                 with open(self.disk, "wb") as f:
                     f.truncate(self.disk_mb << 20)
                 mkfs = which("mkfs.ext4")
@@ -374,12 +375,10 @@ class VM:
     def _state(self, pid=None):
         """The recorded state entry: what cleanup needs to undo this VM."""
         return {"id": self.id, "network": self.network_name, "tap": self.net and self.net["tap"],
-                "disk": self.disk, "dir": self.dir, "pid": pid}
+                "disk": self.disk, "dir": self.dir, "pid": pid, "starttime": pid_starttime(pid) if pid else None}
 
     def _save(self, pid=None):
-        os.makedirs(VM_RUN, exist_ok=True)
-        with open(f"{VM_RUN}/{self.id}.json", "w") as f:
-            json.dump(self._state(pid), f)
+        write_json(f"{VM_RUN}/{self.id}.json", self._state(pid))
 
     def _read_until(self, marker, timeout, what):
         deadline = time.monotonic() + timeout
@@ -460,8 +459,14 @@ _LIVE = {}
 
 
 def _remove(state, rec):
+    """Undo one recorded VM. The entry is a file on disk: every path and name in it must be the one this
+    module would have made for its id, and the pid must still be that qemu (start time and name)."""
+    vid = state.get("id")
+    if not isinstance(vid, str) or not re.fullmatch(r"[0-9a-f]{8}", vid):
+        return
     pid = state.get("pid")
-    if pid and f"labkit-vm-{state['id']}" in (read_text(f"/proc/{pid}/cmdline") or "").replace("\0", " "):
+    if same_process(pid, state.get("starttime")) and \
+            f"labkit-vm-{vid}" in (read_text(f"/proc/{pid}/cmdline") or "").replace("\0", " "):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -470,32 +475,27 @@ def _remove(state, rec):
             if not os.path.exists(f"/proc/{pid}") or "Z" in ((read_text(f"/proc/{pid}/stat") or "").split(") ")[-1][:1]):
                 break
             time.sleep(0.01)
-    if state.get("network"):
-        network.disconnect(state["network"], f"vm-{state['id']}")
-    if state.get("tap") and os.path.exists(f"/sys/class/net/{state['tap']}"):
-        run(["ip", "link", "delete", state["tap"]], recorder=rec, check=False)
-    if state.get("disk") and os.path.exists(state["disk"]):
-        os.unlink(state["disk"])
-        rec.file("unlink", state["disk"])
-    if state.get("dir"):
-        shutil.rmtree(state["dir"], ignore_errors=True)
+    if isinstance(state.get("network"), str):
+        try:
+            network.disconnect(state["network"], f"vm-{vid}")
+        except LabkitError:
+            pass
+    tap = state.get("tap")
+    if isinstance(tap, str) and network.is_labkit_link(tap) and os.path.exists(f"/sys/class/net/{tap}"):
+        run(["ip", "link", "delete", tap], recorder=rec, check=False)
+    disk = f"{VM_DISKS}/{vid}.img"
+    if state.get("disk") == disk and os.path.exists(disk):
+        os.unlink(disk)
+        rec.file("unlink", disk)
+    shutil.rmtree(f"{VM_RUN}/{vid}", ignore_errors=True)
     try:
-        os.unlink(f"{VM_RUN}/{state['id']}.json")
+        os.unlink(f"{VM_RUN}/{vid}.json")
     except FileNotFoundError:
         pass
 
 
 def list_vms():
-    if not os.path.isdir(VM_RUN):
-        return []
-    out = []
-    for fn in sorted(os.listdir(VM_RUN)):
-        if fn.endswith(".json"):
-            try:
-                out.append(json.loads(read_text(f"{VM_RUN}/{fn}")))
-            except (TypeError, ValueError):
-                continue
-    return out
+    return [st for _, st in read_dir(VM_RUN) if isinstance(st.get("id"), str)]
 
 
 def cleanup(rec):
