@@ -2,10 +2,16 @@
 what a shared kernel means (Dirty COW).
 
 The attempts reuse the isolation probe (:mod:`labkit.agent.workloads`: mount, module, clock, /proc/sys,
-the host's PID 1) and the launcher's chroot breakout (``action='escape'``); every cell of the result is
-something a process really tried, with the kernel's answer as its reason.
+the host's PID 1) and the launcher's chroot breakout (``action='escape'``), and add two of their own: a
+device node with the numbers of the host's root disk, read once (``DISK_SH``), and a set-user-ID copy of
+the shell left in the container's root for host users to find (``SUID_SH``, judged and removed by the
+agent as an ordinary host user would meet it). Every cell of the result is something a process really
+tried, with the kernel's answer as its reason. A configuration with ``"image": NAME`` runs in a container
+root made from that image the way the engine makes one (layers under an upper dir in root's own store),
+as ``docker run`` would.
 """
 import re
+import secrets
 
 from .isolation import probe
 from .specs import CAPS
@@ -18,6 +24,8 @@ ATTEMPTS = {
     "write the host's /sys": "write /sys",
     "set the host's clock": "set clock",
     "load a kernel module": "load module",
+    "read a host disk (mknod)": "disk",
+    "leave a setuid file for host users": "setuid",
 }
 
 
@@ -29,19 +37,30 @@ def decode_caps(mask):
 
 def escape_attempts(lab, rootfs, configs):
     """Try every attempt in every configuration {label: run_in options}; returns (DataFrame of
-    'blocked'/'ESCAPED', DataFrame of reasons). Every configuration needs ``rootfs`` (set here)."""
+    'blocked'/'ESCAPED', DataFrame of reasons). Every configuration runs in ``rootfs`` unless it names an
+    ``image`` (then in a container root of that image, made here and removed after)."""
     import pandas as pd
+    from .agent.workloads import parse_probe
     ctx = lab.call("probe.context")
-    table, why = {}, {}
+    disk = lab.call("probe.host_disk")
+    table, why, roots = {}, {}, []
     try:
-        for label, opts in configs.items():
-            opts = dict(opts, rootfs=rootfs)
+        for i, (label, opts) in enumerate(configs.items()):
+            opts = dict(opts)
+            image = opts.pop("image", None)
+            if image:
+                roots.append(lab.container_root(image, f"lk08-{i}-{secrets.token_hex(3)}"))
+                opts["rootfs"] = roots[-1].merged
+            else:
+                opts["rootfs"] = rootfs
             opts.setdefault("root_mode", "pivot_root" if "mnt" in (opts.get("namespaces") or ()) else "chroot")
             _, cmp = probe(lab, label, opts, ctx)
             esc_opts = {k: v for k, v in opts.items() if k != "limits"}
             ns = esc_opts.pop("namespaces", ())
             rec = lab.run_in((), ns, action="escape", **esc_opts)
             view = rec.facts.get("view") or {}
+            cmp["disk"] = _disk_attempt(lab, disk, ns, esc_opts)
+            cmp["setuid"] = _setuid_attempt(lab, ns, esc_opts, parse_probe)
             col, reasons = {}, {}
             for attempt, key in ATTEMPTS.items():
                 if key is None:
@@ -55,7 +74,38 @@ def escape_attempts(lab, rootfs, configs):
             table[label], why[label] = col, reasons
     finally:
         lab.call("probe.done", marker=ctx["marker"])
+        for root in roots:
+            root.remove()
     return pd.DataFrame(table), pd.DataFrame(why)
+
+
+def _disk_attempt(lab, disk, ns, opts):
+    """(1 if it read a block of the host's root disk through a node it made, else 0, the reason)."""
+    from .agent.workloads import DISK_SH, parse_probe
+    if not disk["dev"]:
+        return 0, "nothing to try: " + disk["why"]
+    rec = lab.run_in(["/bin/busybox", "sh", "-c", DISK_SH, "disk", disk["dev"]], ns, look=False, **opts)
+    f = parse_probe(rec.stdout)
+    host = "" if disk["host_can_read"] else (f"; this machine refuses raw reads of its disk even to the host's "
+                                            f"root ({disk['why']}), so nothing here can read it")
+    if f.get("disk") == "read":
+        return 1, f"made a node for the host's disk {disk['dev']} and read from it"
+    if f.get("disk") == "open":
+        return 0, f"made the node, but may not open it: {f.get('why', '?').split(': ')[-1]} (nodev)" + host
+    if f.get("disk") == "mknod":
+        return 0, f"mknod: {f.get('why', '?').split(': ')[-1]}" + host
+    return 0, "no writable directory to make a node in"
+
+
+def _setuid_attempt(lab, ns, opts, parse_probe):
+    """(1 if an ordinary host user could run, as the host's root, a set-user-ID file it left, else 0, why)."""
+    from .agent.workloads import SUID_SH
+    rec = lab.run_in(["/bin/busybox", "sh", "-c", SUID_SH], ns, look=False, **opts)
+    f = parse_probe(rec.stdout)
+    if f.get("suid", "refused") == "refused":
+        return 0, f"could not leave one: {f.get('why', '?').strip().splitlines()[-1] if f.get('why') else '?'}"
+    res = lab.call("probe.setuid_left", root=opts["rootfs"], name=f["suid"])
+    return int(res["escaped"]), res["why"]
 
 
 DIRTY_COW = {"cve": "CVE-2016-5195", "mainline_fix": (4, 8, 3), "introduced": (2, 6, 22),

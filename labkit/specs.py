@@ -212,6 +212,17 @@ def syscall_numbers(names, machine):
     return sorted(set(nums))
 
 
+def _check_fields(cls, data, what, example):
+    """A request's dict for spec ``cls``: an object whose keys are all fields of it, else InvalidSpec."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    if not isinstance(data, dict):
+        raise InvalidSpec(f"a {what} spec must be an object, not {type(data).__name__}", fix=f"e.g. {example}")
+    extra = set(data) - known
+    if extra:
+        raise InvalidSpec(f"unknown {what} option(s): {', '.join(sorted(map(str, extra)))}",
+                          fix="known options: " + ", ".join(sorted(known)))
+
+
 @dataclass(frozen=True)
 class ProcessSpec:
     """A process to start: which namespaces it gets, which root it sees, what it runs.
@@ -371,14 +382,7 @@ class ProcessSpec:
 
     @classmethod
     def from_dict(cls, data):
-        known = {f.name for f in dataclasses.fields(cls)}
-        if not isinstance(data, dict):
-            raise InvalidSpec(f"a process spec must be an object, not {type(data).__name__}",
-                              fix="e.g. {'argv': ['hostname']}")
-        extra = set(data) - known
-        if extra:
-            raise InvalidSpec(f"unknown process option(s): {', '.join(sorted(extra))}",
-                              fix="known options: " + ", ".join(sorted(known)))
+        _check_fields(cls, data, "process", "{'argv': ['hostname']}")
         return cls(**data)
 
 
@@ -470,14 +474,7 @@ class CgroupSpec:
     @classmethod
     def from_dict(cls, data):
         """A spec from a request's dict: anything but a dict of known fields is InvalidSpec."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        if not isinstance(data, dict):
-            raise InvalidSpec(f"a cgroup spec must be an object, not {type(data).__name__}",
-                              fix="e.g. {'name': 'box', 'memory': '32M'}")
-        extra = set(data) - known
-        if extra:
-            raise InvalidSpec(f"unknown cgroup option(s): {', '.join(sorted(map(str, extra)))}",
-                              fix="known options: " + ", ".join(sorted(known)))
+        _check_fields(cls, data, "cgroup", "{'name': 'box', 'memory': '32M'}")
         if "name" not in data:
             raise InvalidSpec("a cgroup spec needs a name", fix="e.g. {'name': 'box'}")
         return cls(**data)

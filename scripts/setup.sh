@@ -19,7 +19,7 @@ bash "$here/vagrant/provision.sh" "$here"
 pkgs=(python3-venv python3-pip)
 [ "$dev" = 1 ] && pkgs+=(openssh-server openssh-client vagrant vagrant-libvirt libvirt-daemon-system
                          libvirt-daemon-driver-qemu libvirt-clients dnsmasq-base dbus debootstrap e2fsprogs
-                         qemu-utils rsync skopeo docker-registry crun runc tmux)
+                         qemu-utils rsync skopeo docker-registry crun runc tmux docker.io)
 # The VM baseline's kernel comes with the target side (provision.sh); the tests also boot the other architecture's.
 if [ "$dev" = 1 ]; then
   case "$(dpkg --print-architecture)" in

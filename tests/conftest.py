@@ -33,6 +33,33 @@ def http_get(url, tries=60):
     raise AssertionError(f"no answer from {url}")
 
 
+def oci_layout(d, layer, config, tag=None):
+    """Write a one-layer OCI image layout at ``d`` (a pathlib.Path): the uncompressed ``layer`` tar (bytes), an
+    image config around ``config`` (this CPU's architecture), a manifest and index.json (annotated ``tag``)."""
+    import hashlib
+    import json
+    import platform
+    (d / "blobs" / "sha256").mkdir(parents=True)
+
+    def blob(data):
+        h = hashlib.sha256(data).hexdigest()
+        (d / "blobs" / "sha256" / h).write_bytes(data)
+        return {"digest": "sha256:" + h, "size": len(data)}
+    lay = blob(layer)
+    arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+    cfg = blob(json.dumps({"architecture": arch, "os": "linux", "config": config,
+                           "rootfs": {"type": "layers", "diff_ids": [lay["digest"]]}}).encode())
+    man = blob(json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                           "config": dict(cfg, mediaType="application/vnd.oci.image.config.v1+json"),
+                           "layers": [dict(lay, mediaType="application/vnd.oci.image.layer.v1.tar")]}).encode())
+    entry = dict(man, mediaType="application/vnd.oci.image.manifest.v1+json")
+    if tag:
+        entry["annotations"] = {"org.opencontainers.image.ref.name": tag}
+    (d / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [entry]}))
+    (d / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    return str(d)
+
+
 def pytest_collection_modifyitems(config, items):
     if os.geteuid() != 0:
         skip = pytest.mark.skip(reason="privileged test: run the suite as root (sudo bash scripts/test.sh)")

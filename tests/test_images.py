@@ -157,32 +157,15 @@ def test_recipes_cannot_write_outside_their_tree(lab):
 
 def _layout(tmp_path, config):
     """A one-layer OCI image layout with the given image config (what skopeo would leave)."""
-    import hashlib
     import io
-    import json
     import tarfile
-    d = tmp_path / "layout"
-    (d / "blobs" / "sha256").mkdir(parents=True)
-
-    def blob(data):
-        h = hashlib.sha256(data).hexdigest()
-        (d / "blobs" / "sha256" / h).write_bytes(data)
-        return {"digest": "sha256:" + h, "size": len(data)}
+    from conftest import oci_layout
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         info = tarfile.TarInfo("hello")
         info.size = 3
         tar.addfile(info, io.BytesIO(b"hi\n"))
-    layer = blob(buf.getvalue())
-    cfg = blob(json.dumps({"architecture": "amd64", "os": "linux", "config": config,
-                           "rootfs": {"type": "layers", "diff_ids": [layer["digest"]]}}).encode())
-    man = blob(json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                           "config": dict(cfg, mediaType="application/vnd.oci.image.config.v1+json"),
-                           "layers": [dict(layer, mediaType="application/vnd.oci.image.layer.v1.tar")]}).encode())
-    (d / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
-        dict(man, mediaType="application/vnd.oci.image.manifest.v1+json")]}))
-    (d / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
-    return str(d)
+    return oci_layout(tmp_path / "layout", buf.getvalue(), config)
 
 
 def test_an_image_whose_workdir_climbs_out_is_refused(lab, tmp_path):

@@ -34,6 +34,8 @@ from labkit.agent import images as agent_images
 from labkit.agent import registry as agent_registry
 from labkit.errors import InvalidSpec, NotFound, RegistryError, UnsafeLayer
 
+from conftest import oci_layout
+
 pytestmark = pytest.mark.privileged
 REGISTRY = shutil.which("docker-registry", path="/usr/bin:/usr/sbin")
 
@@ -135,25 +137,7 @@ def test_a_root_tree_with_device_nodes_pulls_and_runs(lab, registry, tmp_path):
         subprocess.run(["mknod", "-m", "666", str(root / "dev" / name), kind, str(major), str(minor)], check=True)
     layer = tmp_path / "layer.tar"
     subprocess.run(["tar", "-C", str(root), "--numeric-owner", "-cf", str(layer), "."], check=True)
-    data = layer.read_bytes()
-    layout = tmp_path / "layout"
-    (layout / "blobs" / "sha256").mkdir(parents=True)
-
-    def blob(b):
-        h = hashlib.sha256(b).hexdigest()
-        (layout / "blobs" / "sha256" / h).write_bytes(b)
-        return {"digest": "sha256:" + h, "size": len(b)}
-    arch = {"x86_64": "amd64", "aarch64": "arm64"}[platform.machine()]
-    lay = blob(data)
-    cfg = blob(json.dumps({"architecture": arch, "os": "linux", "config": {"Cmd": ["/bin/sh"]},
-                           "rootfs": {"type": "layers", "diff_ids": [lay["digest"]]}}).encode())
-    man = blob(json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                           "config": dict(cfg, mediaType="application/vnd.oci.image.config.v1+json"),
-                           "layers": [dict(lay, mediaType="application/vnd.oci.image.layer.v1.tar")]}).encode())
-    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
-        dict(man, mediaType="application/vnd.oci.image.manifest.v1+json",
-             annotations={"org.opencontainers.image.ref.name": "v1"})]}))
-    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    layout = oci_layout(tmp_path / "layout", layer.read_bytes(), {"Cmd": ["/bin/sh"]}, tag="v1")
     ref = f"{registry['host']}/course/rootfs:v1"
     skopeo("copy", "--dest-tls-verify=false", f"oci:{layout}:v1", f"docker://{ref}")
     try:

@@ -104,7 +104,7 @@ def test_cleanup_leaves_a_recycled_pid_alone(lab, victim):
             os.rmdir(rt)
 
 
-def test_corrupt_entries_do_not_stop_cleanup_ps_or_prune(lab, capsys):
+def test_corrupt_entries_do_not_stop_cleanup_ps_or_prune(lab):
     made = {f"{process.PROCS_DIR}/t-cut.json": '{"id": "t-cut", "pid": ',
             f"{network.NET_DIR}/tcut.json": '{"spec": {"name": "tcut"',
             f"{vm.VM_RUN}/deadbeef.json": "{",
@@ -120,7 +120,6 @@ def test_corrupt_entries_do_not_stop_cleanup_ps_or_prune(lab, capsys):
         assert all(i["ref"] != "t-cut:v1" for i in lab.images())
         lab.cleanup()
         lab.call("image.prune")
-        assert "not valid JSON" in capsys.readouterr().err or True  # the in-process agent warns on stderr
         for path in made:
             assert not os.path.exists(path), f"{path} was neither read nor set aside"
             d = os.path.dirname(path)

@@ -116,9 +116,23 @@ def _saved_sysctls():
             if SYSCTL_KEY.fullmatch(k) and ".." not in k and isinstance(v, str) and v.isdigit()}
 
 
+def _other_bridges():
+    """Bridges on this host that are not labkit's (docker0, libvirt's virbr0, ...): they route through the
+    host's ip_forward as well."""
+    try:
+        names = os.listdir("/sys/class/net")
+    except OSError:
+        return []
+    return sorted(n for n in names if os.path.isdir(f"/sys/class/net/{n}/bridge") and not is_labkit_link(n))
+
+
 def _restore_sysctls(rec):
     saved = _saved_sysctls()
     for key, value in saved.items():
+        others = _other_bridges() if key == "net.ipv4.ip_forward" and value == "0" else []
+        if others:  # e.g. Docker started after labkit turned forwarding on: its containers need it now
+            rec.fact("ip_forward_kept", f"left at 1: {', '.join(others)} route through it too")
+            continue
         path = "/proc/sys/" + key.replace(".", "/")
         if os.path.exists(path) and (read_text(path) or "").strip() != value:
             with open(path, "w") as f:
@@ -161,27 +175,27 @@ def _apply_firewall(rec):
         if not states:
             if exists:
                 rec.run(["nft", "delete", "table", "ip", NFT_TABLE])
+            _forward_guard(states, rec)
             return
         table, rules = _nft_ruleset(states)
         script = (f"table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\n" if exists else "") + table + "\n" + \
             "\n".join(rules) + "\n"
         rec.run(["nft", "-f", "-"], input=script)  # one transaction: the old rules go as the new ones come
+        _forward_guard(states, rec)
         return
     # iptables: labkit's own chains, jumped to from the built-in ones
     for (table, builtin), chain in IPT_CHAINS.items():
-        if not _ipt_has_chain(table, chain):
-            if not states:
-                continue
+        have = _ipt_has_chain(table, chain)
+        if not states:
+            if have:
+                _remove_ipt_chain(table, chain, rec)
+            continue
+        if not have:
             rec.run(["iptables", "-w", "-t", table, "-N", chain])
         rec.run(["iptables", "-w", "-t", table, "-F", chain])
-        jump = ["-j", chain]
-        has_jump = run(["iptables", "-w", "-t", table, "-C", builtin] + jump, check=False).ok
-        if states and not has_jump:
-            rec.run(["iptables", "-w", "-t", table, "-I", builtin, "1"] + jump)
-        if not states:
-            if has_jump:
-                rec.run(["iptables", "-w", "-t", table, "-D", builtin] + jump)
-            rec.run(["iptables", "-w", "-t", table, "-X", chain])
+        hook = _forward_hook() if (table, builtin) == ("filter", "FORWARD") else builtin
+        if not run(["iptables", "-w", "-t", table, "-C", hook, "-j", chain], check=False).ok:
+            rec.run(["iptables", "-w", "-t", table, "-I", hook, "1", "-j", chain])
     for st in states:
         br, subnet = st["bridge"], st["spec"]["subnet"]
         add = lambda table, chain, *r: rec.run(["iptables", "-w", "-t", table, "-A", chain, *r])  # noqa: E731
@@ -195,6 +209,58 @@ def _apply_firewall(rec):
                    "--to-destination", f"{p['ip']}:{p['container_port']}"]
             add("nat", "LABKIT-PREROUTING", *dst, *tgt)
             add("nat", "LABKIT-OUTPUT", *dst, *tgt)
+
+
+def _forward_drops():
+    """True when iptables' filter FORWARD chain drops what no rule accepts (Docker sets that policy, and its
+    br_netfilter makes bridged traffic pass that chain too): an accept in labkit's own nft table does not
+    override a drop in another table, so labkit then needs an accept in that chain as well."""
+    if not which("iptables"):
+        return False
+    if _ipt_nft():  # listing through iptables-nft would create the table: ask nft, read-only
+        out = run(["nft", "list", "chain", "ip", "filter", "FORWARD"], check=False) if which("nft") else None
+        return bool(out and out.ok and "policy drop" in out.stdout)
+    out = run(["iptables", "-w", "-t", "filter", "-S", "FORWARD"], check=False)
+    return out.ok and "-P FORWARD DROP" in out.stdout
+
+
+def _forward_hook():
+    """Where labkit's FORWARD accepts are jumped to from: Docker's DOCKER-USER chain when it exists (the place
+    Docker documents for other software's rules: Docker's own rules are neither removed nor reordered),
+    else the top of FORWARD."""
+    return "DOCKER-USER" if _ipt_has_chain("filter", "DOCKER-USER") else "FORWARD"
+
+
+def _forward_guard(states, rec):
+    """With the nft backend: the LABKIT-FORWARD iptables chain (accept labkit's bridges) while some other
+    firewall drops forwarded traffic, and none otherwise."""
+    chain = IPT_CHAINS[("filter", "FORWARD")]
+    want = bool(states) and _forward_drops()
+    have = _ipt_has_chain("filter", chain)
+    if not want:
+        if have:
+            _remove_ipt_chain("filter", chain, rec)
+        return
+    if not have:
+        rec.run(["iptables", "-w", "-t", "filter", "-N", chain])
+    rec.run(["iptables", "-w", "-t", "filter", "-F", chain])
+    for st in states:
+        rec.run(["iptables", "-w", "-t", "filter", "-A", chain, "-i", st["bridge"], "-j", "ACCEPT"])
+        rec.run(["iptables", "-w", "-t", "filter", "-A", chain, "-o", st["bridge"], "-j", "ACCEPT"])
+    hook = _forward_hook()
+    if not run(["iptables", "-w", "-t", "filter", "-C", hook, "-j", chain], check=False).ok:
+        rec.run(["iptables", "-w", "-t", "filter", "-I", hook, "1", "-j", chain])
+
+
+def _remove_ipt_chain(table, chain, rec):
+    """Every jump to labkit's chain (from the built-in chain or DOCKER-USER), then the chain itself."""
+    for hook in {b for (t, b), c in IPT_CHAINS.items() if t == table and c == chain} | {"DOCKER-USER"}:
+        if hook == "DOCKER-USER" and (table != "filter" or not _ipt_has_chain("filter", hook)):
+            continue
+        while run(["iptables", "-w", "-t", table, "-C", hook, "-j", chain], check=False).ok:
+            rec.run(["iptables", "-w", "-t", table, "-D", hook, "-j", chain])
+    rec.run(["iptables", "-w", "-t", table, "-F", chain])
+    rec.run(["iptables", "-w", "-t", table, "-X", chain])
 
 
 def _ipt_nft():
@@ -214,13 +280,9 @@ def remove_firewall(rec):
     if which("nft") and run(["nft", "list", "table", "ip", NFT_TABLE], check=False).ok:
         rec.run(["nft", "delete", "table", "ip", NFT_TABLE])
     if which("iptables"):
-        for (table, builtin), chain in IPT_CHAINS.items():
-            if not _ipt_has_chain(table, chain):
-                continue
-            while run(["iptables", "-w", "-t", table, "-C", builtin, "-j", chain], check=False).ok:
-                rec.run(["iptables", "-w", "-t", table, "-D", builtin, "-j", chain])
-            rec.run(["iptables", "-w", "-t", table, "-F", chain])
-            rec.run(["iptables", "-w", "-t", table, "-X", chain])
+        for (table, _), chain in IPT_CHAINS.items():
+            if _ipt_has_chain(table, chain):
+                _remove_ipt_chain(table, chain, rec)
 
 
 def firewall_leftovers():

@@ -172,6 +172,8 @@ METHODS = {
     "bench.container_footprint": bench.container_footprint,
     "bench.vm_footprint": bench.vm_footprint,
     "probe.done": workloads.probe_done,
+    "probe.host_disk": workloads.host_disk,
+    "probe.setuid_left": workloads.setuid_left,
     "cleanup": cleanup.cleanup,
     "cleanup.plan": lambda: [list(i) for i in cleanup.plan()],
 }

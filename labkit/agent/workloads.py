@@ -84,6 +84,35 @@ if v=$(cat $f 2>/dev/null) && [ -n "$v" ]; then
 fi
 """
 
+# Two attempts of lab 08 that the probe above does not make, each harmless and undone at once.
+# DISK_SH: make a device node with the numbers of the host's root disk ($1 = MAJOR:MINOR) and read one block
+# from it (nothing is written). SUID_SH: leave a set-user-ID copy of its own shell at the top of its root,
+# owned by its root; the host side then asks whether an ordinary host user could run it as the host's root
+# (:func:`setuid_left`), and removes it.
+DISK_SH = r"""
+k() { printf '%s=%s\n' "$1" "$2"; }
+d=
+for c in /tmp /dev /; do if mkdir "$c/.lk-disk-$$" 2>/dev/null; then d=$c/.lk-disk-$$; break; fi; done
+if [ -z "$d" ]; then k disk nodir; exit 0; fi
+if err=$(mknod "$d/disk" b "${1%:*}" "${1#*:}" 2>&1); then
+  if err=$(dd if="$d/disk" of=/dev/null bs=512 count=1 2>&1); then k disk read; else k disk open; k why "$err"; fi
+  rm -f "$d/disk"
+else
+  k disk mknod; k why "$err"
+fi
+rmdir "$d"
+"""
+
+SUID_SH = r"""
+k() { printf '%s=%s\n' "$1" "$2"; }
+f=/.lk-suid-$$
+if err=$( { cp "$(readlink /proc/$$/exe 2>/dev/null || echo /bin/busybox)" "$f" && chown 0:0 "$f" && chmod 4755 "$f"; } 2>&1); then
+  k suid "$f"
+else
+  rm -f "$f" 2>/dev/null; k suid refused; k why "$err"
+fi
+"""
+
 BENCH_SH = r"""
 now() { adjtimex | awk '/tv_sec/{s=$2} /tv_usec/{u=$2} END{printf "%d%06d\n", s, u}'; }
 w=$1; n=$2; dir=${3:-/tmp}
@@ -275,3 +304,74 @@ def probe_done(marker):
     if re.fullmatch(re.escape(PROBE_DIR) + r"/marker-[0-9a-f]{16}", str(marker)) and os.path.exists(marker):
         os.unlink(marker)
     return {"removed": marker}
+
+
+def host_disk():
+    """The host's root disk as MAJOR:MINOR (None when / is not on a block device, e.g. an overlay or a
+    virtual root) and whether the host's own root may read a block of it: some machines refuse raw disk
+    reads even to root, and then no container can do better."""
+    dev = None
+    for line in (read_text("/proc/self/mountinfo") or "").splitlines():
+        f = line.split()
+        if len(f) > 4 and f[4] == "/":
+            dev = f[2]
+    if not dev or not re.fullmatch(r"\d+:\d+", dev) or not os.path.exists(f"/sys/dev/block/{dev}"):
+        return {"dev": None, "host_can_read": False, "why": "the host's root is not on a block device"}
+    os.makedirs(PROBE_DIR, mode=0o700, exist_ok=True)
+    node = f"{PROBE_DIR}/disk-{os.getpid()}-{os.urandom(4).hex()}"
+    major, minor = (int(x) for x in dev.split(":"))
+    try:
+        os.mknod(node, 0o600 | 0o060000, os.makedev(major, minor))
+        fd = os.open(node, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.read(fd, 512)
+        finally:
+            os.close(fd)
+        return {"dev": dev, "host_can_read": True, "why": ""}
+    except OSError as exc:
+        return {"dev": dev, "host_can_read": False, "why": exc.strerror}
+    finally:
+        if os.path.lexists(node):
+            os.unlink(node)
+
+
+def setuid_left(root, name):
+    """Judge, from the host, the set-user-ID file SUID_SH left at ``root``/``name``, then remove it: could an
+    ordinary host user (nobody) reach and run it as the host's root? Returns {'escaped', 'why'}."""
+    from ..specs import rootfs_path
+    if not re.fullmatch(r"/\.lk-suid-\d+", str(name)):
+        return {"escaped": False, "why": f"not a file SUID_SH makes: {name!r}"}
+    path = rootfs_path(root) + name
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return {"escaped": False, "why": "the file is not there (a root of its own, unseen from the host?)"}
+    try:
+        import stat as st_mod
+        if not st_mod.S_ISREG(st.st_mode) or not st.st_mode & st_mod.S_ISUID:
+            return {"escaped": False, "why": "the file is not set-user-ID on the host"}
+        if st.st_uid != 0:
+            return {"escaped": False, "why": f"it is set-user-ID to uid {st.st_uid} on the host, not root "
+                                             "(root in a user namespace is an ordinary user outside)"}
+        if os.statvfs(path).f_flag & os.ST_NOSUID:
+            return {"escaped": False, "why": "its filesystem is mounted nosuid"}
+        reach = _as_nobody_can_exec(path)
+        if reach is not True:
+            return {"escaped": False, "why": f"a host user cannot reach it: {reach}"}
+        return {"escaped": True, "why": f"any host user can run {path} as the host's root"}
+    finally:
+        os.unlink(path)
+
+
+def _as_nobody_can_exec(path):
+    """True when uid/gid 65534 may execute ``path`` (every directory on the way included), else the reason."""
+    from .runner import run
+    if run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "test", "-x", path], check=False).ok:
+        return True
+    d = os.path.dirname(path)
+    while d not in ("/", ""):
+        mode = os.stat(d).st_mode & 0o777
+        if not mode & 0o001:
+            return f"{d} is mode {oct(mode)[2:]} (no way through for other users)"
+        d = os.path.dirname(d)
+    return "permission denied"
