@@ -171,10 +171,11 @@ class Lab:
 
     # -- cgroups ----------------------------------------------------------------------------------
     def cgroup(self, name, memory=None, swap=None, cpus=None, cpu_weight=None, pids=None, cpuset=None,
-               period_us=100000):
-        """Make a labkit cgroup with these limits; returns a :class:`Cgroup` (``with`` removes it)."""
+               period_us=100000, devices=None):
+        """Make a labkit cgroup with these limits; returns a :class:`Cgroup` (``with`` removes it).
+        ``devices='docker'``: only the devices Docker lets a container open."""
         spec = CgroupSpec(name=name, memory=memory, swap=swap, cpus=cpus, cpu_weight=cpu_weight, pids=pids,
-                          cpuset=cpuset, period_us=period_us)
+                          cpuset=cpuset, period_us=period_us, devices=devices)
         return Cgroup(self, spec, Record(self.call("cgroup.create", spec_dict=spec.to_dict())))
 
     def cgroup_mode(self):

@@ -422,6 +422,8 @@ class CgroupSpec:
     - ``cpu_weight``: relative share when CPUs are contended, 1..10000 (default 100).
     - ``pids``: the most processes and threads the group may hold.
     - ``cpuset``: the CPUs the group may run on, e.g. "0" or "0-1".
+    - ``devices``: "docker" for Docker's device allow-list (null, zero, full, random, urandom, tty,
+      console, ptmx, pts, tun; mknod of any), None for the kernel's default (every device).
     """
     name: str
     memory: Optional[int] = None
@@ -431,10 +433,14 @@ class CgroupSpec:
     cpu_weight: Optional[int] = None
     pids: Optional[int] = None
     cpuset: Optional[str] = None
+    devices: Optional[str] = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass normalisation)
         check_name(self.name, "cgroup name")
+        if self.devices not in (None, "docker"):
+            raise InvalidSpec(f"devices={self.devices!r} is not a device policy",
+                              fix="'docker' (Docker's allow-list) or None (every device)")
         if self.memory is not None:
             set_("memory", parse_size(self.memory, "memory"))
             if self.memory < MIN_MEMORY:

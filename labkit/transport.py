@@ -465,7 +465,7 @@ class HostKeyChanged(HostKeyError):
 #: the host key algorithms that a known key of each type can be negotiated with
 _ALGORITHMS_FOR_KEY = {"ssh-rsa": ("rsa-sha2-512", "rsa-sha2-256", "ssh-rsa")}
 _KEYSCAN_TYPE = {"ssh-ed25519": "ed25519", "ssh-rsa": "rsa", "ssh-dss": "dsa"}
-_FINGERPRINT = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}$")
+_FINGERPRINT = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
 
 
 def fingerprint(key):
@@ -602,7 +602,7 @@ class HostKeyCheck:
                                   fix="pass the path of an OpenSSH known_hosts file, e.g. ~/.ssh/known_hosts")
         pins = [host_key] if isinstance(host_key, str) else list(host_key or [])
         for pin in pins:
-            if not isinstance(pin, str) or not _FINGERPRINT.match(pin):
+            if not isinstance(pin, str) or not _FINGERPRINT.fullmatch(pin):
                 raise InvalidSpec(f"host_key {pin!r} is not a SHA256 fingerprint",
                                   fix="write it as `ssh-keygen -lf` prints it, e.g. host_key='SHA256:' + 43 characters")
         self.pins = pins

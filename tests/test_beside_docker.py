@@ -157,7 +157,7 @@ def test_network_and_engine_tests_pass_twice_beside_a_running_docker(dockerd):
 
 
 def _run_beside(dockerd, rules, run):
-    res = in_ns("env", "LABKIT_SKIP_VM=1", sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+    res = in_ns("env", "LABKIT_SKIP_VM=1", "LABKIT_TESTS_NESTED=1", sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                 "tests/test_network.py", "tests/test_engine.py", cwd=REPO, check=False, timeout=1200)
     assert res.returncode == 0, f"run {run} beside Docker:\n{res.stdout[-4000:]}\n{res.stderr[-2000:]}"
     ok, why = docker_works(dockerd)

@@ -164,3 +164,20 @@ def test_swap_is_limited_where_the_host_accounts_it(cg_lab):
             assert files["memory.swap.max"] == repr(str(16 << 20))
         elif mode != "v2" and "memory.memsw.limit_in_bytes" in files:
             assert files["memory.memsw.limit_in_bytes"] == repr(str(80 << 20))  # v1: memory + swap together
+
+
+@pytest.mark.privileged
+def test_dockers_device_allow_list_holds_without_nodev(cg_lab):
+    """The kernel's device controller alone (v1 devices.allow here, a BPF program in the v2 guest): in a
+    group with devices='docker', a node for /dev/zero opens and one for /dev/kmsg does not, on a filesystem
+    that allows device nodes; in a plain group both open (so the test can fail)."""
+    script = ("d=$(mktemp -d /run/labkit-devtest.XXXXXX) && mknod $d/zero c 1 5 && mknod $d/kmsg c 1 11 && "
+              "head -c 4 $d/zero | wc -c; : < $d/kmsg && echo kmsg-open; rm -rf $d")
+    with cg_lab.cgroup("t-devices", devices="docker") as cg:
+        rec = cg.run(["sh", "-c", script], [])
+        assert "devices" in cg.record.facts and "not enforced" not in cg.record.facts["devices"], cg.record.facts
+    assert rec.stdout.split() == ["4"], rec.stdout + rec.stderr
+    assert "Operation not permitted" in rec.stderr
+    with cg_lab.cgroup("t-nodevices") as cg:
+        plain = cg.run(["sh", "-c", script], [])
+    assert plain.stdout.split() == ["4", "kmsg-open"], plain.stdout + plain.stderr

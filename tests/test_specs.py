@@ -178,3 +178,18 @@ def test_process_spec_refuses_values_that_would_break_inside_the_agent(kw, words
         ProcessSpec(**kw)
     with pytest.raises(InvalidSpec):
         ProcessSpec.from_dict(kw)
+
+
+def test_no_validating_pattern_in_labkit_anchors_with_dollar():
+    """Every module that checks input (not only specs.py): a pattern compiled as ^...$ without re.M is a
+    validator, and '$' lets 'sha256:...\\n' or a fingerprint with a newline through."""
+    import glob
+    import os
+    import re
+    top = os.path.dirname(os.path.dirname(os.path.abspath(specs.__file__)))
+    bad = []
+    for path in glob.glob(os.path.join(top, "labkit", "**", "*.py"), recursive=True):
+        for n, line in enumerate(open(path), 1):
+            if re.search(r're\.compile\(r"\^[^"]*\$"\)', line):
+                bad.append(f"{os.path.relpath(path, top)}:{n}")
+    assert bad == [], "compile without ^/$ and use fullmatch: " + ", ".join(bad)

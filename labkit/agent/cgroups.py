@@ -14,10 +14,11 @@ import time
 
 from ..errors import InvalidSpec, MechanismError, NotFound
 from ..specs import CgroupSpec, check_name
+from . import devices
 from .runner import Recorder, read_text
 
-#: controllers labkit uses, by the name of their v1 hierarchy
-CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "cpuset")
+#: controllers labkit uses, by the name of their v1 hierarchy (on v2 the device controller is a BPF program)
+CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "cpuset", "devices")
 
 PARENT = "labkit"
 
@@ -190,6 +191,8 @@ def create(spec_dict):
         if not lay.v2 and "cpuset" in lay.dirs:
             _inherit_cpuset(lay.dirs["cpuset"], rec)
         _apply_limits(lay, spec, rec)
+        if spec.devices:
+            _restrict_devices(lay, spec, rec)
     except BaseException:
         for d in reversed(made):
             try:
@@ -199,6 +202,29 @@ def create(spec_dict):
         raise
     rec.fact("dirs", lay.all_dirs())
     return rec.to_dict(name=spec.name, mode=lay.mode, spec=spec.to_dict())
+
+
+def _restrict_devices(lay, spec, rec):
+    """Docker's device allow-list: devices.deny/allow on v1, a BPF device program on v2. Where the kernel
+    offers neither, the record says so (nodev mounts still keep a container from host devices)."""
+    allow = devices.POLICIES[spec.devices]
+    if lay.v2:
+        try:
+            n = devices.attach_v2(lay.dirs["devices"], allow)
+        except MechanismError as exc:
+            rec.fact("devices", f"not enforced: {exc.message}")
+            return
+        rec.add({"kind": "syscall", "call": "bpf", "args": ["BPF_PROG_ATTACH", lay.dirs["devices"],
+                                                             "BPF_CGROUP_DEVICE"], "result": 0, "errno": None,
+                 "duration": 0})
+        rec.fact("devices", f"{spec.devices} allow-list: a BPF device program of {n} instructions")
+    elif "devices" in lay.dirs:
+        _write(lay.path("devices", "devices.deny"), "a", rec)
+        for line in devices.v1_lines(allow):
+            _write(lay.path("devices", "devices.allow"), line, rec)
+        rec.fact("devices", f"{spec.devices} allow-list in {lay.dirs['devices']}")
+    else:
+        rec.fact("devices", "not enforced: this host mounts no devices hierarchy")
 
 
 def _inherit_cpuset(d, rec):

@@ -127,7 +127,8 @@ def create(image="busybox", name=None, cmd=None, env=None, hostname=None, ports=
         merged = images.mount_container_root(img, cid, rec)
         d = images.container_dir(cid)
         write_json(f"{d}/image.json", img)
-        cg = cgroups.create(CgroupSpec(name=_cg(cid), memory=memory, cpus=cpus, pids=pids).to_dict())
+        cg = cgroups.create(CgroupSpec(name=_cg(cid), memory=memory, cpus=cpus, pids=pids,
+                                       devices=None if privileged else "docker").to_dict())
         rec.steps += cg["steps"]
         cfg = {"id": cid, "name": name, "image": str(ref), "image_id": img["id"], "created": time.time(),
                "cmd": list(cmd) if cmd else list(img["config"].get("Cmd") or ["/bin/sh"]),

@@ -66,9 +66,13 @@ def add_layer_tar(tar_path, digest=None, rec=None):
     if rec is not None and devices:
         rec.fact("devices_skipped", sorted(set(rec.facts.get("devices_skipped", [])) | set(devices)))
     if not os.path.exists(blob_path(digest)):
-        tmp = blob_path(digest) + ".tmp"
-        shutil.copyfile(tar_path, tmp)
-        os.replace(tmp, blob_path(digest))
+        tmp = f"{blob_path(digest)}.{os.getpid()}.{os.urandom(4).hex()}.tmp"  # two agents never share one
+        try:
+            shutil.copyfile(tar_path, tmp)
+            os.replace(tmp, blob_path(digest))
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return digest
 
 

@@ -73,8 +73,8 @@ MAX_LAYERS = 128               # layers of one image (Docker's overlay2 stops at
 CHUNK = 1 << 20
 
 REDIRECTS = (301, 302, 303, 307, 308)
-DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
-TOKEN_RE = re.compile(r"^[A-Za-z0-9._~+/=-]{1,16384}$")
+DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+TOKEN_RE = re.compile(r"[A-Za-z0-9._~+/=-]{1,16384}")
 _LOOPBACK4 = ipaddress.ip_network("127.0.0.0/8")
 _LOOPBACK6 = ipaddress.ip_address("::1")
 
@@ -289,7 +289,7 @@ class Session:
         body = _json(_read_bounded(resp, MAX_MANIFEST_BYTES, f"the answer of the token service {realm}"),
                      f"the answer of the token service {realm}")
         token = body.get("token") or body.get("access_token")
-        if not isinstance(token, str) or not TOKEN_RE.match(token):
+        if not isinstance(token, str) or not TOKEN_RE.fullmatch(token):
             raise RegistryError(f"the token service {realm} gave no usable token",
                                 fix="check the credentials for this registry")
         self.token = token
@@ -361,7 +361,7 @@ def _descriptor(desc, what, limit):
     if not isinstance(desc, dict):
         raise RegistryError(f"the manifest has no descriptor for {what}", fix="the image is malformed: do not use it")
     digest, size, mt = desc.get("digest"), desc.get("size"), desc.get("mediaType", "")
-    if not isinstance(digest, str) or not DIGEST_RE.match(digest):
+    if not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest):
         raise RegistryError(f"the manifest gives {what} the digest {str(digest)[:100]!r}, not sha256:<64 hex digits>",
                             fix="the image is malformed: do not use it")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -400,7 +400,7 @@ def _resolve(s, repo, tag):
     given = (head.headers.get("Docker-Content-Digest") or "").strip() if head.status == 200 else ""
     head.close()
     if given:
-        if not DIGEST_RE.match(given):
+        if not DIGEST_RE.fullmatch(given):
             raise RegistryError(f"{s.host} gives {repo}:{tag} the digest {given[:100]!r}, not sha256:<64 hex digits>",
                                 fix="labkit verifies sha256 digests only: do not use this registry")
         return _get_manifest(s, repo, given, what, want=given)
@@ -533,7 +533,7 @@ def pull(ref, username=None, password=None):
             config = _json(f.read(), "the image config")
         diff_ids = (config.get("rootfs") or {}).get("diff_ids") if isinstance(config.get("rootfs"), dict) else None
         if not isinstance(diff_ids, list) or len(diff_ids) != len(descs) or \
-                not all(isinstance(d, str) and DIGEST_RE.match(d) for d in diff_ids):
+                not all(isinstance(d, str) and DIGEST_RE.fullmatch(d) for d in diff_ids):
             raise UnsafeLayer(f"the image config's rootfs.diff_ids do not list one sha256 digest for each of the "
                               f"{len(descs)} layers", fix="the image is malformed: do not use it")
         tars = []

@@ -110,13 +110,16 @@ def create(spec: RootfsSpec, replace=False):
         remove(spec.name)
     busybox_or_fail()
     os.makedirs(ROOTFS_DIR, mode=0o755, exist_ok=True)
-    tmp = root + ".tmp"
-    if os.path.lexists(tmp):
-        _refuse_if_mounted(tmp)
-        shutil.rmtree(tmp)
+    tmp = f"{root}.tmp-{os.getpid()}-{os.urandom(4).hex()}"  # a name of its own: two agents may build at once
     try:
         populate(tmp, spec.hostname, rec, shown=root)
-        os.rename(tmp, root)
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            if not os.path.isfile(os.path.join(root, MARKER)):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another agent built it first
+            return info(spec.name, rec=rec, existed=True)
         rec.file("rename", tmp, f"-> {root}")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
