@@ -150,7 +150,11 @@ def parse_bind(text):
     parts = str(text).split(":")
     if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
         raise InvalidSpec(f"volume {text!r} is not HOST:CONTAINER[:ro]", fix="e.g. -v /srv/site:/var/www:ro")
-    return parts[0], parts[1], len(parts) == 3 and parts[2] == "ro"
+    inside = posixpath.normpath("/" + parts[1]) if parts[1].startswith("/") else None
+    if inside in (None, "/") or "\0" in parts[1] or "\n" in parts[1]:
+        raise InvalidSpec(f"volume {text!r}: the path inside must be absolute and not the root itself",
+                          fix="e.g. -v /srv/site:/var/www")
+    return parts[0], "/" + inside.lstrip("/"), len(parts) == 3 and parts[2] == "ro"
 
 
 CAPS = ("CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",

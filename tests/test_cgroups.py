@@ -169,9 +169,9 @@ def test_swap_is_limited_where_the_host_accounts_it(cg_lab):
 @pytest.mark.privileged
 def test_dockers_device_allow_list_holds_without_nodev(cg_lab):
     """The kernel's device controller alone (v1 devices.allow here, a BPF program in the v2 guest): in a
-    group with devices='docker', a node for /dev/zero opens and one for /dev/kmsg does not, on a filesystem
+    group with devices='docker', a node for /dev/zero opens and one for /dev/kmsg does not, on a filesystem (/var/tmp)
     that allows device nodes; in a plain group both open (so the test can fail)."""
-    script = ("d=$(mktemp -d /run/labkit-devtest.XXXXXX) && mknod $d/zero c 1 5 && mknod $d/kmsg c 1 11 && "
+    script = ("d=$(mktemp -d /var/tmp/labkit-devtest.XXXXXX) && mknod $d/zero c 1 5 && mknod $d/kmsg c 1 11 && "
               "head -c 4 $d/zero | wc -c; : < $d/kmsg && echo kmsg-open; rm -rf $d")
     with cg_lab.cgroup("t-devices", devices="docker") as cg:
         rec = cg.run(["sh", "-c", script], [])

@@ -2,13 +2,14 @@
 concurrency, and bad input leaving nothing half-made."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 
 import pytest
 
-from labkit.errors import InvalidSpec, NotFound
+from labkit.errors import InvalidSpec, LabkitError, NotFound
 
 from conftest import REPO, http_get as http
 
@@ -251,3 +252,57 @@ def test_a_default_container_cannot_read_a_host_device_it_makes(lab, loop_secret
                              volumes=[f"{vol}:/vol"], detach=False, rm=True, network=None)
     pout = priv["logs"]
     assert pout.count("LABKIT-HOST-SECRET") == 3, pout
+
+
+def test_a_container_cannot_rewrite_the_host_interpreter_through_proc_self_exe(lab, tmp_path):
+    """runc's CVE-2019-5736, labkit's flavour: the container's first process is exec'd by labkit's launcher, a
+    Python. An image whose command is /proc/self/exe (with a Python library it ships, here a volume) would run
+    the host's interpreter as the container's root and chmod it set-user-ID. The launcher runs from a sealed
+    in-memory copy, so the chmod lands on the copy and a write is refused; the host's binary is unchanged."""
+    import hashlib
+    import sysconfig
+    real = os.path.realpath(sys.executable)
+    before = os.stat(real)
+    digest = hashlib.sha256(open(real, "rb").read()).hexdigest()
+    stdlib = sysconfig.get_paths()["stdlib"]
+    # what an attacker's image would ship: the interpreter's loader and libraries, and a Python library
+    ldd = subprocess.run(["ldd", real], capture_output=True, text=True, check=True).stdout
+    libs = sorted({p for p in re.findall(r"(/\S+)", ldd)})
+    volumes = sorted({f"{os.path.dirname(p)}:{os.path.dirname(p)}:ro" for p in libs if "ld-linux" not in p}
+                     | {f"{p}:{p}:ro" for p in libs if "ld-linux" in p})
+    volumes.append(f"{stdlib}:/py/lib/{os.path.basename(stdlib)}:ro")
+    attack = ("import os\nos.chmod('/proc/self/exe', 0o4755)\nprint('chmod done')\n"
+              "try:\n    open('/proc/self/exe', 'r+b').write(b'x')\n    print('write done')\n"
+              "except OSError as e:\n    print('write refused', e.errno)\n")
+    try:
+        r = lab.run_container("busybox", ["/proc/self/exe", "-c", attack], name="t-selfexe", network=None,
+                              env={"PYTHONHOME": "/py"}, volumes=volumes,
+                              detach=False, rm=True)
+        assert "chmod done" in r["logs"] and "write refused" in r["logs"], r["logs"]
+        after = os.stat(real)
+        assert (after.st_mode, after.st_mtime) == (before.st_mode, before.st_mtime)
+        assert hashlib.sha256(open(real, "rb").read()).hexdigest() == digest
+    finally:
+        if os.stat(real).st_mode != before.st_mode:
+            os.chmod(real, before.st_mode & 0o7777)
+
+
+def test_an_image_symlink_cannot_steer_a_volume_onto_the_host(lab, tmp_path):
+    """An image with /data -> /etc, run with -v DIR:/data/x, would have made /etc/x on the host before the
+    mount; now the volume's way into the root is walked without following links, and refused."""
+    mark = "labkit-vol-" + os.urandom(4).hex()
+    lab.build(f"FROM busybox\nRUN ln -s /etc /data && ln -s /etc/{mark}-file /cfg\n", "t-symvol:v1")
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    (tmp_path / "f").write_text("x")
+    try:
+        for volume in (f"{vol}:/data/{mark}", f"{tmp_path / 'f'}:/cfg"):
+            c = lab.create("t-symvol:v1", ["true"], name="t-symvol", network=None, volumes=[volume])
+            try:
+                with pytest.raises(LabkitError, match="symlink"):
+                    c.start()
+            finally:
+                c.rm(force=True)
+        assert not os.path.exists(f"/etc/{mark}") and not os.path.exists(f"/etc/{mark}-file")
+    finally:
+        lab.rmi("t-symvol:v1")

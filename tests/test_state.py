@@ -110,13 +110,20 @@ def test_corrupt_entries_do_not_stop_cleanup_ps_or_prune(lab):
             f"{vm.VM_RUN}/deadbeef.json": "{",
             f"{images.IMAGES}/t-cut/v1.json": '{"layers": ["sha256:',
             f"{images.CACHE}/{'0' * 64}.json": "[",
-            f"{network.SYSCTL_STATE}": '{"net.ipv4.ip_forward": "1", "../../../etc/x": "1"'}
+            f"{network.SYSCTL_STATE}": '{"net.ipv4.ip_forward": "1", "../../../etc/x": "1"',
+            # valid JSON, forged: a bridge name that would go into `ip` and `nft` with a command after it
+            f"{network.NET_DIR}/tforge.json": json.dumps({
+                "spec": {"name": "tforge", "subnet": "10.217.0.0/24"}, "bridge": "lkbr-tforge\nflush ruleset",
+                "gateway": "10.217.0.1", "allocations": {}, "ports": [], "members": {}}),
+            f"{engine.images.CONTAINERS_DIR}/0123456789cd/config.json": '{"id": "0123456789cd", "na'}
     for path, text in made.items():
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
             f.write(text)
     try:
         assert lab.processes() == [] or all(p["id"] != "t-cut" for p in lab.processes())
+        assert all(c["id"] != "0123456789cd" for c in lab.containers(all=True))
+        assert all(n["spec"]["name"] not in ("tcut", "tforge") for n in lab.networks())
         assert all(i["ref"] != "t-cut:v1" for i in lab.images())
         lab.cleanup()
         lab.call("image.prune")
@@ -130,8 +137,9 @@ def test_corrupt_entries_do_not_stop_cleanup_ps_or_prune(lab):
             for n in os.listdir(d) if os.path.isdir(d) else ():
                 if n.startswith(os.path.basename(path)):
                     os.unlink(os.path.join(d, n))
-        if os.path.isdir(f"{images.IMAGES}/t-cut"):
-            os.rmdir(f"{images.IMAGES}/t-cut")
+        for d in (f"{images.IMAGES}/t-cut", f"{engine.images.CONTAINERS_DIR}/0123456789cd"):
+            if os.path.isdir(d):
+                os.rmdir(d)
 
 
 def test_private_directories_keep_other_users_out(lab, student):

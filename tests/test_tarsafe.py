@@ -226,3 +226,56 @@ def test_two_unpacks_of_one_layer_at_once_both_succeed(tmp_path):
     [t.join() for t in threads]
     assert errors == [] and len(os.listdir(tmp_path / "out/d")) == 300
     assert not [n for n in os.listdir(tmp_path) if ".unpacking" in n]
+
+
+def test_whiteouts_of_dot_and_dot_dot_are_refused_and_the_store_is_untouched(tmp_path):
+    """'.wh...' would have removed the parent of the unpack directory: every stored layer."""
+    neighbour = tmp_path / "another-layer"
+    neighbour.mkdir()
+    (neighbour / "f").write_text("keep")
+    for name in (".wh...", ".wh..", "d/.wh..."):
+        blob = make_tar(str(tmp_path / "layer.tar"), [("d", "dir", None), (name, "file", "")])
+        with pytest.raises(UnsafeLayer, match="whiteout"):
+            tarsafe.unpack(blob, str(tmp_path / "out"))
+        assert (neighbour / "f").read_text() == "keep" and not (tmp_path / "out").exists()
+
+
+def test_a_sparse_member_is_refused_before_it_writes_its_holes(tmp_path):
+    """A pax sparse member of 10 KiB on disk that would unpack to 1 GiB of zeros."""
+    path = tmp_path / "sparse.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("GNUSparseFile.0/big")
+        info.size = 0
+        info.pax_headers = {"GNU.sparse.map": "0,0", "GNU.sparse.size": str(1 << 30)}
+        tar.addfile(info, io.BytesIO(b""))
+    with pytest.raises(UnsafeLayer, match="sparse"):
+        tarsafe.unpack(str(path), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_pack_refuses_a_directory_swapped_for_a_link_to_a_fifo(tmp_path, monkeypatch):
+    """The container turns a listed directory into a symlink to a FIFO: opening it must not block or follow."""
+    upper = tmp_path / "upper"
+    (upper / "d").mkdir(parents=True)
+    (upper / "d" / "f").write_text("x")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    real_open = os.open
+
+    def swapping_open(name, flags, *a, dir_fd=None, **kw):
+        if name == "d" and dir_fd is not None and flags & os.O_DIRECTORY:  # after the listing, before the open
+            import shutil
+            shutil.rmtree(upper / "d")
+            os.symlink(fifo, upper / "d")
+        return real_open(name, flags, *a, dir_fd=dir_fd, **kw)
+    monkeypatch.setattr(os, "open", swapping_open)
+    with pytest.raises(UnsafeLayer, match="changed while"):
+        tarsafe.pack(str(upper), str(tmp_path / "l.tar"))
+
+
+def test_pack_refuses_a_file_named_like_a_whiteout(tmp_path):
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    (upper / ".wh...").write_text("")
+    with pytest.raises(UnsafeLayer, match="whiteouts"):
+        tarsafe.pack(str(upper), str(tmp_path / "l.tar"))

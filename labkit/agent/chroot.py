@@ -33,12 +33,7 @@ def enter_root(spec, rec):
                     kernel.mount(path, path, None, kernel.MS_BIND, rec=rec)
                     kernel.remount_bind(path, kernel.MS_RDONLY, rec=rec)
         for src, dst, ro in spec.binds:  # -v HOST:CONTAINER[:ro]
-            target = root + dst
-            if os.path.isdir(src):
-                os.makedirs(target, exist_ok=True)
-            elif not os.path.exists(target):
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                open(target, "a").close()
+            target = rootfs.place_in_root(root, dst, "dir" if os.path.isdir(src) else "file")
             kernel.mount(src, target, None, kernel.MS_BIND | kernel.MS_REC, rec=rec)
             if ro or nodev:
                 kernel.remount_bind(target, (kernel.MS_RDONLY if ro else 0) | (kernel.MS_NODEV if nodev else 0),

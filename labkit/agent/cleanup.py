@@ -85,10 +85,12 @@ def cleanup(dry_run=False):
         removed.append(f"process {e['id']}")
     for kind, pid in items:
         if kind == "process-root":
-            try:
+            try:  # still a process rooted in labkit's directories (not a pid recycled since plan())?
+                if not _in_labkit(os.readlink(f"/proc/{pid}/root")):
+                    continue
                 os.kill(int(pid), signal.SIGKILL)
                 removed.append(f"process {pid}")
-            except ProcessLookupError:
+            except (ProcessLookupError, FileNotFoundError):
                 pass
     if removed:
         time.sleep(0.05)  # let the killed processes release their mounts

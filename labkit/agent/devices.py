@@ -104,7 +104,11 @@ def attach_v2(cgroup_dir, allow=DOCKER_ALLOW):
                              + (f"; verifier: {log.value.decode(errors='replace')[-300:]}" if log.value else ""),
                              fix="this kernel lacks CONFIG_CGROUP_BPF or BPF is restricted; nodev mounts still "
                                  "keep containers from host devices") from None
-    fd = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        os.close(prog)
+        raise
     try:
         _bpf(BPF_PROG_ATTACH, struct.pack("<IIII", fd, prog, BPF_CGROUP_DEVICE, BPF_F_ALLOW_MULTI))
     except OSError as exc:

@@ -16,7 +16,6 @@ import re
 import secrets
 import signal
 import subprocess
-import sys
 import time
 
 from ..errors import InvalidSpec, LabkitError, MechanismError, NotFound
@@ -24,8 +23,8 @@ from ..specs import (CAPS, CONTAINERS_DIR, DOCKER_DEFAULT_CAPS, RUN_DIR, STATE_D
                      ProcessSpec, check_name, normalize_caps, parse_bind)
 from . import cgroups, images, network, process
 from .launch import CONTAINER_PATH
-from .runner import Recorder, env_for_children, pid_starttime, read_text, run, same_process
-from .state import private_dir, read_json, write_json
+from .runner import Recorder, env_for_children, pid_starttime, python_argv, read_text, run, same_process
+from .state import private_dir, read_json, set_aside, write_json
 
 NAMES = STATE_DIR + "/names"
 RUNTIME = RUN_DIR + "/containers"
@@ -233,7 +232,8 @@ def run_attached(ref, timeout=30):
                                daemon=True)
     watcher.start()
     # no new session: the terminal's Ctrl-C reaches the container's foreground, as with docker run -it
-    proc = subprocess.Popen([sys.executable, "-m", "labkit.agent.launch"] + args, env=env_for_children())
+    argv, fds = python_argv("-m", "labkit.agent.launch", *args)
+    proc = subprocess.Popen(argv, env=env_for_children(), pass_fds=fds)
     code = proc.wait()
     watcher.join(1)
     ex = read_json(f"{rt}/exit.json", default={})
@@ -332,9 +332,20 @@ def _row(cid):
 
 
 def ps(all=False):
+    """`docker ps [-a]`. A container whose config is missing or garbled is left out (its file set aside), not
+    allowed to stop the listing of the others."""
     if not os.path.isdir(CONTAINERS_DIR):
         return []
-    rows = [_row(c) for c in sorted(os.listdir(CONTAINERS_DIR)) if os.path.exists(f"{CONTAINERS_DIR}/{c}/config.json")]
+    rows = []
+    for c in sorted(os.listdir(CONTAINERS_DIR)):
+        if not os.path.exists(f"{CONTAINERS_DIR}/{c}/config.json"):
+            continue
+        try:
+            rows.append(_row(c))
+        except NotFound:
+            continue  # read_json set the garbled file aside and said so
+        except (KeyError, TypeError, ValueError):
+            set_aside(f"{CONTAINERS_DIR}/{c}/config.json", "does not hold a container config labkit wrote")
     return sorted([r for r in rows if all or r["running"]], key=lambda r: -r["created"])
 
 
@@ -408,7 +419,8 @@ def exec_in(ref, argv, timeout=60):
     rec.fact("joins", f"cgroup {_cg(cid)}, namespaces {', '.join(namespaces)} and the root of PID {st['pid']}")
     rec.fact("capabilities", "all (privileged)" if spec["cap_keep"] is None else spec["cap_keep"])
     # labkit.agent.enter: nsenter's work, plus the capability drop that nsenter cannot do
-    res = run([sys.executable, "-m", "labkit.agent.enter", json.dumps(spec)], recorder=rec, check=False,
+    argv, fds = python_argv("-m", "labkit.agent.enter", json.dumps(spec))
+    res = run(argv, pass_fds=fds, recorder=rec, check=False,
               timeout=timeout, env=env_for_children())
     return rec.to_dict(exit_code=res.exit_code, stdout=res.stdout, stderr=res.stderr)
 

@@ -13,12 +13,14 @@ import signal
 import sys
 
 from . import kernel
+from .runner import close_sealed_python
 
 ORDER = ("cgroup", "ipc", "uts", "net", "pid", "mnt")
 PR_SET_PDEATHSIG = 1
 
 
 def main(argv=None):
+    close_sealed_python()
     spec = json.loads((sys.argv[1:] if argv is None else argv)[0])
     pid = int(spec["pid"])
     for procs in spec.get("procs", []):

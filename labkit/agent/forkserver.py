@@ -19,7 +19,7 @@ import threading
 
 from ..errors import MechanismError
 from ..specs import RUN_DIR
-from .runner import env_for_children
+from .runner import close_sealed_python, env_for_children, python_argv
 
 PR_SET_PDEATHSIG = 1
 
@@ -150,7 +150,8 @@ def _ensure():
             return _server["path"]
         os.makedirs(RUN_DIR, exist_ok=True)
         path = _socket_path()
-        proc = subprocess.Popen([sys.executable, "-m", "labkit.agent.forkserver", path], stdin=subprocess.DEVNULL,
+        argv, fds = python_argv("-m", "labkit.agent.forkserver", path)
+        proc = subprocess.Popen(argv, pass_fds=fds, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env_for_children(), cwd="/",
                                 start_new_session=True)
         if proc.stdout.readline().strip() != b"ready":
@@ -192,4 +193,5 @@ def stop():
 
 
 if __name__ == "__main__":
+    close_sealed_python()
     serve(sys.argv[1])

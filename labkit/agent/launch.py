@@ -24,8 +24,8 @@ import time
 
 from ..errors import LabkitError, MechanismError
 from ..specs import RUN_DIR, STATE_DIR, ProcessSpec, rootfs_path
-from . import chroot, kernel, namespaces, network
-from .runner import Recorder
+from . import chroot, kernel, namespaces, network, rootfs
+from .runner import Recorder, close_sealed_python
 from .state import write_json
 
 PR_SET_PDEATHSIG = 1
@@ -216,13 +216,14 @@ def undo_host_mounts(mounts):
                                                   for d in (STATE_DIR, RUN_DIR)):
             continue
         try:
-            kernel.umount2(target, kernel.MNT_DETACH, rec=rec)
+            kernel.umount2(target, kernel.MNT_DETACH | kernel.UMOUNT_NOFOLLOW, rec=rec)
         except MechanismError:
             pass
     return rec.steps
 
 
 def main(argv=None):
+    close_sealed_python()
     argv = sys.argv[1:] if argv is None else argv
     report_path, spec_json, ctx_json, mode = argv[:4]
     spec = ProcessSpec.from_dict(json.loads(spec_json))
@@ -239,7 +240,7 @@ def main(argv=None):
     host_mounts = []
     if spec.rootfs is not None and "mnt" not in spec.namespaces and spec.wants_proc:
         # No private mount namespace: this mount is visible on the host until we undo it.
-        target = rootfs_path(spec.rootfs) + "/proc"
+        target = rootfs.place_in_root(rootfs_path(spec.rootfs), "/proc")
         kernel.mount("proc", target, "proc", kernel.MS_NOSUID | kernel.MS_NODEV | kernel.MS_NOEXEC, rec=host_rec)
         host_mounts.append(target)
     try:

@@ -21,7 +21,7 @@ import socket
 from ..errors import InvalidSpec, MechanismError, NotFound
 from ..specs import RUN_DIR, NetworkSpec, PortSpec
 from .runner import Recorder, read_text, run, which
-from .state import private_dir, read_dir, read_json, write_json
+from .state import private_dir, read_dir, read_json, set_aside, write_json
 
 NET_DIR = RUN_DIR + "/net"
 LOCK = NET_DIR + "/.lock"
@@ -66,7 +66,23 @@ def _load(name):
 
 
 def _is_state(state):
-    return isinstance(state, dict) and isinstance(state.get("spec"), dict) and isinstance(state["spec"].get("name"), str)
+    """True when ``state`` holds only what create/connect write: every name, address and port in it reaches
+    `ip` and `nft` later, so a forged or garbled entry must not get there."""
+    try:
+        spec = NetworkSpec(name=state["spec"]["name"], subnet=state["spec"]["subnet"])
+        net = ipaddress.ip_network(spec.subnet)
+        if state["bridge"] != spec.bridge or ipaddress.ip_address(state["gateway"]) not in net:
+            return False
+        for m in state["members"].values():
+            if not is_labkit_link(m["veth"]) or ipaddress.ip_address(m["ip"]) not in net:
+                return False
+        for p in state["ports"]:
+            PortSpec.parse(f"{p['host_ip']}:{p['host_port']}:{p['container_port']}/{p['proto']}")
+            if ipaddress.ip_address(p["ip"]) not in net:
+                return False
+        return isinstance(state["allocations"], dict)
+    except (KeyError, TypeError, AttributeError, ValueError):  # InvalidSpec is a ValueError
+        return False
 
 
 def _save(state):
@@ -76,11 +92,10 @@ def _save(state):
 def _all():
     out = []
     for name, st in read_dir(NET_DIR):
-        try:
-            if _is_state(st) and st["spec"]["name"] == name and _path(name):
-                out.append(st)
-        except InvalidSpec:  # a file named like no network labkit could make: not ours
-            continue
+        if _is_state(st) and st["spec"]["name"] == name:
+            out.append(st)
+        else:
+            set_aside(f"{NET_DIR}/{name}.json", "does not hold a network labkit made")
     return out
 
 
@@ -201,14 +216,26 @@ def _apply_firewall(rec):
         add = lambda table, chain, *r: rec.run(["iptables", "-w", "-t", table, "-A", chain, *r])  # noqa: E731
         add("nat", "LABKIT-POSTROUTING", "-s", subnet, "!", "-o", br, "-j", "MASQUERADE")
         add("nat", "LABKIT-POSTROUTING", "-o", br, "-s", "127.0.0.0/8", "-j", "MASQUERADE")
-        add("filter", "LABKIT-FORWARD", "-i", br, "-j", "ACCEPT")
-        add("filter", "LABKIT-FORWARD", "-o", br, "-j", "ACCEPT")
+        for rule in _forward_rules(br):
+            add("filter", "LABKIT-FORWARD", *rule)
         for p in st["ports"]:
             dst = ["-d", p["host_ip"]] if p["host_ip"] != "0.0.0.0" else ["-m", "addrtype", "--dst-type", "LOCAL"]
             tgt = ["-p", p["proto"], "--dport", str(p["host_port"]), "-j", "DNAT",
                    "--to-destination", f"{p['ip']}:{p['container_port']}"]
             add("nat", "LABKIT-PREROUTING", *dst, *tgt)
             add("nat", "LABKIT-OUTPUT", *dst, *tgt)
+
+
+def _forward_rules(br):
+    """iptables FORWARD rules for one labkit bridge, as labkit's nft table has them: traffic within the bridge,
+    answers and published ports coming in, and anything going out -- except into Docker's bridges, which
+    is left to Docker's own rules (a labkit container gets no further into Docker's networks than any
+    other host would)."""
+    return [["-i", br, "-o", br, "-j", "ACCEPT"],
+            ["-o", br, "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED,DNAT", "-j", "ACCEPT"],
+            ["-i", br, "-o", "docker0", "-j", "RETURN"],
+            ["-i", br, "-o", "br-+", "-j", "RETURN"],
+            ["-i", br, "-j", "ACCEPT"]]
 
 
 def _forward_drops():
@@ -245,8 +272,8 @@ def _forward_guard(states, rec):
         rec.run(["iptables", "-w", "-t", "filter", "-N", chain])
     rec.run(["iptables", "-w", "-t", "filter", "-F", chain])
     for st in states:
-        rec.run(["iptables", "-w", "-t", "filter", "-A", chain, "-i", st["bridge"], "-j", "ACCEPT"])
-        rec.run(["iptables", "-w", "-t", "filter", "-A", chain, "-o", st["bridge"], "-j", "ACCEPT"])
+        for rule in _forward_rules(st["bridge"]):
+            rec.run(["iptables", "-w", "-t", "filter", "-A", chain, *rule])
     hook = _forward_hook()
     if not run(["iptables", "-w", "-t", "filter", "-C", hook, "-j", chain], check=False).ok:
         rec.run(["iptables", "-w", "-t", "filter", "-I", hook, "1", "-j", chain])

@@ -11,7 +11,6 @@ import os
 import secrets
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -20,7 +19,7 @@ from ..specs import NAMESPACES, RUN_DIR, ProcessSpec, check_name
 from . import cgroups, network
 from .launch import undo_host_mounts
 from .namespaces import host_context, inodes, shares
-from .runner import Recorder, env_for_children, pid_starttime, read_text, run as run_cmd, same_process
+from .runner import Recorder, env_for_children, pid_starttime, python_argv, read_text, run as run_cmd, same_process
 from .state import private_dir, read_dir, read_json, write_json
 
 PROCS_DIR = RUN_DIR + "/procs"
@@ -87,7 +86,8 @@ def run_launcher(args, stdin, stdout, stderr, input=None, timeout=None):
         except (OSError, MechanismError):
             if os.environ.get("LABKIT_REQUIRE_FORKSERVER") == "1":
                 raise
-    proc = subprocess.Popen([sys.executable, "-m", "labkit.agent.launch"] + args, stdin=stdin, stdout=stdout,
+    argv, fds = python_argv("-m", "labkit.agent.launch", *args)
+    proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout, pass_fds=fds,
                             stderr=stderr, env=env_for_children(), start_new_session=True, cwd="/")
     try:
         out, err = proc.communicate(input=input, timeout=timeout)

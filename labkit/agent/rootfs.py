@@ -8,6 +8,7 @@ read-only sysfs, a tmpfs /dev with the safe device nodes, devpts, shm), the way 
 Standard library only.
 """
 import os
+import posixpath
 import shutil
 import stat
 import struct
@@ -199,11 +200,47 @@ DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc
              "stderr": "/proc/self/fd/2", "ptmx": "pts/ptmx", "core": "/proc/kcore"}
 
 
+def place_in_root(root, path, kind="dir"):
+    """Make sure ``path`` (absolute, inside the container) exists below ``root`` as a ``kind`` ('dir' or 'file'),
+    reaching it one component at a time with O_NOFOLLOW and making what is missing: a symlink an image or a
+    container left on the way is refused, so a mount on the returned host path lands inside the root, never
+    on a host path it points to. Returns that host path."""
+    parts = [p for p in posixpath.normpath("/" + path).split("/") if p]
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            want_dir = not last or kind == "dir"
+            flags = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+            try:
+                nxt = os.open(part, flags, dir_fd=fd)
+            except FileNotFoundError:
+                if want_dir:
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                else:
+                    os.close(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                     0o644, dir_fd=fd))
+                nxt = os.open(part, flags, dir_fd=fd)
+            st = os.fstat(nxt)
+            os.close(fd)
+            fd = nxt
+            if stat.S_ISLNK(st.st_mode) or (want_dir and not stat.S_ISDIR(st.st_mode)):
+                raise MechanismError(f"{'/'.join(parts[:i + 1])} inside the root is "
+                                     + ("a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory")
+                                     + f": nothing is mounted through it (wanted /{'/'.join(parts)})",
+                                     fix="remove or rename it in the image, or mount somewhere else")
+    finally:
+        os.close(fd)
+    return root.rstrip("/") + "/" + "/".join(parts)
+
+
 def setup_runtime_mounts(root, rec, proc=True, new_net=False, nodev=True):
     """Mount proc, sys, dev into ``root`` (in the caller's mount namespace); return the mount points.
     ``nodev``: /dev is a nodev tmpfs (a process that keeps every capability gets one without)."""
     done = []
     nosuid = kernel.MS_NOSUID | kernel.MS_NODEV
+    for d in ("proc", "sys", "dev"):
+        place_in_root(root, d)  # a symlink planted at /dev or /proc must not steer these mounts
     if proc:
         kernel.mount("proc", f"{root}/proc", "proc", nosuid | kernel.MS_NOEXEC, rec=rec)
         done.append(f"{root}/proc")

@@ -5,9 +5,12 @@
 operation (commands *and* syscalls, with their arguments) together with the facts it established,
 so that a notebook can show exactly what happened and nothing that did not. Standard library only.
 """
+import fcntl
 import os
 import shutil
 import subprocess
+import sys
+import threading
 import time
 
 from ..errors import CommandFailed, CommandTimeout, InvalidSpec
@@ -42,7 +45,7 @@ def which(name):
     return shutil.which(name, path=SAFE_PATH)
 
 
-def run(argv, *, input=None, timeout=60, check=True, env=None, recorder=None, fix=None, cwd=None):
+def run(argv, *, input=None, timeout=60, check=True, env=None, recorder=None, fix=None, cwd=None, pass_fds=()):
     """Run ``argv`` and return a :class:`Result`; raise CommandFailed/CommandTimeout on failure.
 
     ``recorder`` (a :class:`Recorder`) gets the step whether it succeeded or not.
@@ -58,7 +61,7 @@ def run(argv, *, input=None, timeout=60, check=True, env=None, recorder=None, fi
     try:
         proc = subprocess.run(argv, input=input if input is None else input.encode(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=None if input else subprocess.DEVNULL,
-                              timeout=timeout, env=full_env, cwd=cwd, start_new_session=True)
+                              timeout=timeout, env=full_env, cwd=cwd, start_new_session=True, pass_fds=pass_fds)
     except FileNotFoundError:
         res = Result(argv, 127, "", f"{argv[0]}: command not found", time.perf_counter() - start)
         if recorder is not None:
@@ -147,6 +150,51 @@ def same_process(pid, starttime):
 
 
 def env_for_children():
-    """Environment that lets a child python find this labkit package (plain checkout or zipapp)."""
+    """Environment that lets a child python find this labkit package (plain checkout or zipapp) and, started
+    from the sealed copy (:func:`python_argv`), its own standard library."""
     here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return {"PYTHONPATH": here, "PATH": SAFE_PATH, "LANG": "C.UTF-8"}
+    home = sys.base_prefix if sys.base_exec_prefix == sys.base_prefix else f"{sys.base_prefix}:{sys.base_exec_prefix}"
+    return {"PYTHONPATH": here, "PATH": SAFE_PATH, "LANG": "C.UTF-8", "PYTHONHOME": home}
+
+
+SEALED_NAME = "labkit-python"
+_sealed = {"pid": None, "fd": None}
+_sealed_lock = threading.Lock()
+
+
+def sealed_python():
+    """A file descriptor of a sealed in-memory copy of this Python's binary (a memfd that can no longer be
+    written, resized or unsealed), made once per agent process.
+
+    The agent starts every helper that ends up inside a container (the launcher, its fork server, ``enter``)
+    from this copy, so that there /proc/self/exe names the copy and not the host's python binary: otherwise
+    a container's root could exec /proc/self/exe (or a script whose interpreter it is) and chmod or rewrite
+    the host's interpreter through it (runc's CVE-2019-5736, which runc answers the same way)."""
+    with _sealed_lock:
+        if _sealed["pid"] != os.getpid():
+            fd = os.memfd_create(SEALED_NAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            with open(os.path.realpath(sys.executable), "rb") as src:
+                for chunk in iter(lambda: src.read(1 << 20), b""):
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view):]
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
+                        fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
+            _sealed.update(pid=os.getpid(), fd=fd)
+        return _sealed["fd"]
+
+
+def python_argv(*args):
+    """(argv, pass_fds) that run this Python with ``args`` from its sealed copy (:func:`sealed_python`)."""
+    fd = sealed_python()
+    return [f"/proc/self/fd/{fd}", *args], (fd,)
+
+
+def close_sealed_python():
+    """In a helper started by :func:`python_argv`: the copy it runs from stays out of the programs it execs."""
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}").startswith(f"/memfd:{SEALED_NAME}"):
+                os.set_inheritable(int(name), False)
+        except OSError:
+            continue

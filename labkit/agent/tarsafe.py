@@ -23,7 +23,7 @@ import stat
 import tarfile
 import zlib
 
-from ..errors import InvalidSpec, UnsafeLayer
+from ..errors import InvalidSpec, LabkitError, UnsafeLayer
 
 WH = ".wh."
 OPAQUE = ".wh..wh..opq"
@@ -137,6 +137,8 @@ def _lstat_at(dir_fd, name):
 
 def _remove_at(dir_fd, name):
     """Remove ``name`` in ``dir_fd`` (a whole tree when it is a directory), never following a symlink."""
+    if name in ("", ".", "..") or "/" in name:
+        raise UnsafeLayer(f"refusing to remove {name!r}: only an entry of the directory itself may go")
     st = _lstat_at(dir_fd, name)
     if st is None:
         return
@@ -221,8 +223,16 @@ def unpack(blob, dest, digest=None):
     try:
         check_plain_tar(blob, f"layer {digest or os.path.basename(blob)}")
         with tarfile.open(blob, "r:") as tar:  # plain tar only: never a decompressor without a bound
-            seen = set()
+            seen, written = set(), 0
             for m in tar:
+                if m.issparse() or m.type == tarfile.GNUTYPE_SPARSE or \
+                        any(k.startswith("GNU.sparse") for k in (m.pax_headers or {})):
+                    raise UnsafeLayer(f"entry {m.name!r} is a sparse file: its holes would be written out in full "
+                                      "(a tiny tar can fill the disk)", fix="rebuild the image without sparse files")
+                written += m.size if m.isreg() else 0
+                if written > MAX_LAYER_BYTES:
+                    raise UnsafeLayer(f"the layer unpacks to more than {MAX_LAYER_BYTES} bytes",
+                                      fix="do not use this image (labkit bounds what a layer may write)")
                 rel = _clean_name(m.name)
                 if not rel:
                     continue
@@ -245,6 +255,13 @@ def unpack(blob, dest, digest=None):
             if not os.path.isdir(dest):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)  # another agent unpacked the same digest first
+    except LabkitError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except (tarfile.TarError, ValueError, EOFError) as exc:  # the tar itself is malformed
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UnsafeLayer(f"layer {digest or os.path.basename(blob)} is not a valid tar archive: {exc}",
+                          fix="do not use this image") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # fd-based on Linux: never follows the layer's symlinks
         raise
@@ -276,6 +293,9 @@ def _unpack_entry(tar, m, rel, root_fd, seen):
     try:
         if base.startswith(WH):
             gone = base[len(WH):]
+            if gone in ("", ".", ".."):
+                raise UnsafeLayer(f"whiteout {rel!r} names {gone!r}: a whiteout hides one entry of its directory, "
+                                  "never the directory or its parent")
             _remove_at(pfd, gone)
             os.mknod(gone, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=pfd)
             return ("whiteout", posixpath.join(posixpath.dirname(rel), gone))
@@ -351,58 +371,83 @@ def pack(upper, out):
     """Write ``upper`` (an overlay upper dir, or any root) as an OCI layer tar; returns (digest, entries).
 
     Deterministic: sorted names, whole-second mtimes, no user names, so the same tree gives the same digest.
-    The tree may belong to a running container whose root swaps a file for a symlink while this runs:
-    it is walked by directory file descriptors (``os.fwalk``), every file is opened with O_NOFOLLOW and
-    must still be the inode that was listed, so nothing outside ``upper`` is ever read into the layer.
-    Sockets are left out (a tar cannot hold them)."""
+    The tree may belong to a running container whose root swaps things for symlinks while this runs: every
+    directory is opened relative to its parent with O_DIRECTORY|O_NOFOLLOW|O_NONBLOCK, every file with
+    O_NOFOLLOW|O_NONBLOCK and must still be the inode that was listed, so nothing outside ``upper`` is ever
+    read or opened (no FIFO to hang on, no device). Sockets are left out (a tar cannot hold them); a file
+    whose name starts with ``.wh.`` is refused (OCI reserves the prefix for whiteouts)."""
     entries = []
     links = {}
     with open(out, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for dirpath, dirnames, filenames, dfd in os.fwalk(upper, follow_symlinks=False):
-            dirnames.sort()
-            rel_dir = os.path.relpath(dirpath, upper)
-            rel_dir = "" if rel_dir == "." else rel_dir
-            if rel_dir and _is_opaque(dfd):
-                tar.addfile(tarfile.TarInfo(posixpath.join(rel_dir, OPAQUE)))
-                entries.append(("opaque", rel_dir))
-            for name in sorted(dirnames + filenames):
-                rel = posixpath.join(rel_dir, name) if rel_dir else name
-                st = _lstat_at(dfd, name)
-                if st is None or stat.S_ISSOCK(st.st_mode):
-                    continue
-                if _is_whiteout(st):
-                    info = tarfile.TarInfo(posixpath.join(rel_dir, WH + name) if rel_dir else WH + name)
-                    info.mtime = int(st.st_mtime)
-                    tar.addfile(info)
-                    entries.append(("whiteout", rel))
-                    continue
-                info = tarfile.TarInfo(rel)
-                info.mode, info.uid, info.gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
-                info.mtime, info.uname, info.gname = int(st.st_mtime), "", ""
-                key = (st.st_dev, st.st_ino)
-                if stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and key in links:
-                    info.type, info.linkname = tarfile.LNKTYPE, links[key]
-                    tar.addfile(info)
-                elif stat.S_ISREG(st.st_mode):
-                    _add_file(tar, info, dfd, name, st)
-                    if st.st_nlink > 1:
-                        links[key] = rel
-                elif stat.S_ISDIR(st.st_mode):
-                    info.type = tarfile.DIRTYPE
-                    tar.addfile(info)
-                elif stat.S_ISLNK(st.st_mode):
-                    info.type, info.linkname = tarfile.SYMTYPE, os.readlink(name, dir_fd=dfd)
-                    tar.addfile(info)
-                elif stat.S_ISFIFO(st.st_mode):
-                    info.type = tarfile.FIFOTYPE
-                    tar.addfile(info)
-                else:
-                    info.type = tarfile.CHRTYPE if stat.S_ISCHR(st.st_mode) else tarfile.BLKTYPE
-                    info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
-                    tar.addfile(info)
-                entries.append(("file" if info.isreg() else "dir" if info.isdir() else
-                                "symlink" if info.issym() else "other", rel))
+        stack = [("", os.open(upper, O_DIR | os.O_NONBLOCK))]
+        try:
+            while stack:
+                rel_dir, dfd = stack.pop()
+                try:
+                    subdirs = _pack_dir(tar, rel_dir, dfd, entries, links)
+                    for name in reversed(subdirs):  # depth first, in sorted order
+                        sub = posixpath.join(rel_dir, name) if rel_dir else name
+                        try:
+                            stack.append((sub, os.open(name, O_DIR | os.O_NONBLOCK, dir_fd=dfd)))
+                        except OSError as exc:
+                            raise UnsafeLayer(f"{sub!r} changed while it was being packed ({exc.strerror})",
+                                              fix="stop the container, then commit it again") from None
+                finally:
+                    os.close(dfd)
+        finally:
+            for _, fd in stack:
+                os.close(fd)
     return sha256_file(out), entries
+
+
+def _pack_dir(tar, rel_dir, dfd, entries, links):
+    """Add the entries of one directory (held by ``dfd``); returns the names of its subdirectories."""
+    if rel_dir and _is_opaque(dfd):
+        tar.addfile(tarfile.TarInfo(posixpath.join(rel_dir, OPAQUE)))
+        entries.append(("opaque", rel_dir))
+    subdirs = []
+    for name in sorted(os.listdir(dfd)):
+        rel = posixpath.join(rel_dir, name) if rel_dir else name
+        st = _lstat_at(dfd, name)
+        if st is None or stat.S_ISSOCK(st.st_mode):
+            continue
+        if _is_whiteout(st):
+            info = tarfile.TarInfo(posixpath.join(rel_dir, WH + name) if rel_dir else WH + name)
+            info.mtime = int(st.st_mtime)
+            tar.addfile(info)
+            entries.append(("whiteout", rel))
+            continue
+        if name.startswith(WH):
+            raise UnsafeLayer(f"{rel!r}: a file named '{WH}...' cannot go into a layer (the prefix marks whiteouts)",
+                              fix="rename or remove it, then commit again")
+        info = tarfile.TarInfo(rel)
+        info.mode, info.uid, info.gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+        info.mtime, info.uname, info.gname = int(st.st_mtime), "", ""
+        key = (st.st_dev, st.st_ino)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and key in links:
+            info.type, info.linkname = tarfile.LNKTYPE, links[key]
+            tar.addfile(info)
+        elif stat.S_ISREG(st.st_mode):
+            _add_file(tar, info, dfd, name, st)
+            if st.st_nlink > 1:
+                links[key] = rel
+        elif stat.S_ISDIR(st.st_mode):
+            info.type = tarfile.DIRTYPE
+            tar.addfile(info)
+            subdirs.append(name)
+        elif stat.S_ISLNK(st.st_mode):
+            info.type, info.linkname = tarfile.SYMTYPE, os.readlink(name, dir_fd=dfd)
+            tar.addfile(info)
+        elif stat.S_ISFIFO(st.st_mode):
+            info.type = tarfile.FIFOTYPE
+            tar.addfile(info)
+        else:
+            info.type = tarfile.CHRTYPE if stat.S_ISCHR(st.st_mode) else tarfile.BLKTYPE
+            info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+            tar.addfile(info)
+        entries.append(("file" if info.isreg() else "dir" if info.isdir() else
+                        "symlink" if info.issym() else "other", rel))
+    return subdirs
 
 
 def _add_file(tar, info, dfd, name, st):
