@@ -610,7 +610,7 @@ class Process(_Handle):
         return self.inspect().get("shares_with_host", {})
 
     def exec(self, argv, timeout=30):
-        """Run ``argv`` inside this process's namespaces and root (nsenter)."""
+        """Run ``argv`` inside this process's namespaces, root and cgroup, with its capabilities."""
         return Record(self.lab.call("proc.exec", pid_id=self.id, argv=_argv(argv), timeout=timeout))
 
     def stop(self, timeout=None):

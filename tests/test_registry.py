@@ -908,3 +908,27 @@ def test_push_sends_credentials_to_the_registry_only(lab, fakes):
     assert storage.auth_seen() and all(a is None for a in storage.auth_seen())
     assert all(a == "Basic " + base64_of("student:s3cret") for a in reg.auth_seen())
     assert any(r["method"] == "PUT" and "/manifests/v1" in r["path"] for r in reg.requests)
+
+
+def test_a_registry_dripping_bytes_is_cut_off_by_the_transfer_deadline(lab, fakes, store, monkeypatch):
+    """A byte every 0.2 s keeps every single read alive (no socket timeout fires): the whole pull may take
+    MAX_TRANSFER_SECONDS (lowered to 1 s here), then it is refused and leaves nothing."""
+    reg = fakes()
+    info = reg.add_image("slow/app", "v1")
+    monkeypatch.setattr(agent_registry, "MAX_TRANSFER_SECONDS", 1)
+
+    def drip(h, path):
+        if "/blobs/" in path:  # the true content at its true length, a byte at a time
+            body = reg.blobs[path.rsplit("/", 1)[1]]
+            h.send_response(200)
+            h.send_header("Content-Length", str(len(body)))
+            h.end_headers()
+            for b in body[:50]:
+                h.wfile.write(bytes([b]))
+                h.wfile.flush()
+                time.sleep(0.2)
+            return True
+    reg.hook = drip
+    started = time.monotonic()
+    _refused(lab, store, info, RegistryError, "took longer than 1 s")
+    assert time.monotonic() - started < 8

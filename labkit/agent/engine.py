@@ -21,7 +21,7 @@ import time
 from ..errors import InvalidSpec, LabkitError, MechanismError, NotFound
 from ..specs import (CAPS, CONTAINERS_DIR, DOCKER_DEFAULT_CAPS, RUN_DIR, STATE_DIR, CgroupSpec, ImageRef, PortSpec,
                      ProcessSpec, check_name, normalize_caps, parse_bind)
-from . import cgroups, images, network, process
+from . import cgroups, enter, images, network, process
 from .launch import CONTAINER_PATH
 from .runner import Recorder, env_for_children, pid_starttime, python_argv, read_text, run, same_process
 from .state import private_dir, read_json, set_aside, write_json
@@ -419,9 +419,7 @@ def exec_in(ref, argv, timeout=60):
     rec.fact("joins", f"cgroup {_cg(cid)}, namespaces {', '.join(namespaces)} and the root of PID {st['pid']}")
     rec.fact("capabilities", "all (privileged)" if spec["cap_keep"] is None else spec["cap_keep"])
     # labkit.agent.enter: nsenter's work, plus the capability drop that nsenter cannot do
-    argv, fds = python_argv("-m", "labkit.agent.enter", json.dumps(spec))
-    res = run(argv, pass_fds=fds, recorder=rec, check=False,
-              timeout=timeout, env=env_for_children())
+    res = enter.run_entered(spec, rec, timeout)
     return rec.to_dict(exit_code=res.exit_code, stdout=res.stdout, stderr=res.stderr)
 
 

@@ -16,7 +16,7 @@ import time
 
 from ..errors import CommandTimeout, InvalidSpec, MechanismError, NotFound, from_wire
 from ..specs import NAMESPACES, RUN_DIR, ProcessSpec, check_name
-from . import cgroups, network
+from . import cgroups, enter, network
 from .launch import undo_host_mounts
 from .namespaces import host_context, inodes, shares
 from .runner import Recorder, env_for_children, pid_starttime, python_argv, read_text, run as run_cmd, same_process
@@ -283,12 +283,24 @@ def inspect(pid_id):
 
 
 def exec_in(pid_id, argv, timeout=30):
-    """Run argv inside a started process's namespaces and root, with nsenter(1) (the argv is recorded)."""
+    """Run argv inside a started process's namespaces and root: through :mod:`labkit.agent.enter` (its cgroup and
+    capabilities too) for a process of the host's root, with nsenter(1) inside a user namespace."""
     if isinstance(argv, str) or not argv:
         raise InvalidSpec(f"argv must be a non-empty list, got {argv!r}", fix="e.g. ['hostname']")
     e = _load(pid_id)
     if not is_alive(e):
         raise NotFound(f"process {pid_id!r} is not running", fix="start it again with lab.spawn(...)")
+    if "user" not in e["spec"]["namespaces"]:
+        # root on the host's side: enter as `docker exec` does, with the process's capabilities and cgroup,
+        # from the sealed interpreter (nsenter keeps every capability, and its binary would be the host's)
+        spec = {"pid": e["pid"], "namespaces": [n for n in enter.ORDER if n in e["spec"]["namespaces"]],
+                "procs": cgroups.procs_files(e["spec"]["cgroup"]) if e["spec"].get("cgroup") else [],
+                "cwd": e["spec"].get("cwd") or "/", "env": {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:"
+                                                                    "/usr/bin:/sbin:/bin"},
+                "argv": [str(a) for a in argv], "cap_keep": e["spec"].get("cap_keep")}
+        rec = Recorder(f"exec {list(argv)} in {pid_id}")
+        res = enter.run_entered(spec, rec, timeout)
+        return rec.to_dict(exit_code=res.exit_code, stdout=res.stdout, stderr=res.stderr)
     nsargs = {"user": "--user", "mnt": "--mount", "uts": "--uts", "ipc": "--ipc", "net": "--net",
               "pid": "--pid", "cgroup": "--cgroup"}
     flags = [nsargs[n] for n in NAMESPACES if n in e["spec"]["namespaces"]]

@@ -35,6 +35,7 @@ realms, malformed or oversized manifests) raise :class:`RegistryError`; refusals
 sizes, bombs) raise :class:`UnsafeLayer`. Standard library only.
 """
 import base64
+import contextlib
 import hashlib
 import http.client
 import ipaddress
@@ -44,6 +45,7 @@ import platform
 import re
 import shutil
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -70,6 +72,7 @@ MAX_LAYER_BYTES = 16 << 30     # one layer once decompressed
 GZIP_MAX_RATIO = 100           # decompressed / compressed size of a gzip layer ...
 GZIP_FREE_BYTES = 16 << 20     # ... beyond this much, which any layer may decompress to (tiny layers compress well)
 MAX_LAYERS = 128               # layers of one image (Docker's overlay2 stops at 128 too)
+MAX_TRANSFER_SECONDS = 3600    # one pull, push or search as a whole: a registry dripping a byte a minute stops here
 CHUNK = 1 << 20
 
 REDIRECTS = (301, 302, 303, 307, 308)
@@ -129,7 +132,8 @@ class _Response:
         self.raw, self.status, self.url, self.headers = raw, status, url, raw.headers
 
     def read(self, n):
-        return self.raw.read(n)
+        # read1: what one receive brings, so that a registry dripping bytes meets the deadline between reads
+        return self.raw.read1(n) if hasattr(self.raw, "read1") else self.raw.read(n)
 
     def close(self):
         try:
@@ -306,8 +310,30 @@ def _content_length(resp):
     return n if n >= 0 else None
 
 
+_clock = threading.local()
+
+
+@contextlib.contextmanager
+def _deadline(seconds=None):
+    """The time one pull, push or search may take as a whole (MAX_TRANSFER_SECONDS), checked between reads."""
+    _clock.end = time.monotonic() + (MAX_TRANSFER_SECONDS if seconds is None else seconds)
+    try:
+        yield
+    finally:
+        _clock.end = None
+
+
+def _check_deadline(what):
+    end = getattr(_clock, "end", None)
+    if end is not None and time.monotonic() > end:
+        raise RegistryError(f"the registry took longer than {MAX_TRANSFER_SECONDS} s in all (while reading {what})",
+                            fix="try again later; a registry that sends this slowly is broken or hostile")
+
+
 def _read(resp, n, what):
-    """Up to ``n`` bytes of the body; a broken connection is a RegistryError."""
+    """Up to ``n`` bytes of the body; a broken connection, or the transfer's time running out, is a
+    RegistryError."""
+    _check_deadline(what)
     try:
         return resp.read(n)
     except (OSError, http.client.HTTPException) as exc:
@@ -494,6 +520,12 @@ def _remove(paths):
 # --- pull, push, search --------------------------------------------------------------------------
 
 def pull(ref, username=None, password=None):
+    """:func:`_pull` within MAX_TRANSFER_SECONDS."""
+    with _deadline():
+        return _pull(ref, username, password)
+
+
+def _pull(ref, username=None, password=None):
     """Pull ``ref`` ([host/]name[:tag]) into the local store; returns the image and the HTTP record.
 
     Everything is fetched and checked (digests, sizes, decompressed sizes, tar format) in a private work
@@ -571,6 +603,12 @@ def pull(ref, username=None, password=None):
 
 
 def push(ref, username=None, password=None):
+    """:func:`_push` within MAX_TRANSFER_SECONDS."""
+    with _deadline():
+        return _push(ref, username, password)
+
+
+def _push(ref, username=None, password=None):
     """Push local image ``ref`` (its name says where: host/repo:tag) to its registry."""
     ref = ImageRef.parse(ref)
     host, repo = ref.registry
@@ -618,6 +656,12 @@ def push(ref, username=None, password=None):
 
 
 def search(term, host="127.0.0.1:5000"):
+    """:func:`_search` within MAX_TRANSFER_SECONDS."""
+    with _deadline():
+        return _search(term, host)
+
+
+def _search(term, host="127.0.0.1:5000"):
     """Repositories in a registry's catalog whose name contains ``term`` (the registry API has no search)."""
     s = Session(host, "", rec=Recorder(f"search {term}"))
     catalog = _json(_read_bounded(s.request("GET", "/v2/_catalog"), MAX_MANIFEST_BYTES, "the catalog"), "the catalog")

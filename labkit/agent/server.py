@@ -47,8 +47,8 @@ def m_read_file(path, limit=1 << 20):
     _abs_path(path, "/proc/self/mountinfo")
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_READ:
         raise InvalidSpec(f"read_file limit {limit!r} must be a whole number of bytes from 1 to {MAX_READ}",
-                          fix=f"e.g. limit=65536; read bigger files in pieces with run(['dd', ...]) or copy "
-                              f"them off the target")
+                          fix="e.g. limit=65536; read bigger files in pieces with run(['dd', ...]) or copy "
+                              "them off the target")
     try:
         # O_NONBLOCK: opening a FIFO must not wait for a writer, nor reading /proc/kmsg for a message
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0))
