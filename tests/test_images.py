@@ -182,3 +182,18 @@ def test_an_image_whose_workdir_climbs_out_is_refused(lab, tmp_path):
         assert cfg["WorkingDir"] == "/" and cfg["Cmd"] == ["/bin/echo", "hi"] and cfg["Env"] == ["A=1"]
     finally:
         lab.rmi("t-wd:v1")
+
+
+def test_prune_keeps_the_layers_of_a_live_root_whose_record_is_lost(lab):
+    """A running container's image.json truncated (and set aside): its layers are still in use, and the kernel's
+    mount table says so."""
+    lab.build("FROM busybox\nRUN echo live > /live  # %s\n" % os.urandom(4).hex(), "t-live:v1")
+    layers = lab.image("t-live:v1")["layers"]
+    with lab.container_root("t-live:v1", "t-liveroot") as root:
+        lab.rmi("t-live:v1")
+        with open(f"/var/lib/labkit/containers/t-liveroot/image.json", "w") as f:
+            f.write('{"layers": [')
+        lab.prune(all_cache=True)
+        assert all(os.path.isdir(f"/var/lib/labkit/layers/sha256/{d.split(':')[1]}") for d in layers)
+        assert root.run(["cat", "/live"]).stdout == "live\n"
+    lab.prune(all_cache=True)

@@ -486,6 +486,7 @@ def prune(cache_keys=None, all_cache=False):
     for img in entries:
         if _is_image(img):
             used.update(img["layers"])
+    used |= _mounted_layers()  # a live root keeps its layers even when its image.json is lost or garbled
     removed, freed = [], 0
     for h in sorted(os.listdir(LAYERS)) if os.path.isdir(LAYERS) else []:
         digest = "sha256:" + h.split(".")[0]
@@ -498,6 +499,22 @@ def prune(cache_keys=None, all_cache=False):
                 os.unlink(path)
         removed.append(digest)
     return {"layers_removed": removed, "cache_entries_removed": removed_cache, "bytes_freed": freed}
+
+
+def _mounted_layers():
+    """The layers every overlay mounted now stacks (read from the kernel's mount table, not from state)."""
+    out = set()
+    for line in (open("/proc/self/mountinfo").read().splitlines()):
+        pre, _, post = line.partition(" - ")
+        fields = post.split()
+        if len(fields) < 3 or fields[0] != "overlay":
+            continue
+        for opt in fields[2].split(","):
+            if opt.startswith("lowerdir="):
+                for low in opt[len("lowerdir="):].split(":"):
+                    if os.path.dirname(low) == LAYERS:
+                        out.add("sha256:" + os.path.basename(low))
+    return out
 
 
 # --- OCI image layout ----------------------------------------------------------------------------
