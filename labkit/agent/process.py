@@ -17,7 +17,7 @@ import time
 from ..errors import CommandTimeout, InvalidSpec, MechanismError, NotFound, from_wire
 from ..specs import NAMESPACES, RUN_DIR, ProcessSpec, check_name
 from . import cgroups, enter, network
-from .launch import undo_host_mounts
+from .launch import CONTAINER_PATH, undo_host_mounts
 from .namespaces import host_context, inodes, shares
 from .runner import Recorder, env_for_children, pid_starttime, python_argv, read_text, run as run_cmd, same_process
 from .state import private_dir, read_dir, read_json, write_json
@@ -295,8 +295,7 @@ def exec_in(pid_id, argv, timeout=30):
         # from the sealed interpreter (nsenter keeps every capability, and its binary would be the host's)
         spec = {"pid": e["pid"], "namespaces": [n for n in enter.ORDER if n in e["spec"]["namespaces"]],
                 "procs": cgroups.procs_files(e["spec"]["cgroup"]) if e["spec"].get("cgroup") else [],
-                "cwd": e["spec"].get("cwd") or "/", "env": {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:"
-                                                                    "/usr/bin:/sbin:/bin"},
+                "cwd": e["spec"].get("cwd") or "/", "env": {"PATH": CONTAINER_PATH},
                 "argv": [str(a) for a in argv], "cap_keep": e["spec"].get("cap_keep")}
         rec = Recorder(f"exec {list(argv)} in {pid_id}")
         res = enter.run_entered(spec, rec, timeout)
@@ -310,7 +309,7 @@ def exec_in(pid_id, argv, timeout=30):
     cmd += ["--"] + [str(a) for a in argv]
     rec = Recorder(f"exec {list(argv)} in {pid_id}")
     res = run_cmd(cmd, recorder=rec, check=False, timeout=timeout,
-                  env={"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"})
+                  env={"PATH": CONTAINER_PATH})
     out = rec.to_dict(exit_code=res.exit_code, stdout=res.stdout, stderr=res.stderr)
     return out
 
