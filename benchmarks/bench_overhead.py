@@ -14,7 +14,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import labkit  # noqa: E402
-from labkit import bench  # noqa: E402
+from labkit.course import bench  # noqa: E402
 
 
 def main(argv=None):

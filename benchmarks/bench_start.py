@@ -3,7 +3,7 @@
 Each case starts a container running /bin/true, with PID, mount, UTS, IPC and network namespaces, a
 cgroup and an overlay root (one busybox overlay root, mounted once and used by all three as their
 bundle's rootfs), and waits for it to exit. The rig and the timing are labkit's start-up experiment
-(:func:`labkit.agent.bench.startup_prepare` / ``startup_sample``, timed on the target). The cases are
+(:func:`labkit.agent.measure.startup_prepare` / ``startup_sample``, timed on the target). The cases are
 interleaved, after a warm-up; the figures are min / median / max milliseconds and each median's
 ratio to crun's.
 

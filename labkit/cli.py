@@ -8,8 +8,8 @@ import os
 import sys
 
 from . import __version__
-from .errors import LabkitError, NotFound
-from .runbook import NOTEBOOK_DIR
+from .wire.errors import LabkitError, NotFound
+from .course.runbook import NOTEBOOK_DIR
 
 
 def _lab(args):
@@ -35,7 +35,7 @@ def cmd_cleanup(args):
 
 
 def cmd_lab(args):
-    from .runbook import run_notebooks
+    from .course.runbook import run_notebooks
     print(f"labkit {__version__}: executing the notebooks on target {args.target!r} "
           f"({'full' if args.full else 'quick'} mode) into {os.path.abspath(args.output)}", flush=True)
     runs = run_notebooks(args.target, args.output, args.notebooks or None, quick=not args.full,
@@ -55,7 +55,7 @@ def _totals(runs, output):
 
 
 def cmd_scores(args):
-    from .runbook import course_notebooks, read_runs
+    from .course.runbook import course_notebooks, read_runs
     runs = read_runs(args.output, expected=course_notebooks() if args.all else None)
     if not runs:
         raise NotFound(f"no executed notebooks in {args.output}", fix="run `labkit lab --output DIR` first")
@@ -120,10 +120,10 @@ def _run_interactive(lab, args):
         raise LabkitError("run -it needs the agent on this machine, in this process (root on the target)",
                           fix="on the lab VM: `vagrant ssh -c 'cd /labkit && sudo python3 -m labkit.cli run -it "
                               "busybox sh'`; here: `sudo labkit run -it ...`")
-    from .agent import engine
+    from .agent import local
     c = lab.create(args.image, args.cmd or ["/bin/sh"], **_create_kw(args))
     try:
-        code = engine.run_attached(c.id)
+        code = local.run_attached(c.id)
     finally:
         if args.rm:
             c.rm(force=True)
@@ -167,14 +167,14 @@ def cmd_rm(args):
 
 
 def _ago(t):
-    from .agent.engine import ago
+    from .client.records import ago
     return ago(t) + " ago"
 
 
 def cmd_ps(args):
-    from .records import text_table
+    from .client.records import container_status, text_table
     rows = [{"CONTAINER ID": r["id"], "IMAGE": r["image"], "COMMAND": '"' + r["command"][:20] + '"',
-             "CREATED": _ago(r["created"]), "STATUS": r["status"], "PORTS": r["ports"], "NAMES": r["name"]}
+             "CREATED": _ago(r["created"]), "STATUS": container_status(r), "PORTS": r["ports"], "NAMES": r["name"]}
             for r in _lab(args).call("container.ps", all=args.all)]
     print(text_table(rows, ["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES"]))
     return 0
@@ -186,7 +186,7 @@ def cmd_logs(args):
 
 
 def cmd_top(args):
-    from .records import text_table
+    from .client.records import text_table
     rows = [{"PID": p["pid"], "UID": p["uid"], "CMD": p["cmd"]} for p in _lab(args).call("container.top", ref=args.container)]
     print(text_table(rows, ["PID", "UID", "CMD"]))
     return 0
@@ -230,7 +230,7 @@ def cmd_exec(args):
 
 
 def cmd_images(args):
-    from .records import text_table
+    from .client.records import text_table
     rows = []
     for i in _lab(args).call("image.list"):
         repo, _, tag = i["ref"].rpartition(":")
@@ -296,7 +296,7 @@ def cmd_tag(args):
 
 
 def cmd_bench(args):
-    from . import bench
+    from .course import bench
     experiments = [e.strip() for e in args.only.split(",")] if args.only else None
     cases = [c.strip() for c in args.cases.split(",")]
     res = bench.Bench(_lab(args), "full" if args.full else "quick", experiments=experiments, cases=cases,
@@ -313,7 +313,7 @@ def cmd_bench(args):
 
 
 def cmd_assign(args):
-    from .assign import write_student_editions
+    from .course.assign import write_student_editions
     for p in write_student_editions(args.source, args.output):
         print(p)
     return 0

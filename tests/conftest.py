@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 import labkit
-from labkit import transport as T
-from labkit.lab import Lab
+from labkit.client import transport as T
+from labkit.agent.local import InProcess
+from labkit.client.lab import Lab
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LEFTOVERS = os.path.join(os.path.dirname(REPO), "shared", "tools", "leftovers")
@@ -210,7 +211,7 @@ def sshd_rekeyed(sshd):
 
 def open_lab(kind, request):
     if kind == "inprocess":
-        return Lab(T.InProcess(), target="local")
+        return Lab(InProcess(), target="local")
     if kind == "sudo":
         request.getfixturevalue("student")
         # The agent starts through sudo run by the real unprivileged user, as on a student's laptop.
@@ -236,7 +237,7 @@ def any_lab(request):
 
 @pytest.fixture(scope="session")
 def lab():
-    lab = Lab(T.InProcess(), target="local")
+    lab = Lab(InProcess(), target="local")
     yield lab
     lab.close()
 

@@ -1,7 +1,7 @@
 """The agent test subset: the same checks over the in-process, sudo and SSH transports."""
 import pytest
 
-from labkit.errors import CommandFailed, InvalidSpec, NotFound
+from labkit.wire.errors import CommandFailed, InvalidSpec, NotFound
 
 pytestmark = pytest.mark.privileged
 
@@ -98,11 +98,11 @@ def test_agent_refuses_bad_input(any_lab):
 def test_probe_bench_and_vm_over_every_transport(any_lab):
     """The isolation probe, a slice of the harness (container path included) and, outside the lab VM, a
     VM whose handle lives in the agent process, all through the protocol."""
-    from labkit import bench, isolation
+    from labkit.course import bench, isolation
     r = any_lab.rootfs("t-transport", replace=True)
     try:
         configs = [c for c in isolation.default_configs(r.name) if c[0] in ("plain process", "container")]
-        res = any_lab.isolation_matrix(configs=configs, rootfs=r.name)
+        res = isolation.isolation_matrix(any_lab, configs=configs, rootfs=r.name)
         assert res.matrix.loc["plain process"].sum() == 6 and res.matrix.loc["container", "host PIDs"] == 0
     finally:
         r.remove()
@@ -122,17 +122,18 @@ import json  # noqa: E402
 import os  # noqa: E402
 import subprocess  # noqa: E402
 
-from labkit import protocol  # noqa: E402
-from labkit import transport as T  # noqa: E402
-from labkit.errors import ProtocolError  # noqa: E402
-from labkit.lab import Lab  # noqa: E402
+from labkit.wire import protocol  # noqa: E402
+from labkit.client import transport as T  # noqa: E402
+from labkit.agent.local import InProcess
+from labkit.wire.errors import ProtocolError  # noqa: E402
+from labkit.client.lab import Lab  # noqa: E402
 
 
 @pytest.fixture(params=["inprocess", "sudo"], scope="module")
 def root_lab(request):
     """The in-process agent, and the agent as `sudo -n python3 agent.pyz` (started by root here, so the
     test needs no second user): the two ways in where a hostile line reaches the agent's own loop."""
-    lab = Lab(T.InProcess() if request.param == "inprocess" else T.sudo_transport(), target=request.param)
+    lab = Lab(InProcess() if request.param == "inprocess" else T.sudo_transport(), target=request.param)
     try:
         yield lab
     finally:

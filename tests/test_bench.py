@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from labkit import bench
-from labkit.errors import InvalidSpec
+from labkit.course import bench
+from labkit.wire.errors import InvalidSpec
 
 from conftest import REPO
 

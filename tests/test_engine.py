@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from labkit.errors import InvalidSpec, LabkitError, NotFound
+from labkit.wire.errors import InvalidSpec, LabkitError, NotFound
 
 from conftest import REPO, http_get as http
 
@@ -170,12 +170,12 @@ def test_bad_input_is_refused_and_leaves_nothing(lab):
 
 
 def caps_of(text, line="CapEff:"):
-    from labkit.security import decode_caps
+    from labkit.course.security import decode_caps
     return sorted(decode_caps(next(ln.split()[1] for ln in text.splitlines() if ln.startswith(line))))
 
 
 def test_containers_get_dockers_default_capabilities_in_run_and_in_exec(lab):
-    from labkit.specs import DOCKER_DEFAULT_CAPS
+    from labkit.wire.specs import DOCKER_DEFAULT_CAPS
     probe = ["sh", "-c", "grep CapEff /proc/self/status; echo 5 > /proc/sys/kernel/printk_ratelimit; echo rc=$?; "
                          "sleep 30"]
     c = lab.run_container("busybox", probe, name="t-caps", network=None)

@@ -1,6 +1,6 @@
 """Checks record points that survive papermill and never stop a notebook."""
-from labkit.assign import strip_source, student_edition
-from labkit.grading import MIME, Checker, read_scores
+from labkit.course.assign import strip_source, student_edition
+from labkit.course.grading import MIME, Checker, read_scores
 
 
 def test_scores_for_right_partial_blank_and_broken_answers(capsys):

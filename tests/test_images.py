@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from labkit.errors import BuildFailed, InvalidSpec, NotFound, UnsafeLayer
+from labkit.wire.errors import BuildFailed, InvalidSpec, NotFound, UnsafeLayer
 
 pytestmark = pytest.mark.privileged
 

@@ -3,13 +3,13 @@ import os
 
 import pytest
 
-from labkit import isolation
+from labkit.course import isolation
 
 pytestmark = pytest.mark.privileged
 
 
 def test_matrix_rows(lab, rootfs_name, tmp_path):
-    res = lab.isolation_matrix(rootfs=rootfs_name)
+    res = isolation.isolation_matrix(lab, rootfs=rootfs_name)
     m = res.matrix
     assert list(m.columns) == list(isolation.BASIC)
     assert m.loc["plain process"].tolist() == [1] * 6
@@ -21,14 +21,14 @@ def test_matrix_rows(lab, rootfs_name, tmp_path):
     assert m.loc["chroot", "files"] == 0 and m.loc["chroot", "host PIDs"] == 1
     assert m.loc["chroot", "mounts"] == 1, "chroot shares the host's mount namespace"
     assert "hostname 'lk-uts'" == res.reasons.loc["uts", "hostname"]
-    from labkit import plotting
+    from labkit.course import plotting
     path = plotting.save(res.chart(), str(tmp_path), "m")
     assert path.endswith("m.png")
 
 
 @pytest.mark.slow
 def test_every_column_and_the_vm_checked_against_the_truth(lab, rootfs_name):
-    res = lab.isolation_matrix(rootfs=rootfs_name, columns=isolation.ALL, vm=True, accel="tcg")
+    res = isolation.isolation_matrix(lab, rootfs=rootfs_name, columns=isolation.ALL, vm=True, accel="tcg")
     m, f = res.matrix, res.facts
     vm_row = "VM (TCG)"
     host_pid_ns = os.stat("/proc/self/ns/pid").st_ino

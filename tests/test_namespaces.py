@@ -4,8 +4,8 @@ import os
 import pytest
 
 from labkit.agent import namespaces
-from labkit.errors import CommandTimeout, MechanismError
-from labkit.specs import NAMESPACES
+from labkit.wire.errors import CommandTimeout, MechanismError
+from labkit.wire.specs import NAMESPACES
 
 pytestmark = pytest.mark.privileged
 

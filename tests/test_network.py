@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from labkit.errors import InvalidSpec
+from labkit.wire.errors import InvalidSpec
 
 from conftest import REPO, http_get as http
 

@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from labkit.assign import student_edition
-from labkit.runbook import NOTEBOOK_DIR, course_notebooks, run_notebooks
-from labkit.grading import read_scores
+from labkit.course.assign import student_edition
+from labkit.course.runbook import NOTEBOOK_DIR, course_notebooks, run_notebooks
+from labkit.course.grading import read_scores
 
 pytestmark = [pytest.mark.privileged, pytest.mark.slow]
 NOTEBOOKS = course_notebooks()

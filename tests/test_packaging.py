@@ -11,7 +11,7 @@ import io
 import pytest
 import yaml
 
-from labkit import transport
+from labkit.client import transport
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

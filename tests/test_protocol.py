@@ -1,7 +1,7 @@
 """The JSON-lines protocol and typed errors crossing it."""
 import pytest
 
-from labkit import errors, protocol
+from labkit.wire import errors, protocol
 from labkit.agent import server
 
 
@@ -54,7 +54,7 @@ import io  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 
-from labkit import transport as T  # noqa: E402
+from labkit.client import transport as T  # noqa: E402
 
 
 def _nested(depth):

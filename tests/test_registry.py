@@ -32,7 +32,7 @@ import pytest
 
 from labkit.agent import images as agent_images
 from labkit.agent import registry as agent_registry
-from labkit.errors import InvalidSpec, NotFound, RegistryError, UnsafeLayer
+from labkit.wire.errors import InvalidSpec, NotFound, RegistryError, UnsafeLayer
 
 from conftest import oci_layout
 

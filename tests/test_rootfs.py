@@ -4,7 +4,7 @@ import os
 import pytest
 
 from labkit.agent import rootfs
-from labkit.errors import InvalidSpec, MechanismError, NotFound
+from labkit.wire.errors import InvalidSpec, MechanismError, NotFound
 
 pytestmark = pytest.mark.privileged
 

@@ -8,9 +8,10 @@ import sys
 
 import pytest
 
-from labkit import cli, protocol
-from labkit.grading import MIME
-from labkit.runbook import course_notebooks, read_runs
+from labkit import cli
+from labkit.wire import protocol
+from labkit.course.grading import MIME
+from labkit.course.runbook import course_notebooks, read_runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -2,7 +2,7 @@
 import pytest
 
 from labkit.agent.runner import Recorder, run
-from labkit.errors import CommandFailed, CommandTimeout, InvalidSpec
+from labkit.wire.errors import CommandFailed, CommandTimeout, InvalidSpec
 
 
 def test_result_carries_everything():

@@ -3,8 +3,8 @@ import os
 
 import pytest
 
-from labkit.errors import InvalidSpec
-from labkit.specs import DOCKER_DEFAULT_CAPS, ProcessSpec, syscall_numbers
+from labkit.wire.errors import InvalidSpec
+from labkit.wire.specs import DOCKER_DEFAULT_CAPS, ProcessSpec, syscall_numbers
 
 pytestmark = pytest.mark.privileged
 
@@ -37,7 +37,7 @@ def test_dropped_capabilities_stay_dropped_even_for_root(lab, rootfs_name):
     rec = lab.run_in(["/bin/sh", "-c", "grep -E '^Cap(Eff|Bnd)' /proc/self/status; mkdir -p /m; mount -t tmpfs x /m; echo rc=$?"],
                      ["mnt", "pid"], rootfs=rootfs_name, root_mode="pivot_root", cap_keep=DOCKER_DEFAULT_CAPS)
     eff = int(rec.stdout.split("CapEff:")[1].split()[0], 16)
-    from labkit.specs import CAPS
+    from labkit.wire.specs import CAPS
     assert eff == sum(1 << CAPS.index(c) for c in DOCKER_DEFAULT_CAPS)
     assert "rc=0" not in rec.stdout and "permission denied" in rec.stderr.lower(), "no CAP_SYS_ADMIN: no mount"
 
@@ -62,7 +62,7 @@ def test_root_in_a_user_namespace_is_nobody_on_the_host(lab, rootfs_name):
 
 
 def test_escape_attempts_succeed_where_they_should_and_fail_when_hardened(lab, rootfs_name):
-    from labkit import security
+    from labkit.course import security
     box = ["uts", "pid", "mnt", "ipc", "net", "cgroup"]
     table, why = security.escape_attempts(lab, rootfs_name, {
         "chroot only": {},
@@ -87,7 +87,7 @@ def test_escape_attempts_succeed_where_they_should_and_fail_when_hardened(lab, r
 
 
 def test_decode_caps_and_the_dirty_cow_note():
-    from labkit import security
+    from labkit.course import security
     assert security.decode_caps("0000000000200000") == ["CAP_SYS_ADMIN"]
     assert sorted(security.decode_caps("00000000a80425fb")) == sorted(DOCKER_DEFAULT_CAPS)
     assert "not affected" in security.dirty_cow_note("6.1.0-56-cloud-amd64")
@@ -99,7 +99,7 @@ def test_disk_and_setuid_attempts_escape_a_root_container_and_not_dockers_defaul
     file that any host user can run as root; Docker's defaults (a container root in root's own store, nodev)
     block both. The disk column's answer depends on the machine (some refuse raw disk reads even to root): the
     reason says which; tests/test_engine.py proves the nodev part with a loop device."""
-    from labkit.security import escape_attempts
+    from labkit.course.security import escape_attempts
     box = ["uts", "pid", "mnt", "ipc", "net"]
     table, why = escape_attempts(lab, rootfs_name, {
         "root container": {"namespaces": box},

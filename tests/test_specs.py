@@ -1,8 +1,8 @@
 """Specs are pure: validation and normalisation without touching the kernel."""
 import pytest
 
-from labkit.errors import InvalidSpec
-from labkit.specs import NAMESPACES, ProcessSpec, RootfsSpec, check_name, normalize_namespaces, rootfs_path
+from labkit.wire.errors import InvalidSpec
+from labkit.wire.specs import NAMESPACES, ProcessSpec, RootfsSpec, check_name, normalize_namespaces, rootfs_path
 
 
 def test_namespaces_normalise_aliases_and_order():
@@ -67,8 +67,8 @@ def test_rootfs_spec():
 
 
 # -- the agent is root: every value is an attack until checked -------------------------------------------
-from labkit import specs  # noqa: E402
-from labkit.specs import CgroupSpec, ImageRef, NetworkSpec, PortSpec, check_hostname, parse_size  # noqa: E402
+from labkit.wire import specs  # noqa: E402
+from labkit.wire.specs import CgroupSpec, ImageRef, NetworkSpec, PortSpec, check_hostname, parse_size  # noqa: E402
 
 
 @pytest.mark.parametrize("make", [

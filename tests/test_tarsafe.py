@@ -7,7 +7,7 @@ import tarfile
 import pytest
 
 from labkit.agent import tarsafe
-from labkit.errors import InvalidSpec, UnsafeLayer
+from labkit.wire.errors import InvalidSpec, UnsafeLayer
 
 pytestmark = pytest.mark.privileged
 

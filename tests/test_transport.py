@@ -11,9 +11,9 @@ import tempfile
 import pytest
 
 import labkit
-from labkit import transport as T
-from labkit import vagrant
-from labkit.errors import AgentTooOld, InvalidSpec, PrivilegeError, TransportError
+from labkit.client import transport as T
+from labkit.client import vagrant
+from labkit.wire.errors import AgentTooOld, InvalidSpec, PrivilegeError, TransportError
 
 from conftest import REPO, STUDENT
 

@@ -7,8 +7,8 @@ import subprocess
 
 import pytest
 
-from labkit import vagrant
-from labkit.errors import TransportError
+from labkit.client import vagrant
+from labkit.wire.errors import TransportError
 
 from conftest import REPO
 
@@ -133,7 +133,7 @@ def test_guest_is_a_pure_cgroup_v2_kernel_of_its_own(vm_lab, lab):
 @pytest.mark.vm
 @pytest.mark.slow
 def test_a_notebook_scores_the_same_on_the_guest(vm_tier, tmp_path):
-    from labkit.runbook import run_notebooks
+    from labkit.course.runbook import run_notebooks
     name = "02-namespaces.ipynb"
     [local] = [r.scores for r in run_notebooks("local", str(tmp_path / "local"), [name])]
     [guest] = [r.scores for r in run_notebooks("vagrant", str(tmp_path / "guest"), [name])]

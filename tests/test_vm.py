@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from labkit.errors import InvalidSpec, LabkitError
+from labkit.wire.errors import InvalidSpec, LabkitError
 
 from conftest import REPO
 

@@ -5,6 +5,7 @@ import subprocess
 import pytest
 
 from labkit.agent import rootfs, workloads as W
+from labkit.course import isolation as iso
 
 
 def host(**kw):
@@ -19,7 +20,7 @@ def test_parse_bench_and_probe():
     assert W.parse_bench("noise\nLKB cpu 250000 1000 loops\n") == [
         {"workload": "cpu", "elapsed_s": 0.25, "amount": 1000, "unit": "loops"}]
     assert W.parse_bench("LKB cpu x 1 loops") == []
-    assert W.parse_probe("kernel=6.1\r\nbad line\nuid_map=0 0 1;\n") == {"kernel": "6.1", "uid_map": "0 0 1;"}
+    assert iso.parse_probe("kernel=6.1\r\nbad line\nuid_map=0 0 1;\n") == {"kernel": "6.1", "uid_map": "0 0 1;"}
 
 
 def test_compare_a_vm_shares_nothing_even_with_the_same_kernel_release():
@@ -27,7 +28,7 @@ def test_compare_a_vm_shares_nothing_even_with_the_same_kernel_release():
     guest = {"kernel": "6.1.0", "boot_id": "c" * 36, "proc": "1", "pid1_start": "22", "ns_mnt": str(h["ns"]["mnt"]),
              "ns_user": str(h["ns"]["user"]), "uid": "0", "hostname": "labkit-vm", "can_mount": "1",
              "can_load_module": "1", "can_set_clock": "1", "can_write_proc_sys": "1", "can_write_sys": "1", "mem_total_kb": "200000"}
-    c = W.compare(guest, h, vm=True)
+    c = iso.compare(guest, h, vm=True)
     assert all(v == 0 for v, _ in c.values()), c
     assert "own" in c["kernel"][1] and "own kernel" in c["load module"][1]
 
@@ -38,11 +39,11 @@ def test_compare_a_plain_process_shares_everything():
              "uid": "0", "hostname": "host", "marker": "tok", "mount_ids": "21 22", "links": "eth0 lo",
              "can_mount": "1", "can_load_module": "1", "can_set_clock": "1", "can_write_proc_sys": "1", "can_write_sys": "1",
              **{f"ns_{n}": str(i) for n, i in h["ns"].items()}}
-    c = W.compare(facts, h)
+    c = iso.compare(facts, h)
     assert all(v == 1 for v, _ in c.values()), c
-    c = W.compare(dict(facts, can_load_module="nosys", capeff="0000000000010000"), h)
+    c = iso.compare(dict(facts, can_load_module="nosys", capeff="0000000000010000"), h)
     assert c["load module"][0] == 1 and "ENOSYS" in c["load module"][1]
-    c = W.compare(facts, h, limits={"memory": 1 << 28, "pids": 64})
+    c = iso.compare(facts, h, limits={"memory": 1 << 28, "pids": 64})
     assert c["memory"][0] == 0 and c["PIDs"][0] == 0
 
 
@@ -52,11 +53,11 @@ def test_the_probe_on_the_host_sees_the_host():
     try:
         out = subprocess.run([ctx["busybox"], "sh", "-c", W.PROBE_SH, "probe", ctx["marker"]],
                              capture_output=True, text=True, timeout=60).stdout
-        facts = W.parse_probe(out)
+        facts = iso.parse_probe(out)
         assert facts["boot_id"] == ctx["host"]["boot_id"] and facts["kernel"] == os.uname().release
         assert int(facts["ns_mnt"]) == os.stat("/proc/self/ns/mnt").st_ino
         assert facts["marker"] == ctx["host"]["marker"]
-        cmp = W.compare(facts, ctx["host"])
+        cmp = iso.compare(facts, ctx["host"])
         assert {k: v for k, (v, _) in cmp.items() if v != 1} == {}, "a plain root process reaches everything"
     finally:
         W.probe_done(ctx["marker"])

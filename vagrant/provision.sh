@@ -151,7 +151,7 @@ UNIT
     port=${LABKIT_JUPYTER_HOST_PORT:-8888}   # the laptop's end of the forwarded port (the Vagrantfile says)
     echo "provision.sh: JupyterLab runs here; on the laptop open http://127.0.0.1:$port/lab?token=$token"
     echo "  The token is in $token_file (root and $user only): \`vagrant ssh -c 'cat $token_file'\` on the laptop,"
-    echo "  or labkit.vagrant.jupyter_url(). Keep it to yourself: whoever has it is $user here, and $user is root."
+    echo "  or labkit.client.vagrant.jupyter_url(). Keep it to yourself: whoever has it is $user here, and $user is root."
   fi
 fi
 

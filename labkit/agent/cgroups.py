@@ -12,8 +12,8 @@ import os
 import signal
 import time
 
-from ..errors import InvalidSpec, MechanismError, NotFound
-from ..specs import CgroupSpec, check_name
+from ..wire.errors import InvalidSpec, MechanismError, NotFound
+from ..wire.specs import CgroupSpec, check_name
 from . import devices
 from .runner import Recorder, read_text
 

@@ -8,7 +8,7 @@ used by the labs to show that the first holds nothing and the second holds. Stan
 """
 import os
 
-from ..specs import rootfs_path
+from ..wire.specs import rootfs_path
 from . import kernel, rootfs
 from .namespaces import look_around
 
@@ -54,7 +54,7 @@ def escape(rec, ctx):
 
     A read-only root does not stop it (any existing directory will do); what stops it is a root that
     is the top of its mount namespace (pivot_root), or no CAP_SYS_CHROOT: the view says which."""
-    from ..errors import MechanismError
+    from ..wire.errors import MechanismError
     target = ESCAPE_DIR
     try:
         if not os.path.isdir("/" + ESCAPE_DIR):

@@ -12,7 +12,7 @@ import os
 import signal
 import time
 
-from ..specs import RUN_DIR, STATE_DIR
+from ..wire.specs import RUN_DIR, STATE_DIR
 from . import cgroups, engine, kernel, network, process, vm
 from .rootfs import mounts_under
 from .runner import Recorder, read_text, run, which

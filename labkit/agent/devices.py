@@ -14,7 +14,7 @@ import os
 import platform
 import struct
 
-from ..errors import MechanismError
+from ..wire.errors import MechanismError
 from . import kernel
 
 # (type, major, minor, access): None is any; access letters r(ead) w(rite) m(knod), as devices.allow has them

@@ -12,8 +12,8 @@ import secrets
 import sys
 import time
 
-from ..errors import LabkitError
-from ..specs import NAMESPACES, RUN_DIR, ProcessSpec
+from ..wire.errors import LabkitError
+from ..wire.specs import NAMESPACES, RUN_DIR, ProcessSpec
 from . import cgroups, process, rootfs
 from .runner import read_text, run, which
 

@@ -18,8 +18,8 @@ import signal
 import subprocess
 import time
 
-from ..errors import InvalidSpec, LabkitError, MechanismError, NotFound
-from ..specs import (CAPS, CONTAINERS_DIR, DOCKER_DEFAULT_CAPS, RUN_DIR, STATE_DIR, CgroupSpec, ImageRef, PortSpec,
+from ..wire.errors import InvalidSpec, LabkitError, MechanismError, NotFound
+from ..wire.specs import (CAPS, CONTAINERS_DIR, DOCKER_DEFAULT_CAPS, RUN_DIR, STATE_DIR, CgroupSpec, ImageRef, PortSpec,
                      ProcessSpec, check_name, normalize_caps, parse_bind)
 from . import cgroups, enter, images, network, process
 from .launch import CONTAINER_PATH
@@ -196,7 +196,7 @@ def _started(cid, cfg, rec, rt, timeout):
                              fix=f"see its log: labkit logs {cfg['name']}")
     report = json.loads(text)
     if report.get("error"):
-        from ..errors import from_wire
+        from ..wire.errors import from_wire
         raise from_wire(report["error"])
     monitor = report.get("monitor")
     state = {"pid": report["pid"], "starttime": pid_starttime(report["pid"]), "monitor": monitor,
@@ -308,27 +308,15 @@ def rm(ref, force=False):
     return rec.to_dict(id=cid, name=cfg["name"])
 
 
-def ago(t):
-    """How long since ``t`` (epoch seconds), the way `docker ps` says it: "3 minutes"."""
-    s = max(0, int(time.time() - (t or 0)))
-    for unit, n in (("days", 86400), ("hours", 3600), ("minutes", 60)):
-        if s >= n:
-            return f"{s // n} {unit}"
-    return f"{s} seconds"
-
-
 def _row(cid):
     cfg = _config(cid)
     st, ex, running = _state(cid)
-    if running:
-        status = f"Up {ago(st['started'])}"
-    elif ex:
-        status = f"Exited ({ex.get('exit_code')}) {ago(ex.get('finished', time.time()))} ago"
-    else:
-        status = "Created"
+    state = "running" if running else "exited" if ex else "created"
     ports = ", ".join(f"{p['host_ip']}:{p['host_port']}->{p['container_port']}/{p['proto']}" for p in cfg["ports"])
     return {"id": cid, "name": cfg["name"], "image": cfg["image"], "command": " ".join(cfg["cmd"]),
-            "created": cfg["created"], "status": status, "running": running, "ports": ports}
+            "created": cfg["created"], "state": state, "running": running, "ports": ports,
+            "started": (st or {}).get("started") if running else None,
+            "finished": ex.get("finished") if ex else None, "exit_code": ex.get("exit_code") if ex else None}
 
 
 def ps(all=False):

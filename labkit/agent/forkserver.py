@@ -17,8 +17,8 @@ import subprocess
 import sys
 import threading
 
-from ..errors import MechanismError
-from ..specs import RUN_DIR
+from ..wire.errors import MechanismError
+from ..wire.specs import RUN_DIR
 from .runner import close_sealed_python, env_for_children, python_argv
 
 PR_SET_PDEATHSIG = 1

@@ -21,8 +21,8 @@ import shutil
 import tempfile
 import time
 
-from ..errors import BuildFailed, InvalidSpec, NotFound, UnsafeLayer
-from ..specs import CONTAINERS_DIR, DOCKER_DEFAULT_CAPS, STATE_DIR, ImageRef, ProcessSpec, check_name
+from ..wire.errors import BuildFailed, InvalidSpec, NotFound, UnsafeLayer
+from ..wire.specs import CONTAINERS_DIR, DOCKER_DEFAULT_CAPS, STATE_DIR, ImageRef, ProcessSpec, check_name
 from . import overlay, rootfs, tarsafe
 from .runner import Recorder
 from .state import private_dir, read_dir, read_json, write_json

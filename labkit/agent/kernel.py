@@ -3,7 +3,7 @@
 unshare, setns, mount, umount2, pivot_root, chroot, sethostname and bringing an interface up: each
 call is made through ctypes (the agent must run on a bare python3 3.9+, where ``os.unshare`` does
 not exist yet), appended to a :class:`labkit.agent.runner.Recorder` with its arguments spelled the
-way the man page does, and turned into :class:`labkit.errors.MechanismError` naming the call and
+way the man page does, and turned into :class:`labkit.wire.errors.MechanismError` naming the call and
 errno when the kernel refuses. Standard library only.
 """
 import ctypes
@@ -15,8 +15,8 @@ import socket
 import struct
 import time
 
-from ..errors import MechanismError
-from ..specs import CAPS, syscall_numbers
+from ..wire.errors import MechanismError
+from ..wire.specs import CAPS, syscall_numbers
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000

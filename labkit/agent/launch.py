@@ -22,8 +22,8 @@ import signal
 import sys
 import time
 
-from ..errors import LabkitError, MechanismError
-from ..specs import RUN_DIR, STATE_DIR, ProcessSpec, rootfs_path
+from ..wire.errors import LabkitError, MechanismError
+from ..wire.specs import RUN_DIR, STATE_DIR, ProcessSpec, rootfs_path
 from . import chroot, kernel, namespaces, network, rootfs
 from .runner import Recorder, close_sealed_python
 from .state import write_json

@@ -10,7 +10,7 @@ Standard library only.
 import os
 import socket
 
-from ..specs import NAMESPACES
+from ..wire.specs import NAMESPACES
 from . import kernel
 from .runner import pid_starttime, read_text
 

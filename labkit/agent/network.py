@@ -18,8 +18,8 @@ import re
 import secrets
 import socket
 
-from ..errors import InvalidSpec, MechanismError, NotFound
-from ..specs import RUN_DIR, NetworkSpec, PortSpec
+from ..wire.errors import InvalidSpec, MechanismError, NotFound
+from ..wire.specs import RUN_DIR, NetworkSpec, PortSpec
 from .runner import Recorder, read_text, run, which
 from .state import private_dir, read_dir, read_json, set_aside, write_json
 

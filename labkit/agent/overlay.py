@@ -10,7 +10,7 @@ Standard library only.
 import os
 import stat
 
-from ..errors import MechanismError
+from ..wire.errors import MechanismError
 from . import kernel
 from .tarsafe import OPAQUE_XATTR
 

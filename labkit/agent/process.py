@@ -14,8 +14,8 @@ import subprocess
 import tempfile
 import time
 
-from ..errors import CommandTimeout, InvalidSpec, MechanismError, NotFound, from_wire
-from ..specs import NAMESPACES, RUN_DIR, ProcessSpec, check_name
+from ..wire.errors import CommandTimeout, InvalidSpec, MechanismError, NotFound, from_wire
+from ..wire.specs import NAMESPACES, RUN_DIR, ProcessSpec, check_name
 from . import cgroups, enter, network
 from .launch import CONTAINER_PATH, undo_host_mounts
 from .namespaces import host_context, inodes, shares

@@ -51,8 +51,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from ..errors import InvalidSpec, LabkitError, NotFound, RegistryError, UnsafeLayer
-from ..specs import STATE_DIR, ImageRef
+from ..wire.errors import InvalidSpec, LabkitError, NotFound, RegistryError, UnsafeLayer
+from ..wire.specs import STATE_DIR, ImageRef
 from . import images, tarsafe
 from .runner import Recorder
 

@@ -13,8 +13,8 @@ import shutil
 import stat
 import struct
 
-from ..errors import InvalidSpec, MechanismError, NotFound
-from ..specs import ROOTFS_DIR, RootfsSpec, check_name, rootfs_path
+from ..wire.errors import InvalidSpec, MechanismError, NotFound
+from ..wire.specs import ROOTFS_DIR, RootfsSpec, check_name, rootfs_path
 from . import kernel
 from .runner import Recorder, read_text, run, which
 

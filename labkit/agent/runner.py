@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 
-from ..errors import CommandFailed, CommandTimeout, InvalidSpec
+from ..wire.errors import CommandFailed, CommandTimeout, InvalidSpec
 
 #: PATH used for every command the agent runs (sudo and sshd may hand us a minimal one).
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

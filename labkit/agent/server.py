@@ -1,4 +1,4 @@
-"""The agent's request loop: one JSON line in, one JSON line out (see :mod:`labkit.protocol`).
+"""The agent's request loop: one JSON line in, one JSON line out (see :mod:`labkit.wire.protocol`).
 
 ``METHODS`` is the whole privileged surface the client can reach; each entry takes keyword
 parameters and returns plain JSON data. ``handle(request)`` never raises: every failure becomes a
@@ -11,10 +11,10 @@ import stat
 import sys
 import traceback
 
-from .. import protocol
-from ..errors import InvalidSpec, LabkitError, PrivilegeError, UnsupportedHost
-from ..specs import CgroupSpec, RootfsSpec
-from . import bench, cgroups, cleanup, doctor, engine, images, namespaces, network, process, registry, rootfs, vm, workloads
+from ..wire import protocol
+from ..wire.errors import InvalidSpec, LabkitError, PrivilegeError, UnsupportedHost
+from ..wire.specs import CgroupSpec, RootfsSpec
+from . import cgroups, cleanup, doctor, engine, images, namespaces, network, process, measure, registry, rootfs, vm, workloads
 from .runner import run as run_cmd
 
 
@@ -159,18 +159,18 @@ METHODS = {
     "vm.stop": vm.m_stop,
     "vm.list": vm.list_vms,
     "probe.context": workloads.probe_context,
-    "bench.environment": bench.environment,
-    "bench.native": bench.native,
-    "bench.container": bench.container,
-    "bench.vm": bench.in_vm,
-    "bench.net_serve": bench.net_serve,
-    "bench.net_measure": bench.net_measure,
-    "bench.startup_prepare": bench.startup_prepare,
-    "bench.startup_sample": bench.startup_sample,
-    "bench.startup_finish": bench.startup_finish,
-    "bench.mem_available": bench.mem_available_kb,
-    "bench.container_footprint": bench.container_footprint,
-    "bench.vm_footprint": bench.vm_footprint,
+    "bench.environment": measure.environment,
+    "bench.native": measure.native,
+    "bench.container": measure.container,
+    "bench.vm": measure.in_vm,
+    "bench.net_serve": measure.net_serve,
+    "bench.net_measure": measure.net_measure,
+    "bench.startup_prepare": measure.startup_prepare,
+    "bench.startup_sample": measure.startup_sample,
+    "bench.startup_finish": measure.startup_finish,
+    "bench.mem_available": measure.mem_available_kb,
+    "bench.container_footprint": measure.container_footprint,
+    "bench.vm_footprint": measure.vm_footprint,
     "probe.done": workloads.probe_done,
     "probe.host_disk": workloads.host_disk,
     "probe.setuid_left": workloads.setuid_left,

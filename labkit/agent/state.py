@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from ..errors import InvalidSpec
+from ..wire.errors import InvalidSpec
 
 MAX_STATE_BYTES = 16 << 20  # far above any record labkit writes; a bigger file is not ours
 

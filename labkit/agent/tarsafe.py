@@ -23,7 +23,7 @@ import stat
 import tarfile
 import zlib
 
-from ..errors import InvalidSpec, LabkitError, UnsafeLayer
+from ..wire.errors import InvalidSpec, LabkitError, UnsafeLayer
 
 WH = ".wh."
 OPAQUE = ".wh..wh..opq"

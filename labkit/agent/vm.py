@@ -22,8 +22,8 @@ import signal
 import subprocess
 import time
 
-from ..errors import CommandTimeout, InvalidSpec, LabkitError, MechanismError, NotFound
-from ..specs import RUN_DIR, STATE_DIR
+from ..wire.errors import CommandTimeout, InvalidSpec, LabkitError, MechanismError, NotFound
+from ..wire.specs import RUN_DIR, STATE_DIR
 from . import doctor, network, rootfs, workloads
 from .runner import Recorder, pid_starttime, read_text, run, same_process, which
 from .state import private_dir, read_dir, write_json

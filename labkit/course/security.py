@@ -13,8 +13,38 @@ as ``docker run`` would.
 import re
 import secrets
 
-from .isolation import probe
-from .specs import CAPS
+from .isolation import parse_probe, probe
+from ..wire.specs import CAPS
+
+# Two attempts of lab 08 that the probe above does not make, each harmless and undone at once.
+# DISK_SH: make a device node with the numbers of the host's root disk ($1 = MAJOR:MINOR) and read one block
+# from it (nothing is written). SUID_SH: leave a set-user-ID copy of its own shell at the top of its root,
+# owned by its root; the host side then asks whether an ordinary host user could run it as the host's root
+# (the agent's ``probe.setuid_left``), and removes it.
+DISK_SH = r"""
+k() { printf '%s=%s\n' "$1" "$2"; }
+d=
+for c in /tmp /dev /; do if mkdir "$c/.lk-disk-$$" 2>/dev/null; then d=$c/.lk-disk-$$; break; fi; done
+if [ -z "$d" ]; then k disk nodir; exit 0; fi
+if err=$(mknod "$d/disk" b "${1%:*}" "${1#*:}" 2>&1); then
+  if err=$(dd if="$d/disk" of=/dev/null bs=512 count=1 2>&1); then k disk read; else k disk open; k why "$err"; fi
+  rm -f "$d/disk"
+else
+  k disk mknod; k why "$err"
+fi
+rmdir "$d"
+"""
+
+SUID_SH = r"""
+k() { printf '%s=%s\n' "$1" "$2"; }
+f=/.lk-suid-$$
+if err=$( { cp "$(readlink /proc/$$/exe 2>/dev/null || echo /bin/busybox)" "$f" && chown 0:0 "$f" && chmod 4755 "$f"; } 2>&1); then
+  k suid "$f"
+else
+  rm -f "$f" 2>/dev/null; k suid refused; k why "$err"
+fi
+"""
+
 
 ATTEMPTS = {
     "break out of its root (chroot ..)": None,
@@ -40,7 +70,6 @@ def escape_attempts(lab, rootfs, configs):
     'blocked'/'ESCAPED', DataFrame of reasons). Every configuration runs in ``rootfs`` unless it names an
     ``image`` (then in a container root of that image, made here and removed after)."""
     import pandas as pd
-    from .agent.workloads import parse_probe
     ctx = lab.call("probe.context")
     disk = lab.call("probe.host_disk")
     table, why, roots = {}, {}, []
@@ -60,7 +89,7 @@ def escape_attempts(lab, rootfs, configs):
             rec = lab.run_in((), ns, action="escape", **esc_opts)
             view = rec.facts.get("view") or {}
             cmp["disk"] = _disk_attempt(lab, disk, ns, esc_opts)
-            cmp["setuid"] = _setuid_attempt(lab, ns, esc_opts, parse_probe)
+            cmp["setuid"] = _setuid_attempt(lab, ns, esc_opts)
             col, reasons = {}, {}
             for attempt, key in ATTEMPTS.items():
                 if key is None:
@@ -81,7 +110,6 @@ def escape_attempts(lab, rootfs, configs):
 
 def _disk_attempt(lab, disk, ns, opts):
     """(1 if it read a block of the host's root disk through a node it made, else 0, the reason)."""
-    from .agent.workloads import DISK_SH, parse_probe
     if not disk["dev"]:
         return 0, "nothing to try: " + disk["why"]
     rec = lab.run_in(["/bin/busybox", "sh", "-c", DISK_SH, "disk", disk["dev"]], ns, look=False, **opts)
@@ -97,9 +125,8 @@ def _disk_attempt(lab, disk, ns, opts):
     return 0, "no writable directory to make a node in"
 
 
-def _setuid_attempt(lab, ns, opts, parse_probe):
+def _setuid_attempt(lab, ns, opts):
     """(1 if an ordinary host user could run, as the host's root, a set-user-ID file it left, else 0, why)."""
-    from .agent.workloads import SUID_SH
     rec = lab.run_in(["/bin/busybox", "sh", "-c", SUID_SH], ns, look=False, **opts)
     f = parse_probe(rec.stdout)
     if f.get("suid", "refused") == "refused":

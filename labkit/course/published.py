@@ -1,6 +1,6 @@
 """Published comparisons and the lecture's claims, set beside the figures of this run.
 
-``published_table(result)`` puts a run of :mod:`labkit.bench` next to what two well-known studies
+``published_table(result)`` puts a run of :mod:`labkit.course.bench` next to what two well-known studies
 report; ``lecture_points(result, boot_ids)`` takes the lecture's "when containers / when VMs" lists
 and says, for each point, what this run measured for or against it. The published entries are
 summaries of the papers' findings in our words (with their direction and, where the paper states one

@@ -8,7 +8,7 @@ into errors that name the ``vagrant`` command to run. ``transport()`` opens the 
 
 The VM's SSH host key is trusted on first use and checked on every later connect: the first key seen
 is stored per VM in ``~/.config/labkit/known_hosts/<Vagrant machine id>`` (``host_key_store()``), and
-a VM that shows another key is refused (:class:`labkit.transport.HostKeyChanged`, naming the file to
+a VM that shows another key is refused (:class:`labkit.client.transport.HostKeyChanged`, naming the file to
 delete when the VM was re-keyed on purpose). ``vagrant ssh-config``'s ``StrictHostKeyChecking no`` and
 ``UserKnownHostsFile /dev/null`` are Vagrant's own settings for its ``ssh``; they are not read. A VM
 made anew (``vagrant destroy``, ``vagrant up``) has a new machine id, so its key is stored afresh.
@@ -22,9 +22,9 @@ import re
 import shlex
 import subprocess
 
-from .errors import TransportError
+from ..wire.errors import TransportError
 
-REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SYNCED_CHECKOUT = "/labkit"
 _KEYS = {"hostname": "HostName", "user": "User", "port": "Port", "identityfile": "IdentityFile"}
 

@@ -2,10 +2,10 @@
 
 :class:`Bench` plans the measurements (quick or full), warms up, repeats, and interleaves the cases
 (the order rotates every repeat, so no case always runs first or on a warmer cache); every sample is
-taken on the target by :mod:`labkit.agent.bench` and kept raw in a pandas DataFrame. :class:`BenchResult`
+taken on the target by :mod:`labkit.agent.measure` and kept raw in a pandas DataFrame. :class:`BenchResult`
 summarises (min / median / max, each case's median time over native's median time, from the same run),
 records the environment (kernel, CPU, cgroup mode, how the VM was accelerated), draws the charts
-(:mod:`labkit.plotting`) and writes CSV and PNG files. What runs where:
+(:mod:`labkit.course.plotting`) and writes CSV and PNG files. What runs where:
 
 ========== =================================================================================
 start-up   process, ``unshare``, labkit, crun and runc where installed, and the VM (boot to /init)
@@ -72,7 +72,7 @@ class Bench:
     """One run of the harness on ``lab``'s target. ``mode``: 'quick' (minutes, even under TCG) or 'full'."""
 
     def __init__(self, lab, mode="quick", experiments=None, cases=CASES, accel=None, progress=True, repeats=None):
-        from .errors import InvalidSpec
+        from ..wire.errors import InvalidSpec
         if mode not in PLANS:
             raise InvalidSpec(f"bench mode {mode!r}", fix="'quick' or 'full'")
         self.lab, self.mode, self.plan = lab, mode, dict(PLANS[mode])

@@ -1,7 +1,7 @@
 """The client's view of a target: ``Lab`` and the live handles it hands out.
 
-``connect(target)`` picks a transport (:mod:`labkit.transport`) and returns a :class:`Lab`, whose
-methods send one request each to the agent and wrap the answer: a :class:`~labkit.records.Record`
+``connect(target)`` picks a transport (:mod:`labkit.client.transport`) and returns a :class:`Lab`, whose
+methods send one request each to the agent and wrap the answer: a :class:`~labkit.client.records.Record`
 (what ran, what it established), or a live handle that undoes only what it made when its ``with``
 block ends (:class:`Rootfs`, :class:`Process`). Specs are validated here first, so mistakes are
 reported before anything reaches the target. Standard library only (charts load lazily).
@@ -9,13 +9,15 @@ reported before anything reaches the target. Standard library only (charts load 
 import os
 import sys
 
-from .errors import InvalidSpec, LabkitError, PrivilegeError, UnsupportedHost
-from .records import DoctorReport, Record
-from .specs import NAMESPACES, CgroupSpec, ImageRef, ProcessSpec, RootfsSpec, check_name, normalize_namespaces
+from ..wire.errors import InvalidSpec, LabkitError, PrivilegeError, UnsupportedHost
+from .handles import (Cgroup, Container, Network, OverlayRoot, Process, Rootfs, VirtualMachine, _argv,  # noqa: F401
+                      _rootfs_name, _spec_kw)
+from .records import DoctorReport, Record, container_status
+from ..wire.specs import NAMESPACES, CgroupSpec, ImageRef, ProcessSpec, RootfsSpec, check_name, normalize_namespaces
 from . import transport as _t
 
 
-def connect(target="auto", **options):
+def connect(target="auto", local=None, **options):
     """Return a :class:`Lab` for ``target``:
 
     - ``"auto"``: ``$LABKIT_TARGET`` if set; else in-process when this is Linux and we are root, else
@@ -24,6 +26,10 @@ def connect(target="auto", **options):
       ``$LABKIT_VAGRANT_DIR``; options: ``vagrant_cmd``, ``netns``);
     - ``"local"``: in-process (root on Linux); ``"sudo"``: agent under ``sudo -n`` on this machine;
     - ``"ssh://user@host:port"`` (options: ``key_filename``, ``sudo``, ``python``): any Linux host.
+
+    ``local``: a callable that returns the in-process channel (the agent's own,
+    :class:`labkit.agent.local.InProcess`); :func:`labkit.connect` passes it, so the client core never
+    imports the agent.
     """
     if isinstance(target, Lab):
         return target
@@ -36,18 +42,18 @@ def connect(target="auto", **options):
         from . import vagrant
         if sys.platform != "linux":
             if vagrant.is_configured():
-                return connect("vagrant", **options)
+                return connect("vagrant", local=local, **options)
             raise UnsupportedHost(f"this machine runs {sys.platform}; the container side needs Linux")
         if os.geteuid() == 0:
-            return Lab(_t.InProcess(), target="local")
+            return Lab(_in_process(local), target="local")
         try:
             return Lab(_t.sudo_transport(**options), target="sudo")
         except PrivilegeError:
             if vagrant.is_configured():
-                return connect("vagrant", **options)
+                return connect("vagrant", local=local, **options)
             raise
     if t in ("local", "in-process", "inprocess"):
-        return Lab(_t.InProcess(), target="local")
+        return Lab(_in_process(local), target="local")
     if t == "sudo":
         return Lab(_t.sudo_transport(**options), target="sudo")
     if t.startswith("ssh://"):
@@ -61,6 +67,13 @@ def connect(target="auto", **options):
         from . import vagrant
         return Lab(vagrant.transport(**options), target="vagrant")
     raise InvalidSpec(f"unknown target {target!r}", fix="use 'auto', 'local', 'sudo' or 'ssh://user@host:port'")
+
+
+def _in_process(local):
+    if local is None:
+        raise UnsupportedHost("the in-process target needs the agent's code in this process",
+                              fix="connect with labkit.connect('local') (it brings the agent along), or use 'sudo'")
+    return local()
 
 
 class Lab:
@@ -163,12 +176,6 @@ class Lab:
             return self.run_in((), ("mnt",), rootfs=_rootfs_name(rootfs), root_mode="pivot_root", action="escape")
         return self.run_in((), (), rootfs=_rootfs_name(rootfs), root_mode="chroot", action="escape")
 
-    def isolation_matrix(self, configs=None, rootfs="demo", columns=None, vm=False, accel=None):
-        """Run one probe in each configuration (and a VM with ``vm=True``); returns an IsolationResult
-        (.matrix, .reasons, .chart()). ``columns``: the six basic ones by default, or ``isolation.ALL``."""
-        from .isolation import BASIC, isolation_matrix
-        return isolation_matrix(self, configs, rootfs=rootfs, columns=columns or BASIC, vm=vm, accel=accel)
-
     # -- cgroups ----------------------------------------------------------------------------------
     def cgroup(self, name, memory=None, swap=None, cpus=None, cpu_weight=None, pids=None, cpuset=None,
                period_us=100000, devices=None):
@@ -241,7 +248,7 @@ class Lab:
     # -- networks ---------------------------------------------------------------------------------
     def network(self, name="default", subnet="10.213.0.0/24"):
         """A labkit bridge network (made if missing): bridge lkbr-<name>, gateway .1, NAT to the outside."""
-        from .specs import NetworkSpec
+        from ..wire.specs import NetworkSpec
         spec = NetworkSpec(name=name, subnet=subnet)
         return Network(self, spec, Record(self.call("net.create", name=spec.name, subnet=spec.subnet)))
 
@@ -289,7 +296,7 @@ class Lab:
 
     def containers(self, all=False):
         """`docker ps [-a]`."""
-        return [Record(r) for r in self.call("container.ps", all=all)]
+        return [Record(r, status=container_status(r)) for r in self.call("container.ps", all=all)]
 
     # -- the VM baseline --------------------------------------------------------------------------
     def vm(self, command="true", memory_mb=256, cpus=1, timeout=180, accel=None):
@@ -314,318 +321,23 @@ class Lab:
 
     # -- housekeeping -----------------------------------------------------------------------------
     def release(self, *handles):
-        """Stop/remove the given handles (None is skipped): the end-of-notebook tidy-up."""
+        """Undo the given handles (None is skipped), each with its own undo (the one its ``with`` block
+        uses), in the order given: the end-of-notebook tidy-up. Goes on past a failure and raises the
+        first one at the end."""
+        first = None
         for h in handles:
-            if isinstance(h, Process):
-                h.stop()
-            elif isinstance(h, Rootfs) and h.created:
-                h.remove()
-            elif isinstance(h, (Cgroup, OverlayRoot)):
-                h.remove()
-            elif isinstance(h, Network) and h.created:
-                h.remove()
-            elif isinstance(h, Container):
-                h.rm(force=True)
-            elif isinstance(h, VirtualMachine):
-                h.stop()
+            if h is None:
+                continue
+            try:
+                h._undo()
+            except LabkitError as exc:
+                first = first or exc
+        if first is not None:
+            raise first
 
     def cleanup(self, dry_run=False):
         """Remove every kernel object labkit made on the target (and nothing else)."""
         return Record(self.call("cleanup", dry_run=dry_run))
-
-
-def _argv(argv):
-    if isinstance(argv, str):
-        raise InvalidSpec(f"commands are lists of arguments, not strings: {argv!r}",
-                          fix=f"write {argv.split()!r}, or ['sh', '-c', {argv!r}] for shell syntax")
-    if not argv:
-        raise InvalidSpec("the command is empty", fix="e.g. ['uname', '-r']")
-    return [str(a) for a in argv]
-
-
-def _rootfs_name(rootfs):
-    return rootfs.name if isinstance(rootfs, Rootfs) else rootfs
-
-
-def _spec_kw(kw):
-    if "rootfs" in kw:
-        kw["rootfs"] = _rootfs_name(kw["rootfs"])
-    if isinstance(kw.get("cgroup"), Cgroup):
-        kw["cgroup"] = kw["cgroup"].name
-    if isinstance(kw.get("network"), Network):
-        kw["network"] = kw["network"].name
-    if "ports" in kw:
-        kw["ports"] = tuple(kw["ports"])
-    if isinstance(kw.get("env"), dict):
-        kw["env"] = tuple(sorted(kw["env"].items()))
-    return kw
-
-
-class _Handle:
-    """Common to live handles: shows its record in a notebook; ``with`` undoes what it made (``_undo``)."""
-
-    record = None
-
-    def _repr_html_(self):
-        return self.record._repr_html_()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._undo()
-
-    def _undo(self):
-        raise NotImplementedError
-
-
-class Rootfs(_Handle):
-    """A rootfs under /var/lib/labkit/rootfs/<name>. ``with`` removes it when the block ends
-    (only if this handle built it: a rootfs that already existed is left as it was)."""
-
-    def __init__(self, lab, spec, record):
-        self.lab, self.spec, self.record = lab, spec, record
-        self.name, self.path = spec.name, record.get("path") or spec.path
-        self.created = not record.facts.get("existed", False)
-
-    def __repr__(self):
-        return f"<Rootfs {self.name} at {self.path}>"
-
-    def listdir(self, sub="/"):
-        return self.lab.list_dir(self.path + "/" + sub.lstrip("/"))["entries"]
-
-    def read(self, sub):
-        return self.lab.read_file(self.path + "/" + sub.lstrip("/"))
-
-    def remove(self):
-        return Record(self.lab.call("rootfs.remove", name=self.name))
-
-    def _undo(self):
-        if self.created:
-            self.remove()
-
-
-class Network(_Handle):
-    """A labkit bridge network. ``with`` removes it (once no process is on it) if this handle made it."""
-
-    def __init__(self, lab, spec, record):
-        self.lab, self.spec, self.record = lab, spec, record
-        self.name, self.bridge = spec.name, spec.bridge
-        self.created = not record.facts.get("existed", False)
-        self.gateway = record["network"]["gateway"]
-
-    def inspect(self):
-        return Record(self.lab.call("net.inspect", name=self.name))
-
-    def remove(self):
-        return Record(self.lab.call("net.remove", name=self.name))
-
-    def __repr__(self):
-        return f"<Network {self.name} {self.spec.subnet} on {self.bridge}>"
-
-    def _undo(self):
-        if self.created:
-            self.remove()
-
-
-class OverlayRoot(_Handle):
-    """A container's overlay root (image layers + its own upper dir). ``with`` unmounts and removes it."""
-
-    def __init__(self, lab, name, record):
-        self.lab, self.name, self.record = lab, name, record
-        self.merged, self.upper, self.image = record["merged"], record["upper"], record["image"]
-
-    @property
-    def lowerdirs(self):
-        return self.record.facts.get("lowerdirs", [])
-
-    def run(self, argv, namespaces=("uts", "pid", "mnt", "ipc", "net"), **kw):
-        """Run ``argv`` with this root (pivot_root in its own mount namespace) to completion."""
-        kw.setdefault("root_mode", "pivot_root")
-        return self.lab.run_in(argv, namespaces, rootfs=self.merged, **kw)
-
-    def changes(self):
-        """What the container changed, as overlayfs keeps it in the upper dir (files, whiteouts, opaque dirs)."""
-        return self.lab.call("overlay.changes", cid=self.name)
-
-    def commit(self, ref, message="commit"):
-        """The upper dir becomes a new layer on top of the image's: a new image ``ref``."""
-        return Record(self.lab.call("image.commit", cid=self.name, ref=str(ImageRef.parse(ref)), message=message))
-
-    def remove(self):
-        return Record(self.lab.call("overlay.remove", cid=self.name))
-
-    def __repr__(self):
-        return f"<OverlayRoot {self.name} of {self.image} at {self.merged}>"
-
-    def _undo(self):
-        self.remove()
-
-
-class Cgroup(_Handle):
-    """A labkit cgroup with limits. ``with`` kills what is inside and removes it when the block ends."""
-
-    def __init__(self, lab, spec, record):
-        self.lab, self.spec, self.record = lab, spec, record
-        self.name = spec.name
-
-    @property
-    def mode(self):
-        return self.record.get("mode")
-
-    def run(self, argv, namespaces=(), **kw):
-        """Run ``argv`` inside this cgroup (and any namespaces) to completion."""
-        return self.lab.run_in(argv, namespaces, cgroup=self.name, **kw)
-
-    def spawn(self, argv=(), namespaces=(), **kw):
-        """Start a process inside this cgroup; returns a :class:`Process`."""
-        return self.lab.spawn(argv, namespaces, cgroup=self.name, **kw)
-
-    def stats(self):
-        """The kernel's counters now: memory, OOM kills, CPU time and throttling, pids."""
-        return Record(self.lab.call("cgroup.stats", name=self.name))
-
-    def limits(self):
-        """The memory and pids limits the kernel holds for this group now (None: no limit)."""
-        s = self.stats()
-        mem = s.get("memory_max")
-        return {"memory": mem if mem is not None and mem < 1 << 60 else None, "pids": s.get("pids_max")}
-
-    def sample(self, seconds=3.0, interval=0.25):
-        """stats() every ``interval`` s for ``seconds`` s, as a pandas DataFrame (one row per sample)."""
-        import pandas as pd
-        df = pd.DataFrame(self.lab.call("cgroup.sample", name=self.name, seconds=seconds, interval=interval))
-        df["t"] = df["time"] - df["time"].iloc[0]
-        return df
-
-    def kill(self):
-        return Record(self.lab.call("cgroup.kill", name=self.name))
-
-    def remove(self):
-        return Record(self.lab.call("cgroup.remove", name=self.name))
-
-    def __repr__(self):
-        return f"<Cgroup {self.name} ({self.mode})>"
-
-    def _undo(self):
-        self.remove()
-
-
-class VirtualMachine(_Handle):
-    """A running VM (qemu) on the target. ``exec`` runs a shell command in the guest; ``with`` stops it."""
-
-    def __init__(self, lab, vm_id, record):
-        self.lab, self.id, self.record = lab, vm_id, record
-        self.accel = record.facts.get("accel")
-        self.ip = record.get("ip")
-
-    def exec(self, command, timeout=300):
-        """Run ``command`` (busybox sh) in the guest: {'stdout', 'exit_code', 'duration'}."""
-        return Record(self.lab.call("vm.exec", vm_id=self.id, command=command, timeout=timeout))
-
-    def footprint(self):
-        """qemu's RSS and PSS on the host and the guest's own MemTotal/MemAvailable (KiB)."""
-        return Record(self.lab.call("vm.footprint", vm_id=self.id))
-
-    def stop(self):
-        return Record(self.lab.call("vm.stop", vm_id=self.id))
-
-    def __repr__(self):
-        return f"<VirtualMachine {self.id} ({(self.accel or '?').upper()}, kernel {self.record.facts.get('kernel')})>"
-
-    def _undo(self):
-        self.stop()
-
-
-class Container(_Handle):
-    """A container on the target. ``with`` removes it (rm -f) when the block ends."""
-
-    def __init__(self, lab, cid, name, record):
-        self.lab, self.id, self.name, self.record = lab, cid, name, record
-
-    def start(self):
-        self.record = Record(self.lab.call("container.start", ref=self.id))
-        return self
-
-    def stop(self, timeout=10):
-        return Record(self.lab.call("container.stop", ref=self.id, timeout=timeout))
-
-    def wait(self, timeout=3600):
-        return self.lab.call("container.wait", ref=self.id, timeout=timeout)
-
-    def rm(self, force=False):
-        return Record(self.lab.call("container.rm", ref=self.id, force=force))
-
-    def logs(self):
-        return self.lab.call("container.logs", ref=self.id)["text"]
-
-    def top(self):
-        return self.lab.call("container.top", ref=self.id)
-
-    def inspect(self):
-        return self.lab.call("container.inspect", ref=self.id)
-
-    def exec(self, argv, timeout=60):
-        return Record(self.lab.call("container.exec", ref=self.id, argv=_argv(argv), timeout=timeout))
-
-    def commit(self, ref):
-        return Record(self.lab.call("image.commit", cid=self.id, ref=str(ImageRef.parse(ref)), message=f"from {self.name}"))
-
-    @property
-    def ip(self):
-        return self.inspect()["NetworkSettings"]["IPAddress"]
-
-    @property
-    def status(self):
-        return self.inspect()["State"]["Status"]
-
-    def __repr__(self):
-        return f"<Container {self.name} {self.id}>"
-
-    def _undo(self):
-        self.rm(force=True)
-
-
-class Process(_Handle):
-    """A process started in namespaces. ``with`` stops it when the block ends."""
-
-    def __init__(self, lab, pid_id, record):
-        self.lab, self.id, self.record = lab, pid_id, record
-
-    @property
-    def pid(self):
-        """Its PID on the host."""
-        return self.record.get("pid") or self.record.facts.get("pid")
-
-    @property
-    def view(self):
-        """What the process saw from inside just before it started its program."""
-        return self.record.facts.get("view")
-
-    def inspect(self):
-        """Live state from the host: namespaces now, NSpid, uid_map, root, alive."""
-        return Record(self.lab.call("proc.inspect", pid_id=self.id))
-
-    def shares_with_host(self):
-        return self.inspect().get("shares_with_host", {})
-
-    def exec(self, argv, timeout=30):
-        """Run ``argv`` inside this process's namespaces, root and cgroup, with its capabilities."""
-        return Record(self.lab.call("proc.exec", pid_id=self.id, argv=_argv(argv), timeout=timeout))
-
-    def stop(self, timeout=None):
-        """SIGTERM, then SIGKILL after ``timeout`` s (default 5; 0 for a process that only holds namespaces)."""
-        return Record(self.lab.call("proc.stop", pid_id=self.id, timeout=timeout))
-
-    def __repr__(self):
-        return f"<Process {self.id} pid {self.pid}>"
-
-    def __exit__(self, *exc):
-        try:
-            self.stop()
-        except LabkitError:
-            if exc[0] is None:
-                raise
 
 
 __all__ = ["connect", "Lab", "Rootfs", "Process", "Cgroup", "OverlayRoot", "Network", "Container", "NAMESPACES", "PrivilegeError"]

@@ -18,7 +18,7 @@ lists and objects nest at most :data:`MAX_DEPTH` deep; a sender refuses to send 
 to read more (without holding more than ``MAX_LINE`` bytes of it) and names who sent it.
 
 ``PROTOCOL`` grows when a request or result changes shape; a client refuses an agent whose
-protocol is older than ``MIN_PROTOCOL`` with :class:`labkit.errors.AgentTooOld`.
+protocol is older than ``MIN_PROTOCOL`` with :class:`labkit.wire.errors.AgentTooOld`.
 """
 import json
 
@@ -65,7 +65,7 @@ def _fixes(sender):
                     "offset), then reconnect with labkit.connect(...)",
         }
     return {
-        "json": "send one JSON object per line (labkit.protocol.encode): talk to the agent through "
+        "json": "send one JSON object per line (labkit.wire.protocol.encode): talk to the agent through "
                 "labkit.connect(...), not by writing to its stdin",
         "deep": f"send plain data: lists and objects nested at most {MAX_DEPTH} deep (no labkit request needs "
                 f"more)",

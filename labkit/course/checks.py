@@ -1,10 +1,10 @@
 """The checks behind the notebooks' exercises. Each inspects the live state on the target.
 
-A check is ``fn(lab, answer) -> (fraction or bool, feedback)``; :class:`labkit.grading.Checker`
+A check is ``fn(lab, answer) -> (fraction or bool, feedback)``; :class:`labkit.course.grading.Checker`
 turns it into points. Checks trust nothing the answer claims: they ask the target (files in the
 rootfs, /proc/<pid>/ns/*, /proc/<pid>/status, uid_map, nsenter) and compare.
 """
-from .lab import Process, Rootfs
+from ..client.lab import Process, Rootfs
 
 
 def _spec_of(record):
@@ -141,7 +141,7 @@ def root_is_nobody(lab, proc):
 # -- 03-cgroups ----------------------------------------------------------------------------------
 
 def _cgroup_stats(lab, cg):
-    from .lab import Cgroup
+    from ..client.lab import Cgroup
     if not isinstance(cg, Cgroup):
         raise TypeError("expected the handle that lab.cgroup(...) returns")
     return cg.stats()
@@ -197,7 +197,7 @@ def bomb_defused(lab, cg, samples):
 # -- 04-overlay-and-images -----------------------------------------------------------------------
 
 def overlay_changes(lab, root):
-    from .lab import OverlayRoot
+    from ..client.lab import OverlayRoot
     if not isinstance(root, OverlayRoot):
         return False, "expected the handle that lab.container_root(...) returns"
     kinds = {c["path"]: c["kind"] for c in root.changes()}
@@ -263,7 +263,7 @@ def veth_by_hand(lab, commands, red="lk-red", blue="lk-blue", red_ip="10.200.0.1
 
 
 def published_web(lab, web, port=8080):
-    from .lab import Process
+    from ..client.lab import Process
     if not isinstance(web, Process):
         return False, "expected the handle that lab.spawn(...) returns"
     net = web.record.facts.get("net") or {}
@@ -294,7 +294,7 @@ def container_to_container(lab, web, fetched):
 # -- 06-mini-docker ------------------------------------------------------------------------------
 
 def six_steps(lab, ctr, start_record):
-    from .lab import Container
+    from ..client.lab import Container
     if not isinstance(ctr, Container):
         return False, "expected the handle that lab.create(...) returns"
     info = ctr.inspect()
@@ -362,7 +362,7 @@ def needs_vm(check):
 @needs_vm
 def kernel_instances(lab, boot_ids, vm):
     """boot_ids = {'host', 'container', 'vm'}: checked against the host's boot id and the live VM's."""
-    from .lab import VirtualMachine
+    from ..client.lab import VirtualMachine
     if not isinstance(boot_ids, dict) or not {"host", "container", "vm"} <= set(boot_ids):
         return False, "expected a dict with the keys 'host', 'container' and 'vm'"
     if not isinstance(vm, VirtualMachine):
@@ -456,7 +456,7 @@ def capabilities_dropped(lab, record):
 
 
 def uid_shifted(lab, rootfs, path="/tmp/mine"):
-    from .lab import Rootfs
+    from ..client.lab import Rootfs
     if not isinstance(rootfs, Rootfs):
         return False, "expected the rootfs handle"
     res = lab.run(["stat", "-c", "%u", rootfs.path + path])
@@ -513,7 +513,7 @@ def hardened_holds(lab, rootfs, hardened):
 def kernel_shared_by(lab, iso, answer):
     from .isolation import IsolationResult
     if not isinstance(iso, IsolationResult):
-        return False, "expected what lab.isolation_matrix(...) returns"
+        return False, "expected what isolation.isolation_matrix(lab, ...) returns"
     host = lab.read_file("/proc/sys/kernel/random/boot_id")["text"].strip()
     truth = {label for label, f in iso.facts.items() if f.get("boot_id") == host}
     if all(f.get("boot_id") == host for f in iso.facts.values()):

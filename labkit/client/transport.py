@@ -20,7 +20,6 @@ import collections
 import hashlib
 import hmac
 import io
-import itertools
 import math
 import os
 import re
@@ -32,12 +31,14 @@ import threading
 import time
 import zipfile
 
-from . import protocol
-from .errors import InvalidSpec, LabkitError, PrivilegeError, ProtocolError, TransportError, from_wire
+from ..wire import protocol
+from ..wire.channel import Channel
+from ..wire.errors import InvalidSpec, LabkitError, PrivilegeError, ProtocolError, TransportError
 
-PKG_DIR = os.path.dirname(os.path.abspath(__file__))
-# The agent's files: the package root modules it imports, and the agent subpackage.
-AGENT_FILES = ("__init__.py", "errors.py", "protocol.py", "specs.py")
+PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # labkit/
+# The agent's files: the package's __init__, the wire contract and the agent subpackage (nothing else:
+# the agent imports only the wire).
+AGENT_PACKAGES = ("wire", "agent")
 AGENT_MAIN = "import sys\nfrom labkit.agent.server import main\nsys.exit(main())\n"
 
 
@@ -50,14 +51,13 @@ def agent_zipapp_bytes():
             info.compress_type = zipfile.ZIP_DEFLATED
             z.writestr(info, data)
         add("__main__.py", AGENT_MAIN)
-        for fn in AGENT_FILES:
-            with open(os.path.join(PKG_DIR, fn), "rb") as f:
-                add(f"labkit/{fn}", f.read())
-        agent_dir = os.path.join(PKG_DIR, "agent")
-        for fn in sorted(os.listdir(agent_dir)):
-            if fn.endswith(".py"):
-                with open(os.path.join(agent_dir, fn), "rb") as f:
-                    add(f"labkit/agent/{fn}", f.read())
+        with open(os.path.join(PKG_DIR, "__init__.py"), "rb") as f:
+            add("labkit/__init__.py", f.read())
+        for pkg in AGENT_PACKAGES:
+            for fn in sorted(os.listdir(os.path.join(PKG_DIR, pkg))):
+                if fn.endswith(".py"):
+                    with open(os.path.join(PKG_DIR, pkg, fn), "rb") as f:
+                        add(f"labkit/{pkg}/{fn}", f.read())
     return buf.getvalue()
 
 
@@ -77,95 +77,7 @@ def agent_zipapp(cache_dir=None):
     return path
 
 
-class Transport:
-    """Base: ``call(method, **params)`` sends one request and returns the result or raises.
-
-    Each request waits for its answer at most a time limit (:func:`labkit.protocol.request_timeout`):
-    ``_timeout=SECONDS`` on one call, else ``transport.timeout`` (or ``$LABKIT_TIMEOUT``) as the base for
-    every call, raised for slow methods (VM boots, benchmarks, image transfers) and for a request's own
-    ``timeout``. ``math.inf`` waits for ever. A call that runs out of time raises TransportError; the
-    agent's late answer is dropped when it comes, and the transport stays usable."""
-
-    name = "transport"
-
-    def __init__(self, timeout=None):
-        self._ids = itertools.count(1)
-        self._lock = threading.Lock()
-        self.hello = None
-        self.timeout = timeout
-
-    def _timeout_for(self, method, params, override):
-        if override is not None:
-            if isinstance(override, bool) or not isinstance(override, (int, float)) or not override > 0:
-                raise InvalidSpec(f"_timeout={override!r} is not a number of seconds",
-                                  fix="pass seconds > 0, e.g. _timeout=3600 (math.inf waits for ever)")
-            return float(override)
-        base = self.timeout
-        if base is None and os.environ.get("LABKIT_TIMEOUT"):
-            try:
-                base = float(os.environ["LABKIT_TIMEOUT"])
-            except ValueError:
-                raise InvalidSpec(f"LABKIT_TIMEOUT={os.environ['LABKIT_TIMEOUT']!r} is not a number of seconds",
-                                  fix="set it to seconds, e.g. LABKIT_TIMEOUT=1800, or unset it") from None
-        return protocol.request_timeout(method, params, base)
-
-    def call(self, method, _timeout=None, **params):
-        req = {"id": next(self._ids), "method": method, "params": params}
-        timeout = self._timeout_for(method, params, _timeout)
-        line = protocol.encode(req, sender="client")  # refused here when it cannot go on the wire
-        with self._lock:
-            answer = self._roundtrip(req, line, timeout)
-        if answer.get("id") is None and answer.get("ok") is False:
-            raise from_wire(answer.get("error") or {})  # the agent could not read the request's line
-        if answer.get("id") != req["id"]:
-            raise ProtocolError(f"the agent answered request {answer.get('id')!r} to request {req['id']}",
-                                fix="reconnect with labkit.connect(...); if it repeats, update labkit on the target")
-        if answer.get("ok"):
-            return answer.get("result")
-        raise from_wire(answer.get("error") or {})
-
-    def _roundtrip(self, req, line, timeout):
-        raise NotImplementedError
-
-    def close(self):
-        pass
-
-    def describe(self):
-        return self.name
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-class InProcess(Transport):
-    """The agent's code runs in this process (which must be root on Linux)."""
-
-    name = "in-process"
-
-    def __init__(self, timeout=None):
-        super().__init__(timeout)
-        from .agent import server
-        if sys.platform != "linux":
-            from .errors import UnsupportedHost
-            raise UnsupportedHost(f"the in-process transport needs Linux; this is {sys.platform}")
-        if os.geteuid() != 0:
-            raise PrivilegeError(f"the in-process transport needs root; this process runs as uid {os.geteuid()}",
-                                 fix="use labkit.connect('sudo') (the agent runs under sudo) or run as root")
-        self._server = server
-        self.hello = protocol.check_hello(protocol.decode(server.encode_answer(server._hello()), sender="agent"))
-
-    def _roundtrip(self, req, line, timeout):
-        # the agent's code runs in this thread: no time limit applies beyond the agent's own
-        try:
-            request = protocol.decode(line, sender="client")
-        except LabkitError as exc:
-            answer = protocol.response(None, error=exc.to_wire())
-        else:
-            answer = self._server.handle(request)
-        return protocol.decode(self._server.encode_answer(answer), sender="agent")
+Transport = Channel  # every transport below is a Channel
 
 
 class _NoAnswer(Exception):
@@ -403,7 +315,7 @@ class Subprocess(_Stream):
 def sudo_transport(python="/usr/bin/python3", wrapper=(), timeout=None):
     """The agent under ``sudo -n`` (no password prompt: a notebook cannot answer one)."""
     if sys.platform != "linux":
-        from .errors import UnsupportedHost
+        from ..wire.errors import UnsupportedHost
         raise UnsupportedHost(f"the sudo transport runs the agent on this machine, which is {sys.platform}")
     pyz = agent_zipapp()
     argv = list(wrapper) + ["sudo", "-n", python, pyz]
@@ -425,7 +337,6 @@ def socket_in_netns(netns, host, port, timeout):
 
     setns(2) moves only the calling thread, so a short-lived thread enters the namespace, connects,
     and ends; the socket stays in that namespace. Used to reach a VM whose network exists only there."""
-    from .agent import kernel
     import socket
     out = {}
 
@@ -433,7 +344,7 @@ def socket_in_netns(netns, host, port, timeout):
         try:
             fd = os.open(f"/run/netns/{netns}", os.O_RDONLY | os.O_CLOEXEC)
             try:
-                kernel.setns(fd, kernel.CLONE_NEWNET)
+                _setns_net(fd)
             finally:
                 os.close(fd)
             out["sock"] = socket.create_connection((host, port), timeout=timeout)
@@ -446,6 +357,19 @@ def socket_in_netns(netns, host, port, timeout):
     if "error" in out:
         raise out["error"]
     return out["sock"]
+
+
+def _setns_net(fd):
+    """setns(fd, CLONE_NEWNET) for this thread (os.setns from Python 3.12, libc's before)."""
+    if hasattr(os, "setns"):
+        os.setns(fd, os.CLONE_NEWNET)
+        return
+    import ctypes
+    import ctypes.util
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 # --- SSH host keys: which server this client agrees to talk to ---------------------------------------
@@ -792,7 +716,7 @@ class SSH(_Stream):
     The server's host key is checked before anything is sent (:class:`HostKeyCheck`): it must be in the
     user's known hosts (``~/.ssh/known_hosts``, ``/etc/ssh/ssh_known_hosts``) or in ``known_hosts`` (a
     file or a list of files), or match ``host_key`` (a ``SHA256:`` fingerprint, or a list); the lab VM
-    uses ``trust_on_first_use`` (a per-VM file, see :mod:`labkit.vagrant`). ``self.host_key`` says which
+    uses ``trust_on_first_use`` (a per-VM file, see :mod:`labkit.client.vagrant`). ``self.host_key`` says which
     key was accepted and why."""
 
     name = "ssh"

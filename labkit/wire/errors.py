@@ -1,7 +1,7 @@
 """Typed errors for labkit, all rooted at :class:`LabkitError`.
 
 Every error carries a ``fix``: one sentence that tells the reader what to do next. Errors cross the
-agent/client boundary by name (see :mod:`labkit.protocol`), so a failure inside the agent is raised
+agent/client boundary by name (see :mod:`labkit.wire.protocol`), so a failure inside the agent is raised
 in the notebook as the same class with the same message. Standard library only.
 """
 

@@ -1,6 +1,6 @@
 """Overhead benchmarks, the target's side: one sample of one measurement in one case, timed on the target.
 
-The host side (:mod:`labkit.bench`) plans, interleaves and repeats; every call here takes one sample
+The host side (:mod:`labkit.course.bench`) plans, interleaves and repeats; every call here takes one sample
 and returns it, so the client can show progress and nothing here runs for long. The cases:
 
 - ``native``: the host's static busybox as a plain process;
@@ -23,8 +23,8 @@ import socket
 import subprocess
 import time
 
-from ..errors import InvalidSpec, MechanismError
-from ..specs import RUN_DIR, STATE_DIR, CgroupSpec, ProcessSpec, check_port
+from ..wire.errors import InvalidSpec, MechanismError
+from ..wire.specs import RUN_DIR, STATE_DIR, CgroupSpec, ProcessSpec, check_port
 from . import cgroups, engine, images, process, rootfs, vm, workloads
 from .runner import read_text, which
 

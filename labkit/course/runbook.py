@@ -2,7 +2,7 @@
 
 ``run_notebooks(target, output)`` executes every notebook (or the ones named) in course order into
 ``output``, one :class:`NotebookRun` each: its points read back from the executed notebook
-(:func:`labkit.grading.read_scores`), how long it took, and the error that stopped it, if one did. A
+(:func:`labkit.course.grading.read_scores`), how long it took, and the error that stopped it, if one did. A
 notebook that fails does not stop the others. ``read_runs(output)`` reads an output folder back, so a
 CI job or an instructor can check a run it did not make (``labkit scores DIR``).
 """
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from .grading import read_scores
 
-NOTEBOOK_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")
+NOTEBOOK_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "notebooks")
 
 
 def course_notebooks(source_dir=NOTEBOOK_DIR):

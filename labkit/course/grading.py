@@ -1,7 +1,7 @@
 """Grading inside a notebook: checks record points as structured output that survives papermill.
 
 ``Checker(lab, notebook, student_id).check(question, points, fn, *args)`` calls a check from
-:mod:`labkit.checks` (which inspects the live state on the target), prints feedback a student
+:mod:`labkit.course.checks` (which inspects the live state on the target), prints feedback a student
 understands, and displays the score under the MIME type :data:`MIME`, which papermill keeps in the
 executed notebook. A check never raises: an unanswered question or an error scores zero with the
 reason, so the notebook always runs to the end. ``read_scores(path)`` reads the scores back.
@@ -9,7 +9,7 @@ reason, so the notebook always runs to the end. ``read_scores(path)`` reads the 
 import json
 import traceback
 
-from .errors import LabkitError
+from ..wire.errors import LabkitError
 
 MIME = "application/vnd.labkit.score+json"
 

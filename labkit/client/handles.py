@@ -1,0 +1,310 @@
+"""The live handles a :class:`~labkit.client.lab.Lab` hands out, one per kind of thing made on the target.
+
+Each holds the record of what made it and undoes only that: ``Rootfs`` (remove, if this handle built
+it), ``Process`` (stop), ``Cgroup`` (kill and remove), ``OverlayRoot`` (unmount and remove),
+``Network`` (remove, if made here), ``Container`` (rm -f), ``VirtualMachine`` (stop). One ``__exit__``
+policy for all (:class:`_Handle`); ``Lab.release`` calls the same undo. Standard library only.
+"""
+from ..wire.errors import InvalidSpec, LabkitError
+from ..wire.specs import ImageRef
+from .records import Record
+
+
+def _argv(argv):
+    if isinstance(argv, str):
+        raise InvalidSpec(f"commands are lists of arguments, not strings: {argv!r}",
+                          fix=f"write {argv.split()!r}, or ['sh', '-c', {argv!r}] for shell syntax")
+    if not argv:
+        raise InvalidSpec("the command is empty", fix="e.g. ['uname', '-r']")
+    return [str(a) for a in argv]
+
+
+def _rootfs_name(rootfs):
+    return rootfs.name if isinstance(rootfs, Rootfs) else rootfs
+
+
+def _spec_kw(kw):
+    if "rootfs" in kw:
+        kw["rootfs"] = _rootfs_name(kw["rootfs"])
+    if isinstance(kw.get("cgroup"), Cgroup):
+        kw["cgroup"] = kw["cgroup"].name
+    if isinstance(kw.get("network"), Network):
+        kw["network"] = kw["network"].name
+    if "ports" in kw:
+        kw["ports"] = tuple(kw["ports"])
+    if isinstance(kw.get("env"), dict):
+        kw["env"] = tuple(sorted(kw["env"].items()))
+    return kw
+
+
+class _Handle:
+    """Common to live handles: shows its record in a notebook; ``with`` undoes what it made (``_undo``)."""
+
+    record = None
+
+    def _repr_html_(self):
+        return self.record._repr_html_()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        # One policy for every handle: undo what it made. When the block is already failing, that
+        # error is the one to see: an undo that fails too is attached to it as a note, not raised.
+        try:
+            self._undo()
+        except LabkitError as undo_error:
+            if exc is None:
+                raise
+            if hasattr(exc, "add_note"):
+                exc.add_note(f"and undoing {self!r} failed too: {undo_error}")
+        return False
+
+    def _undo(self):
+        """Undo what this handle made (idempotent: a second call does nothing more)."""
+        raise NotImplementedError
+
+
+class Rootfs(_Handle):
+    """A rootfs under /var/lib/labkit/rootfs/<name>. ``with`` removes it when the block ends
+    (only if this handle built it: a rootfs that already existed is left as it was)."""
+
+    def __init__(self, lab, spec, record):
+        self.lab, self.spec, self.record = lab, spec, record
+        self.name, self.path = spec.name, record.get("path") or spec.path
+        self.created = not record.facts.get("existed", False)
+
+    def __repr__(self):
+        return f"<Rootfs {self.name} at {self.path}>"
+
+    def listdir(self, sub="/"):
+        return self.lab.list_dir(self.path + "/" + sub.lstrip("/"))["entries"]
+
+    def read(self, sub):
+        return self.lab.read_file(self.path + "/" + sub.lstrip("/"))
+
+    def remove(self):
+        return Record(self.lab.call("rootfs.remove", name=self.name))
+
+    def _undo(self):
+        if self.created:
+            self.remove()
+
+
+class Network(_Handle):
+    """A labkit bridge network. ``with`` removes it (once no process is on it) if this handle made it."""
+
+    def __init__(self, lab, spec, record):
+        self.lab, self.spec, self.record = lab, spec, record
+        self.name, self.bridge = spec.name, spec.bridge
+        self.created = not record.facts.get("existed", False)
+        self.gateway = record["network"]["gateway"]
+
+    def inspect(self):
+        return Record(self.lab.call("net.inspect", name=self.name))
+
+    def remove(self):
+        return Record(self.lab.call("net.remove", name=self.name))
+
+    def __repr__(self):
+        return f"<Network {self.name} {self.spec.subnet} on {self.bridge}>"
+
+    def _undo(self):
+        if self.created:
+            self.remove()
+
+
+class OverlayRoot(_Handle):
+    """A container's overlay root (image layers + its own upper dir). ``with`` unmounts and removes it."""
+
+    def __init__(self, lab, name, record):
+        self.lab, self.name, self.record = lab, name, record
+        self.merged, self.upper, self.image = record["merged"], record["upper"], record["image"]
+
+    @property
+    def lowerdirs(self):
+        return self.record.facts.get("lowerdirs", [])
+
+    def run(self, argv, namespaces=("uts", "pid", "mnt", "ipc", "net"), **kw):
+        """Run ``argv`` with this root (pivot_root in its own mount namespace) to completion."""
+        kw.setdefault("root_mode", "pivot_root")
+        return self.lab.run_in(argv, namespaces, rootfs=self.merged, **kw)
+
+    def changes(self):
+        """What the container changed, as overlayfs keeps it in the upper dir (files, whiteouts, opaque dirs)."""
+        return self.lab.call("overlay.changes", cid=self.name)
+
+    def commit(self, ref, message="commit"):
+        """The upper dir becomes a new layer on top of the image's: a new image ``ref``."""
+        return Record(self.lab.call("image.commit", cid=self.name, ref=str(ImageRef.parse(ref)), message=message))
+
+    def remove(self):
+        return Record(self.lab.call("overlay.remove", cid=self.name))
+
+    def __repr__(self):
+        return f"<OverlayRoot {self.name} of {self.image} at {self.merged}>"
+
+    def _undo(self):
+        self.remove()
+
+
+class Cgroup(_Handle):
+    """A labkit cgroup with limits. ``with`` kills what is inside and removes it when the block ends."""
+
+    def __init__(self, lab, spec, record):
+        self.lab, self.spec, self.record = lab, spec, record
+        self.name = spec.name
+
+    @property
+    def mode(self):
+        return self.record.get("mode")
+
+    def run(self, argv, namespaces=(), **kw):
+        """Run ``argv`` inside this cgroup (and any namespaces) to completion."""
+        return self.lab.run_in(argv, namespaces, cgroup=self.name, **kw)
+
+    def spawn(self, argv=(), namespaces=(), **kw):
+        """Start a process inside this cgroup; returns a :class:`Process`."""
+        return self.lab.spawn(argv, namespaces, cgroup=self.name, **kw)
+
+    def stats(self):
+        """The kernel's counters now: memory, OOM kills, CPU time and throttling, pids."""
+        return Record(self.lab.call("cgroup.stats", name=self.name))
+
+    def limits(self):
+        """The memory and pids limits the kernel holds for this group now (None: no limit)."""
+        s = self.stats()
+        mem = s.get("memory_max")
+        return {"memory": mem if mem is not None and mem < 1 << 60 else None, "pids": s.get("pids_max")}
+
+    def sample(self, seconds=3.0, interval=0.25):
+        """stats() every ``interval`` s for ``seconds`` s, as a pandas DataFrame (one row per sample)."""
+        import pandas as pd
+        df = pd.DataFrame(self.lab.call("cgroup.sample", name=self.name, seconds=seconds, interval=interval))
+        df["t"] = df["time"] - df["time"].iloc[0]
+        return df
+
+    def kill(self):
+        return Record(self.lab.call("cgroup.kill", name=self.name))
+
+    def remove(self):
+        return Record(self.lab.call("cgroup.remove", name=self.name))
+
+    def __repr__(self):
+        return f"<Cgroup {self.name} ({self.mode})>"
+
+    def _undo(self):
+        self.remove()
+
+
+class VirtualMachine(_Handle):
+    """A running VM (qemu) on the target. ``exec`` runs a shell command in the guest; ``with`` stops it."""
+
+    def __init__(self, lab, vm_id, record):
+        self.lab, self.id, self.record = lab, vm_id, record
+        self.accel = record.facts.get("accel")
+        self.ip = record.get("ip")
+
+    def exec(self, command, timeout=300):
+        """Run ``command`` (busybox sh) in the guest: {'stdout', 'exit_code', 'duration'}."""
+        return Record(self.lab.call("vm.exec", vm_id=self.id, command=command, timeout=timeout))
+
+    def footprint(self):
+        """qemu's RSS and PSS on the host and the guest's own MemTotal/MemAvailable (KiB)."""
+        return Record(self.lab.call("vm.footprint", vm_id=self.id))
+
+    def stop(self):
+        return Record(self.lab.call("vm.stop", vm_id=self.id))
+
+    def __repr__(self):
+        return f"<VirtualMachine {self.id} ({(self.accel or '?').upper()}, kernel {self.record.facts.get('kernel')})>"
+
+    def _undo(self):
+        self.stop()
+
+
+class Container(_Handle):
+    """A container on the target. ``with`` removes it (rm -f) when the block ends."""
+
+    def __init__(self, lab, cid, name, record):
+        self.lab, self.id, self.name, self.record = lab, cid, name, record
+
+    def start(self):
+        self.record = Record(self.lab.call("container.start", ref=self.id))
+        return self
+
+    def stop(self, timeout=10):
+        return Record(self.lab.call("container.stop", ref=self.id, timeout=timeout))
+
+    def wait(self, timeout=3600):
+        return self.lab.call("container.wait", ref=self.id, timeout=timeout)
+
+    def rm(self, force=False):
+        return Record(self.lab.call("container.rm", ref=self.id, force=force))
+
+    def logs(self):
+        return self.lab.call("container.logs", ref=self.id)["text"]
+
+    def top(self):
+        return self.lab.call("container.top", ref=self.id)
+
+    def inspect(self):
+        return self.lab.call("container.inspect", ref=self.id)
+
+    def exec(self, argv, timeout=60):
+        return Record(self.lab.call("container.exec", ref=self.id, argv=_argv(argv), timeout=timeout))
+
+    def commit(self, ref):
+        return Record(self.lab.call("image.commit", cid=self.id, ref=str(ImageRef.parse(ref)), message=f"from {self.name}"))
+
+    @property
+    def ip(self):
+        return self.inspect()["NetworkSettings"]["IPAddress"]
+
+    @property
+    def status(self):
+        return self.inspect()["State"]["Status"]
+
+    def __repr__(self):
+        return f"<Container {self.name} {self.id}>"
+
+    def _undo(self):
+        self.rm(force=True)
+
+
+class Process(_Handle):
+    """A process started in namespaces. ``with`` stops it when the block ends."""
+
+    def __init__(self, lab, pid_id, record):
+        self.lab, self.id, self.record = lab, pid_id, record
+
+    @property
+    def pid(self):
+        """Its PID on the host."""
+        return self.record.get("pid") or self.record.facts.get("pid")
+
+    @property
+    def view(self):
+        """What the process saw from inside just before it started its program."""
+        return self.record.facts.get("view")
+
+    def inspect(self):
+        """Live state from the host: namespaces now, NSpid, uid_map, root, alive."""
+        return Record(self.lab.call("proc.inspect", pid_id=self.id))
+
+    def shares_with_host(self):
+        return self.inspect().get("shares_with_host", {})
+
+    def exec(self, argv, timeout=30):
+        """Run ``argv`` inside this process's namespaces, root and cgroup, with its capabilities."""
+        return Record(self.lab.call("proc.exec", pid_id=self.id, argv=_argv(argv), timeout=timeout))
+
+    def stop(self, timeout=None):
+        """SIGTERM, then SIGKILL after ``timeout`` s (default 5; 0 for a process that only holds namespaces)."""
+        return Record(self.lab.call("proc.stop", pid_id=self.id, timeout=timeout))
+
+    def __repr__(self):
+        return f"<Process {self.id} pid {self.pid}>"
+
+    def _undo(self):
+        self.stop()

@@ -1,0 +1,9 @@
+"""The course layer: what the notebooks teach with, built on the client core.
+
+checks and grading (points that survive papermill), assign (student editions), runbook (executing the
+course), isolation and security (the matrices of labs 02, 07 and 08), bench (the overhead experiments),
+published (the figures quoted beside ours), plotting (the one chart style).
+
+Imports :mod:`labkit.wire` and :mod:`labkit.client`; never the agent. Host-side dependencies
+(pandas, matplotlib, papermill) are allowed here.
+"""
