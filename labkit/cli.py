@@ -243,7 +243,7 @@ def cmd_images(args):
 def cmd_rmi(args):
     lab = _lab(args)
     for ref in args.images:
-        lab.call("container.rmi", ref=ref)
+        lab.call("image.rmi", ref=ref)
         print(f"Untagged: {ref}")
     return 0
 

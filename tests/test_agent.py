@@ -84,13 +84,13 @@ def test_escape_works_under_chroot_and_fails_under_pivot_root(any_lab):
 def test_agent_refuses_bad_input(any_lab):
     # the client validates first; the agent validates again whatever arrives on the wire
     with pytest.raises(InvalidSpec, match="unknown namespace"):
-        any_lab.call("proc.run", spec_dict={"argv": ["true"], "namespaces": ["nope"]})
+        any_lab.call("proc.run", spec={"argv": ["true"], "namespaces": ["nope"]})
     with pytest.raises(InvalidSpec, match="host itself"):
-        any_lab.call("proc.run", spec_dict={"argv": ["true"], "rootfs": "/"})
+        any_lab.call("proc.run", spec={"argv": ["true"], "rootfs": "/"})
     with pytest.raises(InvalidSpec, match="outside labkit"):
-        any_lab.call("proc.run", spec_dict={"argv": ["true"], "rootfs": "/etc"})
+        any_lab.call("proc.run", spec={"argv": ["true"], "rootfs": "/etc"})
     with pytest.raises(InvalidSpec, match="not allowed"):
-        any_lab.call("rootfs.create", name="../../etc")
+        any_lab.call("rootfs.create", spec={"name": "../../etc"})
     with pytest.raises(InvalidSpec, match="no method"):
         any_lab.call("rm_rf_everything")
 
@@ -224,7 +224,7 @@ def test_read_file_refuses_what_is_not_a_regular_file_and_reads_a_bounded_prefix
 
 def test_the_agent_refuses_bad_values_before_making_anything(root_lab, tmp_path):
     with pytest.raises(InvalidSpec, match="not allowed"):
-        root_lab.call("rootfs.create", name="t-nl\n")           # formerly: /var/lib/labkit/rootfs/t-nl<newline>
+        root_lab.call("rootfs.create", spec={"name": "t-nl\n"})           # formerly: /var/lib/labkit/rootfs/t-nl<newline>
     assert not os.path.lexists("/var/lib/labkit/rootfs/t-nl\n")
     for spec, words in [({"name": "t-nl\n"}, "not allowed"),
                         ({"name": "t-bad", "period_us": "abc"}, "not a whole number"),   # formerly 'agent bug'
@@ -233,7 +233,7 @@ def test_the_agent_refuses_bad_values_before_making_anything(root_lab, tmp_path)
                         ({"name": "t-bad", "memory_max": 1}, "unknown cgroup option"),
                         ("t-bad", "must be an object")]:
         with pytest.raises(InvalidSpec, match=words):
-            root_lab.call("cgroup.create", spec_dict=spec)
+            root_lab.call("cgroup.create", spec=spec)
     assert not {"t-bad", "t-nl\n"} & set(root_lab.call("cgroup.list"))
     marker = tmp_path / "pwned"
     for case in ("native", "container", "vm"):
@@ -249,4 +249,4 @@ def test_the_agent_refuses_bad_values_before_making_anything(root_lab, tmp_path)
     with pytest.raises(InvalidSpec, match="no method"):
         root_lab.call(["hello"])
     with pytest.raises(InvalidSpec, match="not a whole number"):
-        root_lab.call("proc.run", spec_dict={"argv": ["true"], "id_map": [[0, "abc", 1]]})
+        root_lab.call("proc.run", spec={"argv": ["true"], "id_map": [[0, "abc", 1]]})

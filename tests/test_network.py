@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from labkit.wire.errors import InvalidSpec
+from labkit.wire.errors import Conflict, InvalidSpec
 
 from conftest import REPO, http_get as http
 
@@ -70,10 +70,10 @@ def test_a_taken_port_and_bad_specs_are_refused(lab, net, rootfs_name):
     s.listen()
     port = s.getsockname()[1]
     try:
-        with pytest.raises(InvalidSpec, match="already taken"):
+        with pytest.raises(Conflict, match="already taken"):
             lab.spawn(WEB, NS, rootfs=rootfs_name, network="t", ports=[f"127.0.0.1:{port}:80"])
         with lab.spawn(WEB, NS, rootfs=rootfs_name, network="t", ports=["18081:80"]):
-            with pytest.raises(InvalidSpec, match="already taken by"):
+            with pytest.raises(Conflict, match="already taken by"):
                 lab.spawn(WEB, NS, rootfs=rootfs_name, network="t", ports=["18081:80"])
     finally:
         s.close()

@@ -168,7 +168,7 @@ def send(obj):
 if mode == "silent":
     sys.stdin.read()
     sys.exit()
-send({"hello": "labkit-agent", "protocol": 1, "version": "fake", "pid": 0})
+send({"hello": "labkit-agent", "protocol": %d, "version": "fake", "pid": 0})
 held = []
 for raw in sys.stdin.buffer:
     req = json.loads(raw)
@@ -199,7 +199,7 @@ for raw in sys.stdin.buffer:
 @pytest.fixture
 def fake_agent(tmp_path):
     script = tmp_path / "fake_agent.py"
-    script.write_text(FAKE_AGENT)
+    script.write_text(FAKE_AGENT.replace("%d", str(protocol.PROTOCOL)))
     made = []
 
     def start(mode, *args):

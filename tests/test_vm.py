@@ -9,6 +9,7 @@ import time
 import pytest
 
 from labkit.wire.errors import InvalidSpec, LabkitError
+from labkit.wire.specs import NetworkSpec
 
 from conftest import REPO
 
@@ -146,7 +147,7 @@ def test_the_other_architecture_boots_too_with_disk_and_network(lab):
     machine, kernel, busybox, root = foreign_guest()
     with pytest.raises(InvalidSpec, match="emulated"):
         V.VM(accel_mode="kvm", machine=machine, kernel=kernel, busybox=busybox)
-    network.create("vmarch", "10.213.93.0/24")
+    network.create(NetworkSpec(name="vmarch", subnet="10.213.93.0/24"))
     guest = V.VM(accel_mode="tcg", machine=machine, kernel=kernel, busybox=busybox, modules_root=root, disk_mb=64,
                  network_name="vmarch", boot_timeout=240)
     try:

@@ -12,7 +12,7 @@ import os
 import signal
 import time
 
-from ..wire.errors import InvalidSpec, MechanismError, NotFound
+from ..wire.errors import Conflict, MechanismError, NotFound
 from ..wire.specs import CgroupSpec, check_name
 from . import devices
 from .runner import Recorder, read_text
@@ -157,9 +157,8 @@ def _v2_enable(parent_of_parent, parent, controllers, rec):
     return want
 
 
-def create(spec_dict):
+def create(spec: CgroupSpec):
     """Make the cgroup and write its limits; returns a record with every file written."""
-    spec = CgroupSpec(**spec_dict)
     lay = Layout(spec.name)
     rec = Recorder(f"create cgroup {spec.name!r} ({lay.mode})")
     rec.fact("mode", lay.mode)
@@ -180,7 +179,7 @@ def create(spec_dict):
         rec.fact("controllers", sorted(lay.dirs))
     for d in lay.all_dirs():
         if os.path.isdir(d):
-            raise InvalidSpec(f"a labkit cgroup named {spec.name!r} exists already ({d})",
+            raise Conflict(f"a labkit cgroup named {spec.name!r} exists already ({d})",
                               fix="remove it first (lab.cgroup(...).remove(), or `labkit cleanup`) or choose another name")
     made = []
     try:

@@ -71,7 +71,7 @@ def check_namespaces():
         return _line("namespaces", False, " ".join(have), f"missing: {' '.join(missing)}",
                      fix="use a kernel built with CONFIG_*_NS for these (any current distro kernel)")
     try:
-        res = process.run(ProcessSpec(action="probe", namespaces=NAMESPACES).to_dict(), timeout=20)
+        res = process.run(ProcessSpec(action="probe", namespaces=NAMESPACES), timeout=20)
         fresh = [n for n, shared in res["facts"]["shares_with_host"].items() if not shared]
     except LabkitError as exc:
         return _line("namespaces", False, " ".join(have), f"creating them failed: {exc.message}",

@@ -18,9 +18,9 @@ import signal
 import subprocess
 import time
 
-from ..wire.errors import InvalidSpec, LabkitError, MechanismError, NotFound
-from ..wire.specs import (CAPS, CONTAINERS_DIR, DOCKER_DEFAULT_CAPS, RUN_DIR, STATE_DIR, CgroupSpec, ImageRef, PortSpec,
-                     ProcessSpec, check_name, normalize_caps, parse_bind)
+from ..wire.arch import CAPS, DOCKER_DEFAULT_CAPS, normalize_caps
+from ..wire.errors import Conflict, InvalidSpec, LabkitError, MechanismError, NotFound
+from ..wire.specs import CONTAINERS_DIR, RUN_DIR, STATE_DIR, ContainerSpec, ImageRef, NetworkSpec, PortSpec, ProcessSpec, check_name
 from . import cgroups, enter, images, network, process
 from .launch import CONTAINER_PATH
 from .runner import Recorder, env_for_children, pid_starttime, python_argv, read_text, run, same_process
@@ -96,29 +96,23 @@ def capabilities(cap_add=(), cap_drop=(), privileged=False):
     return sorted((base | set(add)) - set(drop)), add, drop
 
 
-def create(image="busybox", name=None, cmd=None, env=None, hostname=None, ports=(), memory=None, cpus=None,
-           pids=None, volumes=(), read_only=False, workdir=None, user=None, network_name="default",
-           cap_add=(), cap_drop=(), privileged=False):
+def create(spec: ContainerSpec):
     """`docker create`: the root, the cgroup and the config, nothing running yet. Like Docker, a container
     keeps 14 capabilities and sees /proc/sys read-only unless ``privileged``."""
-    ref = ImageRef.parse(image)
-    caps, cap_add, cap_drop = capabilities(cap_add, cap_drop, privileged)
+    ref = ImageRef.parse(spec.image)
+    caps, cap_add, cap_drop = capabilities(spec.cap_add, spec.cap_drop, spec.privileged)
     img = images.load_image(ref)
-    ports = [PortSpec.parse(p).to_dict() for p in ports or ()]
-    binds = [parse_bind(v) if isinstance(v, str) else tuple(v) for v in volumes or ()]
-    for src, _, _ in binds:
+    ports = [PortSpec.parse(p).to_dict() for p in spec.ports]
+    for src, _, _ in spec.binds:
         if not os.path.exists(src):
             raise InvalidSpec(f"volume source {src} does not exist on the target", fix="create it first")
-    CgroupSpec(name="x", memory=memory, cpus=cpus, pids=pids)  # validate the limits before anything is made
-    if cmd is not None and (isinstance(cmd, str) or not all(isinstance(a, str) for a in cmd)):
-        raise InvalidSpec(f"cmd {cmd!r} must be a list of strings", fix="e.g. ['httpd', '-f']")
     cid = secrets.token_hex(6)
-    name = check_name(name, "container name") if name else f"{ref.name.split('/')[-1]}-{cid[:6]}"
+    name = spec.name or f"{ref.name.split('/')[-1]}-{cid[:6]}"
     private_dir(NAMES)
     try:
         os.symlink(cid, f"{NAMES}/{name}")
     except FileExistsError:
-        raise InvalidSpec(f"the container name {name!r} is already in use by container "
+        raise Conflict(f"the container name {name!r} is already in use by container "
                           f"{os.readlink(f'{NAMES}/{name}')}", fix="remove that container (labkit rm) or choose "
                           "another name") from None
     rec = Recorder(f"create container {name} from {ref}")
@@ -126,16 +120,16 @@ def create(image="busybox", name=None, cmd=None, env=None, hostname=None, ports=
         merged = images.mount_container_root(img, cid, rec)
         d = images.container_dir(cid)
         write_json(f"{d}/image.json", img)
-        cg = cgroups.create(CgroupSpec(name=_cg(cid), memory=memory, cpus=cpus, pids=pids,
-                                       devices=None if privileged else "docker").to_dict())
+        cg = cgroups.create(spec.cgroup(_cg(cid)))
         rec.steps += cg["steps"]
         cfg = {"id": cid, "name": name, "image": str(ref), "image_id": img["id"], "created": time.time(),
-               "cmd": list(cmd) if cmd else list(img["config"].get("Cmd") or ["/bin/sh"]),
-               "env": list(img["config"].get("Env") or []) + [f"{k}={v}" for k, v in (env or {}).items()],
-               "hostname": hostname or cid, "workdir": workdir or img["config"].get("WorkingDir") or "/",
-               "ports": ports, "binds": [list(b) for b in binds], "read_only": bool(read_only), "user": user,
-               "network": network_name, "limits": {"memory": memory, "cpus": cpus, "pids": pids},
-               "caps": caps, "privileged": bool(privileged), "cap_add": cap_add, "cap_drop": cap_drop,
+               "cmd": list(spec.cmd) if spec.cmd else list(img["config"].get("Cmd") or ["/bin/sh"]),
+               "env": list(img["config"].get("Env") or []) + [f"{k}={v}" for k, v in spec.env],
+               "hostname": spec.hostname or cid, "workdir": spec.workdir or img["config"].get("WorkingDir") or "/",
+               "ports": ports, "binds": [list(b) for b in spec.binds], "read_only": spec.read_only, "user": spec.user,
+               "network": spec.network, "limits": {"memory": spec.memory, "nano_cpus": spec.nano_cpus,
+                                                   "pids": spec.pids_limit},
+               "caps": caps, "privileged": spec.privileged, "cap_add": cap_add, "cap_drop": cap_drop,
                "merged": merged, "upper": f"{d}/upper", "lowers": [images.layer_dir(x) for x in reversed(img["layers"])]}
         write_json(f"{d}/config.json", cfg, indent=1)
     except BaseException:
@@ -151,7 +145,7 @@ def _prepare(ref, mode):
     cfg = _config(cid)
     _, _, running = _state(cid)
     if running:
-        raise InvalidSpec(f"container {cfg['name']} is already running", fix="stop it first")
+        raise Conflict(f"container {cfg['name']} is already running", fix="stop it first")
     rec = Recorder(f"start container {cfg['name']}")
     img = read_json(f"{images.container_dir(cid)}/image.json")
     if not isinstance(img, dict) or not isinstance(img.get("layers"), list):
@@ -161,7 +155,7 @@ def _prepare(ref, mode):
         try:
             network.inspect(cfg["network"])
         except NotFound:
-            rec.steps += network.create(cfg["network"])["steps"]
+            rec.steps += network.create(NetworkSpec(name=cfg["network"]))["steps"]
     env = _env(cfg)
     spec = ProcessSpec(argv=tuple(cfg["cmd"]), namespaces=_namespaces(cfg), hostname=cfg["hostname"][:63],
                        rootfs=cfg["merged"], root_mode="pivot_root", env=tuple(sorted(env.items())),
@@ -295,7 +289,7 @@ def rm(ref, force=False):
     rec = Recorder(f"remove container {cfg['name']}")
     if running:
         if not force:
-            raise InvalidSpec(f"container {cfg['name']} is running", fix=f"stop it first (labkit stop {cfg['name']}) "
+            raise Conflict(f"container {cfg['name']} is running", fix=f"stop it first (labkit stop {cfg['name']}) "
                               "or use rm -f")
         stop(cid, timeout=0)
     if cfg["network"]:
@@ -365,6 +359,7 @@ def inspect(ref):
     cfg = _config(cid)
     st, ex, running = _state(cid)
     net = (st or {}).get("net") or {}
+    limits = cfg.get("limits") or {}
     return {
         "Id": cid, "Name": "/" + cfg["name"], "Created": cfg["created"], "Image": cfg["image_id"],
         "State": {"Status": "running" if running else ("exited" if ex else "created"), "Running": running,
@@ -372,11 +367,12 @@ def inspect(ref):
                   "StartedAt": (st or {}).get("started"), "FinishedAt": (ex or {}).get("finished")},
         "Config": {"Image": cfg["image"], "Cmd": cfg["cmd"], "Env": cfg["env"], "Hostname": cfg["hostname"],
                    "WorkingDir": cfg["workdir"], "User": cfg["user"] or ""},
-        "HostConfig": {"Memory": cfg["limits"]["memory"], "NanoCpus": cfg["limits"]["cpus"],
+        # Docker's units: bytes, billionths of a CPU; 0 (and a null PidsLimit) where nothing is limited
+        "HostConfig": {"Memory": limits.get("memory") or 0, "NanoCpus": limits.get("nano_cpus") or 0,
                        "Privileged": cfg.get("privileged", "caps" not in cfg), "CapAdd": list(cfg.get("cap_add") or []) or None,
                        "CapDrop": list(cfg.get("cap_drop") or []) or None,
                        "Capabilities": cfg.get("caps"),
-                       "PidsLimit": cfg["limits"]["pids"], "Binds": [":".join([b[0], b[1]] + (["ro"] if b[2] else []))
+                       "PidsLimit": limits.get("pids"), "Binds": [":".join([b[0], b[1]] + (["ro"] if b[2] else []))
                                                                       for b in cfg["binds"]],
                        "ReadonlyRootfs": cfg["read_only"],
                        "PortBindings": {f"{p['container_port']}/{p['proto']}": [{"HostIp": p["host_ip"],
@@ -418,9 +414,11 @@ def image_in_use(ref):
 
 
 def rmi(ref):
+    """`docker rmi`: the one way to remove an image's name; refused while any container (running or not)
+    was made from it."""
     users = image_in_use(ref)
     if users:
-        raise InvalidSpec(f"conflict: unable to remove image {ImageRef.parse(ref)}: it is used by container(s) "
+        raise Conflict(f"conflict: unable to remove image {ImageRef.parse(ref)}: it is used by container(s) "
                           f"{', '.join(users)}", fix=f"remove the container first: labkit rm {users[0]}")
     return images.rmi(ref)
 

@@ -204,7 +204,7 @@ def startup_prepare():
     try:
         root = images.create_container_root(ref="busybox", cid=rig["cid"])
         rig["root"] = root["merged"]
-        cgroups.create(CgroupSpec(name=rig["cgroup"], pids=64).to_dict())
+        cgroups.create(CgroupSpec(name=rig["cgroup"], pids=64))
         os.makedirs(rig["bundle"], exist_ok=True)
         with open(f"{rig['bundle']}/config.json", "w") as f:
             json.dump(_oci_config(rig["root"], f"/labkit/bench-oci-{rid}"), f)
@@ -244,7 +244,7 @@ def startup_sample(case, rig, accel_mode=None):
     elif case == "labkit":
         spec = ProcessSpec(argv=("/bin/true",), namespaces=START_NS, rootfs=rig["root"], root_mode="pivot_root",
                            cgroup=rig["cgroup"], look=False)
-        res = process.run(spec.to_dict(), timeout=60)
+        res = process.run(spec, timeout=60)
         if res.get("exit_code") != 0:
             raise MechanismError(f"labkit start failed: {res.get('stderr', '')[-200:]}", fix="run `labkit doctor`")
     elif case in rig["runtimes"]:

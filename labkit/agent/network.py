@@ -18,7 +18,7 @@ import re
 import secrets
 import socket
 
-from ..wire.errors import InvalidSpec, MechanismError, NotFound
+from ..wire.errors import Conflict, InvalidSpec, MechanismError, NotFound
 from ..wire.specs import RUN_DIR, NetworkSpec, PortSpec
 from .runner import Recorder, read_text, run, which
 from .state import private_dir, read_dir, read_json, set_aside, write_json
@@ -325,15 +325,15 @@ def firewall_leftovers():
 
 # --- networks ------------------------------------------------------------------------------------
 
-def create(name="default", subnet="10.213.0.0/24"):
+def create(spec: NetworkSpec):
     """Make (or reuse) a bridge network; returns its record."""
-    spec = NetworkSpec(name=name, subnet=subnet)
+    name, subnet = spec.name, spec.subnet
     rec = Recorder(f"network {name} ({subnet})")
     with locked():
         try:
             st = _load(name)
             if st["spec"]["subnet"] != subnet:
-                raise InvalidSpec(f"network {name!r} exists with subnet {st['spec']['subnet']}",
+                raise Conflict(f"network {name!r} exists with subnet {st['spec']['subnet']}",
                                   fix="remove it first or use its subnet")
             rec.fact("existed", True)
             return rec.to_dict(network=st)
@@ -414,12 +414,12 @@ def connect(name, pid, owner, ports=(), ip=None):
     with locked():
         st = _load(name)
         if owner in st["members"]:
-            raise InvalidSpec(f"{owner!r} is on network {name!r} already", fix="disconnect it first")
+            raise Conflict(f"{owner!r} is on network {name!r} already", fix="disconnect it first")
         for p in ports:
             clash = [q for s2 in _all() for q in s2["ports"]
                      if q["host_port"] == p.host_port and q["proto"] == p.proto]
             if clash or not _port_free(p):
-                raise InvalidSpec(f"port {p.host_ip}:{p.host_port}/{p.proto} is already taken"
+                raise Conflict(f"port {p.host_ip}:{p.host_port}/{p.proto} is already taken"
                                   + (f" by {clash[0]['owner']}" if clash else " by a program on the host"),
                                   fix="choose another host port, e.g. -p 8081:80")
         addr = _allocate(st, owner, ip)

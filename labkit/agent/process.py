@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 import time
 
-from ..wire.errors import CommandTimeout, InvalidSpec, MechanismError, NotFound, from_wire
+from ..wire.errors import CommandTimeout, Conflict, InvalidSpec, MechanismError, NotFound, from_wire
 from ..wire.specs import NAMESPACES, RUN_DIR, ProcessSpec, check_name
 from . import cgroups, enter, network
 from .launch import CONTAINER_PATH, undo_host_mounts
@@ -194,9 +194,8 @@ def _record(spec, report, what, duration):
     return out
 
 
-def run(spec_dict, timeout=60, input=None):
+def run(spec: ProcessSpec, timeout=60, input=None):
     """Run a process to completion; returns its record with exit code, stdout and stderr."""
-    spec = ProcessSpec.from_dict(spec_dict)
     report, out, err, duration = _launch(spec, "run", subprocess.PIPE if input is not None else subprocess.DEVNULL,
                                          subprocess.PIPE, subprocess.PIPE, timeout=timeout,
                                          input=input.encode() if input is not None else None)
@@ -219,15 +218,15 @@ def _log_path(pid_id):
     return f"{PROCS_DIR}/{pid_id}.log"
 
 
-def start(spec_dict, name=None):
-    spec = ProcessSpec.from_dict(spec_dict)
+def start(spec: ProcessSpec, name=None):
+    """Start a process that outlives the call (``exec`` or ``hold``), kept as entry ``name``; its record."""
     if spec.action not in ("exec", "hold"):
         raise InvalidSpec(f"a started process must exec or hold, not {spec.action!r}",
                           fix="use lab.run(...) for probes and escapes")
     private_dir(PROCS_DIR)
     pid_id = check_name(name, "process name") if name else "p" + secrets.token_hex(4)
     if os.path.exists(_entry_path(pid_id)) and is_alive(_load(pid_id)):
-        raise InvalidSpec(f"a process named {pid_id!r} is already running",
+        raise Conflict(f"a process named {pid_id!r} is already running",
                           fix=f"stop it first (lab.process({pid_id!r}).stop()) or choose another name")
     log = _log_path(pid_id)
     with open(log, "wb") as logf:

@@ -13,7 +13,7 @@ import traceback
 
 from ..wire import protocol
 from ..wire.errors import InvalidSpec, LabkitError, PrivilegeError, UnsupportedHost
-from ..wire.specs import CgroupSpec, RootfsSpec
+from ..wire.specs import CgroupSpec, ContainerSpec, NetworkSpec, ProcessSpec, RootfsSpec
 from . import cgroups, cleanup, doctor, engine, images, namespaces, network, process, measure, registry, rootfs, vm, workloads
 from .runner import run as run_cmd
 
@@ -94,6 +94,16 @@ def m_host_ns():
     return namespaces.inodes()
 
 
+def _decoded(cls, fn):
+    """The method for ``fn(spec, **params)``: the request's ``spec`` object decoded into ``cls`` once,
+    here (unknown fields refused, every value validated), so agent functions take spec objects."""
+    def method(spec, **params):
+        return fn(cls.from_dict(spec), **params)
+    method.__name__ = getattr(fn, "__name__", "method")
+    method.__doc__ = fn.__doc__
+    return method
+
+
 METHODS = {
     "hello": _hello,
     "doctor": doctor.doctor,
@@ -101,18 +111,17 @@ METHODS = {
     "read_file": m_read_file,
     "list_dir": m_list_dir,
     "host_ns": m_host_ns,
-    "rootfs.create": lambda name, image="busybox", hostname="labkit", replace=False:
-        rootfs.create(RootfsSpec(name=name, image=image, hostname=hostname), replace=replace),
+    "rootfs.create": _decoded(RootfsSpec, rootfs.create),
     "rootfs.info": rootfs.info,
     "rootfs.list": rootfs.list_rootfs,
     "rootfs.remove": rootfs.remove,
-    "proc.run": process.run,
-    "proc.start": process.start,
+    "proc.run": _decoded(ProcessSpec, process.run),
+    "proc.start": _decoded(ProcessSpec, process.start),
     "proc.stop": process.stop,
     "proc.list": process.list_processes,
     "proc.inspect": process.inspect,
     "proc.exec": process.exec_in,
-    "cgroup.create": lambda spec_dict: cgroups.create(CgroupSpec.from_dict(spec_dict).to_dict()),
+    "cgroup.create": _decoded(CgroupSpec, cgroups.create),
     "cgroup.stats": cgroups.stats,
     "cgroup.sample": cgroups.sample,
     "cgroup.kill": lambda name: cgroups.kill(name).to_dict(),
@@ -124,7 +133,7 @@ METHODS = {
     "image.build": images.build,
     "image.commit": images.commit,
     "image.tag": images.tag,
-    "image.rmi": images.rmi,
+    "image.rmi": engine.rmi,  # the one route: refused while a container uses the image
     "image.export": images.export_oci,
     "image.import": images.import_oci,
     "image.busybox": images.ensure_busybox,
@@ -132,12 +141,12 @@ METHODS = {
     "overlay.create": images.create_container_root,
     "overlay.changes": images.upper_changes,
     "overlay.remove": images.drop_container_root,
-    "net.create": network.create,
+    "net.create": _decoded(NetworkSpec, network.create),
     "net.remove": network.remove,
     "net.inspect": network.inspect,
     "net.list": network.list_networks,
     "net.topology": network.topology,
-    "container.create": engine.create,
+    "container.create": _decoded(ContainerSpec, engine.create),
     "container.start": engine.start,
     "container.stop": engine.stop,
     "container.wait": engine.wait,
@@ -147,7 +156,6 @@ METHODS = {
     "container.top": engine.top,
     "container.inspect": engine.inspect,
     "container.exec": engine.exec_in,
-    "container.rmi": engine.rmi,
     "image.pull": registry.pull,
     "image.push": registry.push,
     "image.search": registry.search,

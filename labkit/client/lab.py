@@ -13,7 +13,8 @@ from ..wire.errors import InvalidSpec, LabkitError, PrivilegeError, UnsupportedH
 from .handles import (Cgroup, Container, Network, OverlayRoot, Process, Rootfs, VirtualMachine, _argv,  # noqa: F401
                       _rootfs_name, _spec_kw)
 from .records import DoctorReport, Record, container_status
-from ..wire.specs import NAMESPACES, CgroupSpec, ImageRef, ProcessSpec, RootfsSpec, check_name, normalize_namespaces
+from ..wire.specs import (NAMESPACES, CgroupSpec, ContainerSpec, ImageRef, NetworkSpec, ProcessSpec, RootfsSpec, check_name,
+                          nano_cpus, normalize_namespaces)
 from . import transport as _t
 
 
@@ -131,8 +132,7 @@ class Lab:
     def rootfs(self, name="demo", image="busybox", hostname="labkit", replace=False):
         """Build (or reuse) a rootfs; returns a :class:`Rootfs` handle (``with`` removes it at the end)."""
         spec = RootfsSpec(name=name, image=image, hostname=hostname)
-        rec = Record(self.call("rootfs.create", name=spec.name, image=spec.image, hostname=spec.hostname,
-                               replace=replace))
+        rec = Record(self.call("rootfs.create", spec=spec.to_dict(), replace=replace))
         return Rootfs(self, spec, rec)
 
     def rootfs_names(self):
@@ -147,7 +147,7 @@ class Lab:
     def run_in(self, argv=(), namespaces=(), timeout=60, input=None, **kw):
         """Run ``argv`` in new namespaces (and optionally a rootfs) to completion; returns its record."""
         spec = self.spec(argv, namespaces, **kw)
-        return Record(self.call("proc.run", spec_dict=spec.to_dict(), timeout=timeout, input=input))
+        return Record(self.call("proc.run", spec=spec.to_dict(), timeout=timeout, input=input))
 
     def probe(self, namespaces=(), **kw):
         """Start a process in ``namespaces``, let it look around, and return what it saw (its record)."""
@@ -156,7 +156,7 @@ class Lab:
     def spawn(self, argv=(), namespaces=(), name=None, **kw):
         """Start a process that keeps running (default: one that just waits); returns a :class:`Process`."""
         spec = self.spec(argv, namespaces, action="exec" if argv else "hold", **kw)
-        rec = Record(self.call("proc.start", spec_dict=spec.to_dict(), name=name))
+        rec = Record(self.call("proc.start", spec=spec.to_dict(), name=name))
         return Process(self, rec["id"], rec)
 
     def process(self, pid_id):
@@ -183,7 +183,7 @@ class Lab:
         ``devices='docker'``: only the devices Docker lets a container open."""
         spec = CgroupSpec(name=name, memory=memory, swap=swap, cpus=cpus, cpu_weight=cpu_weight, pids=pids,
                           cpuset=cpuset, period_us=period_us, devices=devices)
-        return Cgroup(self, spec, Record(self.call("cgroup.create", spec_dict=spec.to_dict())))
+        return Cgroup(self, spec, Record(self.call("cgroup.create", spec=spec.to_dict())))
 
     def cgroup_mode(self):
         """{'mode': 'v1'|'v2'|'hybrid', ...}: the target's cgroup layout."""
@@ -213,7 +213,7 @@ class Lab:
 
     def rmi(self, ref):
         """`docker rmi`: refused while any container (running or not) was made from the image."""
-        return Record(self.call("container.rmi", ref=str(ImageRef.parse(ref))))
+        return Record(self.call("image.rmi", ref=str(ImageRef.parse(ref))))
 
     def pull(self, ref, username=None, password=None):
         """Pull an image from a registry (OCI distribution API; digests verified)."""
@@ -248,9 +248,8 @@ class Lab:
     # -- networks ---------------------------------------------------------------------------------
     def network(self, name="default", subnet="10.213.0.0/24"):
         """A labkit bridge network (made if missing): bridge lkbr-<name>, gateway .1, NAT to the outside."""
-        from ..wire.specs import NetworkSpec
         spec = NetworkSpec(name=name, subnet=subnet)
-        return Network(self, spec, Record(self.call("net.create", name=spec.name, subnet=spec.subnet)))
+        return Network(self, spec, Record(self.call("net.create", spec=spec.to_dict())))
 
     def networks(self):
         return [Record(n) for n in self.call("net.list")]
@@ -264,13 +263,17 @@ class Lab:
                cpus=None, pids_limit=None, volumes=(), read_only=False, workdir=None, user=None, network="default",
                cap_add=(), cap_drop=(), privileged=False):
         """`docker create`: returns a :class:`Container` (its root, cgroup and config; nothing runs yet).
+        ``memory`` in bytes or "64M", ``cpus`` as Docker's --cpus (0.5); the spec stores bytes and nano-CPUs
+        (:class:`~labkit.wire.specs.ContainerSpec`), which is what ``inspect()`` shows.
         Docker's 14 default capabilities (``cap_add``/``cap_drop`` change them) and a read-only /proc/sys,
         unless ``privileged``."""
-        rec = Record(self.call("container.create", image=str(ImageRef.parse(image)), name=name,
-                               cmd=_argv(cmd) if cmd else None, env=dict(env or {}), hostname=hostname,
-                               ports=list(ports), memory=memory, cpus=cpus, pids=pids_limit, volumes=list(volumes),
-                               read_only=read_only, workdir=workdir, user=user, network_name=network,
-                               cap_add=list(cap_add or ()), cap_drop=list(cap_drop or ()), privileged=privileged))
+        spec = ContainerSpec(image=image, name=name, cmd=_argv(cmd) if cmd else None, env=env or {},
+                             hostname=hostname, ports=tuple(ports or ()), memory=memory,
+                             nano_cpus=None if cpus is None else nano_cpus(cpus), pids_limit=pids_limit,
+                             binds=tuple(volumes or ()), read_only=read_only, workdir=workdir, user=user,
+                             network=network, cap_add=tuple(cap_add or ()), cap_drop=tuple(cap_drop or ()),
+                             privileged=privileged)
+        rec = Record(self.call("container.create", spec=spec.to_dict()))
         return Container(self, rec["id"], rec["name"], rec)
 
     def run_container(self, image="busybox", cmd=None, detach=True, rm=False, timeout=600, **kw):

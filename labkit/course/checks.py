@@ -4,7 +4,8 @@ A check is ``fn(lab, answer) -> (fraction or bool, feedback)``; :class:`labkit.c
 turns it into points. Checks trust nothing the answer claims: they ask the target (files in the
 rootfs, /proc/<pid>/ns/*, /proc/<pid>/status, uid_map, nsenter) and compare.
 """
-from ..client.lab import Process, Rootfs
+from ..client.handles import Cgroup, Container, OverlayRoot, Process, Rootfs, VirtualMachine
+from ..wire.errors import NotFound
 
 
 def _spec_of(record):
@@ -141,7 +142,6 @@ def root_is_nobody(lab, proc):
 # -- 03-cgroups ----------------------------------------------------------------------------------
 
 def _cgroup_stats(lab, cg):
-    from ..client.lab import Cgroup
     if not isinstance(cg, Cgroup):
         raise TypeError("expected the handle that lab.cgroup(...) returns")
     return cg.stats()
@@ -175,7 +175,7 @@ def cpu_throttled(lab, cg, samples):
     try:
         used = (samples.cpu_usage_us.iloc[-1] - samples.cpu_usage_us.iloc[0]) / 1e6 / (
             samples.t.iloc[-1] - samples.t.iloc[0])
-    except Exception:  # noqa: BLE001
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError, ZeroDivisionError):
         return 0.5, "the group was throttled, but `samples` is not the DataFrame that cg.sample() returns"
     return True, (f"quota {s['cpu_quota']:g} CPU, the loop got {used:.2f} CPU, throttled in {s['nr_throttled']} "
                   f"of {s['nr_periods']} periods.")
@@ -197,7 +197,6 @@ def bomb_defused(lab, cg, samples):
 # -- 04-overlay-and-images -----------------------------------------------------------------------
 
 def overlay_changes(lab, root):
-    from ..client.lab import OverlayRoot
     if not isinstance(root, OverlayRoot):
         return False, "expected the handle that lab.container_root(...) returns"
     kinds = {c["path"]: c["kind"] for c in root.changes()}
@@ -263,7 +262,6 @@ def veth_by_hand(lab, commands, red="lk-red", blue="lk-blue", red_ip="10.200.0.1
 
 
 def published_web(lab, web, port=8080):
-    from ..client.lab import Process
     if not isinstance(web, Process):
         return False, "expected the handle that lab.spawn(...) returns"
     net = web.record.facts.get("net") or {}
@@ -294,7 +292,6 @@ def container_to_container(lab, web, fetched):
 # -- 06-mini-docker ------------------------------------------------------------------------------
 
 def six_steps(lab, ctr, start_record):
-    from ..client.lab import Container
     if not isinstance(ctr, Container):
         return False, "expected the handle that lab.create(...) returns"
     info = ctr.inspect()
@@ -314,8 +311,8 @@ def six_steps(lab, ctr, start_record):
 def web_published(lab, webserver, port=8080, name="webserver"):
     name = getattr(webserver, "name", name)
     try:
-        info = lab.call("container.inspect", ref=name)
-    except Exception:  # noqa: BLE001
+        info = lab.container(name).inspect()
+    except NotFound:
         return False, f"there is no container named {name!r}"
     if not info["State"]["Running"]:
         return 0.3, f"{name} exists but is not running: start it"
@@ -339,10 +336,10 @@ def page_changed(lab, marker, port=8080):
 def torn_down(lab, rmi_error, name="webserver", image="course/web:v1"):
     if not rmi_error or "used by container" not in str(rmi_error):
         return 0.3, "first try `rmi` while the container still exists, and keep the error it gives"
-    names = [c["name"] for c in lab.call("container.ps", all=True)]
+    names = [c["name"] for c in lab.containers(all=True)]
     if name in names:
         return 0.5, f"{name} still exists: stop and rm it"
-    if image in [i["ref"] for i in lab.call("image.list")]:
+    if image in [i["ref"] for i in lab.images()]:
         return 0.7, f"{image} is still there: rmi it once the container is gone"
     return True, "stop, rm, then rmi: an image cannot go while any container, even a stopped one, was made from it."
 
@@ -362,7 +359,6 @@ def needs_vm(check):
 @needs_vm
 def kernel_instances(lab, boot_ids, vm):
     """boot_ids = {'host', 'container', 'vm'}: checked against the host's boot id and the live VM's."""
-    from ..client.lab import VirtualMachine
     if not isinstance(boot_ids, dict) or not {"host", "container", "vm"} <= set(boot_ids):
         return False, "expected a dict with the keys 'host', 'container' and 'vm'"
     if not isinstance(vm, VirtualMachine):
@@ -456,7 +452,6 @@ def capabilities_dropped(lab, record):
 
 
 def uid_shifted(lab, rootfs, path="/tmp/mine"):
-    from ..client.lab import Rootfs
     if not isinstance(rootfs, Rootfs):
         return False, "expected the rootfs handle"
     res = lab.run(["stat", "-c", "%u", rootfs.path + path])

@@ -58,18 +58,31 @@ class AgentTooOld(ProtocolError):
 
 
 class CommandFailed(LabkitError):
-    """A command run by the agent exited non-zero (like invoke's UnexpectedExit)."""
+    """A command run by the agent exited non-zero (like invoke's UnexpectedExit).
+
+    ``stdout`` and ``stderr`` cross the wire with it: the last :data:`WIRE_TAIL` characters of each (the
+    end of a failing command's output is where its reason is; the whole stays bounded on the wire)."""
+
+    WIRE_TAIL = 64 << 10
 
     def __init__(self, argv, exit_code, stderr="", stdout="", fix=None):
+        stdout, stderr = _text_tail(stdout, self.WIRE_TAIL), _text_tail(stderr, self.WIRE_TAIL)
         tail = "\n".join((stderr or stdout or "").strip().splitlines()[-8:])
         msg = f"command {argv!r} exited with {exit_code}"
         if tail:
             msg += "; last lines of its output:\n    " + tail.replace("\n", "\n    ")
-        super().__init__(msg, fix=fix, argv=list(argv), exit_code=exit_code)
+        super().__init__(msg, fix=fix, argv=list(argv), exit_code=exit_code, stdout=stdout, stderr=stderr)
         self.argv = list(argv)
         self.exit_code = exit_code
         self.stderr = stderr
         self.stdout = stdout
+
+
+def _text_tail(text, limit):
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text).decode("utf-8", "replace")
+    text = text or ""
+    return text if len(text) <= limit else text[-limit:]
 
 
 class CommandTimeout(LabkitError):
@@ -78,6 +91,11 @@ class CommandTimeout(LabkitError):
 
 class NotFound(LabkitError):
     """A named object (rootfs, process, ...) does not exist on the target."""
+
+
+class Conflict(LabkitError):
+    """The target's state does not allow it now (Docker's 409): a name already in use, an image that a
+    container still uses, a container that is already running or still running."""
 
 
 class MechanismError(LabkitError):
@@ -105,11 +123,12 @@ def from_wire(data):
         err = LabkitError.__new__(CommandFailed)
         LabkitError.__init__(err, data.get("message", ""), fix=data.get("fix"), **d)
         err.argv, err.exit_code = d.get("argv", []), d.get("exit_code")
-        err.stderr = err.stdout = ""
+        err.stdout, err.stderr = _text_tail(d.get("stdout"), CommandFailed.WIRE_TAIL), \
+            _text_tail(d.get("stderr"), CommandFailed.WIRE_TAIL)
         return err
     return cls(data.get("message", "agent error"), fix=data.get("fix"), **(data.get("details") or {}))
 
 
 _BY_NAME = {c.__name__: c for c in (
     LabkitError, InvalidSpec, PrivilegeError, UnsupportedHost, TransportError, ProtocolError,
-    AgentTooOld, CommandFailed, CommandTimeout, NotFound, MechanismError, BuildFailed, UnsafeLayer, RegistryError)}
+    AgentTooOld, CommandFailed, CommandTimeout, NotFound, Conflict, MechanismError, BuildFailed, UnsafeLayer, RegistryError)}

@@ -24,8 +24,8 @@ import json
 
 from . import errors
 
-PROTOCOL = 1
-MIN_PROTOCOL = 1
+PROTOCOL = 2
+MIN_PROTOCOL = 2  # 2: specs travel as one 'spec' object (rootfs, process, cgroup, network, container)
 VERSION = "0.1.0"
 HELLO = "labkit-agent"
 

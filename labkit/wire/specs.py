@@ -1,7 +1,8 @@
 """Specs: what the caller asks for, as frozen dataclasses. Pure: no I/O, no kernel, unit-testable.
 
-A spec is validated where it is made (client side, so the student gets the error at once) and again
-where it is used (the agent never trusts the wire). Live handles that exist in the kernel live in
+A spec is validated where it is made (client side, so the student gets the error at once, in the units
+it is stored in: bytes, nanocpus) and once more when the agent decodes the request
+(``Spec.from_dict``: the agent never trusts the wire); agent functions take the spec objects. Live handles that exist in the kernel live in
 the mechanism modules (:mod:`labkit.agent.rootfs`, :mod:`labkit.agent.launch`). Standard library only.
 """
 import dataclasses
@@ -12,6 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+from .arch import CAPS, DOCKER_DEFAULT_CAPS, SYSCALL_FAMILIES, SYSCALLS, normalize_caps, syscall_numbers  # noqa: F401
 from .errors import InvalidSpec
 
 #: the namespaces labkit can create, by their names in /proc/<pid>/ns, in teaching order
@@ -108,12 +110,49 @@ def rootfs_path(ref):
     return ROOTFS_DIR + "/" + ref
 
 
+def _check_fields(cls, data, what, example):
+    """A request's dict for spec ``cls``: an object whose keys are all fields of it, else InvalidSpec."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    if not isinstance(data, dict):
+        raise InvalidSpec(f"a {what} spec must be an object, not {type(data).__name__}", fix=f"e.g. {example}")
+    extra = set(data) - known
+    if extra:
+        raise InvalidSpec(f"unknown {what} option(s): {', '.join(sorted(map(str, extra)))}",
+                          fix="known options: " + ", ".join(sorted(known)))
+
+
+class Spec:
+    """Base of the specs that cross the wire: ``to_dict`` for the request, ``from_dict`` to decode one.
+
+    ``from_dict`` refuses anything but an object of known fields with the required ones present, then
+    validates by constructing the spec: the one place the agent turns a request into a spec."""
+
+    _what = "spec"
+    _example = "{}"
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data):
+        _check_fields(cls, data, cls._what, cls._example)
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                   and f.name not in data]
+        if missing:
+            raise InvalidSpec(f"a {cls._what} spec needs {', '.join(missing)}", fix=f"e.g. {cls._example}")
+        return cls(**data)
+
+
 @dataclass(frozen=True)
-class RootfsSpec:
+class RootfsSpec(Spec):
     """A root filesystem to build under /var/lib/labkit/rootfs/<name> from the built-in 'busybox' image."""
     name: str
     image: str = "busybox"
     hostname: str = "labkit"
+
+    _what = "rootfs"
+    _example = "{'name': 'demo'}"
 
     def __post_init__(self):
         check_name(self.name, "rootfs name")
@@ -125,9 +164,6 @@ class RootfsSpec:
     @property
     def path(self):
         return rootfs_path(self.name)
-
-    def to_dict(self):
-        return dataclasses.asdict(self)
 
 
 def check_hostname(name):
@@ -157,78 +193,58 @@ def parse_bind(text):
     return parts[0], "/" + inside.lstrip("/"), len(parts) == 3 and parts[2] == "ro"
 
 
-CAPS = ("CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
-        "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE", "CAP_NET_BIND_SERVICE",
-        "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE",
-        "CAP_SYS_RAWIO", "CAP_SYS_CHROOT", "CAP_SYS_PTRACE", "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT",
-        "CAP_SYS_NICE", "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE",
-        "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN",
-        "CAP_SYSLOG", "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ", "CAP_PERFMON", "CAP_BPF",
-        "CAP_CHECKPOINT_RESTORE")
-# what Docker leaves a container by default (moby's oci/caps/defaults.go lists the same fourteen)
-DOCKER_DEFAULT_CAPS = ("CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
-                       "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
-                       "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE")
-# the syscalls a seccomp filter can name, per architecture (aarch64 has only the *at forms)
-SYSCALLS = {
-    "x86_64": {"mkdir": 83, "mkdirat": 258, "chmod": 90, "fchmod": 91, "fchmodat": 268, "mount": 165,
-               "umount2": 166, "unshare": 272, "sethostname": 170, "ptrace": 101, "reboot": 169,
-               "init_module": 175, "finit_module": 313, "settimeofday": 164, "clock_settime": 227,
-               "adjtimex": 159, "kill": 62, "socket": 41, "personality": 135, "keyctl": 250, "chroot": 161,
-               "pivot_root": 155, "setns": 308, "bpf": 321, "unlink": 87, "unlinkat": 263},
-    "aarch64": {"mkdirat": 34, "fchmod": 52, "fchmodat": 53, "mount": 40, "umount2": 39, "unshare": 97,
-                "sethostname": 161, "ptrace": 117, "reboot": 142, "init_module": 105, "finit_module": 273,
-                "settimeofday": 170, "clock_settime": 112, "adjtimex": 171, "kill": 129, "socket": 198,
-                "personality": 92, "keyctl": 219, "chroot": 51, "pivot_root": 41, "setns": 268, "bpf": 280,
-                "unlinkat": 35},
-}
-# what a student means by a name -> every syscall that does it (libc may use either form)
-SYSCALL_FAMILIES = {"mkdir": ("mkdir", "mkdirat"), "chmod": ("chmod", "fchmod", "fchmodat"),
-                    "unlink": ("unlink", "unlinkat"), "init_module": ("init_module", "finit_module"),
-                    "settimeofday": ("settimeofday", "clock_settime", "adjtimex")}
+def env_pairs(env):
+    """An environment as (name, value) pairs in the order given: from a dict or a list of pairs."""
+    if isinstance(env, dict):
+        pairs = tuple((str(k), str(v)) for k, v in env.items())
+    elif isinstance(env, (list, tuple)) and all(isinstance(kv, (list, tuple)) and len(kv) == 2 for kv in env):
+        pairs = tuple((str(k), str(v)) for k, v in env)
+    else:
+        raise InvalidSpec(f"env {env!r} is not a dict or a list of (name, value) pairs",
+                          fix="e.g. env={'LANG': 'C.UTF-8'}")
+    for k, v in pairs:
+        if not k or "=" in k or "\0" in k or "\0" in v:
+            raise InvalidSpec(f"environment variable {k!r} cannot be set",
+                              fix="use a non-empty name without '=' and no NUL bytes, e.g. ('LANG', 'C.UTF-8')")
+    return pairs
 
 
+def argv_tuple(argv, what="argv", example="['hostname']"):
+    """A command as a tuple of strings (never a string a shell would split)."""
+    if isinstance(argv, str):
+        raise InvalidSpec(f"{what} must be a list of arguments, not the string {argv!r}",
+                          fix=f"write {argv.split()!r} instead, or ['sh', '-c', {argv!r}]")
+    if not isinstance(argv, (list, tuple)):
+        raise InvalidSpec(f"{what} must be a list of arguments, not {type(argv).__name__}", fix=f"e.g. {what}={example}")
+    out = tuple(str(a) for a in argv)
+    if any("\0" in a for a in out):
+        raise InvalidSpec("an argument holds a NUL byte, which no program can receive", fix=f"remove the '\\0' from {what}")
+    return out
 
 
-def normalize_caps(names):
+def bind_triples(binds):
+    """Bind mounts as (host path, path inside, read-only) from "SRC:DST[:ro]" strings or triples."""
     out = []
-    for n in names:
-        name = str(n).upper()
-        name = name if name.startswith("CAP_") else "CAP_" + name
-        if name not in CAPS:
-            raise InvalidSpec(f"unknown capability {n!r}", fix="e.g. 'NET_BIND_SERVICE'; see `man 7 capabilities`")
-        out.append(name)
-    return tuple(sorted(set(out)))
+    for b in binds:
+        src, dst, ro = parse_bind(b) if isinstance(b, str) else (list(b) + [False])[:3]
+        if not str(src).startswith("/") or not str(dst).startswith("/") or ".." in str(dst).split("/"):
+            raise InvalidSpec(f"bind {src}:{dst} needs absolute paths and no '..' inside",
+                              fix="e.g. -v /srv/site:/var/www:ro")
+        out.append((str(src), posixpath.normpath(str(dst)), bool(ro)))
+    return tuple(out)
 
 
-def syscall_numbers(names, machine):
-    """Syscall numbers for ``names`` on ``machine``; a name stands for its whole family (mkdir, mkdirat)."""
-    table = SYSCALLS.get(machine)
-    if table is None:
-        raise InvalidSpec(f"no seccomp table for {machine}", fix="use an x86_64 or aarch64 target")
-    nums = []
-    for name in names:
-        family = [n for n in SYSCALL_FAMILIES.get(name, (name,)) if n in table]
-        if not family:
-            raise InvalidSpec(f"unknown syscall {name!r} for {machine}",
-                              fix="choose one of " + ", ".join(sorted(table)))
-        nums += [table[n] for n in family]
-    return sorted(set(nums))
-
-
-def _check_fields(cls, data, what, example):
-    """A request's dict for spec ``cls``: an object whose keys are all fields of it, else InvalidSpec."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    if not isinstance(data, dict):
-        raise InvalidSpec(f"a {what} spec must be an object, not {type(data).__name__}", fix=f"e.g. {example}")
-    extra = set(data) - known
-    if extra:
-        raise InvalidSpec(f"unknown {what} option(s): {', '.join(sorted(map(str, extra)))}",
-                          fix="known options: " + ", ".join(sorted(known)))
+def check_user(user):
+    """A numeric "uid[:gid]" (names would need the container's /etc/passwd)."""
+    m = re.fullmatch(r"([0-9]{1,10})(?::([0-9]{1,10}))?", str(user))
+    if not m or any(int(x) > MAX_ID for x in m.groups() if x is not None):
+        raise InvalidSpec(f"user {user!r} must be numeric uid[:gid] (0..{MAX_ID})",
+                          fix="e.g. user='1000' or '1000:1000'")
+    return str(user)
 
 
 @dataclass(frozen=True)
-class ProcessSpec:
+class ProcessSpec(Spec):
     """A process to start: which namespaces it gets, which root it sees, what it runs.
 
     - ``argv``: the program (looked up in the new root's PATH); empty with action 'hold' means
@@ -273,31 +289,15 @@ class ProcessSpec:
     seccomp_deny: Tuple[str, ...] = ()
     proc_sys_ro: bool = False
 
+    _what = "process"
+    _example = "{'argv': ['hostname']}"
+
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass normalisation)
-        if isinstance(self.argv, str):
-            raise InvalidSpec(f"argv must be a list of arguments, not the string {self.argv!r}",
-                              fix=f"write {self.argv.split()!r} instead, or ['sh', '-c', {self.argv!r}]")
-        if not isinstance(self.argv, (list, tuple)):
-            raise InvalidSpec(f"argv must be a list of arguments, not {type(self.argv).__name__}",
-                              fix="e.g. argv=['hostname']")
-        set_("argv", tuple(str(a) for a in self.argv))
-        if any("\0" in a for a in self.argv):
-            raise InvalidSpec("an argument holds a NUL byte, which no program can receive",
-                              fix="remove the '\\0' from argv")
+        set_("argv", argv_tuple(self.argv))
         set_("namespaces", normalize_namespaces(self.namespaces))
-        if isinstance(self.env, dict):
-            set_("env", tuple(sorted((str(k), str(v)) for k, v in self.env.items())))
-        elif isinstance(self.env, (list, tuple)) and all(isinstance(kv, (list, tuple)) and len(kv) == 2
-                                                          for kv in self.env):
-            set_("env", tuple((str(k), str(v)) for k, v in self.env))
-        else:
-            raise InvalidSpec(f"env {self.env!r} is not a dict or a list of (name, value) pairs",
-                              fix="e.g. env={'LANG': 'C.UTF-8'}")
-        for k, v in self.env:
-            if not k or "=" in k or "\0" in k or "\0" in v:
-                raise InvalidSpec(f"environment variable {k!r} cannot be set",
-                                  fix="use a non-empty name without '=' and no NUL bytes, e.g. ('LANG', 'C.UTF-8')")
+        pairs = env_pairs(self.env)
+        set_("env", tuple(sorted(pairs)) if isinstance(self.env, dict) else pairs)
         if not isinstance(self.id_map, (list, tuple)) or not all(
                 isinstance(m, (list, tuple)) and len(m) == 3 for m in self.id_map):
             raise InvalidSpec(f"id_map {self.id_map!r} is not a list of (inside, outside, count)",
@@ -342,22 +342,12 @@ class ProcessSpec:
                 PortSpec.parse(p)
         elif self.ports or self.ip:
             raise InvalidSpec("ports and ip need a network", fix="pass network='default'")
-        binds = []
-        for b in self.binds:
-            src, dst, ro = (list(b) + [False])[:3] if not isinstance(b, str) else parse_bind(b)
-            if not str(src).startswith("/") or not str(dst).startswith("/") or ".." in str(dst).split("/"):
-                raise InvalidSpec(f"bind {src}:{dst} needs absolute paths and no '..' inside",
-                                  fix="e.g. -v /srv/site:/var/www:ro")
-            binds.append((str(src), posixpath.normpath(str(dst)), bool(ro)))
-        set_("binds", tuple(binds))
+        set_("binds", bind_triples(self.binds))
         if (self.binds or self.read_only) and (self.rootfs is None or "mnt" not in self.namespaces):
             raise InvalidSpec("bind mounts and a read-only root need a rootfs and a mount namespace",
                               fix="pass rootfs=... and add 'mnt' to namespaces")
         if self.user is not None:
-            m = re.fullmatch(r"([0-9]{1,10})(?::([0-9]{1,10}))?", str(self.user))
-            if not m or any(int(x) > MAX_ID for x in m.groups() if x is not None):
-                raise InvalidSpec(f"user {self.user!r} must be numeric uid[:gid] (0..{MAX_ID})",
-                                  fix="e.g. user='1000' or '1000:1000'")
+            check_user(self.user)
         if not isinstance(self.cwd, str) or "\0" in self.cwd or not self.cwd.startswith("/"):
             raise InvalidSpec(f"cwd {self.cwd!r} must be an absolute path", fix="e.g. cwd='/'")
         if self.proc_sys_ro and (self.rootfs is None or "mnt" not in self.namespaces):
@@ -381,13 +371,6 @@ class ProcessSpec:
             return self.mount_proc
         return "pid" in self.namespaces or self.rootfs is not None
 
-    def to_dict(self):
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data):
-        _check_fields(cls, data, "process", "{'argv': ['hostname']}")
-        return cls(**data)
 
 
 _CPUSET_RE = re.compile(r"[0-9]{1,5}(-[0-9]{1,5})?(,[0-9]{1,5}(-[0-9]{1,5})?)*")
@@ -415,8 +398,45 @@ def parse_size(value, what="memory"):
     return n
 
 
+def check_memory(value, what="memory"):
+    """A memory (or swap) limit in bytes, from bytes or "64M": at least 4M for memory, at most MAX_MEMORY."""
+    n = parse_size(value, what)
+    if what == "memory" and n < MIN_MEMORY:
+        raise InvalidSpec(f"a memory limit of {n} bytes is too small to start a process",
+                          fix="use at least 4M (the lab's hog demo uses 32M)")
+    if n < 0:
+        raise InvalidSpec(f"{what} cannot be negative", fix=f"use 0 for no {what}")
+    if n > MAX_MEMORY:
+        raise InvalidSpec(f"a {what} limit of {n} bytes is more than any lab machine has (at most {MAX_MEMORY >> 40} TiB)",
+                          fix=f"write the limit with its unit, e.g. {what}='512M' or '2G'; leave {what}=None for no limit")
+    return n
+
+
+def check_cpus(value):
+    """A CPU quota in CPUs (0.5 = half of one CPU), 0.01..1024."""
+    if isinstance(value, bool):
+        value = None
+    try:
+        cpus = float(value)
+    except (TypeError, ValueError):
+        raise InvalidSpec(f"cpus={value!r} is not a number", fix="e.g. cpus=0.5") from None
+    if not 0.01 <= cpus <= 1024:
+        raise InvalidSpec(f"cpus={cpus} is out of range", fix="use 0.01 or more, e.g. 0.5")
+    return cpus
+
+
+def nano_cpus(cpus):
+    """Docker's NanoCpus for ``--cpus`` (0.5 -> 500000000)."""
+    return int(round(check_cpus(cpus) * 1e9))
+
+
+def check_pids(value):
+    return whole_number(value, "pids", 1, MAX_PIDS,
+                        f"give the most processes the group may hold, 1..{MAX_PIDS}, e.g. pids=32")
+
+
 @dataclass(frozen=True)
-class CgroupSpec:
+class CgroupSpec(Spec):
     """A cgroup below labkit's parent and its limits; None leaves a limit as the kernel's default.
 
     - ``memory``: bytes or "64M" (``memory.max`` / ``memory.limit_in_bytes``); at least 4M.
@@ -439,6 +459,9 @@ class CgroupSpec:
     cpuset: Optional[str] = None
     devices: Optional[str] = None
 
+    _what = "cgroup"
+    _example = "{'name': 'box', 'memory': '32M'}"
+
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass normalisation)
         check_name(self.name, "cgroup name")
@@ -446,55 +469,25 @@ class CgroupSpec:
             raise InvalidSpec(f"devices={self.devices!r} is not a device policy",
                               fix="'docker' (Docker's allow-list) or None (every device)")
         if self.memory is not None:
-            set_("memory", parse_size(self.memory, "memory"))
-            if self.memory < MIN_MEMORY:
-                raise InvalidSpec(f"a memory limit of {self.memory} bytes is too small to start a process",
-                                  fix="use at least 4M (the lab's hog demo uses 32M)")
-            if self.memory > MAX_MEMORY:
-                raise InvalidSpec(f"a memory limit of {self.memory} bytes is more than any lab machine has "
-                                  f"(at most {MAX_MEMORY >> 40} TiB)",
-                                  fix="write the limit with its unit, e.g. memory='512M' or '2G'; leave memory=None "
-                                      "for no limit")
+            set_("memory", check_memory(self.memory, "memory"))
             if self.swap is None:
                 set_("swap", 0)
         if self.swap is not None:
-            set_("swap", parse_size(self.swap, "swap"))
-            if self.swap < 0:
-                raise InvalidSpec("swap cannot be negative", fix="use 0 for no swap")
-            if self.swap > MAX_MEMORY:
-                raise InvalidSpec(f"a swap limit of {self.swap} bytes is more than any lab machine has "
-                                  f"(at most {MAX_MEMORY >> 40} TiB)", fix="e.g. swap='64M', or 0 for no swap")
+            set_("swap", check_memory(self.swap, "swap"))
         if self.cpus is not None:
-            try:
-                set_("cpus", float(self.cpus))
-            except (TypeError, ValueError):
-                raise InvalidSpec(f"cpus={self.cpus!r} is not a number", fix="e.g. cpus=0.5") from None
-            if not 0.01 <= self.cpus <= 1024:
-                raise InvalidSpec(f"cpus={self.cpus} is out of range", fix="use 0.01 or more, e.g. 0.5")
+            set_("cpus", check_cpus(self.cpus))
         set_("period_us", whole_number(self.period_us, "period_us", 1000, 1000000,
                                        "use microseconds from 1000 to 1000000 (default 100000)"))
         if self.cpu_weight is not None:
             set_("cpu_weight", whole_number(self.cpu_weight, "cpu_weight", 1, 10000, "use 1..10000 (default 100)"))
         if self.pids is not None:
-            set_("pids", whole_number(self.pids, "pids", 1, MAX_PIDS,
-                                      f"give the most processes the group may hold, 1..{MAX_PIDS}, e.g. pids=32"))
+            set_("pids", check_pids(self.pids))
         if self.cpuset is not None and not _CPUSET_RE.fullmatch(str(self.cpuset)):
             raise InvalidSpec(f"cpuset {self.cpuset!r} is not a CPU list", fix='e.g. "0" or "0-1" or "0,2"')
-
-    @classmethod
-    def from_dict(cls, data):
-        """A spec from a request's dict: anything but a dict of known fields is InvalidSpec."""
-        _check_fields(cls, data, "cgroup", "{'name': 'box', 'memory': '32M'}")
-        if "name" not in data:
-            raise InvalidSpec("a cgroup spec needs a name", fix="e.g. {'name': 'box'}")
-        return cls(**data)
 
     @property
     def quota_us(self):
         return None if self.cpus is None else max(1000, int(round(self.cpus * self.period_us)))
-
-    def to_dict(self):
-        return dataclasses.asdict(self)
 
 
 _REF_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
@@ -558,10 +551,13 @@ class ImageRef:
 
 
 @dataclass(frozen=True)
-class NetworkSpec:
+class NetworkSpec(Spec):
     """A labkit bridge network: bridge ``lkbr-<name>``, an IPv4 /16../29 subnet, the gateway at .1."""
     name: str = "default"
     subnet: str = "10.213.0.0/24"
+
+    _what = "network"
+    _example = "{'name': 'default', 'subnet': '10.213.0.0/24'}"
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not re.fullmatch(r"[a-z0-9]{1,8}", self.name):
@@ -578,9 +574,6 @@ class NetworkSpec:
     @property
     def bridge(self):
         return "lkbr-" + self.name
-
-    def to_dict(self):
-        return dataclasses.asdict(self)
 
 
 def check_port(value, what="port"):
@@ -619,5 +612,97 @@ class PortSpec:
         if self.proto not in ("tcp", "udp"):
             raise InvalidSpec(f"protocol {self.proto!r}", fix="tcp or udp")
 
+    @property
+    def text(self):
+        """The mapping written out in full: "IP:HOST:CONTAINER/PROTO"."""
+        return f"{self.host_ip}:{self.host_port}:{self.container_port}/{self.proto}"
+
     def to_dict(self):
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ContainerSpec(Spec):
+    """`docker create`'s options, validated once on each side; limits in Docker's own units.
+
+    - ``image``: an image reference (normalised: ``busybox`` -> ``busybox:latest``); ``name``: the
+      container's name (None: ``<image>-<id>``); ``cmd``: the program (None: the image's Cmd);
+    - ``env`` (name, value) pairs added to the image's; ``hostname`` (None: the container's id);
+    - ``ports``: "HOST:CONTAINER" mappings, normalised to "IP:HOST:CONTAINER/PROTO";
+    - ``memory`` in bytes (Docker's HostConfig.Memory), ``nano_cpus`` in billionths of a CPU
+      (HostConfig.NanoCpus: 500000000 is ``--cpus 0.5``), ``pids_limit`` (HostConfig.PidsLimit);
+    - ``binds``: (host path, path inside, read-only), from ``-v SRC:DST[:ro]``; ``read_only`` root;
+      ``workdir`` (None: the image's); ``user`` numeric uid[:gid];
+    - ``network``: a labkit network to join (None: none); ``cap_add``/``cap_drop`` ('ALL' allowed) and
+      ``privileged`` change Docker's 14 default capabilities and device allow-list.
+    """
+    image: str = "busybox"
+    name: Optional[str] = None
+    cmd: Optional[Tuple[str, ...]] = None
+    env: Tuple[Tuple[str, str], ...] = ()
+    hostname: Optional[str] = None
+    ports: Tuple[str, ...] = ()
+    memory: Optional[int] = None
+    nano_cpus: Optional[int] = None
+    pids_limit: Optional[int] = None
+    binds: Tuple[Tuple[str, str, bool], ...] = ()
+    read_only: bool = False
+    workdir: Optional[str] = None
+    user: Optional[str] = None
+    network: Optional[str] = "default"
+    cap_add: Tuple[str, ...] = ()
+    cap_drop: Tuple[str, ...] = ()
+    privileged: bool = False
+
+    _what = "container"
+    _example = "{'image': 'busybox', 'cmd': ['httpd', '-f'], 'memory': 67108864}"
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass normalisation)
+        set_("image", str(ImageRef.parse(self.image)))
+        if self.name is not None:
+            check_name(self.name, "container name")
+        if self.cmd is not None:
+            set_("cmd", argv_tuple(self.cmd, "cmd", "['httpd', '-f']") or None)
+        set_("env", env_pairs(self.env))
+        if self.hostname is not None:
+            check_hostname(self.hostname)
+        if isinstance(self.ports, str):
+            raise InvalidSpec("ports must be a list of mappings", fix="e.g. ports=['8080:80']")
+        set_("ports", tuple(PortSpec.parse(p).text for p in self.ports))
+        if self.memory is not None:
+            set_("memory", check_memory(self.memory, "memory"))
+        if self.nano_cpus is not None:
+            set_("nano_cpus", whole_number(self.nano_cpus, "nano_cpus", 10 ** 7, 1024 * 10 ** 9,
+                                           "give CPUs as cpus=0.5 (500000000 nano-CPUs); 0.01 to 1024 CPUs"))
+        if self.pids_limit is not None:
+            set_("pids_limit", check_pids(self.pids_limit))
+        if isinstance(self.binds, str):
+            raise InvalidSpec("volumes must be a list", fix="e.g. volumes=['/srv/site:/var/www:ro']")
+        set_("binds", bind_triples(self.binds))
+        set_("read_only", _flag(self.read_only, "read_only"))
+        set_("privileged", _flag(self.privileged, "privileged"))
+        if self.workdir is not None and (not isinstance(self.workdir, str) or not self.workdir.startswith("/")
+                                         or "\0" in self.workdir):
+            raise InvalidSpec(f"workdir {self.workdir!r} must be an absolute path", fix="e.g. workdir='/srv'")
+        if self.user is not None:
+            set_("user", check_user(self.user))
+        if self.network is not None:
+            NetworkSpec(name=self.network)
+        for field in ("cap_add", "cap_drop"):
+            names = getattr(self, field)
+            if isinstance(names, str):
+                raise InvalidSpec(f"{field} must be a list of capability names", fix=f"e.g. {field}=['NET_ADMIN']")
+            set_(field, tuple("ALL" if str(c).upper() == "ALL" else normalize_caps([c])[0] for c in names))
+
+    def cgroup(self, name):
+        """The spec of this container's cgroup: its limits, and Docker's device allow-list unless privileged."""
+        return CgroupSpec(name=name, memory=self.memory, pids=self.pids_limit,
+                          cpus=None if self.nano_cpus is None else self.nano_cpus / 1e9,
+                          devices=None if self.privileged else "docker")
+
+
+def _flag(value, what):
+    if not isinstance(value, bool):
+        raise InvalidSpec(f"{what}={value!r} must be True or False", fix=f"e.g. {what}=True")
+    return value
