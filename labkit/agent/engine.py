@@ -1,6 +1,6 @@
 """The engine: containers as Docker has them, made of labkit's mechanisms.
 
-A container is an image's overlay root (:mod:`~labkit.agent.images`), a cgroup with its limits
+A container is an image's overlay root (:mod:`~labkit.agent.roots`), a cgroup with its limits
 (:mod:`~labkit.agent.cgroups`), a process in its own namespaces with a pivot_root into that root
 (:mod:`~labkit.agent.launch`), and an address on a labkit network with published ports
 (:mod:`~labkit.agent.network`). Its monitor (``launch ... monitor``, like conmon) is the parent of the
@@ -21,7 +21,7 @@ import time
 from ..wire.errors import InvalidSpec, LabkitError, MechanismError, NotFound
 from ..wire.specs import (CAPS, CONTAINERS_DIR, DOCKER_DEFAULT_CAPS, RUN_DIR, STATE_DIR, CgroupSpec, ImageRef, PortSpec,
                      ProcessSpec, check_name, normalize_caps, parse_bind)
-from . import cgroups, enter, images, network, process
+from . import cgroups, enter, network, process, roots, store
 from .launch import CONTAINER_PATH
 from .runner import Recorder, env_for_children, pid_starttime, python_argv, read_text, run, same_process
 from .state import private_dir, read_json, set_aside, write_json
@@ -103,7 +103,7 @@ def create(image="busybox", name=None, cmd=None, env=None, hostname=None, ports=
     keeps 14 capabilities and sees /proc/sys read-only unless ``privileged``."""
     ref = ImageRef.parse(image)
     caps, cap_add, cap_drop = capabilities(cap_add, cap_drop, privileged)
-    img = images.load_image(ref)
+    img = store.load_image(ref)
     ports = [PortSpec.parse(p).to_dict() for p in ports or ()]
     binds = [parse_bind(v) if isinstance(v, str) else tuple(v) for v in volumes or ()]
     for src, _, _ in binds:
@@ -123,8 +123,8 @@ def create(image="busybox", name=None, cmd=None, env=None, hostname=None, ports=
                           "another name") from None
     rec = Recorder(f"create container {name} from {ref}")
     try:
-        merged = images.mount_container_root(img, cid, rec)
-        d = images.container_dir(cid)
+        merged = roots.mount_container_root(img, cid, rec)
+        d = roots.container_dir(cid)
         write_json(f"{d}/image.json", img)
         cg = cgroups.create(CgroupSpec(name=_cg(cid), memory=memory, cpus=cpus, pids=pids,
                                        devices=None if privileged else "docker").to_dict())
@@ -136,7 +136,7 @@ def create(image="busybox", name=None, cmd=None, env=None, hostname=None, ports=
                "ports": ports, "binds": [list(b) for b in binds], "read_only": bool(read_only), "user": user,
                "network": network_name, "limits": {"memory": memory, "cpus": cpus, "pids": pids},
                "caps": caps, "privileged": bool(privileged), "cap_add": cap_add, "cap_drop": cap_drop,
-               "merged": merged, "upper": f"{d}/upper", "lowers": [images.layer_dir(x) for x in reversed(img["layers"])]}
+               "merged": merged, "upper": f"{d}/upper", "lowers": [store.layer_dir(x) for x in reversed(img["layers"])]}
         write_json(f"{d}/config.json", cfg, indent=1)
     except BaseException:
         _teardown(cid, rec)
@@ -153,10 +153,10 @@ def _prepare(ref, mode):
     if running:
         raise InvalidSpec(f"container {cfg['name']} is already running", fix="stop it first")
     rec = Recorder(f"start container {cfg['name']}")
-    img = read_json(f"{images.container_dir(cid)}/image.json")
+    img = read_json(f"{roots.container_dir(cid)}/image.json")
     if not isinstance(img, dict) or not isinstance(img.get("layers"), list):
         raise NotFound(f"container {cfg['name']} has lost its image record", fix=f"remove it: labkit rm {cfg['name']}")
-    images.ensure_mounted(cid, img["layers"], rec)
+    roots.ensure_mounted(cid, img["layers"], rec)
     if cfg["network"]:
         try:
             network.inspect(cfg["network"])
@@ -212,7 +212,7 @@ def _started(cid, cfg, rec, rt, timeout):
 def start(ref, timeout=30):
     """`docker start`: network, namespaces, cgroup, root; the monitor stays as its parent."""
     cid, cfg, rec, rt, args = _prepare(ref, "monitor")
-    with open(f"{images.container_dir(cid)}/container.log", "ab") as log:
+    with open(f"{roots.container_dir(cid)}/container.log", "ab") as log:
         code, _, _ = process.run_launcher(args, subprocess.DEVNULL, log, log, timeout=timeout)
     if code != 0:
         raise MechanismError(f"the monitor of {cfg['name']} failed to start (exit {code})",
@@ -284,7 +284,7 @@ def _teardown(cid, rec):
         cgroups.remove(_cg(cid))
     except LabkitError:
         pass
-    images.remove_container_root(cid, rec)
+    roots.remove_container_root(cid, rec)
 
 
 def rm(ref, force=False):
@@ -339,7 +339,7 @@ def ps(all=False):
 
 def logs(ref, offset=0):
     cid = _resolve(ref)
-    path = f"{images.container_dir(cid)}/container.log"
+    path = f"{roots.container_dir(cid)}/container.log"
     with open(path, "rb") as f:
         f.seek(offset)
         data = f.read(1 << 20)
@@ -422,7 +422,7 @@ def rmi(ref):
     if users:
         raise InvalidSpec(f"conflict: unable to remove image {ImageRef.parse(ref)}: it is used by container(s) "
                           f"{', '.join(users)}", fix=f"remove the container first: labkit rm {users[0]}")
-    return images.rmi(ref)
+    return store.rmi(ref)
 
 
 def cleanup(rec):

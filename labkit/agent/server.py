@@ -14,7 +14,8 @@ import traceback
 from ..wire import protocol
 from ..wire.errors import InvalidSpec, LabkitError, PrivilegeError, UnsupportedHost
 from ..wire.specs import CgroupSpec, RootfsSpec
-from . import cgroups, cleanup, doctor, engine, images, namespaces, network, process, measure, registry, rootfs, vm, workloads
+from . import (build, cgroups, cleanup, doctor, engine, namespaces, network, oci, process, measure, registry, roots,
+               rootfs, store, vm, workloads)
 from .runner import run as run_cmd
 
 
@@ -119,19 +120,19 @@ METHODS = {
     "cgroup.remove": cgroups.remove,
     "cgroup.list": cgroups.list_groups,
     "cgroup.detect": cgroups.detect,
-    "image.list": images.list_images,
-    "image.inspect": lambda ref: images.load_image(ref),
-    "image.build": images.build,
-    "image.commit": images.commit,
-    "image.tag": images.tag,
-    "image.rmi": images.rmi,
-    "image.export": images.export_oci,
-    "image.import": images.import_oci,
-    "image.busybox": images.ensure_busybox,
-    "image.prune": images.prune,
-    "overlay.create": images.create_container_root,
-    "overlay.changes": images.upper_changes,
-    "overlay.remove": images.drop_container_root,
+    "image.list": store.list_images,
+    "image.inspect": lambda ref: store.load_image(ref),
+    "image.build": build.build,
+    "image.commit": roots.commit,
+    "image.tag": store.tag,
+    "image.rmi": store.rmi,
+    "image.export": oci.export_oci,
+    "image.import": oci.import_oci,
+    "image.busybox": store.ensure_busybox,
+    "image.prune": store.prune,
+    "overlay.create": roots.create_container_root,
+    "overlay.changes": roots.upper_changes,
+    "overlay.remove": roots.drop_container_root,
     "net.create": network.create,
     "net.remove": network.remove,
     "net.inspect": network.inspect,
