@@ -30,8 +30,8 @@ import urllib.request
 
 import pytest
 
-from labkit.agent import images as agent_images
 from labkit.agent import registry as agent_registry
+from labkit.agent import store as agent_store
 from labkit.wire.errors import InvalidSpec, NotFound, RegistryError, UnsafeLayer
 
 from conftest import oci_layout
@@ -541,12 +541,12 @@ def store(monkeypatch):
     class Store:
         @staticmethod
         def image_dir(info):
-            return os.path.join(agent_images.IMAGES, *info["ref"].rsplit(":", 1)[0].split("/"))
+            return os.path.join(agent_store.IMAGES, *info["ref"].rsplit(":", 1)[0].split("/"))
 
         def leftovers(self, info):
             out = [d for d in made if os.path.exists(d)]
             for digest in info["diff_ids"] + info["blobs"]:
-                for top in (agent_images.LAYERS, agent_images.BLOBS):
+                for top in (agent_store.LAYERS, agent_store.BLOBS):
                     out += glob.glob(f"{top}/{digest[7:]}*") + glob.glob(f"{top}/.{digest[7:]}*")
             out += glob.glob(os.path.join(self.image_dir(info), f"*{info['tag']}*"))
             return out
@@ -554,8 +554,8 @@ def store(monkeypatch):
         def forget(self, lab, info):
             _rmi(lab, info["ref"])
             for digest in info["diff_ids"]:
-                shutil.rmtree(agent_images.layer_dir(digest), ignore_errors=True)
-                for p in (agent_images.blob_path(digest), agent_images.layer_dir(digest) + ".json"):
+                shutil.rmtree(agent_store.layer_dir(digest), ignore_errors=True)
+                for p in (agent_store.blob_path(digest), agent_store.layer_dir(digest) + ".json"):
                     if os.path.exists(p):
                         os.unlink(p)
     return Store()
@@ -564,8 +564,8 @@ def store(monkeypatch):
 def _rmi(lab, ref):
     """rmi, and the folders of the image's name under images/ with it when they are left empty."""
     lab.rmi(ref)
-    d = os.path.join(agent_images.IMAGES, *ref.rsplit(":", 1)[0].split("/"))
-    while d.startswith(agent_images.IMAGES + "/") and os.path.isdir(d) and not os.listdir(d):
+    d = os.path.join(agent_store.IMAGES, *ref.rsplit(":", 1)[0].split("/"))
+    while d.startswith(agent_store.IMAGES + "/") and os.path.isdir(d) and not os.listdir(d):
         os.rmdir(d)
         d = os.path.dirname(d)
 

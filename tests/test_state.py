@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from labkit.agent import cleanup, engine, images, network, process, state, vm
+from labkit.agent import cleanup, engine, network, process, state, store, vm
 from labkit.agent.runner import pid_starttime, same_process
 
 pytestmark = pytest.mark.privileged
@@ -108,14 +108,14 @@ def test_corrupt_entries_do_not_stop_cleanup_ps_or_prune(lab):
     made = {f"{process.PROCS_DIR}/t-cut.json": '{"id": "t-cut", "pid": ',
             f"{network.NET_DIR}/tcut.json": '{"spec": {"name": "tcut"',
             f"{vm.VM_RUN}/deadbeef.json": "{",
-            f"{images.IMAGES}/t-cut/v1.json": '{"layers": ["sha256:',
-            f"{images.CACHE}/{'0' * 64}.json": "[",
+            f"{store.IMAGES}/t-cut/v1.json": '{"layers": ["sha256:',
+            f"{store.CACHE}/{'0' * 64}.json": "[",
             f"{network.SYSCTL_STATE}": '{"net.ipv4.ip_forward": "1", "../../../etc/x": "1"',
             # valid JSON, forged: a bridge name that would go into `ip` and `nft` with a command after it
             f"{network.NET_DIR}/tforge.json": json.dumps({
                 "spec": {"name": "tforge", "subnet": "10.217.0.0/24"}, "bridge": "lkbr-tforge\nflush ruleset",
                 "gateway": "10.217.0.1", "allocations": {}, "ports": [], "members": {}}),
-            f"{engine.images.CONTAINERS_DIR}/0123456789cd/config.json": '{"id": "0123456789cd", "na'}
+            f"{engine.roots.CONTAINERS_DIR}/0123456789cd/config.json": '{"id": "0123456789cd", "na'}
     for path, text in made.items():
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
@@ -137,7 +137,7 @@ def test_corrupt_entries_do_not_stop_cleanup_ps_or_prune(lab):
             for n in os.listdir(d) if os.path.isdir(d) else ():
                 if n.startswith(os.path.basename(path)):
                     os.unlink(os.path.join(d, n))
-        for d in (f"{images.IMAGES}/t-cut", f"{engine.images.CONTAINERS_DIR}/0123456789cd"):
+        for d in (f"{store.IMAGES}/t-cut", f"{engine.roots.CONTAINERS_DIR}/0123456789cd"):
             if os.path.isdir(d):
                 os.rmdir(d)
 
@@ -146,7 +146,7 @@ def test_private_directories_keep_other_users_out(lab, student):
     """The launcher's reports, process entries and container roots are root's alone: a local user can plant
     nothing there (the old report went through a predictable name in /tmp)."""
     lab.run_in(["true"], ["uts"])
-    for d in (process.REPORTS_DIR, process.PROCS_DIR, images.LAYERS):
+    for d in (process.REPORTS_DIR, process.PROCS_DIR, store.LAYERS):
         assert os.stat(d).st_mode & 0o777 == 0o700, d
     plant = subprocess.run(["runuser", "-u", student.pw_name, "--", "ln", "-s", "/etc/shadow",
                             f"{process.REPORTS_DIR}/report-x.json"], capture_output=True, text=True)

@@ -114,11 +114,11 @@ def test_bad_vm_requests_say_what_to_do(lab):
 
 
 def test_the_initramfs_carries_the_virtio_modules_in_load_order():
-    from labkit.agent import vm
+    from labkit.agent import initramfs, vm
     kernel = vm.find_kernel()
-    files, notes = vm._module_files(vm._kernel_release(kernel))
+    files, notes = initramfs._module_files(initramfs._kernel_release(kernel))
     names = [n for n, _ in files]
-    if not os.path.isdir(f"/lib/modules/{vm._kernel_release(kernel)}"):
+    if not os.path.isdir(f"/lib/modules/{initramfs._kernel_release(kernel)}"):
         pytest.skip("no modules for the /boot kernel")
     for mod in ("virtio_net.ko", "virtio_blk.ko"):
         if mod in names:

@@ -1,6 +1,6 @@
 """The engine: containers as Docker has them, made of labkit's mechanisms.
 
-A container is an image's overlay root (:mod:`~labkit.agent.images`), a cgroup with its limits
+A container is an image's overlay root (:mod:`~labkit.agent.roots`), a cgroup with its limits
 (:mod:`~labkit.agent.cgroups`), a process in its own namespaces with a pivot_root into that root
 (:mod:`~labkit.agent.launch`), and an address on a labkit network with published ports
 (:mod:`~labkit.agent.network`). Its monitor (``launch ... monitor``, like conmon) is the parent of the
@@ -21,7 +21,7 @@ import time
 from ..wire.arch import CAPS, DOCKER_DEFAULT_CAPS, normalize_caps
 from ..wire.errors import Conflict, InvalidSpec, LabkitError, MechanismError, NotFound
 from ..wire.specs import CONTAINERS_DIR, RUN_DIR, STATE_DIR, ContainerSpec, ImageRef, NetworkSpec, PortSpec, ProcessSpec, check_name
-from . import cgroups, enter, images, network, process
+from . import cgroups, enter, network, process, roots, store
 from .launch import CONTAINER_PATH
 from .runner import Recorder, env_for_children, pid_starttime, python_argv, read_text, run, same_process
 from .state import private_dir, read_json, set_aside, write_json
@@ -101,7 +101,7 @@ def create(spec: ContainerSpec):
     keeps 14 capabilities and sees /proc/sys read-only unless ``privileged``."""
     ref = ImageRef.parse(spec.image)
     caps, cap_add, cap_drop = capabilities(spec.cap_add, spec.cap_drop, spec.privileged)
-    img = images.load_image(ref)
+    img = store.load_image(ref)
     ports = [PortSpec.parse(p).to_dict() for p in spec.ports]
     for src, _, _ in spec.binds:
         if not os.path.exists(src):
@@ -117,8 +117,8 @@ def create(spec: ContainerSpec):
                           "another name") from None
     rec = Recorder(f"create container {name} from {ref}")
     try:
-        merged = images.mount_container_root(img, cid, rec)
-        d = images.container_dir(cid)
+        merged = roots.mount_container_root(img, cid, rec)
+        d = roots.container_dir(cid)
         write_json(f"{d}/image.json", img)
         cg = cgroups.create(spec.cgroup(_cg(cid)))
         rec.steps += cg["steps"]
@@ -130,7 +130,7 @@ def create(spec: ContainerSpec):
                "network": spec.network, "limits": {"memory": spec.memory, "nano_cpus": spec.nano_cpus,
                                                    "pids": spec.pids_limit},
                "caps": caps, "privileged": spec.privileged, "cap_add": cap_add, "cap_drop": cap_drop,
-               "merged": merged, "upper": f"{d}/upper", "lowers": [images.layer_dir(x) for x in reversed(img["layers"])]}
+               "merged": merged, "upper": f"{d}/upper", "lowers": [store.layer_dir(x) for x in reversed(img["layers"])]}
         write_json(f"{d}/config.json", cfg, indent=1)
     except BaseException:
         _teardown(cid, rec)
@@ -147,10 +147,10 @@ def _prepare(ref, mode):
     if running:
         raise Conflict(f"container {cfg['name']} is already running", fix="stop it first")
     rec = Recorder(f"start container {cfg['name']}")
-    img = read_json(f"{images.container_dir(cid)}/image.json")
+    img = read_json(f"{roots.container_dir(cid)}/image.json")
     if not isinstance(img, dict) or not isinstance(img.get("layers"), list):
         raise NotFound(f"container {cfg['name']} has lost its image record", fix=f"remove it: labkit rm {cfg['name']}")
-    images.ensure_mounted(cid, img["layers"], rec)
+    roots.ensure_mounted(cid, img["layers"], rec)
     if cfg["network"]:
         try:
             network.inspect(cfg["network"])
@@ -206,7 +206,7 @@ def _started(cid, cfg, rec, rt, timeout):
 def start(ref, timeout=30):
     """`docker start`: network, namespaces, cgroup, root; the monitor stays as its parent."""
     cid, cfg, rec, rt, args = _prepare(ref, "monitor")
-    with open(f"{images.container_dir(cid)}/container.log", "ab") as log:
+    with open(f"{roots.container_dir(cid)}/container.log", "ab") as log:
         code, _, _ = process.run_launcher(args, subprocess.DEVNULL, log, log, timeout=timeout)
     if code != 0:
         raise MechanismError(f"the monitor of {cfg['name']} failed to start (exit {code})",
@@ -278,7 +278,7 @@ def _teardown(cid, rec):
         cgroups.remove(_cg(cid))
     except LabkitError:
         pass
-    images.remove_container_root(cid, rec)
+    roots.remove_container_root(cid, rec)
 
 
 def rm(ref, force=False):
@@ -333,7 +333,7 @@ def ps(all=False):
 
 def logs(ref, offset=0):
     cid = _resolve(ref)
-    path = f"{images.container_dir(cid)}/container.log"
+    path = f"{roots.container_dir(cid)}/container.log"
     with open(path, "rb") as f:
         f.seek(offset)
         data = f.read(1 << 20)
@@ -420,7 +420,7 @@ def rmi(ref):
     if users:
         raise Conflict(f"conflict: unable to remove image {ImageRef.parse(ref)}: it is used by container(s) "
                           f"{', '.join(users)}", fix=f"remove the container first: labkit rm {users[0]}")
-    return images.rmi(ref)
+    return store.rmi(ref)
 
 
 def cleanup(rec):

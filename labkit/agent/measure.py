@@ -25,7 +25,7 @@ import time
 
 from ..wire.errors import InvalidSpec, MechanismError
 from ..wire.specs import RUN_DIR, STATE_DIR, CgroupSpec, ProcessSpec, check_port
-from . import cgroups, engine, images, process, rootfs, vm, workloads
+from . import cgroups, engine, process, roots, rootfs, vm, workloads
 from .runner import read_text, which
 
 BENCH_DIR = STATE_DIR + "/bench"      # native file I/O: the same disk as the containers' upper dirs
@@ -202,7 +202,7 @@ def startup_prepare():
     with open(f"{RIGS}/{rid}.json", "w") as f:
         json.dump(rig, f)
     try:
-        root = images.create_container_root(ref="busybox", cid=rig["cid"])
+        root = roots.create_container_root(ref="busybox", cid=rig["cid"])
         rig["root"] = root["merged"]
         cgroups.create(CgroupSpec(name=rig["cgroup"], pids=64))
         os.makedirs(rig["bundle"], exist_ok=True)
@@ -264,9 +264,9 @@ def startup_sample(case, rig, accel_mode=None):
 
 
 def startup_finish(rig):
-    if rig.get("root") or os.path.isdir(images.container_dir(rig["cid"])):
+    if rig.get("root") or os.path.isdir(roots.container_dir(rig["cid"])):
         try:
-            images.drop_container_root(cid=rig["cid"])
+            roots.drop_container_root(cid=rig["cid"])
         except Exception:  # noqa: BLE001 - keep undoing the rest
             pass
     try:

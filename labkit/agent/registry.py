@@ -4,7 +4,7 @@
 sha256 of the tag's manifest when the registry gives none) and from then on asks only by digest: the
 manifest, the index entry for this machine's CPU (amd64, arm64, ...), the config and each layer. Every
 answer is checked against the digest it was asked for before anything is kept, and a layer goes into the
-store only through :func:`labkit.agent.images.add_layer_tar` (that is, :func:`labkit.agent.tarsafe.unpack`).
+store only through :func:`labkit.agent.store.add_layer_tar` (that is, :func:`labkit.agent.tarsafe.unpack`).
 ``push(ref)`` uploads the blobs the registry lacks (HEAD, then POST + PUT), then the manifest.
 Authentication: anonymous, HTTP basic, and the Bearer token flow (``WWW-Authenticate: Bearer realm=...``)
 that Docker Hub and most registries use.
@@ -53,7 +53,7 @@ import urllib.request
 
 from ..wire.errors import InvalidSpec, LabkitError, NotFound, RegistryError, UnsafeLayer
 from ..wire.specs import STATE_DIR, ImageRef
-from . import images, tarsafe
+from . import oci, store, tarsafe
 from .runner import Recorder
 
 MT_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -500,9 +500,9 @@ def _store(tars, rec=None):
     made = []
     try:
         for tar, diff_id in tars:
-            d = images.layer_dir(diff_id)
-            made += [p for p in (d, d + ".json", images.blob_path(diff_id)) if not os.path.lexists(p)]
-            images.add_layer_tar(tar, diff_id, rec=rec)
+            d = store.layer_dir(diff_id)
+            made += [p for p in (d, d + ".json", store.blob_path(diff_id)) if not os.path.lexists(p)]
+            store.add_layer_tar(tar, diff_id, rec=rec)
     except BaseException:
         _remove(made)
         raise
@@ -586,14 +586,14 @@ def _pull(ref, username=None, password=None):
                 raise UnsafeLayer(f"{what} unpacks to a tar whose sha256 is {got}, not the {diff_id} the image "
                                   f"config names", fix="the image is malformed or altered: do not use it")
             tars.append((tar, diff_id))
-        cfg = images.image_config(config.get("config"), f"{ref}")  # types checked, WorkingDir absolute
+        cfg = store.image_config(config.get("config"), f"{ref}")  # types checked, WorkingDir absolute
         history = config.get("history") if isinstance(config.get("history"), list) else []
         layers, made = _store(tars, rec)
         try:
             image = {"layers": layers, "config": cfg,
                      "history": history, "created": time.time(),
                      "source": {"registry": host, "repository": repo, "tag": ref.tag, "digest": digest}}
-            saved = images.save_image(ref, image)
+            saved = store.save_image(ref, image)
         except BaseException:
             _remove(made)
             raise
@@ -615,12 +615,12 @@ def _push(ref, username=None, password=None):
     if host == "registry-1.docker.io" and username is None:
         raise InvalidSpec(f"pushing {ref} would go to Docker Hub", fix="tag it for your registry first, e.g. "
                           f"labkit tag {ref} 127.0.0.1:5000/{ref.name}:{ref.tag}")
-    image = images.load_image(ref)
+    image = store.load_image(ref)
     rec = Recorder(f"push {ref}")
     s = Session(host, repo, username, password, rec)
-    config = json.dumps(images.oci_config(image), sort_keys=True).encode()
+    config = json.dumps(oci.oci_config(image), sort_keys=True).encode()
     cdigest = _sha256(config)
-    blobs = [(d, images.blob_path(d)) for d in image["layers"]]
+    blobs = [(d, store.blob_path(d)) for d in image["layers"]]
     pushed = []
     for digest, path in blobs + [(cdigest, None)]:
         head = s.request("HEAD", f"/v2/{repo}/blobs/{digest}", scope="pull,push", ok=(200, 404))

@@ -14,7 +14,8 @@ import traceback
 from ..wire import protocol
 from ..wire.errors import InvalidSpec, LabkitError, PrivilegeError, UnsupportedHost
 from ..wire.specs import CgroupSpec, ContainerSpec, NetworkSpec, ProcessSpec, RootfsSpec
-from . import cgroups, cleanup, doctor, engine, images, namespaces, network, process, measure, registry, rootfs, vm, workloads
+from . import (build, cgroups, cleanup, doctor, engine, measure, namespaces, network, oci, process, registry, roots,
+               rootfs, store, vm, workloads)
 from .runner import run as run_cmd
 
 
@@ -128,19 +129,19 @@ METHODS = {
     "cgroup.remove": cgroups.remove,
     "cgroup.list": cgroups.list_groups,
     "cgroup.detect": cgroups.detect,
-    "image.list": images.list_images,
-    "image.inspect": lambda ref: images.load_image(ref),
-    "image.build": images.build,
-    "image.commit": images.commit,
-    "image.tag": images.tag,
+    "image.list": store.list_images,
+    "image.inspect": lambda ref: store.load_image(ref),
+    "image.build": build.build,
+    "image.commit": roots.commit,
+    "image.tag": store.tag,
     "image.rmi": engine.rmi,  # the one route: refused while a container uses the image
-    "image.export": images.export_oci,
-    "image.import": images.import_oci,
-    "image.busybox": images.ensure_busybox,
-    "image.prune": images.prune,
-    "overlay.create": images.create_container_root,
-    "overlay.changes": images.upper_changes,
-    "overlay.remove": images.drop_container_root,
+    "image.export": oci.export_oci,
+    "image.import": oci.import_oci,
+    "image.busybox": store.ensure_busybox,
+    "image.prune": store.prune,
+    "overlay.create": roots.create_container_root,
+    "overlay.changes": roots.upper_changes,
+    "overlay.remove": roots.drop_container_root,
     "net.create": _decoded(NetworkSpec, network.create),
     "net.remove": network.remove,
     "net.inspect": network.inspect,

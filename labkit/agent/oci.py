@@ -1,0 +1,118 @@
+"""OCI image layouts in and out: an image of the store written as a layout directory (oci-layout, index.json,
+blobs/sha256/...) and a layout read back into the store, every blob's digest verified; and the OCI image
+config of a stored image (what :mod:`labkit.agent.registry` pushes too). skopeo reads and writes these
+layouts (``oci:DIR:TAG``). Standard library only.
+"""
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+
+from ..wire.errors import InvalidSpec, NotFound, UnsafeLayer
+from ..wire.specs import STATE_DIR, ImageRef
+from . import store, tarsafe
+from .state import read_json
+
+OCI_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le", "s390x": "s390x"}
+
+
+def _write_blob(layout, data):
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    path = os.path.join(layout, "blobs", "sha256", store._hex(digest))
+    with open(path, "wb") as f:
+        f.write(data)
+    return digest, len(data)
+
+
+def oci_config(image):
+    arch = OCI_ARCH.get(platform.machine(), platform.machine())
+    cfg = image["config"]
+    return {"architecture": arch, "os": "linux", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(
+        image.get("created") or 0)),
+            "config": {k: v for k, v in (("Env", cfg.get("Env")), ("Cmd", cfg.get("Cmd")),
+                                           ("WorkingDir", cfg.get("WorkingDir"))) if v},
+            "rootfs": {"type": "layers", "diff_ids": list(image["layers"])},
+            "history": image.get("history", [])}
+
+
+def export_oci(ref, dest):
+    """Write image ``ref`` as an OCI image layout directory (index.json, blobs) at ``dest``."""
+    image = store.load_image(ref)
+    if os.path.exists(dest) and os.listdir(dest):
+        raise InvalidSpec(f"{dest} exists and is not empty", fix="export into a new directory")
+    os.makedirs(os.path.join(dest, "blobs", "sha256"), exist_ok=True)
+    with open(os.path.join(dest, "oci-layout"), "w") as f:
+        json.dump({"imageLayoutVersion": "1.0.0"}, f)
+    layers = []
+    for d in image["layers"]:
+        shutil.copyfile(store.blob_path(d), os.path.join(dest, "blobs", "sha256", store._hex(d)))
+        layers.append({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d,
+                       "size": os.path.getsize(store.blob_path(d))})
+    cdigest, csize = _write_blob(dest, json.dumps(oci_config(image), sort_keys=True).encode())
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cdigest, "size": csize},
+                "layers": layers}
+    mdigest, msize = _write_blob(dest, json.dumps(manifest, sort_keys=True).encode())
+    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+             "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": mdigest,
+                            "size": msize, "annotations": {"org.opencontainers.image.ref.name":
+                                                           ImageRef.parse(ref).tag}}]}
+    with open(os.path.join(dest, "index.json"), "w") as f:
+        json.dump(index, f)
+    return {"path": dest, "manifest": mdigest, "config": cdigest, "layers": [x["digest"] for x in layers]}
+
+
+def _read_blob(layout, digest, limit=64 << 20):
+    path = os.path.join(layout, "blobs", "sha256", store._hex(digest))
+    if not os.path.isfile(path):
+        raise NotFound(f"blob {digest} is missing from {layout}", fix="the layout is incomplete: export it again")
+    got = tarsafe.sha256_file(path)
+    if got != digest:
+        raise UnsafeLayer(f"blob {digest} in {layout} has the content of {got}",
+                                  fix="the layout was modified or corrupted: do not use it")
+    if os.path.getsize(path) > limit:
+        raise InvalidSpec(f"blob {digest} is too large for a manifest or config")
+    return path
+
+
+def import_oci(src, ref, tag_name=None):
+    """Import an OCI image layout directory as image ``ref`` (every blob's digest verified)."""
+    index = read_json(os.path.join(src, "index.json"), default={})
+    mans = (index.get("manifests") if isinstance(index, dict) else None) or []
+    if tag_name:
+        mans = [m for m in mans if (m.get("annotations") or {}).get("org.opencontainers.image.ref.name") == tag_name]
+    if not mans:
+        raise NotFound(f"{src} holds no image manifest" + (f" tagged {tag_name!r}" if tag_name else ""),
+                       fix="export one with lab.export_image(...) or `skopeo copy ... oci:DIR:TAG`")
+    manifest = json.loads(open(_read_blob(src, mans[0]["digest"])).read())
+    if manifest.get("mediaType", "application/vnd.oci.image.manifest.v1+json") == \
+            "application/vnd.oci.image.index.v1+json":
+        raise InvalidSpec("multi-platform indexes are handled by `labkit pull`", fix="export a single image")
+    config = json.loads(open(_read_blob(src, manifest["config"]["digest"])).read())
+    diff_ids = config.get("rootfs", {}).get("diff_ids", [])
+    layers = []
+    for i, desc in enumerate(manifest.get("layers", [])):
+        path = os.path.join(src, "blobs", "sha256", store._hex(desc["digest"]))
+        if not os.path.isfile(path):
+            raise NotFound(f"layer blob {desc['digest']} is missing from {src}")
+        if tarsafe.sha256_file(path) != desc["digest"]:
+            raise UnsafeLayer(f"layer {desc['digest']} does not match its digest",
+                                      fix="the layout was modified or corrupted: do not use it")
+        mt = desc.get("mediaType", "")
+        if mt.endswith("+gzip") or mt.endswith(".gzip"):
+            work = tempfile.mkdtemp(prefix="import-", dir=STATE_DIR)
+            try:
+                tar = os.path.join(work, "layer.tar")
+                tarsafe.gunzip_bounded(path, tar, tarsafe.gunzip_limit(os.path.getsize(path)), f"layer {i + 1}")
+                want = diff_ids[i] if i < len(diff_ids) else None
+                layers.append(store.add_layer_tar(tar, want))
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+        else:
+            layers.append(store.add_layer_tar(path, desc["digest"]))
+    image = {"layers": layers, "config": store.image_config(config.get("config"), f"{src}"),
+             "history": config.get("history", []), "created": time.time()}
+    return store.save_image(ref, image)
