@@ -175,7 +175,7 @@ def caps_of(text, line="CapEff:"):
 
 
 def test_containers_get_dockers_default_capabilities_in_run_and_in_exec(lab):
-    from labkit.wire.specs import DOCKER_DEFAULT_CAPS
+    from labkit.wire.arch import DOCKER_DEFAULT_CAPS
     probe = ["sh", "-c", "grep CapEff /proc/self/status; echo 5 > /proc/sys/kernel/printk_ratelimit; echo rc=$?; "
                          "sleep 30"]
     c = lab.run_container("busybox", probe, name="t-caps", network=None)

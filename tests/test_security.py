@@ -4,7 +4,8 @@ import os
 import pytest
 
 from labkit.wire.errors import InvalidSpec
-from labkit.wire.specs import DOCKER_DEFAULT_CAPS, ProcessSpec, syscall_numbers
+from labkit.wire.arch import DOCKER_DEFAULT_CAPS, syscall_numbers
+from labkit.wire.specs import ProcessSpec
 
 pytestmark = pytest.mark.privileged
 
@@ -37,7 +38,7 @@ def test_dropped_capabilities_stay_dropped_even_for_root(lab, rootfs_name):
     rec = lab.run_in(["/bin/sh", "-c", "grep -E '^Cap(Eff|Bnd)' /proc/self/status; mkdir -p /m; mount -t tmpfs x /m; echo rc=$?"],
                      ["mnt", "pid"], rootfs=rootfs_name, root_mode="pivot_root", cap_keep=DOCKER_DEFAULT_CAPS)
     eff = int(rec.stdout.split("CapEff:")[1].split()[0], 16)
-    from labkit.wire.specs import CAPS
+    from labkit.wire.arch import CAPS
     assert eff == sum(1 << CAPS.index(c) for c in DOCKER_DEFAULT_CAPS)
     assert "rc=0" not in rec.stdout and "permission denied" in rec.stderr.lower(), "no CAP_SYS_ADMIN: no mount"
 

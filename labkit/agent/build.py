@@ -14,7 +14,8 @@ import tempfile
 import time
 
 from ..wire.errors import BuildFailed, InvalidSpec
-from ..wire.specs import DOCKER_DEFAULT_CAPS, STATE_DIR, ImageRef, ProcessSpec
+from ..wire.arch import DOCKER_DEFAULT_CAPS
+from ..wire.specs import STATE_DIR, ImageRef, ProcessSpec
 from . import overlay, process, roots, store
 from .runner import Recorder
 from .state import read_json, write_json
@@ -96,7 +97,7 @@ def build(recipe, ref, context=None, no_cache=False):
             extra = ""
         key = _key(parent_key, word, arg, extra)
         cached = read_json(os.path.join(store.CACHE, key + ".json")) if not no_cache else None
-        if store._is_image(cached):
+        if store.is_image(cached):
             state = cached
             if all(os.path.isdir(store.layer_dir(d)) for d in state["layers"]):
                 report.append({"step": i, "line": f"{word} {arg}", "cached": True, "layer": state.get("new_layer"),
@@ -192,7 +193,7 @@ def _run_step(state, arg, step):
             raise BuildFailed(f"step {step}: RUN {arg} exited with {res['exit_code']}:\n{tail}",
                               fix="fix the command (it runs in /bin/sh inside the image, without network)")
         overlay.unmount(merged, rec)
-        roots._runtime_dirs_only(f"{roots.container_dir(cid)}/upper")
+        roots.runtime_dirs_only(f"{roots.container_dir(cid)}/upper")
         digest, _ = store.add_layer_dir(f"{roots.container_dir(cid)}/upper")
         return digest
     finally:

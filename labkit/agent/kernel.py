@@ -16,7 +16,7 @@ import struct
 import time
 
 from ..wire.errors import MechanismError
-from ..wire.specs import CAPS, syscall_numbers
+from ..wire.arch import CAPS, syscall_numbers
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000

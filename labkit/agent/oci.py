@@ -21,7 +21,7 @@ OCI_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "
 
 def _write_blob(layout, data):
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    path = os.path.join(layout, "blobs", "sha256", store._hex(digest))
+    path = os.path.join(layout, "blobs", "sha256", store.digest_hex(digest))
     with open(path, "wb") as f:
         f.write(data)
     return digest, len(data)
@@ -48,7 +48,7 @@ def export_oci(ref, dest):
         json.dump({"imageLayoutVersion": "1.0.0"}, f)
     layers = []
     for d in image["layers"]:
-        shutil.copyfile(store.blob_path(d), os.path.join(dest, "blobs", "sha256", store._hex(d)))
+        shutil.copyfile(store.blob_path(d), os.path.join(dest, "blobs", "sha256", store.digest_hex(d)))
         layers.append({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d,
                        "size": os.path.getsize(store.blob_path(d))})
     cdigest, csize = _write_blob(dest, json.dumps(oci_config(image), sort_keys=True).encode())
@@ -66,7 +66,7 @@ def export_oci(ref, dest):
 
 
 def _read_blob(layout, digest, limit=64 << 20):
-    path = os.path.join(layout, "blobs", "sha256", store._hex(digest))
+    path = os.path.join(layout, "blobs", "sha256", store.digest_hex(digest))
     if not os.path.isfile(path):
         raise NotFound(f"blob {digest} is missing from {layout}", fix="the layout is incomplete: export it again")
     got = tarsafe.sha256_file(path)
@@ -95,7 +95,7 @@ def import_oci(src, ref, tag_name=None):
     diff_ids = config.get("rootfs", {}).get("diff_ids", [])
     layers = []
     for i, desc in enumerate(manifest.get("layers", [])):
-        path = os.path.join(src, "blobs", "sha256", store._hex(desc["digest"]))
+        path = os.path.join(src, "blobs", "sha256", store.digest_hex(desc["digest"]))
         if not os.path.isfile(path):
             raise NotFound(f"layer blob {desc['digest']} is missing from {src}")
         if tarsafe.sha256_file(path) != desc["digest"]:

@@ -76,7 +76,7 @@ def remove_container_root(cid, rec):
     shutil.rmtree(d, ignore_errors=True)
 
 
-def _runtime_dirs_only(upper):
+def runtime_dirs_only(upper):
     """Remove the runtime mount points we created in the upper dir, if they are empty."""
     for sub in ("proc", "sys", "dev"):
         try:
@@ -89,9 +89,9 @@ def commit(cid, ref, message="commit"):
     """A container's upper directory becomes a new top layer of a new image."""
     d = container_dir(cid)
     meta = read_json(f"{d}/image.json")
-    if not store._is_image(meta):
+    if not store.is_image(meta):
         raise NotFound(f"no container {cid!r} with an overlay root", fix="start one with lab.container_root(...)")
-    _runtime_dirs_only(f"{d}/upper")
+    runtime_dirs_only(f"{d}/upper")
     digest, entries = store.add_layer_dir(f"{d}/upper")
     image = {"layers": meta["layers"] + [digest], "config": meta["config"],
              "history": meta.get("history", []) + [{"created_by": f"labkit commit: {message}"}],

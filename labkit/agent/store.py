@@ -35,7 +35,7 @@ CACHE = STATE_DIR + "/buildcache"
 DEFAULT_ENV = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
 
 
-def _hex(digest):
+def digest_hex(digest):
     algo, _, h = digest.partition(":")
     if algo != "sha256" or len(h) != 64 or any(c not in "0123456789abcdef" for c in h):
         raise InvalidSpec(f"{digest!r} is not a sha256 digest", fix="digests look like sha256:<64 hex digits>")
@@ -43,11 +43,11 @@ def _hex(digest):
 
 
 def layer_dir(digest):
-    return os.path.join(LAYERS, _hex(digest))
+    return os.path.join(LAYERS, digest_hex(digest))
 
 
 def blob_path(digest):
-    return os.path.join(BLOBS, _hex(digest))
+    return os.path.join(BLOBS, digest_hex(digest))
 
 
 def add_layer_tar(tar_path, digest=None, rec=None):
@@ -116,14 +116,14 @@ def image_id(image):
 def load_image(ref):
     ref = ImageRef.parse(ref)
     image = read_json(_image_path(ref))
-    if not _is_image(image):
+    if not is_image(image):
         if str(ref) == "busybox:latest":
             return ensure_busybox()
         raise NotFound(f"no image {ref} on the target", fix="list them with lab.images(); build one or pull it")
     return image
 
 
-def _is_image(image):
+def is_image(image):
     return (isinstance(image, dict) and isinstance(image.get("layers"), list) and isinstance(image.get("config"), dict)
             and all(isinstance(d, str) for d in image["layers"]))
 
@@ -164,7 +164,7 @@ def image_config(c, source):
 def ensure_busybox():
     """The built-in image: one layer made from the target's static busybox (works offline)."""
     image = read_json(_image_path("busybox:latest"))
-    if _is_image(image):
+    if is_image(image):
         return image
     rec = Recorder("build the busybox image")
     tmp = tempfile.mkdtemp(prefix="busybox-", dir=os.path.dirname(LAYERS) if os.path.isdir(LAYERS) else None)
@@ -186,7 +186,7 @@ def list_images():
         return out
     for dirpath, _, _ in os.walk(IMAGES):
         for _, img in read_dir(dirpath):
-            if _is_image(img) and "ref" in img:
+            if is_image(img) and "ref" in img:
                 size = sum(os.path.getsize(blob_path(d)) for d in img["layers"] if os.path.exists(blob_path(d)))
                 out.append({"ref": img["ref"], "id": img.get("id"), "layers": len(img["layers"]), "size": size,
                             "created": img.get("created")})
@@ -221,7 +221,7 @@ def prune(cache_keys=None, all_cache=False):
         entries.append(read_json(f"{CONTAINERS_DIR}/{cid}/image.json"))
     entries += [img for _, img in read_dir(CACHE)]
     for img in entries:
-        if _is_image(img):
+        if is_image(img):
             used.update(img["layers"])
     used |= _mounted_layers()  # a live root keeps its layers even when its image.json is lost or garbled
     removed, freed = [], 0

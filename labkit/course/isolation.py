@@ -9,7 +9,7 @@ or nothing) plus the reasons, ready for :func:`labkit.course.plotting.isolation_
 """
 import re
 
-from ..wire.specs import DOCKER_DEFAULT_CAPS
+from ..wire.arch import DOCKER_DEFAULT_CAPS
 
 BASIC = ("host PIDs", "hostname", "mounts", "links", "users", "files")
 ALL = BASIC + ("kernel", "mount (host)", "load module", "set clock", "write /proc/sys", "write /sys",

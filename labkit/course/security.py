@@ -14,7 +14,7 @@ import re
 import secrets
 
 from .isolation import parse_probe, probe
-from ..wire.specs import CAPS
+from ..wire.arch import CAPS
 
 # Two attempts of lab 08 that the probe above does not make, each harmless and undone at once.
 # DISK_SH: make a device node with the numbers of the host's root disk ($1 = MAJOR:MINOR) and read one block
