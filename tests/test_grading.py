@@ -27,7 +27,9 @@ def test_read_scores_from_an_output_notebook():
 def test_student_edition_drops_solutions_and_outputs():
     src = "x = None  # your turn\n### BEGIN SOLUTION\nx = 42\n### END SOLUTION\nx"
     assert strip_source(src) == "x = None  # your turn\nx"
-    nb = {"cells": [{"cell_type": "code", "source": src, "outputs": [{"a": 1}], "execution_count": 3}]}
+    nb = {"cells": [{"cell_type": "code", "source": src, "outputs": [{"a": 1}], "execution_count": 3}],
+          "metadata": {"jupytext": {"formats": "ipynb,md"}, "kernelspec": {"name": "python3"}}}
     out = student_edition(nb)
     assert out["cells"][0]["outputs"] == [] and "42" not in out["cells"][0]["source"]
+    assert out["metadata"] == {"kernelspec": {"name": "python3"}}, "a student's copy is not paired with the source text"
     assert nb["cells"][0]["outputs"] == [{"a": 1}], "the source notebook is left alone"

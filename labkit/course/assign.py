@@ -28,6 +28,8 @@ def strip_source(source):
 def student_edition(nb):
     """A copy of notebook dict ``nb`` with solutions removed and outputs cleared."""
     nb = json.loads(json.dumps(nb))
+    # the instructor's notebooks are paired with their text source (jupytext); a student's copy is not
+    nb.get("metadata", {}).pop("jupytext", None)
     for cell in nb.get("cells", []):
         src = cell.get("source", "")
         src = "".join(src) if isinstance(src, list) else src
