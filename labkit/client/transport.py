@@ -1,6 +1,7 @@
 """Transports: how the client reaches the agent. Same protocol, same agent code, three ways in.
 
-- :class:`InProcess`: the client already is root on Linux (CI, grading servers); requests still go
+- in-process: the client already is root on Linux (CI, grading servers); that channel is the agent's
+  own (:class:`labkit.agent.local.InProcess`, handed in by :func:`labkit.connect`), and requests still go
   through the JSON encoding so that behaviour is identical to the other two.
 - :class:`Subprocess` (``sudo``): the agent runs as ``sudo -n python3 agent.pyz`` next to an
   unprivileged notebook on a Linux laptop.
@@ -11,7 +12,8 @@
 
 Every transport reaches an agent that is root on its target: whoever can use the transport is root there.
 
-``agent_zipapp()`` packs the standard-library-only part of labkit into one file. The client core in
+Each is a :class:`labkit.wire.channel.Channel` (``Transport`` is the same class). ``agent_zipapp()``
+packs the standard-library-only part of labkit (its ``__init__``, the wire, the agent) into one file. The client core in
 this module is standard library only; paramiko is imported only by the SSH transport.
 """
 import base64
