@@ -16,8 +16,9 @@ def test_run_on_target(any_lab):
     res = any_lab.run(["id", "-u"])
     assert res.exit_code == 0 and res.stdout.strip() == "0"
     with pytest.raises(CommandFailed) as err:
-        any_lab.run(["false"], check=True)
-    assert err.value.exit_code == 1
+        any_lab.run(["sh", "-c", "echo to-out; echo to-err >&2; exit 3"], check=True)
+    assert err.value.exit_code == 3
+    assert (err.value.stdout, err.value.stderr) == ("to-out\n", "to-err\n"), "output kept over every transport"
 
 
 def test_doctor_has_every_line(any_lab):

@@ -116,3 +116,36 @@ def test_the_check_catches_each_wrong_edge(tmp_path, where, code, expect):
     (root / where).write_text(code)
     found = violations(str(root))
     assert len(found) == 1 and expect in found[0], found
+
+
+def test_one_exit_policy_for_every_handle():
+    """Every live handle undoes in ``with`` and in ``Lab.release`` through its own ``_undo``; an undo that
+    fails while the block is already failing is attached to that error, not raised over it."""
+    from labkit.client import handles
+    from labkit.client.lab import Lab
+    from labkit.wire.errors import LabkitError, MechanismError
+    kinds = [c for c in vars(handles).values() if isinstance(c, type) and issubclass(c, handles._Handle)
+             and c is not handles._Handle]
+    assert {c.__name__ for c in kinds} >= {"Rootfs", "Process", "Cgroup", "OverlayRoot", "Network", "Container",
+                                          "VirtualMachine"}
+    for cls in kinds:
+        assert "__exit__" not in vars(cls), f"{cls.__name__} has an __exit__ of its own"
+        assert "_undo" in vars(cls), f"{cls.__name__} has no undo"
+
+    class Failing(handles._Handle):
+        undone = 0
+
+        def _undo(self):
+            Failing.undone += 1
+            raise MechanismError("could not remove it")
+
+    with pytest.raises(ValueError) as err:
+        with Failing():
+            raise ValueError("the block's own error")
+    assert "could not remove it" in " ".join(getattr(err.value, "__notes__", [])) or not hasattr(err.value, "add_note")
+    with pytest.raises(MechanismError):
+        with Failing():
+            pass
+    with pytest.raises(LabkitError):  # release goes on past one failure, then raises it
+        Lab(transport=None).release(None, Failing(), Failing())
+    assert Failing.undone == 4

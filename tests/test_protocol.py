@@ -31,8 +31,12 @@ def test_errors_keep_their_type_and_fix_over_the_wire():
     e = errors.InvalidSpec("bad thing", fix="do this")
     back = errors.from_wire(protocol.decode(protocol.encode(e.to_wire())))
     assert type(back) is errors.InvalidSpec and back.fix == "do this" and "bad thing" in str(back)
-    c = errors.from_wire(errors.CommandFailed(["false"], 1, "boom").to_wire())
+    c = errors.from_wire(protocol.decode(protocol.encode(errors.CommandFailed(["false"], 1, "boom", "out").to_wire())))
     assert isinstance(c, errors.CommandFailed) and c.exit_code == 1 and c.argv == ["false"]
+    assert (c.stdout, c.stderr) == ("out", "boom"), "the command's output crosses the wire with its failure"
+    big = errors.CommandFailed(["yes"], 1, stdout="y\n" * 100000)
+    assert len(big.stdout) == errors.CommandFailed.WIRE_TAIL and big.stdout.endswith("y\n")
+    assert len(protocol.encode(big.to_wire())) < 3 * errors.CommandFailed.WIRE_TAIL
     assert type(errors.from_wire({"type": "SomethingNew", "message": "m"})) is errors.LabkitError
 
 
