@@ -257,15 +257,13 @@ def stop(ref, timeout=10):
     rec = Recorder(f"stop container {cfg['name']}")
     if running:
         os.kill(st["pid"], signal.SIGTERM)
-        rec.add({"kind": "syscall", "call": "kill", "args": [st["pid"], "SIGTERM"], "result": 0, "errno": None,
-                 "duration": 0})
+        rec.syscall("kill", [st["pid"], "SIGTERM"])
         if not _wait_exit(cid, timeout):
             try:
                 os.kill(st["pid"], signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            rec.add({"kind": "syscall", "call": "kill", "args": [st["pid"], "SIGKILL"], "result": 0,
-                     "errno": None, "duration": 0})
+            rec.syscall("kill", [st["pid"], "SIGKILL"])
             _wait_exit(cid, 10)
     _, ex, _ = _state(cid)
     rec.fact("exit_code", (ex or {}).get("exit_code"))
@@ -438,7 +436,6 @@ def cleanup(rec):
             if same_process(pid, st.get(started)):
                 try:
                     os.kill(pid, signal.SIGKILL)
-                    rec.add({"kind": "syscall", "call": "kill", "args": [pid, "SIGKILL"], "result": 0,
-                             "errno": None, "duration": 0})
+                    rec.syscall("kill", [pid, "SIGKILL"])
                 except ProcessLookupError:
                     pass

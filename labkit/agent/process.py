@@ -351,8 +351,7 @@ def stop(pid_id, timeout=None):
 def _signal(pid, sig, rec):
     try:
         os.kill(pid, sig)
-        rec.add({"kind": "syscall", "call": "kill", "args": [pid, signal.Signals(sig).name], "result": 0,
-                 "errno": None, "duration": 0})
+        rec.syscall("kill", [pid, signal.Signals(sig).name])
     except ProcessLookupError:
         pass
 

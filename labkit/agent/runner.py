@@ -5,6 +5,7 @@
 operation (commands *and* syscalls, with their arguments) together with the facts it established,
 so that a notebook can show exactly what happened and nothing that did not. Standard library only.
 """
+import errno as _errno
 import fcntl
 import os
 import shutil
@@ -90,8 +91,9 @@ class Recorder:
     """Collects the steps of one operation and the facts it established.
 
     A step is a dict: ``{"kind": "command", "argv": [...], ...}`` from :func:`run`, or
-    ``{"kind": "syscall", "call": "unshare", "args": [...], "result": 0, "duration": ...}``
-    from :mod:`labkit.agent.kernel`, or ``{"kind": "file", "op": "write", "path": ...}``.
+    ``{"kind": "syscall", "call": "unshare", "args": [...], "result": 0, "errno": None, "duration": ...}``
+    from :meth:`syscall` (which :mod:`labkit.agent.kernel` and every other recorded syscall use), or
+    ``{"kind": "file", "op": "write", "path": ...}`` from :meth:`file`.
     """
 
     def __init__(self, what):
@@ -106,6 +108,17 @@ class Recorder:
 
     def file(self, op, path, detail=""):
         self.add({"kind": "file", "op": op, "path": str(path), "detail": detail})
+
+    def syscall(self, call, args=(), result=0, errno=None, duration=0, **extra):
+        """Record one syscall: ``call`` with ``args`` spelled as the man page does, its ``result``, ``errno`` (a
+        number or its symbolic name; None when it succeeded) and ``duration`` in seconds; ``extra`` keys come
+        after those (e.g. which capabilities a drop dropped). Returns the step."""
+        if isinstance(errno, int):
+            errno = _errno.errorcode.get(errno, str(errno)) if errno else None
+        step = {"kind": "syscall", "call": call, "args": list(args), "result": result, "errno": errno,
+                "duration": duration}
+        step.update(extra)
+        return self.add(step)
 
     def run(self, argv, **kw):
         return run(argv, recorder=self, **kw)
