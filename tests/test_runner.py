@@ -1,10 +1,14 @@
 """The one choke point for running commands."""
 import errno
+import os
+import subprocess
+import time
 
 import pytest
 
 from labkit.agent import kernel
-from labkit.agent.runner import Recorder, run
+from labkit.agent.runner import (Recorder, pid_fields, pid_starttime, proc_stat, recorded_process, run,
+                                 same_process, wait_gone)
 from labkit.wire.errors import CommandFailed, CommandTimeout, InvalidSpec, MechanismError
 
 
@@ -60,3 +64,47 @@ def test_kernel_records_its_syscalls_through_the_recorder():
     assert (chdir["kind"], chdir["call"], chdir["result"], chdir["errno"]) == ("syscall", "chdir", -1, "ENOENT")
     assert (umount["call"], umount["result"], umount["errno"]) == ("umount2", -1, "ENOENT")
     assert list(umount) == list(chdir) == ["kind", "call", "args", "result", "errno", "duration"]
+
+
+def _zombie(pid):
+    for _ in range(500):
+        if (proc_stat(pid) or ["?"])[0] == "Z":
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_a_reaped_childs_pid_is_not_the_same_process(tmp_path):
+    odd = tmp_path / "x) 1 2 ("  # a command name that looks like the end of one, to trip naive parsing
+    odd.symlink_to("/bin/sleep")
+    child = subprocess.Popen([str(odd), "30"])
+    try:
+        started = pid_starttime(child.pid)
+        assert isinstance(started, int) and proc_stat(child.pid)[1] == str(os.getpid())
+        assert same_process(child.pid, started) and not same_process(child.pid, started + 1)
+        entry = {"id": "t", **pid_fields(child.pid), **pid_fields(child.pid, "monitor")}
+        assert entry == {"id": "t", "pid": child.pid, "starttime": started, "monitor": child.pid,
+                         "monitor_starttime": started}
+        assert recorded_process(entry) == recorded_process(entry, "monitor") == child.pid
+        assert not wait_gone(child.pid, started, 0.1)
+    finally:
+        child.kill()
+    assert _zombie(child.pid)
+    assert not same_process(child.pid, started) and recorded_process(entry) is None  # ended, not yet reaped
+    child.wait()
+    assert not same_process(child.pid, started) and recorded_process(entry) is None  # reaped: the pid is free
+    assert wait_gone(child.pid, started, 0)
+
+
+def test_wait_gone_sees_a_process_end_and_odd_entries_are_no_process():
+    child = subprocess.Popen(["sleep", "0.2"])
+    started = pid_starttime(child.pid)
+    t = time.monotonic()
+    assert wait_gone(child.pid, started, 10) and time.monotonic() - t < 5
+    child.wait()
+    for pid, st in ((None, started), (0, 0), (-1, 0), (True, started), (str(os.getpid()), pid_starttime(os.getpid())),
+                    (os.getpid(), None)):
+        assert not same_process(pid, st)
+    assert same_process(os.getpid(), pid_starttime(os.getpid()))
+    assert pid_fields(None, "waiter") == {"waiter": None, "waiter_starttime": None}
+    assert recorded_process({}) is None and recorded_process({"pid": os.getpid(), "starttime": "1"}) is None

@@ -23,7 +23,7 @@ from ..wire.specs import (CAPS, CONTAINERS_DIR, DOCKER_DEFAULT_CAPS, RUN_DIR, ST
                      ProcessSpec, check_name, normalize_caps, parse_bind)
 from . import cgroups, enter, images, network, process
 from .launch import CONTAINER_PATH
-from .runner import Recorder, env_for_children, pid_starttime, python_argv, read_text, run, same_process
+from .runner import Recorder, env_for_children, pid_fields, python_argv, read_text, recorded_process, run
 from .state import private_dir, read_json, set_aside, write_json
 
 NAMES = STATE_DIR + "/names"
@@ -74,7 +74,7 @@ def _state(cid):
     ex = read_json(f"{RUNTIME}/{cid}/exit.json")
     st = st if isinstance(st, dict) else None
     ex = ex if isinstance(ex, dict) else None
-    running = bool(st and not ex and same_process(st.get("pid"), st.get("starttime")))
+    running = bool(st and not ex and recorded_process(st))
     return st, ex, running
 
 
@@ -199,9 +199,8 @@ def _started(cid, cfg, rec, rt, timeout):
         from ..wire.errors import from_wire
         raise from_wire(report["error"])
     monitor = report.get("monitor")
-    state = {"pid": report["pid"], "starttime": pid_starttime(report["pid"]), "monitor": monitor,
-             "monitor_starttime": pid_starttime(monitor) if monitor else None,
-             "started": time.time(), "net": report.get("net")}
+    state = {**pid_fields(report["pid"]), **pid_fields(monitor, "monitor"), "started": time.time(),
+             "net": report.get("net")}
     write_json(f"{rt}/state.json", state)
     rec.steps += report["steps"]
     rec.fact("pid", report["pid"])
@@ -430,10 +429,10 @@ def cleanup(rec):
     for cid in os.listdir(RUNTIME):
         st = read_json(f"{RUNTIME}/{cid}/state.json", default={})
         st = st if isinstance(st, dict) else {}
-        for key, started in (("pid", "starttime"), ("monitor", "monitor_starttime")):
-            pid = st.get(key)
+        for key in ("pid", "monitor"):
             # only the very process that was started: after a reboot or pid reuse the number is someone else's
-            if same_process(pid, st.get(started)):
+            pid = recorded_process(st, key)
+            if pid:
                 try:
                     os.kill(pid, signal.SIGKILL)
                     rec.syscall("kill", [pid, "SIGKILL"])

@@ -142,24 +142,59 @@ def read_text(path, default=None):
         return default
 
 
-def pid_starttime(pid):
-    """The process's start time (clock ticks since boot), to tell a pid from a recycled one."""
+def proc_stat(pid):
+    """The fields of /proc/<pid>/stat after the command name (which may hold spaces and parentheses), so that
+    ``[0]`` is the state letter, ``[1]`` the parent's pid and ``[19]`` the start time; None when there is no such
+    process (or the file is not what the kernel writes)."""
     stat = read_text(f"/proc/{pid}/stat")
-    if not stat:
+    if not stat or ")" not in stat:
         return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
+    fields = stat.rsplit(")", 1)[1].split()
+    return fields if len(fields) > 19 and fields[19].isdigit() else None
+
+
+def pid_starttime(pid):
+    """The process's start time (clock ticks since boot), to tell a pid from a recycled one; None without it."""
+    fields = proc_stat(pid)
+    return int(fields[19]) if fields else None
 
 
 def same_process(pid, starttime):
     """True when ``pid`` is still the process that had ``starttime`` (not a recycled pid, not a reboot's
     new process, not a zombie): the only test before signalling a pid read from a state file."""
-    if not isinstance(pid, int) or pid <= 0 or starttime is None:
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or starttime is None:
         return False
-    stat = read_text(f"/proc/{pid}/stat")
-    if not stat:
-        return False
-    fields = stat.rsplit(")", 1)[1].split()
-    return int(fields[19]) == starttime and fields[0] != "Z"
+    fields = proc_stat(pid)
+    return bool(fields) and fields[0] not in ("Z", "X") and int(fields[19]) == starttime
+
+
+def pid_fields(pid, key="pid"):
+    """How a state entry records a process that may be signalled later: ``{key: pid, key's start time}``, the
+    start time under ``starttime`` for the key "pid" and ``<key>_starttime`` for any other (both None without
+    a pid). :func:`recorded_process` reads it back."""
+    return {key: pid, _starttime_key(key): pid_starttime(pid) if pid else None}
+
+
+def recorded_process(entry, key="pid"):
+    """The pid recorded in ``entry`` under ``key`` (by :func:`pid_fields`) when it is still that very process
+    (:func:`same_process`), else None."""
+    pid = entry.get(key)
+    return pid if same_process(pid, entry.get(_starttime_key(key))) else None
+
+
+def _starttime_key(key):
+    return "starttime" if key == "pid" else f"{key}_starttime"
+
+
+def wait_gone(pid, starttime, timeout):
+    """Wait up to ``timeout`` seconds for ``pid`` to stop being the process that had ``starttime`` (it ended,
+    even if still a zombie nobody reaped); True when it has."""
+    end = time.monotonic() + timeout
+    while same_process(pid, starttime):
+        if time.monotonic() >= end:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def env_for_children():
