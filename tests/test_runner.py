@@ -6,10 +6,11 @@ import time
 
 import pytest
 
-from labkit.agent import kernel
-from labkit.agent.runner import (Recorder, pid_fields, pid_starttime, proc_stat, recorded_process, run,
-                                 same_process, wait_gone)
+from labkit.agent import kernel, process
+from labkit.agent.runner import (SAFE_PATH, Recorder, helper_argv, pid_fields, pid_starttime, proc_stat,
+                                 recorded_process, run, same_process, start, wait_gone)
 from labkit.wire.errors import CommandFailed, CommandTimeout, InvalidSpec, MechanismError
+from labkit.wire.specs import ProcessSpec
 
 
 def test_result_carries_everything():
@@ -31,6 +32,40 @@ def test_missing_program_and_timeout_and_strings():
         run(["sleep", "5"], timeout=0.2)
     with pytest.raises(InvalidSpec, match="list of arguments"):
         run("ls -l")
+
+
+def test_start_hands_back_the_child_with_runs_rules():
+    rec = Recorder("x")
+    proc = start(["sh", "-c", 'echo "$PATH"; read line; echo "got $line"'], stdin=subprocess.PIPE,
+                 stdout=subprocess.PIPE, recorder=rec)
+    out, _ = proc.communicate(b"hello\n", timeout=10)
+    assert out.decode().splitlines() == [SAFE_PATH, "got hello"] and proc.returncode == 0
+    assert rec.steps == [{"kind": "command", "argv": proc.args, "exit_code": None, "stdout": "", "stderr": "",
+                          "duration": 0}]
+    for new_session in (True, False):
+        child = start(["sleep", "30"], new_session=new_session)
+        try:
+            assert os.getsid(child.pid) == (child.pid if new_session else os.getsid(0))
+        finally:
+            child.kill()
+            child.wait()
+    with pytest.raises(CommandFailed) as err:
+        start(["labkit-no-such-program"], recorder=rec)
+    assert err.value.exit_code == 127 and "install" in err.value.fix and len(rec.steps) == 1
+    with pytest.raises(InvalidSpec, match="list of arguments"):
+        start("sleep 1")
+
+
+def test_helpers_run_from_the_sealed_interpreter(monkeypatch):
+    argv, fds = helper_argv("launch", "a", 1)
+    assert argv == [f"/proc/self/fd/{fds[0]}", "-m", "labkit.agent.launch", "a", "1"]
+    assert os.readlink(argv[0]).startswith("/memfd:labkit-python")
+    spec = ProcessSpec(argv=("sh", "-c", "echo $PATH"), namespaces=("uts",), look=False).to_dict()
+    monkeypatch.setenv("LABKIT_REQUIRE_FORKSERVER", "1")
+    for fresh in ("1", "0"):  # a fresh launcher (start_helper), then through the fork server (started the same way)
+        monkeypatch.setenv("LABKIT_NO_FORKSERVER", fresh)
+        res = process.run(spec, timeout=30)
+        assert res["exit_code"] == 0 and res["stdout"].strip(), res
 
 
 def test_recorder_keeps_failed_steps_too():

@@ -23,7 +23,7 @@ from ..wire.specs import (CAPS, CONTAINERS_DIR, DOCKER_DEFAULT_CAPS, RUN_DIR, ST
                      ProcessSpec, check_name, normalize_caps, parse_bind)
 from . import cgroups, enter, images, network, process
 from .launch import CONTAINER_PATH
-from .runner import Recorder, env_for_children, pid_fields, python_argv, read_text, recorded_process, run
+from .runner import Recorder, pid_fields, read_text, recorded_process, run, start_helper
 from .state import private_dir, read_json, set_aside, write_json
 
 NAMES = STATE_DIR + "/names"
@@ -231,8 +231,7 @@ def run_attached(ref, timeout=30):
                                daemon=True)
     watcher.start()
     # no new session: the terminal's Ctrl-C reaches the container's foreground, as with docker run -it
-    argv, fds = python_argv("-m", "labkit.agent.launch", *args)
-    proc = subprocess.Popen(argv, env=env_for_children(), pass_fds=fds)
+    proc = start_helper("launch", *args, stdin=None, stdout=None, stderr=None, new_session=False)
     code = proc.wait()
     watcher.join(1)
     ex = read_json(f"{rt}/exit.json", default={})

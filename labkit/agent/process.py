@@ -19,7 +19,7 @@ from ..wire.specs import NAMESPACES, RUN_DIR, ProcessSpec, check_name
 from . import cgroups, enter, network
 from .launch import CONTAINER_PATH, undo_host_mounts
 from .namespaces import host_context, inodes, shares
-from .runner import (Recorder, env_for_children, pid_fields, python_argv, read_text, recorded_process, run as run_cmd,
+from .runner import (Recorder, pid_fields, read_text, recorded_process, run as run_cmd, start_helper,
                      wait_gone)
 from .state import private_dir, read_dir, read_json, write_json
 
@@ -87,9 +87,7 @@ def run_launcher(args, stdin, stdout, stderr, input=None, timeout=None):
         except (OSError, MechanismError):
             if os.environ.get("LABKIT_REQUIRE_FORKSERVER") == "1":
                 raise
-    argv, fds = python_argv("-m", "labkit.agent.launch", *args)
-    proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout, pass_fds=fds,
-                            stderr=stderr, env=env_for_children(), start_new_session=True, cwd="/")
+    proc = start_helper("launch", *args, stdin=stdin, stdout=stdout, stderr=stderr, cwd="/")
     try:
         out, err = proc.communicate(input=input, timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -1,9 +1,17 @@
 """The one choke point through which the agent runs programs and records what it did.
 
 ``run(argv)`` executes a command (argv as a list, never a shell string) and returns a
-:class:`Result` with stdout, stderr, exit code and duration; ``Recorder`` collects the steps of one
-operation (commands *and* syscalls, with their arguments) together with the facts it established,
-so that a notebook can show exactly what happened and nothing that did not. Standard library only.
+:class:`Result` with stdout, stderr, exit code and duration; ``start(argv)`` starts one without
+waiting and hands back its :class:`subprocess.Popen`, for a child the caller must own (one that
+outlives the call, or whose pipes stream: the launcher, the fork server, a listener); ``helper_argv``
+builds the argv of an agent helper (``labkit.agent.launch``, ``enter``, ``forkserver``) run from the
+sealed interpreter, and ``start_helper`` starts one. ``Recorder`` collects the steps of one operation
+(commands *and* syscalls, with their arguments; :meth:`Recorder.syscall` writes every syscall step)
+together with the facts it established, so that a notebook can show exactly what happened and nothing
+that did not. ``same_process`` is the one test of whether a pid read back from a state entry (written
+with :func:`pid_fields`) is still the process that was started.
+
+Standard library only.
 """
 import errno as _errno
 import fcntl
@@ -46,18 +54,29 @@ def which(name):
     return shutil.which(name, path=SAFE_PATH)
 
 
+def _argv_env(argv, env):
+    """The checked argv (strings) and the environment every command gets (``env`` on top)."""
+    if isinstance(argv, str) or not argv:
+        raise InvalidSpec(f"a command must be a non-empty list of arguments, got {argv!r}",
+                          fix="pass argv as a list, e.g. ['ls', '-l', '/']")
+    full_env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+    if env:
+        full_env.update(env)
+    return [str(a) for a in argv], full_env
+
+
+def _not_found(argv, fix):
+    return CommandFailed(argv, 127, f"{argv[0]}: command not found",
+                         fix=fix or f"install the program that provides {argv[0]!r} on the target "
+                                    "(`sudo bash scripts/setup.sh` or vagrant/provision.sh)")
+
+
 def run(argv, *, input=None, timeout=60, check=True, env=None, recorder=None, fix=None, cwd=None, pass_fds=()):
     """Run ``argv`` and return a :class:`Result`; raise CommandFailed/CommandTimeout on failure.
 
     ``recorder`` (a :class:`Recorder`) gets the step whether it succeeded or not.
     """
-    if isinstance(argv, str) or not argv:
-        raise InvalidSpec(f"a command must be a non-empty list of arguments, got {argv!r}",
-                          fix="pass argv as a list, e.g. ['ls', '-l', '/']")
-    argv = [str(a) for a in argv]
-    full_env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
-    if env:
-        full_env.update(env)
+    argv, full_env = _argv_env(argv, env)
     start = time.perf_counter()
     try:
         proc = subprocess.run(argv, input=input if input is None else input.encode(),
@@ -68,9 +87,7 @@ def run(argv, *, input=None, timeout=60, check=True, env=None, recorder=None, fi
         if recorder is not None:
             recorder.add(res.to_step())
         if check:
-            raise CommandFailed(argv, 127, res.stderr,
-                                fix=fix or f"install the program that provides {argv[0]!r} on the target "
-                                            "(`sudo bash scripts/setup.sh` or vagrant/provision.sh)") from None
+            raise _not_found(argv, fix) from None
         return res
     except subprocess.TimeoutExpired as exc:
         if recorder is not None:
@@ -85,6 +102,27 @@ def run(argv, *, input=None, timeout=60, check=True, env=None, recorder=None, fi
     if check and proc.returncode != 0:
         raise CommandFailed(argv, proc.returncode, res.stderr, res.stdout, fix=fix)
     return res
+
+
+def start(argv, *, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=None,
+          cwd=None, new_session=True, pass_fds=(), recorder=None, fix=None):
+    """Start ``argv`` without waiting for it; returns its :class:`subprocess.Popen`, which the caller owns (waits
+    for, reads from, kills). Streams as for subprocess (PIPE, DEVNULL, a file, or None to share the agent's);
+    the same argv check and environment as :func:`run`; a missing program is a CommandFailed.
+
+    ``new_session`` puts the child in a session (and process group) of its own, so that a group kill reaches
+    all it starts and a terminal's signals do not. ``recorder`` gets a command step with no exit code and no
+    output (it was started, and this call does not know how it ends)."""
+    argv, full_env = _argv_env(argv, env)
+    try:
+        proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr, env=full_env, cwd=cwd,
+                                start_new_session=new_session, pass_fds=pass_fds)
+    except FileNotFoundError:
+        raise _not_found(argv, fix) from None
+    if recorder is not None:
+        recorder.add({"kind": "command", "argv": argv, "exit_code": None, "stdout": "", "stderr": "",
+                      "duration": 0})
+    return proc
 
 
 class Recorder:
@@ -199,7 +237,7 @@ def wait_gone(pid, starttime, timeout):
 
 def env_for_children():
     """Environment that lets a child python find this labkit package (plain checkout or zipapp) and, started
-    from the sealed copy (:func:`python_argv`), its own standard library."""
+    from the sealed copy (:func:`helper_argv`), its own standard library."""
     here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     home = sys.base_prefix if sys.base_exec_prefix == sys.base_prefix else f"{sys.base_prefix}:{sys.base_exec_prefix}"
     return {"PYTHONPATH": here, "PATH": SAFE_PATH, "LANG": "C.UTF-8", "PYTHONHOME": home}
@@ -232,14 +270,23 @@ def sealed_python():
         return _sealed["fd"]
 
 
-def python_argv(*args):
-    """(argv, pass_fds) that run this Python with ``args`` from its sealed copy (:func:`sealed_python`)."""
+def helper_argv(module, *args):
+    """(argv, pass_fds) that run the agent's helper module ``module`` (``"launch"``, ``"enter"``, ``"forkserver"``)
+    with ``args``, as ``python -m labkit.agent.<module>``, from this Python's sealed copy (:func:`sealed_python`).
+    The one place such an argv is made; run it with :func:`env_for_children` (:func:`start_helper` does)."""
     fd = sealed_python()
-    return [f"/proc/self/fd/{fd}", *args], (fd,)
+    return [f"/proc/self/fd/{fd}", "-m", f"{__package__}.{module}", *[str(a) for a in args]], (fd,)
+
+
+def start_helper(module, *args, **kw):
+    """:func:`start` the helper ``module`` with ``args`` (:func:`helper_argv`) in :func:`env_for_children`;
+    ``kw`` as for :func:`start`."""
+    argv, fds = helper_argv(module, *args)
+    return start(argv, pass_fds=fds, env=env_for_children(), **kw)
 
 
 def close_sealed_python():
-    """In a helper started by :func:`python_argv`: the copy it runs from stays out of the programs it execs."""
+    """In a helper started by :func:`helper_argv`: the copy it runs from stays out of the programs it execs."""
     for name in os.listdir("/proc/self/fd"):
         try:
             if os.readlink(f"/proc/self/fd/{name}").startswith(f"/memfd:{SEALED_NAME}"):
