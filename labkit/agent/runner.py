@@ -11,6 +11,12 @@ together with the facts it established, so that a notebook can show exactly what
 that did not. ``same_process`` is the one test of whether a pid read back from a state entry (written
 with :func:`pid_fields`) is still the process that was started.
 
+Programs the agent may start without this module (each call site has a comment pointing here):
+
+- the timed start-up samples in :func:`labkit.agent.measure.startup_sample` (a plain ``/bin/true``,
+  ``unshare``, crun/runc): the figure is the cost of starting a process, so the runner's own work
+  (environment, pipes, decoding) must not be counted in it.
+
 Standard library only.
 """
 import errno as _errno
