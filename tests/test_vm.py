@@ -1,6 +1,7 @@
 """The VM baseline boots for real (TCG here) and runs the same busybox as the containers."""
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -161,3 +162,13 @@ def test_the_other_architecture_boots_too_with_disk_and_network(lab):
         guest.stop()
         network.remove("vmarch")
     assert not ours_running()
+
+
+@pytest.mark.skipif(not shutil.which("zstd"), reason="zstd is not installed")
+def test_a_zstd_module_unpacks_through_the_runner(tmp_path):
+    """Ubuntu's kernels ship .ko.zst modules: the initramfs unpacks them with the zstd tool, via the runner."""
+    from labkit.agent import initramfs
+    data = os.urandom(50000) + b"\x7fELF" * 100
+    (tmp_path / "m.ko").write_bytes(data)
+    subprocess.run(["zstd", "-q", str(tmp_path / "m.ko"), "-o", str(tmp_path / "m.ko.zst")], check=True)
+    assert initramfs._read_module(str(tmp_path / "m.ko.zst")) == data

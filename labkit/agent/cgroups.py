@@ -213,9 +213,7 @@ def _restrict_devices(lay, spec, rec):
         except MechanismError as exc:
             rec.fact("devices", f"not enforced: {exc.message}")
             return
-        rec.add({"kind": "syscall", "call": "bpf", "args": ["BPF_PROG_ATTACH", lay.dirs["devices"],
-                                                             "BPF_CGROUP_DEVICE"], "result": 0, "errno": None,
-                 "duration": 0})
+        rec.syscall("bpf", ["BPF_PROG_ATTACH", lay.dirs["devices"], "BPF_CGROUP_DEVICE"])
         rec.fact("devices", f"{spec.devices} allow-list: a BPF device program of {n} instructions")
     elif "devices" in lay.dirs:
         _write(lay.path("devices", "devices.deny"), "a", rec)

@@ -15,7 +15,7 @@ import time
 from ..wire.errors import LabkitError
 from ..wire.specs import NAMESPACES, RUN_DIR, ProcessSpec
 from . import cgroups, process, rootfs
-from .runner import read_text, run, which
+from .runner import proc_stat, read_text, run, which
 
 KVM_CACHE = RUN_DIR + "/kvm-probe.json"
 QEMU_BY_ARCH = {"x86_64": "qemu-system-x86_64", "aarch64": "qemu-system-aarch64"}
@@ -272,10 +272,10 @@ _SHELLS = ("sh", "bash", "dash", "zsh", "ksh", "fish", "tcsh", "csh")
 
 def _parent(pid):
     """(parent pid, parent's command name) from /proc, or (0, "")."""
-    tail = (read_text(f"/proc/{pid}/stat") or "").rpartition(")")[2].split()
-    if len(tail) < 2 or not tail[1].isdigit():
+    fields = proc_stat(pid)
+    if not fields or not fields[1].isdigit():
         return 0, ""
-    ppid = int(tail[1])
+    ppid = int(fields[1])
     return ppid, (read_text(f"/proc/{ppid}/comm") or "").strip() if ppid > 1 else ""
 
 

@@ -23,7 +23,7 @@ from ..wire.errors import Conflict, InvalidSpec, LabkitError, MechanismError, No
 from ..wire.specs import CONTAINERS_DIR, RUN_DIR, STATE_DIR, ContainerSpec, ImageRef, NetworkSpec, PortSpec, ProcessSpec, check_name
 from . import cgroups, enter, network, process, roots, store
 from .launch import CONTAINER_PATH
-from .runner import Recorder, env_for_children, pid_starttime, python_argv, read_text, run, same_process
+from .runner import Recorder, pid_fields, read_text, recorded_process, run, start_helper
 from .state import private_dir, read_json, set_aside, write_json
 
 NAMES = STATE_DIR + "/names"
@@ -74,7 +74,7 @@ def _state(cid):
     ex = read_json(f"{RUNTIME}/{cid}/exit.json")
     st = st if isinstance(st, dict) else None
     ex = ex if isinstance(ex, dict) else None
-    running = bool(st and not ex and same_process(st.get("pid"), st.get("starttime")))
+    running = bool(st and not ex and recorded_process(st))
     return st, ex, running
 
 
@@ -193,9 +193,8 @@ def _started(cid, cfg, rec, rt, timeout):
         from ..wire.errors import from_wire
         raise from_wire(report["error"])
     monitor = report.get("monitor")
-    state = {"pid": report["pid"], "starttime": pid_starttime(report["pid"]), "monitor": monitor,
-             "monitor_starttime": pid_starttime(monitor) if monitor else None,
-             "started": time.time(), "net": report.get("net")}
+    state = {**pid_fields(report["pid"]), **pid_fields(monitor, "monitor"), "started": time.time(),
+             "net": report.get("net")}
     write_json(f"{rt}/state.json", state)
     rec.steps += report["steps"]
     rec.fact("pid", report["pid"])
@@ -226,8 +225,7 @@ def run_attached(ref, timeout=30):
                                daemon=True)
     watcher.start()
     # no new session: the terminal's Ctrl-C reaches the container's foreground, as with docker run -it
-    argv, fds = python_argv("-m", "labkit.agent.launch", *args)
-    proc = subprocess.Popen(argv, env=env_for_children(), pass_fds=fds)
+    proc = start_helper("launch", *args, stdin=None, stdout=None, stderr=None, new_session=False)
     code = proc.wait()
     watcher.join(1)
     ex = read_json(f"{rt}/exit.json", default={})
@@ -250,16 +248,9 @@ def stop(ref, timeout=10):
     st, _, running = _state(cid)
     rec = Recorder(f"stop container {cfg['name']}")
     if running:
-        os.kill(st["pid"], signal.SIGTERM)
-        rec.add({"kind": "syscall", "call": "kill", "args": [st["pid"], "SIGTERM"], "result": 0, "errno": None,
-                 "duration": 0})
+        rec.kill(st["pid"], signal.SIGTERM)
         if not _wait_exit(cid, timeout):
-            try:
-                os.kill(st["pid"], signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            rec.add({"kind": "syscall", "call": "kill", "args": [st["pid"], "SIGKILL"], "result": 0,
-                     "errno": None, "duration": 0})
+            rec.kill(st["pid"], signal.SIGKILL)
             _wait_exit(cid, 10)
     _, ex, _ = _state(cid)
     rec.fact("exit_code", (ex or {}).get("exit_code"))
@@ -430,13 +421,8 @@ def cleanup(rec):
     for cid in os.listdir(RUNTIME):
         st = read_json(f"{RUNTIME}/{cid}/state.json", default={})
         st = st if isinstance(st, dict) else {}
-        for key, started in (("pid", "starttime"), ("monitor", "monitor_starttime")):
-            pid = st.get(key)
+        for key in ("pid", "monitor"):
             # only the very process that was started: after a reboot or pid reuse the number is someone else's
-            if same_process(pid, st.get(started)):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                    rec.add({"kind": "syscall", "call": "kill", "args": [pid, "SIGKILL"], "result": 0,
-                             "errno": None, "duration": 0})
-                except ProcessLookupError:
-                    pass
+            pid = recorded_process(st, key)
+            if pid:
+                rec.kill(pid, signal.SIGKILL)

@@ -22,8 +22,8 @@ PR_SET_PDEATHSIG = 1
 def run_entered(spec, rec, timeout):
     """The agent's side: run this module with ``spec`` from the sealed interpreter (so that nothing inside the
     container can reach the host's binary through /proc/self/exe); returns the runner's Result."""
-    from .runner import env_for_children, python_argv, run
-    argv, fds = python_argv("-m", "labkit.agent.enter", json.dumps(spec))
+    from .runner import env_for_children, helper_argv, run
+    argv, fds = helper_argv("enter", json.dumps(spec))
     return run(argv, pass_fds=fds, recorder=rec, check=False, timeout=timeout, env=env_for_children())
 
 

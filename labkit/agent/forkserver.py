@@ -19,7 +19,7 @@ import threading
 
 from ..wire.errors import MechanismError
 from ..wire.specs import RUN_DIR
-from .runner import close_sealed_python, env_for_children, python_argv
+from .runner import close_sealed_python, start_helper
 
 PR_SET_PDEATHSIG = 1
 
@@ -150,10 +150,7 @@ def _ensure():
             return _server["path"]
         os.makedirs(RUN_DIR, exist_ok=True)
         path = _socket_path()
-        argv, fds = python_argv("-m", "labkit.agent.forkserver", path)
-        proc = subprocess.Popen(argv, pass_fds=fds, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env_for_children(), cwd="/",
-                                start_new_session=True)
+        proc = start_helper("forkserver", path, stdout=subprocess.PIPE, cwd="/")
         if proc.stdout.readline().strip() != b"ready":
             proc.kill()
             raise MechanismError("the launcher server did not start")

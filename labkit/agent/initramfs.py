@@ -13,10 +13,10 @@ import io
 import lzma
 import os
 import re
-import subprocess
+import tempfile
 
 from . import rootfs, workloads
-from .runner import read_text, which
+from .runner import read_text, run, which
 
 READY = "LABKIT-VM-READY"
 UP = "LABKIT-VM-UP"
@@ -143,8 +143,8 @@ def _applets(bb):
         if not binary:
             continue
         try:
-            listed = subprocess.run([binary, "--list"], capture_output=True, text=True, timeout=10).stdout.split()
-        except OSError:
+            listed = run([binary, "--list"], timeout=10, check=False).stdout.split()
+        except OSError:  # a busybox for another CPU: ENOEXEC
             continue
         if listed:
             return listed
@@ -163,7 +163,10 @@ def _read_module(path):
     if path.endswith(".zst"):
         if not which("zstd"):
             return None
-        return subprocess.run(["zstd", "-dc", path], capture_output=True, check=True).stdout
+        with tempfile.TemporaryDirectory(prefix="lk-zstd-") as tmp:  # the runner's output is text: via a file
+            run(["zstd", "-q", "-d", "-o", os.path.join(tmp, "m.ko"), path], timeout=60)
+            with open(os.path.join(tmp, "m.ko"), "rb") as f:
+                return f.read()
     return data
 
 

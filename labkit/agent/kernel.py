@@ -69,11 +69,8 @@ def _call(rec, name, shown_args, fn, fix=None):
     start = time.perf_counter()
     res = fn()
     err = ctypes.get_errno() if res == -1 else 0
-    step = {"kind": "syscall", "call": name, "args": shown_args, "result": res,
-            "errno": _errno.errorcode.get(err, str(err)) if err else None,
-            "duration": time.perf_counter() - start}
     if rec is not None:
-        rec.add(step)
+        rec.syscall(name, shown_args, res, err, time.perf_counter() - start)
     if res == -1:
         raise MechanismError(f"{name}({', '.join(map(str, shown_args))}) failed: "
                              f"{_errno.errorcode.get(err, err)} ({os.strerror(err)})",
@@ -148,13 +145,11 @@ def _os_call(rec, name, shown, fn):
         fn()
     except OSError as exc:
         if rec is not None:
-            rec.add({"kind": "syscall", "call": name, "args": shown, "result": -1,
-                     "errno": _errno.errorcode.get(exc.errno), "duration": time.perf_counter() - start})
+            rec.syscall(name, shown, -1, exc.errno, time.perf_counter() - start)
         raise MechanismError(f"{name}({', '.join(shown)}) failed: {exc.strerror}", call=name,
                              errno=exc.errno) from None
     if rec is not None:
-        rec.add({"kind": "syscall", "call": name, "args": shown, "result": 0, "errno": None,
-                 "duration": time.perf_counter() - start})
+        rec.syscall(name, shown, duration=time.perf_counter() - start)
 
 
 def chroot(path, rec=None):
@@ -195,8 +190,7 @@ def link_up(name, rec=None):
         flags = struct.unpack("16sH14x", fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, ifr))[1]
         fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sH14x", name.encode(), flags | IFF_UP))
     if rec is not None:
-        rec.add({"kind": "syscall", "call": "ioctl", "args": ["SIOCSIFFLAGS", repr(name), "IFF_UP"],
-                 "result": 0, "errno": None, "duration": time.perf_counter() - start})
+        rec.syscall("ioctl", ["SIOCSIFFLAGS", repr(name), "IFF_UP"], duration=time.perf_counter() - start)
 
 
 def ns_inode(pid, name):
@@ -230,8 +224,7 @@ def drop_capabilities(keep, rec=None):
             dropped.append(name)
     lc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
     if rec is not None:
-        rec.add({"kind": "syscall", "call": "prctl", "args": ["PR_CAPBSET_DROP", f"{len(dropped)} capabilities"],
-                 "result": 0, "errno": None, "duration": 0, "dropped": dropped, "kept": sorted(keep)})
+        rec.syscall("prctl", ["PR_CAPBSET_DROP", f"{len(dropped)} capabilities"], dropped=dropped, kept=sorted(keep))
     return dropped
 
 

@@ -68,8 +68,7 @@ def _child(spec, ctx, msg_w, go_r, detached, pid_ns_made=False):
                 _send(msg_w, {"pid": g, "waiter": os.getpid()})
                 os.close(msg_w)
                 os._exit(kernel.wait_exit_code(g))
-            rec.add({"kind": "syscall", "call": "fork", "args": [], "result": "child is PID 1 of the new PID namespace",
-                     "errno": None, "duration": 0})
+            rec.syscall("fork", [], "child is PID 1 of the new PID namespace")
             if not detached:
                 kernel.libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         elif not pid_ns_made:
@@ -163,8 +162,7 @@ def launch(spec, ctx, detached):
     os.close(msg_w)
     os.close(go_r)
     if pid_ns_made:
-        rec.add({"kind": "syscall", "call": "fork", "args": [], "result": f"{c}: PID 1 of the new PID namespace",
-                 "errno": None, "duration": 0})
+        rec.syscall("fork", [], f"{c}: PID 1 of the new PID namespace")
     report = {"steps": [], "pid": c if pid_ns_made else None, "waiter": None, "ns": {}, "view": None,
               "error": None, "exec": None}
     try:

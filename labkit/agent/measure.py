@@ -23,10 +23,10 @@ import socket
 import subprocess
 import time
 
-from ..wire.errors import InvalidSpec, MechanismError
+from ..wire.errors import CommandTimeout, InvalidSpec, MechanismError
 from ..wire.specs import RUN_DIR, STATE_DIR, CgroupSpec, ProcessSpec, check_port
 from . import cgroups, engine, process, roots, rootfs, vm, workloads
-from .runner import read_text, which
+from .runner import read_text, recorded_process, run, start, which
 
 BENCH_DIR = STATE_DIR + "/bench"      # native file I/O: the same disk as the containers' upper dirs
 RIGS = RUN_DIR + "/bench"
@@ -45,7 +45,7 @@ def environment():
     qemu = vm.QEMU.get(platform.machine(), ("",))[0]
     qv = ""
     if qemu and which(qemu):
-        qv = subprocess.run([qemu, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+        qv = run([qemu, "--version"], check=False).stdout.splitlines()[:1]
         qv = qv[0] if qv else ""
     try:
         mode, reason = vm.accel()
@@ -55,7 +55,7 @@ def environment():
     return {"kernel": os.uname().release, "machine": platform.machine(), "cpu": cpu or platform.processor(),
             "cores": os.cpu_count(), "mem_total_kb": mem, "cgroup_mode": cgroups.detect()["mode"],
             "qemu": qv, "vm_accel": mode, "vm_accel_reason": reason,
-            "busybox": subprocess.run([bb], capture_output=True, text=True).stdout.splitlines()[:1] or [""],
+            "busybox": run([bb], check=False).stdout.splitlines()[:1] or [""],
             "crun": bool(which("crun")), "runc": bool(which("runc")), "time": time.time()}
 
 
@@ -77,8 +77,8 @@ def _one(text, workload, where):
 def native(workload, amount):
     _check(workload, amount)
     os.makedirs(BENCH_DIR, exist_ok=True)
-    r = subprocess.run([rootfs.busybox_or_fail(), "sh", "-c", workloads.BENCH_SH, "bench", workload, str(amount),
-                        BENCH_DIR], capture_output=True, text=True, timeout=600)
+    r = run([rootfs.busybox_or_fail(), "sh", "-c", workloads.BENCH_SH, "bench", workload, str(amount), BENCH_DIR],
+            check=False, timeout=600)
     return _one(r.stdout + r.stderr, workload, "on the host")
 
 
@@ -114,8 +114,7 @@ def net_serve(case, mode, port, ref=None, vm_id=None):
         raise InvalidSpec(f"unknown case {case!r}", fix="native, container or vm")
     port = check_port(port)
     if case == "native":
-        subprocess.Popen(_listener(mode, port, rootfs.busybox_or_fail()), stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        start(_listener(mode, port, rootfs.busybox_or_fail()))  # its own session, no pipes: ends with its connection
     elif case == "container":
         engine.exec_in(ref, ["/bin/busybox", "sh", "-c", _BACKGROUND, "sh", *_listener(mode, port)], timeout=30)
     else:
@@ -220,8 +219,12 @@ def startup_prepare():
                        'umount /sys/fs/cgroup/unified && exec "$@"', "sh"] + cmd
                 rig["notes"].append("crun: hybrid cgroups, run with the cgroup2 mount hidden in a private "
                                     "mount namespace")
-            probe = subprocess.run(cmd + [f"lkb-{rid}-probe"], capture_output=True, text=True)
-            if probe.returncode != 0:
+            try:
+                probe = run(cmd + [f"lkb-{rid}-probe"], check=False, timeout=60)
+            except CommandTimeout:
+                rig["notes"].append(f"{runtime}: unavailable here: a container did not finish within 60 s")
+                continue
+            if probe.exit_code != 0:
                 rig["notes"].append(f"{runtime}: unavailable here: {probe.stderr.strip()[-200:]}")
                 continue
             rig["runtimes"][runtime] = cmd
@@ -238,9 +241,10 @@ def startup_sample(case, rig, accel_mode=None):
     its /init printed its first line)."""
     t = time.perf_counter()
     if case == "process":
-        subprocess.run(["/bin/true"], check=True)
+        subprocess.run(["/bin/true"], check=True)  # timed: not through the runner (see labkit.agent.runner)
     elif case == "unshare":
-        subprocess.run(["unshare", "--fork", "--pid", "--mount", "--uts", "--ipc", "--net", "/bin/true"], check=True)
+        subprocess.run(["unshare", "--fork", "--pid", "--mount", "--uts", "--ipc", "--net", "/bin/true"],
+                       check=True)  # timed: not through the runner (see labkit.agent.runner)
     elif case == "labkit":
         spec = ProcessSpec(argv=("/bin/true",), namespaces=START_NS, rootfs=rig["root"], root_mode="pivot_root",
                            cgroup=rig["cgroup"], look=False)
@@ -248,7 +252,8 @@ def startup_sample(case, rig, accel_mode=None):
         if res.get("exit_code") != 0:
             raise MechanismError(f"labkit start failed: {res.get('stderr', '')[-200:]}", fix="run `labkit doctor`")
     elif case in rig["runtimes"]:
-        subprocess.run(rig["runtimes"][case] + [f"lkb-{secrets.token_hex(4)}"], check=True, capture_output=True)
+        subprocess.run(rig["runtimes"][case] + [f"lkb-{secrets.token_hex(4)}"], check=True,
+                       capture_output=True)  # timed: not through the runner (see labkit.agent.runner)
     elif case == "vm":
         machine = vm.VM(accel_mode=accel_mode)
         try:
@@ -300,7 +305,7 @@ def container_footprint(ref):
     cid = engine._resolve(ref)
     pids = cgroups.pids(engine._cg(cid))
     st, _, _ = engine._state(cid)
-    mon = (st or {}).get("monitor")
+    mon = recorded_process(st or {}, "monitor")
     inside = sum(vm.pss_kb(p) or 0 for p in pids)
     monitor = (vm.pss_kb(mon) or 0) if mon else 0
     return {"pss_kb": inside + monitor, "processes_pss_kb": inside, "processes": len(pids),

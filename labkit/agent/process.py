@@ -19,7 +19,8 @@ from ..wire.specs import NAMESPACES, RUN_DIR, ProcessSpec, check_name
 from . import cgroups, enter, network
 from .launch import CONTAINER_PATH, undo_host_mounts
 from .namespaces import host_context, inodes, shares
-from .runner import Recorder, env_for_children, pid_starttime, python_argv, read_text, run as run_cmd, same_process
+from .runner import (Recorder, pid_fields, read_text, recorded_process, run as run_cmd, start_helper,
+                     wait_gone)
 from .state import private_dir, read_dir, read_json, write_json
 
 PROCS_DIR = RUN_DIR + "/procs"
@@ -86,9 +87,7 @@ def run_launcher(args, stdin, stdout, stderr, input=None, timeout=None):
         except (OSError, MechanismError):
             if os.environ.get("LABKIT_REQUIRE_FORKSERVER") == "1":
                 raise
-    argv, fds = python_argv("-m", "labkit.agent.launch", *args)
-    proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout, pass_fds=fds,
-                            stderr=stderr, env=env_for_children(), start_new_session=True, cwd="/")
+    proc = start_helper("launch", *args, stdin=stdin, stdout=stdout, stderr=stderr, cwd="/")
     try:
         out, err = proc.communicate(input=input, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -231,8 +230,8 @@ def start(spec: ProcessSpec, name=None):
     log = _log_path(pid_id)
     with open(log, "wb") as logf:
         report, _, _, duration = _launch(spec, "start", subprocess.DEVNULL, logf, logf, owner=pid_id)
-    entry = {"id": pid_id, "pid": report["pid"], "starttime": pid_starttime(report["pid"]),
-             "waiter": report.get("waiter"), "host_mounts": report.get("host_mounts") or [],
+    entry = {"id": pid_id, **pid_fields(report["pid"]), **pid_fields(report.get("waiter"), "waiter"),
+             "host_mounts": report.get("host_mounts") or [],
              "spec": spec.to_dict(), "log": log, "created": time.time(), "ns": report.get("ns"),
              "net": report.get("net")}
     write_json(_entry_path(pid_id), entry)
@@ -250,7 +249,7 @@ def _load(pid_id):
 
 
 def is_alive(entry):
-    return same_process(entry.get("pid"), entry.get("starttime"))
+    return recorded_process(entry) is not None
 
 
 def list_processes():
@@ -324,16 +323,14 @@ def stop(pid_id, timeout=None):
     rec = Recorder(f"stop {pid_id}")
     if is_alive(e):
         if timeout > 0:
-            _signal(e["pid"], signal.SIGTERM, rec)
+            rec.kill(e["pid"], signal.SIGTERM)
         if not _wait_gone(e, timeout):
-            _signal(e["pid"], signal.SIGKILL, rec)
+            rec.kill(e["pid"], signal.SIGKILL)
             _wait_gone(e, 5)
     rec.steps += undo_host_mounts(e.get("host_mounts") or [])
     if e.get("net"):
         rec.steps += network.disconnect(e["net"]["network"], pid_id)["steps"]
-    waiter = e.get("waiter")
-    if waiter:
-        _wait_pid_gone(waiter, 2)
+    wait_gone(e.get("waiter"), e.get("waiter_starttime"), 2)
     try:
         os.unlink(_entry_path(pid_id))
     except OSError:
@@ -347,25 +344,5 @@ def stop(pid_id, timeout=None):
     return rec.to_dict(id=pid_id, log=log[-OUTPUT_LIMIT:])
 
 
-def _signal(pid, sig, rec):
-    try:
-        os.kill(pid, sig)
-        rec.add({"kind": "syscall", "call": "kill", "args": [pid, signal.Signals(sig).name], "result": 0,
-                 "errno": None, "duration": 0})
-    except ProcessLookupError:
-        pass
-
-
 def _wait_gone(entry, timeout):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if not is_alive(entry):
-            return True
-        time.sleep(0.02)
-    return not is_alive(entry)
-
-
-def _wait_pid_gone(pid, timeout):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end and os.path.exists(f"/proc/{pid}") and ") Z " not in (read_text(f"/proc/{pid}/stat") or ""):
-        time.sleep(0.02)
+    return wait_gone(entry.get("pid"), entry.get("starttime"), timeout)

@@ -22,7 +22,7 @@ import time
 from ..wire.errors import CommandTimeout, InvalidSpec, LabkitError, MechanismError, NotFound
 from ..wire.specs import RUN_DIR, STATE_DIR
 from . import doctor, initramfs, network, rootfs
-from .runner import Recorder, pid_starttime, read_text, run, same_process, which
+from .runner import Recorder, pid_fields, read_text, recorded_process, run, start, wait_gone, which
 from .state import private_dir, read_dir, write_json
 
 VM_RUN = RUN_DIR + "/vms"
@@ -178,11 +178,9 @@ class VM:
                          "-device", f"virtio-net-pci,netdev=n0,mac={mac}"]
                 extra += f" labkit.ip={self.net['ip']}/{self.net['prefix']} labkit.gw={self.net['gateway']}"
             argv += ["-append", f"console={console} quiet loglevel=1 panic=-1 rdinit=/init{extra}"]
-            self.rec.add({"kind": "command", "argv": argv, "exit_code": None, "stdout": "", "stderr": "",
-                          "duration": 0})
             self.t0 = time.perf_counter()
-            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=subprocess.STDOUT)
+            self.proc = start(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              new_session=False, recorder=self.rec)
             self._save(self.proc.pid)
             os.set_blocking(self.proc.stdout.fileno(), False)
             self._read_until(initramfs.READY, self.boot_timeout, "boot to its first instruction")
@@ -202,7 +200,7 @@ class VM:
     def _state(self, pid=None):
         """The recorded state entry: what cleanup needs to undo this VM."""
         return {"id": self.id, "network": self.network_name, "tap": self.net and self.net["tap"],
-                "disk": self.disk, "dir": self.dir, "pid": pid, "starttime": pid_starttime(pid) if pid else None}
+                "disk": self.disk, "dir": self.dir, **pid_fields(pid)}
 
     def _save(self, pid=None):
         write_json(f"{VM_RUN}/{self.id}.json", self._state(pid))
@@ -291,17 +289,13 @@ def _remove(state, rec):
     vid = state.get("id")
     if not isinstance(vid, str) or not re.fullmatch(r"[0-9a-f]{8}", vid):
         return
-    pid = state.get("pid")
-    if same_process(pid, state.get("starttime")) and \
-            f"labkit-vm-{vid}" in (read_text(f"/proc/{pid}/cmdline") or "").replace("\0", " "):
+    pid = recorded_process(state)
+    if pid and f"labkit-vm-{vid}" in (read_text(f"/proc/{pid}/cmdline") or "").replace("\0", " "):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        for _ in range(200):
-            if not os.path.exists(f"/proc/{pid}") or "Z" in ((read_text(f"/proc/{pid}/stat") or "").split(") ")[-1][:1]):
-                break
-            time.sleep(0.01)
+        wait_gone(pid, state.get("starttime"), 2)
     if isinstance(state.get("network"), str):
         try:
             network.disconnect(state["network"], f"vm-{vid}")
