@@ -60,7 +60,7 @@ def test_helpers_run_from_the_sealed_interpreter(monkeypatch):
     argv, fds = helper_argv("launch", "a", 1)
     assert argv == [f"/proc/self/fd/{fds[0]}", "-m", "labkit.agent.launch", "a", "1"]
     assert os.readlink(argv[0]).startswith("/memfd:labkit-python")
-    spec = ProcessSpec(argv=("sh", "-c", "echo $PATH"), namespaces=("uts",), look=False).to_dict()
+    spec = ProcessSpec(argv=("sh", "-c", "echo $PATH"), namespaces=("uts",), look=False)
     monkeypatch.setenv("LABKIT_REQUIRE_FORKSERVER", "1")
     for fresh in ("1", "0"):  # a fresh launcher (start_helper), then through the fork server (started the same way)
         monkeypatch.setenv("LABKIT_NO_FORKSERVER", fresh)
