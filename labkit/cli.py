@@ -36,10 +36,17 @@ def cmd_cleanup(args):
 
 def cmd_lab(args):
     from .course.runbook import run_notebooks
-    print(f"labkit {__version__}: executing the notebooks on target {args.target!r} "
+    source = NOTEBOOK_DIR
+    if args.student:
+        from .course.assign import write_student_editions
+        source = os.path.join(args.output, "student-editions")
+        write_student_editions(NOTEBOOK_DIR, source)
+    edition = "student editions (blank: every question scores zero, with its reason)" if args.student else \
+        "solution editions"
+    print(f"labkit {__version__}: executing the notebooks ({edition}) on target {args.target!r} "
           f"({'full' if args.full else 'quick'} mode) into {os.path.abspath(args.output)}", flush=True)
     runs = run_notebooks(args.target, args.output, args.notebooks or None, quick=not args.full,
-                         on_done=lambda run: print(run.line(), flush=True))
+                         source_dir=source, on_done=lambda run: print(run.line(), flush=True))
     return _totals(runs, args.output)
 
 
@@ -313,9 +320,14 @@ def cmd_bench(args):
 
 
 def cmd_assign(args):
-    from .course.assign import write_student_editions
-    for p in write_student_editions(args.source, args.output):
+    from .course.assign import write_bundle, write_student_editions
+    for p in write_student_editions(args.source, args.output, keep=args.keep):
         print(p)
+    if args.bundle:
+        bundle = write_bundle(args.source, args.bundle)
+        points = sum(n["points"] for n in bundle["notebooks"].values())
+        print(f"{args.bundle}: the grading bundle ({len(bundle['notebooks'])} notebooks, {points:g} points); "
+              "keep it for the grader, not for students")
     return 0
 
 
@@ -335,6 +347,8 @@ def main(argv=None):
     lab = sub.add_parser("lab", parents=[common], help="execute the notebooks headless into one output folder")
     lab.add_argument("--output", default="lab-output")
     lab.add_argument("--full", action="store_true", help="full mode instead of quick mode")
+    lab.add_argument("--student", action="store_true",
+                     help="run the student editions (solutions removed) instead of the solution editions")
     lab.add_argument("notebooks", nargs="*")
     lab.set_defaults(fn=cmd_lab)
     sc = sub.add_parser("scores", help="the points each executed notebook in a folder recorded")
@@ -436,9 +450,12 @@ def main(argv=None):
     b.add_argument("--output", default="bench-output")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(fn=cmd_bench)
-    a = sub.add_parser("assign", help="write student editions (solutions removed)")
-    a.add_argument("--source", default=NOTEBOOK_DIR)
-    a.add_argument("--output", default="student-notebooks")
+    a = sub.add_parser("assign", help="write student editions (solutions removed) and the grading bundle")
+    a.add_argument("--source", default=NOTEBOOK_DIR, help="the instructor's notebooks (default: the course's)")
+    a.add_argument("--output", default="student-notebooks", help="where the student editions go")
+    a.add_argument("--bundle", help="also write the grading bundle here (check cells by id, points, source hash)")
+    a.add_argument("--keep", action="store_true", help="leave notebooks already in --output as they are "
+                                                          "(a student's work); write only the missing ones")
     a.set_defaults(fn=cmd_assign)
     args = p.parse_args(argv)
     try:

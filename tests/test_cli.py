@@ -1,5 +1,7 @@
 """The `labkit` command line."""
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -29,11 +31,27 @@ def test_cleanup_dry_run():
 
 
 def test_assign_strips_solutions(tmp_path):
-    res = labkit("assign", "--output", str(tmp_path))
+    res = labkit("assign", "--output", str(tmp_path / "class"), "--bundle", str(tmp_path / "grading" / "bundle.json"))
     assert res.returncode == 0, res.stderr
-    text = (tmp_path / "02-namespaces.ipynb").read_text()
+    text = (tmp_path / "class" / "02-namespaces.ipynb").read_text()
     assert "BEGIN SOLUTION" not in text and "box = lab.spawn(" not in text
     assert "box = None" in text
+    bundle = json.loads((tmp_path / "grading" / "bundle.json").read_text())
+    assert sum(n["points"] for n in bundle["notebooks"].values()) == 65 and "65 points" in res.stdout
+    # --keep: a student's work already there stays as it is; only what is missing is written
+    (tmp_path / "class" / "02-namespaces.ipynb").write_text("my work")
+    (tmp_path / "class" / "03-cgroups.ipynb").unlink()
+    again = labkit("assign", "--output", str(tmp_path / "class"), "--keep")
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "class" / "02-namespaces.ipynb").read_text() == "my work"
+    assert "03-cgroups.ipynb" in again.stdout and "02-namespaces" not in again.stdout
+
+
+def test_lab_student_runs_the_blank_editions(tmp_path):
+    res = labkit("lab", "--student", "--target", "local", "--output", str(tmp_path), "00-setup.ipynb")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "student editions" in res.stdout and re.search(r"00-setup\.ipynb\s+0/2 ", res.stdout), res.stdout
+    assert "BEGIN SOLUTION" not in (tmp_path / "student-editions" / "00-setup.ipynb").read_text()
 
 
 def test_run_it_gives_the_container_a_terminal(tmp_path):

@@ -1,4 +1,6 @@
 """Checks record points that survive papermill and never stop a notebook."""
+import pytest
+
 from labkit.course.assign import strip_source, student_edition
 from labkit.course.grading import MIME, Checker, read_scores
 
@@ -33,3 +35,35 @@ def test_student_edition_drops_solutions_and_outputs():
     assert out["cells"][0]["outputs"] == [] and "42" not in out["cells"][0]["source"]
     assert out["metadata"] == {"kernelspec": {"name": "python3"}}, "a student's copy is not paired with the source text"
     assert nb["cells"][0]["outputs"] == [{"a": 1}], "the source notebook is left alone"
+
+
+def test_the_grading_bundle_names_every_check_cell_and_its_points():
+    from labkit.course.assign import grading_bundle
+    from labkit.course.runbook import NOTEBOOK_DIR
+    bundle = grading_bundle(NOTEBOOK_DIR)
+    assert sum(n["points"] for n in bundle["notebooks"].values()) == 65
+    nb = bundle["notebooks"]["03-cgroups"]
+    assert nb["checks"]["03-06"]["questions"] == [{"question": "03.1 memory limit", "points": 2}]
+    assert all(cid in nb["cells"] for cid in nb["checks"])
+    assert len(bundle["source_sha256"]) == 64
+
+
+def _nb(*cells):
+    return {"cells": [dict({"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None}, **c)
+                      for c in cells], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+
+
+@pytest.mark.parametrize("cells,words", [
+    ([{"id": "a", "source": 'check.check("q", 1, f, x)'}], "must be tagged"),
+    ([{"id": "a", "source": "x = 1", "metadata": {"tags": ["check"]}}], "must be tagged"),
+    ([{"id": "a", "source": 'check.check("q", n, f, x)', "metadata": {"tags": ["check"]}}], "literal"),
+    ([{"id": "a", "source": 'check.check("q", 1, f)', "metadata": {"tags": ["check"]}},
+      {"id": "b", "source": 'check.check("q", 2, f)', "metadata": {"tags": ["check"]}}], "asked twice"),
+    ([{"id": "a", "source": "x"}, {"id": "a", "source": "y"}], "id of its own"),
+    ([{"source": "x"}], "id of its own"),
+])
+def test_a_source_the_grader_could_not_restore_is_refused(cells, words):
+    from labkit.course.assign import notebook_bundle
+    from labkit.wire.errors import InvalidSpec
+    with pytest.raises(InvalidSpec, match=words):
+        notebook_bundle(_nb(*cells), "t.ipynb")

@@ -3,6 +3,7 @@
 import grp
 import os
 import stat
+import sys
 import subprocess
 
 import pytest
@@ -150,3 +151,34 @@ def test_a_vm_that_was_never_created_says_vagrant_up(vm_tier, tmp_path):
     with pytest.raises(TransportError) as err:
         vagrant.ssh_config(vagrant_cmd=cmd)
     assert "vagrant up" in err.value.fix, str(err.value)
+
+
+def test_provision_gives_students_the_student_editions_and_keeps_their_work(tmp_path):
+    """provision.sh's course step, run on its own for a real unprivileged user whose home is a temporary
+    folder: the student editions (no solutions) in ~/labkit-course, owned by that user; a notebook the
+    student changed stays as it is on the next provision, a missing one comes back; JupyterLab opens there."""
+    import pwd
+    text = open(os.path.join(REPO, "vagrant", "provision.sh")).read()
+    assert "WorkingDirectory=$course\n" in text
+    start = text.index("  course=$(getent passwd")
+    end = text.index("  echo \"provision.sh: the student editions are in", start)
+    home = tmp_path / "home"
+    home.mkdir()
+    os.chmod(tmp_path, 0o755)
+    nobody = pwd.getpwnam("nobody")
+    os.chown(home, nobody.pw_uid, nobody.pw_gid)
+    step = text[start:end].replace("$(getent passwd \"$user\" | cut -d: -f6)", str(home))
+    script = tmp_path / "step.sh"
+    script.write_text(f"set -euo pipefail\nuser=nobody\nrepo={REPO}\nvenv={os.path.dirname(os.path.dirname(sys.executable))}\n" + step)
+    subprocess.run(["bash", str(script)], check=True, capture_output=True)
+    course = home / "labkit-course"
+    made = sorted(p.name for p in course.iterdir())
+    assert made[0] == "00-setup.ipynb" and len(made) == len([f for f in os.listdir(os.path.join(REPO, "notebooks"))
+                                                              if f.endswith(".ipynb")])
+    assert (course / "01-chroot.ipynb").stat().st_uid == nobody.pw_uid
+    assert "BEGIN SOLUTION" not in (course / "02-namespaces.ipynb").read_text()
+    (course / "02-namespaces.ipynb").write_text("the student's work")
+    (course / "03-cgroups.ipynb").unlink()
+    subprocess.run(["bash", str(script)], check=True, capture_output=True)
+    assert (course / "02-namespaces.ipynb").read_text() == "the student's work"
+    assert (course / "03-cgroups.ipynb").exists()

@@ -121,6 +121,12 @@ if [ "$jupyter" = 1 ]; then
   chown "root:$group" "$tmp"
   chmod 0640 "$tmp"
   mv -f "$tmp" "$token_file"
+  # students work in the student editions (solutions removed), in their own folder: made once, and on a
+  # later provision only the notebooks that are missing are added (a student's work is never overwritten)
+  course=$(getent passwd "$user" | cut -d: -f6)/labkit-course
+  runuser -u "$user" -- env PYTHONPATH="$repo" "$venv/bin/python" -m labkit.cli assign \
+    --source "$repo/notebooks" --output "$course" --keep >/dev/null
+  echo "provision.sh: the student editions are in $course (JupyterLab opens there)"
   if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
     unit=/etc/systemd/system/labkit-jupyter.service
     cat > "$unit.new" <<UNIT
@@ -132,7 +138,7 @@ After=network-online.target
 User=$user
 Environment=PYTHONPATH=$repo
 Environment=JUPYTER_TOKEN_FILE=$token_file
-WorkingDirectory=$repo/notebooks
+WorkingDirectory=$course
 ExecStart=$venv/bin/jupyter lab --ip=0.0.0.0 --port=8888 --no-browser
 Restart=on-failure
 

@@ -1,11 +1,25 @@
-"""Student editions: the source notebooks carry solutions between markers; students get them blank.
+"""Editions: the instructor's notebooks carry solutions between markers; students get them blank, and
+the grader gets a bundle of what it must restore and count.
 
 In a source cell, the student's line comes first (e.g. ``box = None  # start a process ...``) and the
 solution follows between ``### BEGIN SOLUTION`` and ``### END SOLUTION``; the student edition drops
 the solution lines, so a blank notebook still runs to the end and its checks record zero with a reason.
+
+A check cell is a code cell tagged ``check`` that calls ``check.check(QUESTION, POINTS, ...)`` with
+literal question names and points. The grading bundle (:func:`grading_bundle`) holds, for every
+notebook, each check cell's id, source and questions, the order of the source's cells, and a hash of
+the source, so that the grader can put every check cell back exactly as written, wherever a
+submission moved, edited, retagged or deleted it.
 """
+import ast
+import hashlib
 import json
 import os
+
+from ..wire.errors import InvalidSpec
+
+CHECK_TAG = "check"
+BUNDLE_FORMAT = 1
 
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 
@@ -39,16 +53,105 @@ def student_edition(nb):
     return nb
 
 
-def write_student_editions(src_dir, out_dir):
+def write_student_editions(src_dir, out_dir, keep=False):
+    """A student edition of every course notebook in ``src_dir``, written to ``out_dir``; their paths.
+    ``keep``: a notebook already there is a student's work and stays as it is (only missing ones are written)."""
     os.makedirs(out_dir, exist_ok=True)
     written = []
-    for fn in sorted(os.listdir(src_dir)):
-        if fn.endswith(".ipynb") and fn[:2].isdigit():
-            with open(os.path.join(src_dir, fn), encoding="utf-8") as f:
-                nb = json.load(f)
-            path = os.path.join(out_dir, fn)
-            with open(path, "w", encoding="utf-8") as f:
-                json.dump(student_edition(nb), f, indent=1, ensure_ascii=False)
-                f.write("\n")
-            written.append(path)
+    for fn in course_notebooks(src_dir):
+        path = os.path.join(out_dir, fn)
+        if keep and os.path.lexists(path):
+            continue
+        with open(os.path.join(src_dir, fn), encoding="utf-8") as f:
+            nb = json.load(f)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(student_edition(nb), f, indent=1, ensure_ascii=False)
+            f.write("\n")
+        written.append(path)
     return written
+
+
+def _source(cell):
+    src = cell.get("source", "")
+    return "".join(src) if isinstance(src, list) else src
+
+
+def check_questions(source, where="a check cell"):
+    """The (question, points) that a check cell's ``check.check(...)`` calls name, in order; both must be
+    literals (the grader reads them without running anything)."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as exc:
+        raise InvalidSpec(f"{where} is not valid Python: {exc}", fix="fix the cell in the source notebook") from None
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "check":
+            try:
+                question, points = ast.literal_eval(node.args[0]), ast.literal_eval(node.args[1])
+            except (IndexError, ValueError):
+                raise InvalidSpec(f"{where}: check.check(...) needs a literal question and literal points",
+                                  fix='write e.g. check.check("03.1 memory limit", 2, checks.memory_limit, mem)') from None
+            if not isinstance(question, str) or isinstance(points, bool) or not isinstance(points, (int, float)):
+                raise InvalidSpec(f"{where}: question {question!r} / points {points!r}",
+                                  fix="a question is a string, its points a number")
+            out.append((question, points))
+    return sorted(out, key=lambda qp: source.find(repr(qp[0])[1:-1]))
+
+
+def notebook_bundle(nb, name="notebook"):
+    """What the grader needs of one source notebook: its check cells by id, their questions, the order
+    of its cells, and the hash of its cells' sources and ids."""
+    cells = nb.get("cells", [])
+    ids = [c.get("id") for c in cells]
+    if any(not i for i in ids) or len(set(ids)) != len(ids):
+        raise InvalidSpec(f"{name}: every cell needs an id of its own",
+                          fix="build the notebook from its text source (python -m labkit.course.notebooks build)")
+    checks, questions = {}, set()
+    for c in cells:
+        src = _source(c)
+        tagged = CHECK_TAG in (c.get("metadata", {}).get("tags") or [])
+        calls = c.get("cell_type") == "code" and "check.check(" in src
+        if tagged != calls:
+            raise InvalidSpec(f"{name}, cell {c['id']}: a cell that calls check.check(...) must be tagged "
+                              f"{CHECK_TAG!r}, and only such a cell", fix="tag it (or untag it) in the source")
+        if not tagged:
+            continue
+        qs = check_questions(src, f"{name}, cell {c['id']}")
+        for q, _ in qs:
+            if q in questions:
+                raise InvalidSpec(f"{name}: question {q!r} is asked twice", fix="give every question a name of its own")
+            questions.add(q)
+        checks[c["id"]] = {"source": src, "questions": [{"question": q, "points": p} for q, p in qs]}
+    digest = hashlib.sha256(json.dumps([[c.get("id"), c.get("cell_type"), _source(c)] for c in cells],
+                                       ensure_ascii=False).encode()).hexdigest()
+    return {"cells": ids, "checks": checks, "source_sha256": digest,
+            "points": sum(q["points"] for c in checks.values() for q in c["questions"])}
+
+
+def course_notebooks(src_dir):
+    """The course notebooks in ``src_dir`` (``NN-title.ipynb``), in order."""
+    return sorted(fn for fn in os.listdir(src_dir) if fn.endswith(".ipynb") and fn[:2].isdigit())
+
+
+def grading_bundle(src_dir):
+    """The grading bundle of every course notebook in ``src_dir`` (see the module's docstring)."""
+    from ..wire.protocol import VERSION
+    notebooks = {}
+    for fn in course_notebooks(src_dir):
+        with open(os.path.join(src_dir, fn), encoding="utf-8") as f:
+            notebooks[fn[:-len(".ipynb")]] = notebook_bundle(json.load(f), fn)
+    digest = hashlib.sha256(json.dumps({k: v["source_sha256"] for k, v in notebooks.items()},
+                                       sort_keys=True).encode()).hexdigest()
+    return {"format": BUNDLE_FORMAT, "labkit": VERSION, "source_sha256": digest, "notebooks": notebooks}
+
+
+def write_bundle(src_dir, path):
+    """Write the grading bundle to ``path`` (keep it from students: later it holds the hidden checks)."""
+    bundle = grading_bundle(src_dir)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(bundle, f, indent=1, ensure_ascii=False, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+    return bundle
