@@ -320,14 +320,19 @@ def cmd_bench(args):
 
 
 def cmd_assign(args):
-    from .course.assign import write_bundle, write_student_editions
+    from .course.assign import grading_bundle, write_bundle, write_student_editions
+    if args.hidden and not args.bundle:
+        raise LabkitError("--hidden goes into the grading bundle", fix="add --bundle PATH")
+    if args.bundle:
+        grading_bundle(args.source, args.hidden)  # a source or hidden check the grader could not use: nothing written
     for p in write_student_editions(args.source, args.output, keep=args.keep):
         print(p)
     if args.bundle:
-        bundle = write_bundle(args.source, args.bundle)
+        bundle = write_bundle(args.source, args.bundle, args.hidden)
         points = sum(n["points"] for n in bundle["notebooks"].values())
-        print(f"{args.bundle}: the grading bundle ({len(bundle['notebooks'])} notebooks, {points:g} points); "
-              "keep it for the grader, not for students")
+        hidden = sum(n.get("hidden", {}).get("points", 0) for n in bundle["notebooks"].values())
+        print(f"{args.bundle}: the grading bundle ({len(bundle['notebooks'])} notebooks, {points:g} points"
+              + (f" and {hidden:g} in hidden checks" if hidden else "") + "); keep it for the grader, not for students")
     return 0
 
 
@@ -454,6 +459,8 @@ def main(argv=None):
     a.add_argument("--source", default=NOTEBOOK_DIR, help="the instructor's notebooks (default: the course's)")
     a.add_argument("--output", default="student-notebooks", help="where the student editions go")
     a.add_argument("--bundle", help="also write the grading bundle here (check cells by id, points, source hash)")
+    a.add_argument("--hidden", help="a folder of hidden checks (NN-title.py), kept outside the repository; "
+                                    "they go into the bundle only")
     a.add_argument("--keep", action="store_true", help="leave notebooks already in --output as they are "
                                                           "(a student's work); write only the missing ones")
     a.set_defaults(fn=cmd_assign)

@@ -67,3 +67,49 @@ def test_a_source_the_grader_could_not_restore_is_refused(cells, words):
     from labkit.wire.errors import InvalidSpec
     with pytest.raises(InvalidSpec, match=words):
         notebook_bundle(_nb(*cells), "t.ipynb")
+
+
+HIDDEN = '''"""Hidden checks for lab 03."""
+from labkit.course.assign import hidden
+
+
+@hidden(after="03.1 memory limit", question="03.1h no swap", points=1)
+def no_swap(lab, cg):
+    return cg.limits().get("swap") == 0, "the group may not swap"
+'''
+
+
+def test_hidden_checks_go_into_the_bundle_and_nowhere_else(tmp_path):
+    import json
+    import subprocess
+    import sys
+    (tmp_path / "hidden").mkdir()
+    (tmp_path / "hidden" / "03-cgroups.py").write_text(HIDDEN)
+    res = subprocess.run([sys.executable, "-m", "labkit.cli", "assign", "--output", str(tmp_path / "class"),
+                          "--bundle", str(tmp_path / "bundle.json"), "--hidden", str(tmp_path / "hidden")],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    bundle = json.loads((tmp_path / "bundle.json").read_text())
+    entry = bundle["notebooks"]["03-cgroups"]["hidden"]
+    assert entry["checks"] == [{"function": "no_swap", "after": "03.1 memory limit", "question": "03.1h no swap",
+                                "points": 1}] and "def no_swap" in entry["source"]
+    assert not any("no_swap" in p.read_text() or "03.1h" in p.read_text() for p in (tmp_path / "class").iterdir())
+    assert "1 in hidden checks" in res.stdout
+
+
+@pytest.mark.parametrize("text,words", [
+    (HIDDEN.replace('after="03.1 memory limit"', 'after="03.9 nothing"'), "does not ask"),
+    (HIDDEN.replace('question="03.1h no swap"', 'question="03.2 OOM kill"'), "asked twice"),
+    (HIDDEN.replace("points=1", "points=n"), "literal"),
+    (HIDDEN + "\ndef broken(:\n", "not valid Python"),
+])
+def test_a_hidden_check_the_grader_could_not_use_is_refused_and_nothing_is_written(tmp_path, text, words):
+    import subprocess
+    import sys
+    (tmp_path / "hidden").mkdir()
+    (tmp_path / "hidden" / "03-cgroups.py").write_text(text)
+    res = subprocess.run([sys.executable, "-m", "labkit.cli", "assign", "--output", str(tmp_path / "class"),
+                          "--bundle", str(tmp_path / "bundle.json"), "--hidden", str(tmp_path / "hidden")],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and words in res.stderr, res.stderr
+    assert not (tmp_path / "class").exists() and not (tmp_path / "bundle.json").exists()

@@ -10,6 +10,13 @@ literal question names and points. The grading bundle (:func:`grading_bundle`) h
 notebook, each check cell's id, source and questions, the order of the source's cells, and a hash of
 the source, so that the grader can put every check cell back exactly as written, wherever a
 submission moved, edited, retagged or deleted it.
+
+Hidden checks live outside the repository, one Python file per notebook (``HIDDEN_DIR/NN-title.py``),
+each check a function decorated with ``@hidden(after=QUESTION, question=NAME, points=N)``
+(:func:`hidden`): the grader runs it, in its own process, with the same arguments as the visible check
+``after`` names. The bundle carries each file's text and its checks (read with ``ast``, nothing run);
+students never see either (the student edition has no hidden check; the feedback shows a hidden
+check's result and message, never its code).
 """
 import ast
 import hashlib
@@ -20,6 +27,15 @@ from ..wire.errors import InvalidSpec
 
 CHECK_TAG = "check"
 BUNDLE_FORMAT = 1
+
+
+def hidden(after, question, points):
+    """Mark a function in a hidden-checks file as the hidden check ``question`` worth ``points``, run with
+    the arguments of the visible check ``after``. The function is returned unchanged (with its marks)."""
+    def mark(fn):
+        fn.hidden = {"after": after, "question": question, "points": points}
+        return fn
+    return mark
 
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 
@@ -133,21 +149,72 @@ def course_notebooks(src_dir):
     return sorted(fn for fn in os.listdir(src_dir) if fn.endswith(".ipynb") and fn[:2].isdigit())
 
 
-def grading_bundle(src_dir):
-    """The grading bundle of every course notebook in ``src_dir`` (see the module's docstring)."""
+def hidden_checks(source, name="hidden checks"):
+    """The hidden checks a hidden-checks file declares: [{'function', 'after', 'question', 'points'}], read
+    from its decorators with ``ast`` (nothing is run)."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as exc:
+        raise InvalidSpec(f"{name} is not valid Python: {exc}", fix="fix the file") from None
+    out = []
+    for node in tree.body:
+        if not isinstance(node, ast.FunctionDef):
+            continue
+        for dec in node.decorator_list:
+            if isinstance(dec, ast.Call) and getattr(dec.func, "id", getattr(dec.func, "attr", None)) == "hidden":
+                try:
+                    kw = {k.arg: ast.literal_eval(k.value) for k in dec.keywords}
+                except ValueError:
+                    kw = {}
+                if set(kw) != {"after", "question", "points"} or not isinstance(kw["question"], str) \
+                        or isinstance(kw["points"], bool) or not isinstance(kw["points"], (int, float)):
+                    raise InvalidSpec(f"{name}: {node.name} needs @hidden(after=..., question=..., points=...) "
+                                      "with literal values", fix='e.g. @hidden(after="03.1 memory limit", '
+                                                                 'question="03.1h no swap", points=1)')
+                out.append(dict(kw, function=node.name))
+    return out
+
+
+def _hidden_entry(hidden_dir, stem, nbundle):
+    path = os.path.join(hidden_dir, stem + ".py")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    checks = hidden_checks(source, path)
+    asked = {q["question"] for c in nbundle["checks"].values() for q in c["questions"]}
+    for h in checks:
+        if h["after"] not in asked:
+            raise InvalidSpec(f"{path}: {h['function']} follows {h['after']!r}, which {stem} does not ask",
+                              fix="after= must name a visible question of that notebook: " + ", ".join(sorted(asked)))
+        if h["question"] in asked:
+            raise InvalidSpec(f"{path}: question {h['question']!r} is asked twice", fix="give it a name of its own")
+        asked.add(h["question"])
+    return {"source": source, "checks": checks, "points": sum(h["points"] for h in checks)}
+
+
+def grading_bundle(src_dir, hidden_dir=None):
+    """The grading bundle of every course notebook in ``src_dir`` (see the module's docstring), with the
+    hidden checks of ``hidden_dir`` when given."""
     from ..wire.protocol import VERSION
     notebooks = {}
     for fn in course_notebooks(src_dir):
         with open(os.path.join(src_dir, fn), encoding="utf-8") as f:
-            notebooks[fn[:-len(".ipynb")]] = notebook_bundle(json.load(f), fn)
+            stem = fn[:-len(".ipynb")]
+            notebooks[stem] = entry = notebook_bundle(json.load(f), fn)
+        hidden_entry = _hidden_entry(hidden_dir, stem, entry) if hidden_dir else None
+        if hidden_entry:
+            entry["hidden"] = hidden_entry
     digest = hashlib.sha256(json.dumps({k: v["source_sha256"] for k, v in notebooks.items()},
                                        sort_keys=True).encode()).hexdigest()
     return {"format": BUNDLE_FORMAT, "labkit": VERSION, "source_sha256": digest, "notebooks": notebooks}
 
 
-def write_bundle(src_dir, path):
-    """Write the grading bundle to ``path`` (keep it from students: later it holds the hidden checks)."""
-    bundle = grading_bundle(src_dir)
+def write_bundle(src_dir, path, hidden_dir=None):
+    """Write the grading bundle to ``path`` (keep it from students: it holds the hidden checks)."""
+    if hidden_dir and not os.path.isdir(hidden_dir):
+        raise InvalidSpec(f"no hidden-checks folder {hidden_dir}", fix="give the folder that holds NN-title.py files")
+    bundle = grading_bundle(src_dir, hidden_dir)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
