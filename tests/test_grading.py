@@ -113,3 +113,38 @@ def test_a_hidden_check_the_grader_could_not_use_is_refused_and_nothing_is_writt
                          capture_output=True, text=True)
     assert res.returncode == 2 and words in res.stderr, res.stderr
     assert not (tmp_path / "class").exists() and not (tmp_path / "bundle.json").exists()
+
+
+def test_ref_of_names_live_objects_digests_records_and_keeps_plain_answers():
+    from labkit.client.handles import Cgroup, Container
+    from labkit.client.records import Record
+    from labkit.course.grading import ref_of
+    from labkit.wire.specs import CgroupSpec
+    assert ref_of(Cgroup(None, CgroupSpec(name="student-mem"), Record())) == {"kind": "cgroup", "name": "student-mem"}
+    assert ref_of(Container(None, "abc123", "web", Record())) == {"kind": "container", "name": "abc123"}
+    rec = Record(steps=[{"kind": "syscall", "call": "chroot"}], facts={"x": 1})
+    assert ref_of(rec)["kind"] == "record" and len(ref_of(rec)["digest"]) == 64
+    assert ref_of(None) == {"kind": "none"} and ref_of(...) == {"kind": "none"}
+    assert ref_of("6.1.0") == {"kind": "value", "value": "6.1.0"} and ref_of({"a": [1, 2]})["value"] == {"a": [1, 2]}
+    assert ref_of(ValueError("used by container web")) == {"kind": "error", "type": "ValueError",
+                                                          "message": "used by container web"}
+    assert ref_of("x" * 100000) == {"kind": "object", "type": "str"}, "a huge answer is not carried"
+    assert ref_of(float("nan")) == {"kind": "object", "type": "float"}
+    assert ref_of(object())["kind"] == "object"
+
+
+def test_the_score_output_carries_the_refs(capsys):
+    from labkit.course.grading import REFS_MIME
+    shown = []
+    import labkit.course.grading as g
+    real = g._display
+    g._display = lambda score, refs=None: shown.append((score, refs))
+    try:
+        c = Checker(None, "t", "s1")
+        c.check("q1", 2, lambda lab, x: (True, "ok"), "answer")
+    finally:
+        g._display = real
+    [(score, refs)] = shown
+    assert score["points"] == 2 and refs == {"question": "q1", "check": "<lambda>",
+                                             "args": [{"kind": "value", "value": "answer"}], "kwargs": {}}
+    assert REFS_MIME != MIME

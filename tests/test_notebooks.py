@@ -7,7 +7,7 @@ import pytest
 
 from labkit.course.assign import student_edition
 from labkit.course.runbook import NOTEBOOK_DIR, course_notebooks, run_notebooks
-from labkit.course.grading import read_scores
+from labkit.course.grading import read_refs, read_scores
 
 pytestmark = [pytest.mark.privileged, pytest.mark.slow]
 NOTEBOOKS = course_notebooks()
@@ -30,6 +30,12 @@ def test_solution_scores_full_points(name, tmp_path, lab):
     assert questions, "the notebook recorded no scores"
     for s in questions:
         assert s["passed"] and s["points"] == s["max_points"], s
+    refs = read_refs(run.path)  # what each check was given, as the grader will use it
+    assert sorted(refs) == sorted(s["question"] for s in questions)
+    assert not [r for r in refs.values() if "error" in r or any(a["kind"] == "none" for a in r["args"])]
+    if name == "03-cgroups.ipynb":
+        assert refs["03.1 memory limit"]["args"] == [{"kind": "cgroup", "name": "student-mem"}]
+        assert refs["03.2 OOM kill"]["args"][1]["kind"] == "record"
     total = scores[-1]
     assert total["question"] == "total" and total["points"] == sum(s["max_points"] for s in questions) > 0
     if name.startswith("02"):

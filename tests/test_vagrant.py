@@ -162,9 +162,18 @@ def test_provision_gives_students_the_student_editions_and_keeps_their_work(tmp_
     assert "WorkingDirectory=$course\n" in text
     start = text.index("  course=$(getent passwd")
     end = text.index("  echo \"provision.sh: the student editions are in", start)
-    home = tmp_path / "home"
-    home.mkdir()
-    os.chmod(tmp_path, 0o755)
+    import pathlib
+    import shutil
+    import tempfile
+    home = pathlib.Path(tempfile.mkdtemp(prefix="lk-home-"))  # pytest's own folders are root's only
+    try:
+        _course_step(text, start, end, home, tmp_path)
+    finally:
+        shutil.rmtree(home)
+
+
+def _course_step(text, start, end, home, tmp_path):
+    import pwd
     nobody = pwd.getpwnam("nobody")
     os.chown(home, nobody.pw_uid, nobody.pw_gid)
     step = text[start:end].replace("$(getent passwd \"$user\" | cut -d: -f6)", str(home))

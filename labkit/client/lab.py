@@ -26,7 +26,8 @@ def connect(target="auto", local=None, **options):
     - ``"vagrant"``: the lab VM (``vagrant ssh-config`` in labkit's ``vagrant/`` folder, or
       ``$LABKIT_VAGRANT_DIR``; options: ``vagrant_cmd``, ``netns``);
     - ``"local"``: in-process (root on Linux); ``"sudo"``: agent under ``sudo -n`` on this machine;
-    - ``"ssh://user@host:port"`` (options: ``key_filename``, ``sudo``, ``python``): any Linux host.
+    - ``"ssh://user@host:port"`` (options: ``key_filename``, ``sudo``, ``python``): any Linux host;
+    - ``"unix:///path"``: an agent, or the grader's relay to one, listening on a unix socket.
 
     ``local``: a callable that returns the in-process channel (the agent's own,
     :class:`labkit.agent.local.InProcess`); :func:`labkit.connect` passes it, so the client core never
@@ -57,6 +58,8 @@ def connect(target="auto", local=None, **options):
         return Lab(_in_process(local), target="local")
     if t == "sudo":
         return Lab(_t.sudo_transport(**options), target="sudo")
+    if t.startswith("unix://"):
+        return Lab(_t.UnixSocket(t[len("unix://"):], **options), target=t)
     if t.startswith("ssh://"):
         rest = t[len("ssh://"):]
         user, _, hostport = rest.rpartition("@")

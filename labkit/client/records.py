@@ -5,6 +5,7 @@ operations), their results and durations, and the facts they established. :class
 attribute access and a faithful rendering: it shows only steps the agent reports having run.
 Standard library only.
 """
+import hashlib
 import html
 import json
 import time
@@ -30,6 +31,17 @@ def _q(a):
     if a and all(c.isalnum() or c in "-_./=:,@%+" for c in a):
         return a
     return "'" + a.replace("'", "'\\''") + "'"
+
+
+def record_digest(record):
+    """The digest of what a record says the agent did and found (its ``steps`` and ``facts``, as canonical
+    JSON), or None for something that is not a record. The grader's relay indexes every answer by it, so
+    a record a notebook shows can be matched to the answer it came from (a hand-made one matches none)."""
+    if not isinstance(record, dict) or not isinstance(record.get("steps"), list) or not record["steps"]:
+        return None
+    body = {"steps": record["steps"], "facts": record.get("facts") or {}}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def ago(t, now=None):

@@ -5,6 +5,12 @@
 understands, and displays the score under the MIME type :data:`MIME`, which papermill keeps in the
 executed notebook. A check never raises: an unanswered question or an error scores zero with the
 reason, so the notebook always runs to the end. ``read_scores(path)`` reads the scores back.
+
+Beside the score, the same output carries under :data:`REFS_MIME` what the check was given, as the grader
+can use it in a process of its own (:func:`ref_of`): the names of the objects on the target (a cgroup, a
+container, a rootfs, ...), plain answers as values, and a record only by its digest, which the grader's
+relay can match to an answer the agent really gave (:mod:`labkit.course.relay`). Nothing in it is trusted
+as a score: the grader re-runs the check against the target itself.
 """
 import json
 import traceback
@@ -12,6 +18,37 @@ import traceback
 from ..wire.errors import LabkitError
 
 MIME = "application/vnd.labkit.score+json"
+REFS_MIME = "application/vnd.labkit.check+json"
+#: the most of a plain answer (as JSON) that the refs carry
+MAX_VALUE = 64 << 10
+
+
+def ref_of(value):
+    """What a check's argument is, as the grader can use it elsewhere: a live object by its name on the
+    target, a record by its digest, a plain answer by its value; anything else by its type only."""
+    from ..client import handles as h
+    from ..client.records import record_digest
+    if value is None or value is Ellipsis:
+        return {"kind": "none"}
+    named = {h.Rootfs: ("rootfs", "name"), h.Cgroup: ("cgroup", "name"), h.Network: ("network", "name"),
+             h.OverlayRoot: ("overlay", "name"), h.Container: ("container", "id"), h.Process: ("process", "id"),
+             h.VirtualMachine: ("vm", "id")}
+    for cls, (kind, attr) in named.items():
+        if isinstance(value, cls):
+            return {"kind": kind, "name": getattr(value, attr)}
+    if isinstance(value, BaseException):
+        return {"kind": "error", "type": type(value).__name__, "message": str(value)[:2000]}
+    digest = record_digest(value)
+    if digest:
+        return {"kind": "record", "digest": digest}
+    if isinstance(value, (str, int, float, bool, list, tuple, dict)):
+        try:
+            text = json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError):
+            text = None
+        if text is not None and len(text) <= MAX_VALUE:
+            return {"kind": "value", "value": json.loads(text)}
+    return {"kind": "object", "type": type(value).__name__}
 
 
 class NotAnswered(Exception):
@@ -48,7 +85,12 @@ class Checker:
         score = {"notebook": self.notebook, "question": question, "points": round(points * frac, 2),
                  "max_points": points, "passed": frac >= 1.0, "feedback": feedback, "student": self.student_id}
         self.results.append(score)
-        _display(score)
+        try:
+            refs = {"question": question, "check": getattr(fn, "__name__", "?"),
+                    "args": [ref_of(a) for a in args], "kwargs": {k: ref_of(v) for k, v in kwargs.items()}}
+        except Exception as exc:  # noqa: BLE001 - an odd answer must not stop the notebook
+            refs = {"question": question, "error": f"{type(exc).__name__}: {exc}"[:500]}
+        _display(score, refs)
 
     @property
     def total(self):
@@ -66,21 +108,39 @@ def _text(score):
     return f"[{mark}] {score['question']}: {score['points']:g}/{score['max_points']:g}  {score['feedback']}"
 
 
-def _display(score):
+def _display(score, refs=None):
     try:
         from IPython.display import display
-        display({MIME: score, "text/plain": _text(score)}, raw=True)
+        data = {MIME: score, "text/plain": _text(score)}
+        if refs is not None:
+            data[REFS_MIME] = refs
+        display(data, raw=True)
     except ImportError:
         print(_text(score))
 
 
-def read_scores(path_or_nb):
-    """All scores recorded in an executed notebook (path or nbformat/JSON dict), in cell order."""
+def read_refs(path_or_nb):
+    """What each check was given ({question: refs}), as recorded in an executed notebook."""
+    nb = _load(path_or_nb)
+    out = {}
+    for cell in nb.get("cells", []):
+        for o in cell.get("outputs", []) or []:
+            refs = (o.get("data") or {}).get(REFS_MIME)
+            if isinstance(refs, dict) and isinstance(refs.get("question"), str):
+                out[refs["question"]] = refs
+    return out
+
+
+def _load(path_or_nb):
     if isinstance(path_or_nb, (str, bytes)) or hasattr(path_or_nb, "__fspath__"):
         with open(path_or_nb, encoding="utf-8") as f:
-            nb = json.load(f)
-    else:
-        nb = path_or_nb
+            return json.load(f)
+    return path_or_nb
+
+
+def read_scores(path_or_nb):
+    """All scores recorded in an executed notebook (path or nbformat/JSON dict), in cell order."""
+    nb = _load(path_or_nb)
     out = []
     for cell in nb.get("cells", []):
         for o in cell.get("outputs", []) or []:
