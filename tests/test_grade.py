@@ -115,3 +115,50 @@ def test_a_huge_file_is_refused_before_it_is_read_whole(tmp_path):
         f.truncate(64 << 20)
     with pytest.raises(BadSubmission, match="larger than"):
         read_submission(str(path), max_bytes=1 << 20)
+
+
+# -- the grader's own run of a check, against what a submission left on a real target -----------------
+
+@pytest.fixture
+def student(tmp_path, lab):
+    """A 'student' connected through the grader's relay, and the grader's own Lab beside it."""
+    import labkit
+    from labkit.course.relay import Relay
+    d = tmp_path / "sandbox"
+    d.mkdir(mode=0o700)
+    with Relay(lab.transport, str(d / "relay.sock")) as relay:
+        with labkit.connect("unix://" + relay.path) as s:
+            yield s, relay
+
+
+@pytest.mark.privileged
+def test_the_grader_re_runs_a_check_on_what_the_submission_left(student, lab):
+    from labkit.course import checks
+    from labkit.course.grade import evaluate
+    from labkit.course.grading import ref_of
+    s, relay = student
+    with s.cgroup("t-grade-mem", memory="32M") as mem:
+        hog = mem.run(["sh", "-c", "x=$(head -c 100000000 /dev/zero | tr '\\0' a); echo survived"], ["pid", "mnt"])
+        refs = {"args": [ref_of(mem)]}
+        assert evaluate(checks.memory_limit, refs, lab, relay)[0] == 1.0
+        assert evaluate(checks.oom_killed, {"args": [ref_of(mem), ref_of(hog)]}, lab, relay)[0] == 1.0
+        forged = dict(hog, exit_code=137, steps=hog["steps"] + [{"kind": "command", "argv": ["true"]}])
+        got, why = evaluate(checks.oom_killed, {"args": [ref_of(mem), ref_of(forged)]}, lab, relay)
+        assert got == 0.0 and "forged or missing record" in why
+    got, why = evaluate(checks.memory_limit, refs, lab, relay)
+    assert got == 0.0 and "not on the target" in why, "the group is gone: nothing to grade"
+
+
+@pytest.mark.privileged
+def test_what_the_grader_cannot_rebuild_scores_zero_with_the_reason(student, lab):
+    from labkit.course import checks
+    from labkit.course.grade import Unverifiable, evaluate, rebuild
+    s, relay = student
+    assert evaluate(checks.memory_limit, {"args": [{"kind": "none"}]}, lab, relay) == (0.0, "not answered")
+    got, why = evaluate(checks.memory_limit, {"args": [{"kind": "cgroup", "name": "../../etc"}]}, lab, relay)
+    assert got == 0.0 and "could not rebuild" in why
+    got, why = evaluate(checks.memory_limit, {"args": "nonsense"}, lab, relay)
+    assert got == 0.0
+    assert isinstance(rebuild({"kind": "object", "type": "DataFrame"}, lab, relay), Unverifiable)
+    got, why = evaluate(checks.memory_limit, {"args": [{"kind": "object", "type": "DataFrame"}]}, lab, relay)
+    assert got == 0.0 and why

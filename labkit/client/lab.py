@@ -9,7 +9,7 @@ reported before anything reaches the target. Standard library only (charts load 
 import os
 import sys
 
-from ..wire.errors import InvalidSpec, LabkitError, PrivilegeError, UnsupportedHost
+from ..wire.errors import InvalidSpec, LabkitError, NotFound, PrivilegeError, UnsupportedHost
 from .handles import (Cgroup, Container, Network, OverlayRoot, Process, Rootfs, VirtualMachine, _argv,  # noqa: F401
                       _rootfs_name, _spec_kw)
 from .records import DoctorReport, Record, container_status
@@ -161,6 +161,32 @@ class Lab:
         spec = self.spec(argv, namespaces, action="exec" if argv else "hold", **kw)
         rec = Record(self.call("proc.start", spec=spec.to_dict(), name=name))
         return Process(self, rec["id"], rec)
+
+    def find(self, kind, name):
+        """A handle on something that exists on the target already: ``kind`` is 'rootfs', 'cgroup',
+        'container', 'process', 'network' or 'vm', ``name`` its name (or id); NotFound when there is none.
+        This is how the grader reaches, in a process of its own, what a submission made. A found rootfs or
+        network is not removed when its handle's ``with`` block ends (this handle did not make it)."""
+        if not isinstance(name, str) or not name:
+            raise InvalidSpec(f"{kind} name {name!r} is not a name", fix="give the name the object was made with")
+        if kind == "rootfs":
+            return Rootfs(self, RootfsSpec(name=name), Record(self.call("rootfs.info", name=name)))
+        if kind == "cgroup":
+            spec = CgroupSpec(name=name)
+            return Cgroup(self, spec, Record(self.call("cgroup.stats", name=spec.name)))
+        if kind == "container":
+            return self.container(name)
+        if kind == "process":
+            return self.process(check_name(name, "process id"))
+        if kind == "network":
+            spec = NetworkSpec(name=name)
+            return Network(self, spec, Record(self.call("net.inspect", name=spec.name), facts={"existed": True}))
+        if kind == "vm":
+            for st in self.call("vm.list"):
+                if st.get("id") == name:
+                    return VirtualMachine(self, name, Record(st))
+            raise NotFound(f"no labkit VM {name!r} on the target", fix="start one with lab.vm_start()")
+        raise InvalidSpec(f"no kind {kind!r} to find", fix="one of rootfs, cgroup, container, process, network, vm")
 
     def process(self, pid_id):
         """A handle on an already started process (e.g. from an earlier session)."""

@@ -135,3 +135,72 @@ def restore(nb, source_nb, nbundle):
             c["id"] = f"lk-{n}"
             taken.add(c["id"])
     return restored, notes
+
+
+# -- the grader's own run of a check ------------------------------------------------------------------
+
+class Unverifiable:
+    """An argument the grader cannot take from the student's kernel (a DataFrame, an object it computed):
+    a check given one must decide from the target alone, or score it as not shown."""
+
+    def __init__(self, type_name):
+        self.type_name = type_name
+
+    def __repr__(self):
+        return f"<not verifiable: a {self.type_name} from the student's kernel>"
+
+
+class ForgedRecord(LabkitError):
+    """A check's record is not one the agent gave this submission (hand-made, edited, or from elsewhere)."""
+    default_fix = "pass the record that the lab's call returned, unchanged"
+
+
+def rebuild(ref, lab, relay=None):
+    """One argument of a check as the grader uses it: live objects found on the target by name (NotFound
+    when the submission did not leave it), records from the relay's journal (ForgedRecord when absent),
+    plain answers as they are, anything else :class:`Unverifiable`."""
+    from ..client.records import Record
+    from ..wire.errors import InvalidSpec
+    if not isinstance(ref, dict):
+        raise InvalidSpec(f"a check's argument {ref!r} is not a reference", fix="run the check cell as written")
+    kind = ref.get("kind")
+    if kind == "none":
+        return None
+    if kind in ("rootfs", "cgroup", "container", "process", "network", "vm"):
+        return lab.find(kind, ref.get("name"))
+    if kind == "record":
+        found = relay.lookup(ref.get("digest")) if relay is not None else None
+        if found is None:
+            raise ForgedRecord("the record this check was given is not one the agent returned to this notebook")
+        return Record(found)
+    if kind == "value":
+        return ref.get("value")
+    if kind == "error":
+        return RuntimeError(str(ref.get("message", ""))[:2000])
+    return Unverifiable(str(ref.get("type", "object"))[:80])
+
+
+def evaluate(check, refs, lab, relay=None):
+    """Run ``check(lab, *args)`` in the grader's process, its arguments rebuilt from ``refs`` (what the
+    check cell recorded); (fraction 0..1, feedback). Never raises: what the grader cannot rebuild scores
+    zero with the reason."""
+    from ..wire.errors import NotFound
+    try:
+        args = [rebuild(r, lab, relay) for r in refs.get("args", [])]
+        kwargs = {k: rebuild(r, lab, relay) for k, r in (refs.get("kwargs") or {}).items()}
+    except ForgedRecord as exc:
+        return 0.0, f"forged or missing record: {exc.message}"
+    except NotFound as exc:
+        return 0.0, f"not on the target when the grader looked: {exc.message}"
+    except LabkitError as exc:
+        return 0.0, f"the grader could not rebuild this check's arguments: {exc.message}"
+    if any(a is None for a in args):
+        return 0.0, "not answered"
+    try:
+        got, feedback = check(lab, *args, **kwargs)
+    except LabkitError as exc:
+        return 0.0, f"the check could not confirm the answer: {exc}"
+    except Exception as exc:  # noqa: BLE001 - the check met a state it did not expect: zero, with why
+        return 0.0, f"the check met {type(exc).__name__}: {exc}"
+    frac = float(got) if not isinstance(got, bool) else (1.0 if got else 0.0)
+    return min(max(frac, 0.0), 1.0), feedback
