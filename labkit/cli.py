@@ -336,6 +336,23 @@ def cmd_assign(args):
     return 0
 
 
+def cmd_grade(args):
+    from .course.grade import grade_class, load_bundle
+    bundle = load_bundle(args.bundle)
+    lab = _lab(args)
+
+    def done(res):
+        got = sum(q["points"] for q in res["questions"])
+        out_of = sum(q["max_points"] for q in res["questions"])
+        what = res.get("notebook") or os.path.basename(res.get("path", "?"))
+        tail = (f"  ({res['error']})" if res.get("error") else "") + ("  (unchanged: not run again)" if res.get("cached") else "")
+        print(f"{res['student']:<20} {what:<28} {got:5g}/{out_of:<4g}{tail}", flush=True)
+    book = grade_class(args.submissions, bundle, lab, args.source, args.out, force=args.force,
+                       cell_timeout=args.cell_timeout, on_done=done)
+    print(f"{len(book)} students; gradebook, statistics, chart and feedback in {os.path.abspath(args.out)}")
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="labkit", description="Build a Linux container one mechanism at a time.")
     p.add_argument("--version", action="version", version=f"labkit {__version__}")
@@ -464,6 +481,15 @@ def main(argv=None):
     a.add_argument("--keep", action="store_true", help="leave notebooks already in --output as they are "
                                                           "(a student's work); write only the missing ones")
     a.set_defaults(fn=cmd_assign)
+    g = sub.add_parser("grade", parents=[common], help="grade submitted notebooks against a grading bundle "
+                                                       "(run them only on a disposable target)")
+    g.add_argument("submissions", nargs="+", help="a folder per student, or STUDENT-NN-title.ipynb files")
+    g.add_argument("--bundle", required=True, help="the grading bundle from labkit assign --bundle")
+    g.add_argument("--out", default="grades", help="where the gradebook, feedback and runs go")
+    g.add_argument("--source", default=NOTEBOOK_DIR, help="the instructor's notebooks the bundle was made from")
+    g.add_argument("--force", action="store_true", help="grade again what was graded before and did not change")
+    g.add_argument("--cell-timeout", type=float, default=600, help="seconds one cell may run (default 600)")
+    g.set_defaults(fn=cmd_grade)
     args = p.parse_args(argv)
     try:
         return args.fn(args)

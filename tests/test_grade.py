@@ -1,6 +1,7 @@
 """The grader's part before a submission runs: read it without trusting it, put the check cells back."""
 import json
 import os
+import re
 
 import pytest
 
@@ -162,3 +163,120 @@ def test_what_the_grader_cannot_rebuild_scores_zero_with_the_reason(student, lab
     assert isinstance(rebuild({"kind": "object", "type": "DataFrame"}, lab, relay), Unverifiable)
     got, why = evaluate(checks.memory_limit, {"args": [{"kind": "object", "type": "DataFrame"}]}, lab, relay)
     assert got == 0.0 and why
+
+
+# -- whole submissions: the solution scores full, the four forgeries score nothing ------------------------
+
+def _submission(tmp_path, name, edit=None, solution=False):
+    """A student's file: the solution edition, or the student edition (blank) changed by ``edit``."""
+    with open(os.path.join(NOTEBOOK_DIR, name + ".ipynb"), encoding="utf-8") as f:
+        nb = json.load(f)
+    if not solution:
+        nb = student_edition(nb)
+    if edit:
+        edit(nb)
+    path = tmp_path / "submissions" / f"s1-{name}.ipynb"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(nb))
+    return str(path)
+
+
+def _before_checks(nb, cell):
+    first = next(i for i, c in enumerate(nb["cells"]) if "check" in c.get("metadata", {}).get("tags", []))
+    nb["cells"].insert(first, cell)
+
+
+def _code(source, cid):
+    return {"cell_type": "code", "id": cid, "metadata": {}, "outputs": [], "execution_count": None, "source": source}
+
+
+FULL = ('{"notebook": "00-setup", "question": "%s", "points": 1, "max_points": 1, "passed": True, '
+        '"feedback": "forged", "student": "s1"}')
+
+
+def _forge_display(nb):        # 1: a student cell displays full scores under the score MIME type
+    src = "from IPython.display import display\n" + "\n".join(
+        f"display({{'{MIME}': {FULL % q}}}, raw=True)" for q in ("00.1 kernel release", "00.2 cgroup mode"))
+    _before_checks(nb, _code(src, "f1"))
+
+
+def _forge_checks(nb):         # 2: a student cell replaces the checks before the check cells run
+    _before_checks(nb, _code("from labkit.course import checks as _c\n"
+                                "_c.kernel_release = _c.cgroup_mode = lambda lab, answer: (True, 'forged')\n"
+                                "kernel_release = cgroup_mode = 'anything'", "f2"))
+
+
+def _forge_display_fn(nb):     # 3: a student cell patches the grading module's display
+    _before_checks(nb, _code("import labkit.course.grading as _g\n_real = _g._display\n"
+                                "_g._display = lambda s, r=None: _real(dict(s, points=s['max_points'], passed=True), r)",
+                                "f3"))
+
+
+def _forge_markdown(nb):       # 4: a markdown cell carrying outputs with full scores
+    nb["cells"].insert(1, {"cell_type": "markdown", "id": "f4", "metadata": {}, "source": "hi",
+                           "outputs": [{"output_type": "display_data", "metadata": {},
+                                        "data": {MIME: json.loads(FULL.replace("True", "true") % "00.1 kernel release")}}]})
+
+
+@pytest.mark.privileged
+@pytest.mark.slow
+@pytest.mark.parametrize("case,edit,solution,want", [
+    ("solution", None, True, 2),
+    ("forged display", _forge_display, False, 0),
+    ("forged checks", _forge_checks, False, 0),
+    ("forged _display", _forge_display_fn, False, 0),
+    ("forged markdown outputs", _forge_markdown, False, 0),
+])
+def test_only_the_grader_writes_the_scores(tmp_path, lab, case, edit, solution, want):
+    from labkit.course.grade import grade_notebook
+    bundle = grading_bundle(NOTEBOOK_DIR)
+    path = _submission(tmp_path, "00-setup", edit, solution)
+    res = grade_notebook(path, bundle, lab, NOTEBOOK_DIR, student_id="s1", work_dir=str(tmp_path / "work"))
+    assert res["notebook"] == "00-setup" and res["error"] is None, res
+    got = sum(q["points"] for q in res["questions"])
+    assert got == want, (case, res["questions"])
+    assert [q["question"] for q in res["questions"]] == ["00.1 kernel release", "00.2 cgroup mode"]
+    if want == 0:
+        assert all(q["feedback"] for q in res["questions"]), "each zero says why"
+    if case in ("forged display", "forged checks", "forged _display"):
+        from labkit.course.grading import read_scores
+        in_kernel = [x for x in read_scores(res["executed"]) if x.get("question") == "00.1 kernel release"]
+        assert any(x["points"] == x["max_points"] for x in in_kernel), "the forgery did work in the student's kernel"
+
+
+@pytest.mark.privileged
+@pytest.mark.slow
+def test_labkit_grade_writes_a_gradebook_feedback_and_skips_what_did_not_change(tmp_path):
+    """A small class through the command: a full solution, a blank edition, a file that is no notebook."""
+    import csv
+    import subprocess
+    import sys
+    bundle = tmp_path / "bundle.json"
+    res = subprocess.run([sys.executable, "-m", "labkit.cli", "assign", "--output", str(tmp_path / "class"),
+                          "--bundle", str(bundle)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    subs = tmp_path / "subs"
+    subs.mkdir()
+    with open(os.path.join(NOTEBOOK_DIR, "00-setup.ipynb"), encoding="utf-8") as f:
+        (subs / "alice-00-setup.ipynb").write_text(f.read())
+    (subs / "bob-00-setup.ipynb").write_text((tmp_path / "class" / "00-setup.ipynb").read_text())
+    (subs / "carol-00-setup.ipynb").write_bytes(b"\x00\x01 not a notebook")
+
+    def grade(*extra):
+        return subprocess.run([sys.executable, "-m", "labkit.cli", "grade", "--target", "local", "--bundle",
+                               str(bundle), "--out", str(tmp_path / "grades"), *extra,
+                               *sorted(str(p) for p in subs.iterdir())], capture_output=True, text=True, timeout=600)
+    first = grade()
+    assert first.returncode == 0, first.stdout + first.stderr
+    with open(tmp_path / "grades" / "gradebook.csv") as f:
+        book = {r["student"]: r for r in csv.DictReader(f)}
+    assert float(book["alice"]["total"]) == 2 and float(book["bob"]["total"]) == 0
+    assert float(book["carol"]["total"]) == 0 and "not a notebook" in first.stdout
+    assert re.search(r"carol +00-setup +0/2 ", first.stdout), "zero of that notebook's points"
+    assert "00.1 kernel release" in book["alice"] and (tmp_path / "grades" / "totals.png").exists()
+    page = (tmp_path / "grades" / "feedback" / "bob.html").read_text()
+    assert "00.1 kernel release" in page and "not answered" in page
+    again = grade()
+    assert again.stdout.count("unchanged: not run again") == 3, again.stdout
+    forced = grade("--force")
+    assert "unchanged" not in forced.stdout and forced.returncode == 0

@@ -43,8 +43,12 @@ def test_the_grading_bundle_names_every_check_cell_and_its_points():
     bundle = grading_bundle(NOTEBOOK_DIR)
     assert sum(n["points"] for n in bundle["notebooks"].values()) == 65
     nb = bundle["notebooks"]["03-cgroups"]
-    assert nb["checks"]["03-06"]["questions"] == [{"question": "03.1 memory limit", "points": 2}]
+    assert nb["checks"]["03-06"]["questions"] == [{"question": "03.1 memory limit", "points": 2,
+                                                  "check": "memory_limit"}]
     assert all(cid in nb["cells"] for cid in nb["checks"])
+    from labkit.course import checks
+    named = {q["check"] for n in bundle["notebooks"].values() for c in n["checks"].values() for q in c["questions"]}
+    assert named and all(callable(getattr(checks, name, None)) for name in named)
     assert len(bundle["source_sha256"]) == 64
 
 
@@ -55,10 +59,11 @@ def _nb(*cells):
 
 @pytest.mark.parametrize("cells,words", [
     ([{"id": "a", "source": 'check.check("q", 1, f, x)'}], "must be tagged"),
+    ([{"id": "a", "source": 'check.check("q", 1, my_own_check, x)', "metadata": {"tags": ["check"]}}], "checks.NAME"),
     ([{"id": "a", "source": "x = 1", "metadata": {"tags": ["check"]}}], "must be tagged"),
-    ([{"id": "a", "source": 'check.check("q", n, f, x)', "metadata": {"tags": ["check"]}}], "literal"),
-    ([{"id": "a", "source": 'check.check("q", 1, f)', "metadata": {"tags": ["check"]}},
-      {"id": "b", "source": 'check.check("q", 2, f)', "metadata": {"tags": ["check"]}}], "asked twice"),
+    ([{"id": "a", "source": 'check.check("q", n, checks.f, x)', "metadata": {"tags": ["check"]}}], "literal"),
+    ([{"id": "a", "source": 'check.check("q", 1, checks.f)', "metadata": {"tags": ["check"]}},
+      {"id": "b", "source": 'check.check("q", 2, checks.f)', "metadata": {"tags": ["check"]}}], "asked twice"),
     ([{"id": "a", "source": "x"}, {"id": "a", "source": "y"}], "id of its own"),
     ([{"source": "x"}], "id of its own"),
 ])

@@ -93,8 +93,9 @@ def _source(cell):
 
 
 def check_questions(source, where="a check cell"):
-    """The (question, points) that a check cell's ``check.check(...)`` calls name, in order; both must be
-    literals (the grader reads them without running anything)."""
+    """The (question, points, check) that a check cell's ``check.check(...)`` calls name, in order: literal
+    question and points, and the check as ``checks.NAME`` (the grader reads them without running anything,
+    and runs its own ``labkit.course.checks.NAME``, whatever the student's kernel did to that module)."""
     try:
         tree = ast.parse(source)
     except SyntaxError as exc:
@@ -110,7 +111,11 @@ def check_questions(source, where="a check cell"):
             if not isinstance(question, str) or isinstance(points, bool) or not isinstance(points, (int, float)):
                 raise InvalidSpec(f"{where}: question {question!r} / points {points!r}",
                                   fix="a question is a string, its points a number")
-            out.append((question, points))
+            fn = node.args[2] if len(node.args) > 2 else None
+            if not (isinstance(fn, ast.Attribute) and isinstance(fn.value, ast.Name) and fn.value.id == "checks"):
+                raise InvalidSpec(f"{where}: check.check(...) names its check as checks.NAME",
+                                  fix='e.g. check.check("03.1 memory limit", 2, checks.memory_limit, mem)')
+            out.append((question, points, fn.attr))
     return sorted(out, key=lambda qp: source.find(repr(qp[0])[1:-1]))
 
 
@@ -133,11 +138,11 @@ def notebook_bundle(nb, name="notebook"):
         if not tagged:
             continue
         qs = check_questions(src, f"{name}, cell {c['id']}")
-        for q, _ in qs:
+        for q, _, _ in qs:
             if q in questions:
                 raise InvalidSpec(f"{name}: question {q!r} is asked twice", fix="give every question a name of its own")
             questions.add(q)
-        checks[c["id"]] = {"source": src, "questions": [{"question": q, "points": p} for q, p in qs]}
+        checks[c["id"]] = {"source": src, "questions": [{"question": q, "points": p, "check": f} for q, p, f in qs]}
     digest = hashlib.sha256(json.dumps([[c.get("id"), c.get("cell_type"), _source(c)] for c in cells],
                                        ensure_ascii=False).encode()).hexdigest()
     return {"cells": ids, "checks": checks, "source_sha256": digest,

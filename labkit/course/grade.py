@@ -204,3 +204,291 @@ def evaluate(check, refs, lab, relay=None):
         return 0.0, f"the check met {type(exc).__name__}: {exc}"
     frac = float(got) if not isinstance(got, bool) else (1.0 if got else 0.0)
     return min(max(frac, 0.0), 1.0), feedback
+
+
+# -- one submitted notebook, run and graded ------------------------------------------------------------
+
+def identify(path, nb, bundle):
+    """Which course notebook a submission is: by its file name (``NN-title.ipynb``, perhaps with a prefix),
+    else by the cell ids it shares with each source notebook."""
+    stem = os.path.basename(path)[:-len(".ipynb")] if path.endswith(".ipynb") else os.path.basename(path)
+    for name in bundle["notebooks"]:
+        if stem == name or stem.endswith("-" + name) or stem.endswith("_" + name):
+            return name
+    ids = {c.get("id") for c in nb.get("cells", []) if isinstance(c, dict) and isinstance(c.get("id"), str)}
+    best = max(bundle["notebooks"], key=lambda n: len(ids & set(bundle["notebooks"][n]["cells"])), default=None)
+    if best and ids & set(bundle["notebooks"][best]["cells"]):
+        return best
+    raise BadSubmission(f"{os.path.basename(path)} is none of the course's notebooks",
+                        fix="submit the notebook under its own name, e.g. 03-cgroups.ipynb")
+
+
+def _hidden_functions(entry):
+    """The hidden checks of one notebook as functions (the instructor's file, run in the grader)."""
+    if not entry:
+        return {}
+    from .assign import hidden
+    space = {"__name__": "labkit_hidden_checks", "hidden": hidden}
+    exec(compile(entry["source"], "<hidden checks>", "exec"), space)  # noqa: S102 - the instructor's own code
+    return {h["question"]: (space[h["function"]], h) for h in entry["checks"]}
+
+
+def _refs_in(cell, question):
+    from .grading import REFS_MIME
+    found = None
+    for out in cell.get("outputs", []) or []:
+        refs = (out.get("data") or {}).get(REFS_MIME) if isinstance(out, dict) else None
+        if isinstance(refs, dict) and refs.get("question") == question:
+            found = refs
+    return found
+
+
+def grade_notebook(path, bundle, lab, source_dir, student_id="anonymous", work_dir=None, cell_timeout=600,
+                   quick=True):
+    """Grade one submitted notebook on the target ``lab`` reaches (the grader's own connection to a
+    disposable agent): restore it, run it with papermill's parameters through a relay, and after each of
+    the bundle's check cells re-run its checks (and the hidden ones that follow them) here, in the grader.
+
+    Returns {'student', 'notebook', 'questions': [{question, points, max_points, feedback, hidden}],
+    'notes', 'error', 'executed'} — a question the run never reached scores zero with the reason."""
+    import tempfile
+
+    import nbformat
+    from nbclient import NotebookClient
+    from papermill.parameterize import parameterize_notebook
+
+    from . import checks as checks_module
+    from .relay import Relay
+
+    result = {"student": student_id, "notebook": None, "questions": [], "notes": [], "error": None,
+              "executed": None}
+    try:
+        name = identify(path, {"cells": []}, bundle)  # by its file name, when it has one of the course's
+    except BadSubmission:
+        name = None
+    try:
+        nb = read_submission(path)
+        name = name or identify(path, nb, bundle)
+    except BadSubmission as exc:
+        result["notebook"], result["error"] = name, exc.message
+        for entry in (bundle["notebooks"][name]["checks"].values() if name else ()):
+            result["questions"] += [{"question": q["question"], "points": 0, "max_points": q["points"],
+                                     "hidden": False, "feedback": f"no notebook to run: {exc.message}"}
+                                    for q in entry["questions"]]
+        return result
+    result["notebook"] = name
+    nbundle = bundle["notebooks"][name]
+    with open(os.path.join(source_dir, name + ".ipynb"), encoding="utf-8") as f:
+        source_nb = json.load(f)
+    from .assign import notebook_bundle
+    if notebook_bundle(source_nb, name)["source_sha256"] != nbundle["source_sha256"]:
+        raise LabkitError(f"the source of {name} is not the one the grading bundle was made from",
+                          fix="make the bundle again from these notebooks (labkit assign --bundle ...)")
+    restored, result["notes"] = restore(nb, source_nb, nbundle)
+    hidden = _hidden_functions(nbundle.get("hidden"))
+    after = {}
+    for q, (fn, h) in hidden.items():
+        after.setdefault(h["after"], []).append((q, fn, h))
+    scores = {}
+    work = work_dir or tempfile.mkdtemp(prefix="lk-grade-")
+    os.makedirs(work, exist_ok=True)
+    sandbox = tempfile.mkdtemp(prefix="lk-relay-")
+    with Relay(lab.transport, os.path.join(sandbox, "relay.sock")) as relay:
+        def on_cell_executed(cell, cell_index, execute_reply):
+            entry = nbundle["checks"].get(cell.get("id"))
+            if entry is None:
+                return
+            for q in entry["questions"]:
+                refs = _refs_in(cell, q["question"])
+                if refs is None:
+                    frac, why = 0.0, "the check cell recorded nothing (its cell failed, or the kernel died)"
+                else:
+                    frac, why = evaluate(getattr(checks_module, q["check"]), refs, lab, relay)
+                scores[q["question"]] = {"question": q["question"], "points": round(q["points"] * frac, 2),
+                                         "max_points": q["points"], "feedback": why, "hidden": False}
+                for hq, fn, h in after.get(q["question"], []):
+                    frac, why = evaluate(fn, refs, lab, relay) if refs is not None else \
+                        (0.0, "its visible check recorded nothing")
+                    scores[hq] = {"question": hq, "points": round(h["points"] * frac, 2), "max_points": h["points"],
+                                  "feedback": why, "hidden": True}
+
+        for c in restored["cells"]:  # papermill reads every cell's tags, and writes its own metadata
+            c.setdefault("metadata", {}).setdefault("tags", [])
+        restored["metadata"]["papermill"] = {}
+        node = nbformat.from_dict(restored)
+        node = parameterize_notebook(node, {"target": "unix://" + relay.path, "student_id": student_id,
+                                            "quick": quick, "output_dir": work}, kernel_name="python3",
+                                     language="python")
+        client = NotebookClient(node, timeout=cell_timeout, kernel_name="python3", allow_errors=True,
+                                resources={"metadata": {"path": work}}, on_cell_executed=on_cell_executed)
+        try:
+            client.execute()
+        except Exception as exc:  # noqa: BLE001 - a timeout or a dead kernel costs what it did not reach
+            result["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"[:500]
+        executed = os.path.join(work, f"{name}.ipynb")
+        nbformat.write(node, executed)
+        result["executed"] = executed
+    os.rmdir(sandbox)
+    for entry in nbundle["checks"].values():
+        for q in entry["questions"]:
+            result["questions"].append(scores.get(q["question"]) or {
+                "question": q["question"], "points": 0, "max_points": q["points"], "hidden": False,
+                "feedback": "not reached" + (f": {result['error']}" if result["error"] else "")})
+            for hq, _, h in after.get(q["question"], []):
+                result["questions"].append(scores.get(hq) or {"question": hq, "points": 0, "max_points": h["points"],
+                                                              "hidden": True, "feedback": "not reached"})
+    return result
+
+
+# -- a class: every submission, one gradebook ------------------------------------------------------------
+
+def load_bundle(path):
+    """A grading bundle written by :func:`labkit.course.assign.write_bundle`, checked for its format."""
+    from .assign import BUNDLE_FORMAT
+    try:
+        with open(path, encoding="utf-8") as f:
+            bundle = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise LabkitError(f"cannot read the grading bundle {path}: {exc}",
+                          fix="make it with labkit assign --bundle FILE") from None
+    if not isinstance(bundle, dict) or bundle.get("format") != BUNDLE_FORMAT or not isinstance(bundle.get("notebooks"), dict):
+        raise LabkitError(f"{path} is not a grading bundle of format {BUNDLE_FORMAT}",
+                          fix="make it again with this labkit: labkit assign --bundle FILE")
+    return bundle
+
+
+def submissions(paths):
+    """(student id, notebook path) for each submission: a folder per student (its .ipynb files), or files
+    named ``STUDENT-NN-title.ipynb`` (the student's id is what comes before the notebook's name)."""
+    import re
+    out = []
+    for p in paths:
+        if os.path.isdir(p):
+            sid = os.path.basename(os.path.normpath(p))
+            out += [(sid, os.path.join(p, fn)) for fn in sorted(os.listdir(p)) if fn.endswith(".ipynb")]
+        else:
+            m = re.match(r"(.+?)[-_](\d\d-[a-z0-9-]+)\.ipynb$", os.path.basename(p))
+            out.append((m.group(1) if m else os.path.splitext(os.path.basename(p))[0], p))
+    return out
+
+
+def _safe(name):
+    import re
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:80] or "_"
+
+
+def _digest(path, bundle):
+    import hashlib
+    h = hashlib.sha256(bundle["source_sha256"].encode())
+    h.update(json.dumps(bundle.get("notebooks", {}), sort_keys=True).encode())
+    try:
+        with open(path, "rb") as f:
+            h.update(f.read(MAX_SUBMISSION + 1))
+    except OSError:
+        h.update(b"unreadable")
+    return h.hexdigest()
+
+
+def grade_class(paths, bundle, lab, source_dir, out_dir, force=False, cell_timeout=600, on_done=None):
+    """Grade every submission under ``paths`` into ``out_dir``: ``results/<student>/<notebook>.json`` (kept,
+    so a submission whose content and bundle did not change is not run again unless ``force``), the
+    executed notebooks, ``gradebook.csv``, ``questions.csv`` (per-question statistics), ``totals.png`` and
+    one ``feedback/<student>.html`` each. Returns the gradebook (a pandas DataFrame)."""
+    results = []
+    for sid, path in submissions(paths):
+        d = os.path.join(out_dir, "results", _safe(sid))
+        os.makedirs(d, exist_ok=True)
+        key = _digest(path, bundle)
+        stem = _safe(os.path.splitext(os.path.basename(path))[0])
+        cached = os.path.join(d, stem + ".json")
+        res = None
+        if not force and os.path.exists(cached):
+            with open(cached, encoding="utf-8") as f:
+                old = json.load(f)
+            res = old if old.get("key") == key else None
+        if res is None:
+            res = grade_notebook(path, bundle, lab, source_dir, student_id=sid,
+                                 work_dir=os.path.join(d, stem + ".run"), cell_timeout=cell_timeout)
+            res["key"], res["path"] = key, path
+            tmp = cached + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(res, f, indent=1)
+            os.replace(tmp, cached)
+            res["cached"] = False
+        else:
+            res["cached"] = True
+        results.append(res)
+        if on_done:
+            on_done(res)
+    return write_gradebook(results, bundle, out_dir)
+
+
+def write_gradebook(results, bundle, out_dir):
+    """gradebook.csv (a row per student, a column per question, total), questions.csv, totals.png and the
+    feedback pages, from graded notebooks' results."""
+    import pandas as pd
+
+    from . import plotting
+    columns = [q["question"] for n in bundle["notebooks"].values() for c in n["checks"].values()
+               for q in c["questions"]]
+    hidden = [h["question"] for n in bundle["notebooks"].values() for h in (n.get("hidden") or {}).get("checks", [])]
+    out_of = sum(n["points"] + (n.get("hidden") or {}).get("points", 0) for n in bundle["notebooks"].values())
+    rows = {}
+    for res in results:
+        row = rows.setdefault(res["student"], {})
+        for q in res["questions"]:
+            row[q["question"]] = q["points"]
+    book = pd.DataFrame.from_dict(rows, orient="index").reindex(columns=columns + hidden).fillna(0.0)
+    book.index.name = "student"
+    book["total"] = book.sum(axis=1)
+    os.makedirs(out_dir, exist_ok=True)
+    book.to_csv(os.path.join(out_dir, "gradebook.csv"))
+    stats = book.drop(columns=["total"]).agg(["mean", "median", "min", "max"]).T
+    stats["full"] = [(book[q] >= m).mean() for q, m in zip(stats.index, _max_points(bundle, stats.index))]
+    stats.to_csv(os.path.join(out_dir, "questions.csv"))
+    fig = plotting.score_histogram(book["total"], out_of, subtitle=f"{len(book)} students, {out_of:g} points")
+    plotting.save(fig, out_dir, "totals")
+    fb = os.path.join(out_dir, "feedback")
+    os.makedirs(fb, exist_ok=True)
+    by_student = {}
+    for res in results:
+        by_student.setdefault(res["student"], []).append(res)
+    for sid, res_list in by_student.items():
+        with open(os.path.join(fb, _safe(sid) + ".html"), "w", encoding="utf-8") as f:
+            f.write(feedback_html(sid, res_list))
+    return book
+
+
+def _max_points(bundle, questions):
+    points = {}
+    for n in bundle["notebooks"].values():
+        for c in n["checks"].values():
+            for q in c["questions"]:
+                points[q["question"]] = q["points"]
+        for h in (n.get("hidden") or {}).get("checks", []):
+            points[h["question"]] = h["points"]
+    return [points.get(q, 0) for q in questions]
+
+
+def feedback_html(student, results):
+    """One student's feedback: each notebook's questions, points and the checks' messages (a hidden
+    check shows its name, result and message, never its code)."""
+    import html
+    parts = [f"<!doctype html><meta charset='utf-8'><title>Feedback for {html.escape(student)}</title>",
+             f"<h1>Feedback for {html.escape(student)}</h1>"]
+    for res in results:
+        got = sum(q["points"] for q in res["questions"])
+        out_of = sum(q["max_points"] for q in res["questions"])
+        parts.append(f"<h2>{html.escape(res.get('notebook') or os.path.basename(res.get('path', '?')))}: "
+                     f"{got:g} / {out_of:g}</h2>")
+        if res.get("error"):
+            parts.append(f"<p><b>The run stopped:</b> {html.escape(res['error'])}</p>")
+        if res.get("notes"):
+            parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in res["notes"]) + "</ul>")
+        parts.append("<table><tr><th>question</th><th>points</th><th>feedback</th></tr>")
+        for q in res["questions"]:
+            name = q["question"] + (" (hidden check)" if q.get("hidden") else "")
+            parts.append(f"<tr><td>{html.escape(name)}</td><td>{q['points']:g} / {q['max_points']:g}</td>"
+                         f"<td>{html.escape(str(q['feedback']))}</td></tr>")
+        parts.append("</table>")
+    return "\n".join(parts) + "\n"

@@ -207,3 +207,16 @@ def density_chart(samples, vm_label="VM", title="Idle memory per instance as ins
     ax.set_title(title + (f"\n{subtitle}" if subtitle else ""))
     fig.tight_layout()
     return fig
+
+
+def score_histogram(totals, out_of, title="The class's totals", subtitle=""):
+    """Histogram of students' total points (``totals``: a pandas Series), out of ``out_of``."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    bins = max(1, min(20, int(out_of) or 1))
+    ax.hist(list(totals), bins=bins, range=(0, out_of or 1), color=PALETTE["isolated"], edgecolor="white")
+    ax.set_xlabel(f"total points (out of {out_of:g})")
+    ax.set_ylabel("students")
+    ax.set_title(title + (f"\n{subtitle}" if subtitle else ""))
+    fig.tight_layout()
+    return fig
