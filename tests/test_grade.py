@@ -280,3 +280,27 @@ def test_labkit_grade_writes_a_gradebook_feedback_and_skips_what_did_not_change(
     assert again.stdout.count("unchanged: not run again") == 3, again.stdout
     forced = grade("--force")
     assert "unchanged" not in forced.stdout and forced.returncode == 0
+
+
+def _endless(nb):
+    _before_checks(nb, _code("while True:\n    pass", "loop"))
+
+
+def _kill_kernel_between(nb):
+    at = [i for i, c in enumerate(nb["cells"]) if "check" in c.get("metadata", {}).get("tags", [])][1]
+    nb["cells"].insert(at, _code("import os\nos._exit(1)", "bye"))
+
+
+@pytest.mark.privileged
+@pytest.mark.slow
+@pytest.mark.parametrize("case,edit,want,note", [
+    ("endless loop", _endless, [1, 1], "ran past the time limit"),
+    ("killed kernel", _kill_kernel_between, [1, 0], "killed the kernel"),
+])
+def test_a_cell_that_hangs_or_kills_its_kernel_costs_only_what_it_reached(tmp_path, lab, case, edit, want, note):
+    from labkit.course.grade import grade_notebook
+    path = _submission(tmp_path, "00-setup", edit, solution=True)
+    res = grade_notebook(path, grading_bundle(NOTEBOOK_DIR), lab, NOTEBOOK_DIR, student_id="s1",
+                         work_dir=str(tmp_path / "work"), cell_timeout=5)
+    assert [q["points"] for q in res["questions"]] == want, res
+    assert any(note in n for n in res["notes"]) and res["error"] is None, res

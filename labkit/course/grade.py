@@ -243,6 +243,35 @@ def _refs_in(cell, question):
     return found
 
 
+#: the most times one submission's kernel may die and be started again
+MAX_RESTARTS = 3
+
+
+def _execute(client, node, notes):
+    """Run every cell: a cell that raises is the student's error (its output shows it), one that runs past
+    the cell time limit is interrupted, and one that kills the kernel costs what that kernel held: a fresh
+    kernel runs the cells after it. Either way the notebook goes on to its end."""
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
+    from nbclient.util import run_sync
+    restarts = 0
+    with client.setup_kernel():
+        for index, cell in enumerate(node.cells):
+            try:
+                client.execute_cell(cell, index, execution_count=client.code_cells_executed + 1)
+                if any(o.get("output_type") == "error" and o.get("ename") == "KeyboardInterrupt"
+                       for o in cell.get("outputs", [])):  # nbclient interrupts a cell past its time limit
+                    notes.append(f"cell {cell.get('id')} ran past the time limit and was interrupted")
+            except CellTimeoutError:
+                notes.append(f"cell {cell.get('id')} ran past the time limit and was interrupted")
+            except DeadKernelError:
+                restarts += 1
+                notes.append(f"cell {cell.get('id')} killed the kernel: a fresh one runs the cells after it")
+                if restarts > MAX_RESTARTS:
+                    raise
+                run_sync(client.km.restart_kernel)(now=True)
+                run_sync(client.kc.wait_for_ready)(timeout=60)
+
+
 def grade_notebook(path, bundle, lab, source_dir, student_id="anonymous", work_dir=None, cell_timeout=600,
                    quick=True):
     """Grade one submitted notebook on the target ``lab`` reaches (the grader's own connection to a
@@ -320,10 +349,11 @@ def grade_notebook(path, bundle, lab, source_dir, student_id="anonymous", work_d
                                             "quick": quick, "output_dir": work}, kernel_name="python3",
                                      language="python")
         client = NotebookClient(node, timeout=cell_timeout, kernel_name="python3", allow_errors=True,
-                                resources={"metadata": {"path": work}}, on_cell_executed=on_cell_executed)
+                                interrupt_on_timeout=True, resources={"metadata": {"path": work}},
+                                on_cell_executed=on_cell_executed)
         try:
-            client.execute()
-        except Exception as exc:  # noqa: BLE001 - a timeout or a dead kernel costs what it did not reach
+            _execute(client, node, result["notes"])
+        except Exception as exc:  # noqa: BLE001 - what the run did not reach scores zero, with this reason
             result["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"[:500]
         executed = os.path.join(work, f"{name}.ipynb")
         nbformat.write(node, executed)
