@@ -304,3 +304,16 @@ def test_a_cell_that_hangs_or_kills_its_kernel_costs_only_what_it_reached(tmp_pa
                          work_dir=str(tmp_path / "work"), cell_timeout=5)
     assert [q["points"] for q in res["questions"]] == want, res
     assert any(note in n for n in res["notes"]) and res["error"] is None, res
+
+
+@pytest.mark.privileged
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["01-chroot", "03-cgroups", "05-networking", "06-mini-docker"])
+def test_a_full_solution_scores_full_points_when_the_grader_checks_it(tmp_path, lab, name):
+    """The grader's own checks, given what a real run left on the target, agree with the solution."""
+    from labkit.course.grade import grade_notebook
+    path = _submission(tmp_path, name, solution=True)
+    res = grade_notebook(path, grading_bundle(NOTEBOOK_DIR), lab, NOTEBOOK_DIR, student_id="s1",
+                         work_dir=str(tmp_path / "work"))
+    short = [q for q in res["questions"] if q["points"] < q["max_points"]]
+    assert res["error"] is None and not short, short

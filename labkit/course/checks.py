@@ -6,6 +6,7 @@ rootfs, /proc/<pid>/ns/*, /proc/<pid>/status, uid_map, nsenter) and compare.
 """
 from ..client.handles import Cgroup, Container, OverlayRoot, Process, Rootfs, VirtualMachine
 from ..wire.errors import NotFound
+from .grade import Unverifiable
 
 
 def _spec_of(record):
@@ -81,6 +82,12 @@ def pivot_root_holds(lab, record):
 
 
 # -- 02-namespaces -------------------------------------------------------------------------------
+
+def _from_the_kernel(value):
+    """A value the grader could not take over from the student's kernel (:class:`labkit.course.grade.
+    Unverifiable`): the check then decides from the target alone."""
+    return isinstance(value, Unverifiable)
+
 
 def _live(lab, proc):
     if not isinstance(proc, Process):
@@ -172,6 +179,9 @@ def cpu_throttled(lab, cg, samples):
         return False, "the group has no CPU quota"
     if not s["nr_throttled"]:
         return False, "the group was never throttled: run the busy loop inside it while you sample"
+    if _from_the_kernel(samples):
+        return True, (f"quota {s['cpu_quota']:g} CPU: the kernel throttled the group in {s['nr_throttled']} of "
+                      f"{s['nr_periods']} periods (the samples, computed in the notebook, are not graded).")
     try:
         used = (samples.cpu_usage_us.iloc[-1] - samples.cpu_usage_us.iloc[0]) / 1e6 / (
             samples.t.iloc[-1] - samples.t.iloc[0])
@@ -187,7 +197,7 @@ def bomb_defused(lab, cg, samples):
         return False, "the group has no pids limit"
     if not s["pids_refused"]:
         return False, "the kernel refused no fork in this group: did the bomb run inside it?"
-    peak = int(samples.pids_current.max()) if samples is not None else None
+    peak = None if samples is None or _from_the_kernel(samples) else int(samples.pids_current.max())
     if peak is not None and peak > s["pids_max"]:
         return False, f"{peak} processes, above pids.max {s['pids_max']}?"
     return True, (f"the bomb never got past {s['pids_max']} processes; the kernel refused {s['pids_refused']} forks "
@@ -264,7 +274,7 @@ def veth_by_hand(lab, commands, red="lk-red", blue="lk-blue", red_ip="10.200.0.1
 def published_web(lab, web, port=8080):
     if not isinstance(web, Process):
         return False, "expected the handle that lab.spawn(...) returns"
-    net = web.record.facts.get("net") or {}
+    net = web.inspect().get("net") or {}  # the agent's own entry for it, not what the notebook holds
     if not net:
         return False, "the process is on no network: pass network='default'"
     # the server may still be starting: ask a few times, on the target, as a client on its localhost would
@@ -277,7 +287,7 @@ def published_web(lab, web, port=8080):
 
 
 def container_to_container(lab, web, fetched):
-    ip = ((getattr(web, "record", {}) or {}).get("facts", {}).get("net") or {}).get("ip")
+    ip = (web.inspect().get("net") or {}).get("ip") if isinstance(web, Process) else None
     if not ip or fetched is None:
         return False, "start the web container first, then fetch its page from a second container"
     facts = fetched.get("facts", {})
