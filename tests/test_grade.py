@@ -308,7 +308,8 @@ def test_a_cell_that_hangs_or_kills_its_kernel_costs_only_what_it_reached(tmp_pa
 
 @pytest.mark.privileged
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["01-chroot", "03-cgroups", "05-networking", "06-mini-docker"])
+@pytest.mark.parametrize("name", ["01-chroot", "03-cgroups", "04-overlay-and-images", "05-networking",
+                                  "06-mini-docker"])
 def test_a_full_solution_scores_full_points_when_the_grader_checks_it(tmp_path, lab, name):
     """The grader's own checks, given what a real run left on the target, agree with the solution."""
     from labkit.course.grade import grade_notebook

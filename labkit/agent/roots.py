@@ -59,6 +59,19 @@ def create_container_root(ref, cid):
     return rec.to_dict(id=cid, merged=merged, upper=f"{container_dir(cid)}/upper", image=image["ref"])
 
 
+def container_root_info(cid):
+    """The record of an overlay root made by :func:`create_container_root` that is still mounted (NotFound
+    when there is none): what the grader finds by the name a notebook gave it."""
+    check_name(cid, "container name")
+    image = read_json(f"{container_dir(cid)}/image.json")
+    merged = f"{container_dir(cid)}/merged"
+    if not isinstance(image, dict) or not os.path.ismount(merged):
+        raise NotFound(f"no mounted overlay root {cid!r}", fix=f"make it with lab.container_root(image, {cid!r})")
+    rec = Recorder(f"overlay root of {cid!r}")
+    rec.fact("lowerdirs", [store.layer_dir(x) for x in reversed(image.get("layers") or [])])
+    return rec.to_dict(id=cid, merged=merged, upper=f"{container_dir(cid)}/upper", image=image.get("ref"))
+
+
 def drop_container_root(cid):
     rec = Recorder(f"remove the overlay root of {cid!r}")
     remove_container_root(cid, rec)

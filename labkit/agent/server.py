@@ -141,6 +141,7 @@ METHODS = {
     "image.prune": store.prune,
     "overlay.create": roots.create_container_root,
     "overlay.changes": roots.upper_changes,
+    "overlay.info": roots.container_root_info,
     "overlay.remove": roots.drop_container_root,
     "net.create": _decoded(NetworkSpec, network.create),
     "net.remove": network.remove,

@@ -164,7 +164,8 @@ class Lab:
 
     def find(self, kind, name):
         """A handle on something that exists on the target already: ``kind`` is 'rootfs', 'cgroup',
-        'container', 'process', 'network' or 'vm', ``name`` its name (or id); NotFound when there is none.
+        'container', 'process', 'network', 'overlay' or 'vm', ``name`` its name (or id); NotFound when there
+        is none.
         This is how the grader reaches, in a process of its own, what a submission made. A found rootfs or
         network is not removed when its handle's ``with`` block ends (this handle did not make it)."""
         if not isinstance(name, str) or not name:
@@ -178,6 +179,8 @@ class Lab:
             return self.container(name)
         if kind == "process":
             return self.process(check_name(name, "process id"))
+        if kind == "overlay":
+            return OverlayRoot(self, check_name(name, "container name"), Record(self.call("overlay.info", cid=name)))
         if kind == "network":
             spec = NetworkSpec(name=name)
             return Network(self, spec, Record(self.call("net.inspect", name=spec.name), facts={"existed": True}))
@@ -186,7 +189,8 @@ class Lab:
                 if st.get("id") == name:
                     return VirtualMachine(self, name, Record(st))
             raise NotFound(f"no labkit VM {name!r} on the target", fix="start one with lab.vm_start()")
-        raise InvalidSpec(f"no kind {kind!r} to find", fix="one of rootfs, cgroup, container, process, network, vm")
+        raise InvalidSpec(f"no kind {kind!r} to find",
+                          fix="one of rootfs, cgroup, container, process, network, overlay, vm")
 
     def process(self, pid_id):
         """A handle on an already started process (e.g. from an earlier session)."""

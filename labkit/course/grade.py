@@ -166,7 +166,7 @@ def rebuild(ref, lab, relay=None):
     kind = ref.get("kind")
     if kind == "none":
         return None
-    if kind in ("rootfs", "cgroup", "container", "process", "network", "vm"):
+    if kind in ("rootfs", "cgroup", "container", "process", "network", "overlay", "vm"):
         return lab.find(kind, ref.get("name"))
     if kind == "record":
         found = relay.lookup(ref.get("digest")) if relay is not None else None
