@@ -309,7 +309,7 @@ def test_a_cell_that_hangs_or_kills_its_kernel_costs_only_what_it_reached(tmp_pa
 @pytest.mark.privileged
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["01-chroot", "03-cgroups", "04-overlay-and-images", "05-networking",
-                                  "06-mini-docker"])
+                                  "06-mini-docker", "08-security"])
 def test_a_full_solution_scores_full_points_when_the_grader_checks_it(tmp_path, lab, name):
     """The grader's own checks, given what a real run left on the target, agree with the solution."""
     from labkit.course.grade import grade_notebook
@@ -318,3 +318,21 @@ def test_a_full_solution_scores_full_points_when_the_grader_checks_it(tmp_path, 
                          work_dir=str(tmp_path / "work"))
     short = [q for q in res["questions"] if q["points"] < q["max_points"]]
     assert res["error"] is None and not short, short
+
+
+@pytest.mark.privileged
+@pytest.mark.slow
+def test_a_result_computed_in_the_kernel_is_judged_by_what_the_agent_did(tmp_path, lab):
+    """08.6's isolation matrix is computed in the student's kernel: the grader cannot take it, but the
+    relay's journal says whether a VM was really started for it (here it was not: vm=False)."""
+    from labkit.course.grade import grade_notebook
+
+    def no_vm(nb):
+        for c in nb["cells"]:
+            src = "".join(c["source"]) if isinstance(c["source"], list) else c["source"]
+            c["source"] = src.replace("columns=isolation.ALL, vm=True)", "columns=isolation.ALL, vm=False)")
+    path = _submission(tmp_path, "08-security", no_vm, solution=True)
+    res = grade_notebook(path, grading_bundle(NOTEBOOK_DIR), lab, NOTEBOOK_DIR, student_id="s1",
+                         work_dir=str(tmp_path / "work"))
+    [q] = [q for q in res["questions"] if q["question"] == "08.6 one kernel"]
+    assert q["points"] == 0.6 and "vm=True" in q["feedback"], q

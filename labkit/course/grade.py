@@ -141,10 +141,15 @@ def restore(nb, source_nb, nbundle):
 
 class Unverifiable:
     """An argument the grader cannot take from the student's kernel (a DataFrame, an object it computed):
-    a check given one must decide from the target alone, or score it as not shown."""
+    a check given one must decide from the target alone, or from ``journal``: every call the agent answered
+    for this submission (the relay's journal: method, params, ok, result), which the kernel cannot forge."""
 
-    def __init__(self, type_name):
-        self.type_name = type_name
+    def __init__(self, type_name, journal=()):
+        self.type_name, self.journal = type_name, journal
+
+    def called(self, method):
+        """The journal's successful answers to ``method``."""
+        return [e for e in self.journal if e.get("method") == method and e.get("ok")]
 
     def __repr__(self):
         return f"<not verifiable: a {self.type_name} from the student's kernel>"
@@ -177,7 +182,7 @@ def rebuild(ref, lab, relay=None):
         return ref.get("value")
     if kind == "error":
         return RuntimeError(str(ref.get("message", ""))[:2000])
-    return Unverifiable(str(ref.get("type", "object"))[:80])
+    return Unverifiable(str(ref.get("type", "object"))[:80], relay.journal if relay is not None else ())
 
 
 def evaluate(check, refs, lab, relay=None):
