@@ -336,3 +336,17 @@ def test_a_result_computed_in_the_kernel_is_judged_by_what_the_agent_did(tmp_pat
                          work_dir=str(tmp_path / "work"))
     [q] = [q for q in res["questions"] if q["question"] == "08.6 one kernel"]
     assert q["points"] == 0.6 and "vm=True" in q["feedback"], q
+
+
+@pytest.mark.privileged
+@pytest.mark.slow
+def test_the_harness_is_judged_from_the_journal(tmp_path, lab):
+    """07.2's BenchResult is computed in the student's kernel; the grader reads from its journal which
+    experiments and cases the agent really measured. (07.3's numbers need the result itself: not yet.)"""
+    from labkit.course.grade import grade_notebook
+    path = _submission(tmp_path, "07-containers-vs-vms", solution=True)
+    res = grade_notebook(path, grading_bundle(NOTEBOOK_DIR), lab, NOTEBOOK_DIR, student_id="s1",
+                         work_dir=str(tmp_path / "work"))
+    got = {q["question"]: q for q in res["questions"]}
+    for q in ("07.1 whose kernel", "07.2 the harness"):
+        assert got[q]["points"] == got[q]["max_points"], got[q]

@@ -387,9 +387,36 @@ def kernel_instances(lab, boot_ids, vm):
                   f"reads {guest[:8]}…: a second kernel, booted a moment ago, inside qemu.")
 
 
+def _bench_from_journal(result):
+    """What the agent measured for the harness, read from the grader's journal: (env, experiments, cases)."""
+    envs = result.called("bench.environment")
+    seen, cases = set(), {"native"} if result.called("bench.native") else set()
+    for method, case in (("bench.container", "container"), ("bench.vm", "vm")):
+        if result.called(method):
+            cases.add(case)
+    for method in ("bench.native", "bench.container", "bench.vm"):
+        seen |= {e["params"].get("workload") for e in result.called(method)}
+    seen |= {"net-" + str(e["params"].get("mode")) for e in result.called("bench.net_measure")}
+    if result.called("bench.startup_sample"):
+        seen.add("startup")
+    if result.called("bench.container_footprint") or result.called("bench.vm_footprint"):
+        seen.add("density")
+    return (envs[-1]["result"] if envs else None), seen, cases
+
+
 @needs_vm
 def bench_ran(lab, result):
     from .bench import BenchResult, EXPERIMENTS
+    if _from_the_kernel(result):  # the grader: the result was computed in the notebook; the journal has the runs
+        env, seen, cases = _bench_from_journal(result)
+        if env is None:
+            return False, "run the harness: result = bench.run(lab, mode)"
+        missing = [e for e in EXPERIMENTS if e not in seen]
+        if missing:
+            return 0.6, f"some experiments are missing: {', '.join(missing)} (run all of them)"
+        if not {"native", "container", "vm"} <= cases:
+            return 0.7, "run the three cases: native, container and vm"
+        return True, f"every experiment measured on this target, the VM under {str(env.get('vm_accel', '?')).upper()}."
     if not isinstance(result, BenchResult):
         return False, "expected what bench.run(lab, ...) returns"
     truth = lab.run(["uname", "-r"]).stdout.strip()

@@ -199,6 +199,10 @@ def evaluate(check, refs, lab, relay=None):
         return 0.0, f"not on the target when the grader looked: {exc.message}"
     except LabkitError as exc:
         return 0.0, f"the grader could not rebuild this check's arguments: {exc.message}"
+    unavailable = getattr(check, "unavailable", None)  # e.g. checks.needs_vm: asked of the target, here
+    why = unavailable(lab) if unavailable else None
+    if why:
+        return 0.0, why
     if any(a is None for a in args):
         return 0.0, "not answered"
     try:
