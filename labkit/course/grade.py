@@ -100,8 +100,6 @@ def restore(nb, source_nb, nbundle):
             meta = dict(meta, tags=[t for t in _tags(cell) if t != CHECK_TAG])
             notes.append(f"cell {cid or '(no id)'} is not a check cell: its {CHECK_TAG!r} tag is dropped")
         cell["metadata"] = meta
-        if cell["cell_type"] == "code":
-            cell["outputs"], cell["execution_count"] = [], None
         out.append(cell)
     # check cells the submission lost: back after the nearest earlier source cell it still has
     order = nbundle["cells"]
@@ -199,31 +197,27 @@ def evaluate(check, refs, lab, relay=None):
         return 0.0, f"not on the target when the grader looked: {exc.message}"
     except LabkitError as exc:
         return 0.0, f"the grader could not rebuild this check's arguments: {exc.message}"
-    unavailable = getattr(check, "unavailable", None)  # e.g. checks.needs_vm: asked of the target, here
-    why = unavailable(lab) if unavailable else None
-    if why:
-        return 0.0, why
-    if any(a is None for a in args):
-        return 0.0, "not answered"
-    try:
-        got, feedback = check(lab, *args, **kwargs)
-    except LabkitError as exc:
-        return 0.0, f"the check could not confirm the answer: {exc}"
-    except Exception as exc:  # noqa: BLE001 - the check met a state it did not expect: zero, with why
-        return 0.0, f"the check met {type(exc).__name__}: {exc}"
-    frac = float(got) if not isinstance(got, bool) else (1.0 if got else 0.0)
-    return min(max(frac, 0.0), 1.0), feedback
+    from .grading import run_check
+    return run_check(lab, check, args, kwargs, not_answered="not answered")
 
 
 # -- one submitted notebook, run and graded ------------------------------------------------------------
 
-def identify(path, nb, bundle):
-    """Which course notebook a submission is: by its file name (``NN-title.ipynb``, perhaps with a prefix),
-    else by the cell ids it shares with each source notebook."""
+def _named(path, bundle):
+    """The course notebook a submission's file name says it is (``NN-title.ipynb``, perhaps with a prefix)."""
     stem = os.path.basename(path)[:-len(".ipynb")] if path.endswith(".ipynb") else os.path.basename(path)
     for name in bundle["notebooks"]:
         if stem == name or stem.endswith("-" + name) or stem.endswith("_" + name):
             return name
+    return None
+
+
+def identify(path, nb, bundle):
+    """Which course notebook a submission is: by its file name, else by the cell ids it shares with each
+    source notebook."""
+    named = _named(path, bundle)
+    if named:
+        return named
     ids = {c.get("id") for c in nb.get("cells", []) if isinstance(c, dict) and isinstance(c.get("id"), str)}
     best = max(bundle["notebooks"], key=lambda n: len(ids & set(bundle["notebooks"][n]["cells"])), default=None)
     if best and ids & set(bundle["notebooks"][best]["cells"]):
@@ -300,10 +294,7 @@ def grade_notebook(path, bundle, lab, source_dir, student_id="anonymous", work_d
 
     result = {"student": student_id, "notebook": None, "questions": [], "notes": [], "error": None,
               "executed": None}
-    try:
-        name = identify(path, {"cells": []}, bundle)  # by its file name, when it has one of the course's
-    except BadSubmission:
-        name = None
+    name = _named(path, bundle)  # known before reading: a broken file still scores zero of its points
     try:
         nb = read_submission(path)
         name = name or identify(path, nb, bundle)
@@ -468,22 +459,20 @@ def write_gradebook(results, bundle, out_dir):
     import pandas as pd
 
     from . import plotting
-    columns = [q["question"] for n in bundle["notebooks"].values() for c in n["checks"].values()
-               for q in c["questions"]]
-    hidden = [h["question"] for n in bundle["notebooks"].values() for h in (n.get("hidden") or {}).get("checks", [])]
-    out_of = sum(n["points"] + (n.get("hidden") or {}).get("points", 0) for n in bundle["notebooks"].values())
+    points = _question_points(bundle)
+    out_of = sum(points.values())
     rows = {}
     for res in results:
         row = rows.setdefault(res["student"], {})
         for q in res["questions"]:
             row[q["question"]] = q["points"]
-    book = pd.DataFrame.from_dict(rows, orient="index").reindex(columns=columns + hidden).fillna(0.0)
+    book = pd.DataFrame.from_dict(rows, orient="index").reindex(columns=list(points)).fillna(0.0)
     book.index.name = "student"
     book["total"] = book.sum(axis=1)
     os.makedirs(out_dir, exist_ok=True)
     book.to_csv(os.path.join(out_dir, "gradebook.csv"))
     stats = book.drop(columns=["total"]).agg(["mean", "median", "min", "max"]).T
-    stats["full"] = [(book[q] >= m).mean() for q, m in zip(stats.index, _max_points(bundle, stats.index))]
+    stats["full"] = [(book[q] >= points[q]).mean() for q in stats.index]
     stats.to_csv(os.path.join(out_dir, "questions.csv"))
     fig = plotting.score_histogram(book["total"], out_of, subtitle=f"{len(book)} students, {out_of:g} points")
     plotting.save(fig, out_dir, "totals")
@@ -498,15 +487,12 @@ def write_gradebook(results, bundle, out_dir):
     return book
 
 
-def _max_points(bundle, questions):
-    points = {}
-    for n in bundle["notebooks"].values():
-        for c in n["checks"].values():
-            for q in c["questions"]:
-                points[q["question"]] = q["points"]
-        for h in (n.get("hidden") or {}).get("checks", []):
-            points[h["question"]] = h["points"]
-    return [points.get(q, 0) for q in questions]
+def _question_points(bundle):
+    """{question: points}: every visible question in course order, then the hidden ones."""
+    notebooks = bundle["notebooks"].values()
+    points = {q["question"]: q["points"] for n in notebooks for c in n["checks"].values() for q in c["questions"]}
+    points.update((h["question"], h["points"]) for n in notebooks for h in (n.get("hidden") or {}).get("checks", []))
+    return points
 
 
 def feedback_html(student, results):

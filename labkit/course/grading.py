@@ -55,6 +55,33 @@ class NotAnswered(Exception):
     """The exercise was left blank."""
 
 
+NOT_ANSWERED = "not answered yet: replace the ... / None in the exercise cell and run it again"
+
+
+def run_check(lab, fn, args, kwargs=None, not_answered=NOT_ANSWERED):
+    """``fn(lab, *args, **kwargs)`` -> (fraction 0..1, feedback), never raising: a check the target cannot run
+    (``fn.unavailable``, e.g. checks.needs_vm), an unanswered argument (None or ...) and an error all score
+    zero with the reason. The notebook's Checker and the grader (labkit.course.grade.evaluate) both use it."""
+    try:
+        unavailable = getattr(fn, "unavailable", None)  # e.g. checks.needs_vm: the target lacks what it needs
+        why = unavailable(lab) if unavailable else None
+        if why:
+            got, feedback = False, why
+        elif any(a is None or a is Ellipsis for a in args):
+            raise NotAnswered()
+        else:
+            got, feedback = fn(lab, *args, **(kwargs or {}))
+        frac = float(got) if not isinstance(got, bool) else (1.0 if got else 0.0)
+        return min(max(frac, 0.0), 1.0), feedback
+    except NotAnswered:
+        return 0.0, not_answered
+    except LabkitError as exc:
+        return 0.0, f"the check could not confirm your answer: {exc}"
+    except Exception as exc:  # noqa: BLE001 - a broken answer scores zero, never stops the notebook
+        return 0.0, (f"your answer raised {type(exc).__name__}: {exc}\n"
+                     + "".join(traceback.format_exc(limit=2).splitlines(True)[-3:]))
+
+
 class Checker:
     def __init__(self, lab, notebook, student_id="anonymous"):
         self.lab, self.notebook, self.student_id = lab, notebook, student_id
@@ -64,24 +91,7 @@ class Checker:
         """Run ``fn(lab, *args)`` -> (fraction 0..1 or bool, feedback); display and record the score.
 
         Returns nothing (the score is displayed once, not echoed again); see ``self.results``."""
-        try:
-            unavailable = getattr(fn, "unavailable", None)  # e.g. checks.needs_vm: the target lacks what it needs
-            why = unavailable(self.lab) if unavailable else None
-            if why:
-                got, feedback = False, why
-            elif any(a is None or a is Ellipsis for a in args):
-                raise NotAnswered()
-            else:
-                got, feedback = fn(self.lab, *args, **kwargs)
-            frac = float(got) if not isinstance(got, bool) else (1.0 if got else 0.0)
-            frac = min(max(frac, 0.0), 1.0)
-        except NotAnswered:
-            frac, feedback = 0.0, "not answered yet: replace the ... / None in the exercise cell and run it again"
-        except LabkitError as exc:
-            frac, feedback = 0.0, f"the check could not confirm your answer: {exc}"
-        except Exception as exc:  # noqa: BLE001 - a broken answer scores zero, never stops the notebook
-            frac, feedback = 0.0, (f"your answer raised {type(exc).__name__}: {exc}\n"
-                                   + "".join(traceback.format_exc(limit=2).splitlines(True)[-3:]))
+        frac, feedback = run_check(self.lab, fn, args, kwargs)
         score = {"notebook": self.notebook, "question": question, "points": round(points * frac, 2),
                  "max_points": points, "passed": frac >= 1.0, "feedback": feedback, "student": self.student_id}
         self.results.append(score)
