@@ -336,19 +336,49 @@ def cmd_assign(args):
     return 0
 
 
+def grade_job(task):
+    """One submission graded in a sandbox on the machine this runs on (what a Dask worker imports and runs)."""
+    from . import connect
+    from .course.grade import grade_submission
+    return grade_submission(task, connect("local"))
+
+
 def cmd_grade(args):
-    from .course.grade import grade_class, load_bundle
+    from . import connect
+    from .course.grade import grade_class, load_bundle, submissions
     bundle = load_bundle(args.bundle)
-    lab = _lab(args)
+    if args.jobs < 1:
+        raise LabkitError(f"--jobs {args.jobs} runs nothing", fix="give --jobs 1 or more")
+    target = None
+    if args.sandbox == "target":
+        target = _lab(args)
+        if args.jobs > 1:
+            raise LabkitError("one disposable target cannot serve several submissions at once",
+                              fix="grade with --jobs 1 on --sandbox target, or use --sandbox container")
+    host = connect("local")
+    total = len(submissions(args.submissions))
+    bar = None
+    if sys.stderr.isatty() and not os.environ.get("CI"):
+        from tqdm import tqdm
+        bar = tqdm(total=total, unit="submission", file=sys.stderr)
+    say = bar.write if bar is not None else (lambda line: print(line, flush=True))
 
     def done(res):
         got = sum(q["points"] for q in res["questions"])
         out_of = sum(q["max_points"] for q in res["questions"])
         what = res.get("notebook") or os.path.basename(res.get("path", "?"))
         tail = (f"  ({res['error']})" if res.get("error") else "") + ("  (unchanged: not run again)" if res.get("cached") else "")
-        print(f"{res['student']:<20} {what:<28} {got:5g}/{out_of:<4g}{tail}", flush=True)
-    book = grade_class(args.submissions, bundle, lab, args.source, args.out, force=args.force,
-                       cell_timeout=args.cell_timeout, on_done=done)
+        say(f"{res['student']:<20} {what:<28} {got:5g}/{out_of:<4g}{tail}")
+        if bar is not None:
+            bar.update(1)
+    try:
+        book = grade_class(args.submissions, bundle, host, args.source, args.out, sandbox=args.sandbox, target=target,
+                           hide=[args.bundle], force=args.force, cell_timeout=args.cell_timeout,
+                           submission_timeout=args.submission_timeout, jobs=args.jobs, dask=args.dask,
+                           dask_job=grade_job, on_done=done)
+    finally:
+        if bar is not None:
+            bar.close()
     print(f"{len(book)} students; gradebook, statistics, chart and feedback in {os.path.abspath(args.out)}")
     return 0
 
@@ -481,14 +511,23 @@ def main(argv=None):
     a.add_argument("--keep", action="store_true", help="leave notebooks already in --output as they are "
                                                           "(a student's work); write only the missing ones")
     a.set_defaults(fn=cmd_assign)
-    g = sub.add_parser("grade", parents=[common], help="grade submitted notebooks against a grading bundle "
-                                                       "(run them only on a disposable target)")
+    g = sub.add_parser("grade", parents=[common], help="grade submitted notebooks against a grading bundle, each in "
+                                                       "a sandbox of its own (run as root)")
     g.add_argument("submissions", nargs="+", help="a folder per student, or STUDENT-NN-title.ipynb files")
     g.add_argument("--bundle", required=True, help="the grading bundle from labkit assign --bundle")
     g.add_argument("--out", default="grades", help="where the gradebook, feedback and runs go")
     g.add_argument("--source", default=NOTEBOOK_DIR, help="the instructor's notebooks the bundle was made from")
     g.add_argument("--force", action="store_true", help="grade again what was graded before and did not change")
+    g.add_argument("--sandbox", choices=["container", "target"], default="container",
+                   help="the agent each submission drives: 'container' (default) a fresh agent in namespaces and a "
+                        "cgroup of its own on this machine (root in it shares this kernel: for a trusted class); "
+                        "'target' the disposable machine given by --target, one submission at a time")
+    g.add_argument("--jobs", type=int, default=1, help="submissions graded at once on this machine (default 1)")
+    g.add_argument("--dask", metavar="ADDRESS", help="send each submission to this Dask scheduler's workers instead "
+                                                    "(each worker runs as root on a Linux machine with labkit)")
     g.add_argument("--cell-timeout", type=float, default=600, help="seconds one cell may run (default 600)")
+    g.add_argument("--submission-timeout", type=float, default=1800,
+                   help="seconds one submission may run in all (default 1800)")
     g.set_defaults(fn=cmd_grade)
     args = p.parse_args(argv)
     try:

@@ -46,3 +46,16 @@ def test_overhead_benchmark_prints_startup_medians_and_ratios_from_one_run():
     for exp in ("cpu", "memory", "syscalls", "fileio", "net-throughput", "net-latency"):
         assert any(line.startswith(exp) for line in ratios.splitlines()), exp
     assert "container" in ratios and "VM (" in ratios
+
+
+def test_grading_benchmark_prints_throughput_for_jobs_1_jobs_2_and_dask():
+    res = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "bench_grade.py"), "--class-size", "6"],
+                         capture_output=True, text=True, timeout=1500)
+    print(res.stdout)
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = {line[:18].strip(): line.split()[-6:] for line in res.stdout.splitlines()[2:5]}
+    assert set(rows) == {"--jobs 1", "--jobs 2", "dask, 2 workers"}, res.stdout
+    for label, cols in rows.items():
+        assert float(cols[0]) > 0 and float(cols[2]) <= float(cols[3]) <= float(cols[4]), (label, cols)
+    assert "every mode gave the same points: yes" in res.stdout
+    assert "vm sandbox: not measured" in res.stdout, "the row that is missing says so"

@@ -167,6 +167,14 @@ def test_what_the_grader_cannot_rebuild_scores_zero_with_the_reason(student, lab
 
 # -- whole submissions: the solution scores full, the four forgeries score nothing ------------------------
 
+@pytest.fixture
+def box(lab):
+    """One submission's sandbox: a fresh agent in namespaces of its own, and the kernel's user and cgroup."""
+    from labkit.course.sandbox import Sandbox
+    with Sandbox(lab) as b:
+        yield b
+
+
 def _submission(tmp_path, name, edit=None, solution=False):
     """A student's file: the solution edition, or the student edition (blank) changed by ``edit``."""
     with open(os.path.join(NOTEBOOK_DIR, name + ".ipynb"), encoding="utf-8") as f:
@@ -227,11 +235,11 @@ def _forge_markdown(nb):       # 4: a markdown cell carrying outputs with full s
     ("forged _display", _forge_display_fn, False, 0),
     ("forged markdown outputs", _forge_markdown, False, 0),
 ])
-def test_only_the_grader_writes_the_scores(tmp_path, lab, case, edit, solution, want):
+def test_only_the_grader_writes_the_scores(tmp_path, box, case, edit, solution, want):
     from labkit.course.grade import grade_notebook
     bundle = grading_bundle(NOTEBOOK_DIR)
     path = _submission(tmp_path, "00-setup", edit, solution)
-    res = grade_notebook(path, bundle, lab, NOTEBOOK_DIR, student_id="s1", work_dir=str(tmp_path / "work"))
+    res = grade_notebook(path, bundle, box, NOTEBOOK_DIR, student_id="s1", work_dir=str(tmp_path / "work"))
     assert res["notebook"] == "00-setup" and res["error"] is None, res
     got = sum(q["points"] for q in res["questions"])
     assert got == want, (case, res["questions"])
@@ -263,7 +271,7 @@ def test_labkit_grade_writes_a_gradebook_feedback_and_skips_what_did_not_change(
     (subs / "carol-00-setup.ipynb").write_bytes(b"\x00\x01 not a notebook")
 
     def grade(*extra):
-        return subprocess.run([sys.executable, "-m", "labkit.cli", "grade", "--target", "local", "--bundle",
+        return subprocess.run([sys.executable, "-m", "labkit.cli", "grade", "--bundle",
                                str(bundle), "--out", str(tmp_path / "grades"), *extra,
                                *sorted(str(p) for p in subs.iterdir())], capture_output=True, text=True, timeout=600)
     first = grade()
@@ -297,10 +305,10 @@ def _kill_kernel_between(nb):
     ("endless loop", _endless, [1, 1], "ran past the time limit"),
     ("killed kernel", _kill_kernel_between, [1, 0], "killed the kernel"),
 ])
-def test_a_cell_that_hangs_or_kills_its_kernel_costs_only_what_it_reached(tmp_path, lab, case, edit, want, note):
+def test_a_cell_that_hangs_or_kills_its_kernel_costs_only_what_it_reached(tmp_path, box, case, edit, want, note):
     from labkit.course.grade import grade_notebook
     path = _submission(tmp_path, "00-setup", edit, solution=True)
-    res = grade_notebook(path, grading_bundle(NOTEBOOK_DIR), lab, NOTEBOOK_DIR, student_id="s1",
+    res = grade_notebook(path, grading_bundle(NOTEBOOK_DIR), box, NOTEBOOK_DIR, student_id="s1",
                          work_dir=str(tmp_path / "work"), cell_timeout=5)
     assert [q["points"] for q in res["questions"]] == want, res
     assert any(note in n for n in res["notes"]) and res["error"] is None, res
@@ -310,11 +318,11 @@ def test_a_cell_that_hangs_or_kills_its_kernel_costs_only_what_it_reached(tmp_pa
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["01-chroot", "03-cgroups", "04-overlay-and-images", "05-networking",
                                   "06-mini-docker", "08-security"])
-def test_a_full_solution_scores_full_points_when_the_grader_checks_it(tmp_path, lab, name):
+def test_a_full_solution_scores_full_points_when_the_grader_checks_it(tmp_path, box, name):
     """The grader's own checks, given what a real run left on the target, agree with the solution."""
     from labkit.course.grade import grade_notebook
     path = _submission(tmp_path, name, solution=True)
-    res = grade_notebook(path, grading_bundle(NOTEBOOK_DIR), lab, NOTEBOOK_DIR, student_id="s1",
+    res = grade_notebook(path, grading_bundle(NOTEBOOK_DIR), box, NOTEBOOK_DIR, student_id="s1",
                          work_dir=str(tmp_path / "work"))
     short = [q for q in res["questions"] if q["points"] < q["max_points"]]
     assert res["error"] is None and not short, short
@@ -322,7 +330,7 @@ def test_a_full_solution_scores_full_points_when_the_grader_checks_it(tmp_path, 
 
 @pytest.mark.privileged
 @pytest.mark.slow
-def test_a_result_computed_in_the_kernel_is_judged_by_what_the_agent_did(tmp_path, lab):
+def test_a_result_computed_in_the_kernel_is_judged_by_what_the_agent_did(tmp_path, box):
     """08.6's isolation matrix is computed in the student's kernel: the grader cannot take it, but the
     relay's journal says whether a VM was really started for it (here it was not: vm=False)."""
     from labkit.course.grade import grade_notebook
@@ -332,7 +340,7 @@ def test_a_result_computed_in_the_kernel_is_judged_by_what_the_agent_did(tmp_pat
             src = "".join(c["source"]) if isinstance(c["source"], list) else c["source"]
             c["source"] = src.replace("columns=isolation.ALL, vm=True)", "columns=isolation.ALL, vm=False)")
     path = _submission(tmp_path, "08-security", no_vm, solution=True)
-    res = grade_notebook(path, grading_bundle(NOTEBOOK_DIR), lab, NOTEBOOK_DIR, student_id="s1",
+    res = grade_notebook(path, grading_bundle(NOTEBOOK_DIR), box, NOTEBOOK_DIR, student_id="s1",
                          work_dir=str(tmp_path / "work"))
     [q] = [q for q in res["questions"] if q["question"] == "08.6 one kernel"]
     assert q["points"] == 0.6 and "vm=True" in q["feedback"], q
@@ -340,13 +348,143 @@ def test_a_result_computed_in_the_kernel_is_judged_by_what_the_agent_did(tmp_pat
 
 @pytest.mark.privileged
 @pytest.mark.slow
-def test_the_harness_is_judged_from_the_journal(tmp_path, lab):
+def test_the_harness_is_judged_from_the_journal(tmp_path, box):
     """07.2's BenchResult is computed in the student's kernel; the grader reads from its journal which
     experiments and cases the agent really measured. (07.3's numbers need the result itself: not yet.)"""
     from labkit.course.grade import grade_notebook
     path = _submission(tmp_path, "07-containers-vs-vms", solution=True)
-    res = grade_notebook(path, grading_bundle(NOTEBOOK_DIR), lab, NOTEBOOK_DIR, student_id="s1",
+    res = grade_notebook(path, grading_bundle(NOTEBOOK_DIR), box, NOTEBOOK_DIR, student_id="s1",
                          work_dir=str(tmp_path / "work"))
     got = {q["question"]: q for q in res["questions"]}
     for q in ("07.1 whose kernel", "07.2 the harness"):
         assert got[q]["points"] == got[q]["max_points"], got[q]
+
+
+# -- a whole hostile class, graded two at a time -------------------------------------------------------------
+
+def _insert_before(nb, cid, cell):
+    at = next(i for i, c in enumerate(nb["cells"]) if c.get("id") == cid)
+    nb["cells"].insert(at, cell)
+
+
+def _host_state():
+    """What the grading host must still look like afterwards: its mounts and its files' tree under /srv."""
+    with open("/proc/self/mountinfo") as f:
+        mounts = sorted(" ".join(line.split()[3:5]) for line in f)
+    return mounts, sorted(os.listdir("/usr/bin"))[:50], os.path.exists("/usr/bin/python3")
+
+
+@pytest.mark.privileged
+@pytest.mark.slow
+def test_a_hostile_class_scores_exactly_and_leaves_the_host_as_it_was(tmp_path, lab):
+    """Fourteen submissions of lab 00 from the student edition (solution, blank, partial, the four
+    forgeries, an edited check cell, a fork bomb, a memory hog, an endless loop, `rm -rf /` as root on the
+    agent, deleted check cells, a corrupted file, and one that tries to read the bundle and another
+    student's file), graded with two jobs at once: every score exact, with its reason."""
+    import pwd
+    import subprocess
+
+    from labkit.course.grade import grade_class
+    from labkit.course.sandbox import UID_BASE
+    import pathlib
+    import shutil
+    import tempfile
+    name = "00-setup"
+    home = pathlib.Path(tempfile.mkdtemp(prefix="labkit-class-", dir="/srv" if os.path.isdir("/srv") else "/opt"))
+    os.chmod(home, 0o755)  # an instructor's folder that every local user could read: only the sandbox hides it
+    try:
+        bundle = grading_bundle(NOTEBOOK_DIR)
+        (home / "bundle.json").write_text(json.dumps(bundle))
+        os.chmod(home / "bundle.json", 0o644)
+        subs = home / "subs"
+        subs.mkdir()
+        with open(os.path.join(NOTEBOOK_DIR, name + ".ipynb"), encoding="utf-8") as f:
+            solution = json.load(f)
+        blank = student_edition(solution)
+
+        def sub(student, base, *edits, raw=None):
+            path = subs / f"{student}-{name}.ipynb"
+            if raw is not None:
+                path.write_bytes(raw)
+            else:
+                nb = json.loads(json.dumps(base))
+                for e in edits:
+                    e(nb)
+                path.write_text(json.dumps(nb))
+            os.chmod(path, 0o644)
+
+        alice_marker = "ALICE-SECRET-" + "7" * 8
+        sub("alice", solution, lambda nb: nb["cells"].append({"cell_type": "markdown", "id": "note", "metadata": {},
+                                                                 "source": alice_marker}))
+        sub("bob", blank)
+        sub("carol", solution, lambda nb: _insert_before(nb, "00-10", _code("cgroup_mode = 'v7'", "oops")))
+        sub("forger1", blank, _forge_display)
+        sub("forger2", blank, _forge_checks)
+        sub("forger3", blank, _forge_display_fn)
+        sub("forger4", blank, _forge_markdown)
+
+        def edit_check(nb):
+            c = next(c for c in nb["cells"] if c.get("id") == "00-07")
+            c["source"] = "check.check('00.1 kernel release', 1, lambda lab, a: (True, 'mine'), None)"
+        sub("dave", blank, edit_check)
+        sub("erin", solution, lambda nb: _before_checks(nb, _code(
+            "import subprocess\nsubprocess.Popen(['sh', '-c', 'f() { f | f & }; f'])\nimport time; time.sleep(3)", "bomb")))
+        sub("frank", solution, lambda nb: nb["cells"].append(_code("hog = bytearray(8 << 30)\nhog[::4096] = b'x' * len(hog[::4096])",
+                                                                    "hog")))
+        sub("grace", solution, lambda nb: _before_checks(nb, _code("while True:\n    pass", "loop")))
+        sub("heidi", solution, lambda nb: nb["cells"].append(_code(
+            "print(lab.run(['rm', '-rf', '--no-preserve-root', '/'], timeout=300).exit_code)", "rmrf")))
+        def delete_and_reorder(nb):
+            cells = [c for c in nb["cells"] if "check" not in c.get("metadata", {}).get("tags", [])]
+            last_text = max(i for i, c in enumerate(cells) if c["cell_type"] == "markdown")
+            nb["cells"] = [cells[last_text]] + cells[:last_text] + cells[last_text + 1:]
+        sub("ivan", solution, delete_and_reorder)
+        sub("judy", None, raw=b'{"cells": [ truncated')
+        bundle_path, alice_path = str(home / "bundle.json"), str(subs / f"alice-{name}.ipynb")
+        sub("mallory", solution, lambda nb: _before_checks(nb, _code(
+            "import subprocess\nfor p in [%r, %r]:\n"
+            "    try:\n        print('kernel read', open(p).read()[:300])\n    except OSError as e:\n        print('kernel', e)\n"
+            "    print('agent read', lab.run(['cat', p]).stdout[:300])\n" % (bundle_path, alice_path), "peek")))
+        want = {"alice": [1, 1], "bob": [0, 0], "carol": [1, 0], "forger1": [0, 0], "forger2": [0, 0], "forger3": [0, 0],
+                "forger4": [0, 0], "dave": [0, 0], "erin": [1, 1], "frank": [1, 1], "grace": [1, 1], "heidi": [1, 1],
+                "ivan": [1, 1], "judy": [0, 0], "mallory": [1, 1]}
+        assert len(want) >= 12
+
+        before = _host_state()
+        out = home / "grades"
+        done = []
+        book = grade_class(sorted(str(p) for p in subs.iterdir()), bundle, lab, NOTEBOOK_DIR,
+                           str(out), hide=[bundle_path], jobs=2, cell_timeout=30, submission_timeout=300,
+                           on_done=done.append)
+        by = {r["student"]: r for r in done}
+        got = {s: [q["points"] for q in by[s]["questions"]] for s in want}
+        assert got == want, {s: (got[s], by[s]["error"], by[s]["notes"], [q["feedback"][:100] for q in by[s]["questions"]])
+                             for s in want if got[s] != want[s]}
+        assert list(book["total"].reindex(sorted(want))) == [sum(want[s]) for s in sorted(want)]
+        reasons = {s: " ".join([str(by[s]["error"])] + by[s]["notes"] + [q["feedback"] for q in by[s]["questions"]])
+                   for s in want}
+        assert "not answered" in reasons["bob"]
+        assert "was changed" in reasons["dave"]
+        assert "ran past the time limit" in reasons["grace"]
+        assert "was missing: put back" in reasons["ivan"]
+        assert "not a notebook" in reasons["judy"]
+        assert all(q["feedback"] for s in want for q in by[s]["questions"]), "every score says why"
+        executed = json.load(open(by["mallory"]["executed"]))
+        peek = json.dumps([c.get("outputs") for c in executed["cells"] if c.get("id") == "peek"])
+        assert "agent read" in peek and "kernel" in peek, ("the attempt did run", peek)
+        assert alice_marker not in peek and bundle["source_sha256"] not in peek, \
+            "neither the kernel nor the agent it drives can read the bundle or another student's file"
+        assert _host_state() == before, "the host's mounts and files are as they were"
+        ps = subprocess.run(["ps", "-eo", "uid=,args="], capture_output=True, text=True).stdout.splitlines()
+        assert not [p for p in ps if p.split()[0].isdigit() and int(p.split()[0]) >= UID_BASE], "no kernel is left"
+        assert not [p for p in ps if "labkit.agent.sandbox" in p], "no sandbox is left"
+        with pytest.raises(KeyError):
+            pwd.getpwuid(UID_BASE)
+        assert not any(g.startswith("grade-") for g in lab.call("cgroup.list")), "every sandbox cgroup is gone"
+        leftovers = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "tools",
+                                 "leftovers")
+        if os.path.exists(leftovers):
+            res = subprocess.run([leftovers], capture_output=True, text=True)
+            assert res.stdout == "", res.stdout
+    finally:
+        shutil.rmtree(home)

@@ -307,11 +307,21 @@ def home_procs_files(procs_files_):
     return out
 
 
+def _tree(d):
+    """``d`` and every group below it (a sandbox's agent makes its own), deepest first."""
+    out = [d]
+    for dirpath, dirnames, _ in os.walk(d):
+        out += [os.path.join(dirpath, n) for n in dirnames]
+    return sorted(out, key=lambda p: -p.count("/"))
+
+
 def pids(name):
+    """Every process in the group, also in groups below it."""
     lay = _existing(name)
     out = set()
-    for d in lay.all_dirs():
-        out.update(int(p) for p in (read_text(os.path.join(d, "cgroup.procs")) or "").split())
+    for top in lay.all_dirs():
+        for d in _tree(top):
+            out.update(int(p) for p in (read_text(os.path.join(d, "cgroup.procs")) or "").split())
     return sorted(out)
 
 
@@ -409,7 +419,7 @@ def remove(name):
     except NotFound:
         return rec.to_dict(removed=False)
     kill(name, rec)
-    for d in lay.all_dirs():
+    for d in [t for top in lay.all_dirs() for t in _tree(top)]:
         for _ in range(100):
             try:
                 os.rmdir(d)

@@ -5,14 +5,18 @@ What counts as labkit's (see DESIGN.md, "Naming of kernel objects"): processes r
 directories (not a mount at them); network namespaces named ``lk-*``; links of labkit's name families
 (:data:`labkit.agent.network.LINK_NAME`); cgroups below a
 ``labkit`` parent in any hierarchy; the nftables table ``ip labkit`` and iptables chains ``LABKIT-*``
-(and the sysctls labkit's networks changed, given back their old values). Each is matched by exact rule, never by a loose pattern, and
+(and the sysctls labkit's networks changed, given back their old values); the grader's scratch directories
+``/run/labkit/grade/grade-<slot>-<hex>`` (their sandboxes' cgroups go first). Each is matched by exact rule, never by a loose pattern, and
 removal is idempotent: a second run finds nothing. Standard library only.
 """
 import os
 import signal
 import time
 
-from ..wire.specs import RUN_DIR, STATE_DIR
+import re
+import shutil
+
+from ..wire.specs import GRADE_DIR, RUN_DIR, STATE_DIR
 from . import cgroups, engine, kernel, network, process, vm
 from .rootfs import mounts_under
 from .runner import Recorder, read_text, run, which
@@ -60,7 +64,19 @@ def plan():
         items.append(("network", st["spec"]["name"]))
     for fw in network.firewall_leftovers():
         items.append(("firewall", fw))
+    for d in _scratch_dirs():
+        items.append(("grading scratch", d))
     return items
+
+
+_SCRATCH = re.compile(r"grade-\d+-[0-9a-f]{6}")
+
+
+def _scratch_dirs():
+    try:
+        return sorted(os.path.join(GRADE_DIR, n) for n in os.listdir(GRADE_DIR) if _SCRATCH.fullmatch(n))
+    except OSError:
+        return []
 
 
 def _links():
@@ -122,6 +138,10 @@ def cleanup(dry_run=False):
                 removed.append(f"cgroup {g}")
         except OSError:
             pass
+    for d in _scratch_dirs():  # their sandboxes died with the cgroups above
+        shutil.rmtree(d, ignore_errors=True)
+        if not os.path.lexists(d):
+            removed.append(f"grading scratch {d}")
     left = plan()
     rec.fact("left", [f"{k} {n}" for k, n in left])
     return rec.to_dict(removed=removed)

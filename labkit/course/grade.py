@@ -250,15 +250,35 @@ def _refs_in(cell, question):
 MAX_RESTARTS = 3
 
 
-def _execute(client, node, notes):
+def _execute(client, node, notes, deadline, cell_timeout, kill_kernel=None):
     """Run every cell: a cell that raises is the student's error (its output shows it), one that runs past
-    the cell time limit is interrupted, and one that kills the kernel costs what that kernel held: a fresh
-    kernel runs the cells after it. Either way the notebook goes on to its end."""
+    the cell time limit is interrupted, and one that kills the kernel costs what that kernel held: whatever
+    it left running is killed and a fresh kernel runs the cells after it. Either way the notebook goes on to
+    its end, or to the submission's ``deadline`` (time.monotonic()), where the rest is not run."""
+    from nbclient.util import run_sync
+    try:
+        _run_cells(client, node, notes, deadline, cell_timeout, kill_kernel)
+    finally:  # the kernel manager is the sandbox's, so nbclient leaves its shutdown (and reaping) to us
+        try:
+            run_sync(client.km.shutdown_kernel)(now=True)
+        except Exception:  # noqa: BLE001 - a kernel that is gone already; the sandbox's cgroup goes next
+            pass
+
+
+def _run_cells(client, node, notes, deadline, cell_timeout, kill_kernel):
+    import time
+
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
     from nbclient.util import run_sync
     restarts = 0
     with client.setup_kernel():
         for index, cell in enumerate(node.cells):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                notes.append(f"the submission ran past its time limit: cell {cell.get('id')} and those after it "
+                             "were not run")
+                break
+            client.timeout = max(1, int(min(cell_timeout, left)))
             try:
                 client.execute_cell(cell, index, execution_count=client.code_cells_executed + 1)
                 if any(o.get("output_type") == "error" and o.get("ename") == "KeyboardInterrupt"
@@ -271,19 +291,38 @@ def _execute(client, node, notes):
                 notes.append(f"cell {cell.get('id')} killed the kernel: a fresh one runs the cells after it")
                 if restarts > MAX_RESTARTS:
                     raise
+                if kill_kernel is not None:
+                    kill_kernel()
                 run_sync(client.km.restart_kernel)(now=True)
                 run_sync(client.kc.wait_for_ready)(timeout=60)
 
 
-def grade_notebook(path, bundle, lab, source_dir, student_id="anonymous", work_dir=None, cell_timeout=600,
-                   quick=True):
-    """Grade one submitted notebook on the target ``lab`` reaches (the grader's own connection to a
-    disposable agent): restore it, run it with papermill's parameters through a relay, and after each of
-    the bundle's check cells re-run its checks (and the hidden ones that follow them) here, in the grader.
+#: seconds one submission may run in all (each cell's own limit is ``cell_timeout``)
+SUBMISSION_TIMEOUT = 1800
+
+
+def _source_notebook(source_dir, name, nbundle):
+    """The instructor's notebook ``name``, checked against the bundle it must match."""
+    from .assign import notebook_bundle
+    with open(os.path.join(source_dir, name + ".ipynb"), encoding="utf-8") as f:
+        source_nb = json.load(f)
+    if notebook_bundle(source_nb, name)["source_sha256"] != nbundle["source_sha256"]:
+        raise LabkitError(f"the source of {name} is not the one the grading bundle was made from",
+                          fix="make the bundle again from these notebooks (labkit assign --bundle ...)")
+    return source_nb
+
+
+def grade_notebook(path, bundle, box, source_dir, student_id="anonymous", work_dir=None, cell_timeout=600,
+                   submission_timeout=SUBMISSION_TIMEOUT, quick=True):
+    """Grade one submitted notebook in ``box`` (an entered :class:`labkit.course.sandbox.Sandbox`: the
+    disposable agent the notebook drives and the kernel it runs in): restore it, run it with papermill's
+    parameters through a relay, and after each of the bundle's check cells re-run its checks (and the
+    hidden ones that follow them) here, in the grader, against ``box.lab``.
 
     Returns {'student', 'notebook', 'questions': [{question, points, max_points, feedback, hidden}],
     'notes', 'error', 'executed'} — a question the run never reached scores zero with the reason."""
     import tempfile
+    import time
 
     import nbformat
     from nbclient import NotebookClient
@@ -292,6 +331,8 @@ def grade_notebook(path, bundle, lab, source_dir, student_id="anonymous", work_d
     from . import checks as checks_module
     from .relay import Relay
 
+    deadline = time.monotonic() + submission_timeout
+    lab = box.lab
     result = {"student": student_id, "notebook": None, "questions": [], "notes": [], "error": None,
               "executed": None}
     name = _named(path, bundle)  # known before reading: a broken file still scores zero of its points
@@ -307,12 +348,7 @@ def grade_notebook(path, bundle, lab, source_dir, student_id="anonymous", work_d
         return result
     result["notebook"] = name
     nbundle = bundle["notebooks"][name]
-    with open(os.path.join(source_dir, name + ".ipynb"), encoding="utf-8") as f:
-        source_nb = json.load(f)
-    from .assign import notebook_bundle
-    if notebook_bundle(source_nb, name)["source_sha256"] != nbundle["source_sha256"]:
-        raise LabkitError(f"the source of {name} is not the one the grading bundle was made from",
-                          fix="make the bundle again from these notebooks (labkit assign --bundle ...)")
+    source_nb = _source_notebook(source_dir, name, nbundle)
     restored, result["notes"] = restore(nb, source_nb, nbundle)
     hidden = _hidden_functions(nbundle.get("hidden"))
     after = {}
@@ -321,8 +357,7 @@ def grade_notebook(path, bundle, lab, source_dir, student_id="anonymous", work_d
     scores = {}
     work = work_dir or tempfile.mkdtemp(prefix="lk-grade-")
     os.makedirs(work, exist_ok=True)
-    sandbox = tempfile.mkdtemp(prefix="lk-relay-")
-    with Relay(lab.transport, os.path.join(sandbox, "relay.sock")) as relay:
+    with Relay(lab.transport, os.path.join(box.scratch, "relay.sock"), owner=box.uid) as relay:
         def on_cell_executed(cell, cell_index, execute_reply):
             entry = nbundle["checks"].get(cell.get("id"))
             if entry is None:
@@ -346,19 +381,18 @@ def grade_notebook(path, bundle, lab, source_dir, student_id="anonymous", work_d
         restored["metadata"]["papermill"] = {}
         node = nbformat.from_dict(restored)
         node = parameterize_notebook(node, {"target": "unix://" + relay.path, "student_id": student_id,
-                                            "quick": quick, "output_dir": work}, kernel_name="python3",
+                                            "quick": quick, "output_dir": box.scratch}, kernel_name="python3",
                                      language="python")
-        client = NotebookClient(node, timeout=cell_timeout, kernel_name="python3", allow_errors=True,
-                                interrupt_on_timeout=True, resources={"metadata": {"path": work}},
-                                on_cell_executed=on_cell_executed)
+        client = NotebookClient(node, km=box.kernel_manager(), timeout=cell_timeout, kernel_name="python3",
+                                allow_errors=True, interrupt_on_timeout=True,
+                                resources={"metadata": {"path": box.scratch}}, on_cell_executed=on_cell_executed)
         try:
-            _execute(client, node, result["notes"])
+            _execute(client, node, result["notes"], deadline, cell_timeout, box.kill_kernel)
         except Exception as exc:  # noqa: BLE001 - what the run did not reach scores zero, with this reason
             result["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"[:500]
         executed = os.path.join(work, f"{name}.ipynb")
         nbformat.write(node, executed)
         result["executed"] = executed
-    os.rmdir(sandbox)
     for entry in nbundle["checks"].values():
         for q in entry["questions"]:
             result["questions"].append(scores.get(q["question"]) or {
@@ -419,37 +453,118 @@ def _digest(path, bundle):
     return h.hexdigest()
 
 
-def grade_class(paths, bundle, lab, source_dir, out_dir, force=False, cell_timeout=600, on_done=None):
-    """Grade every submission under ``paths`` into ``out_dir``: ``results/<student>/<notebook>.json`` (kept,
-    so a submission whose content and bundle did not change is not run again unless ``force``), the
-    executed notebooks, ``gradebook.csv``, ``questions.csv`` (per-question statistics), ``totals.png`` and
-    one ``feedback/<student>.html`` each. Returns the gradebook (a pandas DataFrame)."""
-    results = []
-    for sid, path in submissions(paths):
+def grade_submission(task, host, target=None):
+    """One submission, start to end, in a sandbox of its own: the unit of work that ``--jobs`` and Dask
+    workers run. ``task`` is a plain dict (it crosses to Dask workers): student, path, bundle, source_dir,
+    work_dir, sandbox, hide, cell_timeout, submission_timeout; ``host`` a Lab on this machine (root), for
+    the sandbox's cgroups; ``target`` the disposable target when ``task['sandbox'] == 'target'``."""
+    import time
+
+    from .sandbox import Sandbox
+    started = time.perf_counter()
+    with Sandbox(host, sandbox=task["sandbox"], target=target, hide=task.get("hide", ())) as box:
+        res = grade_notebook(task["path"], task["bundle"], box, task["source_dir"], student_id=task["student"],
+                             work_dir=task["work_dir"], cell_timeout=task.get("cell_timeout", 600),
+                             submission_timeout=task.get("submission_timeout", SUBMISSION_TIMEOUT))
+    res["sandbox"], res["seconds"] = task["sandbox"], round(time.perf_counter() - started, 3)
+    return res
+
+
+def grade_class(paths, bundle, host, source_dir, out_dir, sandbox="container", target=None, hide=(), force=False,
+                cell_timeout=600, submission_timeout=SUBMISSION_TIMEOUT, jobs=1, dask=None, dask_job=None,
+                on_done=None):
+    """Grade every submission under ``paths`` into ``out_dir``, each in a sandbox of its own
+    (:class:`labkit.course.sandbox.Sandbox`): ``results/<student>/<notebook>.json`` (kept, so a submission
+    whose content and bundle did not change is not run again unless ``force``), the executed notebooks,
+    ``gradebook.csv``, ``questions.csv`` (per-question statistics), ``totals.png`` and one
+    ``feedback/<student>.html`` each. ``jobs`` submissions run at once on this machine; ``dask`` (a
+    scheduler address, or a ``distributed.Client``) sends each one to a Dask cluster instead, as
+    ``dask_job(task)`` (a function the workers can import, which makes its own host Lab). ``hide``: more
+    paths the kernels must not see (the submissions, the bundle's file and ``out_dir`` always are).
+    Returns the gradebook (a pandas DataFrame)."""
+    subs = submissions(paths)
+    hide = tuple(hide) + tuple(paths) + (os.path.abspath(out_dir), os.path.abspath(source_dir))
+    results, pending = [], []
+    for sid, path in subs:
         d = os.path.join(out_dir, "results", _safe(sid))
         os.makedirs(d, exist_ok=True)
         key = _digest(path, bundle)
         stem = _safe(os.path.splitext(os.path.basename(path))[0])
         cached = os.path.join(d, stem + ".json")
-        res = None
+        old = None
         if not force and os.path.exists(cached):
-            with open(cached, encoding="utf-8") as f:
-                old = json.load(f)
-            res = old if old.get("key") == key else None
-        if res is None:
-            res = grade_notebook(path, bundle, lab, source_dir, student_id=sid,
-                                 work_dir=os.path.join(d, stem + ".run"), cell_timeout=cell_timeout)
-            res["key"], res["path"] = key, path
+            try:
+                with open(cached, encoding="utf-8") as f:
+                    old = json.load(f)
+            except (OSError, ValueError):
+                old = None
+        if isinstance(old, dict) and old.get("key") == key:
+            old["cached"] = True
+            results.append(old)
+            if on_done:
+                on_done(old)
+            continue
+        pending.append(({"student": sid, "path": os.path.abspath(path), "bundle": bundle,
+                         "source_dir": os.path.abspath(source_dir), "work_dir": os.path.abspath(os.path.join(d, stem + ".run")),
+                         "sandbox": sandbox, "hide": hide, "cell_timeout": cell_timeout,
+                         "submission_timeout": submission_timeout}, key, cached))
+
+    def finish(task, key, cached, res):
+        res["key"], res["path"] = key, task["path"]
+        if not res.get("grader_failed"):  # the grader's own failure is tried again next time
             tmp = cached + ".tmp"
             with open(tmp, "w", encoding="utf-8") as f:
                 json.dump(res, f, indent=1)
             os.replace(tmp, cached)
-            res["cached"] = False
-        else:
-            res["cached"] = True
+        res["cached"] = False
         results.append(res)
         if on_done:
             on_done(res)
+
+    def failed(task, exc):  # the grader's own failure on one submission: its row says so, the rest go on
+        return {"student": task["student"], "notebook": _named(task["path"], bundle), "questions": [], "notes": [],
+                "error": f"the grader could not run it: {type(exc).__name__}: {str(exc)[:300]}", "executed": None,
+                "grader_failed": True}
+
+    if dask is not None:
+        if sandbox == "target" or dask_job is None:
+            raise LabkitError("Dask workers make their own sandboxes: --dask goes with --sandbox container",
+                              fix="drop --target, or grade with --jobs N on this machine")
+        from dask.distributed import Client, as_completed
+        client = dask if isinstance(dask, Client) else Client(dask)
+        try:
+            futures = {client.submit(dask_job, task, pure=False): (task, key, cached) for task, key, cached in pending}
+            for fut in as_completed(futures):
+                task, key, cached = futures[fut]
+                try:
+                    res = fut.result()
+                except Exception as exc:  # noqa: BLE001 - one submission's failure is its row
+                    res = failed(task, exc)
+                finish(task, key, cached, res)
+        finally:
+            if client is not dask:
+                client.close()
+    elif jobs > 1:
+        from concurrent.futures import ThreadPoolExecutor, as_completed
+        with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="grade") as pool:
+            futures = {pool.submit(grade_submission, task, host, target): (task, key, cached)
+                       for task, key, cached in pending}
+            for fut in as_completed(futures):
+                task, key, cached = futures[fut]
+                try:
+                    res = fut.result()
+                except Exception as exc:  # noqa: BLE001
+                    res = failed(task, exc)
+                finish(task, key, cached, res)
+    else:
+        for task, key, cached in pending:
+            try:
+                res = grade_submission(task, host, target)
+            except LabkitError as exc:
+                res = failed(task, exc)
+            finish(task, key, cached, res)
+    order = {(sid, os.path.abspath(p)): i for i, (sid, p) in enumerate(subs)}
+    results.sort(key=lambda r: order.get((r["student"], os.path.abspath(r.get("path", ""))), 0))
     return write_gradebook(results, bundle, out_dir)
 
 

@@ -36,11 +36,10 @@ class Relay:
         if os.path.lexists(path):
             raise LabkitError(f"{path} exists already", fix="give the relay a path of its own (a fresh directory)")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            self.sock.bind(path)
-        finally:
-            os.umask(old)
+        # no umask dance: the umask is the whole process's, and a grader with --jobs runs threads that fork
+        # sandboxes meanwhile. The socket's directory is what keeps others out; the mode is set right after.
+        self.sock.bind(path)
+        os.chmod(path, 0o600)
         if owner is not None:
             os.chown(path, owner, -1)
         self.sock.listen(backlog)

@@ -31,6 +31,8 @@ NS_MEANING = {
 
 STATE_DIR = "/var/lib/labkit"       # persistent: rootfs, images, layers
 RUN_DIR = "/run/labkit"             # live: running processes, their logs
+#: the grader's per-submission scratch directories (labkit.course.sandbox), named grade-<slot>-<6 hex>
+GRADE_DIR = RUN_DIR + "/grade"
 ROOTFS_DIR = STATE_DIR + "/rootfs"
 CONTAINERS_DIR = STATE_DIR + "/containers"   # <id>/{upper,work,merged}: a container's overlay root
 
@@ -706,3 +708,61 @@ def _flag(value, what):
     if not isinstance(value, bool):
         raise InvalidSpec(f"{what}={value!r} must be True or False", fix=f"e.g. {what}=True")
     return value
+
+
+def _abs_path(path, what):
+    if not isinstance(path, str) or not path.startswith("/") or "\0" in path or \
+            posixpath.normpath(path) != path.rstrip("/") or path == "/":
+        raise InvalidSpec(f"{what} {path!r} must be an absolute, normalised path other than /",
+                          fix="e.g. /run/labkit/grade/job-1")
+    return path
+
+
+@dataclass(frozen=True)
+class SandboxSpec(Spec):
+    """A grader's sandbox (:mod:`labkit.agent.sandbox`): what runs in it and what it may reach.
+
+    - ``kind``: "kernel" (a student's notebook kernel, dropped to ``uid``/``gid``: no capability, no
+      network, the host's files as that user sees them minus ``hide``, writable only in ``scratch``,
+      /tmp and /dev/shm of its own) or "agent" (a disposable labkit agent, root in fresh mount, network,
+      PID, UTS, IPC and cgroup namespaces, with empty labkit state of its own and the host's files
+      read-only).
+    - ``cgroup``: the labkit cgroup (made beforehand, with its limits) that the sandbox runs in.
+    - ``argv``: the program (kind "kernel": the kernel's command; "agent" runs labkit's agent).
+    - ``scratch``: the kernel's working directory, the same path inside as outside (its relay socket and
+      ZMQ sockets live there).
+    - ``hide``: paths the sandbox must not read (a directory is covered by an empty one, a file by
+      /dev/null), e.g. the grading bundle and every other submission.
+    - ``env``: the environment (nothing of the grader's is passed on unless listed).
+    """
+    kind: str
+    cgroup: str
+    argv: Tuple[str, ...] = ()
+    uid: int = 0
+    gid: int = 0
+    scratch: str = ""
+    hide: Tuple[str, ...] = ()
+    env: Tuple[Tuple[str, str], ...] = ()
+
+    _what = "sandbox"
+    _example = "{'kind': 'agent', 'cgroup': 'grade-1'}"
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass normalisation)
+        if self.kind not in ("kernel", "agent"):
+            raise InvalidSpec(f"sandbox kind {self.kind!r} is not known", fix="use 'kernel' or 'agent'")
+        check_name(self.cgroup, "cgroup name")
+        set_("argv", argv_tuple(self.argv, "argv"))
+        set_("env", env_pairs(self.env))
+        set_("hide", tuple(_abs_path(p, "hidden path") for p in (self.hide or ())))
+        if self.kind == "kernel":
+            if not self.argv:
+                raise InvalidSpec("a kernel sandbox needs the kernel's command", fix="argv=['python3', '-m', 'ipykernel_launcher', ...]")
+            for k in ("uid", "gid"):
+                whole_number(getattr(self, k), k, 1, 2**32 - 2, "an unprivileged id, e.g. 1000001")
+            set_("uid", int(self.uid))
+            set_("gid", int(self.gid))
+            _abs_path(self.scratch, "scratch directory")
+        elif self.argv or self.uid or self.gid or self.scratch:
+            raise InvalidSpec("an agent sandbox runs labkit's agent as root with empty state: argv, uid, gid "
+                              "and scratch are for kernel sandboxes", fix="give only kind, cgroup, hide and env")
