@@ -488,3 +488,44 @@ def test_a_hostile_class_scores_exactly_and_leaves_the_host_as_it_was(tmp_path, 
             assert res.stdout == "", res.stdout
     finally:
         shutil.rmtree(home)
+
+
+@pytest.mark.privileged
+@pytest.mark.slow
+def test_labkit_grade_sends_submissions_to_a_dask_cluster_or_drives_a_given_target(tmp_path):
+    """`--dask ADDRESS`: a real local Dask scheduler with two worker processes grades the class;
+    `--sandbox target --target T`: the given (disposable) target is driven, one submission at a time."""
+    import csv
+    import subprocess
+    import sys
+    from dask.distributed import LocalCluster
+    bundle = tmp_path / "bundle.json"
+    res = subprocess.run([sys.executable, "-m", "labkit.cli", "assign", "--output", str(tmp_path / "class"),
+                          "--bundle", str(bundle)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    subs = tmp_path / "subs"
+    subs.mkdir()
+    for who in ("ann", "ben"):
+        with open(os.path.join(NOTEBOOK_DIR, "00-setup.ipynb"), encoding="utf-8") as f:
+            (subs / f"{who}-00-setup.ipynb").write_text(f.read())
+    (subs / "cat-00-setup.ipynb").write_text((tmp_path / "class" / "00-setup.ipynb").read_text())
+
+    def grade(out, *extra):
+        res = subprocess.run([sys.executable, "-m", "labkit.cli", "grade", "--bundle", str(bundle), "--out", str(out),
+                              *extra, *sorted(str(p) for p in subs.iterdir())], capture_output=True, text=True,
+                             timeout=600)
+        assert res.returncode == 0, res.stdout + res.stderr
+        with open(out / "gradebook.csv") as f:
+            return {r["student"]: float(r["total"]) for r in csv.DictReader(f)}, res
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit=0,
+                      dashboard_address=None) as cluster:
+        book, _ = grade(tmp_path / "dask", "--dask", cluster.scheduler_address)
+    assert book == {"ann": 2, "ben": 2, "cat": 0}
+    results = [json.loads(p.read_text()) for p in (tmp_path / "dask" / "results").rglob("*.json")]
+    assert {r["sandbox"] for r in results} == {"container"} and all(r["seconds"] > 0 for r in results)
+    book, _ = grade(tmp_path / "target", "--sandbox", "target", "--target", "local")
+    assert book == {"ann": 2, "ben": 2, "cat": 0}
+    refused = subprocess.run([sys.executable, "-m", "labkit.cli", "grade", "--bundle", str(bundle), "--out",
+                              str(tmp_path / "x"), "--sandbox", "target", "--target", "local", "--jobs", "2",
+                              str(subs)], capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "one disposable target" in refused.stderr + refused.stdout
