@@ -75,3 +75,25 @@ def test_the_cli_runs_a_subset_with_a_progress_bar_and_writes_files(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "labkit.cli", "bench", "--target", "local", "--only", "gpu"],
                          capture_output=True, text=True, timeout=60, cwd=REPO)
     assert bad.returncode == 2 and "choose from" in bad.stderr
+
+
+@pytest.mark.privileged
+@pytest.mark.slow
+def test_the_grader_rebuilds_the_figures_from_what_the_agent_answered(lab, tmp_path):
+    """A run made through the grader's relay, rebuilt from its journal alone, has the same start-up, CPU and
+    density figures as the result the notebook computed (what 07.3 is graded from)."""
+    import labkit
+    from labkit.course.relay import Relay
+    d = tmp_path / "sandbox"
+    d.mkdir(mode=0o700)
+    with Relay(lab.transport, str(d / "relay.sock")) as relay:
+        with labkit.connect("unix://" + relay.path) as student:
+            live = bench.Bench(student, "quick", experiments=["startup", "cpu", "density"],
+                               cases=("native", "container"), progress=False).run()
+        [rebuilt] = bench.BenchResult.from_journal(relay.journal)
+    cols = ["experiment", "case", "n", "min", "median", "max"]
+    want = live.summary()[cols].round(9).to_dict("records")
+    got = rebuilt.summary()[cols].round(9).to_dict("records")
+    assert got == want
+    assert live.ratios().round(9).equals(rebuilt.ratios().round(9))
+    assert rebuilt.env["rebuilt_from"] == "the agent's journal" and rebuilt.env["kernel"] == live.env["kernel"]

@@ -346,18 +346,28 @@ def test_a_result_computed_in_the_kernel_is_judged_by_what_the_agent_did(tmp_pat
     assert q["points"] == 0.6 and "vm=True" in q["feedback"], q
 
 
+def _made_up_numbers(nb):  # the figures typed in (or read off a forged BenchResult), not measured
+    at = next(i for i, c in enumerate(nb["cells"]) if c.get("id") == "61326aa9")
+    nb["cells"].insert(at, _code("answers = {'cpu_ratio': 0.25, 'vm_start_over_labkit': 1000.0, "
+                                 "'vm_over_container_memory': 0.001}", "madeup"))
+
+
 @pytest.mark.privileged
 @pytest.mark.slow
-def test_the_harness_is_judged_from_the_journal(tmp_path, box):
-    """07.2's BenchResult is computed in the student's kernel; the grader reads from its journal which
-    experiments and cases the agent really measured. (07.3's numbers need the result itself: not yet.)"""
+@pytest.mark.parametrize("case,edit,want73", [("solution", None, 3), ("made-up numbers", _made_up_numbers, 0)])
+def test_the_harness_is_judged_from_the_journal(tmp_path, box, case, edit, want73):
+    """07.2's and 07.3's BenchResult is computed in the student's kernel; the grader reads from its journal
+    which experiments and cases the agent really measured, and the figures the answers must match."""
     from labkit.course.grade import grade_notebook
-    path = _submission(tmp_path, "07-containers-vs-vms", solution=True)
+    path = _submission(tmp_path, "07-containers-vs-vms", edit, solution=True)
     res = grade_notebook(path, grading_bundle(NOTEBOOK_DIR), box, NOTEBOOK_DIR, student_id="s1",
                          work_dir=str(tmp_path / "work"))
     got = {q["question"]: q for q in res["questions"]}
     for q in ("07.1 whose kernel", "07.2 the harness"):
         assert got[q]["points"] == got[q]["max_points"], got[q]
+    assert got["07.3 read the numbers"]["points"] == want73, got["07.3 read the numbers"]
+    if want73 == 0:
+        assert "is not" in got["07.3 read the numbers"]["feedback"]
 
 
 # -- a whole hostile class, graded two at a time -------------------------------------------------------------

@@ -443,6 +443,31 @@ def bench_ran(lab, result):
 def read_the_numbers(lab, result, answers):
     if not isinstance(answers, dict):
         return False, "expected a dict of your three numbers"
+    if _from_the_kernel(result):  # the grader: the numbers are read again from what the agent measured
+        from .bench import BenchResult
+        runs = BenchResult.from_journal(result.journal)
+        if not runs:
+            return False, "run the harness: result = bench.run(lab, mode)"
+        best = None
+        for run in runs:  # the answers may come from any run of the harness this notebook made
+            try:
+                got = _read_the_numbers(run, answers)
+            except (KeyError, ZeroDivisionError, IndexError, ValueError):
+                continue
+            if best is None or _fraction(got[0]) > _fraction(best[0]):
+                best = got
+        return best or (False, "the runs of the harness on this target do not have the figures to read")
+    from .bench import BenchResult
+    if not isinstance(result, BenchResult):
+        return False, "expected what bench.run(lab, ...) returns"
+    return _read_the_numbers(result, answers)
+
+
+def _fraction(passed):
+    return 1.0 if passed is True else 0.0 if passed is False else float(passed)
+
+
+def _read_the_numbers(result, answers):
     r = result.ratios()
     vm = result.accel_label()
     _, start = result.medians("startup")
