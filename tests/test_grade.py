@@ -143,6 +143,9 @@ def test_the_grader_re_runs_a_check_on_what_the_submission_left(student, lab):
         refs = {"args": [ref_of(mem)]}
         assert evaluate(checks.memory_limit, refs, lab, relay)[0] == 1.0
         assert evaluate(checks.oom_killed, {"args": [ref_of(mem), ref_of(hog)]}, lab, relay)[0] == 1.0
+        typed = {"kind": "value", "value": {"exit_code": 137}}  # a plain dict in place of the record
+        got, why = evaluate(checks.oom_killed, {"args": [ref_of(mem), typed]}, lab, relay)
+        assert got == 0.0 and "expected the record" in why
         forged = dict(hog, exit_code=137, steps=hog["steps"] + [{"kind": "command", "argv": ["true"]}])
         got, why = evaluate(checks.oom_killed, {"args": [ref_of(mem), ref_of(forged)]}, lab, relay)
         assert got == 0.0 and "forged or missing record" in why

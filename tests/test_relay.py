@@ -99,3 +99,19 @@ def _only_the_owner(lab, d, nobody):
     assert not os.path.exists(d / "relay.sock"), "closing removes the socket"
     with pytest.raises(TransportError, match="cannot connect"):
         labkit.connect("unix://" + str(d / "relay.sock"))
+
+
+def test_no_request_through_the_relay_holds_the_grader_past_its_limit(tmp_path, lab):
+    """The grader's own checks share the channel: a student's request may not ask for a longer wait."""
+    d = tmp_path / "sandbox"
+    d.mkdir(mode=0o700)
+    with Relay(lab.transport, str(d / "relay.sock"), max_seconds=2) as relay:
+        from labkit.wire.errors import LabkitError
+        with labkit.connect("unix://" + relay.path) as student:
+            try:
+                rec = student.run(["sleep", "30"], timeout=100000)
+            except LabkitError:
+                rec = None
+        [entry] = [e for e in relay.journal if e["method"] == "run"]
+        assert entry["params"]["timeout"] == 2 and "_timeout" not in entry["params"], entry["params"]
+        assert rec is None or rec.exit_code != 0, "the sleep was cut short at the grader's limit"

@@ -169,3 +169,50 @@ def test_labkit_cleanup_removes_what_a_killed_grader_left(lab):
     assert not os.path.exists(box.scratch)
     assert not [i for i in lab.cleanup(dry_run=True).facts["found"] if box.name in i]
     box.close()  # and the grader's own undo, if it comes back, finds nothing to fail on
+
+
+@pytest.fixture
+def victim():
+    """A file of root's that the student would like to own or to have root run."""
+    import tempfile
+    d = tempfile.mkdtemp(prefix="labkit-test-victim-", dir="/srv" if os.path.isdir("/srv") else "/opt")
+    path = os.path.join(d, "victim.py")
+    with open(path, "w") as f:
+        f.write("ROOT = 'untouched'\n")
+    yield path
+    import shutil
+    shutil.rmtree(d)
+
+
+def test_a_package_planted_in_scratch_is_never_imported_by_root(lab, victim):
+    """The kernel starts in its scratch directory; `python -m` would put that first on root's path."""
+    marker = victim + ".pwned"
+    with Sandbox(lab) as box:
+        pkg = os.path.join(box.scratch, "labkit")
+        os.mkdir(pkg)
+        with open(os.path.join(pkg, "__init__.py"), "w") as f:
+            f.write(f"import os\nopen({marker!r}, 'w').write(str(os.getuid()))\n")
+        spec = json.dumps(box.kernel_spec([sys.executable, "-c", "print('kernel ran')"]).to_dict())
+        subprocess.run([sys.executable, "-m", "labkit.agent.sandbox", spec], cwd=box.scratch,
+                                capture_output=True, text=True, env={"PATH": os.environ["PATH"]})
+        assert open(marker).read() == "0", "the attack: a naive launcher runs the student's package as root"
+        os.unlink(marker)
+        from labkit.course.sandbox import launcher
+        res = subprocess.run(launcher() + [spec], cwd=box.scratch, capture_output=True, text=True)
+        assert res.stdout.strip() == "kernel ran", res.stderr
+        assert not os.path.exists(marker), "labkit's launcher imports labkit, not the student's"
+
+
+def test_a_connection_file_swapped_for_a_symlink_gives_the_student_nothing(lab, victim):
+    """Between kernel restarts the student may replace kernel.json with a link to a file of root's."""
+    import stat as st_
+    with Sandbox(lab) as box:
+        km = box.kernel_manager()
+        km.write_connection_file()
+        assert os.stat(km.connection_file).st_uid == box.uid
+        os.unlink(km.connection_file)
+        os.symlink(victim, km.connection_file)
+        km.write_connection_file()  # what the restart does
+        assert os.stat(victim).st_uid == 0 and open(victim).read() == "ROOT = 'untouched'\n"
+        got = os.lstat(km.connection_file)
+        assert st_.S_ISREG(got.st_mode) and got.st_uid == box.uid, "a fresh file, the student's to read"

@@ -163,8 +163,11 @@ def memory_limit(lab, cg, want=32 << 20):
 
 
 def oom_killed(lab, cg, record):
+    from ..client.records import Record
+    if not isinstance(record, Record):  # a dict typed in the notebook is not what the agent answered
+        return False, "expected the record that cg.run(...) returned for the hog"
     s = _cgroup_stats(lab, cg)
-    code = record.get("exit_code") if hasattr(record, "get") else None
+    code = record.get("exit_code")
     if not s["oom_kills"]:
         return False, "the kernel counted no OOM kill in this group: did the hog run inside it?"
     if code != 137:

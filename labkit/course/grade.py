@@ -357,7 +357,8 @@ def grade_notebook(path, bundle, box, source_dir, student_id="anonymous", work_d
     scores = {}
     work = work_dir or tempfile.mkdtemp(prefix="lk-grade-")
     os.makedirs(work, exist_ok=True)
-    with Relay(lab.transport, os.path.join(box.scratch, "relay.sock"), owner=box.uid) as relay:
+    with Relay(lab.transport, os.path.join(box.scratch, "relay.sock"), owner=box.uid,
+               max_seconds=max(1.0, min(cell_timeout, submission_timeout))) as relay:
         def on_cell_executed(cell, cell_index, execute_reply):
             entry = nbundle["checks"].get(cell.get("id"))
             if entry is None:
@@ -391,8 +392,11 @@ def grade_notebook(path, bundle, box, source_dir, student_id="anonymous", work_d
         except Exception as exc:  # noqa: BLE001 - what the run did not reach scores zero, with this reason
             result["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"[:500]
         executed = os.path.join(work, f"{name}.ipynb")
-        nbformat.write(node, executed)
-        result["executed"] = executed
+        try:
+            nbformat.write(node, executed)
+            result["executed"] = executed
+        except Exception as exc:  # noqa: BLE001 - the scores stand without the executed copy
+            result["notes"].append(f"the executed notebook could not be saved: {type(exc).__name__}: {str(exc)[:200]}")
     for entry in nbundle["checks"].values():
         for q in entry["questions"]:
             result["questions"].append(scores.get(q["question"]) or {
@@ -462,10 +466,18 @@ def grade_submission(task, host, target=None):
 
     from .sandbox import Sandbox
     started = time.perf_counter()
-    with Sandbox(host, sandbox=task["sandbox"], target=target, hide=task.get("hide", ())) as box:
+    box = Sandbox(host, sandbox=task["sandbox"], target=target, hide=task.get("hide", ())).__enter__()
+    try:
         res = grade_notebook(task["path"], task["bundle"], box, task["source_dir"], student_id=task["student"],
                              work_dir=task["work_dir"], cell_timeout=task.get("cell_timeout", 600),
                              submission_timeout=task.get("submission_timeout", SUBMISSION_TIMEOUT))
+    except BaseException:
+        box.close()
+        raise
+    try:  # a finished result stands even when undoing the sandbox fails (`labkit cleanup` finds the rest)
+        box.close()
+    except Exception as exc:  # noqa: BLE001
+        res["notes"].append(f"the sandbox was not wholly removed: {type(exc).__name__}: {str(exc)[:200]}")
     res["sandbox"], res["seconds"] = task["sandbox"], round(time.perf_counter() - started, 3)
     return res
 
@@ -483,7 +495,7 @@ def grade_class(paths, bundle, host, source_dir, out_dir, sandbox="container", t
     paths the kernels must not see (the submissions, the bundle's file and ``out_dir`` always are).
     Returns the gradebook (a pandas DataFrame)."""
     subs = submissions(paths)
-    hide = tuple(hide) + tuple(paths) + (os.path.abspath(out_dir), os.path.abspath(source_dir))
+    hide = tuple(os.path.abspath(p) for p in tuple(hide) + tuple(paths) + (out_dir, source_dir))
     results, pending = [], []
     for sid, path in subs:
         d = os.path.join(out_dir, "results", _safe(sid))
@@ -560,7 +572,7 @@ def grade_class(paths, bundle, host, source_dir, out_dir, sandbox="container", t
         for task, key, cached in pending:
             try:
                 res = grade_submission(task, host, target)
-            except LabkitError as exc:
+            except Exception as exc:  # noqa: BLE001 - one submission's failure is its row, the class goes on
                 res = failed(task, exc)
             finish(task, key, cached, res)
     order = {(sid, os.path.abspath(p)): i for i, (sid, p) in enumerate(subs)}

@@ -26,8 +26,9 @@ from ..wire.errors import LabkitError, ProtocolError
 class Relay:
     """``Relay(channel, path, owner=None)``: serve ``path`` until :meth:`close` (also a context manager)."""
 
-    def __init__(self, channel, path, owner=None, backlog=8):
+    def __init__(self, channel, path, owner=None, backlog=8, max_seconds=None):
         self.channel, self.path = channel, path
+        self.max_seconds = max_seconds  # no request may make the grader wait longer (its lock is shared)
         self.journal = []           # every answer: {"method", "params", "ok", "result" | "error"}
         self._index = {}            # record digest -> journal position
         self._lock = threading.Lock()
@@ -87,6 +88,12 @@ class Relay:
         except LabkitError as exc:
             return protocol.encode(protocol.response(None, error=exc.to_wire()), sender="agent")
         method, params, rid = req["method"], req.get("params") or {}, req.get("id")
+        params = {k: v for k, v in params.items() if k != "_timeout"}  # the wait is the grader's to choose
+        if self.max_seconds is not None:
+            for k in ("timeout", "seconds"):
+                if isinstance(params.get(k), (int, float)) and not isinstance(params[k], bool) \
+                        and params[k] > self.max_seconds:
+                    params[k] = self.max_seconds
         entry = {"method": method, "params": params}
         try:
             result = self.channel.call(method, **params)

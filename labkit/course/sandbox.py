@@ -20,6 +20,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 import sys
 
 from ..wire.errors import LabkitError
@@ -58,6 +59,15 @@ ALWAYS_HIDDEN = ("/root", "/home", "/etc/shadow", "/etc/gshadow", "/etc/ssh", "/
 def _needed_below(path):
     needed = [os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.executable, _package_dir())]
     return any(n == path or n.startswith(path + "/") for n in needed)
+
+
+def launcher():
+    """How root starts ``labkit.agent.sandbox``: ``python -I`` (no working directory, user site or PYTHON*
+    variables on the path: a kernel is started in its scratch directory, where the student may have put a
+    ``labkit`` package of their own) with labkit's own folder put first by hand."""
+    code = (f"import sys; sys.path.insert(0, {os.path.dirname(_package_dir())!r}); "
+            "from labkit.agent.sandbox import main; sys.exit(main())")
+    return [sys.executable, "-I", "-c", code]
 
 
 def _package_dir():
@@ -158,7 +168,7 @@ class Sandbox:
                                pids=self.agent_limits["pids"])
         self._made.append(("cgroup", acg))
         spec = SandboxSpec(kind="agent", cgroup=acg.name, hide=self.hide)
-        transport = Subprocess([sys.executable, "-m", "labkit.agent.sandbox", json.dumps(spec.to_dict())],
+        transport = Subprocess(launcher() + [json.dumps(spec.to_dict())],
                                name="sandbox", fix="run `labkit doctor`: the sandbox needs namespaces and cgroups")
         self._made.append(("transport", transport))
         self.lab = Lab(transport, f"sandbox {self.name}")
@@ -202,12 +212,26 @@ class Sandbox:
         class SandboxedKernelManager(AsyncKernelManager):
             def format_kernel_cmd(self, extra_arguments=None):
                 argv = super().format_kernel_cmd(extra_arguments)
-                spec = box.kernel_spec(argv)
-                return [sys.executable, "-m", "labkit.agent.sandbox", json.dumps(spec.to_dict())]
+                return launcher() + [json.dumps(box.kernel_spec(argv).to_dict())]
 
             def write_connection_file(self, **kw):
+                # Written afresh at every (re)start, when no process of the kernel's user is left (the grader
+                # kills its cgroup first): whatever that user put at the path (a symlink to a file of root's,
+                # say) is removed, never followed, and the new file is handed over through its descriptor.
+                path = self.connection_file
+                if os.path.lexists(path):
+                    os.unlink(path)
+                    self._connection_file_written = False
                 super().write_connection_file(**kw)
-                os.chown(self.connection_file, box.uid, box.gid)
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                try:
+                    st = os.fstat(fd)
+                    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != 0:
+                        raise LabkitError(f"{path} is not the connection file the grader wrote",
+                                          fix="grade the submission again")
+                    os.fchown(fd, box.uid, box.gid)
+                finally:
+                    os.close(fd)
 
         return SandboxedKernelManager(kernel_name=kernel_name, transport="ipc", ip=os.path.join(self.scratch, "zmq"),
                                       connection_file=os.path.join(self.scratch, "kernel.json"), cache_ports=False)
