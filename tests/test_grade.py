@@ -255,11 +255,9 @@ def test_only_the_grader_writes_the_scores(tmp_path, box, case, edit, solution, 
         assert any(x["points"] == x["max_points"] for x in in_kernel), "the forgery did work in the student's kernel"
 
 
-@pytest.mark.privileged
-@pytest.mark.slow
-def test_labkit_grade_writes_a_gradebook_feedback_and_skips_what_did_not_change(tmp_path):
-    """A small class through the command: a full solution, a blank edition, a file that is no notebook."""
-    import csv
+def _assigned_class(tmp_path):
+    """`labkit assign` run as an instructor runs it: (the bundle's path, an empty submissions folder); the
+    student editions are in tmp_path / "class"."""
     import subprocess
     import sys
     bundle = tmp_path / "bundle.json"
@@ -268,6 +266,17 @@ def test_labkit_grade_writes_a_gradebook_feedback_and_skips_what_did_not_change(
     assert res.returncode == 0, res.stderr
     subs = tmp_path / "subs"
     subs.mkdir()
+    return bundle, subs
+
+
+@pytest.mark.privileged
+@pytest.mark.slow
+def test_labkit_grade_writes_a_gradebook_feedback_and_skips_what_did_not_change(tmp_path):
+    """A small class through the command: a full solution, a blank edition, a file that is no notebook."""
+    import csv
+    import subprocess
+    import sys
+    bundle, subs = _assigned_class(tmp_path)
     with open(os.path.join(NOTEBOOK_DIR, "00-setup.ipynb"), encoding="utf-8") as f:
         (subs / "alice-00-setup.ipynb").write_text(f.read())
     (subs / "bob-00-setup.ipynb").write_text((tmp_path / "class" / "00-setup.ipynb").read_text())
@@ -512,12 +521,7 @@ def test_labkit_grade_sends_submissions_to_a_dask_cluster_or_drives_a_given_targ
     import subprocess
     import sys
     from dask.distributed import LocalCluster
-    bundle = tmp_path / "bundle.json"
-    res = subprocess.run([sys.executable, "-m", "labkit.cli", "assign", "--output", str(tmp_path / "class"),
-                          "--bundle", str(bundle)], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    subs = tmp_path / "subs"
-    subs.mkdir()
+    bundle, subs = _assigned_class(tmp_path)
     for who in ("ann", "ben"):
         with open(os.path.join(NOTEBOOK_DIR, "00-setup.ipynb"), encoding="utf-8") as f:
             (subs / f"{who}-00-setup.ipynb").write_text(f.read())

@@ -588,14 +588,3 @@ def kernel_shared_by(lab, iso, answer):
         return 0.5, f"not quite: {sorted(truth - got)} missing, {sorted(got - truth)} wrong (read the kernel column)"
     return True, (f"{len(truth)} configurations share the host's kernel: one kernel bug (Dirty COW) reaches all of "
                   "them; the VM's guest kernel is a second wall.")
-    if not isinstance(iso, IsolationResult):
-        return False, "expected what isolation.isolation_matrix(lab, ...) returns"
-    host = lab.read_file("/proc/sys/kernel/random/boot_id")["text"].strip()
-    truth = {label for label, f in iso.facts.items() if f.get("boot_id") == host}
-    if all(f.get("boot_id") == host for f in iso.facts.values()):
-        return 0.3, "run the matrix with vm=True: without a VM every row shares the kernel"
-    got = set(answer or [])
-    if got != truth:
-        return 0.5, f"not quite: {sorted(truth - got)} missing, {sorted(got - truth)} wrong (read the kernel column)"
-    return True, (f"{len(truth)} configurations share the host's kernel: one kernel bug (Dirty COW) reaches all of "
-                  "them; the VM's guest kernel is a second wall.")
