@@ -354,7 +354,7 @@ def cmd_grade(args):
         target = _lab(args)
         if args.jobs > 1:
             raise LabkitError("one disposable target cannot serve several submissions at once",
-                              fix="grade with --jobs 1 on --sandbox target, or use --sandbox container")
+                              fix="grade with --jobs 1 on --sandbox target, or use --sandbox vm or container")
     host = connect("local")
     total = len(submissions(args.submissions))
     bar = None
@@ -518,10 +518,12 @@ def main(argv=None):
     g.add_argument("--out", default="grades", help="where the gradebook, feedback and runs go")
     g.add_argument("--source", default=NOTEBOOK_DIR, help="the instructor's notebooks the bundle was made from")
     g.add_argument("--force", action="store_true", help="grade again what was graded before and did not change")
-    g.add_argument("--sandbox", choices=["container", "target"], default="container",
-                   help="the agent each submission drives: 'container' (default) a fresh agent in namespaces and a "
-                        "cgroup of its own on this machine (root in it shares this kernel: for a trusted class); "
-                        "'target' the disposable machine given by --target, one submission at a time")
+    g.add_argument("--sandbox", choices=["vm", "container", "target"], default="vm",
+                   help="the agent each submission drives: 'vm' (default) a throw-away qemu guest restored from a "
+                        "snapshot of a booted one (KVM when usable, TCG otherwise: root in it has only the guest's "
+                        "kernel); 'container' a fresh agent in namespaces and a cgroup of its own on this machine "
+                        "(faster; root in it shares this kernel: for a trusted class); 'target' the disposable "
+                        "machine given by --target, one submission at a time")
     g.add_argument("--jobs", type=int, default=1, help="submissions graded at once on this machine (default 1)")
     g.add_argument("--dask", metavar="ADDRESS", help="send each submission to this Dask scheduler's workers instead "
                                                     "(each worker runs as root on a Linux machine with labkit)")

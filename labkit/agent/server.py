@@ -15,7 +15,7 @@ from ..wire import protocol
 from ..wire.errors import InvalidSpec, LabkitError, PrivilegeError, UnsupportedHost
 from ..wire.specs import CgroupSpec, ContainerSpec, NetworkSpec, ProcessSpec, RootfsSpec
 from . import (build, cgroups, cleanup, doctor, engine, measure, namespaces, network, oci, process, registry, roots,
-               rootfs, store, vm, workloads)
+               rootfs, store, vm, vmsandbox, workloads)
 from .runner import run as run_cmd
 
 
@@ -168,6 +168,8 @@ METHODS = {
     "vm.footprint": vm.m_footprint,
     "vm.stop": vm.m_stop,
     "vm.list": vm.list_vms,
+    "vm.grading_restore": vmsandbox.restore,
+    "vm.grading_stop": vmsandbox.stop,
     "probe.context": workloads.probe_context,
     "bench.environment": measure.environment,
     "bench.native": measure.native,

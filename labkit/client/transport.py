@@ -322,7 +322,8 @@ class UnixSocket(_Stream):
 
     name = "unix"
 
-    def __init__(self, path, timeout=None, connect_timeout=10):
+    def __init__(self, path, timeout=None, connect_timeout=10, preamble=b""):
+        """``preamble``: bytes sent before the agent's hello is read (the grading VM's start line)."""
         import socket
         super().__init__(timeout)
         if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
@@ -338,6 +339,8 @@ class UnixSocket(_Stream):
                                  fix="is the agent (or the grader's relay) running, and may this user use its socket?") from None
         self.sock.settimeout(None)
         try:
+            if preamble:
+                self.sock.sendall(preamble)
             self._start(self.sock.makefile("rb", buffering=0), self.sock.makefile("wb", buffering=0))
         except LabkitError:
             self.close()

@@ -479,6 +479,7 @@ def grade_submission(task, host, target=None):
     except Exception as exc:  # noqa: BLE001
         res["notes"].append(f"the sandbox was not wholly removed: {type(exc).__name__}: {str(exc)[:200]}")
     res["sandbox"], res["seconds"] = task["sandbox"], round(time.perf_counter() - started, 3)
+    res["sandbox_info"] = getattr(box, "info", None)
     return res
 
 
@@ -540,7 +541,7 @@ def grade_class(paths, bundle, host, source_dir, out_dir, sandbox="container", t
 
     if dask is not None:
         if sandbox == "target" or dask_job is None:
-            raise LabkitError("Dask workers make their own sandboxes: --dask goes with --sandbox container",
+            raise LabkitError("Dask workers make their own sandboxes: --dask goes with --sandbox vm or container",
                               fix="drop --target, or grade with --jobs N on this machine")
         from dask.distributed import Client, as_completed
         client = dask if isinstance(dask, Client) else Client(dask)

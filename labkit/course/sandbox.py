@@ -37,7 +37,9 @@ KERNEL_LIMITS = {"memory": 2 << 30, "cpus": 1.0, "pids": 256}
 #: the disposable agent's limits (what the student's containers use counts here)
 AGENT_LIMITS = {"memory": 2 << 30, "cpus": 1.0, "pids": 1024}
 
-SANDBOXES = ("container", "target")
+SANDBOXES = ("vm", "container", "target")
+#: the grading VM's memory (MiB); its qemu's cgroup gets AGENT_LIMITS
+VM_MEMORY_MB = 1024
 
 
 def _free_uid(slot):
@@ -94,8 +96,8 @@ class Sandbox:
     def __init__(self, host, slot=None, sandbox="container", target=None, hide=(), kernel_limits=None,
                  agent_limits=None):
         if sandbox not in SANDBOXES:
-            raise LabkitError(f"sandbox {sandbox!r} is not known", fix="use --sandbox container, or --sandbox "
-                                                                      "target with --target")
+            raise LabkitError(f"sandbox {sandbox!r} is not known", fix="use --sandbox vm, --sandbox container, or "
+                                                                      "--sandbox target with --target")
         if sandbox == "target" and target is None:
             raise LabkitError("--sandbox target needs the disposable target", fix="add --target ssh://... or vagrant")
         if os.geteuid() != 0:
@@ -163,10 +165,22 @@ class Sandbox:
         self.kernel_cgroup = kcg
         if self.kind == "target":
             self.lab = self.target
+            self.info = {"sandbox": "target", "target": self.target.target or self.target.transport.describe()}
             return
         acg = self.host.cgroup(self.name + "-a", memory=self.agent_limits["memory"], cpus=self.agent_limits["cpus"],
                                pids=self.agent_limits["pids"])
         self._made.append(("cgroup", acg))
+        if self.kind == "vm":
+            from ..client.transport import UnixSocket
+            from ..wire.protocol import vm_start_line
+            got = self.host.call("vm.grading_restore", memory_mb=VM_MEMORY_MB, cgroup=acg.name)
+            self._made.append(("vm", got["id"]))
+            self.info = {"sandbox": "vm", **{k: got[k] for k in ("accel", "restore_s", "snapshot", "boot_s")}}
+            transport = UnixSocket(got["socket"], preamble=vm_start_line())
+            self._made.append(("transport", transport))
+            self.lab = Lab(transport, f"grading VM {got['id']} ({got['accel'].upper()})")
+            return
+        self.info = {"sandbox": "container"}
         spec = SandboxSpec(kind="agent", cgroup=acg.name, hide=self.hide)
         transport = Subprocess(launcher() + [json.dumps(spec.to_dict())],
                                name="sandbox", fix="run `labkit doctor`: the sandbox needs namespaces and cgroups")
@@ -183,6 +197,8 @@ class Sandbox:
                     what.close()
                 elif kind == "cgroup":
                     what.remove()
+                elif kind == "vm":
+                    self.host.call("vm.grading_stop", vm_id=what)
                 elif kind == "scratch" and os.path.lexists(what):  # (gone already if `labkit cleanup` ran)
                     shutil.rmtree(what)
                 elif kind == "fd":

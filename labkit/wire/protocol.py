@@ -40,6 +40,18 @@ DEFAULT_TIMEOUT = 600.0
 HELLO_TIMEOUT = 120.0
 #: seconds for requests that boot VMs, run benchmarks or move images (each may take many minutes)
 SLOW_TIMEOUT = 3600.0
+#: the first line a grader sends to a restored grading VM's agent (:mod:`labkit.agent.vmsandbox`), before its hello
+VM_START = "LKSTART"
+
+
+def vm_start_line():
+    """``LKSTART <ns since the epoch> <64 hex digits>``: the real time and fresh random bytes for a guest restored
+    from a snapshot (every restored guest would otherwise share the snapshot's clock and random state)."""
+    import secrets
+    import time
+    return f"{VM_START} {time.time_ns()} {secrets.token_hex(32)}\n".encode()
+
+
 #: methods (or 'prefix.' for a whole family) that get SLOW_TIMEOUT
 SLOW_METHODS = ("bench.", "vm.", "image.build", "image.pull", "image.push", "image.import", "image.export",
                 "cleanup")
