@@ -174,7 +174,7 @@ def test_what_the_grader_cannot_rebuild_scores_zero_with_the_reason(student, lab
 def box(lab):
     """One submission's sandbox: a fresh agent in namespaces of its own, and the kernel's user and cgroup."""
     from labkit.course.sandbox import Sandbox
-    with Sandbox(lab) as b:
+    with Sandbox(lab, sandbox="container") as b:
         yield b
 
 

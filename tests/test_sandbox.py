@@ -77,7 +77,7 @@ def secrets_dir():
 
 def test_a_kernel_is_nobody_with_no_network_and_sees_nothing_of_the_grader(lab, secrets_dir):
     hidden_file = str(secrets_dir / "bundle.json")
-    with Sandbox(lab, hide=[hidden_file, str(secrets_dir)]) as box:
+    with Sandbox(lab, sandbox="container", hide=[hidden_file, str(secrets_dir)]) as box:
         res = _kernel_run(box, f"HIDDEN_FILE={hidden_file!r}\nHIDDEN_DIR={str(secrets_dir)!r}\n" + PROBE)
         assert res.returncode == 0, res.stderr
         got = json.loads(res.stdout)
@@ -95,13 +95,13 @@ def test_a_kernel_is_nobody_with_no_network_and_sees_nothing_of_the_grader(lab, 
         assert not os.path.exists("/var/lib/labkit/planted")
         scratch = box.scratch
     assert not os.path.exists(scratch), "the scratch directory goes with the sandbox"
-    with Sandbox(lab) as box:  # the attack, where nothing is hidden: the files are world-readable
+    with Sandbox(lab, sandbox="container") as box:  # the attack, where nothing is hidden: the files are world-readable
         res = _kernel_run(box, f"print(open({hidden_file!r}).read())")
         assert res.stdout.strip() == "HIDDEN CHECKS", res.stderr
 
 
 def test_two_kernels_cannot_reach_each_other(lab):
-    with Sandbox(lab) as a, Sandbox(lab) as b:
+    with Sandbox(lab, sandbox="container") as a, Sandbox(lab, sandbox="container") as b:
         assert a.uid != b.uid and a.scratch != b.scratch
         res = _kernel_run(b, f"import os\ntry:\n    print(os.listdir({a.scratch!r}))\nexcept OSError as e:\n"
                              f"    print(type(e).__name__)")
@@ -109,7 +109,7 @@ def test_two_kernels_cannot_reach_each_other(lab):
 
 
 def test_a_fork_bomb_and_a_memory_hog_stop_at_the_kernels_limits_and_nothing_outlives_it(lab):
-    with Sandbox(lab, kernel_limits={"memory": 256 << 20, "pids": 64}) as box:
+    with Sandbox(lab, sandbox="container", kernel_limits={"memory": 256 << 20, "pids": 64}) as box:
         bomb = _kernel_run(box, "import os, time\nn = 0\nwhile True:\n    try:\n        if os.fork() == 0:\n"
                                 "            os.close(1); os.close(2); time.sleep(600)\n        n += 1\n    except OSError:\n"
                                 "        print(n); break\n", timeout=120)
@@ -125,7 +125,7 @@ def test_a_fork_bomb_and_a_memory_hog_stop_at_the_kernels_limits_and_nothing_out
 
 
 def test_a_disposable_agent_starts_empty_and_takes_everything_with_it(lab):
-    with Sandbox(lab) as box:
+    with Sandbox(lab, sandbox="container") as box:
         inner = box.lab
         out = inner.run(["sh", "-c", "hostname; ls /var/lib/labkit | wc -l; ip -o link | wc -l; "
                                      "grep CapBnd /proc/self/status; echo $$"]).stdout.split()
@@ -151,14 +151,14 @@ def test_a_disposable_agent_starts_empty_and_takes_everything_with_it(lab):
 def test_a_sandbox_refuses_to_hide_what_the_kernel_needs(lab):
     from labkit.wire.errors import LabkitError
     with pytest.raises(LabkitError, match="cannot be hidden"):
-        Sandbox(lab, hide=[sys.prefix])
+        Sandbox(lab, sandbox="container", hide=[sys.prefix])
     with pytest.raises(LabkitError, match="cannot be hidden"):
-        Sandbox(lab, hide=["/"])
+        Sandbox(lab, sandbox="container", hide=["/"])
 
 
 def test_labkit_cleanup_removes_what_a_killed_grader_left(lab):
     """A grader killed mid-submission leaves cgroups, processes and a scratch directory: cleanup finds them all."""
-    box = Sandbox(lab).__enter__()
+    box = Sandbox(lab, sandbox="container").__enter__()
     spec = box.kernel_spec([sys.executable, "-c", "import time; time.sleep(600)"])
     kernel = subprocess.Popen([sys.executable, "-m", "labkit.agent.sandbox", json.dumps(spec.to_dict())])
     box.lab.run_container("busybox", ["sleep", "600"], detach=True)
@@ -187,7 +187,7 @@ def victim():
 def test_a_package_planted_in_scratch_is_never_imported_by_root(lab, victim):
     """The kernel starts in its scratch directory; `python -m` would put that first on root's path."""
     marker = victim + ".pwned"
-    with Sandbox(lab) as box:
+    with Sandbox(lab, sandbox="container") as box:
         pkg = os.path.join(box.scratch, "labkit")
         os.mkdir(pkg)
         with open(os.path.join(pkg, "__init__.py"), "w") as f:
@@ -206,7 +206,7 @@ def test_a_package_planted_in_scratch_is_never_imported_by_root(lab, victim):
 def test_a_connection_file_swapped_for_a_symlink_gives_the_student_nothing(lab, victim):
     """Between kernel restarts the student may replace kernel.json with a link to a file of root's."""
     import stat as st_
-    with Sandbox(lab) as box:
+    with Sandbox(lab, sandbox="container") as box:
         km = box.kernel_manager()
         km.write_connection_file()
         assert os.stat(km.connection_file).st_uid == box.uid
@@ -216,3 +216,20 @@ def test_a_connection_file_swapped_for_a_symlink_gives_the_student_nothing(lab, 
         assert os.stat(victim).st_uid == 0 and open(victim).read() == "ROOT = 'untouched'\n"
         got = os.lstat(km.connection_file)
         assert st_.S_ISREG(got.st_mode) and got.st_uid == box.uid, "a fresh file, the student's to read"
+
+
+@pytest.mark.slow
+def test_a_vm_sandbox_is_a_guest_of_its_own_in_the_agents_cgroup_and_gone_after(lab):
+    """--sandbox vm: the agent is a restored guest (its own kernel); its qemu sits in the sandbox's agent cgroup
+    as a user of its own, and nothing of it is left after."""
+    from labkit.agent import vm
+    with Sandbox(lab, sandbox="vm") as box:
+        assert box.info["sandbox"] == "vm" and box.info["accel"] in ("kvm", "tcg")
+        assert box.lab.run(["uname", "-r"]).stdout.strip() != os.uname().release
+        entry = next(e for e in vm.list_vms() if e.get("grading"))
+        pid = int(entry["pid"])
+        assert f"{box.name}-a" in open(f"/proc/{pid}/cgroup").read(), "qemu is held by the agent's limits"
+        assert os.stat(f"/proc/{pid}").st_uid == box.uid + 100_000, "qemu runs as the slot's VM user"
+    assert not os.path.exists(f"/proc/{pid}")
+    assert not [e for e in vm.list_vms() if e["id"] == entry["id"]]
+    assert not [i for i in lab.cleanup(dry_run=True).facts["found"] if box.name in i]

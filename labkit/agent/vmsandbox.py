@@ -9,7 +9,8 @@ reaches the grading host or another submission, and everything it made is gone w
   and says :data:`~labkit.agent.initramfs.AGENT_READY`, then stops the guest and saves its whole state: QMP
   ``migrate`` to a file handed over as a descriptor. The snapshot lives in ``/var/lib/labkit/vms/grade/<key>``
   (key: the kernel, the guest's root, qemu's version, the memory, the accelerator); graders share it under a
-  lock, a change of any of those makes a new one, ``labkit cleanup`` removes them.
+  lock, and a change of any of those makes a new one in place of the old. Like an image it is a file on disk,
+  not a live object: ``labkit cleanup`` leaves it (``rm -rf /var/lib/labkit/vms/grade`` frees its 200 MB).
 - :func:`restore` starts a new qemu that takes the saved state in (``-incoming fd:N``), continues it over QMP
   and returns the unix socket behind which the guest's agent waits on a virtio-serial port. A restored guest is
   a recorded state entry of :mod:`labkit.agent.vm`, so ``vm.stop`` and ``labkit cleanup`` kill it by pid.
@@ -139,7 +140,8 @@ def snapshot(memory_mb=MEMORY_MB, accel_mode=None, timeout=600):
         raise InvalidSpec(f"memory_mb={memory_mb!r} must be 256..16384", fix="e.g. 1024")
     gone = vm.missing()
     if gone:
-        raise NotFound(f"no grading VM here: {gone['reason']}", fix=gone["fix"])
+        raise NotFound(f"no grading VM here: {gone['reason']}",
+                       fix=gone["fix"] + "; or, for a class you trust, grade with --sandbox container")
     mode, why = (accel_mode, "asked for") if accel_mode else vm.accel()
     kernel = vm.find_kernel()
     private_dir(SNAPSHOTS)
@@ -169,6 +171,9 @@ def snapshot(memory_mb=MEMORY_MB, accel_mode=None, timeout=600):
                             initramfs_notes=notes, made=time.time())
                 write_json(f"{tmp}/meta.json", meta)
                 os.rename(tmp, d)
+                for old in snapshots():  # one snapshot at a time: the ones before were made of older files
+                    if old != key and not old.startswith("."):
+                        shutil.rmtree(f"{SNAPSHOTS}/{old}", ignore_errors=True)
             meta["dir"] = d
             return meta
         finally:
@@ -269,10 +274,21 @@ def _record(vm_id, d, pid):
                                               "grading": True, **pid_fields(pid)})
 
 
-def restore(memory_mb=MEMORY_MB, accel_mode=None, cgroup=None, timeout=120):
+#: how a restored guest's qemu is confined: seccomp without obsolete calls, new processes or resource changes
+#: (set-user-ID calls stay allowed for ``-runas``, which drops root after the filter is in; as that user there is
+#: nothing to elevate to)
+QEMU_SECCOMP = "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny"
+
+
+def restore(memory_mb=MEMORY_MB, accel_mode=None, cgroup=None, uid=None, timeout=120):
     """A new grading guest from the snapshot: {'id', 'socket', 'restore_s', 'accel', ...}. Connect to ``socket``
-    (a unix socket, root's alone), send :func:`labkit.wire.protocol.vm_start_line`, then speak the protocol; ``vm.stop`` ends it.
-    ``cgroup``: a labkit cgroup for its qemu (its memory, CPU and pids limits)."""
+    (a unix socket, root's alone), send :func:`labkit.wire.protocol.vm_start_line`, then speak the protocol;
+    :func:`stop` ends it. Its qemu runs under :data:`QEMU_SECCOMP`, as ``uid`` (and that gid) once it has opened
+    its files when one is given (a user id no account and no other sandbox has), in labkit cgroup ``cgroup``
+    (its memory, CPU and pids limits) when one is given: root in the guest who breaks out of qemu's emulation
+    is that user, there."""
+    if uid is not None and (not isinstance(uid, int) or isinstance(uid, bool) or not 1000 <= uid < 2 ** 31):
+        raise InvalidSpec(f"uid={uid!r} must be an unprivileged user id", fix="pass one no account has")
     snap = _MEMO.get((memory_mb, accel_mode))
     if snap is None or _read_meta(snap["dir"]) is None:
         snap = _MEMO[(memory_mb, accel_mode)] = snapshot(memory_mb, accel_mode)
@@ -284,7 +300,8 @@ def restore(memory_mb=MEMORY_MB, accel_mode=None, cgroup=None, timeout=120):
         fd = os.open(f"{snap['dir']}/state", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             with open(f"{d}/qemu.log", "wb") as log:
-                argv = _argv(vm_id, d, snap["dir"], snap["accel"], memory_mb, "null") + ["-incoming", f"fd:{fd}"]
+                argv = _argv(vm_id, d, snap["dir"], snap["accel"], memory_mb, "null") + [
+                    "-incoming", f"fd:{fd}", "-sandbox", QEMU_SECCOMP] + (["-runas", f"{uid}:{uid}"] if uid else [])
                 proc = start(argv, stdout=log, stderr=log, pass_fds=(fd,))
         finally:
             os.close(fd)
@@ -297,14 +314,18 @@ def restore(memory_mb=MEMORY_MB, accel_mode=None, cgroup=None, timeout=120):
         if _wait_status(qmp, proc, ("paused", "running", "postmigrate"), timeout, "take its state in") != "running":
             qmp.cmd("cont")
         restore_s = time.perf_counter() - t0
-    except BaseException:
-        if proc is not None and proc.poll() is None:
+    except BaseException as exc:
+        code = proc.poll() if proc is not None else None
+        if proc is not None and code is None:
             proc.kill()
-        log = read_text(f"{d}/qemu.log") or ""
+        log = (read_text(f"{d}/qemu.log") or "").strip()
         vm._remove({"id": vm_id, "dir": d, **(pid_fields(proc.pid) if proc else {})}, vm.Recorder("grading VM"))
-        if proc is not None and log.strip():
-            raise MechanismError(f"the grading VM did not start: {log.strip()[-2000:]}",
-                                 fix="run `labkit cleanup` (a new snapshot is made) and grade again")
+        if proc is not None:
+            proc.wait()
+        if isinstance(exc, (OSError, MechanismError, CommandTimeout)) and (code is not None or log):
+            how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+            raise MechanismError(f"the grading VM did not start (qemu: {how}): {log[-2000:] or 'no output'}",
+                                 fix="run `labkit doctor`; `rm -rf " + SNAPSHOTS + "` makes a new snapshot") from None
         raise
     finally:
         if qmp is not None:
@@ -334,23 +355,8 @@ def stop(vm_id):
     return {"id": vm_id, "stopped": True}
 
 
-def cleanup(rec):
-    """Remove every saved snapshot (restored guests are ``vm`` entries: :func:`labkit.agent.vm.cleanup`)."""
-    if not os.path.isdir(SNAPSHOTS):
-        return []
-    removed = []
-    for name in sorted(os.listdir(SNAPSHOTS)):
-        path = os.path.join(SNAPSHOTS, name)
-        if os.path.isdir(path) and not os.path.islink(path) and (re.fullmatch(r"[0-9a-f]{20}", name)
-                                                                  or name.startswith(".build-")):
-            shutil.rmtree(path)
-            rec.file("rmtree", path)
-            removed.append(f"grading VM snapshot {name}")
-    _MEMO.clear()
-    return removed
-
-
 def snapshots():
+    """The names of the saved snapshots (one, normally) and of unfinished ones (``.build-*``)."""
     if not os.path.isdir(SNAPSHOTS):
         return []
     return sorted(n for n in os.listdir(SNAPSHOTS) if re.fullmatch(r"[0-9a-f]{20}", n) or n.startswith(".build-"))

@@ -483,7 +483,7 @@ def grade_submission(task, host, target=None):
     return res
 
 
-def grade_class(paths, bundle, host, source_dir, out_dir, sandbox="container", target=None, hide=(), force=False,
+def grade_class(paths, bundle, host, source_dir, out_dir, sandbox="vm", target=None, hide=(), force=False,
                 cell_timeout=600, submission_timeout=SUBMISSION_TIMEOUT, jobs=1, dask=None, dask_job=None,
                 on_done=None):
     """Grade every submission under ``paths`` into ``out_dir``, each in a sandbox of its own

@@ -40,6 +40,8 @@ AGENT_LIMITS = {"memory": 2 << 30, "cpus": 1.0, "pids": 1024}
 SANDBOXES = ("vm", "container", "target")
 #: the grading VM's memory (MiB); its qemu's cgroup gets AGENT_LIMITS
 VM_MEMORY_MB = 1024
+#: job slot N's grading VM runs its qemu as UID_BASE + VM_UID_OFFSET + N (not the kernel's user: it could signal it)
+VM_UID_OFFSET = 100_000
 
 
 def _free_uid(slot):
@@ -93,7 +95,7 @@ class Sandbox:
     """``with Sandbox(host, slot, hide=[...]) as box:`` ``box.lab`` is the agent to drive, ``box.scratch``
     the kernel's directory, ``box.kernel_manager()`` the kernel nbclient runs."""
 
-    def __init__(self, host, slot=None, sandbox="container", target=None, hide=(), kernel_limits=None,
+    def __init__(self, host, slot=None, sandbox="vm", target=None, hide=(), kernel_limits=None,
                  agent_limits=None):
         if sandbox not in SANDBOXES:
             raise LabkitError(f"sandbox {sandbox!r} is not known", fix="use --sandbox vm, --sandbox container, or "
@@ -173,7 +175,8 @@ class Sandbox:
         if self.kind == "vm":
             from ..client.transport import UnixSocket
             from ..wire.protocol import vm_start_line
-            got = self.host.call("vm.grading_restore", memory_mb=VM_MEMORY_MB, cgroup=acg.name)
+            got = self.host.call("vm.grading_restore", memory_mb=VM_MEMORY_MB, cgroup=acg.name,
+                                 uid=_free_uid(self.slot + VM_UID_OFFSET))
             self._made.append(("vm", got["id"]))
             self.info = {"sandbox": "vm", **{k: got[k] for k in ("accel", "restore_s", "snapshot", "boot_s")}}
             transport = UnixSocket(got["socket"], preamble=vm_start_line())
