@@ -345,7 +345,7 @@ def grade_job(task):
 
 def cmd_grade(args):
     from . import connect
-    from .course.grade import grade_class, load_bundle, submissions
+    from .course.grade import grade_class, load_bundle, submissions, vm_questions
     bundle = load_bundle(args.bundle)
     if args.jobs < 1:
         raise LabkitError(f"--jobs {args.jobs} runs nothing", fix="give --jobs 1 or more")
@@ -357,6 +357,11 @@ def cmd_grade(args):
                               fix="grade with --jobs 1 on --sandbox target, or use --sandbox vm or container")
     host = connect("local")
     total = len(submissions(args.submissions))
+    needs_vm = vm_questions(bundle) if args.sandbox == "vm" else []
+    if needs_vm:
+        print(f"note: {', '.join(needs_vm)} boot a VM on the agent, which the grading VM cannot: under --sandbox vm "
+              "they score zero with that reason; grade those notebooks with --sandbox container (a class you "
+              "trust) or --sandbox target", file=sys.stderr)
     bar = None
     if sys.stderr.isatty() and not os.environ.get("CI"):
         from tqdm import tqdm

@@ -398,11 +398,13 @@ def _host_state():
 
 @pytest.mark.privileged
 @pytest.mark.slow
-def test_a_hostile_class_scores_exactly_and_leaves_the_host_as_it_was(tmp_path, lab):
-    """Fourteen submissions of lab 00 from the student edition (solution, blank, partial, the four
+@pytest.mark.parametrize("sandbox", ["vm", "container"])
+def test_a_hostile_class_scores_exactly_and_leaves_the_host_as_it_was(tmp_path, lab, sandbox):
+    """Fifteen submissions of lab 00 from the student edition (solution, blank, partial, the four
     forgeries, an edited check cell, a fork bomb, a memory hog, an endless loop, `rm -rf /` as root on the
     agent, deleted check cells, a corrupted file, and one that tries to read the bundle and another
-    student's file), graded with two jobs at once: every score exact, with its reason."""
+    student's file), graded with two jobs at once in each sandbox (a restored guest per submission, and the
+    container agent): every score exact, with its reason."""
     import pwd
     import subprocess
 
@@ -476,8 +478,8 @@ def test_a_hostile_class_scores_exactly_and_leaves_the_host_as_it_was(tmp_path, 
         out = home / "grades"
         done = []
         book = grade_class(sorted(str(p) for p in subs.iterdir()), bundle, lab, NOTEBOOK_DIR,
-                           str(out), hide=[bundle_path], jobs=2, cell_timeout=30, submission_timeout=300,
-                           on_done=done.append)
+                           str(out), sandbox=sandbox, hide=[bundle_path], jobs=2, cell_timeout=30,
+                           submission_timeout=300, on_done=done.append)
         by = {r["student"]: r for r in done}
         got = {s: [q["points"] for q in by[s]["questions"]] for s in want}
         assert got == want, {s: (got[s], by[s]["error"], by[s]["notes"], [q["feedback"][:100] for q in by[s]["questions"]])
@@ -499,7 +501,8 @@ def test_a_hostile_class_scores_exactly_and_leaves_the_host_as_it_was(tmp_path, 
         assert _host_state() == before, "the host's mounts and files are as they were"
         ps = subprocess.run(["ps", "-eo", "uid=,args="], capture_output=True, text=True).stdout.splitlines()
         assert not [p for p in ps if p.split()[0].isdigit() and int(p.split()[0]) >= UID_BASE], "no kernel is left"
-        assert not [p for p in ps if "labkit.agent.sandbox" in p], "no sandbox is left"
+        assert not [p for p in ps if "labkit.agent.sandbox" in p or "labkit-vm-" in p], "no sandbox is left"
+        assert {r["sandbox_info"]["sandbox"] for r in done if r.get("sandbox_info")} == {sandbox}
         with pytest.raises(KeyError):
             pwd.getpwuid(UID_BASE)
         assert not any(g.startswith("grade-") for g in lab.call("cgroup.list")), "every sandbox cgroup is gone"
@@ -539,10 +542,18 @@ def test_labkit_grade_sends_submissions_to_a_dask_cluster_or_drives_a_given_targ
         book, _ = grade(tmp_path / "dask", "--dask", cluster.scheduler_address)
     assert book == {"ann": 2, "ben": 2, "cat": 0}
     results = [json.loads(p.read_text()) for p in (tmp_path / "dask" / "results").rglob("*.json")]
-    assert {r["sandbox"] for r in results} == {"container"} and all(r["seconds"] > 0 for r in results)
+    assert {r["sandbox"] for r in results} == {"vm"} and all(r["seconds"] > 0 for r in results), "vm is the default"
+    assert {r["sandbox_info"]["accel"] for r in results} <= {"kvm", "tcg"}, "and says how its guests ran"
     book, _ = grade(tmp_path / "target", "--sandbox", "target", "--target", "local")
     assert book == {"ann": 2, "ben": 2, "cat": 0}
     refused = subprocess.run([sys.executable, "-m", "labkit.cli", "grade", "--bundle", str(bundle), "--out",
                               str(tmp_path / "x"), "--sandbox", "target", "--target", "local", "--jobs", "2",
                               str(subs)], capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0 and "one disposable target" in refused.stderr + refused.stdout
+
+
+def test_the_questions_that_boot_a_vm_are_known_to_the_grader():
+    """Under --sandbox vm these score zero with the grading VM's reason; `labkit grade` says so first."""
+    from labkit.course.grade import vm_questions
+    assert vm_questions(grading_bundle(NOTEBOOK_DIR)) == ["07.1 whose kernel", "07.2 the harness",
+                                                          "07.3 read the numbers", "08.6 one kernel"]

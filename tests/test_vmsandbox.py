@@ -71,6 +71,7 @@ def test_a_restored_guest_is_its_own_kernel_with_the_real_time_and_is_gone_after
         assert "memory" in out[1] and "pids" in out[1], "pure cgroup v2, as on the lab VM"
         assert out[2] == "labkit-grade" and out[4:] == ["lo", ""], "no network but loopback"
         assert abs(int(out[3]) - time.time()) < 30, "the guest's clock was set from the grader's, not the snapshot's"
+        assert "grading VM" in g.lab.call("vm.missing")["reason"], "a VM question there says why it cannot run"
         pid = g.qemu_pid()
         status = open(f"/proc/{pid}/status").read()
         assert re.search(rf"^Uid:\s+{UID}\s+{UID}\s+{UID}\s+{UID}$", status, re.M), "qemu runs as the given user"

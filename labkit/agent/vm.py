@@ -31,9 +31,18 @@ QEMU = {"x86_64": ("qemu-system-x86_64", ["-M", "q35"], "ttyS0"),
         "aarch64": ("qemu-system-aarch64", ["-M", "virt", "-cpu", "max"], "ttyAMA0")}
 
 
+#: set by :func:`labkit.agent.vmsandbox.guest_main`: this agent serves a submission inside the grading VM
+IN_GRADING_VM = False
+
+
 def missing():
     """Why this target cannot boot the VM baseline ({'reason', 'fix'}), or None when it can: a supported CPU,
     qemu for it, a distro kernel in /boot and a static busybox. Cheap: nothing is booted."""
+    if IN_GRADING_VM:
+        return {"reason": "this agent runs inside labkit's grading VM, which boots no VM of its own (a VM in it "
+                          "would be emulated twice over)",
+                "fix": "grade the notebooks whose questions boot a VM with --sandbox container (a class you trust) "
+                       "or --sandbox target"}
     machine = os.uname().machine
     if machine not in QEMU:
         return {"reason": f"no VM baseline for {machine}", "fix": "use an x86_64 or aarch64 target"}

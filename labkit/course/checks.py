@@ -570,6 +570,7 @@ def hardened_holds(lab, rootfs, hardened):
     return True, "every attempt was blocked, each by the kernel's own answer (see the reasons table)."
 
 
+@needs_vm
 def kernel_shared_by(lab, iso, answer):
     from .isolation import IsolationResult, default_configs
     if _from_the_kernel(iso):  # the grader: the matrix was computed in the notebook; the journal says what ran

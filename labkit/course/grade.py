@@ -425,6 +425,18 @@ def load_bundle(path):
     return bundle
 
 
+def vm_questions(bundle):
+    """The bundle's questions whose checks boot a VM on the agent (``checks.needs_vm``): the grading VM
+    cannot, so under ``--sandbox vm`` they score zero with that reason."""
+    from . import checks
+    out = []
+    for nb in bundle.get("notebooks", {}).values():
+        for cell in nb.get("checks", {}).values():
+            out += [q["question"] for q in cell.get("questions", ())
+                    if getattr(getattr(checks, q.get("check", ""), None), "unavailable", None)]
+    return sorted(out)
+
+
 def submissions(paths):
     """(student id, notebook path) for each submission: a folder per student (its .ipynb files), or files
     named ``STUDENT-NN-title.ipynb`` (the student's id is what comes before the notebook's name)."""
