@@ -50,6 +50,67 @@ def cmd_lab(args):
     return _totals(runs, args.output)
 
 
+def cmd_jupyter(args):
+    """JupyterLab on the course, for a lecture or a student: the right target, a fresh token, Ctrl-C stops it."""
+    import secrets
+    import signal
+    import subprocess
+    root = os.path.abspath(args.dir) if args.dir else NOTEBOOK_DIR
+    if args.student:
+        from .course.assign import write_student_editions
+        root = os.path.abspath(args.dir or "labkit-course")
+        write_student_editions(NOTEBOOK_DIR, root, keep=True)
+    if not os.path.isdir(root):
+        raise NotFound(f"{root} is not a folder of notebooks", fix="give --dir a folder, or --student to make one")
+    token = secrets.token_urlsafe(24)
+    argv = [sys.executable, "-m", "jupyterlab", "--no-browser", f"--ServerApp.ip={args.ip}",
+            f"--ServerApp.port={args.port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
+            f"--ServerApp.root_dir={root}", "--ServerApp.open_browser=False"]
+    if os.geteuid() == 0:
+        argv.append("--allow-root")
+    env = dict(os.environ, LABKIT_TARGET=args.target)
+    env.pop("LABKIT_HEADLESS", None)  # someone clicks here: step widgets wait for Next
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    url = f"http://{args.ip}:{args.port}/lab?token={token}"
+    try:
+        for line in proc.stderr:  # JupyterLab says when it serves (or why it cannot)
+            if "is running at" in line or "http://" in line and "token=" in line:
+                break
+            if args.verbose:
+                print(line, end="", file=sys.stderr)
+        import socket
+        import time
+        deadline = time.monotonic() + 60
+        while proc.poll() is None:  # it says where it will be a moment before it listens there
+            try:
+                socket.create_connection((args.ip, args.port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+        if proc.poll() is not None:
+            raise LabkitError(f"JupyterLab did not start (exit {proc.returncode})",
+                              fix=f"is port {args.port} taken? try --port {args.port + 1}")
+        print(f"JupyterLab on {root}, target {args.target!r}:\n  {url}\nCtrl-C stops it (and undoes every step widget's "
+              "sequence in its kernels).", flush=True)
+        for line in proc.stderr:
+            if args.verbose:
+                print(line, end="", file=sys.stderr)
+        return proc.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # the server shuts its kernels down: their sequences undo
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
 def _totals(runs, output):
     got = sum(r.total[0] for r in runs)
     out_of = sum(r.total[1] for r in runs)
@@ -408,6 +469,16 @@ def main(argv=None):
                      help="run the student editions (solutions removed) instead of the solution editions")
     lab.add_argument("notebooks", nargs="*")
     lab.set_defaults(fn=cmd_lab)
+    jl = sub.add_parser("jupyter", parents=[common], help="open the course in JupyterLab (for a lecture, or to "
+                                                           "work through the labs); prints the URL with its token")
+    jl.add_argument("--dir", help="the notebooks to open (default: the course's, with the solutions; with "
+                                  "--student: ./labkit-course, made if missing)")
+    jl.add_argument("--student", action="store_true", help="open the student editions (made where missing, "
+                                                            "a student's work kept)")
+    jl.add_argument("--ip", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    jl.add_argument("--port", type=int, default=8888)
+    jl.add_argument("--verbose", action="store_true", help="show JupyterLab's own log")
+    jl.set_defaults(fn=cmd_jupyter)
     sc = sub.add_parser("scores", help="the points each executed notebook in a folder recorded")
     sc.add_argument("output", nargs="?", default="lab-output")
     sc.add_argument("--all", action="store_true", help="every course notebook must be there")

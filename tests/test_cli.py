@@ -118,3 +118,41 @@ def test_docker_verbs_from_the_shell():
         for n in lab.networks():  # the engine made the default network on first use: give it back
             if n["spec"]["name"] == "default" and not n["members"]:
                 lab.call("net.remove", name="default")
+
+
+def test_jupyter_opens_the_course_with_a_fresh_token_and_ctrl_c_stops_it(tmp_path):
+    """`labkit jupyter`: JupyterLab on 127.0.0.1 serving the student editions it made, reachable only with the
+    token it printed; Ctrl-C (SIGINT) ends it and every process it started."""
+    import signal
+    import socket
+    import urllib.error
+    import urllib.request
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    course = tmp_path / "course"
+    proc = subprocess.Popen([sys.executable, "-m", "labkit.cli", "jupyter", "--student", "--dir", str(course),
+                             "--port", str(port), "--target", "local"], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        lines = [proc.stdout.readline(), proc.stdout.readline()]
+        url = lines[1].strip()
+        assert url.startswith(f"http://127.0.0.1:{port}/lab?token="), lines
+        token = url.split("token=", 1)[1]
+        assert len(token) >= 32
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/contents?token={token}", timeout=30) as r:
+            names = {c["name"] for c in json.load(r)["content"]}
+        assert "00-setup.ipynb" in names and "08-security.ipynb" in names, names
+        nb = json.loads((course / "01-chroot.ipynb").read_text())
+        assert not any("### BEGIN SOLUTION" in "".join(c["source"]) for c in nb["cells"]), "the student edition"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/contents?token=wrong", timeout=30)
+        assert refused.value.code == 403
+        os.kill(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    left = subprocess.run(["pgrep", "-f", f"ServerApp.port={port}"], capture_output=True, text=True).stdout
+    assert left == "", "JupyterLab is gone with it"

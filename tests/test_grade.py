@@ -499,7 +499,7 @@ def test_a_hostile_class_scores_exactly_and_leaves_the_host_as_it_was(tmp_path, 
         assert alice_marker not in peek and bundle["source_sha256"] not in peek, \
             "neither the kernel nor the agent it drives can read the bundle or another student's file"
         assert _host_state() == before, "the host's mounts and files are as they were"
-        ps = subprocess.run(["ps", "-eo", "uid=,args="], capture_output=True, text=True).stdout.splitlines()
+        ps = subprocess.run(["ps", "-ww", "-eo", "uid=,args="], capture_output=True, text=True).stdout.splitlines()
         assert not [p for p in ps if p.split()[0].isdigit() and int(p.split()[0]) >= UID_BASE], "no kernel is left"
         assert not [p for p in ps if "labkit.agent.sandbox" in p or "labkit-vm-" in p], "no sandbox is left"
         assert {r["sandbox_info"]["sandbox"] for r in done if r.get("sandbox_info")} == {sandbox}

@@ -115,3 +115,19 @@ def test_no_request_through_the_relay_holds_the_grader_past_its_limit(tmp_path, 
         [entry] = [e for e in relay.journal if e["method"] == "run"]
         assert entry["params"]["timeout"] == 2 and "_timeout" not in entry["params"], entry["params"]
         assert rec is None or rec.exit_code != 0, "the sleep was cut short at the grader's limit"
+
+
+def test_a_submission_that_answers_without_end_is_cut_off_and_the_grader_keeps_its_memory(relay, monkeypatch):
+    """Root on a hostile agent (or a loop of big outputs) could fill the grader's journal: past MAX_JOURNAL
+    (made small here, 256 MiB for real) the relay refuses every request, and keeps no more."""
+    from labkit.course import relay as relay_mod
+    from labkit.wire.errors import LabkitError
+    monkeypatch.setattr(relay_mod, "MAX_JOURNAL", 200_000)
+    with labkit.connect("unix://" + relay.path) as student:
+        for _ in range(4):
+            assert len(student.run(["sh", "-c", "head -c 60000 /dev/zero | tr '\\0' x"]).stdout) == 60000
+        with pytest.raises(LabkitError, match="relays no more"):
+            student.run(["sh", "-c", "head -c 60000 /dev/zero | tr '\\0' x"])
+        with pytest.raises(LabkitError, match="relays no more"):
+            student.run(["true"])
+    assert 200_000 < relay.journal_bytes < 200_000 + 70_000 and len(relay.journal) == 4

@@ -144,7 +144,7 @@ def test_a_disposable_agent_starts_empty_and_takes_everything_with_it(lab):
         inner.run(["rm", "-rf", "--no-preserve-root", "/"], timeout=300)
         assert os.path.exists(sentinel) and os.path.exists(sys.executable), "rm -rf / removed nothing of the host's"
     assert not any(os.path.exists(d) for d in mine), "the agent's cgroup, and all below it, is gone"
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
     assert "sleep 600" not in ps and box.name not in ps, "no process of the sandbox is left"
 
 

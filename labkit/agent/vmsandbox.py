@@ -56,7 +56,8 @@ def _argv(vm_id, d, snap_dir, mode, memory_mb, serial):
     qemu = which(qemu_name)
     if not qemu:
         raise NotFound(f"{qemu_name} is not installed", fix="`sudo apt-get install qemu-system-x86` (qemu-system-arm on arm64)")
-    return [qemu, *mach_args, "-name", f"labkit-vm-{vm_id}", "-accel", mode, "-m", str(memory_mb), "-smp", "1",
+    return [qemu, *mach_args, "-machine", "mem-merge=off",  # no page sharing between guests (a timing channel)
+            "-name", f"labkit-vm-{vm_id}", "-accel", mode, "-m", str(memory_mb), "-smp", "1",
             "-nographic", "-nodefaults", "-no-reboot", "-serial", serial, "-monitor", "none",
             "-qmp", f"unix:{d}/qmp.sock,server=on,wait=off",
             "-kernel", f"{snap_dir}/vmlinuz", "-initrd", f"{snap_dir}/initrd.gz",
@@ -148,6 +149,9 @@ def snapshot(memory_mb=MEMORY_MB, accel_mode=None, timeout=600):
     lock = os.open(f"{SNAPSHOTS}/.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        for stale in snapshots():  # builds happen under this lock only: one seen now was killed half-way
+            if stale.startswith(".build-"):
+                shutil.rmtree(f"{SNAPSHOTS}/{stale}", ignore_errors=True)
         tmp = f"{SNAPSHOTS}/.build-{os.getpid()}-{secrets.token_hex(3)}"
         os.mkdir(tmp, 0o700)
         try:
@@ -278,38 +282,51 @@ def _record(vm_id, d, pid):
 #: (set-user-ID calls stay allowed for ``-runas``, which drops root after the filter is in; as that user there is
 #: nothing to elevate to)
 QEMU_SECCOMP = "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny"
+#: the most a restored qemu may write to its log (root in the guest can make qemu complain on purpose)
+LOG_LIMIT = 16 << 20
+#: joins the cgroups named before ``--`` (one cgroup.procs file per hierarchy), then executes what follows:
+#: qemu is held by its limits from its first instruction, and removing the cgroup kills it even before it
+#: has a state entry
+JOIN_AND_EXEC = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
 
 
-def restore(memory_mb=MEMORY_MB, accel_mode=None, cgroup=None, uid=None, timeout=120):
+def restore(uid, memory_mb=MEMORY_MB, accel_mode=None, cgroup=None, timeout=120):
     """A new grading guest from the snapshot: {'id', 'socket', 'restore_s', 'accel', ...}. Connect to ``socket``
     (a unix socket, root's alone), send :func:`labkit.wire.protocol.vm_start_line`, then speak the protocol;
-    :func:`stop` ends it. Its qemu runs under :data:`QEMU_SECCOMP`, as ``uid`` (and that gid) once it has opened
-    its files when one is given (a user id no account and no other sandbox has), in labkit cgroup ``cgroup``
-    (its memory, CPU and pids limits) when one is given: root in the guest who breaks out of qemu's emulation
-    is that user, there."""
-    if uid is not None and (not isinstance(uid, int) or isinstance(uid, bool) or not 1000 <= uid < 2 ** 31):
+    :func:`stop` ends it.
+
+    Its qemu is what root in the guest would attack to get out, so it runs with the least: in labkit cgroup
+    ``cgroup`` from its start (memory, CPU and pids limits), in a network namespace of its own with nothing in
+    it, under :data:`QEMU_SECCOMP`, chrooted into an empty directory and as ``uid`` (and that gid: a user id
+    no account and no other sandbox has) once it has opened its files, with at most :data:`LOG_LIMIT` bytes
+    of log."""
+    if not isinstance(uid, int) or isinstance(uid, bool) or not 1000 <= uid < 2 ** 31:
         raise InvalidSpec(f"uid={uid!r} must be an unprivileged user id", fix="pass one no account has")
     snap = _MEMO.get((memory_mb, accel_mode))
     if snap is None or _read_meta(snap["dir"]) is None:
         snap = _MEMO[(memory_mb, accel_mode)] = snapshot(memory_mb, accel_mode)
     vm_id = secrets.token_hex(4)
     d = _vm_dir(vm_id)
+    os.mkdir(f"{d}/root", 0o555)  # qemu's chroot: empty
     proc = qmp = None
     t0 = time.perf_counter()
+    lock = os.open(f"{SNAPSHOTS}/.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
+        fcntl.flock(lock, fcntl.LOCK_SH)  # no new snapshot replaces this one while qemu reads it
+        if _read_meta(snap["dir"]) is None:
+            raise MechanismError("the grading VM's snapshot was replaced meanwhile", fix="grade the submission again")
         fd = os.open(f"{snap['dir']}/state", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             with open(f"{d}/qemu.log", "wb") as log:
-                argv = _argv(vm_id, d, snap["dir"], snap["accel"], memory_mb, "null") + [
-                    "-incoming", f"fd:{fd}", "-sandbox", QEMU_SECCOMP] + (["-runas", f"{uid}:{uid}"] if uid else [])
+                qemu = _argv(vm_id, d, snap["dir"], snap["accel"], memory_mb, "null") + [
+                    "-incoming", f"fd:{fd}", "-sandbox", QEMU_SECCOMP, "-chroot", f"{d}/root", "-runas", f"{uid}:{uid}"]
+                procs = cgroups.procs_files(cgroup) if cgroup else []
+                argv = ["sh", "-c", JOIN_AND_EXEC, "labkit-qemu", *procs, "--", "unshare", "--net", "--",
+                        "prlimit", f"--fsize={LOG_LIMIT}", "--", *qemu]
                 proc = start(argv, stdout=log, stderr=log, pass_fds=(fd,))
         finally:
             os.close(fd)
         _record(vm_id, d, proc.pid)
-        if cgroup:
-            for f in cgroups.procs_files(cgroup):
-                with open(f, "w") as fh:
-                    fh.write(str(proc.pid))
         qmp = _QMP(f"{d}/qmp.sock", proc)
         if _wait_status(qmp, proc, ("paused", "running", "postmigrate"), timeout, "take its state in") != "running":
             qmp.cmd("cont")
@@ -328,6 +345,7 @@ def restore(memory_mb=MEMORY_MB, accel_mode=None, cgroup=None, uid=None, timeout
                                  fix="run `labkit doctor`; `rm -rf " + SNAPSHOTS + "` makes a new snapshot") from None
         raise
     finally:
+        os.close(lock)
         if qmp is not None:
             qmp.close()
     _LIVE[vm_id] = proc

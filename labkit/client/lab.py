@@ -182,8 +182,8 @@ class Lab:
         if kind == "overlay":
             return OverlayRoot(self, check_name(name, "container name"), Record(self.call("overlay.info", cid=name)))
         if kind == "network":
-            spec = NetworkSpec(name=name)
-            return Network(self, spec, Record(self.call("net.inspect", name=spec.name), facts={"existed": True}))
+            state = self.call("net.inspect", name=NetworkSpec(name=name).name)
+            return Network(self, NetworkSpec.from_dict(state["spec"]), Record(network=state, facts={"existed": True}))
         if kind == "vm":
             for st in self.call("vm.list"):
                 if st.get("id") == name:

@@ -11,7 +11,9 @@ scores zero with that reason.
 Each request is read with the protocol's bounds (one line, at most ``MAX_LINE`` bytes, valid JSON) and
 answered in order; a line the relay cannot read is answered with the error, as the agent would. The socket
 is made in a directory of the grader's choosing with mode 0600 and, given ``owner``, owned by the sandbox's
-user, so no one else on the machine reaches the agent through it.
+user, so no one else on the machine reaches the agent through it. The journal holds at most
+:data:`MAX_JOURNAL` bytes of answers: past that (a submission, or a hostile agent, that answers without end)
+every further request is refused, and the grader's memory stays bounded.
 """
 import json
 import os
@@ -23,6 +25,10 @@ from ..wire import protocol
 from ..wire.errors import LabkitError, ProtocolError
 
 
+#: the most answer bytes one submission's journal keeps; the relay refuses every request past it
+MAX_JOURNAL = 256 << 20
+
+
 class Relay:
     """``Relay(channel, path, owner=None)``: serve ``path`` until :meth:`close` (also a context manager)."""
 
@@ -30,6 +36,7 @@ class Relay:
         self.channel, self.path = channel, path
         self.max_seconds = max_seconds  # no request may make the grader wait longer (its lock is shared)
         self.journal = []           # every answer: {"method", "params", "ok", "result" | "error"}
+        self.journal_bytes = 0      # the size of those answers as sent (bounded by MAX_JOURNAL)
         self._index = {}            # record digest -> journal position
         self._lock = threading.Lock()
         self._closing = False
@@ -94,22 +101,30 @@ class Relay:
                 if isinstance(params.get(k), (int, float)) and not isinstance(params[k], bool) \
                         and params[k] > self.max_seconds:
                     params[k] = self.max_seconds
+        if self.journal_bytes > MAX_JOURNAL:
+            exc = LabkitError(f"this submission's answers passed {MAX_JOURNAL / 2 ** 20:g} MiB: the grader relays "
+                              "no more",
+                              fix="print and keep less (read a file in parts, limit a command's output)")
+            return protocol.encode(protocol.response(rid, error=exc.to_wire()), sender="agent")
         entry = {"method": method, "params": params}
         try:
             result = self.channel.call(method, **params)
         except LabkitError as exc:
             entry.update(ok=False, error=exc.to_wire())
-            self._keep(entry)
-            return protocol.encode(protocol.response(rid, error=exc.to_wire()), sender="agent")
+            line = protocol.encode(protocol.response(rid, error=exc.to_wire()), sender="agent")
+            self._keep(entry, len(line))
+            return line
         entry.update(ok=True, result=result)
-        self._keep(entry)
         try:
-            return protocol.encode(protocol.response(rid, result=result), sender="agent")
+            line = protocol.encode(protocol.response(rid, result=result), sender="agent")
         except LabkitError as exc:
-            return protocol.encode(protocol.response(rid, error=exc.to_wire()), sender="agent")
+            line = protocol.encode(protocol.response(rid, error=exc.to_wire()), sender="agent")
+        self._keep(entry, len(line))
+        return line
 
-    def _keep(self, entry):
+    def _keep(self, entry, size):
         with self._lock:
+            self.journal_bytes += size
             self.journal.append(entry)
             digest = record_digest(entry.get("result")) if entry.get("ok") else None
             if digest:

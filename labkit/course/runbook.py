@@ -66,6 +66,18 @@ def run_notebooks(target, output, notebooks=None, student_id="anonymous", quick=
     import papermill as pm
     os.makedirs(output, exist_ok=True)
     runs = []
+    headless = os.environ.get("LABKIT_HEADLESS")
+    os.environ["LABKIT_HEADLESS"] = "1"  # the kernels inherit it: step widgets play to the end (labkit.course.steps)
+    try:
+        return _run_each(pm, target, output, notebooks, student_id, quick, timeout, source_dir, on_done, runs)
+    finally:
+        if headless is None:
+            os.environ.pop("LABKIT_HEADLESS", None)
+        else:
+            os.environ["LABKIT_HEADLESS"] = headless
+
+
+def _run_each(pm, target, output, notebooks, student_id, quick, timeout, source_dir, on_done, runs):
     for name in notebooks or course_notebooks(source_dir):
         out = os.path.join(output, name)
         started, error = time.monotonic(), None
