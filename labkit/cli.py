@@ -70,6 +70,16 @@ def cmd_jupyter(args):
         argv.append("--allow-root")
     env = dict(os.environ, LABKIT_TARGET=args.target)
     env.pop("LABKIT_HEADLESS", None)  # someone clicks here: step widgets wait for Next
+    config = None
+    if args.big_screen:  # the projector: big type on the page (JupyterLab's custom.css) and in every chart
+        import tempfile
+        from .course.plotting import BIG_SCREEN_CSS
+        config = tempfile.mkdtemp(prefix="labkit-jupyter-")
+        os.makedirs(os.path.join(config, "custom"))
+        with open(os.path.join(config, "custom", "custom.css"), "w") as f:
+            f.write(BIG_SCREEN_CSS)
+        env.update(LABKIT_BIG_SCREEN="1", JUPYTER_CONFIG_DIR=config)
+        argv.append("--LabApp.custom_css=True")
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     url = f"http://{args.ip}:{args.port}/lab?token={token}"
@@ -109,6 +119,9 @@ def cmd_jupyter(args):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        if config:
+            import shutil
+            shutil.rmtree(config, ignore_errors=True)
 
 
 def _totals(runs, output):
@@ -477,6 +490,8 @@ def main(argv=None):
                                                             "a student's work kept)")
     jl.add_argument("--ip", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     jl.add_argument("--port", type=int, default=8888)
+    jl.add_argument("--big-screen", action="store_true", help="for a projector: large type on the page and in "
+                                                               "every chart, thick high-contrast lines")
     jl.add_argument("--verbose", action="store_true", help="show JupyterLab's own log")
     jl.set_defaults(fn=cmd_jupyter)
     sc = sub.add_parser("scores", help="the points each executed notebook in a folder recorded")

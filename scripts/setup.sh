@@ -4,6 +4,7 @@
 #     qemu, crun/runc, and a distro kernel in /boot for the VM baseline when there is none)
 #   - a virtual environment in .venv with labkit and its host-side dependencies
 #   - with --dev, what the tests need: test tools, sshd, Vagrant + libvirt + debootstrap for the VM tier
+#   (and chromium, which the browser test drives)
 # Usage: bash scripts/setup.sh [--dev]      (as root; from a user account it asks sudo for itself)
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -19,7 +20,7 @@ bash "$here/vagrant/provision.sh" "$here"
 pkgs=(python3-venv python3-pip)
 [ "$dev" = 1 ] && pkgs+=(openssh-server openssh-client vagrant vagrant-libvirt libvirt-daemon-system
                          libvirt-daemon-driver-qemu libvirt-clients dnsmasq-base dbus debootstrap e2fsprogs
-                         qemu-utils rsync skopeo docker-registry crun runc tmux docker.io)
+                         qemu-utils rsync skopeo docker-registry crun runc tmux docker.io chromium)
 # The VM baseline's kernel comes with the target side (provision.sh); the tests also boot the other architecture's.
 if [ "$dev" = 1 ]; then
   case "$(dpkg --print-architecture)" in

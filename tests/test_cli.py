@@ -156,3 +156,29 @@ def test_jupyter_opens_the_course_with_a_fresh_token_and_ctrl_c_stops_it(tmp_pat
             proc.wait()
     left = subprocess.run(["pgrep", "-f", f"ServerApp.port={port}"], capture_output=True, text=True).stdout
     assert left == "", "JupyterLab is gone with it"
+
+
+def test_jupyter_big_screen_serves_the_projector_style_sheet_and_leaves_no_config(tmp_path):
+    import glob
+    import signal
+    import socket
+    import urllib.request
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    before = set(glob.glob("/tmp/labkit-jupyter-*"))
+    proc = subprocess.Popen([sys.executable, "-m", "labkit.cli", "jupyter", "--big-screen", "--port", str(port),
+                             "--target", "local"], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        url = [proc.stdout.readline(), proc.stdout.readline()][1].strip()
+        token = url.split("token=", 1)[1]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/custom/custom.css?token={token}", timeout=30) as r:
+            css = r.read().decode()
+        assert ".labkit-steps" in css and "--jp-content-font-size1: 24px" in css, css[:200]
+        os.kill(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert set(glob.glob("/tmp/labkit-jupyter-*")) == before, "its configuration folder is gone"

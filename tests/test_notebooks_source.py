@@ -119,3 +119,21 @@ def test_the_course_still_lists_the_built_notebooks():
     """runbook and assign read the .ipynb; the texts and notebooks/README.md are not notebooks to them."""
     assert NOTEBOOK_DIR == os.path.dirname(PAIRS["00-setup"][0])
     assert all(name.endswith(".ipynb") for name in course_notebooks())
+
+
+@pytest.mark.parametrize("stem", sorted(PAIRS))
+def test_every_notebook_is_a_slide_deck_split_at_its_headings(stem):
+    """RISE (jupyterlab-rise) shows a notebook as slides from its cells' slideshow metadata: the build puts a
+    new slide at each # and ## heading and a sub-slide at each ###, and the text stays free of it."""
+    nb = json.loads(_read(os.path.join(NOTEBOOK_DIR, stem + ".ipynb")))
+    kinds = [c["metadata"].get("slideshow", {}).get("slide_type") for c in nb["cells"]]
+    assert kinds[0] == "slide" and kinds.count("slide") >= 3, kinds
+    for c, kind in zip(nb["cells"], kinds):
+        first = next((ln for ln in "".join(c["source"]).splitlines() if ln.strip()), "")
+        want = "slide" if c["cell_type"] == "markdown" and first.startswith(("# ", "## ")) else \
+            "subslide" if c["cell_type"] == "markdown" and first.startswith("### ") else None
+        assert kind == want, (c["id"], first, kind)
+    assert "slideshow" not in _read(os.path.join(NOTEBOOK_DIR, stem + ".md")), "derived, not written in the text"
+    import nbformat
+    assert "slideshow" not in notebooks.text_from_notebook(nbformat.reads(json.dumps(nb), 4)), \
+        "an import does not write it into the text"

@@ -122,3 +122,24 @@ def test_headless_papermill_saves_the_final_view_in_the_widget_state(tmp_path, l
     values = " ".join(str(m["state"].get("value", "")) for m in state.values())
     assert "step 4 of 4" in values and "lk-step-t" in values, "the saved widget state shows the final view"
     assert ours(lab) == []
+
+
+def test_a_container_built_one_mechanism_at_a_time_and_taken_apart_again(lab):
+    from labkit.course.steps import build_a_container
+    seq = build_a_container(lab, "tm")
+    try:
+        seq.play()
+        proc = lab.find("process", "lk-step-tm")
+        seen = proc.exec(["sh", "-c", "hostname; ls /sys/class/net"])
+        assert seen.stdout.split() == ["tm", "eth0", "lo"], seen.stdout
+        assert proc.pid in lab.find("cgroup", "lk-step-tm").stats()["procs"], "the process is in the step's cgroup"
+        assert seq.state_html().count(">yes<") == 5, "the live state shows every mechanism in place"
+        for _ in range(6):
+            seq.back()
+        for kind, name in (("rootfs", "lk-step-tm"), ("cgroup", "lk-step-tm"), ("overlay", "lk-step-tm"),
+                           ("process", "lk-step-tm"), ("network", "sttm")):
+            with pytest.raises(NotFound):
+                lab.find(kind, name)
+        assert seq.state_html().count(">yes<") == 0
+    finally:
+        seq.close()

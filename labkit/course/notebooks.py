@@ -8,6 +8,7 @@ text as cell metadata (```` ```python id="00-01" ```` on a code fence, ``<!-- #r
 around prose); :func:`notebook_from_text` moves it to ``cell.id`` and refuses a cell without one or an
 id used twice. The build is deterministic: the same text gives the same bytes (nbformat's JSON, indent 1,
 a trailing newline, outputs empty), which is what ``check`` compares the committed notebooks with.
+The build also marks where slides begin (:func:`slide_type`), so every notebook is its own slide deck.
 
 ``python -m labkit.course.notebooks build [NAME ...]`` writes the notebooks from their texts;
 ``check`` exits 1 naming every notebook that differs from what its text builds and every text or
@@ -76,6 +77,9 @@ def notebook_from_text(text, name="<text>"):
                               fix="give one of them a new id (grading finds check cells by id: keep the old "
                                   "one on the cell it belonged to)")
         seen[cid] = i
+        slide = slide_type(cell.cell_type, cell.source)
+        if slide and "slideshow" not in meta:
+            meta["slideshow"] = {"slide_type": slide}
         if cell.cell_type == "code":
             new = nbformat.v4.new_code_cell(source=cell.source, metadata=meta)
         elif cell.cell_type == "markdown":
@@ -92,6 +96,22 @@ def notebook_from_text(text, name="<text>"):
     else:
         meta.pop("jupytext", None)
     return nbformat.v4.new_notebook(cells=cells, metadata=meta, nbformat=4, nbformat_minor=5)
+
+
+def slide_type(cell_type, source):
+    """The slide a cell starts when the notebook is shown as slides (RISE, JupyterLab's presentation mode):
+    a new slide at each ``#``/``##`` heading, a sub-slide (below it) at each ``###``, else None (the cell goes
+    on the slide before it). Written into the built notebook's cell metadata; a cell's own ``slideshow``
+    metadata in the text wins."""
+    if cell_type != "markdown":
+        return None
+    source = "".join(source) if isinstance(source, list) else source
+    first = next((ln for ln in source.splitlines() if ln.strip()), "")
+    if re.match(r"#{1,2} ", first):
+        return "slide"
+    if first.startswith("### "):
+        return "subslide"
+    return None
 
 
 def ipynb_text(nb):
@@ -117,7 +137,9 @@ def text_from_notebook(nb):
     cells = []
     for cell in nb.cells:
         cell = nbformat.from_dict(dict(cell))
-        cell.metadata = {ID_KEY: cell.id, **{k: v for k, v in cell.metadata.items() if k != ID_KEY}}
+        derived = slide_type(cell.cell_type, cell.source)
+        cell.metadata = {ID_KEY: cell.id, **{k: v for k, v in cell.metadata.items() if k != ID_KEY and not (
+            k == "slideshow" and v == {"slide_type": derived})}}  # the build derives it again
         cells.append(cell)
     meta = dict(nb.metadata)
     meta["jupytext"] = {**meta.get("jupytext", {}), "formats": FORMATS, "notebook_metadata_filter": METADATA_FILTER}

@@ -7,14 +7,55 @@ import os
 
 PALETTE = {"isolated": "#2e7d32", "visible": "#c62828", "unknown": "#9e9e9e"}
 
+#: the chart style on a screen, and on the lecture's projector (big_screen): larger type, thicker lines
+STYLES = {
+    False: {"figure.dpi": 100, "axes.titlesize": 12, "axes.labelsize": 10, "xtick.labelsize": 9,
+            "ytick.labelsize": 9, "legend.fontsize": 9, "lines.linewidth": 1.5, "axes.linewidth": 0.8,
+            "font.family": "DejaVu Sans"},
+    True: {"figure.dpi": 130, "axes.titlesize": 20, "axes.labelsize": 17, "xtick.labelsize": 15,
+           "ytick.labelsize": 15, "legend.fontsize": 15, "lines.linewidth": 3.0, "axes.linewidth": 1.6,
+           "font.family": "DejaVu Sans"},
+}
+#: the page's type on the projector: the notebook, its tables and labkit's widgets, high contrast
+BIG_SCREEN_CSS = """
+body, :root:root {  /* over the theme's own :root values */
+  --jp-content-font-size0: 20px; --jp-content-font-size1: 24px; --jp-content-font-size2: 28px;
+  --jp-code-font-size: 22px; --jp-ui-font-size0: 17px; --jp-ui-font-size1: 20px; --jp-ui-font-size2: 24px;
+  --jp-widgets-font-size: 20px; --jp-content-font-color1: #000; --jp-content-font-color2: #111;
+}
+.labkit-steps table, .labkit-live table, .labkit-record table { font-size: 20px; }
+.labkit-steps .widget-button, .labkit-live .widget-button { height: 2.4em; font-size: 20px; }
+"""
+_SCREEN = {"big": os.environ.get("LABKIT_BIG_SCREEN") == "1"}
+
+
+def is_big_screen():
+    """True on the lecture's projector (``big_screen()`` was called, or ``labkit jupyter --big-screen``)."""
+    return _SCREEN["big"]
+
+
+def big_screen(on=True):
+    """Large type and thick, high-contrast lines for a whole notebook, from this cell on: the charts'
+    style, and (in JupyterLab) the page's type through a style sheet shown in this cell's output;
+    ``big_screen(False)`` puts both back."""
+    from IPython.display import HTML, display
+    _SCREEN["big"] = bool(on)
+    display(HTML(f"<style>{BIG_SCREEN_CSS}</style>" if on else ""), display_id="labkit-big-screen")
+
+
+def live_fonts():
+    """Sizes for the live bqplot charts (labkit.course.live), in the current screen's style."""
+    big = is_big_screen()
+    return {"title": {"font-size": "22px" if big else "14px"}, "label": "18px" if big else "12px",
+            "width": "720px" if big else "480px", "height": "420px" if big else "300px", "stroke": 5 if big else 3}
+
 
 def _plt():
     import matplotlib
     if not os.environ.get("DISPLAY") and "inline" not in matplotlib.get_backend().lower():
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    plt.rcParams.update({"figure.dpi": 100, "axes.titlesize": 12, "axes.labelsize": 10,
-                         "font.family": "DejaVu Sans"})
+    plt.rcParams.update(STYLES[is_big_screen()])
     return plt
 
 

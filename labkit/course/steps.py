@@ -51,12 +51,10 @@ def _undo_named(lab, kind, name):
         return False
     if kind == "container":
         handle.rm(force=True)
-    elif kind == "network":  # found, not made by this handle: removed by name
-        handle.remove()
     elif kind == "process":
         handle.stop()
-    else:
-        handle._undo()
+    else:  # a found handle did not make its object, so its own undo would leave it: remove it by name
+        handle.remove()
     return True
 
 
@@ -298,3 +296,63 @@ def docker_run(lab, name="six", cmd=("sh", "-c", "hostname; ip -o -4 addr show e
              "but is not deleted: its layer stays until `rm`.", start, undo=stop),
     ]
     return Sequence(lab, name, steps, title="docker run, step by step", state=_containers_state(ctr, net))
+
+
+def build_a_container(lab, name="mech"):
+    """A container made one kernel mechanism at a time: root filesystem, chroot, namespaces, cgroup, overlay,
+    then a veth on a bridge and the process that uses them all."""
+    obj, net = f"lk-step-{name}", ("st" + name.replace("-", ""))[:8]
+    ns = ["uts", "pid", "mnt", "ipc", "net"]
+
+    def rootfs(seq):
+        seq.ctx["root"] = seq.lab.rootfs(obj, replace=True)
+        return seq.ctx["root"].record
+
+    def chroot(seq):
+        return seq.lab.chroot(obj, ["sh", "-c", "echo '/ is now:'; ls /; echo; cat /etc/hostname"])
+
+    def namespaces(seq):
+        return seq.lab.run_in(["sh", "-c", "echo hostname $(hostname), pid $$; echo links: $(ls /sys/class/net)"],
+                              ns, rootfs=obj, root_mode="pivot_root", hostname=name)
+
+    def cgroup(seq):
+        return seq.lab.cgroup(obj, memory="64M", cpus=0.5, pids=64).record
+
+    def overlay(seq):
+        seq.ctx["overlay"] = seq.lab.container_root("busybox", obj)
+        return seq.ctx["overlay"].record
+
+    def veth(seq):
+        seq.lab.network(net, subnet="10.214.8.0/24")
+        merged = (seq.ctx.get("overlay") or seq.lab.find("overlay", obj)).merged
+        seq.ctx["proc"] = seq.lab.spawn(["sleep", "3600"], ns, name=obj, rootfs=merged, root_mode="pivot_root",
+                                        cgroup=obj, network=net, hostname=name)
+        return seq.ctx["proc"].record
+
+    steps = [
+        Step("a root filesystem", "A directory with a shell, its tools and an /etc: everything a container's "
+             "files will be.", rootfs, makes=[("rootfs", obj)]),
+        Step("chroot into it", "chroot(2) changes what / means for one process: it sees only that directory "
+             "(and nothing else is isolated yet).", chroot),
+        Step("namespaces", "New UTS, PID, mount, IPC and network namespaces: its own hostname, PID 1, mounts "
+             "and an empty network; pivot_root moves its root for good.", namespaces),
+        Step("a cgroup", "Limits the kernel enforces for a group of processes: 64 MiB of memory, half a CPU, "
+             "64 processes.", cgroup, makes=[("cgroup", obj)]),
+        Step("an overlay root", "The image's layers read-only below, a writable upper directory on top: what a "
+             "container changes stays in its own layer.", overlay, makes=[("overlay", obj)]),
+        Step("a veth on a bridge, and the process", "A veth pair joins the container's network namespace to a "
+             "bridge, its end gets an address; the process starts with all of the above: a container.", veth,
+             makes=[("network", net), ("process", obj)]),
+    ]
+
+    def state(seq):
+        rows = []
+        for kind, label in (("rootfs", "root filesystem"), ("cgroup", "cgroup"), ("overlay", "overlay root"),
+                            ("process", "process"), ("network", "network")):
+            try:
+                seq.lab.find(kind, net if kind == "network" else obj)
+                rows.append({"what": label, "on the target": "yes"})
+            except NotFound:
+                rows.append({"what": label, "on the target": "-"})
+        return html_table(rows, ["what", "on the target"], title=f"{obj} on {seq.lab.target}")
+    return Sequence(lab, name, steps, title="a container, one mechanism at a time", state=state)
