@@ -1,9 +1,15 @@
 """The `labkit` command line."""
+import contextlib
+import glob
 import json
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -120,34 +126,19 @@ def test_docker_verbs_from_the_shell():
                 lab.call("net.remove", name="default")
 
 
-def test_jupyter_opens_the_course_with_a_fresh_token_and_ctrl_c_stops_it(tmp_path):
-    """`labkit jupyter`: JupyterLab on 127.0.0.1 serving the student editions it made, reachable only with the
-    token it printed; Ctrl-C (SIGINT) ends it and every process it started."""
-    import signal
-    import socket
-    import urllib.error
-    import urllib.request
+@contextlib.contextmanager
+def _jupyter(*args):
+    """`labkit jupyter ARGS` on a free port: yields (port, token); then Ctrl-C (SIGINT), which must end it."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    course = tmp_path / "course"
-    proc = subprocess.Popen([sys.executable, "-m", "labkit.cli", "jupyter", "--student", "--dir", str(course),
-                             "--port", str(port), "--target", "local"], stdout=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-m", "labkit.cli", "jupyter", *args, "--port", str(port),
+                             "--target", "local"], stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         lines = [proc.stdout.readline(), proc.stdout.readline()]
         url = lines[1].strip()
         assert url.startswith(f"http://127.0.0.1:{port}/lab?token="), lines
-        token = url.split("token=", 1)[1]
-        assert len(token) >= 32
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/contents?token={token}", timeout=30) as r:
-            names = {c["name"] for c in json.load(r)["content"]}
-        assert "00-setup.ipynb" in names and "08-security.ipynb" in names, names
-        nb = json.loads((course / "01-chroot.ipynb").read_text())
-        assert not any("### BEGIN SOLUTION" in "".join(c["source"]) for c in nb["cells"]), "the student edition"
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/contents?token=wrong", timeout=30)
-        assert refused.value.code == 403
+        yield port, url.split("token=", 1)[1]
         os.kill(proc.pid, signal.SIGINT)
         assert proc.wait(timeout=60) == 0
     finally:
@@ -158,27 +149,26 @@ def test_jupyter_opens_the_course_with_a_fresh_token_and_ctrl_c_stops_it(tmp_pat
     assert left == "", "JupyterLab is gone with it"
 
 
-def test_jupyter_big_screen_serves_the_projector_style_sheet_and_leaves_no_config(tmp_path):
-    import glob
-    import signal
-    import socket
-    import urllib.request
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def test_jupyter_opens_the_course_with_a_fresh_token_and_ctrl_c_stops_it(tmp_path):
+    """`labkit jupyter`: JupyterLab on 127.0.0.1 serving the student editions it made, reachable only with the
+    token it printed; Ctrl-C (SIGINT) ends it and every process it started."""
+    course = tmp_path / "course"
+    with _jupyter("--student", "--dir", str(course)) as (port, token):
+        assert len(token) >= 32
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/contents?token={token}", timeout=30) as r:
+            names = {c["name"] for c in json.load(r)["content"]}
+        assert "00-setup.ipynb" in names and "08-security.ipynb" in names, names
+        nb = json.loads((course / "01-chroot.ipynb").read_text())
+        assert not any("### BEGIN SOLUTION" in "".join(c["source"]) for c in nb["cells"]), "the student edition"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/contents?token=wrong", timeout=30)
+        assert refused.value.code == 403
+
+
+def test_jupyter_big_screen_serves_the_projector_style_sheet_and_leaves_no_config():
     before = set(glob.glob("/tmp/labkit-jupyter-*"))
-    proc = subprocess.Popen([sys.executable, "-m", "labkit.cli", "jupyter", "--big-screen", "--port", str(port),
-                             "--target", "local"], stdout=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        url = [proc.stdout.readline(), proc.stdout.readline()][1].strip()
-        token = url.split("token=", 1)[1]
+    with _jupyter("--big-screen") as (port, token):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/custom/custom.css?token={token}", timeout=30) as r:
             css = r.read().decode()
         assert ".labkit-steps" in css and "--jp-content-font-size1: 24px" in css, css[:200]
-        os.kill(proc.pid, signal.SIGINT)
-        assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     assert set(glob.glob("/tmp/labkit-jupyter-*")) == before, "its configuration folder is gone"
