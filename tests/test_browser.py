@@ -106,13 +106,21 @@ def test_a_lecturer_clicks_through_docker_run_in_a_real_browser(jupyter, lab):
             news = page.get_by_role("button", name="No", exact=True)  # JupyterLab asks about its news once
             if news.count():
                 news.first.click()
+            # the kernel first: cells sent while it still starts may be lost on a loaded machine
+            expect(page.get_by_text(re.compile(r"\| Idle")).first).to_be_visible(timeout=180_000)
             page.get_by_role("menuitem", name="Run").first.click()
             page.get_by_text("Run All Cells", exact=True).click()
             widget = page.locator(".labkit-steps")
-            deadline = time.monotonic() + 120  # JupyterLab renders only the cells in view: follow the last one
+            deadline = time.monotonic() + 180  # JupyterLab renders only the cells in view: follow the last one
             while not widget.count() and time.monotonic() < deadline:
-                page.locator(".jp-WindowedPanel-outer").first.evaluate("e => { e.scrollTop = e.scrollHeight; }")
+                page.locator(".jp-NotebookPanel .jp-WindowedPanel-outer").first.evaluate(
+                    "e => { e.scrollTop = e.scrollHeight; }")
                 time.sleep(0.5)
+            if not widget.count():  # say why: the page as it is, and every error a cell printed
+                shot(page, "no-widget")
+                errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
+                pytest.fail("the step widget did not appear; cell errors: "
+                            + " | ".join(errors.nth(i).inner_text()[-600:] for i in range(errors.count())))
             widget.wait_for(timeout=30_000)
             widget.scroll_into_view_if_needed()
             expect(widget.get_by_text("step 0 of 4")).to_be_visible(timeout=30_000)

@@ -86,3 +86,20 @@ def test_the_layers_view_shows_a_containers_writes_and_deletions_in_its_upper_di
         assert "/hello.txt" in view.html.value and "whiteout" in view.html.value
     finally:
         root.remove()
+
+
+def test_the_process_view_shows_a_process_in_namespaces_of_its_own_and_its_going(lab):
+    view = live.processes(lab, interval=0.25)
+    view.widget()
+    p = lab.spawn(["sleep", "600"], ["pid", "uts", "mnt"], name="t-live-p")
+    try:
+        view.update()
+        row = next(r for r in view.rows if r["process"] == "t-live-p")
+        assert row["host PID"] == p.pid and row["PID inside"] != "(host's)" and row["PID inside"] < p.pid
+        own = set(row["own namespaces"].split())
+        assert {"pid", "uts", "mnt"} <= own and "net" not in own, row
+        assert "t-live-p" in view.html.value
+    finally:
+        p.stop()
+    view.update()
+    assert not any(r["process"] == "t-live-p" for r in view.rows), "a stopped process leaves the view"

@@ -143,3 +143,23 @@ def test_a_container_built_one_mechanism_at_a_time_and_taken_apart_again(lab):
         assert seq.state_html().count(">yes<") == 0
     finally:
         seq.close()
+
+
+def test_the_web_server_walkthrough_serves_edits_and_undoes_its_page_image_and_container(lab):
+    from labkit.course.steps import web_server
+    seq = web_server(lab, "tw", port=8093)
+    try:
+        records = seq.play()
+        assert "Welcome to the course web server" in records[3].stdout, "fetched through the published port"
+        assert "changed from inside" in records[5].stdout, "exec changed the page in the container's layer"
+        seq.back()
+        seq.back()  # undoes the edit: the page is the built one again
+        from labkit.course.checks import HTTP_GET
+        page = lab.run(["python3", "-c", HTTP_GET, "http://127.0.0.1:8093/"]).stdout
+        assert "Welcome to the course web server" in page and seq.done == 4, page
+        seq.reset()
+        assert status(lab, "lk-step-tw") is None
+        with pytest.raises(NotFound):
+            lab.image("lk-step-tw:v1")
+    finally:
+        seq.close()

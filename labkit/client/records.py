@@ -103,7 +103,8 @@ class Record(dict):
         for s in self.steps:
             what, res = step_text(s)
             dur = s.get("duration")
-            rows.append(f"<tr><td>{html.escape(s.get('kind', ''))}</td><td><code>{html.escape(what)}</code></td>"
+            rows.append(f"<tr><td>{html.escape(s.get('kind', ''))}</td><td style='text-align:left'>"
+                        f"<code style='white-space:pre-wrap;word-break:break-all'>{html.escape(what)}</code></td>"
                         f"<td>{html.escape(str(res))}</td><td>{'' if dur is None else f'{dur * 1e3:.2f} ms'}</td></tr>")
         out = [f"<div class='labkit-record'><b>{html.escape(str(self.get('what', 'record')))}</b> "
                f"<small>({self.get('duration', 0) * 1000:.1f} ms)</small>",

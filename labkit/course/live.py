@@ -8,7 +8,9 @@ called, or after ``max_seconds`` (a view left open in a forgotten tab does not p
   bqplot lines (a kept widget library: the chart updates in place, no picture is redrawn);
 - :func:`topology`: the labkit networks as the kernel has them (bridges, veths, addresses, published ports)
   while containers come and go;
-- :func:`layers`: a container's image layers and what its writable upper directory holds, as files change.
+- :func:`layers`: a container's image layers and what its writable upper directory holds, as files change;
+- :func:`processes`: the processes labkit started, with their PIDs on the host and inside and which
+  namespaces are their own.
 
 Executed headless (``LABKIT_HEADLESS=1``), :meth:`LiveView.show` takes ``headless_samples`` readings in
 the cell itself and leaves the last view in the notebook; nothing waits for anyone.
@@ -226,3 +228,42 @@ class layers(LiveView):  # noqa: N801 - used like a function: live.layers(lab, c
                            f"</table></div><div style='display:inline-block;vertical-align:top'>"
                            f"<b>in the upper directory</b><table><tr><th>path</th><th>what</th><th>bytes</th></tr>"
                            f"{upper or '<tr><td colspan=3><i>nothing changed yet</i></td></tr>'}</table></div>")
+
+
+class processes(LiveView):  # noqa: N801 - used like a function: live.processes(lab).show()
+    """The processes labkit started on the target (lab.spawn), as the host sees them: PID on the host and
+    inside, which namespaces are their own and which the host's, their root; as they start and stop."""
+
+    NS = ("pid", "mnt", "uts", "ipc", "net", "user", "cgroup")
+
+    def __init__(self, lab, interval=1.0, max_seconds=600):
+        super().__init__(interval, max_seconds)
+        self.lab = lab
+        self.rows = []
+
+    def build(self):
+        import ipywidgets as w
+        self.html = w.HTML()
+        return [self.html]
+
+    def update(self):
+        rows = []
+        for p in self.lab.processes():
+            if not p.get("alive"):
+                continue
+            try:
+                info = self.lab.call("proc.inspect", pid_id=p["id"])
+            except LabkitError:  # gone between the list and the look
+                continue
+            shared = info.get("shares_with_host") or {}
+            nspid = info.get("nspid") or [info.get("pid")]
+            rows.append({"process": p["id"], "host PID": info.get("pid"),
+                         "PID inside": nspid[-1] if len(nspid) > 1 else "(host's)",
+                         "own namespaces": " ".join(n for n in self.NS if shared.get(n) is False) or "none",
+                         "root": info.get("root"), "command": " ".join(info.get("cmdline") or [])[:60]})
+        self.rows = rows
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in ("process", "host PID", "PID inside", "own namespaces",
+                                                                "root", "command"))
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(str(r[c]))}</td>" for c in r) + "</tr>" for r in rows)
+        self.html.value = (f"<b>processes labkit started</b><table><tr>{head}</tr>{body}</table>" if rows
+                           else "<i>no process started by labkit runs on the target</i>")

@@ -28,7 +28,7 @@ from ..wire.errors import LabkitError, NotFound
 #: whether notebooks run without anyone to click (papermill under ``labkit lab`` or ``labkit grade``)
 HEADLESS = os.environ.get("LABKIT_HEADLESS") == "1"
 
-KINDS = ("container", "process", "cgroup", "overlay", "rootfs", "network")
+KINDS = ("container", "process", "cgroup", "overlay", "rootfs", "network", "image")
 
 
 class Step:
@@ -45,6 +45,13 @@ class Step:
 
 def _undo_named(lab, kind, name):
     """Remove ``kind`` ``name`` from the target when it is there; True when something was removed."""
+    if kind == "image":
+        try:
+            lab.image(name)
+        except NotFound:
+            return False
+        lab.rmi(name)
+        return True
     try:
         handle = lab.find(kind, name)
     except NotFound:
@@ -356,3 +363,56 @@ def build_a_container(lab, name="mech"):
                 rows.append({"what": label, "on the target": "-"})
         return html_table(rows, ["what", "on the target"], title=f"{obj} on {seq.lab.target}")
     return Sequence(lab, name, steps, title="a container, one mechanism at a time", state=state)
+
+
+def web_server(lab, name="web", port=8089):
+    """The lecture's nginx walkthrough: build an image with a page in it, create and start a container with a
+    published port, fetch the page from the host, change it from inside with exec, fetch it again. On nginx
+    when the target has its image (pulled earlier), on busybox's httpd otherwise: the steps are the same."""
+    from .checks import HTTP_GET
+    image, ctr = f"lk-step-{name}:v1", f"lk-step-{name}"
+    url = f"http://127.0.0.1:{port}/"
+
+    def nginx(seq):
+        return any(i["ref"].split(":")[0] in ("nginx", "library/nginx") for i in seq.lab.images())
+
+    def build(seq):
+        have = nginx(seq)
+        root = "/usr/share/nginx/html" if have else "/var/www"
+        seq.ctx["root"] = root
+        recipe = ("FROM nginx\n" if have else "FROM busybox\n") + f"COPY index.html {root}/index.html\n"
+        if not have:
+            recipe += 'CMD ["httpd", "-f", "-p", "80", "-h", "/var/www"]\n'
+        return Record(seq.lab.build(recipe, image, context={"index.html": "<h1>Welcome to the course web server</h1>"}),
+                      what=f"build {image} on {'nginx' if have else 'busybox httpd (offline)'}")
+
+    def create(seq):
+        return seq.lab.create(image, name=ctr, ports=[f"{port}:80"]).record
+
+    def start(seq):
+        return seq.lab.container(ctr).start().record
+
+    def fetch(seq):
+        return seq.lab.run(["python3", "-c", HTTP_GET, url])  # (it waits a moment for the server to listen)
+
+    def write_page(seq, text):
+        root = seq.ctx.get("root") or ("/usr/share/nginx/html" if nginx(seq) else "/var/www")
+        return seq.lab.container(ctr).exec(["sh", "-c", f"echo '<h1>{text}</h1>' > {root}/index.html"])
+
+    def stop(seq):
+        seq.lab.container(ctr).stop(timeout=1)
+
+    steps = [
+        Step("build the image", "A recipe: a base image and one layer with our page in it.", build,
+             makes=[("image", image)]),
+        Step("create, with a published port", f"`docker create -p {port}:80`: a DNAT rule will send the host's port "
+             f"{port} to the container's port 80.", create, makes=[("container", ctr)]),
+        Step("start", "The server runs in the container's namespaces, behind its veth.", start, undo=stop),
+        Step("fetch the page from the host", f"GET {url}: through the published port to the container.", fetch),
+        Step("change it from inside", "`docker exec`: a process joins the running container's namespaces and "
+             "writes the page in its writable layer.", lambda seq: write_page(seq, "changed from inside"),
+             undo=lambda seq: write_page(seq, "Welcome to the course web server")),
+        Step("fetch it again", "The same URL, the changed page: the change lives in this container's upper layer "
+             "only; the image is as built.", fetch),
+    ]
+    return Sequence(lab, name, steps, title="the web server walkthrough", state=_containers_state(ctr, None))
