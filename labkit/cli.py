@@ -50,6 +50,15 @@ def cmd_lab(args):
     return _totals(runs, args.output)
 
 
+def _die_with_parent():
+    """In JupyterLab's child before exec: SIGTERM it when this command dies, however it dies (a SIGKILL too:
+    it runs in a session of its own, so nothing else would reach it). Linux only; elsewhere Ctrl-C does it."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
 def cmd_jupyter(args):
     """JupyterLab on the course, for a lecture or a student: the right target, a fresh token, Ctrl-C stops it."""
     import secrets
@@ -81,7 +90,7 @@ def cmd_jupyter(args):
         env.update(LABKIT_BIG_SCREEN="1", JUPYTER_CONFIG_DIR=config)
         argv.append("--LabApp.custom_css=True")
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_die_with_parent)
     url = f"http://{args.ip}:{args.port}/lab?token={token}"
     try:
         for line in proc.stderr:  # JupyterLab says when it serves (or why it cannot)

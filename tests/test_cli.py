@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -145,8 +146,32 @@ def _jupyter(*args):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    deadline = time.monotonic() + 30  # (a killed command's JupyterLab gets SIGTERM and shuts down)
+    while subprocess.run(["pgrep", "-f", f"ServerApp.port={port}"], capture_output=True).returncode == 0 \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
     left = subprocess.run(["pgrep", "-f", f"ServerApp.port={port}"], capture_output=True, text=True).stdout
     assert left == "", "JupyterLab is gone with it"
+
+
+def test_jupyter_dies_with_a_killed_command():
+    """SIGKILL to `labkit jupyter` (no chance to stop anything): its JupyterLab, in a session of its own, still goes."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "labkit.cli", "jupyter", "--port", str(port), "--target", "local"],
+                            stdout=subprocess.PIPE, text=True)
+    assert "token=" in [proc.stdout.readline(), proc.stdout.readline()][1]
+    server = int(subprocess.run(["pgrep", "-f", f"ServerApp.port={port}"], capture_output=True, text=True).stdout.split()[0])
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{server}") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    gone = not os.path.exists(f"/proc/{server}")
+    if not gone:
+        os.kill(server, signal.SIGKILL)
+    assert gone, "JupyterLab outlived the command that started it"
 
 
 def test_jupyter_opens_the_course_with_a_fresh_token_and_ctrl_c_stops_it(tmp_path):
