@@ -112,6 +112,15 @@ class LiveView:
         return self.start()
 
 
+class _HtmlView(LiveView):
+    """A view that is one HTML widget, ``self.html``, set by ``update()``."""
+
+    def build(self):
+        import ipywidgets as w
+        self.html = w.HTML()
+        return [self.html]
+
+
 class cgroup_usage(LiveView):  # noqa: N801 - used like a function: live.cgroup_usage(lab, cg).show()
     """Memory (MiB) against the limit and CPU (% of one CPU) against the quota of cgroup ``cg``, the last
     ``window`` seconds, as two live bqplot charts."""
@@ -167,7 +176,7 @@ class cgroup_usage(LiveView):  # noqa: N801 - used like a function: live.cgroup_
                 cap.x, cap.y = [self.t[0], self.t[-1]], [limit, limit]
 
 
-class topology(LiveView):  # noqa: N801 - used like a function: live.topology(lab).show()
+class topology(_HtmlView):  # noqa: N801 - used like a function: live.topology(lab).show()
     """Every labkit network as the kernel has it: bridge, address range, who is on it with which address,
     published ports; refreshed as containers start and stop."""
 
@@ -175,11 +184,6 @@ class topology(LiveView):  # noqa: N801 - used like a function: live.topology(la
         super().__init__(interval, max_seconds)
         self.lab = lab
         self.last = []
-
-    def build(self):
-        import ipywidgets as w
-        self.html = w.HTML()
-        return [self.html]
 
     def update(self):
         nets = self.lab.topology()
@@ -198,7 +202,7 @@ class topology(LiveView):  # noqa: N801 - used like a function: live.topology(la
         self.html.value = "".join(parts) or "<i>no labkit network on the target</i>"
 
 
-class layers(LiveView):  # noqa: N801 - used like a function: live.layers(lab, container).show()
+class layers(_HtmlView):  # noqa: N801 - used like a function: live.layers(lab, container).show()
     """A container's (or an overlay root's) image layers, bottom first and read-only, and what its own writable
     upper directory holds now (files, whiteouts, opaque directories), as the files change."""
 
@@ -207,11 +211,6 @@ class layers(LiveView):  # noqa: N801 - used like a function: live.layers(lab, c
         self.lab = lab
         self.cid = getattr(root, "id", None) if hasattr(root, "start") else getattr(root, "name", root)
         self.changes = []
-
-    def build(self):
-        import ipywidgets as w
-        self.html = w.HTML()
-        return [self.html]
 
     def update(self):
         info = self.lab.call("overlay.info", cid=self.cid)
@@ -230,7 +229,7 @@ class layers(LiveView):  # noqa: N801 - used like a function: live.layers(lab, c
                            f"{upper or '<tr><td colspan=3><i>nothing changed yet</i></td></tr>'}</table></div>")
 
 
-class processes(LiveView):  # noqa: N801 - used like a function: live.processes(lab).show()
+class processes(_HtmlView):  # noqa: N801 - used like a function: live.processes(lab).show()
     """The processes labkit started on the target (lab.spawn), as the host sees them: PID on the host and
     inside, which namespaces are their own and which the host's, their root; as they start and stop."""
 
@@ -240,11 +239,6 @@ class processes(LiveView):  # noqa: N801 - used like a function: live.processes(
         super().__init__(interval, max_seconds)
         self.lab = lab
         self.rows = []
-
-    def build(self):
-        import ipywidgets as w
-        self.html = w.HTML()
-        return [self.html]
 
     def update(self):
         rows = []
