@@ -255,6 +255,12 @@ class Tier:
         sh(["virsh", "-c", "qemu:///system", "version"])
         pool_dir = os.path.join(CACHE, "pool")
         os.makedirs(pool_dir, exist_ok=True)
+        # a run killed before its teardown (a stopped CI job) leaves the pool's definition in
+        # /etc/libvirt/storage: it is ours by its exact name, so it goes before we define it again
+        if sh(["virsh", "pool-info", POOL], check=False).returncode == 0:
+            log(f"pool {POOL} left by an earlier run: removing it")
+            sh(["virsh", "pool-destroy", POOL], check=False)
+            sh(["virsh", "pool-undefine", POOL])
         sh(["virsh", "pool-define-as", POOL, "dir", "--target", pool_dir])
         sh(["virsh", "pool-start", POOL])
         log(f"libvirtd {self.pids['libvirtd']} runs in netns {NETNS}; pool {POOL} at {pool_dir}")
