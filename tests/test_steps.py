@@ -149,7 +149,9 @@ def test_the_web_server_walkthrough_serves_edits_and_undoes_its_page_image_and_c
     from labkit.course.steps import web_server
     seq = web_server(lab, "tw", port=8093)
     try:
+        networks = {n["spec"]["name"] for n in lab.networks()}
         records = seq.play()
+        assert "sttw" in {n["spec"]["name"] for n in lab.networks()} - networks, "on a network of its own"
         assert "Welcome to the course web server" in records[3].stdout, "fetched through the published port"
         assert "changed from inside" in records[5].stdout, "exec changed the page in the container's layer"
         seq.back()
@@ -161,5 +163,6 @@ def test_the_web_server_walkthrough_serves_edits_and_undoes_its_page_image_and_c
         assert status(lab, "lk-step-tw") is None
         with pytest.raises(NotFound):
             lab.image("lk-step-tw:v1")
+        assert {n["spec"]["name"] for n in lab.networks()} == networks, "its network went, no other came or went"
     finally:
         seq.close()

@@ -5,6 +5,12 @@
 (:func:`labkit.course.grading.read_scores`), how long it took, and the error that stopped it, if one did. A
 notebook that fails does not stop the others. ``read_runs(output)`` reads an output folder back, so a
 CI job or an instructor can check a run it did not make (``labkit scores DIR``).
+
+Each executed notebook is signed as trusted for the user who ran it (Jupyter's own notebook signatures):
+they are the course's notebooks, run by that user on their own target, so JupyterLab opened on them later
+shows the step widgets and live views in their final state from the widget state papermill saved (an
+untrusted notebook shows only their text). Notebooks that anyone else wrote, such as a class's
+submissions executed by ``labkit grade``, are never signed.
 """
 import os
 import time
@@ -88,12 +94,28 @@ def _run_each(pm, target, output, notebooks, student_id, quick, timeout, source_
                                 execution_timeout=timeout, progress_bar=False)
         except Exception as exc:  # noqa: BLE001 - one notebook's failure is reported, the others still run
             error = _describe(exc)
+        if os.path.exists(out):
+            trust(out)
         run = NotebookRun(name, out, read_scores(out) if os.path.exists(out) else [],
                           time.monotonic() - started, error)
         runs.append(run)
         if on_done:
             on_done(run)
     return runs
+
+
+def trust(path):
+    """Sign an executed course notebook in this user's Jupyter signature store, so JupyterLab renders its saved
+    widget state (widgets are not shown in an untrusted notebook). Only for notebooks this user's own run wrote.
+    Returns whether it was signed: a store that cannot be written (a read-only home) costs only the widgets."""
+    import nbformat
+    from nbformat.sign import NotebookNotary
+    try:
+        nb = nbformat.read(path, as_version=4)
+        NotebookNotary().sign(nb)
+        return True
+    except Exception:  # noqa: BLE001 - sqlite or the home folder: the notebook itself is fine
+        return False
 
 
 def _describe(exc):

@@ -258,7 +258,7 @@ class Sequence:
 def _containers_state(ctr, net):
     def state(seq):
         rows = [dict(r) for r in seq.lab.containers(all=True) if r.get("name") == ctr]
-        out = html_table(rows, ["name", "state", "status", "ip"], title="containers") if rows else "<i>no container yet</i>"
+        out = html_table(rows, ["name", "state", "status", "ports"], title="containers") if rows else "<i>no container yet</i>"
         for n in seq.lab.networks():
             if n.get("spec", {}).get("name") == net:
                 members = n.get("members") or {}
@@ -370,7 +370,7 @@ def web_server(lab, name="web", port=8089):
     published port, fetch the page from the host, change it from inside with exec, fetch it again. On nginx
     when the target has its image (pulled earlier), on busybox's httpd otherwise: the steps are the same."""
     from .checks import HTTP_GET
-    image, ctr = f"lk-step-{name}:v1", f"lk-step-{name}"
+    image, ctr, net = f"lk-step-{name}:v1", f"lk-step-{name}", ("st" + name.replace("-", ""))[:8]
     url = f"http://127.0.0.1:{port}/"
 
     def nginx(seq):
@@ -386,8 +386,10 @@ def web_server(lab, name="web", port=8089):
         return Record(seq.lab.build(recipe, image, context={"index.html": "<h1>Welcome to the course web server</h1>"}),
                       what=f"build {image} on {'nginx' if have else 'busybox httpd (offline)'}")
 
-    def create(seq):
-        return seq.lab.create(image, name=ctr, ports=[f"{port}:80"]).record
+    def create(seq):  # on a network of its own, so that undoing it leaves the shared default network alone
+        if net not in [n["spec"]["name"] for n in seq.lab.networks()]:
+            seq.lab.network(net, subnet="10.214.9.0/24")
+        return seq.lab.create(image, name=ctr, ports=[f"{port}:80"], network=net).record
 
     def start(seq):
         return seq.lab.container(ctr).start().record
@@ -406,7 +408,7 @@ def web_server(lab, name="web", port=8089):
         Step("build the image", "A recipe: a base image and one layer with our page in it.", build,
              makes=[("image", image)]),
         Step("create, with a published port", f"`docker create -p {port}:80`: a DNAT rule will send the host's port "
-             f"{port} to the container's port 80.", create, makes=[("container", ctr)]),
+             f"{port} to the container's port 80.", create, makes=[("network", net), ("container", ctr)]),
         Step("start", "The server runs in the container's namespaces, behind its veth.", start, undo=stop),
         Step("fetch the page from the host", f"GET {url}: through the published port to the container.", fetch),
         Step("change it from inside", "`docker exec`: a process joins the running container's namespaces and "
@@ -415,4 +417,4 @@ def web_server(lab, name="web", port=8089):
         Step("fetch it again", "The same URL, the changed page: the change lives in this container's upper layer "
              "only; the image is as built.", fetch),
     ]
-    return Sequence(lab, name, steps, title="the web server walkthrough", state=_containers_state(ctr, None))
+    return Sequence(lab, name, steps, title="the web server walkthrough", state=_containers_state(ctr, net))
