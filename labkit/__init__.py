@@ -40,7 +40,18 @@ def connect(target="auto", **options):
 
 
 def _in_process(timeout=None):
-    """The agent's own in-process channel (root on Linux): the one place the front end reaches the agent."""
+    """This machine's agent: labkit's daemon when it answers on its socket (``labkit daemon start``), else the
+    agent's own in-process channel (root on Linux; also with ``LABKIT_DAEMON=off``). The one place the front
+    end reaches the agent."""
+    import os
+    from .wire.specs import DAEMON_SOCKET
+    if os.environ.get("LABKIT_DAEMON", "auto") != "off" and os.path.exists(DAEMON_SOCKET):
+        from .client.transport import UnixSocket
+        from .wire.errors import TransportError
+        try:
+            return UnixSocket(DAEMON_SOCKET, timeout=timeout, connect_timeout=2)
+        except (TransportError, OSError):
+            pass  # a socket left by a daemon that was killed (or dying), or not root's: in-process, as without one
     from .agent.local import InProcess
     return InProcess(timeout=timeout)
 

@@ -23,7 +23,19 @@ def cmd_doctor(args):
     return 0 if rep["ok"] else 1
 
 
+def _on_this_machine(args):
+    return args.target in ("auto", "local") and sys.platform.startswith("linux") and os.geteuid() == 0
+
+
 def cmd_cleanup(args):
+    if _on_this_machine(args):  # the daemon first (its containers stay up without it): then cleanup runs here
+        from .agent import daemon
+        running = daemon.status()
+        if running:
+            print(("would stop " if args.dry_run else "stopped ") + f"labkit's daemon (pid {running['pid']})")
+            if not args.dry_run:
+                daemon.stop()
+        os.environ["LABKIT_DAEMON"] = "off"
     rec = _lab(args).cleanup(dry_run=args.dry_run)
     items = rec.facts.get("found", []) if args.dry_run else rec.get("removed", [])
     for item in items:
@@ -471,6 +483,30 @@ def cmd_grade(args):
     return 0
 
 
+def cmd_daemon(args):
+    """labkit's daemon: its own protocol on /run/labkit/labkitd.sock, Docker's Engine API on docker.sock."""
+    from .agent import daemon
+    if args.action == "run":
+        return daemon.run(docker_api=not args.no_docker_api)
+    if args.action == "start":
+        st = daemon.start(docker_api=not args.no_docker_api)
+        print(f"labkit's daemon runs (pid {st['pid']}): labkit talks to it on {st['socket']}; the docker CLI can, "
+              f"with DOCKER_HOST=unix://{st['docker_socket']}")
+        return 0
+    if args.action == "stop":
+        pid = daemon.stop()
+        print(f"stopped labkit's daemon (pid {pid}); its containers go on running" if pid else
+              "labkit's daemon was not running")
+        return 0
+    st = daemon.status()
+    if st is None:
+        print("labkit's daemon is not running (start it: labkit daemon start)")
+        return 3
+    print(f"labkit's daemon runs (pid {st['pid']}) on {st['socket']} and {st['docker_socket']}"
+          + ("" if daemon.answers() else "; it does not answer"))
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="labkit", description="Build a Linux container one mechanism at a time.")
     p.add_argument("--version", action="version", version=f"labkit {__version__}")
@@ -484,6 +520,10 @@ def main(argv=None):
     c = sub.add_parser("cleanup", parents=[common], help="remove every kernel object labkit made (and nothing else)")
     c.add_argument("--dry-run", action="store_true")
     c.set_defaults(fn=cmd_cleanup)
+    dm = sub.add_parser("daemon", help="labkit's daemon, as dockerd: start, stop, status, or run in the foreground")
+    dm.add_argument("action", choices=("start", "stop", "status", "run"))
+    dm.add_argument("--no-docker-api", action="store_true", help="only labkit's own socket, not Docker's Engine API")
+    dm.set_defaults(fn=cmd_daemon)
     lab = sub.add_parser("lab", parents=[common], help="execute the notebooks headless into one output folder")
     lab.add_argument("--output", default="lab-output")
     lab.add_argument("--full", action="store_true", help="full mode instead of quick mode")

@@ -257,6 +257,20 @@ def stop(ref, timeout=10):
     return rec.to_dict(id=cid, name=cfg["name"])
 
 
+def kill(ref, sig=signal.SIGKILL):
+    """`docker kill`: a signal to the container's process (SIGKILL unless told); refused when it does not run."""
+    cid = _resolve(ref)
+    cfg = _config(cid)
+    st, _, running = _state(cid)
+    if not running:
+        raise Conflict(f"container {cfg['name']} is not running", fix=f"start it first: labkit start {cfg['name']}")
+    rec = Recorder(f"kill container {cfg['name']}")
+    rec.kill(st["pid"], int(sig))
+    if int(sig) == signal.SIGKILL:
+        _wait_exit(cid, 10)
+    return rec.to_dict(id=cid, name=cfg["name"])
+
+
 def wait(ref, timeout=3600):
     cid = _resolve(ref)
     _wait_exit(cid, timeout)

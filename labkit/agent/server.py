@@ -14,8 +14,8 @@ import traceback
 from ..wire import protocol
 from ..wire.errors import InvalidSpec, LabkitError, PrivilegeError, UnsupportedHost
 from ..wire.specs import CgroupSpec, ContainerSpec, NetworkSpec, ProcessSpec, RootfsSpec
-from . import (build, cgroups, cleanup, doctor, engine, measure, namespaces, network, oci, process, registry, roots,
-               rootfs, store, vm, vmsandbox, workloads)
+from . import (build, cgroups, cleanup, daemon, doctor, engine, measure, namespaces, network, oci, process, registry,
+               roots, rootfs, store, vm, vmsandbox, workloads)
 from .runner import run as run_cmd
 
 
@@ -158,6 +158,10 @@ METHODS = {
     "container.top": engine.top,
     "container.inspect": engine.inspect,
     "container.exec": engine.exec_in,
+    "container.kill": engine.kill,
+    "daemon.start": daemon.m_start,
+    "daemon.stop": daemon.m_stop,
+    "daemon.status": daemon.m_status,
     "image.pull": registry.pull,
     "image.push": registry.push,
     "image.search": registry.search,

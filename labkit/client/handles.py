@@ -308,3 +308,102 @@ class Process(_Handle):
 
     def _undo(self):
         self.stop()
+
+
+#: a small HTTP/1.1 client over a unix socket, run with the target's python3 (what `curl --unix-socket` does):
+#: argv socket method path [body]; prints the status line, the headers and the body as they came
+HTTP_UNIX = r'''
+import socket, sys
+path, method, target = sys.argv[1:4]
+body = sys.argv[4].encode() if len(sys.argv) > 4 else b""
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(30)
+s.connect(path)
+head = f"{method} {target} HTTP/1.1\r\nHost: docker\r\nUser-Agent: labkit-lab\r\nConnection: close\r\n"
+if body:
+    head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+s.sendall(head.encode() + b"\r\n" + body)
+data = b""
+while True:
+    piece = s.recv(65536)
+    if not piece:
+        break
+    data += piece
+sys.stdout.write(data.decode("utf-8", "replace"))
+'''
+
+
+class Daemon(_Handle):
+    """labkit's daemon on the target (:mod:`labkit.agent.daemon`): ``socket`` (labkit's protocol),
+    ``docker_socket`` (Docker's Engine API) and ``docker_host`` (what DOCKER_HOST is set to). ``api(method,
+    path, body)`` sends one raw REST request from the target and returns its status, headers and body;
+    ``requests(n)`` the last requests the Engine API served; ``docker(*args)`` the real docker CLI on the target,
+    pointed at it, where one is installed. ``with`` stops the daemon if this handle started it."""
+
+    ACCESS_LOG = "/run/labkit/dockerapi.log"
+
+    def __init__(self, lab, info):
+        self.lab, self.info = lab, dict(info)
+        self.pid, self.socket, self.docker_socket = info["pid"], info["socket"], info["docker_socket"]
+        self.docker_host = f"unix://{self.docker_socket}"
+        self.started_here = bool(info.get("started_here"))
+        self.record = Record({"title": f"labkit's daemon (pid {self.pid})" + (", started now" if self.started_here
+                                                                               else ", already running"),
+                              "facts": {"protocol socket": self.socket, "Engine API socket": self.docker_socket}})
+
+    def api(self, method, path, body=None):
+        """One raw request to the Engine API, sent from the target: {'status', 'headers', 'body', 'json'}."""
+        import json
+        argv = ["python3", "-c", HTTP_UNIX, self.docker_socket, method.upper(), path]
+        if body is not None:
+            argv.append(body if isinstance(body, str) else json.dumps(body))
+        res = self.lab.run(argv, timeout=60, check=True)
+        head, _, text = res.stdout.partition("\r\n\r\n")
+        lines = head.split("\r\n")
+        headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+        if headers.get("Transfer-Encoding") == "chunked":
+            out, rest = "", text
+            while rest:
+                size, _, rest = rest.partition("\r\n")
+                n = int(size or "0", 16)
+                if n == 0:
+                    break
+                out, rest = out + rest[:n], rest[n + 2:]
+            text = out
+        try:
+            parsed = json.loads(text) if text.strip() else None
+        except ValueError:
+            parsed = None
+        return Record({"title": f"{method.upper()} {path}", "status": lines[0], "headers": headers, "body": text,
+                       "json": parsed})
+
+    def requests(self, n=20):
+        """The last ``n`` requests the Engine API served (time, method, path, the body's start), oldest first."""
+        text = self.lab.call("read_file", path=self.ACCESS_LOG, limit=1 << 20)["text"]
+        return text.splitlines()[-n:] if n else []
+
+    def docker_cli(self):
+        """The path of Debian's docker CLI on the target, or None (the machine may carry another docker earlier on
+        PATH: Debian's is the one meant)."""
+        for path in ("/usr/bin/docker",):
+            if self.lab.run(["test", "-x", path]).exit_code == 0:
+                return path
+        return None
+
+    def docker(self, *args, timeout=120):
+        """The real docker CLI on the target, with DOCKER_HOST pointed at this daemon."""
+        cli = self.docker_cli()
+        if cli is None:
+            raise LabkitError("Debian's docker CLI is not installed on the target",
+                              fix="apt-get install docker.io (only its client is used), or use d.api(...)")
+        return self.lab.run(["env", f"DOCKER_HOST={self.docker_host}", "DOCKER_CONFIG=/run/labkit/docker-cli",
+                             cli, *[str(a) for a in args]], timeout=timeout)
+
+    def stop(self):
+        """Stop the daemon (its containers go on running)."""
+        return self.lab.call("daemon.stop")
+
+    def _undo(self):
+        if self.started_here:
+            self.started_here = False
+            self.stop()

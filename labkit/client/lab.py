@@ -371,6 +371,13 @@ class Lab:
         if first is not None:
             raise first
 
+    def daemon(self):
+        """labkit's daemon on the target, started when it does not run (Docker's Engine API on its socket):
+        ``with lab.daemon() as d:`` ... ``d.socket``, ``d.docker_host``, ``d.api(method, path)``,
+        ``d.requests()``; the ``with`` stops it again when it started it."""
+        from .handles import Daemon
+        return Daemon(self, self.call("daemon.start"))
+
     def cleanup(self, dry_run=False):
         """Remove every kernel object labkit made on the target (and nothing else)."""
         return Record(self.call("cleanup", dry_run=dry_run))

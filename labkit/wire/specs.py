@@ -31,6 +31,8 @@ NS_MEANING = {
 
 STATE_DIR = "/var/lib/labkit"       # persistent: rootfs, images, layers
 RUN_DIR = "/run/labkit"             # live: running processes, their logs
+DAEMON_SOCKET = f"{RUN_DIR}/labkitd.sock"  # labkit's daemon, its own protocol (labkit.agent.daemon)
+DOCKER_SOCKET = f"{RUN_DIR}/docker.sock"   # the same daemon, Docker's Engine API (labkit.agent.dockerapi)
 #: the grader's per-submission scratch directories (labkit.course.sandbox), named grade-<slot>-<6 hex>
 GRADE_DIR = RUN_DIR + "/grade"
 ROOTFS_DIR = STATE_DIR + "/rootfs"

@@ -1,0 +1,707 @@
+"""Docker's Engine API in front of labkit's engine: what lets the real docker CLI and SDK drive it.
+
+The daemon (:mod:`labkit.agent.daemon`) hands each connection of ``/run/labkit/docker.sock`` to
+:meth:`EngineAPI.serve_connection`: HTTP/1.1 requests (keep-alive; bodies by Content-Length or chunked,
+both bounded), answered from the same engine functions every other labkit client reaches
+(:mod:`labkit.agent.engine`, :mod:`labkit.agent.store`, :mod:`labkit.agent.registry`). The API version is
+Docker's 1.41 (what Debian 12's docker 20.10 speaks); paths come with or without their ``/v1.NN`` prefix,
+and ``/_ping`` carries the ``API-Version`` header the client negotiates from.
+
+What it serves: ping, version, info; containers (list, create with ports, env, limits, capabilities,
+binds, auto-remove; start, stop, kill, wait with its conditions, remove, inspect, top, logs, attach for
+output); images (list, inspect, pull with progress lines, tag, remove with Docker's conflict); networks
+(list). A request for what labkit does not do yet (a terminal: ``-t``; stdin: ``-i``) is refused with a
+message that says so, never accepted and ignored. labkit keeps one log per container for stdout and
+stderr together: its log and attach streams send it all as stdout. Standard library only.
+"""
+import json
+import os
+import re
+import signal
+import threading
+import time
+import urllib.parse
+
+from ..wire.errors import Conflict, InvalidSpec, LabkitError, NotFound, RegistryError
+from ..wire.specs import RUN_DIR, ContainerSpec, ImageRef
+from . import engine, network, registry, store
+from .state import private_dir, read_json, write_json
+
+API_VERSION = "1.41"
+MIN_API_VERSION = "1.12"
+MAX_HEADER = 64 << 10
+MAX_BODY = 16 << 20
+EXTRA = f"{RUN_DIR}/dockerapi"  # what Docker's API knows of a container and labkit's engine does not (AutoRemove)
+ACCESS_LOG = f"{RUN_DIR}/dockerapi.log"  # one line per request: what a client sent, what it got (lab 06 reads it)
+MAX_ACCESS_LOG = 1 << 20
+
+_STATUS = {200: "OK", 201: "Created", 204: "No Content", 304: "Not Modified", 400: "Bad Request", 404: "Not Found",
+           409: "Conflict", 413: "Payload Too Large", 500: "Internal Server Error", 501: "Not Implemented"}
+
+
+class HTTPError(Exception):
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+def _error_status(exc):
+    if isinstance(exc, NotFound):
+        return 404
+    if isinstance(exc, Conflict):
+        return 409
+    if isinstance(exc, InvalidSpec):
+        return 400
+    return 500
+
+
+def _ago(t):
+    s = max(0, int(time.time() - (t or time.time())))
+    for unit, n in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if s >= n:
+            k = s // n
+            return f"{k} {unit}{'s' if k > 1 else ''}" if k > 1 else f"About {'an' if unit == 'hour' else 'a'} {unit}"
+    return "Less than a second" if s < 1 else f"{s} seconds"
+
+
+def _frame(data, stream=1):
+    """Docker's multiplexed stream: a header (stream, 0, 0, 0, big-endian length) before each piece."""
+    return bytes([stream, 0, 0, 0]) + len(data).to_bytes(4, "big") + data
+
+
+class _Request:
+    def __init__(self, method, path, query, headers, body, raw_path=None):
+        self.method, self.path, self.query, self.headers, self.body = method, path, query, headers, body
+        self.raw_path = raw_path or path
+        self.version = "HTTP/1.1"
+
+    def arg(self, name, default=None):
+        return self.query.get(name, [default])[-1]
+
+    def flag(self, name):
+        return str(self.arg(name, "")).lower() in ("1", "true", "yes")
+
+    def json(self):
+        if not self.body:
+            return {}
+        try:
+            obj = json.loads(self.body)
+        except ValueError:
+            raise HTTPError(400, "the request body is not JSON") from None
+        if not isinstance(obj, dict):
+            raise HTTPError(400, "the request body must be a JSON object")
+        return obj
+
+
+class EngineAPI:
+    """The routes; ``daemon`` gives the lock that takes changes one at a time."""
+
+    def __init__(self, daemon=None):
+        self.daemon = daemon
+        self.lock = daemon.lock if daemon is not None else threading.Lock()
+        self.attached, self.lock_attached = {}, threading.Lock()  # container id: streams following its log
+        self._watch_auto_remove()
+
+    # -- the connection -------------------------------------------------------------------------------------
+    def serve_connection(self, conn):
+        with conn:
+            rfile, wfile = conn.makefile("rb"), conn.makefile("wb", buffering=0)
+            try:
+                while True:
+                    req = self._read_request(rfile)
+                    if req is None:
+                        return
+                    if not self._answer(req, wfile, conn):
+                        return
+                    if req.headers.get("connection", "").lower() == "close" or req.version == "HTTP/1.0":
+                        return  # the client asked to close after this answer
+            except (OSError, ConnectionError):
+                return
+            except HTTPError as exc:  # the request itself was unreadable: answer, then hang up
+                try:
+                    self._send(wfile, exc.status, {"message": str(exc)}, close=True)
+                except OSError:
+                    pass
+
+    def _read_request(self, rfile):
+        line = rfile.readline(MAX_HEADER)
+        while line in (b"\r\n", b"\n"):
+            line = rfile.readline(MAX_HEADER)
+        if not line:
+            return None
+        try:
+            method, target, version = line.decode("latin-1").split(" ", 2)
+        except ValueError:
+            raise HTTPError(400, "malformed request line") from None
+        headers, size = {}, len(line)
+        while True:
+            h = rfile.readline(MAX_HEADER)
+            size += len(h)
+            if size > MAX_HEADER:
+                raise HTTPError(400, "request headers too long")
+            if h in (b"\r\n", b"\n", b""):
+                break
+            k, _, v = h.decode("latin-1").partition(":")
+            headers[k.strip().lower()] = v.strip()
+        try:
+            body = self._read_body(rfile, headers)
+        except ValueError:
+            raise HTTPError(400, "malformed Content-Length or chunk size") from None
+        url = urllib.parse.urlsplit(target)
+        path = re.sub(r"^/v[0-9]+\.[0-9]+(?=/)", "", urllib.parse.unquote(url.path))
+        req = _Request(method.upper(), path, urllib.parse.parse_qs(url.query), headers, body, url.path)
+        req.version = version.strip()
+        return req
+
+    @staticmethod
+    def _read_body(rfile, headers):
+        body = b""
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            while True:
+                n = int(rfile.readline(100).split(b";")[0].strip() or b"0", 16)
+                if n < 0:
+                    raise ValueError(n)
+                if n == 0:
+                    rfile.readline(100)
+                    break
+                if len(body) + n > MAX_BODY:
+                    raise HTTPError(413, f"request body over {MAX_BODY >> 20} MiB")
+                body += rfile.read(n)
+                rfile.readline(100)
+        elif headers.get("content-length"):
+            n = int(headers["content-length"])
+            if n < 0:
+                raise ValueError(n)
+            if n > MAX_BODY:
+                raise HTTPError(413, f"request body over {MAX_BODY >> 20} MiB")
+            body = rfile.read(n)
+        return body
+
+    def _send(self, wfile, status, obj=None, ctype="application/json", close=False, extra=None):
+        body = b"" if obj is None else (obj if isinstance(obj, bytes) else json.dumps(obj).encode())
+        head = [f"HTTP/1.1 {status} {_STATUS.get(status, 'OK')}", f"Api-Version: {API_VERSION}",
+                "Docker-Experimental: false", "Ostype: linux", "Server: labkit", f"Content-Length: {len(body)}"]
+        if obj is not None:
+            head.append(f"Content-Type: {ctype}")
+        head += [f"{k}: {v}" for k, v in (extra or {}).items()]
+        if close:
+            head.append("Connection: close")
+        wfile.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+
+    def _answer(self, req, wfile, conn):
+        """Answer one request; False when the connection is done (hijacked, or to be closed)."""
+        _access(req, "->")
+        try:
+            route = self._route(req)
+            result = route(req, wfile, conn)
+        except HTTPError as exc:
+            self._send(wfile, exc.status, {"message": str(exc)})
+            return True
+        except LabkitError as exc:
+            msg = exc.message + (f" (fix: {exc.fix})" if exc.fix else "")
+            self._send(wfile, _error_status(exc), {"message": msg})
+            return True
+        except (ValueError, TypeError, KeyError) as exc:  # a field of the wrong kind: the client's to mend
+            self._send(wfile, 400, {"message": f"bad request: {type(exc).__name__}: {exc}"})
+            return True
+        if result is _HIJACKED:
+            return False
+        if result is _ANSWERED:
+            return True
+        status, obj = result if isinstance(result, tuple) else (200, result)
+        if req.method == "HEAD":
+            self._send(wfile, status, None, extra={"Content-Type": "text/plain; charset=utf-8"})
+        elif isinstance(obj, str):
+            self._send(wfile, status, obj.encode(), ctype="text/plain; charset=utf-8")
+        else:
+            self._send(wfile, status, obj)
+        return True
+
+    ROUTES = [
+        ("GET|HEAD", r"/_ping", "ping"), ("GET", r"/version", "version"), ("GET", r"/info", "info"),
+        ("GET", r"/containers/json", "containers_list"), ("POST", r"/containers/create", "container_create"),
+        ("GET", r"/containers/(?P<id>[^/]+)/json", "container_inspect"),
+        ("POST", r"/containers/(?P<id>[^/]+)/start", "container_start"),
+        ("POST", r"/containers/(?P<id>[^/]+)/stop", "container_stop"),
+        ("POST", r"/containers/(?P<id>[^/]+)/kill", "container_kill"),
+        ("POST", r"/containers/(?P<id>[^/]+)/wait", "container_wait"),
+        ("GET", r"/containers/(?P<id>[^/]+)/logs", "container_logs"),
+        ("GET", r"/containers/(?P<id>[^/]+)/top", "container_top"),
+        ("POST", r"/containers/(?P<id>[^/]+)/attach", "container_attach"),
+        ("DELETE", r"/containers/(?P<id>[^/]+)", "container_remove"),
+        ("GET", r"/images/json", "images_list"), ("POST", r"/images/create", "image_pull"),
+        ("GET", r"/images/(?P<name>.+)/json", "image_inspect"),
+        ("POST", r"/images/(?P<name>.+)/tag", "image_tag"),
+        ("DELETE", r"/images/(?P<name>.+)", "image_remove"),
+        ("GET", r"/networks", "networks_list"),
+    ]
+
+    def _route(self, req):
+        for methods, pattern, name in self.ROUTES:
+            m = re.fullmatch(pattern, req.path)
+            if m and req.method in methods.split("|"):
+                fn = getattr(self, name)
+                return lambda r, w, c: fn(r, w, c, **m.groupdict())
+        raise HTTPError(404 if not any(re.fullmatch(p, req.path) for _, p, _ in self.ROUTES) else 400,
+                        f"labkit's Engine API does not serve {req.method} {req.path}")
+
+    # -- system ---------------------------------------------------------------------------------------------
+    def ping(self, req, w, c):
+        return "OK"
+
+    def version(self, req, w, c):
+        from ..wire.protocol import VERSION
+        u = os.uname()
+        return {"Platform": {"Name": "labkit"},
+                "Components": [{"Name": "Engine", "Version": VERSION,
+                                "Details": {"ApiVersion": API_VERSION, "MinAPIVersion": MIN_API_VERSION,
+                                            "Os": "linux", "Arch": _arch(), "KernelVersion": u.release}}],
+                "Version": VERSION, "ApiVersion": API_VERSION, "MinAPIVersion": MIN_API_VERSION, "GitCommit": "",
+                "GoVersion": "", "Os": "linux", "Arch": _arch(), "KernelVersion": u.release, "BuildTime": ""}
+
+    def info(self, req, w, c):
+        rows = engine.ps(all=True)
+        running = sum(1 for r in rows if r["running"])
+        from . import cgroups
+        u = os.uname()
+        return {"ID": "labkit", "Name": u.nodename, "ServerVersion": self.version(req, w, c)["Version"],
+                "Containers": len(rows), "ContainersRunning": running,
+                "ContainersStopped": sum(1 for r in rows if r["state"] == "exited"),
+                "ContainersPaused": 0, "Images": len(store.list_images()), "Driver": "overlay",
+                "DockerRootDir": "/var/lib/labkit", "OperatingSystem": _os_name(), "OSType": "linux",
+                "Architecture": u.machine, "KernelVersion": u.release, "NCPU": os.cpu_count(),
+                "MemTotal": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+                "CgroupVersion": "2" if cgroups.detect().get("mode") == "v2" else "1",
+                "CgroupDriver": "cgroupfs", "LiveRestoreEnabled": True, "Runtimes": {"labkit": {"path": "labkit"}},
+                "DefaultRuntime": "labkit", "SecurityOptions": [], "Warnings": []}
+
+    # -- containers -----------------------------------------------------------------------------------------
+    def containers_list(self, req, w, c):
+        out = []
+        for r in engine.ps(all=req.flag("all")):
+            cfg = engine._config(r["id"])
+            status = (f"Up {_ago(r['started'])}" if r["running"] else
+                      f"Exited ({r['exit_code']}) {_ago(r['finished'])} ago" if r["state"] == "exited" else "Created")
+            out.append({"Id": r["id"], "Names": ["/" + r["name"]], "Image": r["image"], "ImageID": cfg["image_id"],
+                        "Command": r["command"], "Created": int(r["created"]), "State": r["state"],
+                        "Status": status, "Labels": {}, "Mounts": [],
+                        "Ports": [{"IP": p["host_ip"], "PrivatePort": p["container_port"],
+                                   "PublicPort": p["host_port"], "Type": p["proto"]} for p in cfg["ports"]],
+                        "HostConfig": {"NetworkMode": cfg["network"] or "none"},
+                        "NetworkSettings": {"Networks": {cfg["network"]: {}} if cfg["network"] else {}}})
+        return out
+
+    def container_create(self, req, w, c):
+        body = req.json()
+        hc = body.get("HostConfig") or {}
+        if body.get("Tty") or body.get("OpenStdin") or body.get("AttachStdin"):
+            raise HTTPError(501, "labkit's Engine API does not give containers a terminal or stdin yet (-t, -i): "
+                                 "run without them, or with `labkit run -it` on the target")
+        if not body.get("Image"):
+            raise HTTPError(400, "no image: the request must name one (Image)")
+        cmd = list(body.get("Entrypoint") or []) + list(body.get("Cmd") or [])
+        ports = []
+        for cport, binds in (hc.get("PortBindings") or {}).items():
+            num, _, proto = cport.partition("/")
+            for b in binds or [{}]:
+                host = (b or {}).get("HostPort") or num
+                ip = (b or {}).get("HostIp") or ""
+                ports.append(f"{ip + ':' if ip else ''}{host}:{num}/{proto or 'tcp'}")
+        binds = []
+        for b in hc.get("Binds") or []:
+            parts = b.split(":")
+            if len(parts) not in (2, 3):
+                raise HTTPError(400, f"bind {b!r}: write SRC:DST[:ro]")
+            binds.append((parts[0], parts[1], len(parts) == 3 and "ro" in parts[2].split(",")))
+        mode = hc.get("NetworkMode") or "default"
+        env = []
+        for e in body.get("Env") or []:
+            k, sep, v = e.partition("=")
+            if sep:
+                env.append((k, v))
+        try:
+            spec = ContainerSpec(image=body["Image"], name=req.arg("name") or None, cmd=tuple(cmd) or None,
+                                 env=tuple(env), hostname=body.get("Hostname") or None, ports=tuple(ports),
+                                 memory=hc.get("Memory") or None, nano_cpus=hc.get("NanoCpus") or None,
+                                 pids_limit=hc.get("PidsLimit") or None, binds=tuple(binds),
+                                 read_only=bool(hc.get("ReadonlyRootfs")), workdir=body.get("WorkingDir") or None,
+                                 user=body.get("User") or None,
+                                 network=None if mode == "none" else ("default" if mode in ("default", "bridge") else mode),
+                                 cap_add=tuple(hc.get("CapAdd") or ()), cap_drop=tuple(hc.get("CapDrop") or ()),
+                                 privileged=bool(hc.get("Privileged")))
+        except LabkitError as exc:
+            raise HTTPError(400, exc.message + (f" (fix: {exc.fix})" if exc.fix else "")) from None
+        with self.lock:
+            try:
+                store.load_image(spec.image)
+            except NotFound:
+                raise HTTPError(404, f"No such image: {spec.image}") from None
+            res = engine.create(spec)
+        if hc.get("AutoRemove"):
+            private_dir(EXTRA)
+            write_json(f"{EXTRA}/{res['id']}.json", {"auto_remove": True})
+        return 201, {"Id": res["id"], "Warnings": []}
+
+    def container_inspect(self, req, w, c, id):
+        out = engine.inspect(id)
+        out["Config"]["Tty"] = False
+        out["Config"]["OpenStdin"] = False
+        out["HostConfig"]["AutoRemove"] = bool(read_json(f"{EXTRA}/{out['Id']}.json", default={}) or {})
+        out["HostConfig"]["LogConfig"] = {"Type": "local", "Config": {}}  # one file by the container's monitor
+        out["Created"] = _rfc3339(out["Created"])
+        for k in ("StartedAt", "FinishedAt"):
+            out["State"][k] = _rfc3339(out["State"].get(k))
+        out["State"]["ExitCode"] = out["State"].get("ExitCode") or 0
+        out["State"].update(Paused=False, Restarting=False, OOMKilled=False, Dead=False, Error="")
+        return out
+
+    def container_start(self, req, w, c, id):
+        with self.lock:
+            cid = engine._resolve(id)
+            if engine._state(cid)[2]:
+                return 304, None
+            engine.start(cid)
+        self._auto_remove_later(cid)
+        return 204, None
+
+    def container_stop(self, req, w, c, id):
+        t = int(req.arg("t", "10") or 10)
+        with self.lock:
+            cid = engine._resolve(id)
+            if not engine._state(cid)[2]:
+                return 304, None
+        engine.stop(cid, timeout=t)
+        return 204, None
+
+    def container_kill(self, req, w, c, id):
+        sig = str(req.arg("signal", "KILL") or "KILL").upper()
+        name = sig if sig.startswith("SIG") else "SIG" + sig
+        try:
+            num = int(sig) if sig.isdigit() else int(getattr(signal, name))
+        except (AttributeError, ValueError):
+            raise HTTPError(400, f"invalid signal: {sig}") from None
+        engine.kill(id, num)
+        return 204, None
+
+    def container_wait(self, req, w, c, id):
+        """Answer when the container is not running (``not-running``), when it next exits (``next-exit``, what
+        `docker run` asks before its start), or once it is removed as well (``removed``: `run --rm`)."""
+        cond = req.arg("condition", "not-running") or "not-running"
+        if cond not in ("not-running", "next-exit", "removed"):
+            raise HTTPError(400, f"invalid condition {cond!r}: not-running, next-exit or removed")
+        cid = engine._resolve(id)
+        st, ex, running = engine._state(cid)
+        last = ex
+        # Docker answers the headers at once (the CLI waits for them before its start), the body when the
+        # condition is met: chunked
+        w.write(("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+                 f"Api-Version: {API_VERSION}\r\nServer: labkit\r\n\r\n").encode())
+        # stopped: not running, and either its exit is recorded or it never started (a process that has just
+        # ended is not running before its monitor has written its exit: that is waited for)
+        if cond != "not-running" or running or (st is not None and ex is None):
+            before = (ex or {}).get("finished") if (cond != "not-running" and not running) else None
+            while not _gone(c):
+                try:
+                    st, ex, running = engine._state(cid)
+                except NotFound:  # removed meanwhile (auto-remove): it has exited
+                    break
+                last = ex or last
+                if ex and not running and (cond == "not-running" or ex.get("finished") != before):
+                    break
+                time.sleep(0.02)
+        if cond == "removed":
+            while not _gone(c):
+                try:
+                    engine._resolve(cid)
+                except NotFound:
+                    break
+                time.sleep(0.02)
+        code = (last or {}).get("exit_code")
+        body = json.dumps({"StatusCode": code if code is not None else 0, "Error": None}).encode() + b"\n"
+        w.write(f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n")
+        return _ANSWERED
+
+    def container_logs(self, req, w, c, id):
+        cid = engine._resolve(id)
+        if not (req.flag("stdout") or req.flag("stderr")):
+            raise HTTPError(400, "you must choose at least one stream (stdout=1 or stderr=1)")
+        path = f"{engine.roots.container_dir(cid)}/container.log"
+        with open(path, "rb") as f:
+            data = f.read()
+        tail = req.arg("tail", "all")
+        if tail not in (None, "all"):
+            n = int(tail)
+            lines = data.splitlines(keepends=True)
+            data = b"".join(lines[-n:]) if n else b""
+        if not req.flag("follow"):
+            self._send(w, 200, _frame(data) if data else b"", ctype="application/vnd.docker.raw-stream")
+            return _ANSWERED
+        self._stream_head(w)
+        if data:
+            w.write(_frame(data))
+        self._follow(cid, path, os.path.getsize(path), w, c)
+        return _HIJACKED
+
+    def container_top(self, req, w, c, id):
+        return {"Titles": ["PID", "UID", "CMD"],
+                "Processes": [[str(p["pid"]), str(p["uid"]), p["cmd"]] for p in engine.top(id)]}
+
+    def container_attach(self, req, w, c, id):
+        if req.flag("stdin"):
+            raise HTTPError(501, "labkit's Engine API does not attach stdin yet (-i): attach to the output only")
+        cid = engine._resolve(id)
+        path = f"{engine.roots.container_dir(cid)}/container.log"
+        offset = os.path.getsize(path) if os.path.exists(path) else 0
+        if req.flag("stream"):
+            self._hold(cid)  # before the client hears back and starts it: an auto-remove waits for this stream
+        w.write(b"HTTP/1.1 101 UPGRADED\r\nContent-Type: application/vnd.docker.raw-stream\r\n"
+                b"Connection: Upgrade\r\nUpgrade: tcp\r\n\r\n")
+        if req.flag("stream"):
+            self._follow(cid, path, offset, w, c, wait_start=True, held=True)
+        return _HIJACKED
+
+    def container_remove(self, req, w, c, id):
+        with self.lock:
+            cid = engine._resolve(id)
+            engine.rm(cid, force=req.flag("force"))
+        _drop_extra(cid)
+        return 204, None
+
+    # -- streams --------------------------------------------------------------------------------------------
+    def _stream_head(self, w):
+        w.write(("HTTP/1.1 200 OK\r\nContent-Type: application/vnd.docker.raw-stream\r\n"
+                 f"Api-Version: {API_VERSION}\r\nConnection: close\r\n\r\n").encode())
+
+    def _hold(self, cid):
+        with self.lock_attached:
+            self.attached[cid] = self.attached.get(cid, 0) + 1
+
+    def _follow(self, cid, path, offset, w, conn, wait_start=False, held=False):
+        """Send what the container writes to its log from ``offset`` until it has stopped (a start first, when
+        ``wait_start``: an attach comes before the start), or the client has hung up. Reads at most every 50 ms;
+        once the container has stopped, reads what is left (its output is all in the log by then). The log stays
+        open once found, and an auto-remove waits for this stream (:meth:`_remove_when_done`)."""
+        rt = f"{engine.RUNTIME}/{cid}"
+        started = not wait_start
+        f = None
+        if not held:
+            self._hold(cid)
+        try:
+            while not _gone(conn):
+                if f is None:
+                    try:
+                        f = open(path, "rb")
+                        f.seek(offset)
+                    except FileNotFoundError:  # not started yet, or removed with its log
+                        f = None
+                data = f.read(1 << 20) if f is not None else b""
+                if data:
+                    w.write(_frame(data))
+                    continue
+                started = started or os.path.exists(f"{rt}/state.json")
+                try:
+                    stopped = started and os.path.exists(f"{rt}/exit.json") and not engine._state(cid)[2]
+                except NotFound:
+                    stopped = True
+                if stopped:
+                    while f is not None:
+                        data = f.read(1 << 20)
+                        if not data:
+                            break
+                        w.write(_frame(data))
+                    return
+                time.sleep(0.05)
+        finally:
+            if f is not None:
+                f.close()
+            with self.lock_attached:
+                self.attached[cid] -= 1
+                if not self.attached[cid]:
+                    del self.attached[cid]
+
+    # -- auto-remove ------------------------------------------------------------------------------------------
+    def _auto_remove_later(self, cid):
+        if (read_json(f"{EXTRA}/{cid}.json", default={}) or {}).get("auto_remove"):
+            threading.Thread(target=self._remove_when_done, args=(cid,), daemon=True).start()
+
+    def _remove_when_done(self, cid):
+        while True:
+            try:
+                _, ex, running = engine._state(cid)
+            except NotFound:
+                return _drop_extra(cid)
+            if ex and not running:
+                break
+            time.sleep(0.05)
+        end = time.monotonic() + 10  # an attached client first reads the last of the output
+        while self.attached.get(cid) and time.monotonic() < end:
+            time.sleep(0.02)
+        with self.lock:
+            try:
+                engine.rm(cid, force=True)
+            except NotFound:
+                pass
+        _drop_extra(cid)
+
+    def _watch_auto_remove(self):
+        """A new daemon takes over what the last one watched: containers to remove when they stop."""
+        if not os.path.isdir(EXTRA):
+            return
+        for f in os.listdir(EXTRA):
+            cid = f[:-5]
+            if f.endswith(".json") and re.fullmatch(r"[0-9a-f]{12}", cid):
+                self._auto_remove_later(cid)
+
+    # -- images ---------------------------------------------------------------------------------------------
+    def images_list(self, req, w, c):
+        out = []
+        for i in store.list_images():
+            out.append({"Id": "sha256:" + (i.get("id") or "").split(":")[-1], "ParentId": "", "RepoTags": [i["ref"]],
+                        "RepoDigests": [], "Created": int(i.get("created") or 0), "Size": i["size"],
+                        "VirtualSize": i["size"], "SharedSize": -1, "Labels": {}, "Containers": -1})
+        return out
+
+    def image_inspect(self, req, w, c, name):
+        img = _image(name)
+        return {"Id": "sha256:" + (img.get("id") or "").split(":")[-1], "RepoTags": [img.get("ref", name)],
+                "Config": img.get("config"), "Os": "linux", "Architecture": _arch(),
+                "RootFS": {"Type": "layers", "Layers": list(img.get("layers") or [])}}
+
+    def image_pull(self, req, w, c):
+        src = req.arg("fromImage")
+        if not src:
+            raise HTTPError(400, "fromImage: which image to pull")
+        ref = f"{src}:{req.arg('tag')}" if req.arg("tag") and "@" not in src else src
+        self._stream_head(w)
+        w.write(json.dumps({"status": f"Pulling from {ImageRef.parse(ref)}"}).encode() + b"\r\n")
+        try:
+            with self.lock:
+                res = registry.pull(ref)
+            w.write(json.dumps({"status": f"Status: Downloaded newer image for {ImageRef.parse(ref)}",
+                                "id": str(res.get("facts", {}).get("digest", ""))}).encode() + b"\r\n")
+        except (LabkitError, RegistryError) as exc:
+            w.write(json.dumps({"errorDetail": {"message": str(exc)}, "error": str(exc)}).encode() + b"\r\n")
+        return _HIJACKED
+
+    def image_tag(self, req, w, c, name):
+        repo = req.arg("repo")
+        if not repo:
+            raise HTTPError(400, "repo: the new name")
+        with self.lock:
+            store.tag(_image(name)["ref"], f"{repo}:{req.arg('tag') or 'latest'}")
+        return 201, None
+
+    def image_remove(self, req, w, c, name):
+        with self.lock:
+            ref = _image(name)["ref"]
+            if not _names(name, ref):
+                raise HTTPError(409, f"conflict: unable to delete {name} (must be forced) - image is referenced in "
+                                     "multiple repositories")
+            name = ref
+            users = engine.image_in_use(name)
+            if users and not req.flag("force"):
+                raise HTTPError(409, f"conflict: unable to remove repository reference \"{name}\" (must force) - "
+                                     f"container {users[0]} is using its referenced image")
+            engine.rmi(name)
+        return [{"Untagged": str(ImageRef.parse(name))}]
+
+    # -- networks ---------------------------------------------------------------------------------------------
+    def networks_list(self, req, w, c):
+        return [{"Name": n["spec"]["name"], "Id": n["spec"]["name"], "Driver": "bridge", "Scope": "local",
+                 "IPAM": {"Config": [{"Subnet": n["spec"].get("subnet")}]},
+                 "Containers": {k: {"IPv4Address": (v.get("ip") if isinstance(v, dict) else v) or ""}
+                                for k, v in (n.get("members") or {}).items()}}
+                for n in network.list_networks()]
+
+
+_HIJACKED = object()  # the route wrote its own answer and the connection ends with it
+_ANSWERED = object()  # the route wrote its own answer; the connection goes on
+
+
+def _gone(conn):
+    """Whether the client has closed its end (not only its writing half, as the docker CLI does once it has
+    nothing to send): a waiting or following answer then stops."""
+    import select
+    p = select.poll()
+    p.register(conn, select.POLLHUP | select.POLLERR)
+    return any(ev & (select.POLLHUP | select.POLLERR) for _, ev in p.poll(0))
+
+
+_LOG_LOCK = threading.Lock()
+
+
+def _access(req, what):
+    """A line of the access log: time, method, path with its query, and the body's first bytes (a request's
+    JSON is what the lab shows). Kept under MAX_ACCESS_LOG: the older half goes when it is full."""
+    query = urllib.parse.urlencode({k: v[-1] for k, v in req.query.items()})
+    body = req.body[:400].decode("utf-8", "replace") if req.body else ""
+    line = (f"{time.strftime('%H:%M:%S')} {req.method} {req.raw_path}{'?' + query if query else ''}"
+            f"{' ' + body if body else ''}\n")
+    with _LOG_LOCK:
+        try:
+            if os.path.exists(ACCESS_LOG) and os.path.getsize(ACCESS_LOG) > MAX_ACCESS_LOG:
+                with open(ACCESS_LOG, "rb") as f:
+                    f.seek(-MAX_ACCESS_LOG // 2, os.SEEK_END)
+                    keep = f.read()
+                with open(ACCESS_LOG, "wb") as f:
+                    f.write(keep[keep.find(b"\n") + 1:])
+            fd = os.open(ACCESS_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "ab") as f:
+                f.write(line.encode())
+        except OSError:
+            pass  # the log is for reading; it never stops an answer
+
+
+def _drop_extra(cid):
+    try:
+        os.unlink(f"{EXTRA}/{cid}.json")
+    except FileNotFoundError:
+        pass
+
+
+def _image(name):
+    """An image by name (``busybox``, ``busybox:latest``) or by its ID (``sha256:...`` or a prefix of at least 4
+    hex digits, as `docker images` shows it)."""
+    try:
+        return dict(store.load_image(name), ref=str(ImageRef.parse(name)))
+    except (NotFound, InvalidSpec):
+        pass
+    key = name.split(":", 1)[1] if name.startswith("sha256:") else name
+    if re.fullmatch(r"[0-9a-f]{4,64}", key):
+        hits = [i for i in store.list_images() if (i.get("id") or "").split(":")[-1].startswith(key)]
+        if hits:
+            return dict(store.load_image(hits[0]["ref"]), ref=hits[0]["ref"])
+    raise HTTPError(404, f"No such image: {name}")
+
+
+def _names(name, ref):
+    """Whether removing ``name`` removes exactly one name (``ref``): by name always; by ID only when the image
+    has that one name."""
+    key = name.split(":", 1)[1] if name.startswith("sha256:") else name
+    if not re.fullmatch(r"[0-9a-f]{4,64}", key):
+        return True
+    img_id = (store.load_image(ref).get("id") or "").split(":")[-1]
+    return sum(1 for i in store.list_images() if (i.get("id") or "").split(":")[-1] == img_id) == 1
+
+
+def _rfc3339(t):
+    """Docker's time stamps: RFC 3339 in UTC with nanoseconds; its zero time for never."""
+    if not t:
+        return "0001-01-01T00:00:00Z"
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int((t % 1) * 1e9):09d}Z"
+
+
+def _arch():
+    m = os.uname().machine
+    return {"x86_64": "amd64", "aarch64": "arm64"}.get(m, m)
+
+
+def _os_name():
+    try:
+        with open("/etc/os-release") as f:
+            for line in f:
+                if line.startswith("PRETTY_NAME="):
+                    return line.split("=", 1)[1].strip().strip('"')
+    except OSError:
+        pass
+    return "Linux"

@@ -1,0 +1,169 @@
+"""labkit's daemon for real: started in the background, found by labkit.connect() and the CLI, killed with
+SIGKILL under a running container (which goes on running, and the next daemon finds it), refused a second
+time, root's alone, stopped by `labkit cleanup` (which then kills the containers' processes)."""
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+import labkit
+from labkit.agent import daemon
+from labkit.wire.errors import NotFound
+
+from conftest import REPO
+
+pytestmark = pytest.mark.privileged
+
+
+def _cli(*args, env=None, check=True, timeout=120):
+    res = subprocess.run([sys.executable, "-m", "labkit.cli", *args], capture_output=True, text=True, cwd=REPO,
+                         timeout=timeout, env=dict(os.environ, **(env or {})))
+    if check and res.returncode != 0:
+        raise AssertionError(f"labkit {' '.join(args)} exited {res.returncode}: {res.stdout}{res.stderr}")
+    return res
+
+
+@pytest.fixture
+def running_daemon(lab):
+    assert daemon.status() is None, "no daemon runs before the test"
+    st = daemon.start()
+    try:
+        yield st
+    finally:
+        daemon.stop()
+        for name in ("lk-dm-a", "lk-dm-b"):
+            try:
+                lab.container(name).rm(force=True)
+            except NotFound:
+                pass
+    assert not os.path.exists(daemon.SOCKET) and not os.path.exists(daemon.PIDFILE)
+
+
+def test_connect_and_the_cli_go_through_the_daemon_when_it_runs(running_daemon, lab, monkeypatch):
+    monkeypatch.delenv("LABKIT_DAEMON", raising=False)
+    via = labkit.connect("local")
+    try:
+        assert via.transport.hello["pid"] == running_daemon["pid"], "the daemon answered, not this process"
+        assert via.target == "local"
+        _cli("create", "--name", "lk-dm-a", "busybox", "sleep", "60")  # through the daemon too
+        assert [c["name"] for c in via.containers(all=True)].count("lk-dm-a") == 1
+        assert lab.container("lk-dm-a").status == "created", "what the daemon made is on the machine"
+    finally:
+        via.close()
+    monkeypatch.setenv("LABKIT_DAEMON", "off")
+    direct = labkit.connect("local")
+    try:
+        assert direct.transport.hello["pid"] == os.getpid(), "LABKIT_DAEMON=off: in-process"
+    finally:
+        direct.close()
+
+
+def test_its_sockets_are_roots_alone(running_daemon):
+    for path in (daemon.SOCKET, daemon.DOCKER_SOCKET):
+        st = os.stat(path)
+        assert stat.S_ISSOCK(st.st_mode) and st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o600, path
+    probe = ("import socket,sys; s=socket.socket(socket.AF_UNIX); "
+             "s.connect(sys.argv[1]); print('connected')")
+    res = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", probe,
+                          daemon.SOCKET], capture_output=True, text=True, timeout=30)
+    assert res.returncode != 0 and "connected" not in res.stdout, "another user cannot reach root's daemon"
+    assert "Permission denied" in res.stderr
+
+
+def test_a_second_daemon_is_refused_and_the_first_goes_on(running_daemon):
+    res = subprocess.run([sys.executable, "-m", "labkit.agent.daemon"], capture_output=True, text=True, cwd=REPO,
+                         timeout=60)
+    assert res.returncode == 1 and f"already runs (pid {running_daemon['pid']})" in res.stderr, res.stderr
+    assert daemon.answers() and daemon.status()["pid"] == running_daemon["pid"]
+
+
+def test_sigkill_leaves_its_containers_running_and_the_next_daemon_finds_them(running_daemon, lab, monkeypatch):
+    monkeypatch.delenv("LABKIT_DAEMON", raising=False)
+    via = labkit.connect("local")
+    try:
+        c = via.create("busybox", ["sleep", "300"], name="lk-dm-b")
+        c.start()
+        pid = lab.container("lk-dm-b").inspect()["State"]["Pid"]
+    finally:
+        via.close()
+    os.kill(running_daemon["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while daemon.status() is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert daemon.status() is None
+    info = lab.container("lk-dm-b").inspect()
+    assert info["State"]["Running"] and info["State"]["Pid"] == pid, "the container runs on, the same process"
+    # its socket is left behind: a client falls back to in-process instead of failing
+    fallback = labkit.connect("local")
+    try:
+        assert fallback.transport.hello["pid"] == os.getpid()
+        assert fallback.container("lk-dm-b").status == "running"
+    finally:
+        fallback.close()
+    st = daemon.start()
+    assert st["pid"] != running_daemon["pid"]
+    again = labkit.connect("local")
+    try:
+        assert again.transport.hello["pid"] == st["pid"]
+        assert again.container("lk-dm-b").inspect()["State"]["Pid"] == pid, "the new daemon finds it running"
+        again.container("lk-dm-b").stop(timeout=1)
+        assert lab.container("lk-dm-b").status.startswith("exited")
+    finally:
+        again.close()
+
+
+def test_cli_start_status_stop(lab):
+    assert daemon.status() is None
+    try:
+        out = _cli("daemon", "start").stdout
+        assert "DOCKER_HOST=unix:///run/labkit/docker.sock" in out
+        st = daemon.status()
+        assert f"pid {st['pid']}" in _cli("daemon", "status").stdout
+        assert _cli("daemon", "start").stdout.count(f"pid {st['pid']}") == 1, "a second start finds the first"
+    finally:
+        out = _cli("daemon", "stop").stdout
+    assert "stopped labkit's daemon" in out
+    res = _cli("daemon", "status", check=False)
+    assert res.returncode == 3 and "not running" in res.stdout
+
+
+def test_labkit_cleanup_stops_the_daemon_and_removes_its_containers(lab, monkeypatch):
+    monkeypatch.delenv("LABKIT_DAEMON", raising=False)
+    st = daemon.start()
+    try:
+        via = labkit.connect("local")
+        try:
+            via.create("busybox", ["sleep", "300"], name="lk-dm-a").start()
+        finally:
+            via.close()
+        dry = _cli("cleanup", "--dry-run", "--target", "local").stdout
+        assert f"would stop labkit's daemon (pid {st['pid']})" in dry and daemon.status() is not None
+        out = _cli("cleanup", "--target", "local").stdout
+        assert f"stopped labkit's daemon (pid {st['pid']})" in out
+        assert daemon.status() is None and not os.path.exists(daemon.SOCKET)
+        assert lab.container("lk-dm-a").status != "running", "its process was killed"
+    finally:
+        daemon.stop()
+        try:
+            lab.container("lk-dm-a").rm(force=True)
+        except NotFound:
+            pass
+
+
+def test_a_garbled_pid_file_is_no_daemon_and_signals_nothing(lab):
+    assert daemon.status() is None
+    os.makedirs(daemon.RUN_DIR, exist_ok=True)
+    for text in ("{", json.dumps({"pid": 1, "starttime": 1}), json.dumps({"pid": os.getpid(), "starttime": 0})):
+        with open(daemon.PIDFILE, "w") as f:
+            f.write(text)
+        assert daemon.status() is None, text
+        assert daemon.stop() is None, "a pid that is not the daemon it recorded is never signalled"
+    assert not os.path.exists(daemon.PIDFILE)
+    for f in os.listdir(daemon.RUN_DIR):  # the garbled one, set aside for a human to read
+        if f.startswith("labkitd.json.corrupt-"):
+            os.unlink(os.path.join(daemon.RUN_DIR, f))

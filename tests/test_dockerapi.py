@@ -1,0 +1,195 @@
+"""The real docker CLI (Debian's docker.io, client side only: no dockerd runs) and the Docker SDK for Python
+drive labkit's engine through the daemon's Engine API, with the lecture's verbs; each answer and exit code
+as Docker documents them."""
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from labkit.agent import daemon
+from labkit.wire.errors import NotFound
+
+pytestmark = pytest.mark.privileged
+
+DOCKER = "/usr/bin/docker"  # Debian's client (the machine may have another docker earlier on PATH)
+NAMES = ("lk-api-web", "lk-api-one", "lk-api-sdk")
+needs_docker = pytest.mark.skipif(not os.path.exists(DOCKER), reason="Debian's docker.io is not installed "
+                                  "(scripts/setup.sh --dev installs it)")
+
+
+@pytest.fixture(scope="module")
+def engine_api(tmp_path_factory):
+    from labkit.agent.local import InProcess
+    from labkit.client.lab import Lab
+    lab = Lab(InProcess(), target="local")
+    assert daemon.status() is None, "no daemon runs before the test"
+    networks = {n["spec"]["name"] for n in lab.networks()}
+    daemon.start()
+    env = dict(os.environ, DOCKER_HOST=f"unix://{daemon.DOCKER_SOCKET}",
+               DOCKER_CONFIG=str(tmp_path_factory.mktemp("docker-config")))
+    try:
+        yield env, lab
+    finally:
+        daemon.stop()
+        for name in NAMES:
+            try:
+                lab.container(name).rm(force=True)
+            except NotFound:
+                pass
+        for ref in ("lk-api/copy:v1",):
+            try:
+                lab.rmi(ref)
+            except NotFound:
+                pass
+        for n in lab.networks():  # the default network the containers made, when it was not there before
+            if n["spec"]["name"] not in networks and not n["members"]:
+                lab.call("net.remove", name=n["spec"]["name"])
+        lab.close()
+
+
+def docker(env, *args, check=True, timeout=60):
+    res = subprocess.run([DOCKER, *args], capture_output=True, text=True, env=env, timeout=timeout,
+                         stdin=subprocess.DEVNULL)
+    if check and res.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args)} exited {res.returncode}: {res.stdout}{res.stderr}")
+    return res
+
+
+@needs_docker
+def test_version_and_info_name_labkit_and_the_negotiated_api(engine_api):
+    env, _ = engine_api
+    out = docker(env, "version", "--format", "{{json .}}").stdout
+    v = json.loads(out)
+    assert v["Server"]["Platform"]["Name"] == "labkit" and v["Server"]["ApiVersion"] == "1.41"
+    assert v["Client"]["ApiVersion"] == "1.41", "the client settled on the server's version"
+    info = docker(env, "info", "--format", "{{.Driver}} {{.OSType}} {{.KernelVersion}}").stdout.split()
+    assert info == ["overlay", "linux", os.uname().release]
+
+
+@needs_docker
+def test_run_rm_prints_the_output_returns_the_exit_code_and_removes_the_container(engine_api):
+    env, lab = engine_api
+    res = docker(env, "run", "--rm", "--name", "lk-api-one", "busybox", "echo", "hello from labkit")
+    assert res.stdout == "hello from labkit\n"
+    with pytest.raises(NotFound):
+        lab.container("lk-api-one")
+    res = docker(env, "run", "--rm", "busybox", "sh", "-c", "echo out; exit 3", check=False)
+    assert res.returncode == 3 and res.stdout == "out\n", "docker run exits with the container's code"
+
+
+@needs_docker
+def test_the_web_server_walkthrough_with_the_docker_cli(engine_api):
+    env, lab = engine_api
+    docker(env, "create", "--name", "lk-api-web", "-p", "127.0.0.1:8097:80", "busybox",
+           "httpd", "-f", "-v", "-p", "80", "-h", "/etc")
+    ps_a = docker(env, "ps", "-a", "--filter", "name=lk-api-web", "--format", "{{.Names}} {{.Status}}").stdout
+    assert "lk-api-web Created" in ps_a
+    docker(env, "start", "lk-api-web")
+    assert docker(env, "ps", "--format", "{{.Names}} {{.Status}} {{.Ports}}").stdout.count("lk-api-web Up") == 1
+    body = None
+    for _ in range(50):
+        try:
+            body = urllib.request.urlopen("http://127.0.0.1:8097/os-release", timeout=2).read().decode()
+            break
+        except OSError:
+            time.sleep(0.1)
+    assert body and 'NAME="labkit busybox"' in body, "the page came from the container, through the published port"
+    assert "response:200" in docker(env, "logs", "lk-api-web").stdout, "httpd -v logged the request"
+    top = docker(env, "top", "lk-api-web").stdout
+    assert "httpd -f -v -p 80" in top and top.splitlines()[0].split() == ["PID", "UID", "CMD"]
+    assert docker(env, "inspect", "--format", "{{.State.Running}}", "lk-api-web").stdout.strip() == "true"
+    docker(env, "stop", "-t", "1", "lk-api-web")
+    assert "Exited" in docker(env, "ps", "-a", "--filter", "name=lk-api-web", "--format", "{{.Status}}").stdout
+    docker(env, "tag", "busybox", "lk-api/copy:v1")
+    assert "lk-api/copy" in docker(env, "images", "--format", "{{.Repository}}:{{.Tag}}").stdout
+    docker(env, "rmi", "lk-api/copy:v1")
+    refused = docker(env, "rmi", "busybox", check=False)
+    assert refused.returncode == 1 and "lk-api-web" in refused.stderr and "conflict" in refused.stderr.lower(), \
+        "the stopped container still uses the image, as in the lecture"
+    docker(env, "rm", "lk-api-web")
+    assert "lk-api-web" not in docker(env, "ps", "-a", "--format", "{{.Names}}").stdout
+
+
+@needs_docker
+def test_what_labkit_does_not_do_yet_is_refused_with_the_reason(engine_api):
+    env, _ = engine_api
+    res = docker(env, "run", "-i", "busybox", "cat", check=False)
+    assert res.returncode == 125 and "stdin" in res.stderr, res.stderr
+    res = docker(env, "ps", "--no-such-flag", check=False)
+    assert res.returncode != 0
+    res = docker(env, "inspect", "lk-api-none", check=False)
+    assert res.returncode == 1 and "lk-api-none" in res.stderr
+
+
+@needs_docker
+def test_raw_rest_with_curl_over_the_socket(engine_api):
+    env, _ = engine_api
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed")
+    out = subprocess.run([curl, "-s", "-i", "--unix-socket", daemon.DOCKER_SOCKET, "http://docker/_ping"],
+                         capture_output=True, text=True, timeout=30).stdout
+    assert out.startswith("HTTP/1.1 200") and "Api-Version: 1.41" in out and out.endswith("OK")
+    out = subprocess.run([curl, "-s", "--unix-socket", daemon.DOCKER_SOCKET, "http://docker/v1.41/containers/json?all=1"],
+                         capture_output=True, text=True, timeout=30).stdout
+    assert isinstance(json.loads(out), list)
+
+
+def test_the_docker_sdk_creates_starts_reads_logs_and_waits(engine_api):
+    docker_sdk = pytest.importorskip("docker")
+    env, lab = engine_api
+    client = docker_sdk.DockerClient(base_url=env["DOCKER_HOST"], version="auto")
+    try:
+        c = client.containers.create("busybox", ["sh", "-c", "echo sdk says hi; exit 7"], name="lk-api-sdk")
+        c.start()
+        assert c.wait(timeout=30)["StatusCode"] == 7
+        assert c.logs() == b"sdk says hi\n"
+        c.reload()
+        assert c.status == "exited"
+        c.remove()
+        with pytest.raises(docker_sdk.errors.NotFound):
+            client.containers.get("lk-api-sdk")
+    finally:
+        client.close()
+
+
+def _raw(request, timeout=10):
+    import socket
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(timeout)
+        s.connect(daemon.DOCKER_SOCKET)
+        s.sendall(request)
+        data = b""
+        while True:
+            try:
+                piece = s.recv(65536)
+            except socket.timeout:
+                break
+            if not piece:
+                break
+            data += piece
+    return data
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"GARBAGE\r\n\r\n", b"400"),                                                     # no method, no path
+    (b"POST /containers/create HTTP/1.1\r\nContent-Length: -5\r\n\r\n", b"400"),      # would read to EOF
+    (b"POST /containers/create HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n", b"413"),  # memory
+    (b"GET /_ping HTTP/1.1\r\n" + b"X-Pad: " + b"a" * 70000 + b"\r\n\r\n", b"400"),   # header flood
+    (b"POST /containers/create HTTP/1.1\r\nContent-Length: 5\r\n\r\n[1,2]", b"400"),  # not an object
+    (b"POST /containers/create HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", b"400"),     # no image
+    (b'POST /containers/create HTTP/1.1\r\nContent-Length: 47\r\n\r\n{"Image":"busybox","HostConfig":{"Memory":"x"}}', b"400"),  # a limit, not a number
+    (b'POST /containers/create?name=../../etc HTTP/1.1\r\nContent-Length: 19\r\n\r\n{"Image":"busybox"}', b"400"),
+    (b"DELETE /images/..%2F..%2Fetc%2Fpasswd HTTP/1.1\r\n\r\n", b"404"),              # a path for a name
+    (b"GET /containers/%00/json HTTP/1.1\r\n\r\n", b"40"),
+])
+def test_hostile_requests_get_a_clear_refusal_and_the_daemon_goes_on(engine_api, request_bytes, status):
+    answer = _raw(request_bytes)
+    assert answer.startswith(b"HTTP/1.1 " + status), answer[:200]
+    assert b'"message"' in answer
+    assert _raw(b"GET /_ping HTTP/1.1\r\nConnection: close\r\n\r\n").endswith(b"OK"), "it still answers"
+    assert not os.path.exists("/etc/passwd.corrupt") and os.path.exists("/etc/passwd")
