@@ -29,12 +29,12 @@ def _on_this_machine(args):
 
 def cmd_cleanup(args):
     if _on_this_machine(args):  # the daemon first (its containers stay up without it): then cleanup runs here
-        from .agent import daemon
-        running = daemon.status()
+        from .agent.local import daemon_control
+        running = daemon_control("status")
         if running:
             print(("would stop " if args.dry_run else "stopped ") + f"labkit's daemon (pid {running['pid']})")
             if not args.dry_run:
-                daemon.stop()
+                daemon_control("stop")
         os.environ["LABKIT_DAEMON"] = "off"
     rec = _lab(args).cleanup(dry_run=args.dry_run)
     items = rec.facts.get("found", []) if args.dry_run else rec.get("removed", [])
@@ -218,7 +218,7 @@ def cmd_run(args):
 
 def _run_interactive(lab, args):
     """-it: the container gets this terminal. Needs the agent in this very process (root on Linux)."""
-    if lab.transport.name != "in-process":
+    if lab.transport.name != "in-process" and not (lab.target == "local" and os.geteuid() == 0):  # (or the daemon)
         raise LabkitError("run -it needs the agent on this machine, in this process (root on the target)",
                           fix="on the lab VM: `vagrant ssh -c 'cd /labkit && sudo python3 -m labkit.cli run -it "
                               "busybox sh'`; here: `sudo labkit run -it ...`")
@@ -485,25 +485,25 @@ def cmd_grade(args):
 
 def cmd_daemon(args):
     """labkit's daemon: its own protocol on /run/labkit/labkitd.sock, Docker's Engine API on docker.sock."""
-    from .agent import daemon
+    from .agent.local import daemon_control
     if args.action == "run":
-        return daemon.run(docker_api=not args.no_docker_api)
+        return daemon_control("run", docker_api=not args.no_docker_api)
     if args.action == "start":
-        st = daemon.start(docker_api=not args.no_docker_api)
+        st = daemon_control("start", docker_api=not args.no_docker_api)
         print(f"labkit's daemon runs (pid {st['pid']}): labkit talks to it on {st['socket']}; the docker CLI can, "
               f"with DOCKER_HOST=unix://{st['docker_socket']}")
         return 0
     if args.action == "stop":
-        pid = daemon.stop()
+        pid = daemon_control("stop")
         print(f"stopped labkit's daemon (pid {pid}); its containers go on running" if pid else
               "labkit's daemon was not running")
         return 0
-    st = daemon.status()
+    st = daemon_control("status")
     if st is None:
         print("labkit's daemon is not running (start it: labkit daemon start)")
         return 3
     print(f"labkit's daemon runs (pid {st['pid']}) on {st['socket']} and {st['docker_socket']}"
-          + ("" if daemon.answers() else "; it does not answer"))
+          + ("" if daemon_control("answers") else "; it does not answer"))
     return 0
 
 

@@ -64,6 +64,7 @@ def test_connect_and_the_cli_go_through_the_daemon_when_it_runs(running_daemon, 
 
 
 def test_its_sockets_are_roots_alone(running_daemon):
+    """0600 sockets in the root-only /run/labkit: another user is stopped (here by the directory already)."""
     for path in (daemon.SOCKET, daemon.DOCKER_SOCKET):
         st = os.stat(path)
         assert stat.S_ISSOCK(st.st_mode) and st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o600, path
@@ -158,7 +159,9 @@ def test_labkit_cleanup_stops_the_daemon_and_removes_its_containers(lab, monkeyp
 def test_a_garbled_pid_file_is_no_daemon_and_signals_nothing(lab):
     assert daemon.status() is None
     os.makedirs(daemon.RUN_DIR, exist_ok=True)
-    for text in ("{", json.dumps({"pid": 1, "starttime": 1}), json.dumps({"pid": os.getpid(), "starttime": 0})):
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that is surely not running now (were it reused, its start time would differ)
+    for text in ("{", json.dumps({"pid": gone.pid, "starttime": 1}), json.dumps({"pid": os.getpid(), "starttime": 0})):
         with open(daemon.PIDFILE, "w") as f:
             f.write(text)
         assert daemon.status() is None, text

@@ -114,13 +114,35 @@ class _Daemon:
         self.listeners.append((s, path))
         return s
 
+    #: connections served at once (each a thread); more wait in the listen backlog
+    MAX_CONNECTIONS = 256
+
     def accept_loop(self, sock, serve_one):
+        """Accept until the daemon stops. Running out of file descriptors or threads only slows it down
+        (it waits and tries again): it never stops accepting while the daemon runs."""
+        slots = threading.BoundedSemaphore(self.MAX_CONNECTIONS)
+
+        def serve(conn):
+            try:
+                serve_one(conn)
+            finally:
+                slots.release()
         while not self.stopping.is_set():
+            slots.acquire()
             try:
                 conn, _ = sock.accept()
             except OSError:
-                return  # closed: the daemon stops
-            threading.Thread(target=serve_one, args=(conn,), daemon=True).start()
+                slots.release()
+                if self.stopping.is_set():
+                    return  # closed: the daemon stops
+                time.sleep(0.1)  # EMFILE, ENFILE, ECONNABORTED...: try again
+                continue
+            try:
+                threading.Thread(target=serve, args=(conn,), daemon=True).start()
+            except RuntimeError:  # no thread to be had: this client is refused, the next one may not be
+                conn.close()
+                slots.release()
+                time.sleep(0.1)
 
     def close(self):
         self.stopping.set()
@@ -166,6 +188,8 @@ def run(docker_api=True):
             api = dockerapi.EngineAPI(daemon)
             threads.append(threading.Thread(target=daemon.accept_loop,
                                             args=(daemon.listen(DOCKER_SOCKET), api.serve_connection), daemon=True))
+        from . import forkserver
+        forkserver._ensure()  # from this thread: its parent-death signal is tied to the thread that starts it
         write_json(PIDFILE, {**pid_fields(os.getpid()), "started": time.time(), "docker_api": docker_api})
         for t in threads:
             t.start()
@@ -176,6 +200,9 @@ def run(docker_api=True):
         return 0
     finally:
         daemon.close()
+        # a change in progress (a create, a start, a pull) finishes before the process ends: nothing half-made
+        if daemon.lock.acquire(timeout=60):
+            daemon.lock.release()
         for s, h in old.items():
             signal.signal(s, h)
         entry = read_json(PIDFILE, default=None)

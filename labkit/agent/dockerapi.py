@@ -10,8 +10,9 @@ and ``/_ping`` carries the ``API-Version`` header the client negotiates from.
 What it serves: ping, version, info; containers (list, create with ports, env, limits, capabilities,
 binds, auto-remove; start, stop, kill, wait with its conditions, remove, inspect, top, logs, attach for
 output); images (list, inspect, pull with progress lines, tag, remove with Docker's conflict); networks
-(list). A request for what labkit does not do yet (a terminal: ``-t``; stdin: ``-i``) is refused with a
-message that says so, never accepted and ignored. labkit keeps one log per container for stdout and
+(list, filtered by name). A request for what labkit does not do yet (a terminal: ``-t``; stdin: ``-i``; a
+create field outside :attr:`EngineAPI.CREATE_FIELDS` that is not left at its default; a filter it does not
+apply; an API version above 1.41) is refused with a message that says so, never accepted and ignored. labkit keeps one log per container for stdout and
 stderr together: its log and attach streams send it all as stdout. Standard library only.
 """
 import json
@@ -22,7 +23,7 @@ import threading
 import time
 import urllib.parse
 
-from ..wire.errors import Conflict, InvalidSpec, LabkitError, NotFound, RegistryError
+from ..wire.errors import Conflict, InvalidSpec, LabkitError, NotFound
 from ..wire.specs import RUN_DIR, ContainerSpec, ImageRef
 from . import engine, network, registry, store
 from .state import private_dir, read_json, write_json
@@ -32,7 +33,7 @@ MIN_API_VERSION = "1.12"
 MAX_HEADER = 64 << 10
 MAX_BODY = 16 << 20
 EXTRA = f"{RUN_DIR}/dockerapi"  # what Docker's API knows of a container and labkit's engine does not (AutoRemove)
-ACCESS_LOG = f"{RUN_DIR}/dockerapi.log"  # one line per request: what a client sent, what it got (lab 06 reads it)
+ACCESS_LOG = f"{RUN_DIR}/dockerapi.log"  # one line per request, as a client sent it (lab 06 reads it)
 MAX_ACCESS_LOG = 1 << 20
 
 _STATUS = {200: "OK", 201: "Created", 204: "No Content", 304: "Not Modified", 400: "Bad Request", 404: "Not Found",
@@ -148,34 +149,54 @@ class EngineAPI:
         except ValueError:
             raise HTTPError(400, "malformed Content-Length or chunk size") from None
         url = urllib.parse.urlsplit(target)
-        path = re.sub(r"^/v[0-9]+\.[0-9]+(?=/)", "", urllib.parse.unquote(url.path))
+        m = re.match(r"^/v([0-9]+)\.([0-9]+)(?=/)", url.path)
+        if m:
+            asked = (int(m.group(1)), int(m.group(2)))
+            if asked > _version(API_VERSION):
+                raise HTTPError(400, f"client version {m.group(1)}.{m.group(2)} is too new. Maximum supported API "
+                                     f"version is {API_VERSION}")
+            if asked < _version(MIN_API_VERSION):
+                raise HTTPError(400, f"client version {m.group(1)}.{m.group(2)} is too old. Minimum supported API "
+                                     f"version is {MIN_API_VERSION}, please upgrade your client to a newer version")
+        path = urllib.parse.unquote(url.path[m.end():] if m else url.path)
         req = _Request(method.upper(), path, urllib.parse.parse_qs(url.query), headers, body, url.path)
         req.version = version.strip()
         return req
 
     @staticmethod
     def _read_body(rfile, headers):
-        body = b""
-        if headers.get("transfer-encoding", "").lower() == "chunked":
+        def size(text, base):
+            text = text.strip()
+            if not text or not re.fullmatch(rb"[0-9a-fA-F]+" if base == 16 else rb"[0-9]+", text):
+                raise ValueError(text)
+            return int(text, base)
+
+        def exactly(n):
+            data = rfile.read(n)
+            if len(data) != n:
+                raise HTTPError(400, "the request body ended early")
+            return data
+        body = bytearray()
+        te = headers.get("transfer-encoding", "").lower()
+        if te and te != "chunked":
+            raise HTTPError(501, f"Transfer-Encoding {te!r}: only chunked is understood")
+        if te == "chunked":
             while True:
-                n = int(rfile.readline(100).split(b";")[0].strip() or b"0", 16)
-                if n < 0:
-                    raise ValueError(n)
+                n = size(rfile.readline(100).split(b";")[0], 16)
                 if n == 0:
-                    rfile.readline(100)
+                    while rfile.readline(MAX_HEADER) not in (b"\r\n", b"\n", b""):
+                        pass  # trailers: read, not kept
                     break
                 if len(body) + n > MAX_BODY:
                     raise HTTPError(413, f"request body over {MAX_BODY >> 20} MiB")
-                body += rfile.read(n)
+                body += exactly(n)
                 rfile.readline(100)
         elif headers.get("content-length"):
-            n = int(headers["content-length"])
-            if n < 0:
-                raise ValueError(n)
+            n = size(headers["content-length"].encode(), 10)
             if n > MAX_BODY:
                 raise HTTPError(413, f"request body over {MAX_BODY >> 20} MiB")
-            body = rfile.read(n)
-        return body
+            body += exactly(n)
+        return bytes(body)
 
     def _send(self, wfile, status, obj=None, ctype="application/json", close=False, extra=None):
         body = b"" if obj is None else (obj if isinstance(obj, bytes) else json.dumps(obj).encode())
@@ -201,8 +222,14 @@ class EngineAPI:
             msg = exc.message + (f" (fix: {exc.fix})" if exc.fix else "")
             self._send(wfile, _error_status(exc), {"message": msg})
             return True
-        except (ValueError, TypeError, KeyError) as exc:  # a field of the wrong kind: the client's to mend
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError) as exc:
+            # a field of the wrong kind: the client's to mend
             self._send(wfile, 400, {"message": f"bad request: {type(exc).__name__}: {exc}"})
+            return True
+        except OSError:
+            raise  # the client went away: the connection ends
+        except Exception as exc:  # noqa: BLE001 - a bug here must not cost the client its answer
+            self._send(wfile, 500, {"message": f"labkit's Engine API failed: {type(exc).__name__}: {exc}"})
             return True
         if result is _HIJACKED:
             return False
@@ -277,8 +304,28 @@ class EngineAPI:
 
     # -- containers -----------------------------------------------------------------------------------------
     def containers_list(self, req, w, c):
+        filters = _filters(req, ("name", "id", "status", "ancestor"))
+        rows = engine.ps(all=req.flag("all") or bool(filters.get("status")) or bool(req.arg("limit")))
+        if filters.get("name"):
+            try:
+                rows = [r for r in rows if any(re.search(p, r["name"]) for p in filters["name"])]
+            except re.error as exc:
+                raise HTTPError(400, f"name filter: {exc}") from None
+        if filters.get("id"):
+            rows = [r for r in rows if any(r["id"].startswith(p) for p in filters["id"])]
+        if filters.get("status"):
+            bad = set(filters["status"]) - {"created", "running", "exited", "paused", "restarting", "removing", "dead"}
+            if bad:
+                raise HTTPError(400, f"invalid filter 'status={sorted(bad)[0]}'")
+            rows = [r for r in rows if r["state"] in filters["status"]]
+        if filters.get("ancestor"):
+            wanted = {str(ImageRef.parse(a)) for a in filters["ancestor"]}
+            rows = [r for r in rows if r["image"] in wanted]
+        limit = int(req.arg("limit") or 0)
+        if limit > 0:
+            rows = rows[:limit]
         out = []
-        for r in engine.ps(all=req.flag("all")):
+        for r in rows:
             cfg = engine._config(r["id"])
             status = (f"Up {_ago(r['started'])}" if r["running"] else
                       f"Exited ({r['exit_code']}) {_ago(r['finished'])} ago" if r["state"] == "exited" else "Created")
@@ -289,44 +336,89 @@ class EngineAPI:
                                    "PublicPort": p["host_port"], "Type": p["proto"]} for p in cfg["ports"]],
                         "HostConfig": {"NetworkMode": cfg["network"] or "none"},
                         "NetworkSettings": {"Networks": {cfg["network"]: {}} if cfg["network"] else {}}})
+            if req.flag("size"):
+                out[-1]["SizeRw"] = _du(cfg["upper"])
         return out
+
+    #: what container create understands; any other field must hold its default (empty, zero, false), or the
+    #: request is refused with its name: labkit never takes an option and does nothing with it
+    CREATE_FIELDS = {"Image", "Cmd", "Entrypoint", "Env", "Hostname", "WorkingDir", "User", "Tty", "OpenStdin",
+                     "AttachStdin", "AttachStdout", "AttachStderr", "StdinOnce", "ExposedPorts", "HostConfig",
+                     "NetworkingConfig", "Domainname"}
+    HOST_FIELDS = {"PortBindings", "Binds", "NetworkMode", "Memory", "NanoCpus", "PidsLimit", "CapAdd", "CapDrop",
+                   "Privileged", "ReadonlyRootfs", "AutoRemove", "LogConfig", "RestartPolicy", "ConsoleSize"}
+
+    #: defaults the docker CLI sends that are not empty: -1 is "the kernel's default swappiness"
+    HOST_DEFAULTS = {"MemorySwappiness": -1}
 
     def container_create(self, req, w, c):
         body = req.json()
         hc = body.get("HostConfig") or {}
+        if not isinstance(hc, dict):
+            raise HTTPError(400, "HostConfig must be an object")
+        unsupported = [k for k, v in body.items() if k not in self.CREATE_FIELDS and not _empty(v)]
+        unsupported += [f"HostConfig.{k}" for k, v in hc.items() if k not in self.HOST_FIELDS and not _empty(v)
+                        and v != self.HOST_DEFAULTS.get(k, object())]
+        log = hc.get("LogConfig") or {}
+        if log.get("Type") not in (None, "", "local") or not _empty(log.get("Config")):
+            unsupported.append("HostConfig.LogConfig (labkit keeps one log file per container)")
+        if (hc.get("RestartPolicy") or {}).get("Name") not in (None, "", "no"):
+            unsupported.append("HostConfig.RestartPolicy")
+        if not _empty((body.get("NetworkingConfig") or {}).get("EndpointsConfig")):
+            unsupported.append("NetworkingConfig (addresses and aliases)")
+        if body.get("Domainname"):
+            unsupported.append("Domainname")
+        if unsupported:
+            raise HTTPError(400, f"labkit's Engine API does not do {', '.join(sorted(unsupported))} (yet): leave "
+                                 "them out, or see `labkit create --help` for what labkit's engine offers")
         if body.get("Tty") or body.get("OpenStdin") or body.get("AttachStdin"):
             raise HTTPError(501, "labkit's Engine API does not give containers a terminal or stdin yet (-t, -i): "
                                  "run without them, or with `labkit run -it` on the target")
-        if not body.get("Image"):
+        if not isinstance(body.get("Image"), str) or not body["Image"]:
             raise HTTPError(400, "no image: the request must name one (Image)")
-        cmd = list(body.get("Entrypoint") or []) + list(body.get("Cmd") or [])
+        argv = []
+        for key in ("Entrypoint", "Cmd"):
+            value = body.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
+                raise HTTPError(400, f"{key} must be a list of strings, e.g. [\"echo\", \"hi\"]")
+            argv += value
         ports = []
         for cport, binds in (hc.get("PortBindings") or {}).items():
             num, _, proto = cport.partition("/")
             for b in binds or [{}]:
-                host = (b or {}).get("HostPort") or num
-                ip = (b or {}).get("HostIp") or ""
+                b = b or {}
+                ip = b.get("HostIp") or ""
+                host = b.get("HostPort") or str(_free_port(ip or "0.0.0.0", proto or "tcp"))  # Docker: any free one
                 ports.append(f"{ip + ':' if ip else ''}{host}:{num}/{proto or 'tcp'}")
         binds = []
         for b in hc.get("Binds") or []:
             parts = b.split(":")
-            if len(parts) not in (2, 3):
-                raise HTTPError(400, f"bind {b!r}: write SRC:DST[:ro]")
+            if len(parts) not in (2, 3) or (len(parts) == 3 and set(parts[2].split(",")) - {"ro", "rw"}):
+                raise HTTPError(400, f"bind {b!r}: labkit takes SRC:DST, SRC:DST:ro or SRC:DST:rw")
             binds.append((parts[0], parts[1], len(parts) == 3 and "ro" in parts[2].split(",")))
         mode = hc.get("NetworkMode") or "default"
+        if mode in ("host", "container") or mode.startswith("container:"):
+            raise HTTPError(400, f"network mode {mode!r}: labkit's containers have a network namespace of their own "
+                                 "(a labkit network, the default one, or none)")
+        net = None if mode == "none" else ("default" if mode in ("default", "bridge") else mode)
+        if net not in (None, "default") and net not in [n["spec"]["name"] for n in network.list_networks()]:
+            raise HTTPError(404, f"network {net} not found")
         env = []
         for e in body.get("Env") or []:
-            k, sep, v = e.partition("=")
-            if sep:
-                env.append((k, v))
+            k, sep, v = str(e).partition("=")
+            if not sep:
+                raise HTTPError(400, f"Env entry {e!r} has no '=': write NAME=VALUE")
+            env.append((k, v))
+        pids = hc.get("PidsLimit")
         try:
-            spec = ContainerSpec(image=body["Image"], name=req.arg("name") or None, cmd=tuple(cmd) or None,
+            spec = ContainerSpec(image=body["Image"], name=req.arg("name") or None, cmd=tuple(argv) or None,
                                  env=tuple(env), hostname=body.get("Hostname") or None, ports=tuple(ports),
                                  memory=hc.get("Memory") or None, nano_cpus=hc.get("NanoCpus") or None,
-                                 pids_limit=hc.get("PidsLimit") or None, binds=tuple(binds),
+                                 pids_limit=pids if pids and pids > 0 else None, binds=tuple(binds),
                                  read_only=bool(hc.get("ReadonlyRootfs")), workdir=body.get("WorkingDir") or None,
-                                 user=body.get("User") or None,
-                                 network=None if mode == "none" else ("default" if mode in ("default", "bridge") else mode),
+                                 user=body.get("User") or None, network=net,
                                  cap_add=tuple(hc.get("CapAdd") or ()), cap_drop=tuple(hc.get("CapDrop") or ()),
                                  privileged=bool(hc.get("Privileged")))
         except LabkitError as exc:
@@ -375,10 +467,9 @@ class EngineAPI:
 
     def container_kill(self, req, w, c, id):
         sig = str(req.arg("signal", "KILL") or "KILL").upper()
-        name = sig if sig.startswith("SIG") else "SIG" + sig
         try:
-            num = int(sig) if sig.isdigit() else int(getattr(signal, name))
-        except (AttributeError, ValueError):
+            num = signal.Signals(int(sig)) if sig.isdigit() else signal.Signals[sig if sig.startswith("SIG") else "SIG" + sig]
+        except (KeyError, ValueError, OverflowError):
             raise HTTPError(400, f"invalid signal: {sig}") from None
         engine.kill(id, num)
         return 204, None
@@ -400,6 +491,7 @@ class EngineAPI:
         # ended is not running before its monitor has written its exit: that is waited for)
         if cond != "not-running" or running or (st is not None and ex is None):
             before = (ex or {}).get("finished") if (cond != "not-running" and not running) else None
+            lost = None  # since when it has been started, not running, and without an exit record
             while not _gone(c):
                 try:
                     st, ex, running = engine._state(cid)
@@ -408,7 +500,18 @@ class EngineAPI:
                 last = ex or last
                 if ex and not running and (cond == "not-running" or ex.get("finished") != before):
                     break
+                if st is not None and not running and not ex:
+                    lost = lost or time.monotonic()
+                    if time.monotonic() - lost > 2:  # its monitor was killed (labkit cleanup): no exit code
+                        return self._wait_answer(w, cid, cond, c, -1, "the container's monitor was killed "
+                                                 "before it could record the exit code")
+                else:
+                    lost = None
                 time.sleep(0.02)
+        code = (last or {}).get("exit_code")
+        return self._wait_answer(w, cid, cond, c, code if code is not None else 0, None)
+
+    def _wait_answer(self, w, cid, cond, c, code, error):
         if cond == "removed":
             while not _gone(c):
                 try:
@@ -416,30 +519,44 @@ class EngineAPI:
                 except NotFound:
                     break
                 time.sleep(0.02)
-        code = (last or {}).get("exit_code")
-        body = json.dumps({"StatusCode": code if code is not None else 0, "Error": None}).encode() + b"\n"
+        body = json.dumps({"StatusCode": code, "Error": {"Message": error} if error else None}).encode() + b"\n"
         w.write(f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n")
         return _ANSWERED
 
     def container_logs(self, req, w, c, id):
+        """The container's log (labkit keeps stdout and stderr in one file: both come as stream 1), sent in
+        pieces, never read whole into memory; ``tail``, ``follow``. Other options are refused."""
         cid = engine._resolve(id)
         if not (req.flag("stdout") or req.flag("stderr")):
             raise HTTPError(400, "you must choose at least one stream (stdout=1 or stderr=1)")
+        for opt in ("since", "until"):
+            if req.arg(opt) not in (None, "", "0"):
+                raise HTTPError(400, f"labkit's logs have no time stamps: {opt} cannot be served")
+        if req.flag("timestamps"):
+            raise HTTPError(400, "labkit's logs have no time stamps (leave out -t)")
         path = f"{engine.roots.container_dir(cid)}/container.log"
-        with open(path, "rb") as f:
-            data = f.read()
-        tail = req.arg("tail", "all")
-        if tail not in (None, "all"):
-            n = int(tail)
-            lines = data.splitlines(keepends=True)
-            data = b"".join(lines[-n:]) if n else b""
-        if not req.flag("follow"):
-            self._send(w, 200, _frame(data) if data else b"", ctype="application/vnd.docker.raw-stream")
-            return _ANSWERED
+        tail = req.arg("tail", "all") or "all"
+        if tail != "all" and not re.fullmatch(r"-?[0-9]+", tail):
+            raise HTTPError(400, f"tail {tail!r}: a number of lines, or all")
         self._stream_head(w)
-        if data:
-            w.write(_frame(data))
-        self._follow(cid, path, os.path.getsize(path), w, c)
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:  # never started: nothing logged yet
+            f = None
+        offset = 0
+        if f is not None:
+            with f:
+                if tail != "all" and int(tail) >= 0:
+                    offset = _tail_offset(f, int(tail))
+                f.seek(offset)
+                while True:
+                    data = f.read(1 << 20)
+                    if not data:
+                        break
+                    w.write(_frame(data))
+                offset = f.tell()
+        if req.flag("follow"):
+            self._follow(cid, path, offset, w, c)
         return _HIJACKED
 
     def container_top(self, req, w, c, id):
@@ -554,8 +671,17 @@ class EngineAPI:
 
     # -- images ---------------------------------------------------------------------------------------------
     def images_list(self, req, w, c):
+        import fnmatch
+        filters = _filters(req, ("reference", "dangling"))
+        # (all=1 lists the same: labkit keeps no intermediate images; RepoDigests stay empty: it keeps no digests)
+        if "true" in (filters.get("dangling") or []):
+            return []  # every image labkit keeps has a name
         out = []
         for i in store.list_images():
+            if filters.get("reference") and not any(fnmatch.fnmatchcase(i["ref"], p) or
+                                                    fnmatch.fnmatchcase(i["ref"].rsplit(":", 1)[0], p)
+                                                    for p in filters["reference"]):
+                continue
             out.append({"Id": "sha256:" + (i.get("id") or "").split(":")[-1], "ParentId": "", "RepoTags": [i["ref"]],
                         "RepoDigests": [], "Created": int(i.get("created") or 0), "Size": i["size"],
                         "VirtualSize": i["size"], "SharedSize": -1, "Labels": {}, "Containers": -1})
@@ -571,7 +697,16 @@ class EngineAPI:
         src = req.arg("fromImage")
         if not src:
             raise HTTPError(400, "fromImage: which image to pull")
-        ref = f"{src}:{req.arg('tag')}" if req.arg("tag") and "@" not in src else src
+        if req.arg("fromSrc") or req.arg("repo") or req.arg("platform"):
+            raise HTTPError(400, "labkit pulls from a registry only (no import, no platform choice)")
+        tag = req.arg("tag") or ""
+        if not tag:
+            raise HTTPError(400, "labkit pulls one tag at a time (no --all-tags): name it")
+        ref = f"{src}@{tag}" if tag.startswith("sha256:") else f"{src}:{tag}"
+        try:
+            ImageRef.parse(ref)
+        except LabkitError as exc:
+            raise HTTPError(400, exc.message) from None
         self._stream_head(w)
         w.write(json.dumps({"status": f"Pulling from {ImageRef.parse(ref)}"}).encode() + b"\r\n")
         try:
@@ -579,8 +714,9 @@ class EngineAPI:
                 res = registry.pull(ref)
             w.write(json.dumps({"status": f"Status: Downloaded newer image for {ImageRef.parse(ref)}",
                                 "id": str(res.get("facts", {}).get("digest", ""))}).encode() + b"\r\n")
-        except (LabkitError, RegistryError) as exc:
-            w.write(json.dumps({"errorDetail": {"message": str(exc)}, "error": str(exc)}).encode() + b"\r\n")
+        except Exception as exc:  # noqa: BLE001 - after the head, an error can only go in the stream
+            msg = exc.message if isinstance(exc, LabkitError) else f"{type(exc).__name__}: {exc}"
+            w.write(json.dumps({"errorDetail": {"message": msg}, "error": msg}).encode() + b"\r\n")
         return _HIJACKED
 
     def image_tag(self, req, w, c, name):
@@ -607,11 +743,13 @@ class EngineAPI:
 
     # -- networks ---------------------------------------------------------------------------------------------
     def networks_list(self, req, w, c):
+        filters = _filters(req, ("name",))
         return [{"Name": n["spec"]["name"], "Id": n["spec"]["name"], "Driver": "bridge", "Scope": "local",
                  "IPAM": {"Config": [{"Subnet": n["spec"].get("subnet")}]},
                  "Containers": {k: {"IPv4Address": (v.get("ip") if isinstance(v, dict) else v) or ""}
                                 for k, v in (n.get("members") or {}).items()}}
-                for n in network.list_networks()]
+                for n in network.list_networks()
+                if not filters.get("name") or any(p in n["spec"]["name"] for p in filters["name"])]
 
 
 _HIJACKED = object()  # the route wrote its own answer and the connection ends with it
@@ -634,7 +772,7 @@ def _access(req, what):
     """A line of the access log: time, method, path with its query, and the body's first bytes (a request's
     JSON is what the lab shows). Kept under MAX_ACCESS_LOG: the older half goes when it is full."""
     query = urllib.parse.urlencode({k: v[-1] for k, v in req.query.items()})
-    body = req.body[:400].decode("utf-8", "replace") if req.body else ""
+    body = req.body[:400].decode("utf-8", "replace").replace("\r", "\\r").replace("\n", "\\n") if req.body else ""
     line = (f"{time.strftime('%H:%M:%S')} {req.method} {req.raw_path}{'?' + query if query else ''}"
             f"{' ' + body if body else ''}\n")
     with _LOG_LOCK:
@@ -645,7 +783,7 @@ def _access(req, what):
                     keep = f.read()
                 with open(ACCESS_LOG, "wb") as f:
                     f.write(keep[keep.find(b"\n") + 1:])
-            fd = os.open(ACCESS_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            fd = os.open(ACCESS_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "ab") as f:
                 f.write(line.encode())
         except OSError:
@@ -669,6 +807,8 @@ def _image(name):
     key = name.split(":", 1)[1] if name.startswith("sha256:") else name
     if re.fullmatch(r"[0-9a-f]{4,64}", key):
         hits = [i for i in store.list_images() if (i.get("id") or "").split(":")[-1].startswith(key)]
+        if len({i.get("id") for i in hits}) > 1:
+            raise HTTPError(400, f"{name}: more than one image's ID begins so: give more of it")
         if hits:
             return dict(store.load_image(hits[0]["ref"]), ref=hits[0]["ref"])
     raise HTTPError(404, f"No such image: {name}")
@@ -682,6 +822,80 @@ def _names(name, ref):
         return True
     img_id = (store.load_image(ref).get("id") or "").split(":")[-1]
     return sum(1 for i in store.list_images() if (i.get("id") or "").split(":")[-1] == img_id) == 1
+
+
+def _filters(req, known):
+    """The ``filters`` query parameter ({"name": ["web"]}, or the older {"name": {"web": true}}); a filter
+    labkit does not apply is refused, never ignored."""
+    text = req.arg("filters")
+    if not text:
+        return {}
+    try:
+        raw = json.loads(text)
+    except ValueError:
+        raise HTTPError(400, "filters must be JSON") from None
+    if not isinstance(raw, dict):
+        raise HTTPError(400, "filters must be a JSON object")
+    out = {}
+    for k, v in raw.items():
+        if k not in known:
+            raise HTTPError(400, f"labkit does not filter by {k!r} here: it filters by {', '.join(known)}")
+        out[k] = [str(x) for x in (v.keys() if isinstance(v, dict) else v if isinstance(v, list) else [v])]
+    return out
+
+
+def _du(path):
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _tail_offset(f, n):
+    """Where the last ``n`` lines of an open file begin (read backwards, a block at a time)."""
+    end = f.seek(0, os.SEEK_END)
+    if n == 0:
+        return end
+    pos, seen, block = end, 0, 65536
+    while pos > 0:
+        step = min(block, pos)
+        pos -= step
+        f.seek(pos)
+        data = f.read(step)
+        if pos + step == end and data.endswith(b"\n"):
+            data = data[:-1]  # the final newline ends the last line, it does not start one
+        for i in range(len(data) - 1, -1, -1):
+            if data[i] == 10:
+                seen += 1
+                if seen == n:
+                    return pos + i + 1
+    return 0
+
+
+def _empty(value):
+    """Whether a request field holds only its default: nothing, zeros, false, empty strings, lists and objects."""
+    if isinstance(value, dict):
+        return all(_empty(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_empty(v) for v in value)
+    return value in (None, "", 0, False)
+
+
+def _free_port(ip, proto):
+    import socket
+    kind = socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind((ip, 0))
+        return s.getsockname()[1]
+
+
+def _version(text):
+    major, minor = text.split(".")
+    return int(major), int(minor)
 
 
 def _rfc3339(t):

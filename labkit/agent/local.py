@@ -45,3 +45,20 @@ def run_attached(cid):
     """Attach this terminal to container ``cid`` and run it to its end; its exit code."""
     from . import engine
     return engine.run_attached(cid)
+
+
+def daemon_control(action, docker_api=True):
+    """labkit's daemon on this machine, for the front ends (``labkit daemon``, ``labkit cleanup``):
+    ``start`` / ``stop`` / ``status`` / ``run`` / ``answers`` (see :mod:`labkit.agent.daemon`)."""
+    from . import daemon
+    if action == "start":
+        return daemon.start(docker_api=docker_api)
+    if action == "run":
+        return daemon.run(docker_api=docker_api)
+    if action == "stop":
+        return daemon.stop()
+    if action == "answers":
+        return daemon.answers()
+    if action == "status":
+        return daemon.status()
+    raise ValueError(f"no daemon action {action!r}")

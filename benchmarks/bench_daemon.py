@@ -1,0 +1,139 @@
+"""Benchmark: what labkit's daemon costs and saves, measured in one run on this machine.
+
+1. `labkit run --rm --network none busybox true` as a whole process from a shell (Python's start-up, the
+   request, the container's start and exit, its removal): through labkit's daemon, and in-process
+   (``LABKIT_DAEMON=off``, what every labkit command did before the daemon), next to `crun run` on an OCI
+   bundle over a busybox root (labkit's start-up rig, :func:`labkit.agent.measure.startup_prepare`).
+   Interleaved after a warm-up; min / median / max milliseconds and each median's ratio to crun's.
+2. Memory of labkit's own processes per idle container (PSS from /proc/PID/smaps_rollup: the daemon, its
+   fork server and each container's monitor; the containers' own processes are not counted) with 1, 8 and
+   32 containers running `sleep`.
+
+    sudo .venv/bin/python benchmarks/bench_daemon.py [--runs 15] [--counts 1,8,32]
+"""
+import argparse
+import json
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import labkit  # noqa: E402
+from labkit.agent import daemon  # noqa: E402  (the benchmark runs on the target itself, as root)
+
+
+def _pss_kib(pid):
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _children(pid):
+    out = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(p))
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+def start_times(runs):
+    cli = [sys.executable, "-m", "labkit.cli", "run", "--rm", "--network", "none", "busybox", "true"]
+    env_off = dict(os.environ, LABKIT_DAEMON="off")
+    direct = labkit.connect("local") if daemon.status() is None else None
+    if direct is None:
+        raise SystemExit("stop labkit's daemon first (labkit daemon stop): this benchmark starts its own")
+    rig = direct.call("bench.startup_prepare")
+    cases = {"labkit via daemon": (cli, dict(os.environ)), "labkit in-process": (cli, env_off)}
+    if "crun" in rig["runtimes"]:
+        cases["crun run"] = None
+    times = {k: [] for k in cases}
+    st = daemon.start()
+    try:
+        for i in range(-2, runs):
+            for name, how in cases.items():
+                argv, env = how if how else (rig["runtimes"]["crun"] + [f"lkb-{secrets.token_hex(4)}"], None)
+                t = time.perf_counter()
+                res = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True)
+                elapsed = (time.perf_counter() - t) * 1000
+                if res.returncode != 0:
+                    raise SystemExit(f"{name} failed ({res.returncode}): {res.stderr[-400:]}")
+                if i >= 0:
+                    times[name].append(elapsed)
+    finally:
+        daemon.stop()
+        direct.call("bench.startup_finish", rig=rig)
+        direct.close()
+    ref = statistics.median(times["crun run"]) if "crun run" in times else None
+    print(f"whole process from a shell, /bin/true in busybox: {runs} runs per case, interleaved after 2 warm-up "
+          f"rounds; daemon pid {st['pid']}; kernel {os.uname().release}, {os.uname().machine}, {os.cpu_count()} CPUs")
+    print(f"{'case':<20}{'min ms':>9}{'median ms':>11}{'max ms':>9}{'vs crun':>9}")
+    for name, xs in times.items():
+        med = statistics.median(xs)
+        print(f"{name:<20}{min(xs):>9.1f}{med:>11.1f}{max(xs):>9.1f}" + (f"{med / ref:>9.2f}" if ref else f"{'-':>9}"))
+    for n in rig["notes"]:
+        print("note:", n)
+    return times
+
+
+def idle_memory(counts):
+    st = daemon.start()
+    via = labkit.connect("local")
+    made = []
+    rows = []
+    try:
+        for n in counts:
+            while len(made) < n:
+                c = via.create("busybox", ["sleep", "3600"], name=f"lk-bench-idle-{len(made)}", network=None)
+                c.start()
+                made.append(c)
+            time.sleep(0.5)
+            monitors = []
+            for c in made:
+                state = via.call("read_file", path=f"/run/labkit/containers/{c.id}/state.json")["text"]
+                monitors.append(json.loads(state).get("monitor"))
+            server = [p for p in _children(st["pid"])]  # the daemon's fork server (and anything else it runs)
+            d_kib = _pss_kib(st["pid"]) + sum(_pss_kib(p) for p in server if p not in monitors)
+            m_kib = sum(_pss_kib(p) for p in monitors if p)
+            rows.append((n, d_kib, m_kib))
+    finally:
+        for c in made:
+            try:
+                c.rm(force=True)
+            except labkit.LabkitError:
+                pass
+        via.close()
+        daemon.stop()
+    print("\nidle memory of labkit's processes (PSS, KiB): the daemon with its fork server, and the monitors")
+    print(f"{'containers':>10}{'daemon':>10}{'monitors':>10}{'per container':>15}{'monitor each':>14}")
+    for n, d, m in rows:
+        print(f"{n:>10}{d:>10}{m:>10}{(d + m) / n:>15.0f}{m / n:>14.0f}")
+    print("goal (issue 15): at most 1536 KiB per container")
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--counts", default="1,8,32")
+    args = ap.parse_args(argv)
+    start_times(args.runs)
+    idle_memory([int(x) for x in args.counts.split(",")])
+
+
+if __name__ == "__main__":
+    main()
