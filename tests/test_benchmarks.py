@@ -63,3 +63,16 @@ def test_grading_benchmark_prints_throughput_for_jobs_1_jobs_2_and_dask():
             assert float(cols[0]) > 0 and float(cols[2]) <= float(cols[3]) <= float(cols[4]), (label, cols)
     assert re.search(r"vm sandbox: .*\((KVM|TCG): ", res.stdout), "the VM rows say how the guests ran"
     assert "every mode gave the same points: yes" in res.stdout
+
+
+def test_daemon_benchmark_prints_start_times_against_crun_and_idle_memory_per_container():
+    res = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "bench_daemon.py"), "--runs", "2",
+                          "--counts", "1,2"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    print(res.stdout)
+    lines = res.stdout.splitlines()
+    for case in ("labkit via daemon", "labkit in-process"):
+        row = next(line for line in lines if line.startswith(case))
+        assert len(row[len(case):].split()) == 4, row  # min, median, max, and the ratio to crun (or '-')
+    memory = [line.split() for line in lines if line.strip() and line.split()[0] in ("1", "2")]
+    assert [m[0] for m in memory] == ["1", "2"] and all(int(m[2]) > 0 for m in memory), "monitors measured"
