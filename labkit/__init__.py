@@ -50,7 +50,7 @@ def _in_process(timeout=None):
         from .wire.errors import TransportError
         try:
             return UnixSocket(DAEMON_SOCKET, timeout=timeout, connect_timeout=2)
-        except (TransportError, OSError):
+        except TransportError:
             pass  # a socket left by a daemon that was killed (or dying), or not root's: in-process, as without one
     from .agent.local import InProcess
     return InProcess(timeout=timeout)

@@ -26,6 +26,7 @@ import urllib.parse
 from ..wire.errors import Conflict, InvalidSpec, LabkitError, NotFound
 from ..wire.specs import RUN_DIR, ContainerSpec, ImageRef
 from . import engine, network, registry, store
+from .oci import OCI_ARCH
 from .state import private_dir, read_json, write_json
 
 API_VERSION = "1.41"
@@ -291,7 +292,8 @@ class EngineAPI:
         running = sum(1 for r in rows if r["running"])
         from . import cgroups
         u = os.uname()
-        return {"ID": "labkit", "Name": u.nodename, "ServerVersion": self.version(req, w, c)["Version"],
+        from ..wire.protocol import VERSION
+        return {"ID": "labkit", "Name": u.nodename, "ServerVersion": VERSION,
                 "Containers": len(rows), "ContainersRunning": running,
                 "ContainersStopped": sum(1 for r in rows if r["state"] == "exited"),
                 "ContainersPaused": 0, "Images": len(store.list_images()), "Driver": "overlay",
@@ -907,7 +909,7 @@ def _rfc3339(t):
 
 def _arch():
     m = os.uname().machine
-    return {"x86_64": "amd64", "aarch64": "arm64"}.get(m, m)
+    return OCI_ARCH.get(m, m)  # Docker names architectures as the OCI image spec does
 
 
 def _os_name():

@@ -382,13 +382,11 @@ class Daemon(_Handle):
         text = self.lab.call("read_file", path=self.ACCESS_LOG, limit=1 << 20)["text"]
         return text.splitlines()[-n:] if n else []
 
+    DOCKER_CLI = "/usr/bin/docker"  # Debian's (the machine may carry another docker earlier on PATH)
+
     def docker_cli(self):
-        """The path of Debian's docker CLI on the target, or None (the machine may carry another docker earlier on
-        PATH: Debian's is the one meant)."""
-        for path in ("/usr/bin/docker",):
-            if self.lab.run(["test", "-x", path]).exit_code == 0:
-                return path
-        return None
+        """The path of Debian's docker CLI on the target, or None."""
+        return self.DOCKER_CLI if self.lab.run(["test", "-x", self.DOCKER_CLI]).exit_code == 0 else None
 
     def docker(self, *args, timeout=120):
         """The real docker CLI on the target, with DOCKER_HOST pointed at this daemon."""

@@ -345,6 +345,10 @@ class UnixSocket(_Stream):
         except LabkitError:
             self.close()
             raise
+        except OSError as exc:  # it hung up before its hello: an agent dying, or not an agent
+            self.close()
+            raise TransportError(f"{path} hung up before the agent's hello: {exc.strerror or exc}",
+                                 fix="is the agent (or the grader's relay) running? start it again") from None
 
     def describe(self):
         return f"unix:{self.path}"
