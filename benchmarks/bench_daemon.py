@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import secrets
-import statistics
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ sys.path.insert(0, REPO)
 
 import labkit  # noqa: E402
 from labkit.agent import daemon  # noqa: E402  (the benchmark runs on the target itself, as root)
+from _table import print_times  # noqa: E402  (benchmarks/_table.py)
 
 
 def _pss_kib(pid):
@@ -78,13 +78,9 @@ def start_times(runs):
         daemon.stop()
         direct.call("bench.startup_finish", rig=rig)
         direct.close()
-    ref = statistics.median(times["crun run"]) if "crun run" in times else None
     print(f"whole process from a shell, /bin/true in busybox: {runs} runs per case, interleaved after 2 warm-up "
           f"rounds; daemon pid {st['pid']}; kernel {os.uname().release}, {os.uname().machine}, {os.cpu_count()} CPUs")
-    print(f"{'case':<20}{'min ms':>9}{'median ms':>11}{'max ms':>9}{'vs crun':>9}")
-    for name, xs in times.items():
-        med = statistics.median(xs)
-        print(f"{name:<20}{min(xs):>9.1f}{med:>11.1f}{max(xs):>9.1f}" + (f"{med / ref:>9.2f}" if ref else f"{'-':>9}"))
+    print_times(times, "crun run", "case", 20, "crun")
     for n in rig["notes"]:
         print("note:", n)
     return times

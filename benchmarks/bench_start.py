@@ -15,12 +15,12 @@ mount at /sys/fs/cgroup/unified is unmounted, so crun sees a v1 host. That is re
 """
 import argparse
 import os
-import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import labkit  # noqa: E402
+from _table import print_times  # noqa: E402  (benchmarks/_table.py)
 
 
 def main(argv=None):
@@ -40,14 +40,9 @@ def main(argv=None):
                     times[case].append(s["elapsed_s"] * 1000)
     finally:
         lab.call("bench.startup_finish", rig=rig)
-    ref = statistics.median(times["crun"]) if "crun" in times else None
     print(f"container start, /bin/true to exit: {args.runs} runs per case, interleaved; {mode} cgroups, "
           f"kernel {os.uname().release}, {os.uname().machine}")
-    print(f"{'runtime':<10}{'min ms':>9}{'median ms':>11}{'max ms':>9}{'vs crun':>9}")
-    for name, xs in times.items():
-        med = statistics.median(xs)
-        ratio = f"{med / ref:>9.2f}" if ref else f"{'-':>9}"
-        print(f"{name:<10}{min(xs):>9.1f}{med:>11.1f}{max(xs):>9.1f}{ratio}")
+    print_times(times, "crun", "runtime", 10, "crun")
     for n in rig["notes"]:
         print("note:", n)
     return times
