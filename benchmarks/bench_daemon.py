@@ -6,13 +6,12 @@
    bundle over a busybox root (labkit's start-up rig, :func:`labkit.agent.measure.startup_prepare`).
    Interleaved after a warm-up; min / median / max milliseconds and each median's ratio to crun's.
 2. Memory of labkit's own processes per idle container (PSS from /proc/PID/smaps_rollup: the daemon, its
-   fork server and each container's monitor; the containers' own processes are not counted) with 1, 8 and
-   32 containers running `sleep`.
+   fork server and the containers' supervisor, one process for all; the containers' own processes are not
+   counted) with 1, 8 and 32 containers running `sleep`: shared out, and what one more container adds.
 
     sudo .venv/bin/python benchmarks/bench_daemon.py [--runs 15] [--counts 1,8,32]
 """
 import argparse
-import json
 import os
 import secrets
 import subprocess
@@ -23,7 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import labkit  # noqa: E402
-from labkit.agent import daemon  # noqa: E402  (the benchmark runs on the target itself, as root)
+from labkit.agent import daemon, supervisor  # noqa: E402  (the benchmark runs on the target itself, as root)
 from _table import print_times  # noqa: E402  (benchmarks/_table.py)
 
 
@@ -98,14 +97,10 @@ def idle_memory(counts):
                 c.start()
                 made.append(c)
             time.sleep(0.5)
-            monitors = []
-            for c in made:
-                state = via.call("read_file", path=f"/run/labkit/containers/{c.id}/state.json")["text"]
-                monitors.append(json.loads(state).get("monitor"))
-            server = [p for p in _children(st["pid"])]  # the daemon's fork server (and anything else it runs)
-            d_kib = _pss_kib(st["pid"]) + sum(_pss_kib(p) for p in server if p not in monitors)
-            m_kib = sum(_pss_kib(p) for p in monitors if p)
-            rows.append((n, d_kib, m_kib))
+            server = _children(st["pid"])  # the daemon's fork server (and anything else it runs)
+            d_kib = _pss_kib(st["pid"]) + sum(_pss_kib(p) for p in server)
+            s_kib = sum(_pss_kib(p) for p in supervisor.holders())
+            rows.append((n, d_kib, s_kib))
     finally:
         for c in made:
             try:
@@ -114,10 +109,14 @@ def idle_memory(counts):
                 pass
         via.close()
         daemon.stop()
-    print("\nidle memory of labkit's processes (PSS, KiB): the daemon with its fork server, and the monitors")
-    print(f"{'containers':>10}{'daemon':>10}{'monitors':>10}{'per container':>15}{'monitor each':>14}")
-    for n, d, m in rows:
-        print(f"{n:>10}{d:>10}{m:>10}{(d + m) / n:>15.0f}{m / n:>14.0f}")
+    print("\nidle memory of labkit's processes (PSS, KiB): the daemon with its fork server, the supervisor;")
+    print("shared out over the containers, and what each container added since the row before")
+    print(f"{'containers':>10}{'daemon':>10}{'supervisor':>12}{'per container':>15}{'added each':>12}")
+    last = None
+    for n, d, sv in rows:
+        added = f"{(d + sv - last[1] - last[2]) / (n - last[0]):>12.0f}" if last else f"{'':>12}"
+        print(f"{n:>10}{d:>10}{sv:>12}{(d + sv) / n:>15.0f}{added}")
+        last = (n, d, sv)
     print("goal (issue 15): at most 1536 KiB per container")
     return rows
 

@@ -9,7 +9,7 @@ import sys
 
 from . import __version__
 from .wire.errors import LabkitError, NotFound
-from .course.runbook import NOTEBOOK_DIR
+from .course import NOTEBOOK_DIR
 
 
 def _lab(args):
@@ -216,14 +216,25 @@ def cmd_run(args):
     return code if code is not None else 0
 
 
+def _terminal_here(lab, what, tty):
+    """-i/-t hand this process's stdin/stdout to a process in a container: only where the agent's code can run in
+    this very process (root on the target itself; labkit's daemon may be up, it is not needed for this)."""
+    if lab.transport.name != "in-process" and not (lab.target == "local" and os.geteuid() == 0):
+        raise LabkitError(f"{what} needs the agent on this machine, in this process (root on the target)",
+                          fix=f"on the lab VM: `vagrant ssh -c 'cd /labkit && sudo python3 -m labkit.cli {what} "
+                              "...'`; here: `sudo labkit ...`; or, with labkit's daemon up, the docker CLI: "
+                              "DOCKER_HOST=unix:///run/labkit/docker.sock docker ...")
+    if tty and not sys.stdin.isatty():
+        # Docker's rule and words: -t gives the process this terminal, so there must be one
+        raise LabkitError("the input device is not a TTY", fix="drop -t (keep -i to feed it stdin), or run "
+                                                               "the command from a terminal", exit_code=1)
+
+
 def _run_interactive(lab, args):
-    """-it: the container gets this terminal. Needs the agent in this very process (root on Linux)."""
-    if lab.transport.name != "in-process" and not (lab.target == "local" and os.geteuid() == 0):  # (or the daemon)
-        raise LabkitError("run -it needs the agent on this machine, in this process (root on the target)",
-                          fix="on the lab VM: `vagrant ssh -c 'cd /labkit && sudo python3 -m labkit.cli run -it "
-                              "busybox sh'`; here: `sudo labkit run -it ...`")
+    """-it: the container gets this terminal (-i alone: this stdin); its exit code is ours."""
+    _terminal_here(lab, "run -it", args.tty)
     from .agent import local
-    c = lab.create(args.image, args.cmd or ["/bin/sh"], **_create_kw(args))
+    c = lab.create(args.image, args.cmd or None, **_create_kw(args))
     try:
         code = local.run_attached(c.id)
     finally:
@@ -233,7 +244,9 @@ def _run_interactive(lab, args):
 
 
 def _follow(lab, ref, follow=True):
-    import time
+    """Print the container's log (to its end, with ``follow``: until it has stopped); its exit code. While
+    nothing new comes, wait on the container itself (a quarter of a second at most), not a fixed sleep: a
+    short-lived container's `labkit run` ends as soon as it has."""
     offset = 0
     while True:
         chunk = lab.call("container.logs", ref=ref, offset=offset)
@@ -243,7 +256,7 @@ def _follow(lab, ref, follow=True):
         if not follow or (not chunk["running"] and not chunk["text"]):
             break
         if not chunk["text"]:
-            time.sleep(0.1)
+            lab.call("container.wait", ref=ref, timeout=0.25)
     return lab.call("container.wait", ref=ref, timeout=1)["exit_code"] if follow else 0
 
 
@@ -269,12 +282,13 @@ def cmd_rm(args):
 
 
 def _ago(t):
-    from .client.records import ago
+    from .wire.words import ago
     return ago(t) + " ago"
 
 
 def cmd_ps(args):
-    from .client.records import container_status, text_table
+    from .client.records import text_table
+    from .wire.words import container_status
     rows = [{"CONTAINER ID": r["id"], "IMAGE": r["image"], "COMMAND": '"' + r["command"][:20] + '"',
              "CREATED": _ago(r["created"]), "STATUS": container_status(r), "PORTS": r["ports"], "NAMES": r["name"]}
             for r in _lab(args).call("container.ps", all=args.all)]
@@ -314,8 +328,23 @@ def render_format(template, data):
 
 
 def cmd_inspect(args):
+    """Containers, and (as docker inspect does) images by name when no container has that name."""
     lab = _lab(args)
-    out = [lab.call("container.inspect", ref=ref) for ref in args.containers]
+    out = []
+    for ref in args.containers:
+        if args.type != "image":
+            try:
+                out.append(lab.call("container.inspect", ref=ref))
+                continue
+            except NotFound:
+                if args.type == "container":
+                    raise
+        try:
+            out.append(lab.call("image.inspect", ref=ref))
+        except (NotFound, LabkitError) as exc:
+            if args.type == "image":
+                raise
+            raise NotFound(f"no such object: {ref}", fix="see `labkit ps -a` and `labkit images`") from exc
     if args.format:
         for o in out:
             print(render_format(args.format, o))
@@ -325,7 +354,15 @@ def cmd_inspect(args):
 
 
 def cmd_exec(args):
-    res = _lab(args).call("container.exec", ref=args.container, argv=args.cmd)
+    if not args.cmd:
+        raise LabkitError("exec needs a command to run in the container", fix="e.g. labkit exec -it web sh",
+                          exit_code=125)
+    lab = _lab(args)
+    if args.interactive or args.tty:
+        _terminal_here(lab, "exec -it", args.tty)
+        from .agent import local
+        return local.exec_attached(args.container, args.cmd, stdin=args.interactive)
+    res = lab.call("container.exec", ref=args.container, argv=args.cmd)
     sys.stdout.write(res["stdout"])
     sys.stderr.write(res["stderr"])
     return res["exit_code"]
@@ -393,7 +430,67 @@ def cmd_push(args):
 
 
 def cmd_tag(args):
-    _lab(args).tag(args.source, args.target)
+    _lab(args).tag(args.source, args.new_name)
+    return 0
+
+
+def cmd_kill(args):
+    return _each(args, "container.kill", sig=_signal(args.signal))
+
+
+def _signal(name):
+    import signal
+    text = str(name).upper()
+    try:
+        return int(signal.Signals(int(text))) if text.isdigit() else int(signal.Signals[
+            text if text.startswith("SIG") else "SIG" + text])
+    except (KeyError, ValueError):
+        raise LabkitError(f"{name!r} is not a signal", fix="e.g. -s TERM, -s SIGHUP or -s 9",
+                          exit_code=125) from None
+
+
+def cmd_search(args):
+    from .client.records import text_table
+    rows = [{"NAME": r["name"], "DESCRIPTION": r["description"][:45], "STARS": r["stars"],
+             "OFFICIAL": "[OK]" if r["official"] else ""}
+            for r in _lab(args).search(args.term, registry=args.registry)][:args.limit]
+    print(text_table(rows, ["NAME", "DESCRIPTION", "STARS", "OFFICIAL"]))
+    return 0
+
+
+def cmd_version(args):
+    import platform
+    print(f"Client:\n Version:      {__version__}\n Python:       {platform.python_version()}\n"
+          f" OS/Arch:      {sys.platform}/{platform.machine()}")
+    lab = _lab(args)
+    hello = lab.transport.hello or {}
+    print(f"\nServer: labkit's agent, {lab.transport.name}\n Version:      {hello.get('version', '?')}\n"
+          f" Kernel:       {hello.get('kernel', '?')}")
+    if lab.transport.name == "daemon":
+        print(" Engine API:   1.41 (the docker CLI: DOCKER_HOST=unix:///run/labkit/docker.sock)")
+    return 0
+
+
+def cmd_network(args):
+    from .client.records import text_table
+    lab = _lab(args)
+    if args.action in ("ls", "list"):
+        rows = [{"NETWORK ID": n["spec"]["name"], "NAME": n["spec"]["name"], "DRIVER": "bridge",
+                 "SUBNET": n["spec"]["subnet"]} for n in lab.networks()]
+        print(text_table(rows, ["NETWORK ID", "NAME", "DRIVER", "SUBNET"]))
+        return 0
+    if not args.names:
+        raise LabkitError(f"network {args.action} needs a network name", fix=f"e.g. labkit network {args.action} "
+                                                                               "web")
+    for name in args.names:
+        if args.action == "create":
+            lab.network(name, **({"subnet": args.subnet} if args.subnet else {}))
+            print(name)
+        elif args.action in ("rm", "remove"):
+            lab.call("net.remove", name=name)
+            print(name)
+        else:
+            print(json.dumps(lab.call("net.inspect", name=name), indent=4))
     return 0
 
 
@@ -565,6 +662,7 @@ def main(argv=None):
         sp.add_argument("--cap-add", action="append", help="a capability to add to Docker's default 14 (or ALL)")
         sp.add_argument("--cap-drop", action="append", help="a capability to drop (or ALL)")
         sp.add_argument("--privileged", action="store_true", help="keep every capability, /proc/sys writable")
+        sp.add_argument("--help", action="help", help="show this help (-h is --hostname, as in Docker)")
         sp.add_argument("image")
         sp.add_argument("cmd", nargs=argparse.REMAINDER)
 
@@ -574,8 +672,8 @@ def main(argv=None):
     sp = sub.add_parser("run", parents=[common], help="create and start a container", add_help=False)
     sp.add_argument("-d", "--detach", action="store_true")
     sp.add_argument("--rm", action="store_true")
-    sp.add_argument("-i", "--interactive", action="store_true", help="accepted; the log is streamed")
-    sp.add_argument("-t", "--tty", action="store_true", help="accepted; the log is streamed")
+    sp.add_argument("-i", "--interactive", action="store_true", help="the container reads this stdin")
+    sp.add_argument("-t", "--tty", action="store_true", help="the container gets this terminal (with -i: a shell)")
     container_flags(sp)
     sp.set_defaults(fn=cmd_run)
     for verb, fn, helptext in (("start", cmd_start, "start containers"), ("stop", cmd_stop, "stop containers"),
@@ -597,13 +695,14 @@ def main(argv=None):
     sp = sub.add_parser("top", parents=[common], help="a container's processes")
     sp.add_argument("container")
     sp.set_defaults(fn=cmd_top)
-    sp = sub.add_parser("inspect", parents=[common], help="a container's details (JSON)")
+    sp = sub.add_parser("inspect", parents=[common], help="a container's or an image's details (JSON)")
     sp.add_argument("-f", "--format")
+    sp.add_argument("--type", choices=("container", "image"), help="only this kind of object")
     sp.add_argument("containers", nargs="+")
     sp.set_defaults(fn=cmd_inspect)
     sp = sub.add_parser("exec", parents=[common], help="run a command in a running container")
-    sp.add_argument("-i", "--interactive", action="store_true")
-    sp.add_argument("-t", "--tty", action="store_true")
+    sp.add_argument("-i", "--interactive", action="store_true", help="the command reads this stdin")
+    sp.add_argument("-t", "--tty", action="store_true", help="the command gets this terminal")
     sp.add_argument("container")
     sp.add_argument("cmd", nargs=argparse.REMAINDER)
     sp.set_defaults(fn=cmd_exec)
@@ -629,8 +728,26 @@ def main(argv=None):
         sp.set_defaults(fn=fn)
     sp = sub.add_parser("tag", parents=[common], help="another name for an image")
     sp.add_argument("source")
-    sp.add_argument("target")
+    sp.add_argument("new_name", metavar="target")
     sp.set_defaults(fn=cmd_tag)
+    sp = sub.add_parser("kill", parents=[common], help="send a signal to containers (SIGKILL unless -s)")
+    sp.add_argument("-s", "--signal", default="KILL")
+    sp.add_argument("containers", nargs="+")
+    sp.set_defaults(fn=cmd_kill)
+    sp = sub.add_parser("search", parents=[common], help="images in a registry whose name holds TERM")
+    sp.add_argument("--registry", default=os.environ.get("LABKIT_REGISTRY", "127.0.0.1:5000"),
+                    help="host:port of a registry (default 127.0.0.1:5000, or $LABKIT_REGISTRY); docker.io: "
+                         "Docker Hub's search (online only)")
+    sp.add_argument("--limit", type=int, default=25)
+    sp.add_argument("term")
+    sp.set_defaults(fn=cmd_search)
+    sp = sub.add_parser("version", parents=[common], help="labkit's version, and its agent's (the server)")
+    sp.set_defaults(fn=cmd_version)
+    sp = sub.add_parser("network", parents=[common], help="labkit networks: ls, create, rm, inspect")
+    sp.add_argument("action", choices=("ls", "list", "create", "rm", "remove", "inspect"))
+    sp.add_argument("--subnet", help="with create: a private IPv4 /16../29, e.g. 10.214.0.0/24")
+    sp.add_argument("names", nargs="*")
+    sp.set_defaults(fn=cmd_network)
 
     b = sub.add_parser("bench", parents=[common], help="measure native vs container vs VM (CSV + PNG charts)")
     b.add_argument("--full", action="store_true", help="more repeats and larger workloads (slower, more precise)")
@@ -671,12 +788,49 @@ def main(argv=None):
     g.add_argument("--submission-timeout", type=float, default=1800,
                    help="seconds one submission may run in all (default 1800)")
     g.set_defaults(fn=cmd_grade)
-    args = p.parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    argv = _management_form(given)
+    if argv[:1] == [None]:
+        print(f"labkit {given[0]}: say what to do: one of {', '.join(sorted(MANAGEMENT[given[0]]))}, e.g. "
+              f"labkit {given[0]} ls", file=sys.stderr)
+        return 125
+    verb = argv[0] if argv else None
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as exc:  # a usage error: Docker's verbs exit 125 for it, as the docker CLI does
+        if exc.code == 2 and verb in DOCKER_VERBS:
+            return 125
+        raise
     try:
         return args.fn(args)
     except LabkitError as exc:
         print(f"labkit: {exc}", file=sys.stderr)
-        return 2
+        code = exc.details.get("exit_code") if isinstance(exc.details, dict) else None
+        if isinstance(code, int) and 0 < code < 256:
+            return code  # 126, 127: the container's program could not be run; 1: Docker's own word for it
+        if verb in ("run", "create"):
+            return 125  # docker run's code for an error of the engine itself
+        return 1 if verb in DOCKER_VERBS else 2
+
+
+# `docker container ls`, `docker image rm`: the management forms Docker's CLI has had since 1.13
+MANAGEMENT = {
+    "container": {"ls": ["ps"], "list": ["ps"], "ps": ["ps"], "rm": ["rm"], "remove": ["rm"],
+                  "inspect": ["inspect", "--type", "container"],
+                  **{v: [v] for v in ("create", "run", "start", "stop", "kill", "logs", "top", "exec", "commit")}},
+    "image": {"ls": ["images"], "list": ["images"], "rm": ["rmi"], "remove": ["rmi"],
+              "inspect": ["inspect", "--type", "image"], **{v: [v] for v in ("pull", "push", "tag", "build")}},
+}
+DOCKER_VERBS = {"run", "create", "start", "stop", "kill", "rm", "ps", "logs", "top", "inspect", "exec", "images",
+                "rmi", "build", "commit", "pull", "push", "tag", "search", "version", "network"}
+
+
+def _management_form(argv):
+    """``container ls -a`` -> ``ps -a``; ``image rm x`` -> ``rmi x``; anything else unchanged. None when a
+    management word comes without a verb it knows (the caller says which there are)."""
+    if argv and argv[0] in MANAGEMENT:
+        return MANAGEMENT[argv[0]].get(argv[1], [None]) + argv[2:] if len(argv) > 1 else [None]
+    return argv
 
 
 if __name__ == "__main__":

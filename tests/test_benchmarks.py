@@ -75,4 +75,5 @@ def test_daemon_benchmark_prints_start_times_against_crun_and_idle_memory_per_co
         row = next(line for line in lines if line.startswith(case))
         assert len(row[len(case):].split()) == 4, row  # min, median, max, and the ratio to crun (or '-')
     memory = [line.split() for line in lines if line.strip() and line.split()[0] in ("1", "2")]
-    assert [m[0] for m in memory] == ["1", "2"] and all(int(m[2]) > 0 for m in memory), "monitors measured"
+    assert [m[0] for m in memory] == ["1", "2"] and all(int(m[2]) > 0 for m in memory), "the supervisor measured"
+    assert len(memory[0]) == 4 and len(memory[1]) == 5, "the second row says what one more container added"

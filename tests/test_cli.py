@@ -14,6 +14,8 @@ import urllib.request
 
 import pytest
 
+from conftest import http_get
+
 pytestmark = pytest.mark.privileged
 
 
@@ -95,6 +97,71 @@ def test_run_it_gives_the_container_a_terminal(tmp_path):
     assert "t-it" not in names, "--rm removed the container after the shell exited"
 
 
+def test_exit_codes_help_and_management_forms_are_dockers():
+    for args, code, said in ((["run", "--target", "local", "--rm", "--network", "none", "busybox", "/no/such"], 127,
+                              "No such file"),
+                             (["run", "--target", "local", "--rm", "--network", "none", "busybox", "/etc"], 126,
+                              "not a program"),
+                             (["run", "--target", "local", "--bogus", "busybox"], 125, "unrecognized"),
+                             (["run", "--target", "local", "--rm", "--network", "none", "busybox", "sh", "-c", "exit 7"],
+                              7, ""),
+                             (["run", "--target", "local", "no-such-image:v9"], 125, "no-such-image"),
+                             (["container"], 125, "ls"), (["image", "frob"], 125, "rm"),
+                             (["kill", "--target", "local", "-s", "NOPE", "x"], 125, "not a signal"),
+                             (["stop", "--target", "local", "t-cli-none"], 1, "no such container")):
+        res = labkit(*args)
+        assert res.returncode == code and said in res.stderr, (args, res.returncode, res.stderr)
+    for verb in ("run", "create"):
+        res = labkit(verb, "--help")
+        assert res.returncode == 0 and "--hostname" in res.stdout and "--publish" in res.stdout
+    assert labkit("container", "ls", "--help").stdout.startswith("usage: labkit ps")
+    v = labkit("version", "--target", "local")
+    assert v.returncode == 0 and "Client:" in v.stdout and "Server: labkit's agent" in v.stdout
+    assert labkit("--version").stdout.startswith("labkit ")
+
+
+def test_exec_it_gives_the_command_this_terminal_and_exec_i_this_stdin(tmp_path):
+    """`labkit exec -it web sh` typed in tmux: edit the page from inside, as the lecture does; `exec -i` reads a
+    pipe; `exec -t` without a terminal is refused with Docker's words."""
+    import shutil
+    import time
+    if not shutil.which("tmux"):
+        pytest.fail("tmux is missing: scripts/setup.sh --dev installs it")
+    run = labkit("run", "-d", "--target", "local", "--name", "t-cli-ex", "-p", "127.0.0.1:18111:80", "busybox",
+                 "httpd", "-f", "-p", "80", "-h", "/var/www")
+    assert run.returncode == 0, run.stderr
+    session = "lk-test-exec-it"
+    rc = tmp_path / "rc"
+    cmd = f"{sys.executable} -m labkit.cli exec -it t-cli-ex sh; echo $? > {rc}"
+    try:
+        subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "100", "-y", "25", "sh", "-c", cmd],
+                       check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+        def screen():
+            return subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True).stdout
+        for _ in range(200):
+            if "#" in screen():
+                break
+            time.sleep(0.1)
+        subprocess.run(["tmux", "send-keys", "-t", session, "echo '<h1>from exec -it</h1>' > /var/www/index.html; "
+                        "stty size; exit 3", "Enter"], check=True)
+        for _ in range(200):
+            if rc.exists() and rc.read_text().strip():
+                break
+            time.sleep(0.1)
+        assert rc.read_text().strip() == "3", screen()
+        assert "from exec -it" in http_get("http://127.0.0.1:18111/")
+        piped = subprocess.run([sys.executable, "-m", "labkit.cli", "exec", "-i", "--target", "local", "t-cli-ex",
+                                "cat"], input="through stdin\n", capture_output=True, text=True, timeout=60)
+        assert (piped.returncode, piped.stdout) == (0, "through stdin\n")
+        no_tty = subprocess.run([sys.executable, "-m", "labkit.cli", "exec", "-it", "--target", "local", "t-cli-ex",
+                                 "sh"], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+        assert no_tty.returncode == 1 and "the input device is not a TTY" in no_tty.stderr
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+        labkit("rm", "-f", "--target", "local", "t-cli-ex")
+
+
 def test_inspect_format_renders_like_docker():
     from labkit.cli import render_format
     data = {"NetworkSettings": {"IPAddress": "10.213.0.2", "Ports": {"80/tcp": [1]}}, "State": {"Running": True}}
@@ -115,7 +182,11 @@ def test_docker_verbs_from_the_shell():
         assert "httpd" in labkit("top", "--target", "local", "t-cli-web").stdout
         assert labkit("exec", "--target", "local", "t-cli-web", "hostname").returncode == 0
         rmi = labkit("rmi", "--target", "local", "busybox")
-        assert rmi.returncode == 2 and "used by container" in rmi.stderr
+        assert rmi.returncode == 1 and "used by container" in rmi.stderr, "docker rmi's code for a refusal"
+        assert "t-cli-web" in labkit("container", "ls", "--target", "local").stdout
+        assert "busybox" in labkit("image", "ls", "--target", "local").stdout
+        assert labkit("container", "inspect", "--target", "local", "busybox").returncode == 1, "not a container"
+        assert json.loads(labkit("inspect", "--target", "local", "busybox").stdout)[0]["config"], "an image, then"
         assert labkit("stop", "--target", "local", "-t", "1", "t-cli-web").returncode == 0
         assert "Exited (137)" in labkit("ps", "-a", "--target", "local").stdout
     finally:

@@ -118,6 +118,69 @@ def test_sigkill_leaves_its_containers_running_and_the_next_daemon_finds_them(ru
         again.close()
 
 
+def test_sigkill_in_the_middle_of_changes_loses_no_running_container_and_cleanup_removes_the_rest(lab, monkeypatch):
+    """Containers made and started through the daemon while others are being made: SIGKILL lands mid-operation.
+    Every container that was running runs on (same PID, still the supervisor's child, its exit still recorded),
+    the next daemon lists them, and `labkit cleanup` leaves nothing, half-made containers included."""
+    import threading
+    from labkit.agent import supervisor
+    monkeypatch.delenv("LABKIT_DAEMON", raising=False)
+    st = daemon.start()
+    via = labkit.connect("local")
+    running = {}
+    try:
+        for i in range(3):
+            c = via.create("busybox", ["sleep", "300"], name=f"lk-dm-run{i}", network="default" if i else None)
+            c.start()
+            running[c.id] = lab.container(c.id).inspect()["State"]["Pid"]
+        busy = labkit.connect("local")
+        errors = []
+
+        def churn():  # changes in flight when the daemon dies
+            try:
+                for i in range(50):
+                    busy.create("busybox", ["true"], name=f"lk-dm-churn{i}").start()
+            except labkit.LabkitError as exc:
+                errors.append(exc)
+        t = threading.Thread(target=churn, daemon=True)
+        t.start()
+        time.sleep(0.5)
+        os.kill(st["pid"], signal.SIGKILL)
+        t.join(30)
+        assert errors, "the daemon died under the churn"
+    finally:
+        via.close()
+    deadline = time.monotonic() + 10
+    while daemon.status() is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    sup = supervisor.holders()
+    for cid, pid in running.items():
+        info = lab.container(cid).inspect()
+        assert info["State"]["Running"] and info["State"]["Pid"] == pid, "it runs on, the same process"
+        with open(f"/proc/{pid}/stat") as f:
+            assert int(f.read().rsplit(")", 1)[1].split()[1]) in sup, "still the supervisor's child"
+    again = daemon.start()
+    try:
+        via = labkit.connect("local")
+        try:
+            assert via.transport.hello["pid"] == again["pid"]
+            names = {c["name"] for c in via.containers()}
+            assert {f"lk-dm-run{i}" for i in range(3)} <= names, "the next daemon lists them running"
+            via.container("lk-dm-run1").stop(timeout=0)
+            assert via.container("lk-dm-run1").inspect()["State"]["ExitCode"] == 137, "its end still recorded"
+        finally:
+            via.close()
+    finally:
+        daemon.stop()
+    _cli("cleanup", "--target", "local")
+    dry = _cli("cleanup", "--dry-run", "--target", "local").stdout
+    assert dry.strip() == "", f"cleanup left: {dry}"
+    left = [c for c in lab.containers(all=True) if c["name"].startswith("lk-dm-")]
+    assert not [c for c in left if c["status"].startswith("Up")], "no container of theirs runs"
+    for c in left:  # (cleanup removes kernel objects; a container's files go with rm, as in Docker)
+        lab.container(c["id"]).rm(force=True)
+
+
 def test_cli_start_status_stop(lab):
     assert daemon.status() is None
     try:

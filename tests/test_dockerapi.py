@@ -16,7 +16,7 @@ from labkit.wire.errors import NotFound
 pytestmark = pytest.mark.privileged
 
 DOCKER = "/usr/bin/docker"  # Debian's client (the machine may have another docker earlier on PATH)
-NAMES = ("lk-api-web", "lk-api-one", "lk-api-sdk")
+NAMES = ("lk-api-web", "lk-api-one", "lk-api-sdk", "lk-api-exec", "lk-api-it")
 needs_docker = pytest.mark.skipif(not os.path.exists(DOCKER), reason="Debian's docker.io is not installed "
                                   "(scripts/setup.sh --dev installs it)")
 
@@ -117,10 +117,104 @@ def test_the_web_server_walkthrough_with_the_docker_cli(engine_api):
 @needs_docker
 def test_what_labkit_does_not_do_yet_is_refused_with_the_reason(engine_api):
     env, _ = engine_api
-    res = docker(env, "run", "-i", "busybox", "cat", check=False)
-    assert res.returncode == 125 and "stdin" in res.stderr, res.stderr
+    res = docker(env, "run", "--restart", "always", "busybox", "true", check=False)
+    assert res.returncode == 125 and "RestartPolicy" in res.stderr, res.stderr
     res = docker(env, "inspect", "lk-api-none", check=False)
     assert res.returncode == 1 and "lk-api-none" in res.stderr
+
+
+@needs_docker
+def test_run_i_feeds_stdin_to_the_container_and_ends_it_with_eof(engine_api):
+    env, lab = engine_api
+    res = subprocess.run([DOCKER, "run", "-i", "--rm", "busybox", "sh", "-c", "tr a-z A-Z; echo done"],
+                         input="hello labkit\n" * 3000, capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "HELLO LABKIT\n" * 3000 + "done\n", "every byte in, in order; EOF when the client's ended"
+
+
+@needs_docker
+def test_exec_runs_in_the_container_with_its_streams_and_exit_code(engine_api):
+    env, lab = engine_api
+    docker(env, "run", "-d", "--name", "lk-api-exec", "--network", "none", "busybox", "sleep", "300")
+    res = docker(env, "exec", "lk-api-exec", "sh", "-c", "echo out; echo err >&2; hostname; exit 4", check=False)
+    cid = lab.container("lk-api-exec").id
+    assert (res.returncode, res.stdout, res.stderr) == (4, f"out\n{cid}\n", "err\n"), "stdout and stderr apart"
+    assert docker(env, "exec", "lk-api-exec", "/no/such", check=False).returncode == 127
+    res = subprocess.run([DOCKER, "exec", "-i", "lk-api-exec", "cat"], input="piped in\n", capture_output=True,
+                         text=True, env=env, timeout=60)
+    assert (res.returncode, res.stdout) == (0, "piped in\n")
+    docker(env, "stop", "-t", "0", "lk-api-exec")
+    res = docker(env, "exec", "lk-api-exec", "true", check=False)
+    assert res.returncode == 1 and "is not running" in res.stderr
+
+
+def _tmux(session, command):
+    """``command`` (a list) in a new detached tmux session 120 columns by 30 rows; its exit code goes to a file."""
+    import shlex
+    import tempfile
+    rc = tempfile.mktemp(prefix="lk-tmux-rc-")
+    line = " ".join(shlex.quote(a) for a in command) + f"; echo $? > {rc}"
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "120", "-y", "30", "sh", "-c", line], check=True)
+    return rc
+
+
+def _screen(session):
+    return subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True).stdout
+
+
+def _until(session, text, seconds=30):
+    deadline = time.monotonic() + seconds
+    while text not in _screen(session) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert text in _screen(session), _screen(session)
+
+
+def _ended(session, rc, seconds=30):
+    deadline = time.monotonic() + seconds
+    while not (os.path.exists(rc) and open(rc).read().strip()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    said = _screen(session)
+    subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+    assert os.path.exists(rc), f"the command did not end; its terminal shows:\n{said}"
+    code = int(open(rc).read())
+    os.unlink(rc)
+    return code
+
+
+@needs_docker
+def test_run_it_and_exec_it_in_a_real_terminal(engine_api):
+    """`docker run -i -t busybox sh` and `docker exec -it web sh` typed in tmux, as the lecture does: a prompt,
+    the terminal's size (the CLI's resize), the page edited from inside, and the shell's exit code."""
+    if not shutil.which("tmux"):
+        pytest.fail("tmux is missing: scripts/setup.sh --dev installs it")
+    env, lab = engine_api
+    cli = ["env", f"DOCKER_HOST={env['DOCKER_HOST']}", f"DOCKER_CONFIG={env['DOCKER_CONFIG']}", DOCKER]
+    rc = _tmux("lk-api-it", cli + ["run", "-i", "-t", "--name", "lk-api-it", "--hostname", "inside", "busybox",
+                                   "/bin/sh"])
+    try:
+        _until("lk-api-it", "/ #")
+        subprocess.run(["tmux", "send-keys", "-t", "lk-api-it", "echo answer-$((6*7)) on $(hostname) size $(stty size)",
+                        "Enter"], check=True)
+        _until("lk-api-it", "answer-42 on inside size 30 120")
+        subprocess.run(["tmux", "send-keys", "-t", "lk-api-it", "exit 5", "Enter"], check=True)
+    finally:
+        code = _ended("lk-api-it", rc)
+    assert code == 5, "docker run -it exits with the shell's code"
+    assert lab.container("lk-api-it").inspect()["Config"]["Tty"] is True
+
+    docker(env, "run", "-d", "--name", "lk-api-web", "-p", "127.0.0.1:8098:80", "busybox",
+           "httpd", "-f", "-p", "80", "-h", "/var/www")
+    rc = _tmux("lk-api-ex", cli + ["exec", "-it", "lk-api-web", "sh"])
+    try:
+        _until("lk-api-ex", "/ #")
+        subprocess.run(["tmux", "send-keys", "-t", "lk-api-ex", "echo '<h1>edited inside</h1>' > /var/www/index.html; "
+                        "exit", "Enter"], check=True)
+    finally:
+        code = _ended("lk-api-ex", rc)
+    assert code == 0
+    body = urllib.request.urlopen("http://127.0.0.1:8098/", timeout=5).read().decode()
+    assert "edited inside" in body, "the page the exec'd shell edited is what the server sends"
+    docker(env, "rm", "-f", "lk-api-web", "lk-api-it")
 
 
 @needs_docker
@@ -229,3 +323,54 @@ def test_filters_kill_tail_and_wait_as_docker_documents_them(engine_api):
     docker(env, "kill", "lk-api-one")  # KILL
     assert docker(env, "wait", "lk-api-one").stdout.strip() == "137"
     docker(env, "rm", "lk-api-one")
+
+
+@needs_docker
+def test_build_network_push_and_search_with_the_docker_cli(engine_api, tmp_path):
+    """`docker build` (a tar context, the classic builder's stream), `docker network create/ls/rm`, `docker push`
+    to a registry on 127.0.0.1 and `docker search` in its catalog."""
+    env, lab = engine_api
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text('FROM busybox\nCOPY hello.txt /hello.txt\nCMD ["cat", "/hello.txt"]\n')
+    (ctx / "hello.txt").write_text("built through the Engine API\n")
+    out = docker(env, "build", "-t", "lk-api/built:v1", str(ctx), timeout=300).stdout
+    assert "Step 2/3 : COPY hello.txt /hello.txt" in out and "Successfully tagged lk-api/built:v1" in out
+    assert docker(env, "run", "--rm", "--network", "none", "lk-api/built:v1").stdout == "built through the Engine API\n"
+    (ctx / "Dockerfile").write_text("FROM busybox\nRUN exit 3\n")
+    failed = docker(env, "build", "-t", "lk-api/broken:v1", str(ctx), check=False, timeout=300)
+    assert failed.returncode != 0 and "exit" in failed.stderr.lower(), failed.stderr
+
+    docker(env, "network", "create", "lkapi")
+    try:
+        assert "lkapi" in docker(env, "network", "ls", "--format", "{{.Name}}").stdout.split()
+        subnet = json.loads(docker(env, "network", "inspect", "lkapi").stdout)[0]["IPAM"]["Config"][0]["Subnet"]
+        ip = docker(env, "run", "--rm", "--network", "lkapi", "busybox", "sh", "-c",
+                    "ip -4 -o addr show eth0").stdout
+        assert subnet.rsplit(".", 2)[0] in ip, (subnet, ip)
+        assert docker(env, "network", "create", "lkapi", check=False).returncode == 1, "a second one, refused"
+    finally:
+        docker(env, "network", "rm", "lkapi")
+    assert "lkapi" not in docker(env, "network", "ls", "--format", "{{.Name}}").stdout.split()
+
+    from test_registry import REGISTRY, start_registry
+    if not REGISTRY:
+        pytest.fail("docker-registry is missing: scripts/setup.sh --dev installs it")
+    (tmp_path / "registry").mkdir()
+    proc, port = start_registry(str(tmp_path / "registry"))
+    try:
+        ref = f"127.0.0.1:{port}/course/built:v1"
+        docker(env, "tag", "lk-api/built:v1", ref)
+        pushed = docker(env, "push", ref, timeout=300).stdout
+        assert "digest: sha256:" in pushed, pushed
+        found = docker(env, "search", f"127.0.0.1:{port}/built").stdout
+        assert f"127.0.0.1:{port}/course/built" in found, found
+        docker(env, "rmi", ref)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        for r in ("lk-api/built:v1", "lk-api/broken:v1"):
+            try:
+                lab.rmi(r)
+            except NotFound:
+                pass

@@ -20,6 +20,7 @@ import socket
 import socketserver
 import ssl
 import subprocess
+import sys
 import tarfile
 import tempfile
 import threading
@@ -111,6 +112,24 @@ def test_push_then_pull_back_and_skopeo_agrees(lab, registry, built):
     assert any(s.get("kind") == "http" and s["url"].endswith("/manifests/v1") for s in pulled["steps"])
     res = lab.run_container(ref, None, detach=False, rm=True, network=None)
     assert res["exit_code"] == 0 and res["logs"].strip() == "pushed"
+
+
+def test_the_cli_tags_pushes_and_searches_as_docker_does(lab, registry, built):
+    """`labkit tag SRC NAME:latest` (the positional that once collided with --target), push, then `labkit search`
+    finds it in the registry's catalog, in docker search's columns."""
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "labkit.cli", *args, "--target", "local"], capture_output=True,
+                              text=True, timeout=120, env=dict(os.environ, LABKIT_DAEMON="off"))
+    ref = f"{registry['host']}/course/searchme:latest"
+    res = cli("tag", built, ref)
+    assert res.returncode == 0, res.stderr
+    assert cli("push", ref).returncode == 0
+    out = cli("search", "--registry", registry["host"], "searchme")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0].split() == ["NAME", "DESCRIPTION", "STARS", "OFFICIAL"]
+    assert f"{registry['host']}/course/searchme" in out.stdout
+    assert all("searchme" in line for line in out.stdout.splitlines()[1:]), "only names holding the term"
+    assert lab.search("nothing-like-it", registry=registry["host"]) == []
 
 
 def test_pull_what_skopeo_pushed(lab, registry, built, tmp_path):

@@ -161,5 +161,36 @@ UNIT
   fi
 fi
 
+# labkit's daemon as a service, as dockerd is (its own socket and Docker's Engine API under /run/labkit). Only
+# the daemon is stopped with the service (KillMode=process): the containers' supervisor and the containers go
+# on, as Docker's live-restore keeps them. Without systemd, `labkit daemon start` starts it in the background.
+if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+  unit=/etc/systemd/system/labkitd.service
+  cat > "$unit.new" <<UNIT
+[Unit]
+Description=labkit's daemon: labkit's engine behind /run/labkit/labkitd.sock and Docker's Engine API (docker.sock)
+After=network-online.target
+
+[Service]
+Environment=PYTHONPATH=$repo
+ExecStart=/usr/bin/python3 -m labkit.agent.daemon
+KillMode=process
+Restart=on-failure
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+  if cmp -s "$unit.new" "$unit"; then
+    rm -f "$unit.new"
+  else
+    mv -f "$unit.new" "$unit"
+    systemctl daemon-reload
+  fi
+  systemctl enable labkitd.service >/dev/null 2>&1
+  systemctl restart labkitd.service  # a daemon of an older checkout stops; its containers go on
+  echo "provision.sh: labkit's daemon runs (systemctl status labkitd); the docker CLI can drive it:"
+  echo "  DOCKER_HOST=unix:///run/labkit/docker.sock docker ps"
+fi
+
 echo "provision.sh: self-test (labkit doctor)"
 PYTHONPATH="$repo" python3 -m labkit.cli doctor --target local

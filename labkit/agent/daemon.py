@@ -9,9 +9,9 @@
 Both sockets are root's alone (0600, in the root-only /run/labkit): whoever may connect is root on this
 machine, as with Docker's socket. One process, a thread per connection; requests that change the target
 are taken one at a time (one lock), those that only wait or read (``container.wait``, logs, lists) go
-beside them. Containers do not depend on the daemon: each has its own monitor (:mod:`labkit.agent.launch`)
-and state files, so a daemon killed even with SIGKILL leaves them running, and the next one finds them
-(Docker's live-restore). The PID file records the daemon's pid with its start time, so a stop never
+beside them. Containers do not depend on the daemon: their parent is the containers' supervisor
+(:mod:`labkit.agent.forkserver`, a process of its own), and their state is in files, so a daemon killed even
+with SIGKILL leaves them running, reaped and logged, and the next one finds them (Docker's live-restore). The PID file records the daemon's pid with its start time, so a stop never
 signals a recycled pid; a lock file keeps a second daemon from starting beside the first.
 
 ``python3 -m labkit.agent.daemon`` runs it in the foreground (``labkit daemon run``); :func:`start`

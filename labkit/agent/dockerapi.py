@@ -15,17 +15,22 @@ create field outside :attr:`EngineAPI.CREATE_FIELDS` that is not left at its def
 apply; an API version above 1.41) is refused with a message that says so, never accepted and ignored. labkit keeps one log per container for stdout and
 stderr together: its log and attach streams send it all as stdout. Standard library only.
 """
+import fcntl
 import json
 import os
 import re
 import signal
+import socket
+import struct
+import termios
 import threading
 import time
 import urllib.parse
 
 from ..wire.errors import Conflict, InvalidSpec, LabkitError, NotFound
-from ..wire.specs import RUN_DIR, ContainerSpec, ImageRef
-from . import engine, network, registry, store
+from ..wire.specs import RUN_DIR, ContainerSpec, ImageRef, NetworkSpec
+from ..wire.words import container_status
+from . import engine, enter, network, registry, store
 from .oci import OCI_ARCH
 from .state import private_dir, read_json, write_json
 
@@ -57,13 +62,89 @@ def _error_status(exc):
     return 500
 
 
-def _ago(t):
-    s = max(0, int(time.time() - (t or time.time())))
-    for unit, n in (("day", 86400), ("hour", 3600), ("minute", 60)):
-        if s >= n:
-            k = s // n
-            return f"{k} {unit}{'s' if k > 1 else ''}" if k > 1 else f"About {'an' if unit == 'hour' else 'a'} {unit}"
-    return "Less than a second" if s < 1 else f"{s} seconds"
+MAX_CONTEXT_BYTES = 64 << 20  # a build context, unpacked
+MAX_CONTEXT_FILE = 8 << 20
+
+
+def _context_files(body):
+    """A build context tar (plain or compressed) as {relative path: text}, as `labkit build` sends it: regular
+    files only, no path leaving the context, each under 8 MiB and all under 64 MiB unpacked; binary files are
+    left out (labkit's COPY takes text)."""
+    import io
+    import posixpath
+    import tarfile
+    out, total = {}, 0
+    try:
+        with tarfile.open(fileobj=io.BytesIO(body), mode="r:*") as tar:
+            for m in tar:
+                if not m.isreg():
+                    continue
+                name = posixpath.normpath(m.name.lstrip("/"))
+                if name.startswith("..") or name in (".", "") or "\0" in name:
+                    raise HTTPError(400, f"build context: {m.name!r} leaves the context")
+                if m.size > MAX_CONTEXT_FILE:
+                    continue
+                total += m.size
+                if total > MAX_CONTEXT_BYTES:
+                    raise HTTPError(413, f"build context over {MAX_CONTEXT_BYTES >> 20} MiB unpacked")
+                data = tar.extractfile(m).read(MAX_CONTEXT_FILE + 1)
+                try:
+                    out[name] = data.decode("utf-8")
+                except UnicodeDecodeError:
+                    continue
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        raise HTTPError(400, f"the build context is not a tar archive: {exc}") from None
+    return out
+
+
+def _registry_auth(header):
+    """(username, password) from Docker's X-Registry-Auth header (base64url JSON), or (None, None)."""
+    import base64
+    if not header:
+        return None, None
+    try:
+        data = json.loads(base64.urlsafe_b64decode(header + "=" * (-len(header) % 4)))
+    except (ValueError, TypeError):
+        raise HTTPError(400, "X-Registry-Auth is not base64url JSON") from None
+    if not isinstance(data, dict) or not data.get("username"):
+        return None, None
+    return str(data["username"]), str(data.get("password") or "")
+
+
+def _free_subnet(taken):
+    import ipaddress
+    used = [ipaddress.ip_network(t) for t in taken]
+    for i in range(256):
+        net = ipaddress.ip_network(f"10.215.{i}.0/24")
+        if not any(net.overlaps(u) for u in used):
+            return str(net)
+    raise HTTPError(409, "no free 10.215.x.0/24 subnet left: remove a network, or give --subnet")
+
+
+def _winsize(fd, h, w):
+    if not (0 < h < 10000 and 0 < w < 10000):
+        raise HTTPError(400, "h and w: the terminal's rows and columns")
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", h, w, 0, 0))
+
+
+def _relay_frames(proc, w, stdout, stderr):
+    """A program's stdout and stderr as Docker's multiplexed stream (stream 1 and 2), until both have ended."""
+    import selectors
+    sel = selectors.DefaultSelector()
+    for f, stream, wanted in ((proc.stdout, 1, stdout), (proc.stderr, 2, stderr)):
+        if f is not None:
+            sel.register(f, selectors.EVENT_READ, (stream, wanted))
+    try:
+        while sel.get_map():
+            for key, _ in sel.select():
+                data = os.read(key.fileobj.fileno(), 65536)
+                if not data:
+                    sel.unregister(key.fileobj)
+                    key.fileobj.close()
+                elif key.data[1]:
+                    w.write(_frame(data, key.data[0]))
+    finally:
+        sel.close()
 
 
 def _frame(data, stream=1):
@@ -102,28 +183,34 @@ class EngineAPI:
         self.daemon = daemon
         self.lock = daemon.lock if daemon is not None else threading.Lock()
         self.attached, self.lock_attached = {}, threading.Lock()  # container id: streams following its log
+        self.pending = {}  # container id: [(connection fd, stdin, stdout)] attached before the start
+        self.execs, self.lock_execs = {}, threading.Lock()  # exec id: what docker exec asked, and how it went
         self._watch_auto_remove()
 
     # -- the connection -------------------------------------------------------------------------------------
     def serve_connection(self, conn):
         with conn:
             rfile, wfile = conn.makefile("rb"), conn.makefile("wb", buffering=0)
+            with rfile, wfile:  # (closed before the socket: a file made from it would keep it open)
+                self._serve(conn, rfile, wfile)
+
+    def _serve(self, conn, rfile, wfile):
+        try:
+            while True:
+                req = self._read_request(rfile)
+                if req is None:
+                    return
+                if not self._answer(req, wfile, conn):
+                    return
+                if req.headers.get("connection", "").lower() == "close" or req.version == "HTTP/1.0":
+                    return  # the client asked to close after this answer
+        except (OSError, ConnectionError):
+            return
+        except HTTPError as exc:  # the request itself was unreadable: answer, then hang up
             try:
-                while True:
-                    req = self._read_request(rfile)
-                    if req is None:
-                        return
-                    if not self._answer(req, wfile, conn):
-                        return
-                    if req.headers.get("connection", "").lower() == "close" or req.version == "HTTP/1.0":
-                        return  # the client asked to close after this answer
-            except (OSError, ConnectionError):
-                return
-            except HTTPError as exc:  # the request itself was unreadable: answer, then hang up
-                try:
-                    self._send(wfile, exc.status, {"message": str(exc)}, close=True)
-                except OSError:
-                    pass
+                self._send(wfile, exc.status, {"message": str(exc)}, close=True)
+            except OSError:
+                pass
 
     def _read_request(self, rfile):
         line = rfile.readline(MAX_HEADER)
@@ -227,9 +314,9 @@ class EngineAPI:
             # a field of the wrong kind: the client's to mend
             self._send(wfile, 400, {"message": f"bad request: {type(exc).__name__}: {exc}"})
             return True
-        except OSError:
+        except ConnectionError:
             raise  # the client went away: the connection ends
-        except Exception as exc:  # noqa: BLE001 - a bug here must not cost the client its answer
+        except Exception as exc:  # noqa: BLE001 - a bug here (an OSError too) must not cost the client its answer
             self._send(wfile, 500, {"message": f"labkit's Engine API failed: {type(exc).__name__}: {exc}"})
             return True
         if result is _HIJACKED:
@@ -256,12 +343,21 @@ class EngineAPI:
         ("GET", r"/containers/(?P<id>[^/]+)/logs", "container_logs"),
         ("GET", r"/containers/(?P<id>[^/]+)/top", "container_top"),
         ("POST", r"/containers/(?P<id>[^/]+)/attach", "container_attach"),
+        ("POST", r"/containers/(?P<id>[^/]+)/resize", "container_resize"),
+        ("POST", r"/containers/(?P<id>[^/]+)/exec", "exec_create"),
+        ("POST", r"/exec/(?P<id>[0-9a-f]{64})/start", "exec_start"),
+        ("POST", r"/exec/(?P<id>[0-9a-f]{64})/resize", "exec_resize"),
+        ("GET", r"/exec/(?P<id>[0-9a-f]{64})/json", "exec_inspect"),
         ("DELETE", r"/containers/(?P<id>[^/]+)", "container_remove"),
         ("GET", r"/images/json", "images_list"), ("POST", r"/images/create", "image_pull"),
+        ("GET", r"/images/search", "image_search"), ("POST", r"/build", "image_build"),
+        ("POST", r"/images/(?P<name>.+)/push", "image_push"),
         ("GET", r"/images/(?P<name>.+)/json", "image_inspect"),
         ("POST", r"/images/(?P<name>.+)/tag", "image_tag"),
         ("DELETE", r"/images/(?P<name>.+)", "image_remove"),
-        ("GET", r"/networks", "networks_list"),
+        ("GET", r"/networks", "networks_list"), ("POST", r"/networks/create", "network_create"),
+        ("GET", r"/networks/(?P<name>[^/]+)", "network_inspect"),
+        ("DELETE", r"/networks/(?P<name>[^/]+)", "network_remove"),
     ]
 
     def _route(self, req):
@@ -329,8 +425,7 @@ class EngineAPI:
         out = []
         for r in rows:
             cfg = engine._config(r["id"])
-            status = (f"Up {_ago(r['started'])}" if r["running"] else
-                      f"Exited ({r['exit_code']}) {_ago(r['finished'])} ago" if r["state"] == "exited" else "Created")
+            status = container_status(r)
             out.append({"Id": r["id"], "Names": ["/" + r["name"]], "Image": r["image"], "ImageID": cfg["image_id"],
                         "Command": r["command"], "Created": int(r["created"]), "State": r["state"],
                         "Status": status, "Labels": {}, "Mounts": [],
@@ -373,9 +468,6 @@ class EngineAPI:
         if unsupported:
             raise HTTPError(400, f"labkit's Engine API does not do {', '.join(sorted(unsupported))} (yet): leave "
                                  "them out, or see `labkit create --help` for what labkit's engine offers")
-        if body.get("Tty") or body.get("OpenStdin") or body.get("AttachStdin"):
-            raise HTTPError(501, "labkit's Engine API does not give containers a terminal or stdin yet (-t, -i): "
-                                 "run without them, or with `labkit run -it` on the target")
         if not isinstance(body.get("Image"), str) or not body["Image"]:
             raise HTTPError(400, "no image: the request must name one (Image)")
         argv = []
@@ -422,7 +514,8 @@ class EngineAPI:
                                  read_only=bool(hc.get("ReadonlyRootfs")), workdir=body.get("WorkingDir") or None,
                                  user=body.get("User") or None, network=net,
                                  cap_add=tuple(hc.get("CapAdd") or ()), cap_drop=tuple(hc.get("CapDrop") or ()),
-                                 privileged=bool(hc.get("Privileged")))
+                                 privileged=bool(hc.get("Privileged")), tty=bool(body.get("Tty")),
+                                 open_stdin=bool(body.get("OpenStdin")), stdin_once=bool(body.get("StdinOnce")))
         except LabkitError as exc:
             raise HTTPError(400, exc.message + (f" (fix: {exc.fix})" if exc.fix else "")) from None
         with self.lock:
@@ -438,10 +531,8 @@ class EngineAPI:
 
     def container_inspect(self, req, w, c, id):
         out = engine.inspect(id)
-        out["Config"]["Tty"] = False
-        out["Config"]["OpenStdin"] = False
         out["HostConfig"]["AutoRemove"] = bool(read_json(f"{EXTRA}/{out['Id']}.json", default={}) or {})
-        out["HostConfig"]["LogConfig"] = {"Type": "local", "Config": {}}  # one file by the container's monitor
+        out["HostConfig"]["LogConfig"] = {"Type": "local", "Config": {}}  # one file per container
         out["Created"] = _rfc3339(out["Created"])
         for k in ("StartedAt", "FinishedAt"):
             out["State"][k] = _rfc3339(out["State"].get(k))
@@ -454,7 +545,20 @@ class EngineAPI:
             cid = engine._resolve(id)
             if engine._state(cid)[2]:
                 return 304, None
-            engine.start(cid)
+            with self.lock_attached:
+                attach = self.pending.pop(cid, [])
+            try:
+                engine.start_attached(cid, attach)
+            except LabkitError as exc:
+                code = exc.details.get("exit_code")
+                if code in (126, 127):  # the docker CLI tells these apart by Docker's own words
+                    what = "executable file not found in $PATH" if code == 127 else "permission denied"
+                    raise HTTPError(400, f"failed to create task for container: exec: {what}: "
+                                         f"{exc.message}") from None
+                raise
+            finally:
+                for fd, _, _ in attach:  # the supervisor has its own copies
+                    os.close(fd)
         self._auto_remove_later(cid)
         return 204, None
 
@@ -504,7 +608,7 @@ class EngineAPI:
                     break
                 if st is not None and not running and not ex:
                     lost = lost or time.monotonic()
-                    if time.monotonic() - lost > 2:  # its monitor was killed (labkit cleanup): no exit code
+                    if time.monotonic() - lost > 2:  # its supervisor was killed (labkit cleanup): no exit code
                         return self._wait_answer(w, cid, cond, c, -1, "the container's monitor was killed "
                                                  "before it could record the exit code")
                 else:
@@ -566,23 +670,194 @@ class EngineAPI:
                 "Processes": [[str(p["pid"]), str(p["uid"]), p["cmd"]] for p in engine.top(id)]}
 
     def container_attach(self, req, w, c, id):
-        if req.flag("stdin"):
-            raise HTTPError(501, "labkit's Engine API does not attach stdin yet (-i): attach to the output only")
+        """The hijacked stream of ``docker attach`` and ``docker run``. Output of a container without a terminal is
+        its log, followed here (multiplexed); with a terminal (-t) the supervisor sends it raw, and with stdin
+        (-i, the container made with OpenStdin) the supervisor takes what the client sends: it gets this
+        connection (SCM_RIGHTS), now if the container runs, with the start if it does not yet."""
         cid = engine._resolve(id)
+        cfg = engine._config(cid)
+        tty = bool(cfg.get("tty"))
+        stdin = req.flag("stdin") and bool(cfg.get("open_stdin"))  # Docker's rule: no OpenStdin, no stdin
+        to_supervisor = tty or stdin
         path = f"{engine.roots.container_dir(cid)}/container.log"
         offset = os.path.getsize(path) if os.path.exists(path) else 0
-        if req.flag("stream"):
+        follow = req.flag("stream") and not tty
+        if follow:
             self._hold(cid)  # before the client hears back and starts it: an auto-remove waits for this stream
+        if to_supervisor and req.flag("stream"):
+            fd = os.dup(c.fileno())
+            try:
+                running = engine._state(cid)[2]
+                if not running:  # before the 101: the client starts it only once it has heard back
+                    with self.lock_attached:
+                        self.pending.setdefault(cid, []).append((fd, stdin, tty and req.flag("stdout")))
+                        fd = None
+            except BaseException:
+                os.close(fd)
+                raise
         w.write(b"HTTP/1.1 101 UPGRADED\r\nContent-Type: application/vnd.docker.raw-stream\r\n"
                 b"Connection: Upgrade\r\nUpgrade: tcp\r\n\r\n")
-        if req.flag("stream"):
+        if to_supervisor and req.flag("stream") and fd is not None:
+            try:
+                engine.attach(cid, fd, stdin, tty and req.flag("stdout"))
+            finally:
+                os.close(fd)
+        if follow:
             self._follow(cid, path, offset, w, c, wait_start=True, held=True)
         return _HIJACKED
+
+    def container_resize(self, req, w, c, id):
+        engine.resize(id, int(req.arg("h") or 0), int(req.arg("w") or 0))
+        return 200, None
+
+    # -- exec -----------------------------------------------------------------------------------------------
+    EXEC_FIELDS = {"AttachStdin", "AttachStdout", "AttachStderr", "Tty", "Cmd", "Env", "WorkingDir", "ConsoleSize",
+                   "DetachKeys", "Privileged", "User"}
+    EXECS_KEPT = 256
+
+    def exec_create(self, req, w, c, id):
+        """`docker exec`, first half: what to run (kept here, as dockerd keeps it), nothing started yet."""
+        body = req.json()
+        unsupported = [k for k, v in body.items() if k not in self.EXEC_FIELDS and not _empty(v)]
+        unsupported += [k for k in ("Privileged", "User", "DetachKeys") if not _empty(body.get(k))]
+        if unsupported:
+            raise HTTPError(400, f"labkit's Engine API does not do exec's {', '.join(sorted(unsupported))} (yet): "
+                                 "leave them out")
+        cmd = body.get("Cmd")
+        if not isinstance(cmd, list) or not cmd or not all(isinstance(a, str) for a in cmd):
+            raise HTTPError(400, "Cmd must be a non-empty list of strings, e.g. [\"sh\"]")
+        env = {}
+        for e in body.get("Env") or []:
+            k, sep, v = str(e).partition("=")
+            if not sep:
+                raise HTTPError(400, f"Env entry {e!r} has no '=': write NAME=VALUE")
+            env[k] = v
+        cwd = body.get("WorkingDir") or None
+        if cwd is not None and (not isinstance(cwd, str) or not cwd.startswith("/")):
+            raise HTTPError(400, "WorkingDir must be an absolute path")
+        size = body.get("ConsoleSize")
+        if size is not None and not (isinstance(size, list) and len(size) == 2 and
+                                     all(isinstance(x, int) and 0 <= x < 10000 for x in size)):
+            raise HTTPError(400, "ConsoleSize must be [height, width]")
+        cid = engine._resolve(id)
+        if not engine._state(cid)[2]:
+            raise HTTPError(409, f"Container {cid} is not running")
+        eid = os.urandom(32).hex()
+        with self.lock_execs:
+            done = [k for k, e in self.execs.items() if e["exit_code"] is not None]
+            for k in done[:max(0, len(self.execs) - self.EXECS_KEPT)]:
+                del self.execs[k]
+            self.execs[eid] = {"cid": cid, "cmd": cmd, "env": env, "cwd": cwd, "tty": bool(body.get("Tty")),
+                               "stdin": bool(body.get("AttachStdin")), "stdout": bool(body.get("AttachStdout")),
+                               "stderr": bool(body.get("AttachStderr")), "size": size, "started": False,
+                               "running": False, "exit_code": None, "pid": 0, "master": None}
+        return 201, {"Id": eid}
+
+    def _exec(self, eid):
+        ex = self.execs.get(eid)
+        if ex is None:
+            raise HTTPError(404, f"No such exec instance: {eid}")
+        return ex
+
+    def exec_start(self, req, w, c, id):
+        """`docker exec`, second half: the program in the container's namespaces, root and cgroup
+        (:mod:`labkit.agent.enter`), its streams on this hijacked connection: raw with a terminal (-t),
+        multiplexed without; ``Detach``: started, not streamed."""
+        body = req.json()
+        with self.lock_execs:
+            ex = self._exec(id)
+            if ex["started"]:
+                raise HTTPError(409, f"exec {id} has already been started")
+            ex["started"] = True
+        detach = bool(body.get("Detach"))
+        spec, _ = engine._exec_spec(ex["cid"], ex["cmd"], "exec")
+        spec["env"].update(ex["env"])
+        spec["cwd"] = ex["cwd"] or spec["cwd"]
+        # (detached: nobody reads it, so no terminal whose buffer would fill and stop the program)
+        proc, master = enter.start_entered(spec, tty=ex["tty"] and not detach, stdin=ex["stdin"] and not detach,
+                                           output=not detach)
+        ex.update(running=True, pid=proc.pid, master=master)
+        if master is not None and ex["size"] and all(ex["size"]):
+            _winsize(master, *ex["size"])
+
+        def ended():
+            # the stream is over (the program's end, or the client's): a terminal's master closed (the program
+            # gets SIGHUP if it still runs), pipes closed (EPIPE), then its exit status
+            ex["master"] = None
+            if master is not None:
+                os.close(master)
+            for f in (proc.stdout, proc.stderr):
+                if f is not None and not f.closed:
+                    f.close()
+            code = proc.wait()
+            ex.update(running=False, exit_code=code if code >= 0 else 128 - code)
+        if detach:
+            threading.Thread(target=ended, daemon=True).start()
+            return 200, None
+        if "upgrade" in req.headers.get("connection", "").lower():
+            w.write(b"HTTP/1.1 101 UPGRADED\r\nContent-Type: application/vnd.docker.raw-stream\r\n"
+                    b"Connection: Upgrade\r\nUpgrade: tcp\r\n\r\n")
+        else:
+            self._stream_head(w)
+        sink = master if master is not None else (proc.stdin.fileno() if proc.stdin else None)
+
+        def feed():  # what the client types, to the program, until the client ends its input
+            try:
+                while True:
+                    data = c.recv(65536)
+                    if not data:
+                        break
+                    os.write(sink, data)
+            except OSError:
+                pass
+            finally:
+                if proc.stdin is not None:
+                    proc.stdin.close()
+        if ex["stdin"] and sink is not None:
+            threading.Thread(target=feed, daemon=True).start()
+        try:
+            if master is not None:
+                while True:
+                    try:
+                        data = os.read(master, 65536)
+                    except OSError:  # EIO: the program and all it started have closed the terminal
+                        break
+                    if not data:
+                        break
+                    w.write(data)
+            else:
+                _relay_frames(proc, w, ex["stdout"], ex["stderr"])
+        finally:
+            ended()
+            try:
+                c.shutdown(socket.SHUT_RDWR)  # the stream is over: wakes the feeder, tells the client
+            except OSError:
+                pass
+        return _HIJACKED
+
+    def exec_resize(self, req, w, c, id):
+        ex = self._exec(id)
+        if ex["master"] is None:
+            raise HTTPError(409, f"exec {id} has no running terminal")
+        _winsize(ex["master"], int(req.arg("h") or 0), int(req.arg("w") or 0))
+        return 200, None
+
+    def exec_inspect(self, req, w, c, id):
+        ex = self._exec(id)
+        return {"ID": id, "ContainerID": ex["cid"], "Running": ex["running"],
+                "ExitCode": ex["exit_code"] if ex["exit_code"] is not None else (None if ex["running"] else 0),
+                "Pid": ex["pid"], "OpenStdin": ex["stdin"], "OpenStdout": ex["stdout"], "OpenStderr": ex["stderr"],
+                "CanRemove": False, "DetachKeys": "",
+                "ProcessConfig": {"tty": ex["tty"], "entrypoint": ex["cmd"][0], "arguments": ex["cmd"][1:],
+                                  "privileged": False, "user": ""}}
 
     def container_remove(self, req, w, c, id):
         with self.lock:
             cid = engine._resolve(id)
             engine.rm(cid, force=req.flag("force"))
+        with self.lock_attached:
+            for fd, _, _ in self.pending.pop(cid, []):  # attached to a start that will never come
+                os.close(fd)
         _drop_extra(cid)
         return 204, None
 
@@ -721,6 +996,106 @@ class EngineAPI:
             w.write(json.dumps({"errorDetail": {"message": msg}, "error": msg}).encode() + b"\r\n")
         return _HIJACKED
 
+    def image_search(self, req, w, c):
+        """`docker search [HOST:PORT/]TERM`: a registry's catalog when the term names one, Docker Hub's search
+        otherwise (online only), as dockerd splits the term."""
+        term = req.arg("term") or ""
+        if not _empty(req.arg("filters")):
+            raise HTTPError(400, "labkit's docker search takes no filters (--filter): leave them out")
+        host, _, rest = term.partition("/")
+        if rest and ("." in host or ":" in host or host == "localhost"):
+            rows = registry.search(rest, host=host)
+        else:
+            rows = registry.search(term, host="docker.io")
+        limit = int(req.arg("limit") or 25)
+        return [{"name": r["name"], "description": r["description"], "star_count": r["stars"],
+                 "is_official": r["official"], "is_automated": False} for r in rows[:max(1, min(limit, 100))]]
+
+    def image_push(self, req, w, c, name):
+        """`docker push`: the image's blobs the registry lacks, then its manifest, as a JSON progress stream.
+        Credentials come as Docker sends them (X-Registry-Auth: base64url JSON with username and password)."""
+        ref = f"{name}:{req.arg('tag')}" if req.arg("tag") else name
+        try:
+            ref = str(ImageRef.parse(ref))
+        except LabkitError as exc:
+            raise HTTPError(400, exc.message) from None
+        _image(ref)  # 404 before the stream starts, as dockerd answers
+        user, password = _registry_auth(req.headers.get("x-registry-auth"))
+        self._stream_head(w)
+        w.write(json.dumps({"status": f"The push refers to repository [{ref.rsplit(':', 1)[0]}]"}).encode() + b"\r\n")
+        try:
+            with self.lock:
+                res = registry.push(ref, username=user, password=password)
+            for d in res["facts"]["pushed_blobs"]:
+                w.write(json.dumps({"status": "Pushed", "id": d.split(":")[-1][:12]}).encode() + b"\r\n")
+            digest = res["facts"]["manifest"]
+            w.write(json.dumps({"status": f"{ref.rsplit(':', 1)[1]}: digest: {digest}"}).encode() + b"\r\n")
+            w.write(json.dumps({"aux": {"Tag": ref.rsplit(":", 1)[1], "Digest": digest}}).encode() + b"\r\n")
+        except Exception as exc:  # noqa: BLE001 - after the head, an error can only go in the stream
+            msg = exc.message if isinstance(exc, LabkitError) else f"{type(exc).__name__}: {exc}"
+            w.write(json.dumps({"errorDetail": {"message": msg}, "error": msg}).encode() + b"\r\n")
+        return _HIJACKED
+
+    BUILD_ARGS = {"t", "dockerfile", "nocache", "q", "rm", "forcerm", "version", "buildargs", "labels", "target",
+                  "platform", "pull", "networkmode", "shmsize", "memory", "memswap", "cpushares", "cpusetcpus",
+                  "cpuperiod", "cpuquota", "cachefrom", "extrahosts", "remote", "squash", "outputs", "session",
+                  "buildid", "ulimits", "isolation", "cgroupparent", "securityopt", "cpusetmems"}
+    BUILD_DEFAULTS = {"rm": ("1", "true"), "forcerm": ("0", "false"), "q": ("0", "false"), "version": ("1",),
+                      "pull": ("0", "false", ""), "networkmode": ("default", ""), "shmsize": ("0",),
+                      "memory": ("0",), "memswap": ("0",), "cpushares": ("0",), "cpuperiod": ("0",),
+                      "cpuquota": ("0",), "buildargs": ("{}", "null", ""), "labels": ("{}", "null", ""),
+                      "cachefrom": ("[]", "null", ""), "ulimits": ("null", "[]", ""), "target": ("",),
+                      "platform": ("",), "cpusetcpus": ("",), "cpusetmems": ("",), "extrahosts": ("",),
+                      "isolation": ("",), "cgroupparent": ("",), "securityopt": ("", "null", "[]"),
+                      "session": None, "buildid": None, "outputs": ("", "null", "[]")}
+
+    def image_build(self, req, w, c):
+        """`docker build -t NAME DIR` (the classic builder): the context comes as a tar; labkit's recipe
+        language is Dockerfile's FROM RUN COPY ENV WORKDIR CMD. Answered as Docker's JSON stream."""
+        unsupported = [k for k, v in req.query.items() if k not in self.BUILD_ARGS or
+                       (k in self.BUILD_DEFAULTS and self.BUILD_DEFAULTS[k] is not None and
+                        str(v[-1]).lower() not in self.BUILD_DEFAULTS[k])]
+        if req.arg("remote"):
+            unsupported.append("remote")
+        if unsupported:
+            raise HTTPError(400, f"labkit's Engine API does not do build's {', '.join(sorted(unsupported))}: leave "
+                                 "them out (labkit builds FROM RUN COPY ENV WORKDIR CMD)")
+        tags = req.query.get("t") or []
+        if not tags:
+            raise HTTPError(400, "labkit builds need a name: docker build -t NAME")
+        try:
+            refs = [str(ImageRef.parse(t)) for t in tags]
+        except LabkitError as exc:
+            raise HTTPError(400, exc.message) from None
+        files = _context_files(req.body)
+        name = req.arg("dockerfile") or "Dockerfile"
+        recipe = files.pop(name, None)
+        if recipe is None:
+            raise HTTPError(400, f"Cannot locate specified Dockerfile: {name}")
+        self._stream_head(w)
+
+        def say(text):
+            w.write(json.dumps({"stream": text}).encode() + b"\r\n")
+        try:
+            from . import build
+            with self.lock:
+                rec = build.build(recipe, refs[0], context=files, no_cache=req.flag("nocache"))
+                for extra in refs[1:]:
+                    store.tag(refs[0], extra)
+            n = len(rec["steps"])
+            for st in rec["steps"]:
+                say(f"Step {st['step']}/{n} : {st['line']}\n")
+                say(" ---> Using cache\n" if st["cached"] else f" ---> done in {st['seconds']:.2f}s\n")
+            img_id = "sha256:" + (rec["image"].get("id") or "").split(":")[-1]
+            w.write(json.dumps({"aux": {"ID": img_id}}).encode() + b"\r\n")
+            say(f"Successfully built {img_id.split(':')[1][:12]}\n")
+            for ref in refs:
+                say(f"Successfully tagged {ref}\n")
+        except Exception as exc:  # noqa: BLE001 - after the head, an error can only go in the stream
+            msg = exc.message if isinstance(exc, LabkitError) else f"{type(exc).__name__}: {exc}"
+            w.write(json.dumps({"errorDetail": {"message": msg}, "error": msg}).encode() + b"\r\n")
+        return _HIJACKED
+
     def image_tag(self, req, w, c, name):
         repo = req.arg("repo")
         if not repo:
@@ -744,13 +1119,60 @@ class EngineAPI:
         return [{"Untagged": str(ImageRef.parse(name))}]
 
     # -- networks ---------------------------------------------------------------------------------------------
+    def _network_json(self, n):
+        return {"Name": n["spec"]["name"], "Id": n["spec"]["name"], "Driver": "bridge", "Scope": "local",
+                "IPAM": {"Driver": "default", "Config": [{"Subnet": n["spec"].get("subnet"),
+                                                          "Gateway": n.get("gateway", "")}]},
+                "Containers": {k: {"IPv4Address": (v.get("ip") if isinstance(v, dict) else v) or ""}
+                               for k, v in (n.get("members") or {}).items()}}
+
+    NETWORK_FIELDS = {"Name", "Driver", "IPAM", "CheckDuplicate", "Attachable", "Internal", "EnableIPv6", "Options",
+                      "Labels", "Ingress", "Scope", "ConfigOnly", "ConfigFrom"}
+
+    def network_create(self, req, w, c):
+        """`docker network create [--subnet S] NAME`: a labkit bridge network (a name of 1-8 letters or digits)."""
+        body = req.json()
+        unsupported = [k for k, v in body.items() if k not in {"Name", "Driver", "IPAM", "CheckDuplicate"}
+                       and not _empty(v)]
+        if body.get("Driver") not in (None, "", "bridge"):
+            unsupported.append(f"Driver {body['Driver']!r} (labkit's networks are bridges)")
+        ipam = body.get("IPAM") or {}
+        configs = ipam.get("Config") or [] if isinstance(ipam, dict) else None
+        if not isinstance(configs, list) or len(configs) > 1 or \
+                any(not isinstance(x, dict) or set(k for k, v in x.items() if v) - {"Subnet"} for x in configs) or \
+                ipam.get("Driver") not in (None, "", "default") or not _empty(ipam.get("Options")):
+            unsupported.append("IPAM beyond one Subnet")
+        if unsupported:
+            raise HTTPError(400, f"labkit's Engine API does not do network create's {', '.join(sorted(unsupported))}: "
+                                 "leave them out")
+        name = body.get("Name")
+        with self.lock:
+            taken = [n["spec"] for n in network.list_networks()]
+            if any(t["name"] == name for t in taken):
+                raise HTTPError(409, f"network with name {name} already exists")
+            subnet = configs[0].get("Subnet") if configs else _free_subnet([t["subnet"] for t in taken])
+            try:
+                spec = NetworkSpec(name=name, subnet=subnet)
+            except LabkitError as exc:
+                raise HTTPError(400, exc.message + (f" (fix: {exc.fix})" if exc.fix else "")) from None
+            network.create(spec)
+        return 201, {"Id": name, "Warning": ""}
+
+    def network_inspect(self, req, w, c, name):
+        return self._network_json(network.inspect(name))
+
+    def network_remove(self, req, w, c, name):
+        with self.lock:
+            try:
+                network.remove(name)
+            except InvalidSpec as exc:  # still has members: Docker's 403 "has active endpoints"
+                raise HTTPError(403, f"error while removing network: network {name} has active endpoints "
+                                     f"({exc.message})") from None
+        return 204, None
+
     def networks_list(self, req, w, c):
         filters = _filters(req, ("name",))
-        return [{"Name": n["spec"]["name"], "Id": n["spec"]["name"], "Driver": "bridge", "Scope": "local",
-                 "IPAM": {"Config": [{"Subnet": n["spec"].get("subnet")}]},
-                 "Containers": {k: {"IPv4Address": (v.get("ip") if isinstance(v, dict) else v) or ""}
-                                for k, v in (n.get("members") or {}).items()}}
-                for n in network.list_networks()
+        return [self._network_json(n) for n in network.list_networks()
                 if not filters.get("name") or any(p in n["spec"]["name"] for p in filters["name"])]
 
 

@@ -3,8 +3,10 @@
 A container is an image's overlay root (:mod:`~labkit.agent.roots`), a cgroup with its limits
 (:mod:`~labkit.agent.cgroups`), a process in its own namespaces with a pivot_root into that root
 (:mod:`~labkit.agent.launch`), and an address on a labkit network with published ports
-(:mod:`~labkit.agent.network`). Its monitor (``launch ... monitor``, like conmon) is the parent of the
-container's PID 1, outlives the client, keeps the log and writes the exit status.
+(:mod:`~labkit.agent.network`). The containers' supervisor (:mod:`~labkit.agent.supervisor`, one process for
+all, as containerd-shim is one per container) forks its launcher, becomes its PID 1's parent, outlives the
+client and the daemon, reaps it and writes the exit status; the program's stdout and stderr go straight
+to the container's log file.
 
 On disk: /var/lib/labkit/containers/<id>/ (config.json, image.json, upper/work/merged, container.log),
 /var/lib/labkit/names/<name> -> <id> (atomic: no two containers get one name), /run/labkit/containers/<id>/
@@ -15,13 +17,12 @@ import os
 import re
 import secrets
 import signal
-import subprocess
 import time
 
 from ..wire.arch import CAPS, DOCKER_DEFAULT_CAPS, normalize_caps
 from ..wire.errors import Conflict, InvalidSpec, LabkitError, MechanismError, NotFound
 from ..wire.specs import CONTAINERS_DIR, RUN_DIR, STATE_DIR, ContainerSpec, ImageRef, NetworkSpec, PortSpec, ProcessSpec, check_name
-from . import cgroups, enter, network, process, roots, store
+from . import cgroups, enter, network, roots, store, supervisor
 from .launch import CONTAINER_PATH
 from .runner import Recorder, pid_fields, read_text, recorded_process, run, start_helper
 from .state import private_dir, read_json, set_aside, write_json
@@ -130,6 +131,7 @@ def create(spec: ContainerSpec):
                "network": spec.network, "limits": {"memory": spec.memory, "nano_cpus": spec.nano_cpus,
                                                    "pids": spec.pids_limit},
                "caps": caps, "privileged": spec.privileged, "cap_add": cap_add, "cap_drop": cap_drop,
+               "tty": spec.tty, "open_stdin": spec.open_stdin, "stdin_once": spec.stdin_once,
                "merged": merged, "upper": f"{d}/upper", "lowers": [store.layer_dir(x) for x in reversed(img["layers"])]}
         write_json(f"{d}/config.json", cfg, indent=1)
     except BaseException:
@@ -164,7 +166,8 @@ def _prepare(ref, mode):
                                    for p in cfg["ports"]),
                        binds=tuple(tuple(b) for b in cfg["binds"]), read_only=cfg["read_only"], user=cfg["user"],
                        cap_keep=tuple(cfg["caps"]) if cfg.get("caps") is not None else None,
-                       proc_sys_ro="caps" in cfg and not cfg.get("privileged"), look=False)
+                       proc_sys_ro="caps" in cfg and not cfg.get("privileged"), look=False,
+                       tty=bool(cfg.get("tty")) and mode == "supervised")
     rt = f"{RUNTIME}/{cid}"
     private_dir(RUNTIME)
     private_dir(rt)
@@ -192,9 +195,9 @@ def _started(cid, cfg, rec, rt, timeout):
     if report.get("error"):
         from ..wire.errors import from_wire
         raise from_wire(report["error"])
-    monitor = report.get("monitor")
-    state = {**pid_fields(report["pid"]), **pid_fields(monitor, "monitor"), "started": time.time(),
-             "net": report.get("net")}
+    state = {**pid_fields(report["pid"]), "started": time.time(), "net": report.get("net")}
+    if report.get("monitor"):  # run -it: the launcher in the client's process is its parent
+        state.update(pid_fields(report["monitor"], "monitor"))
     write_json(f"{rt}/state.json", state)
     rec.steps += report["steps"]
     rec.fact("pid", report["pid"])
@@ -203,12 +206,32 @@ def _started(cid, cfg, rec, rt, timeout):
 
 
 def start(ref, timeout=30):
-    """`docker start`: network, namespaces, cgroup, root; the monitor stays as its parent."""
-    cid, cfg, rec, rt, args = _prepare(ref, "monitor")
-    with open(f"{roots.container_dir(cid)}/container.log", "ab") as log:
-        code, _, _ = process.run_launcher(args, subprocess.DEVNULL, log, log, timeout=timeout)
-    if code != 0:
-        raise MechanismError(f"the monitor of {cfg['name']} failed to start (exit {code})",
+    """`docker start`: network, namespaces, cgroup, root; the supervisor becomes its PID 1's parent (and holds
+    its terminal, with -t, or its stdin, with -i)."""
+    return start_attached(ref, (), timeout)
+
+
+def start_attached(ref, attach, timeout=30):
+    """:func:`start`, with clients attached before the program runs (the Engine API's attach-then-start):
+    ``attach`` = [(socket fd, stdin, stdout)], given to the supervisor with the start. Not an agent method:
+    file descriptors do not cross the wire."""
+    cid, cfg, rec, rt, args = _prepare(ref, "supervised")
+    watch = {"owner": cid, "start": f"{rt}/start.json", "exit": f"{rt}/exit.json", "network": cfg["network"] or None,
+             "tty": bool(cfg.get("tty")), "stdin": bool(cfg.get("open_stdin")),
+             "stdin_once": bool(cfg.get("stdin_once"))}
+    null = os.open(os.devnull, os.O_RDONLY)
+    try:
+        with open(f"{roots.container_dir(cid)}/container.log", "ab") as log:
+            launcher = supervisor.supervise(args, null, log.fileno(), log.fileno(), watch, attach)
+    finally:
+        os.close(null)
+    try:
+        code = launcher.wait(timeout)
+    except TimeoutError:
+        raise MechanismError(f"container {cfg['name']} did not start within {timeout} s",
+                             fix=f"see its log: labkit logs {cfg['name']}") from None
+    if code != 0 and not read_text(f"{rt}/start.json"):
+        raise MechanismError(f"the launcher of {cfg['name']} failed (exit {code})",
                              fix=f"see its log: labkit logs {cfg['name']}")
     return _started(cid, cfg, rec, rt, timeout)
 
@@ -226,17 +249,49 @@ def run_attached(ref, timeout=30):
     watcher.start()
     # no new session: the terminal's Ctrl-C reaches the container's foreground, as with docker run -it
     proc = start_helper("launch", *args, stdin=None, stdout=None, stderr=None, new_session=False)
-    code = proc.wait()
+    with enter.terminal_signals_to_child():
+        code = proc.wait()
     watcher.join(1)
     ex = read_json(f"{rt}/exit.json", default={})
     return ex.get("exit_code", code) if isinstance(ex, dict) else code
 
 
+def attach(ref, fd, stdin, stdout):
+    """A client's connection (``fd``) to running container ``ref``'s terminal (-t) or stdin (-i), through the
+    supervisor that holds them. Not an agent method, as :func:`start_attached`."""
+    cid = _resolve(ref)
+    cfg = _config(cid)
+    if not _state(cid)[2]:
+        raise Conflict(f"container {cfg['name']} is not running", fix=f"start it: labkit start {cfg['name']}")
+    if not (cfg.get("tty") or cfg.get("open_stdin")):
+        raise Conflict(f"container {cfg['name']} has neither a terminal nor a stdin to attach to",
+                       fix="create it with -t and/or -i")
+    return supervisor.attach(cid, fd, stdin, stdout)
+
+
+def resize(ref, h, w):
+    """`docker run -t`'s window size: rows ``h``, columns ``w`` of the container's terminal (SIGWINCH to it)."""
+    cid = _resolve(ref)
+    cfg = _config(cid)
+    if not cfg.get("tty"):
+        raise Conflict(f"container {cfg['name']} has no terminal", fix="create it with -t")
+    return supervisor.resize(cid, h, w)
+
+
 def _wait_exit(cid, timeout):
+    """Wait for the supervisor's exit record; True once the container has ended. When it was started, its process
+    is gone and no record comes within a second (a supervisor killed: the container's status is lost with it), the
+    container has ended all the same."""
     end = time.monotonic() + timeout
+    gone = None
     while time.monotonic() < end:
         if os.path.exists(f"{RUNTIME}/{cid}/exit.json"):
             return True
+        st = read_json(f"{RUNTIME}/{cid}/state.json", default=None)
+        if isinstance(st, dict) and not recorded_process(st):
+            gone = gone or time.monotonic()
+            if time.monotonic() - gone > 1:
+                return True
         time.sleep(0.01)
     return False
 
@@ -310,7 +365,7 @@ def rm(ref, force=False):
 def _row(cid):
     cfg = _config(cid)
     st, ex, running = _state(cid)
-    state = "running" if running else "exited" if ex else "created"
+    state = "running" if running else "exited" if ex or st else "created"
     ports = ", ".join(f"{p['host_ip']}:{p['host_port']}->{p['container_port']}/{p['proto']}" for p in cfg["ports"])
     return {"id": cid, "name": cfg["name"], "image": cfg["image"], "command": " ".join(cfg["cmd"]),
             "created": cfg["created"], "state": state, "running": running, "ports": ports,
@@ -367,11 +422,12 @@ def inspect(ref):
     limits = cfg.get("limits") or {}
     return {
         "Id": cid, "Name": "/" + cfg["name"], "Created": cfg["created"], "Image": cfg["image_id"],
-        "State": {"Status": "running" if running else ("exited" if ex else "created"), "Running": running,
+        "State": {"Status": "running" if running else ("exited" if ex or st else "created"), "Running": running,
                   "Pid": (st or {}).get("pid") if running else 0, "ExitCode": (ex or {}).get("exit_code"),
                   "StartedAt": (st or {}).get("started"), "FinishedAt": (ex or {}).get("finished")},
         "Config": {"Image": cfg["image"], "Cmd": cfg["cmd"], "Env": cfg["env"], "Hostname": cfg["hostname"],
-                   "WorkingDir": cfg["workdir"], "User": cfg["user"] or ""},
+                   "WorkingDir": cfg["workdir"], "User": cfg["user"] or "", "Tty": bool(cfg.get("tty")),
+                   "OpenStdin": bool(cfg.get("open_stdin")), "StdinOnce": bool(cfg.get("stdin_once"))},
         # Docker's units: bytes, billionths of a CPU; 0 (and a null PidsLimit) where nothing is limited
         "HostConfig": {"Memory": limits.get("memory") or 0, "NanoCpus": limits.get("nano_cpus") or 0,
                        "Privileged": cfg.get("privileged", "caps" not in cfg), "CapAdd": list(cfg.get("cap_add") or []) or None,
@@ -390,13 +446,12 @@ def inspect(ref):
     }
 
 
-def exec_in(ref, argv, timeout=60):
-    """`docker exec`: join the container's namespaces, root and cgroup (nsenter), run argv."""
+def _exec_spec(ref, argv, what):
     cid = _resolve(ref)
     cfg = _config(cid)
     st, _, running = _state(cid)
     if not running:
-        raise InvalidSpec(f"container {cfg['name']} is not running", fix=f"start it: labkit start {cfg['name']}")
+        raise Conflict(f"container {cfg['name']} is not running", fix=f"start it: labkit start {cfg['name']}")
     if isinstance(argv, str) or not argv:
         raise InvalidSpec(f"argv must be a non-empty list, got {argv!r}", fix="e.g. ['ps']")
     namespaces = list(_namespaces(cfg))
@@ -404,12 +459,25 @@ def exec_in(ref, argv, timeout=60):
     env.setdefault("PATH", CONTAINER_PATH)
     spec = {"pid": st["pid"], "namespaces": namespaces, "procs": cgroups.procs_files(_cg(cid)), "cwd": cfg["workdir"],
             "env": env, "argv": [str(a) for a in argv], "cap_keep": cfg.get("caps")}
-    rec = Recorder(f"exec {list(argv)} in {cfg['name']}")
+    rec = Recorder(f"{what} {list(argv)} in {cfg['name']}")
     rec.fact("joins", f"cgroup {_cg(cid)}, namespaces {', '.join(namespaces)} and the root of PID {st['pid']}")
     rec.fact("capabilities", "all (privileged)" if spec["cap_keep"] is None else spec["cap_keep"])
+    return spec, rec
+
+
+def exec_in(ref, argv, timeout=60):
+    """`docker exec`: join the container's namespaces, root and cgroup (nsenter), run argv."""
+    spec, rec = _exec_spec(ref, argv, "exec")
     # labkit.agent.enter: nsenter's work, plus the capability drop that nsenter cannot do
     res = enter.run_entered(spec, rec, timeout)
     return rec.to_dict(exit_code=res.exit_code, stdout=res.stdout, stderr=res.stderr)
+
+
+def exec_attached(ref, argv, stdin=True):
+    """`docker exec -it` (or ``-i``): argv in the container with this process's terminal (``stdin`` False: none
+    to read, as without -i); returns its exit code. Only for a client on the target itself, as run_attached."""
+    spec, rec = _exec_spec(ref, argv, "exec -it")
+    return enter.run_attached(spec, stdin)
 
 
 def image_in_use(ref):
@@ -429,7 +497,15 @@ def rmi(ref):
 
 
 def cleanup(rec):
-    """Kill every container's monitor and process (cleanup's part for the engine)."""
+    """Kill every container's process (and an attached client's launcher), then the supervisor (cleanup's part
+    for the engine)."""
+    try:
+        _kill_containers(rec)
+    finally:
+        supervisor.stop(rec)
+
+
+def _kill_containers(rec):
     if not os.path.isdir(RUNTIME):
         return
     for cid in os.listdir(RUNTIME):

@@ -1,16 +1,21 @@
 """Entering a running container, as `docker exec` does: its cgroup, its namespaces, its root, its capabilities.
 
-``python3 -m labkit.agent.enter SPEC`` (SPEC: JSON ``{pid, namespaces, procs, cwd, env, argv, cap_keep}``)
+``python3 -m labkit.agent.enter SPEC`` (SPEC: JSON ``{pid, namespaces, procs, cwd, env, argv, cap_keep, tty}``)
 joins the container's cgroup first (so all it starts is counted there), opens the namespace files and the
 root of the container's PID 1 before joining any, joins them (the mount namespace last), moves into that
 root, and forks (a PID namespace applies to children only). The child drops every capability the
-container does not hold from its bounding set -- nsenter cannot, which is why this exists -- and execs.
-The exit status is the program's (128 + signal when killed). Standard library only.
+container does not hold from its bounding set -- nsenter cannot, which is why this exists -- and execs
+(with ``tty``, in a session of its own whose controlling terminal is its stdin). The exit status is the
+program's (128 + signal when killed; 126 or 127 as Docker's when it could not be run). Standard library only.
 """
+import contextlib
+import errno
+import fcntl
 import json
 import os
 import signal
 import sys
+import termios
 
 from . import kernel
 from .runner import close_sealed_python
@@ -25,6 +30,54 @@ def run_entered(spec, rec, timeout):
     from .runner import env_for_children, helper_argv, run
     argv, fds = helper_argv("enter", json.dumps(spec))
     return run(argv, pass_fds=fds, recorder=rec, check=False, timeout=timeout, env=env_for_children())
+
+
+def run_attached(spec, stdin=True):
+    """The agent's side of `exec -it`: this module with ``spec``, its stdio this process's own (a terminal); its
+    exit code."""
+    import subprocess
+    from .runner import env_for_children, helper_argv
+    argv, fds = helper_argv("enter", json.dumps(spec))
+    proc = subprocess.Popen(argv, pass_fds=fds, env=env_for_children(), stdin=None if stdin else subprocess.DEVNULL)
+    with terminal_signals_to_child():
+        return proc.wait()
+
+
+def start_entered(spec, tty=False, stdin=False, output=True):
+    """The agent's side of the Engine API's exec: this module with ``spec``, started, not waited for; returns
+    (Popen, terminal master fd or None). With ``tty`` the program's stdio is a new pseudo-terminal (its
+    controlling terminal, in a session of its own); else pipes: stdin when asked, stdout and stderr unless
+    ``output`` is False (a detached exec)."""
+    import subprocess
+    from .runner import env_for_children, helper_argv
+    argv, fds = helper_argv("enter", json.dumps(dict(spec, tty=bool(tty))))
+    if tty:
+        master, slave = os.openpty()
+        try:
+            proc = subprocess.Popen(argv, pass_fds=fds, env=env_for_children(), stdin=slave, stdout=slave,
+                                    stderr=slave)
+        except BaseException:
+            os.close(master)
+            raise
+        finally:
+            os.close(slave)
+        return proc, master
+    out = subprocess.PIPE if output else subprocess.DEVNULL
+    return subprocess.Popen(argv, pass_fds=fds, env=env_for_children(),
+                            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stdout=out, stderr=out), None
+
+
+@contextlib.contextmanager
+def terminal_signals_to_child():
+    """While a child has this terminal: Ctrl-C and Ctrl-\\ are the child's to act on (the terminal sends them to
+    the whole foreground group), not a KeyboardInterrupt here. A handler, not SIG_IGN: exec resets handlers
+    to the default, an ignored signal would stay ignored in the child."""
+    keep = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGQUIT)}
+    try:
+        yield
+    finally:
+        for s, h in keep.items():
+            signal.signal(s, h)
 
 
 def main(argv=None):
@@ -51,6 +104,11 @@ def main(argv=None):
     if child == 0:
         try:
             kernel.libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores these; the program must not inherit that
+                signal.signal(sig, signal.SIG_DFL)
+            if spec.get("tty"):  # the terminal given as stdio becomes this session's controlling terminal
+                os.setsid()
+                fcntl.ioctl(0, termios.TIOCSCTTY, 0)
             if spec.get("cap_keep") is not None:
                 kernel.drop_capabilities(spec["cap_keep"])
             args = [str(a) for a in spec["argv"]]
@@ -58,7 +116,8 @@ def main(argv=None):
         except OSError as exc:
             sys.stderr.write(f"labkit exec: {spec['argv'][0]}: {exc.strerror}\n")
             sys.stderr.flush()
-        os._exit(127)
+            os._exit(127 if exc.errno == errno.ENOENT else 126)  # Docker's codes
+        os._exit(126)
     return kernel.wait_exit_code(child)
 
 

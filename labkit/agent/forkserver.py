@@ -5,8 +5,9 @@ imports before the first syscall; the container's own set-up takes about ten. So
 this server once (lazily), and asks it over a Unix socket in /run/labkit to fork a launcher: the
 request carries the launcher's arguments and, as SCM_RIGHTS, the child's stdin, stdout and stderr;
 the answer is the child's PID, then, when it ends, its exit status. The server is single-threaded
-(a selector over the socket and a SIGCHLD wake-up pipe), so forking it is safe, and it dies with the
-agent that started it. Standard library only.
+(a selector over the socket, a SIGCHLD wake-up pipe and whatever else is registered), so forking it is
+safe. Each agent has its own, which dies with it; the containers' supervisor
+(:mod:`labkit.agent.supervisor`) is the same server with more duties. Standard library only.
 """
 import json
 import os
@@ -24,93 +25,168 @@ from .runner import close_sealed_python, start_helper
 PR_SET_PDEATHSIG = 1
 
 
-def serve(path):
-    from . import kernel, launch  # imported once, before any fork: that is the point
-    kernel.libc().prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.path.exists(path):
-        os.unlink(path)
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
-    srv.bind(path)
-    os.umask(old)
-    srv.listen(64)
+class Server:
+    """The fork server's loop. ``duties`` (the supervisor's) may take requests other than a launch (``op``),
+    vet a launch (``watch``), learn of each child reaped, register more file descriptors (a callable as the
+    selector key's data, called with the event mask), and say when the server may end (``idle``)."""
 
-    def bye(*_):
+    def __init__(self, path, duties=None, idle=None):
+        self.path, self.duties, self.idle = path, duties, idle
+        self.sel = selectors.DefaultSelector()
+        self.waiting = {}  # pid -> connection to answer when it ends
+
+    def bye(self, *_):
         try:
-            os.unlink(path)
+            os.unlink(self.path)
         finally:
             os._exit(0)
-    signal.signal(signal.SIGTERM, bye)
-    rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.set_wakeup_fd(wfd)
-    signal.signal(signal.SIGCHLD, lambda *a: None)
-    sel = selectors.DefaultSelector()
-    sel.register(srv, selectors.EVENT_READ, "accept")
-    sel.register(rfd, selectors.EVENT_READ, "child")
-    waiting = {}  # pid -> connection to answer when it ends
-    import gc
-    gc.collect()
-    gc.freeze()  # what was imported stays out of the collector's way: a fork then copies fewer pages
-    print("ready", flush=True)
-    while True:
-        for key, _ in sel.select():
-            if key.data == "accept":
-                conn, _ = srv.accept()
+
+    def serve(self):
+        import gc
+        import time
+        from . import kernel, launch
+        self.modules = (kernel, launch)  # imported once, before any fork: that is the point
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+        self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        self.srv.bind(self.path)
+        os.umask(old)
+        self.srv.listen(64)
+        signal.signal(signal.SIGTERM, self.bye)
+        self.rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wfd)
+        signal.signal(signal.SIGCHLD, lambda *a: None)
+        self.sel.register(self.srv, selectors.EVENT_READ, "accept")
+        self.sel.register(self.rfd, selectors.EVENT_READ, "child")
+        gc.collect()
+        gc.freeze()  # what was imported stays out of the collector's way: a fork then copies fewer pages
+        print("ready", flush=True)
+        if self.duties is not None:
+            self.duties.ready()
+        busy = time.monotonic()
+        while True:
+            events = self.sel.select(timeout=min(self.idle / 3, 10) if self.idle else None)
+            if events:
+                busy = time.monotonic()
+            elif self.idle and not self.waiting and self.duties.idle() and time.monotonic() - busy > self.idle:
+                self.bye()
+            for key, mask in events:
+                if key.data == "accept":
+                    self._accept()
+                elif key.data == "child":
+                    self._reap()
+                elif self._registered(key.fileobj):
+                    key.data(mask)
+
+    def _registered(self, fileobj):
+        try:
+            self.sel.get_key(fileobj)
+            return True
+        except (KeyError, ValueError):
+            return False  # unregistered by an earlier event of this round
+
+    def _accept(self):
+        conn, _ = self.srv.accept()
+        try:
+            msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, 64)
+        except OSError:
+            conn.close()
+            return
+        for fd in fds:  # (SCM_RIGHTS gives them without close-on-exec: no program this server starts gets them)
+            os.set_inheritable(fd, False)
+        try:
+            req = json.loads(msg)
+            if not isinstance(req, dict):
+                raise ValueError("not an object")
+            if req.get("op") is not None and self.duties is not None:
+                return self.duties.request(req, conn, fds)
+            argv = req["argv"]
+            extra = self.duties.vet(req, fds) if self.duties is not None else None
+            if not isinstance(argv, list) or len(fds) != 3 + len(extra or ()) or \
+                    (req.get("watch") is not None and extra is None):
+                raise ValueError("a request this server does not take")
+        except (ValueError, KeyError, TypeError):
+            conn.close()
+            for fd in fds:
+                os.close(fd)
+            return
+        pid = self.launch(argv, fds[:3], req.get("watch"))
+        self.waiting[pid] = conn
+        if self.duties is not None and req.get("watch") is not None:
+            self.duties.launched(pid, req, fds[3:])
+        conn.sendall((json.dumps({"pid": pid}) + "\n").encode())
+
+    def launch(self, argv, fds, watch=None):
+        """Fork a launcher with ``argv``; ``fds`` become its 0, 1, 2 (the supervisor may put a terminal there)."""
+        import gc
+        from . import kernel, launch
+        if self.duties is not None and watch is not None:
+            fds = self.duties.stdio(watch, fds)
+        pid = os.fork()
+        if pid == 0:
+            code = 125
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                gc.disable()  # a launcher lives for milliseconds: no collections
+                keep = set(fds)
+                for key in list(self.sel.get_map().values()):
+                    if key.fd not in keep:
+                        os.close(key.fd)
+                self.sel = None
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                kernel.libc().prctl(PR_SET_PDEATHSIG, 0)
+                if self.duties is not None:
+                    self.duties.in_child()
+                for i, fd in enumerate(fds):
+                    os.dup2(fd, i)
+                for fd in set(fds):
+                    if fd > 2:
+                        os.close(fd)
+                os.setsid()
+                code = launch.main(argv)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException as exc:  # noqa: BLE001 - report and leave, never return into the server
                 try:
-                    msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
-                    argv = json.loads(msg)["argv"]
-                except (OSError, ValueError, KeyError):
-                    conn.close()
-                    continue
-                pid = os.fork()
-                if pid == 0:
-                    code = 125
-                    try:
-                        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                        gc.disable()  # a launcher lives for milliseconds: no collections
-                        sel.close()
-                        srv.close()
-                        conn.close()
-                        signal.set_wakeup_fd(-1)
-                        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                        kernel.libc().prctl(PR_SET_PDEATHSIG, 0)
-                        for i, fd in enumerate(fds):
-                            os.dup2(fd, i)
-                            os.close(fd)
-                        os.setsid()
-                        code = launch.main(argv)
-                    except SystemExit as exc:
-                        code = exc.code if isinstance(exc.code, int) else 1
-                    except BaseException as exc:  # noqa: BLE001 - report and leave, never return into the server
-                        try:
-                            os.write(2, f"launcher failed: {type(exc).__name__}: {exc}\n".encode())
-                        except OSError:
-                            pass
-                    finally:
-                        os._exit(code if isinstance(code, int) else 1)
-                for fd in fds:
-                    os.close(fd)
-                waiting[pid] = conn
-                conn.sendall((json.dumps({"pid": pid}) + "\n").encode())
-            else:
-                try:
-                    os.read(rfd, 4096)
-                except BlockingIOError:
+                    os.write(2, f"launcher failed: {type(exc).__name__}: {exc}\n".encode())
+                except OSError:
                     pass
-                while True:
-                    try:
-                        pid, status = os.waitpid(-1, os.WNOHANG)
-                    except ChildProcessError:
-                        break
-                    if pid == 0:
-                        break
-                    conn = waiting.pop(pid, None)
-                    if conn is not None:
-                        try:
-                            conn.sendall((json.dumps({"exit": os.waitstatus_to_exitcode(status)}) + "\n").encode())
-                        except OSError:
-                            pass
-                        conn.close()
+            finally:
+                os._exit(code if isinstance(code, int) else 1)
+        for fd in set(fds):
+            os.close(fd)
+        return pid
+
+    def _reap(self):
+        try:
+            os.read(self.rfd, 4096)
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            conn = self.waiting.pop(pid, None)
+            if self.duties is not None:
+                self.duties.reaped(pid, status)  # a launcher's container adopted, or a container's end
+            if conn is not None:
+                try:
+                    conn.sendall((json.dumps({"exit": os.waitstatus_to_exitcode(status)}) + "\n").encode())
+                except OSError:
+                    pass
+                conn.close()
+
+
+def serve(path):
+    """Each agent's own fork server: it dies with the agent that started it."""
+    from . import kernel
+    kernel.libc().prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    Server(path).serve()
 
 
 class Child:
@@ -163,7 +239,11 @@ def spawn(argv, stdin, stdout, stderr):
     path = _ensure()
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.connect(path)
-    socket.send_fds(conn, [json.dumps({"argv": argv}).encode()], [stdin, stdout, stderr])
+    return _request(conn, {"argv": argv}, [stdin, stdout, stderr])
+
+
+def _request(conn, req, fds):
+    socket.send_fds(conn, [json.dumps(req).encode()], fds)
     buf = b""
     while b"\n" not in buf:
         chunk = conn.recv(4096)

@@ -16,10 +16,13 @@ syscall goes through :mod:`labkit.agent.kernel`, so the report lists them with t
 after it exits: the agent (:mod:`labkit.agent.process`) records what outlives it.
 Standard library only.
 """
+import errno
+import fcntl
 import json
 import os
 import signal
 import sys
+import termios
 import time
 
 from ..wire.errors import LabkitError, MechanismError
@@ -36,8 +39,9 @@ def _send(fd, obj):
     os.write(fd, (json.dumps(obj) + "\n").encode())
 
 
-def _child(spec, ctx, msg_w, go_r, detached, pid_ns_made=False):
-    """C and then G (or, when P made the PID namespace already, C is G: PID 1). Never returns."""
+def _child(spec, ctx, msg_w, go_r, detached, pid_ns_made=False, waiter=True):
+    """C and then G (or, when P made the PID namespace already, C is G: PID 1). Never returns. Without
+    ``waiter`` (a container under the supervisor) C leaves as soon as G is born: G becomes the supervisor's."""
     rec = Recorder("launch")
     code = 126
     try:
@@ -64,10 +68,11 @@ def _child(spec, ctx, msg_w, go_r, detached, pid_ns_made=False):
         if "pid" in spec.namespaces and not pid_ns_made:
             g = os.fork()
             if g:
-                # C: report G's host PID, then wait for it and pass its exit status on.
-                _send(msg_w, {"pid": g, "waiter": os.getpid()})
+                # C: report G's host PID, then wait for it and pass its exit status on (or leave it to the
+                # supervisor, the subreaper that G's parent becomes when C is gone).
+                _send(msg_w, {"pid": g, "waiter": os.getpid() if waiter else None})
                 os.close(msg_w)
-                os._exit(kernel.wait_exit_code(g))
+                os._exit(kernel.wait_exit_code(g) if waiter else 0)
             rec.syscall("fork", [], "child is PID 1 of the new PID namespace")
             if not detached:
                 kernel.libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -98,13 +103,22 @@ def _child(spec, ctx, msg_w, go_r, detached, pid_ns_made=False):
             env["HOSTNAME"] = spec.hostname
         env.update(dict(spec.env))
         _send(msg_w, {"exec": argv})
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores these; the program must not inherit that
+            signal.signal(sig, signal.SIG_DFL)
+        if spec.tty:  # -t: the terminal given as stdio becomes this session's controlling terminal
+            os.setsid()
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
         try:
             os.execvpe(argv[0], argv, env)
         except OSError as exc:
-            code = 127
+            # Docker's codes: 127 the program is not there, 126 it is there but cannot be run
+            code = 127 if exc.errno == errno.ENOENT else 126
             raise MechanismError(f"execve({argv[0]!r}) failed: {exc.strerror}",
                                  fix="check that the program exists in the process's root "
-                                     "(the busybox rootfs has /bin/sh, ls, cat, hostname, ps, ...)") from None
+                                     "(the busybox rootfs has /bin/sh, ls, cat, hostname, ps, ...)"
+                                 if code == 127 else f"{argv[0]} is not a program this kernel can run "
+                                 "(a directory, a file without x permission, or another CPU's binary)",
+                                 exit_code=code) from None
     except BaseException as exc:  # report every failure to P, never raise past a fork
         err = exc.to_wire() if isinstance(exc, LabkitError) else {
             "type": "MechanismError", "message": f"{type(exc).__name__}: {exc}", "fix": ""}
@@ -143,7 +157,7 @@ def _setup(spec, rec):
     chroot.enter_root(spec, rec)
 
 
-def launch(spec, ctx, detached):
+def launch(spec, ctx, detached, waiter=True):
     """P: fork C, write maps, collect the record. Returns (report dict, child pid of C)."""
     msg_r, msg_w = os.pipe2(os.O_CLOEXEC)
     go_r, go_w = os.pipe2(os.O_CLOEXEC)
@@ -158,7 +172,7 @@ def launch(spec, ctx, detached):
     if c == 0:
         os.close(msg_r)
         os.close(go_w)
-        _child(spec, ctx, msg_w, go_r, detached, pid_ns_made)
+        _child(spec, ctx, msg_w, go_r, detached, pid_ns_made, waiter)
     os.close(msg_w)
     os.close(go_r)
     if pid_ns_made:
@@ -226,13 +240,9 @@ def main(argv=None):
     report_path, spec_json, ctx_json, mode = argv[:4]
     spec = ProcessSpec.from_dict(json.loads(spec_json))
     ctx = json.loads(ctx_json)
-    detached = mode == "start"  # "run", "monitor" and "attach" stay the parent until the end
-    if mode == "monitor":
-        # a container's monitor (like conmon): leave the caller at once, stay the container's parent,
-        # write the start report as soon as the program runs and the exit status when it ends
-        if os.fork():
-            os._exit(0)
-        os.setsid()
+    # "run" and "attach" stay the parent until the end; "start" leaves a waiter behind; "supervised" (a container
+    # forked by the supervisor) leaves nothing: the container's PID 1 becomes the supervisor's child
+    detached = mode in ("start", "supervised")
     started = time.perf_counter()
     host_rec = Recorder("host mounts")
     host_mounts = []
@@ -242,13 +252,13 @@ def main(argv=None):
         kernel.mount("proc", target, "proc", kernel.MS_NOSUID | kernel.MS_NODEV | kernel.MS_NOEXEC, rec=host_rec)
         host_mounts.append(target)
     try:
-        report, c = launch(spec, ctx, detached)
+        report, c = launch(spec, ctx, detached, waiter=mode != "supervised")
     except BaseException:
         undo_host_mounts(host_mounts)
         raise
     report["steps"] = host_rec.steps + report["steps"]
     report["host_mounts"] = host_mounts
-    if mode in ("monitor", "attach"):
+    if mode == "attach":
         report["monitor"] = os.getpid()
         _write_json(report_path, dict(report, exit_code=None, running=report["error"] is None))
         report_path = ctx["exit_path"]

@@ -2,7 +2,8 @@
 
 The fastest way to the agent and the one CI and grading servers use: no subprocess, no pipe, but every
 request and answer still goes through the wire's encoding, so it behaves exactly as over SSH. Also
-``run_attached``: a container given this terminal (``labkit run -it``), which only works here.
+``run_attached`` and ``exec_attached``: a container (or a command in one) given this terminal (``labkit run
+-it``, ``labkit exec -it``), which only works here.
 The front ends (:func:`labkit.connect`, :mod:`labkit.cli`) are the only code outside the agent that
 imports this module.
 """
@@ -45,6 +46,13 @@ def run_attached(cid):
     """Attach this terminal to container ``cid`` and run it to its end; its exit code."""
     from . import engine
     return engine.run_attached(cid)
+
+
+def exec_attached(ref, argv, stdin=True):
+    """`exec -it`: ``argv`` in running container ``ref`` with this terminal (``stdin`` False: -t alone); its exit
+    code."""
+    from . import engine
+    return engine.exec_attached(ref, argv, stdin)
 
 
 def daemon_control(action, docker_api=True):

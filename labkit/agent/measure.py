@@ -25,8 +25,8 @@ import time
 
 from ..wire.errors import CommandTimeout, InvalidSpec, MechanismError
 from ..wire.specs import RUN_DIR, STATE_DIR, CgroupSpec, ProcessSpec, check_port
-from . import cgroups, engine, process, roots, rootfs, vm, workloads
-from .runner import read_text, recorded_process, run, start, which
+from . import cgroups, engine, process, roots, rootfs, supervisor, vm, workloads
+from .runner import read_text, run, start, which
 
 BENCH_DIR = STATE_DIR + "/bench"      # native file I/O: the same disk as the containers' upper dirs
 RIGS = RUN_DIR + "/bench"
@@ -299,17 +299,17 @@ def mem_available_kb():
 
 
 def container_footprint(ref):
-    """PSS of the container's processes (its cgroup) plus its monitor's, KiB: what one more container
-    costs, the way qemu's PSS is what one more VM costs. labkit's monitor is a Python process (a few
-    MiB); conmon or containerd-shim, in C and Go, cost less and more."""
+    """PSS of the container's processes (its cgroup) plus its share of the supervisor's, KiB: what one more
+    container costs, the way qemu's PSS is what one more VM costs. The supervisor is one Python process for
+    all containers (a few MiB, shared out over those running); Docker keeps a containerd-shim per container."""
     cid = engine._resolve(ref)
     pids = cgroups.pids(engine._cg(cid))
-    st, _, _ = engine._state(cid)
-    mon = recorded_process(st or {}, "monitor")
     inside = sum(vm.pss_kb(p) or 0 for p in pids)
-    monitor = (vm.pss_kb(mon) or 0) if mon else 0
-    return {"pss_kb": inside + monitor, "processes_pss_kb": inside, "processes": len(pids),
-            "monitor_pss_kb": monitor}
+    holders = supervisor.holders()
+    running = sum(1 for r in engine.ps()) or 1
+    share = sum(vm.pss_kb(p) or 0 for p in holders) / running
+    return {"pss_kb": inside + share, "processes_pss_kb": inside, "processes": len(pids),
+            "supervisor_share_kb": share}
 
 
 def vm_footprint(vm_id):

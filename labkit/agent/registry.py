@@ -661,12 +661,32 @@ def search(term, host="127.0.0.1:5000"):
         return _search(term, host)
 
 
+HUB_NAMES = ("docker.io", "index.docker.io", "hub.docker.com")
+MAX_SEARCH_RESULTS = 100
+
+
 def _search(term, host="127.0.0.1:5000"):
-    """Repositories in a registry's catalog whose name contains ``term`` (the registry API has no search)."""
+    """``docker search``: repositories whose name contains ``term``, as rows {name, description, stars,
+    official}. A registry's catalog (the v2 API has no search: the names are filtered here), or Docker Hub's
+    own search when ``host`` is docker.io (online only)."""
+    if not isinstance(term, str) or not term or len(term) > 256:
+        raise InvalidSpec(f"{term!r} is not a search term", fix="e.g. labkit search nginx")
+    if host in HUB_NAMES:
+        s = Session("index.docker.io", "", rec=Recorder(f"search {term} on Docker Hub"))
+        found = _json(_read_bounded(s.request("GET", "/v1/search?" + urllib.parse.urlencode(
+            {"q": term, "n": 25})), MAX_MANIFEST_BYTES, "Docker Hub's search"), "Docker Hub's search")
+        rows = found.get("results") if isinstance(found, dict) else None
+        return [{"name": str(r.get("name", "")), "description": str(r.get("description") or ""),
+                 "stars": r.get("star_count") if isinstance(r.get("star_count"), int) else 0,
+                 "official": r.get("is_official") is True} for r in (rows or [])[:MAX_SEARCH_RESULTS]
+                if isinstance(r, dict)]
     s = Session(host, "", rec=Recorder(f"search {term}"))
-    catalog = _json(_read_bounded(s.request("GET", "/v2/_catalog"), MAX_MANIFEST_BYTES, "the catalog"), "the catalog")
-    repos = catalog.get("repositories")
-    return [r for r in repos if isinstance(r, str) and term in r] if isinstance(repos, list) else []
+    catalog = _json(_read_bounded(s.request("GET", "/v2/_catalog?n=1000"), MAX_MANIFEST_BYTES, "the catalog"),
+                    "the catalog")
+    repos = catalog.get("repositories") if isinstance(catalog, dict) else None
+    names = [r for r in repos if isinstance(r, str) and term in r] if isinstance(repos, list) else []
+    return [{"name": f"{host}/{r}", "description": "", "stars": 0, "official": False}
+            for r in names[:MAX_SEARCH_RESULTS]]
 
 
 __all__ = ["pull", "push", "search", "is_loopback", "RegistryError", "LabkitError"]

@@ -12,7 +12,8 @@ import sys
 from ..wire.errors import InvalidSpec, LabkitError, NotFound, PrivilegeError, UnsupportedHost
 from .handles import (Cgroup, Container, Network, OverlayRoot, Process, Rootfs, VirtualMachine, _argv,  # noqa: F401
                       _rootfs_name, _spec_kw)
-from .records import DoctorReport, Record, container_status
+from ..wire.words import container_status
+from .records import DoctorReport, Record
 from ..wire.specs import (NAMESPACES, CgroupSpec, ContainerSpec, ImageRef, NetworkSpec, ProcessSpec, RootfsSpec, check_name,
                           nano_cpus, normalize_namespaces)
 from . import transport as _t
@@ -257,7 +258,8 @@ class Lab:
         return Record(self.call("image.push", ref=str(ImageRef.parse(ref)), username=username, password=password))
 
     def search(self, term, registry="127.0.0.1:5000"):
-        """Repositories in a registry's catalog whose name contains ``term``."""
+        """``docker search``: rows {name, description, stars, official} of the repositories in a registry's
+        catalog whose name contains ``term`` (``registry="docker.io"``: Docker Hub's search, online only)."""
         return self.call("image.search", term=term, host=registry)
 
     def prune(self, cache_keys=None, all_cache=False):

@@ -8,7 +8,6 @@ Standard library only.
 import hashlib
 import html
 import json
-import time
 
 
 def step_text(step):
@@ -42,24 +41,6 @@ def record_digest(record):
     body = {"steps": record["steps"], "facts": record.get("facts") or {}}
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def ago(t, now=None):
-    """How long since ``t`` (epoch seconds), the way `docker ps` says it: "3 minutes"."""
-    s = max(0, int((time.time() if now is None else now) - (t or 0)))
-    for unit, n in (("days", 86400), ("hours", 3600), ("minutes", 60)):
-        if s >= n:
-            return f"{s // n} {unit}"
-    return f"{s} seconds"
-
-
-def container_status(row):
-    """A container row's STATUS column as `docker ps` prints it: "Up 3 minutes", "Exited (0) 2 seconds ago"."""
-    if row.get("state") == "running":
-        return f"Up {ago(row.get('started'))}"
-    if row.get("state") == "exited":
-        return f"Exited ({row.get('exit_code')}) {ago(row.get('finished'))} ago"
-    return "Created"
 
 
 class Record(dict):

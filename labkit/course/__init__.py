@@ -7,3 +7,7 @@ published (the figures quoted beside ours), plotting (the one chart style).
 Imports :mod:`labkit.wire` and :mod:`labkit.client`; never the agent. Host-side dependencies
 (pandas, matplotlib, papermill) are allowed here.
 """
+import os
+
+#: the course's notebooks (the solution editions), in the checkout beside this package
+NOTEBOOK_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "notebooks")

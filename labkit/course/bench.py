@@ -16,8 +16,8 @@ fork       fork+exec of /bin/true                              (process creation
 fileio     dd 1 MiB blocks to a file, then fsync              (host disk / overlay / VM disk)
 network    a host client to an nc listener: loopback, container over veth+bridge and over NAT,
            VM over virtio-net on a tap on the same bridge       (throughput and round-trip latency)
-density    N idle containers vs N idle VMs: PSS per instance (a container's processes plus its monitor;
-           a VM's qemu) and the host's MemAvailable drop
+density    N idle containers vs N idle VMs: PSS per instance (a container's processes plus its share of
+           labkit's supervisor; a VM's qemu) and the host's MemAvailable drop
 ========== =================================================================================
 """
 import json
@@ -255,7 +255,7 @@ class Bench:
                             fp = lab.call("bench.vm_footprint", vm_id=h.id)
                         self.samples.append({"experiment": "density", "case": case, "repeat": 0, "instances": n,
                                              "elapsed_s": None, "amount": n, "unit": "instances",
-                                             "pss_kb": fp["pss_kb"], "monitor_pss_kb": fp.get("monitor_pss_kb"),
+                                             "pss_kb": fp["pss_kb"], "supervisor_share_kb": fp.get("supervisor_share_kb"),
                                              "processes_pss_kb": fp.get("processes_pss_kb"),
                                              "mem_available_drop_kb": (before - after) / n,
                                              "accel": self.vm_accel if case == "vm" else None})
@@ -309,7 +309,7 @@ class BenchResult:
             for case, fp in footprints:
                 samples.append({"experiment": "density", "case": case, "repeat": 0, "instances": len(footprints),
                                 "elapsed_s": None, "amount": len(footprints), "unit": "instances",
-                                "pss_kb": fp.get("pss_kb"), "monitor_pss_kb": fp.get("monitor_pss_kb"),
+                                "pss_kb": fp.get("pss_kb"), "supervisor_share_kb": fp.get("supervisor_share_kb"),
                                 "processes_pss_kb": fp.get("processes_pss_kb"),
                                 "mem_available_drop_kb": (before - after) / len(footprints)
                                 if isinstance(before, (int, float)) and isinstance(after, (int, float)) else None})

@@ -16,9 +16,9 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from . import NOTEBOOK_DIR
 from .grading import read_scores
 
-NOTEBOOK_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "notebooks")
 
 
 def course_notebooks(source_dir=NOTEBOOK_DIR):

@@ -270,6 +270,8 @@ class ProcessSpec(Spec):
       ``proc_sys_ro``: /proc/sys and /proc/sysrq-trigger read-only, as Docker mounts them.
     - ``look``: record the process's own view before it execs (what it sees of the host); the engine
       turns it off, it costs a millisecond or two per start.
+    - ``tty``: its stdin is a terminal (a pseudo-terminal's slave) to make its controlling terminal, in a
+      session of its own, as ``docker run -t`` does.
     """
     argv: Tuple[str, ...] = ()
     namespaces: Tuple[str, ...] = ()
@@ -292,6 +294,7 @@ class ProcessSpec(Spec):
     cap_keep: Optional[Tuple[str, ...]] = None
     seccomp_deny: Tuple[str, ...] = ()
     proc_sys_ro: bool = False
+    tty: bool = False
 
     _what = "process"
     _example = "{'argv': ['hostname']}"
@@ -326,6 +329,7 @@ class ProcessSpec(Spec):
         if self.root_mode == "pivot_root" and "mnt" not in self.namespaces:
             raise InvalidSpec("pivot_root needs a private mount namespace (it changes the root of the "
                               "whole mount namespace, the host's if shared)", fix="add 'mnt' to namespaces")
+        set_("tty", _flag(self.tty, "tty"))
         if not self.look and self.action in ("probe", "escape"):
             raise InvalidSpec(f"action {self.action!r} is all about looking", fix="leave look=True")
         if self.action == "escape" and self.rootfs is None:
@@ -638,7 +642,9 @@ class ContainerSpec(Spec):
     - ``binds``: (host path, path inside, read-only), from ``-v SRC:DST[:ro]``; ``read_only`` root;
       ``workdir`` (None: the image's); ``user`` numeric uid[:gid];
     - ``network``: a labkit network to join (None: none); ``cap_add``/``cap_drop`` ('ALL' allowed) and
-      ``privileged`` change Docker's 14 default capabilities and device allow-list.
+      ``privileged`` change Docker's 14 default capabilities and device allow-list;
+    - ``tty``: a terminal as its stdio (``-t``), ``open_stdin``: a stdin that attached clients write to (``-i``),
+      ``stdin_once``: that stdin ends when the clients that wrote to it have (``docker run -i``).
     """
     image: str = "busybox"
     name: Optional[str] = None
@@ -657,6 +663,9 @@ class ContainerSpec(Spec):
     cap_add: Tuple[str, ...] = ()
     cap_drop: Tuple[str, ...] = ()
     privileged: bool = False
+    tty: bool = False
+    open_stdin: bool = False
+    stdin_once: bool = False
 
     _what = "container"
     _example = "{'image': 'busybox', 'cmd': ['httpd', '-f'], 'memory': 67108864}"
@@ -686,6 +695,9 @@ class ContainerSpec(Spec):
         set_("binds", bind_triples(self.binds))
         set_("read_only", _flag(self.read_only, "read_only"))
         set_("privileged", _flag(self.privileged, "privileged"))
+        set_("tty", _flag(self.tty, "tty"))
+        set_("open_stdin", _flag(self.open_stdin, "open_stdin"))
+        set_("stdin_once", _flag(self.stdin_once, "stdin_once"))
         if self.workdir is not None and (not isinstance(self.workdir, str) or not self.workdir.startswith("/")
                                          or "\0" in self.workdir):
             raise InvalidSpec(f"workdir {self.workdir!r} must be an absolute path", fix="e.g. workdir='/srv'")

@@ -1,0 +1,559 @@
+"""The containers' supervisor: one process that is the parent of every running container on the machine.
+
+Docker keeps a containerd-shim per container, podman a conmon; labkit keeps one supervisor for all
+(``python3 -m labkit.agent.supervisor``, /run/labkit/supervisor.sock). It is the fork server
+(:class:`labkit.agent.forkserver.Server`) with these duties:
+
+- **parent**: it is a child subreaper (PR_SET_CHILD_SUBREAPER). It forks a container's launcher, the launcher
+  leaves as soon as the program runs, and the container's PID 1 becomes the supervisor's child. So an idle
+  container costs its own processes and no labkit process of its own.
+- **reaper**: it reaps each container, writes its exit status (``exit.json``: the code, or the signal)
+  and disconnects its network, once, whoever started it (a daemon, a CLI, a notebook).
+- **terminal**: for ``docker run -t`` it holds the pseudo-terminal's master (the container's stdio is the
+  slave, its controlling terminal), copies what the container writes to its log and to attached clients,
+  and what they type to the container; ``-i`` without ``-t``: it holds the write end of the container's
+  stdin. ``attach`` hands it a client's connection (SCM_RIGHTS), ``resize`` sets the window size.
+- **alone and short-lived**: it leaves its starter at once (a killed daemon does not take it or its
+  containers along), one runs at a time (a lock; /proc/locks names its holder), and it ends by itself
+  after :data:`IDLE_SECONDS` without a container or a request.
+
+Standard library only.
+"""
+import fcntl
+import json
+import os
+import re
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import termios
+import time
+
+from ..wire.errors import MechanismError
+from ..wire.specs import RUN_DIR, NetworkSpec
+from . import forkserver
+from .runner import close_sealed_python, start_helper
+
+PR_SET_CHILD_SUBREAPER = 36
+SOCKET = RUN_DIR + "/supervisor.sock"
+LOCK = SOCKET + ".lock"
+RUNTIME = RUN_DIR + "/containers"
+IDLE_SECONDS = 30.0
+OUT_LIMIT = 8 << 20   # output waiting for one slow attached client before it is dropped
+IN_LIMIT = 256 << 10  # input waiting for the container before its clients are read no more (back-pressure)
+
+
+def _watch_ok(watch):
+    """What a request may ask for when a container ends: its own two files, its own network membership, a
+    terminal or stdin. Anything else is refused (the request comes from root, and is checked all the same)."""
+    if not isinstance(watch, dict) or not re.fullmatch(r"[0-9a-f]{12}", str(watch.get("owner", ""))):
+        return None
+    rt = f"{RUNTIME}/{watch['owner']}"
+    if watch.get("start") != f"{rt}/start.json" or watch.get("exit") != f"{rt}/exit.json":
+        return None
+    if not all(isinstance(watch.get(k, False), bool) for k in ("tty", "stdin", "stdin_once")):
+        return None
+    if watch.get("network") is not None:
+        try:
+            NetworkSpec(name=watch["network"])
+        except Exception:  # noqa: BLE001 - any bad name
+            return None
+    return watch
+
+
+def _attach_specs(specs, n):
+    if not isinstance(specs, list) or len(specs) != n or not all(
+            isinstance(a, dict) and isinstance(a.get("stdin"), bool) and isinstance(a.get("stdout"), bool)
+            for a in specs):
+        return None
+    return specs
+
+
+def _nonblocking(fd):
+    os.set_blocking(fd, False)
+    return fd
+
+
+class _Stdio:
+    """One container's terminal (``master``) or stdin pipe (``stdin_w``), and the clients attached to it."""
+
+    def __init__(self, duties, owner, tty, master=None, stdin_w=None, log=None, stdin_once=False):
+        self.duties, self.owner, self.tty, self.stdin_once = duties, owner, tty, stdin_once
+        self.master, self.stdin_w, self.log = master, stdin_w, log
+        self.conns = {}        # socket -> {"in", "out", "buf", "eof"}
+        self.inbuf = bytearray()
+        self.ended = False     # the container was reaped
+        self.closed = False    # the terminal said all it had
+        self.had_input = False
+
+    @property
+    def sink(self):
+        return self.master if self.tty else self.stdin_w
+
+    def add(self, conn, stdin, stdout):
+        conn.setblocking(False)
+        self.conns[conn] = {"in": stdin, "out": stdout and self.tty, "buf": bytearray(), "eof": not stdin}
+        self.had_input = self.had_input or stdin
+        self.update()
+
+    def update(self):
+        want = {}
+        if self.master is not None:
+            want[self.master] = (selectors.EVENT_READ | (selectors.EVENT_WRITE if self.inbuf else 0), self.on_master)
+        elif self.stdin_w is not None and self.inbuf:
+            want[self.stdin_w] = (selectors.EVENT_WRITE, self.on_stdin)
+        if self.stdin_w is not None and not self.inbuf and self._inputs_done():
+            self._close_stdin()
+        for conn, c in self.conns.items():
+            mask = (selectors.EVENT_READ if not c["eof"] and len(self.inbuf) < IN_LIMIT and self.sink is not None
+                    else 0) | (selectors.EVENT_WRITE if c["buf"] else 0)
+            want[conn] = (mask, lambda m, conn=conn: self.on_conn(conn, m))
+        for fileobj, (mask, cb) in want.items():
+            self.duties.want(fileobj, mask, cb)
+        if self.stdin_w is not None and not self.inbuf:
+            self.duties.want(self.stdin_w, 0, None)
+
+    def _inputs_done(self):
+        """The container has ended, or (Docker's StdinOnce) every client that gave input has ended it: the
+        container's stdin gets its EOF. Without StdinOnce it stays open for the next client."""
+        return self.ended or (self.stdin_once and self.had_input and
+                              not any(c["in"] and not c["eof"] for c in self.conns.values()))
+
+    def on_master(self, mask):
+        if mask & selectors.EVENT_WRITE and self.inbuf:
+            self._write_input(self.master)
+        if mask & selectors.EVENT_READ:
+            try:
+                data = os.read(self.master, 65536)
+            except BlockingIOError:
+                data = None
+            except OSError:  # EIO: every slave is closed, the container has ended
+                data = b""
+            if data == b"":
+                return self.close()
+            if data:
+                if self.log is not None:
+                    try:
+                        os.write(self.log, data)
+                    except OSError:
+                        pass
+                for conn, c in list(self.conns.items()):
+                    if c["out"]:
+                        c["buf"] += data
+                        if len(c["buf"]) > OUT_LIMIT:  # a client that does not read: dropped, not waited for
+                            self._drop(conn)
+        self.update()
+
+    def on_stdin(self, mask):
+        self._write_input(self.stdin_w)
+        self.update()
+
+    def _write_input(self, fd):
+        try:
+            n = os.write(fd, self.inbuf[:65536])
+            del self.inbuf[:n]
+        except BlockingIOError:
+            pass
+        except OSError:  # the container closed its stdin: what is left has nowhere to go
+            self.inbuf.clear()
+            if fd == self.stdin_w:
+                self._close_stdin()
+
+    def on_conn(self, conn, mask):
+        c = self.conns.get(conn)
+        if c is None:
+            return
+        if mask & selectors.EVENT_READ:
+            try:
+                data = conn.recv(65536)
+            except BlockingIOError:
+                data = None
+            except OSError:
+                data = b""
+            if data == b"":
+                c["eof"] = True
+                if not c["out"] or not self.tty:
+                    return self._drop(conn)
+            elif data and c["in"] and self.sink is not None:
+                self.inbuf += data
+        if mask & selectors.EVENT_WRITE and c["buf"]:
+            try:
+                n = conn.send(c["buf"][:1 << 20])
+                del c["buf"][:n]
+            except BlockingIOError:
+                pass
+            except OSError:
+                return self._drop(conn)
+        if self.master is None and not c["buf"] and c.get("closing"):
+            return self._drop(conn)
+        self.update()
+
+    def _drop(self, conn):
+        self.conns.pop(conn, None)
+        self.duties.want(conn, 0, None)
+        conn.close()
+        if not self._finish_if_done():
+            self.update()
+
+    def _finish_if_done(self):
+        """Once the terminal (or stdin) is closed and every client has had the last of it: forget this one."""
+        if self.master is not None or self.stdin_w is not None or self.conns or not (self.ended or self.closed):
+            return False
+        if self.log is not None:
+            os.close(self.log)
+            self.log = None
+        if self.duties.stdios.get(self.owner) is self:
+            del self.duties.stdios[self.owner]
+        return True
+
+    def _close_stdin(self):
+        if self.stdin_w is not None:
+            self.duties.want(self.stdin_w, 0, None)
+            os.close(self.stdin_w)
+            self.stdin_w = None
+
+    def container_ended(self):
+        self.ended = True
+        if not self.tty:  # its output went to the log, which the daemon sends: only input was ours
+            for conn in list(self.conns):
+                self._drop(conn)
+            self._close_stdin()
+            self.close()
+        else:
+            self.update()
+
+    def close(self):
+        """The terminal has nothing more to say: send what is queued, then hang up on every client."""
+        self.closed = True
+        if self.master is not None:
+            self.duties.want(self.master, 0, None)
+            os.close(self.master)
+            self.master = None
+        self._close_stdin()
+        for conn, c in list(self.conns.items()):
+            if c["buf"]:
+                c["closing"] = True
+                c["eof"] = True
+            else:
+                self._drop(conn)
+        if not self._finish_if_done():
+            self.update()
+
+    def fds(self):
+        return [fd for fd in (self.master, self.stdin_w, self.log) if fd is not None] + \
+            [c.fileno() for c in self.conns]
+
+
+class Duties:
+    """The supervisor's books and duties, called by :class:`~labkit.agent.forkserver.Server`."""
+
+    def __init__(self):
+        self.server = None
+        self.adopt = {}    # launcher pid -> watch
+        self.track = {}    # container pid -> watch
+        self.early = {}    # pid -> (wait status, monotonic time): reaped before it was known whose it was
+        self.stdios = {}   # owner -> _Stdio
+        self._next = None  # the terminal or stdin of the launch being made
+
+    def ready(self):
+        """The starter has its answer: nothing of its pipe or terminal stays here; errors go to a log."""
+        fd = os.open(RUN_DIR + "/supervisor.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(null)
+        os.close(fd)
+
+    def idle(self):
+        return not (self.adopt or self.track or self.stdios)
+
+    def want(self, fileobj, mask, callback):
+        sel = self.server.sel
+        try:
+            key = sel.get_key(fileobj)
+        except (KeyError, ValueError):
+            key = None
+        if not mask:
+            if key is not None:
+                sel.unregister(fileobj)
+        elif key is None:
+            sel.register(fileobj, mask, callback)
+        elif key.events != mask or key.data is not callback:
+            sel.modify(fileobj, mask, callback)
+
+    # -- launches -----------------------------------------------------------------------------------------
+    def vet(self, req, fds):
+        watch = _watch_ok(req.get("watch"))
+        if watch is None:
+            return None
+        specs = _attach_specs(req.get("attach", []), len(fds) - 3)
+        if specs is None or (specs and not (watch.get("tty") or watch.get("stdin"))):
+            return None
+        return specs
+
+    def stdio(self, watch, fds):
+        """The launcher's stdin, stdout, stderr: a terminal's slave for ``tty``, a pipe's read end as stdin for
+        ``stdin``; the log (``fds[1]``) then stays here (a terminal's output is copied to it)."""
+        self._next = None
+        if watch.get("tty"):
+            master, slave = os.openpty()
+            fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+            log = os.dup(fds[1])
+            os.set_inheritable(log, False)
+            for fd in set(fds):
+                os.close(fd)
+            self._next = _Stdio(self, watch["owner"], True, master=_nonblocking(master), log=log,
+                                stdin_once=watch.get("stdin_once", False))
+            return [slave, slave, slave]
+        if watch.get("stdin"):
+            r, w = os.pipe()
+            os.close(fds[0])
+            self._next = _Stdio(self, watch["owner"], False, stdin_w=_nonblocking(w),
+                                stdin_once=watch.get("stdin_once", False))
+            return [r, fds[1], fds[2]]
+        return fds
+
+    def launched(self, pid, req, conn_fds):
+        self.adopt[pid] = req["watch"]
+        io, self._next = self._next, None
+        if io is not None:
+            old = self.stdios.pop(io.owner, None)
+            if old is not None:
+                old.close()
+            self.stdios[io.owner] = io
+            for fd, a in zip(conn_fds, req.get("attach") or []):
+                io.add(socket.socket(fileno=fd), a["stdin"], a["stdout"])
+            io.update()
+        else:
+            for fd in conn_fds:
+                os.close(fd)
+
+    def in_child(self):
+        """In a freshly forked launcher: none of the supervisor's duties (or file descriptors) go with it."""
+        _libc().prctl(PR_SET_CHILD_SUBREAPER, 0)
+        for io in list(self.stdios.values()) + ([self._next] if self._next is not None else []):
+            for fd in io.fds():
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    # -- reaping ------------------------------------------------------------------------------------------
+    def reaped(self, pid, status):
+        watch = self.adopt.pop(pid, None)
+        if watch is not None:
+            self._adopt(watch)
+        elif pid in self.track:
+            self._ended(self.track.pop(pid), status)
+        else:
+            now = time.monotonic()
+            self.early[pid] = (status, now)
+            for p, (_, t) in list(self.early.items()):
+                if now - t > 60:
+                    del self.early[p]
+
+    def _adopt(self, watch):
+        from .state import read_json, write_json
+        report = read_json(watch["start"], default=None)
+        if not isinstance(report, dict) or report.get("error") is not None or not isinstance(report.get("pid"), int):
+            # it never ran: 126/127 when its program could not be run (the launcher said so)
+            err = report.get("error") if isinstance(report, dict) else None
+            details = err.get("details") if isinstance(err, dict) else None
+            code = details.get("exit_code") if isinstance(details, dict) else None
+            if not isinstance(code, int):
+                code = 125
+            try:
+                write_json(watch["exit"], {"exit_code": code, "finished": time.time()})
+            except OSError:
+                pass
+            io = self.stdios.get(watch["owner"])
+            if io is not None:
+                io.container_ended()
+            return
+        pid = report["pid"]
+        if pid in self.early:
+            self._ended(watch, self.early.pop(pid)[0])
+        else:
+            self.track[pid] = watch
+
+    def _ended(self, watch, status):
+        from .state import write_json
+        code = os.waitstatus_to_exitcode(status)
+        out = {"exit_code": code if code >= 0 else 128 - code, "finished": time.time()}
+        if code < 0:
+            out["signal"] = signal.Signals(-code).name
+        if watch.get("network"):
+            from . import network
+            try:  # the container's end is its network membership's end
+                network.disconnect(watch["network"], watch["owner"])
+            except Exception as exc:  # noqa: BLE001 - the exit status matters more
+                out["network_error"] = f"{type(exc).__name__}: {exc}"
+        try:
+            write_json(watch["exit"], out)
+        except OSError:
+            pass  # the container was removed meanwhile
+        io = self.stdios.get(watch["owner"])
+        if io is not None:
+            io.container_ended()
+
+    # -- requests other than a launch ---------------------------------------------------------------------
+    def request(self, req, conn, fds):
+        """``attach`` (one fd: the client's connection) and ``resize``; answers {"ok": true} or {"error"}."""
+        answer = {"ok": True}
+        try:
+            owner = req.get("owner")
+            io = self.stdios.get(owner) if isinstance(owner, str) else None
+            if req["op"] == "attach" and len(fds) == 1 and io is not None and \
+                    _attach_specs([{"stdin": req.get("stdin"), "stdout": req.get("stdout")}], 1):
+                io.add(socket.socket(fileno=fds.pop()), req["stdin"], req["stdout"])
+            elif req["op"] == "resize" and io is not None and io.master is not None and not fds and \
+                    all(isinstance(req.get(k), int) and 0 < req[k] < 10000 for k in ("h", "w")):
+                fcntl.ioctl(io.master, termios.TIOCSWINSZ, struct.pack("HHHH", req["h"], req["w"], 0, 0))
+            else:
+                answer = {"error": "no such container with a terminal or stdin here, or a bad request"}
+        except OSError as exc:
+            answer = {"error": str(exc)}
+        for fd in fds:
+            os.close(fd)
+        try:
+            conn.sendall((json.dumps(answer) + "\n").encode())
+        except OSError:
+            pass
+        conn.close()
+
+
+def _libc():
+    from . import kernel
+    return kernel.libc()
+
+
+# -- the client's side -----------------------------------------------------------------------------------------
+
+def supervise(argv, stdin, stdout, stderr, watch, attach=()):
+    """Fork a container's launcher from the supervisor (started here when none runs), which adopts the container
+    when the launcher leaves. ``watch`` = {owner (the container id), start, exit (its report files), network,
+    tty, stdin}; ``attach`` = [(socket fd, stdin, stdout)]: clients to connect before the program runs, so that
+    they miss nothing of it. Returns the launcher's :class:`~labkit.agent.forkserver.Child`."""
+    req = {"argv": argv, "watch": watch, "attach": [{"stdin": bool(i), "stdout": bool(o)} for _, i, o in attach]}
+    fds = [stdin, stdout, stderr] + [fd for fd, _, _ in attach]
+    return _with_supervisor(lambda conn: forkserver._request(conn, req, fds))
+
+
+def attach(owner, fd, stdin, stdout):
+    """Hand a client's connection (``fd``) to the supervisor for running container ``owner``'s terminal or stdin."""
+    return _ask({"op": "attach", "owner": owner, "stdin": bool(stdin), "stdout": bool(stdout)}, [fd])
+
+
+def resize(owner, h, w):
+    """The window size of container ``owner``'s terminal (rows ``h``, columns ``w``)."""
+    return _ask({"op": "resize", "owner": owner, "h": int(h), "w": int(w)}, [])
+
+
+def _ask(req, fds):
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(SOCKET)
+        socket.send_fds(conn, [json.dumps(req).encode()], fds)
+        conn.settimeout(10)
+        line = conn.makefile("rb").readline()
+    except OSError as exc:
+        raise MechanismError(f"the containers' supervisor is not there ({exc})",
+                             fix="the container runs without one: stop it and start it again") from None
+    finally:
+        conn.close()
+    answer = json.loads(line or b"{}")
+    if not answer.get("ok"):
+        raise MechanismError(f"the containers' supervisor said: {answer.get('error', 'nothing')}",
+                             fix="is the container running, and was it made with -t or -i?")
+    return True
+
+
+def _with_supervisor(send):
+    deadline = time.monotonic() + 10
+    while True:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            conn.connect(SOCKET)
+            return send(conn)
+        except (FileNotFoundError, ConnectionRefusedError, MechanismError):
+            conn.close()  # none runs, or one that was just ending: start one (the lock keeps it to one)
+            if time.monotonic() > deadline:
+                raise
+            proc = start_helper("supervisor", stdout=subprocess.PIPE, cwd="/")
+            said = proc.stdout.readline().strip()
+            proc.stdout.close()
+            proc.wait()
+            if said not in (b"ready", b"running"):
+                raise MechanismError("the containers' supervisor did not start",
+                                     fix="run `labkit doctor`; see /run/labkit/supervisor.log") from None
+            if said == b"running":
+                time.sleep(0.05)  # another starter's supervisor: give it a moment to listen
+
+
+def _lock():
+    """The lock only one supervisor holds (kept open for its life); None when another has it."""
+    os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
+    fd = os.open(LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def holders():
+    """PIDs of the processes holding the supervisor's lock (from /proc/locks, by the lock file's inode)."""
+    try:
+        st = os.stat(LOCK)
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    pids = []
+    for ln in lines:
+        parts = ln.split()
+        if len(parts) > 5 and parts[1] == "FLOCK" and parts[5].count(":") == 2:
+            major, minor, ino = parts[5].split(":")
+            if int(ino) == st.st_ino and os.makedev(int(major, 16), int(minor, 16)) == st.st_dev:
+                pids.append(int(parts[4]))
+    return pids
+
+
+def stop(rec=None):
+    """End the supervisor (``labkit cleanup``, after every container is gone): True when one was running."""
+    fd = _lock()
+    if fd is not None:  # nobody holds the lock: none runs
+        os.close(fd)
+        return False
+    for pid in holders():
+        if rec is not None:
+            rec.kill(pid, signal.SIGTERM)
+        else:
+            os.kill(pid, signal.SIGTERM)
+    return True
+
+
+def main(argv=None):
+    close_sealed_python()
+    argv = sys.argv[1:] if argv is None else argv
+    idle = float(argv[argv.index("--idle") + 1]) if "--idle" in argv else IDLE_SECONDS
+    if os.fork():  # leave the starter at once: its end (a daemon killed) is not ours
+        os._exit(0)
+    if _lock() is None:  # (taken here, after the fork: /proc/locks then names this process)
+        print("running", flush=True)  # another one serves: the starter connects to it
+        return 0
+    os.setsid()
+    _libc().prctl(PR_SET_CHILD_SUBREAPER, 1)
+    duties = Duties()
+    duties.server = forkserver.Server(SOCKET, duties, idle=idle)
+    duties.server.serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
