@@ -4,7 +4,11 @@
    request, the container's start and exit, its removal): through labkit's daemon, and in-process
    (``LABKIT_DAEMON=off``, what every labkit command did before the daemon), next to `crun run` on an OCI
    bundle over a busybox root (labkit's start-up rig, :func:`labkit.agent.measure.startup_prepare`).
-   Interleaved after a warm-up; min / median / max milliseconds and each median's ratio to crun's.
+   Where the time goes, in the same rounds: `labkit --version` (the Python command's own floor: interpreter,
+   imports, arguments) and the same container made, started, waited for and removed by requests to the
+   daemon from this process (the engine's part, no process start). Interleaved after a warm-up, with the
+   package's byte code compiled first (as an installed package has it); min / median / max milliseconds and
+   each median's ratio to crun's.
 2. Memory of labkit's own processes per idle container (PSS from /proc/PID/smaps_rollup: the daemon, its
    fork server and the containers' supervisor, one process for all; the containers' own processes are not
    counted) with 1, 8 and 32 containers running `sleep`: shared out, and what one more container adds.
@@ -60,20 +64,34 @@ def start_times(runs):
     cases = {"labkit via daemon": (cli, dict(os.environ)), "labkit in-process": (cli, env_off)}
     if "crun" in rig["runtimes"]:
         cases["crun run"] = None
+    cases["labkit --version"] = ([sys.executable, "-m", "labkit.cli", "--version"], dict(os.environ))
+    cases["daemon requests only"] = "requests"
     times = {k: [] for k in cases}
+    subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(REPO, "labkit")], check=True,
+                   stdout=subprocess.DEVNULL)
     st = daemon.start()
+    via = None
     try:
+        via = labkit.connect("local")
         for i in range(-2, runs):
             for name, how in cases.items():
-                argv, env = how if how else (rig["runtimes"]["crun"] + [f"lkb-{secrets.token_hex(4)}"], None)
                 t = time.perf_counter()
-                res = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True)
+                if how == "requests":
+                    c = via.create("busybox", ["true"], network=None)
+                    c.start()
+                    via.call("container.wait", ref=c.id, timeout=10)
+                    c.rm(force=True)
+                else:
+                    argv, env = how if how else (rig["runtimes"]["crun"] + [f"lkb-{secrets.token_hex(4)}"], None)
+                    res = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True)
+                    if res.returncode != 0:
+                        raise SystemExit(f"{name} failed ({res.returncode}): {res.stderr[-400:]}")
                 elapsed = (time.perf_counter() - t) * 1000
-                if res.returncode != 0:
-                    raise SystemExit(f"{name} failed ({res.returncode}): {res.stderr[-400:]}")
                 if i >= 0:
                     times[name].append(elapsed)
     finally:
+        if via is not None:
+            via.close()
         daemon.stop()
         direct.call("bench.startup_finish", rig=rig)
         direct.close()

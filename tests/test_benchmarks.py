@@ -71,7 +71,7 @@ def test_daemon_benchmark_prints_start_times_against_crun_and_idle_memory_per_co
     assert res.returncode == 0, res.stderr
     print(res.stdout)
     lines = res.stdout.splitlines()
-    for case in ("labkit via daemon", "labkit in-process"):
+    for case in ("labkit via daemon", "labkit in-process", "labkit --version", "daemon requests only"):
         row = next(line for line in lines if line.startswith(case))
         assert len(row[len(case):].split()) == 4, row  # min, median, max, and the ratio to crun (or '-')
     memory = [line.split() for line in lines if line.strip() and line.split()[0] in ("1", "2")]

@@ -130,6 +130,10 @@ def test_run_i_feeds_stdin_to_the_container_and_ends_it_with_eof(engine_api):
                          input="hello labkit\n" * 3000, capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout == "HELLO LABKIT\n" * 3000 + "done\n", "every byte in, in order; EOF when the client's ended"
+    lines = "".join(f"{i}\n" for i in range(200000))  # more than any buffer on the way, both ways at once
+    res = subprocess.run([DOCKER, "run", "-i", "--rm", "--network", "none", "busybox", "cat"], input=lines,
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0 and res.stdout == lines, "the output stream kept its frames whole"
 
 
 @needs_docker
@@ -337,6 +341,20 @@ def test_build_network_push_and_search_with_the_docker_cli(engine_api, tmp_path)
     out = docker(env, "build", "-t", "lk-api/built:v1", str(ctx), timeout=300).stdout
     assert "Step 2/3 : COPY hello.txt /hello.txt" in out and "Successfully tagged lk-api/built:v1" in out
     assert docker(env, "run", "--rm", "--network", "none", "lk-api/built:v1").stdout == "built through the Engine API\n"
+    import gzip
+    import io
+    import tarfile
+    bomb = io.BytesIO()
+    with tarfile.open(fileobj=bomb, mode="w") as tar:
+        big = tarfile.TarInfo("zeros")
+        big.size = 200 << 20
+        tar.addfile(big, io.BytesIO(bytes(big.size)))
+    body = gzip.compress(bomb.getvalue(), 9)  # some 200 KiB that unpack to 200 MiB
+    out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--unix-socket",
+                          daemon.DOCKER_SOCKET, "-X", "POST", "-H", "Content-Type: application/x-tar",
+                          "--data-binary", "@-", "http://d/v1.41/build?t=lk-api/bomb:v1"], input=body,
+                         capture_output=True, timeout=60).stdout
+    assert out == b"413", f"a context that unpacks past the limit is refused before it is unpacked: {out}"
     (ctx / "Dockerfile").write_text("FROM busybox\nRUN exit 3\n")
     failed = docker(env, "build", "-t", "lk-api/broken:v1", str(ctx), check=False, timeout=300)
     assert failed.returncode != 0 and "exit" in failed.stderr.lower(), failed.stderr

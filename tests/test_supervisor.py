@@ -93,6 +93,7 @@ def test_exit_codes_signals_and_a_program_that_cannot_run(lab):
     assert k.wait()["exit_code"] == 137
     ex = json.load(open(f"{engine.RUNTIME}/{k.id}/exit.json"))
     assert ex["signal"] == "SIGKILL"
+
     assert not [m for n in lab.networks() for m in n["members"] if k.id in json.dumps(m)], "its veth went with it"
     for argv, code in ((["/no/such/program"], 127), (["/etc"], 126)):
         bad = lab.create("busybox", argv, name=f"t-sv-{code}", network=None)

@@ -189,7 +189,7 @@ def run(docker_api=True):
             threads.append(threading.Thread(target=daemon.accept_loop,
                                             args=(daemon.listen(DOCKER_SOCKET), api.serve_connection), daemon=True))
         from . import forkserver
-        forkserver._ensure()  # from this thread: its parent-death signal is tied to the thread that starts it
+        forkserver.SHARED["supervisor"] = True  # launchers come from the containers' supervisor: no server of its own
         write_json(PIDFILE, {**pid_fields(os.getpid()), "started": time.time(), "docker_api": docker_api})
         for t in threads:
             t.start()

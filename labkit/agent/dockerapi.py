@@ -42,8 +42,9 @@ EXTRA = f"{RUN_DIR}/dockerapi"  # what Docker's API knows of a container and lab
 ACCESS_LOG = f"{RUN_DIR}/dockerapi.log"  # one line per request, as a client sent it (lab 06 reads it)
 MAX_ACCESS_LOG = 1 << 20
 
-_STATUS = {200: "OK", 201: "Created", 204: "No Content", 304: "Not Modified", 400: "Bad Request", 404: "Not Found",
-           409: "Conflict", 413: "Payload Too Large", 500: "Internal Server Error", 501: "Not Implemented"}
+_STATUS = {200: "OK", 201: "Created", 204: "No Content", 304: "Not Modified", 400: "Bad Request", 403: "Forbidden",
+           404: "Not Found", 409: "Conflict", 413: "Payload Too Large", 500: "Internal Server Error", 501: "Not Implemented",
+           503: "Service Unavailable"}
 
 
 class HTTPError(Exception):
@@ -66,27 +67,56 @@ MAX_CONTEXT_BYTES = 64 << 20  # a build context, unpacked
 MAX_CONTEXT_FILE = 8 << 20
 
 
+MAX_CONTEXT_MEMBERS = 10000
+
+
+def _unpacked(body):
+    """The build context's tar, decompressed here (gzip, bzip2, xz or none) to at most MAX_CONTEXT_BYTES: a
+    small body that unpacks to gigabytes is refused before it is, not after."""
+    import bz2
+    import lzma
+    import zlib
+    if body[:2] == b"\x1f\x8b":
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    elif body[:3] == b"BZh":
+        d = bz2.BZ2Decompressor()
+    elif body[:6] == b"\xfd7zXZ\x00":
+        d = lzma.LZMADecompressor()
+    else:
+        return body
+    try:
+        if isinstance(d, type(zlib.decompressobj())):
+            out = d.decompress(body, MAX_CONTEXT_BYTES + 1)
+        else:
+            out = d.decompress(body, max_length=MAX_CONTEXT_BYTES + 1)
+    except (zlib.error, OSError, EOFError, lzma.LZMAError) as exc:
+        raise HTTPError(400, f"the build context does not decompress: {exc}") from None
+    if len(out) > MAX_CONTEXT_BYTES:
+        raise HTTPError(413, f"build context over {MAX_CONTEXT_BYTES >> 20} MiB unpacked")
+    return out
+
+
 def _context_files(body):
     """A build context tar (plain or compressed) as {relative path: text}, as `labkit build` sends it: regular
-    files only, no path leaving the context, each under 8 MiB and all under 64 MiB unpacked; binary files are
-    left out (labkit's COPY takes text)."""
+    files only, no path leaving the context, each under 8 MiB, all under 64 MiB unpacked and 10000 members;
+    binary files are left out (labkit's COPY takes text)."""
     import io
     import posixpath
     import tarfile
-    out, total = {}, 0
+    out, count = {}, 0
     try:
-        with tarfile.open(fileobj=io.BytesIO(body), mode="r:*") as tar:
+        with tarfile.open(fileobj=io.BytesIO(_unpacked(body)), mode="r:") as tar:
             for m in tar:
+                count += 1
+                if count > MAX_CONTEXT_MEMBERS:
+                    raise HTTPError(413, f"build context over {MAX_CONTEXT_MEMBERS} files")
                 if not m.isreg():
                     continue
                 name = posixpath.normpath(m.name.lstrip("/"))
-                if name.startswith("..") or name in (".", "") or "\0" in name:
+                if name == ".." or name.startswith("../") or name in (".", "") or "\0" in name:
                     raise HTTPError(400, f"build context: {m.name!r} leaves the context")
                 if m.size > MAX_CONTEXT_FILE:
                     continue
-                total += m.size
-                if total > MAX_CONTEXT_BYTES:
-                    raise HTTPError(413, f"build context over {MAX_CONTEXT_BYTES >> 20} MiB unpacked")
                 data = tar.extractfile(m).read(MAX_CONTEXT_FILE + 1)
                 try:
                     out[name] = data.decode("utf-8")
@@ -687,13 +717,18 @@ class EngineAPI:
         if to_supervisor and req.flag("stream"):
             fd = os.dup(c.fileno())
             try:
-                running = engine._state(cid)[2]
-                if not running:  # before the 101: the client starts it only once it has heard back
-                    with self.lock_attached:
-                        self.pending.setdefault(cid, []).append((fd, stdin, tty and req.flag("stdout")))
-                        fd = None
+                with self.lock:  # (a start in progress holds it: the check and the append are one step)
+                    running = engine._state(cid)[2]
+                    if not running:  # before the 101: the client starts it only once it has heard back
+                        with self.lock_attached:
+                            waiting = self.pending.setdefault(cid, [])
+                            if len(waiting) >= 32:
+                                raise HTTPError(409, f"32 clients already wait for {cid} to start")
+                            waiting.append((fd, stdin, tty and req.flag("stdout")))
+                            fd = None
             except BaseException:
-                os.close(fd)
+                if fd is not None:
+                    os.close(fd)
                 raise
         w.write(b"HTTP/1.1 101 UPGRADED\r\nContent-Type: application/vnd.docker.raw-stream\r\n"
                 b"Connection: Upgrade\r\nUpgrade: tcp\r\n\r\n")
@@ -744,10 +779,13 @@ class EngineAPI:
             raise HTTPError(409, f"Container {cid} is not running")
         eid = os.urandom(32).hex()
         with self.lock_execs:
-            done = [k for k, e in self.execs.items() if e["exit_code"] is not None]
-            for k in done[:max(0, len(self.execs) - self.EXECS_KEPT)]:
+            # the oldest of those not running go first (ended, or never started), as many as are over the mark
+            old = sorted((e["created"], k) for k, e in self.execs.items() if not e["running"])
+            for _, k in old[:max(0, len(self.execs) - self.EXECS_KEPT + 1)]:
                 del self.execs[k]
-            self.execs[eid] = {"cid": cid, "cmd": cmd, "env": env, "cwd": cwd, "tty": bool(body.get("Tty")),
+            if len(self.execs) >= 4 * self.EXECS_KEPT:
+                raise HTTPError(503, f"{len(self.execs)} execs are running: wait for some to end")
+            self.execs[eid] = {"created": time.monotonic(), "cid": cid, "cmd": cmd, "env": env, "cwd": cwd, "tty": bool(body.get("Tty")),
                                "stdin": bool(body.get("AttachStdin")), "stdout": bool(body.get("AttachStdout")),
                                "stderr": bool(body.get("AttachStderr")), "size": size, "started": False,
                                "running": False, "exit_code": None, "pid": 0, "master": None}
@@ -770,29 +808,48 @@ class EngineAPI:
                 raise HTTPError(409, f"exec {id} has already been started")
             ex["started"] = True
         detach = bool(body.get("Detach"))
-        spec, _ = engine._exec_spec(ex["cid"], ex["cmd"], "exec")
-        spec["env"].update(ex["env"])
-        spec["cwd"] = ex["cwd"] or spec["cwd"]
-        # (detached: nobody reads it, so no terminal whose buffer would fill and stop the program)
-        proc, master = enter.start_entered(spec, tty=ex["tty"] and not detach, stdin=ex["stdin"] and not detach,
-                                           output=not detach)
+        try:
+            spec, _ = engine._exec_spec(ex["cid"], ex["cmd"], "exec")
+            spec["env"].update(ex["env"])
+            spec["cwd"] = ex["cwd"] or spec["cwd"]
+            # (detached: nobody reads it, so no terminal whose buffer would fill and stop the program)
+            proc, master = enter.start_entered(spec, tty=ex["tty"] and not detach,
+                                               stdin=ex["stdin"] and not detach, output=not detach)
+        except BaseException:
+            ex["exit_code"] = 126  # it never ran: not a success to whoever inspects it
+            raise
         ex.update(running=True, pid=proc.pid, master=master)
         if master is not None and ex["size"] and all(ex["size"]):
             _winsize(master, *ex["size"])
 
+        feeder = []
+
+        def reap():
+            code = proc.wait()
+            ex.update(running=False, exit_code=code if code >= 0 else 128 - code)
+
         def ended():
-            # the stream is over (the program's end, or the client's): a terminal's master closed (the program
-            # gets SIGHUP if it still runs), pipes closed (EPIPE), then its exit status
+            # the stream is over (the program's end, or the client's): the client's input stopped first (the
+            # feeder joined, so nothing of it can land in a descriptor reused after the close), a terminal's
+            # master closed (the program gets SIGHUP if it still runs), pipes closed (EPIPE); its exit status is
+            # taken by a thread of its own, for a program that outlives all that
+            try:
+                c.shutdown(socket.SHUT_RDWR)  # wakes the feeder, tells the client
+            except OSError:
+                pass
+            for t in feeder:
+                t.join(10)
             ex["master"] = None
             if master is not None:
                 os.close(master)
             for f in (proc.stdout, proc.stderr):
                 if f is not None and not f.closed:
                     f.close()
-            code = proc.wait()
-            ex.update(running=False, exit_code=code if code >= 0 else 128 - code)
+            t = threading.Thread(target=reap, daemon=True)
+            t.start()
+            t.join(2)
         if detach:
-            threading.Thread(target=ended, daemon=True).start()
+            threading.Thread(target=reap, daemon=True).start()
             return 200, None
         if "upgrade" in req.headers.get("connection", "").lower():
             w.write(b"HTTP/1.1 101 UPGRADED\r\nContent-Type: application/vnd.docker.raw-stream\r\n"
@@ -814,7 +871,8 @@ class EngineAPI:
                 if proc.stdin is not None:
                     proc.stdin.close()
         if ex["stdin"] and sink is not None:
-            threading.Thread(target=feed, daemon=True).start()
+            feeder.append(threading.Thread(target=feed, daemon=True))
+            feeder[0].start()
         try:
             if master is not None:
                 while True:
@@ -829,10 +887,6 @@ class EngineAPI:
                 _relay_frames(proc, w, ex["stdout"], ex["stderr"])
         finally:
             ended()
-            try:
-                c.shutdown(socket.SHUT_RDWR)  # the stream is over: wakes the feeder, tells the client
-            except OSError:
-                pass
         return _HIJACKED
 
     def exec_resize(self, req, w, c, id):

@@ -106,6 +106,7 @@ def main(argv=None):
             kernel.libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
             for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores these; the program must not inherit that
                 signal.signal(sig, signal.SIG_DFL)
+            os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # nothing but its stdio reaches the program
             if spec.get("tty"):  # the terminal given as stdio becomes this session's controlling terminal
                 os.setsid()
                 fcntl.ioctl(0, termios.TIOCSCTTY, 0)

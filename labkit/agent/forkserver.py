@@ -69,15 +69,20 @@ class Server:
             events = self.sel.select(timeout=min(self.idle / 3, 10) if self.idle else None)
             if events:
                 busy = time.monotonic()
-            elif self.idle and not self.waiting and self.duties.idle() and time.monotonic() - busy > self.idle:
+            elif self.idle and not self.waiting and self.duties.idle() and time.monotonic() - busy > self.idle \
+                    and self.duties.may_exit():
                 self.bye()
             for key, mask in events:
-                if key.data == "accept":
-                    self._accept()
-                elif key.data == "child":
-                    self._reap()
-                elif self._registered(key.fileobj):
-                    key.data(mask)
+                try:
+                    if key.data == "accept":
+                        self._accept()
+                    elif key.data == "child":
+                        self._reap()
+                    elif self._registered(key.fileobj):
+                        key.data(mask)
+                except Exception:  # noqa: BLE001 - one bad event must not end the server (and what it holds)
+                    import traceback
+                    traceback.print_exc()  # (the supervisor's stderr is its log)
 
     def _registered(self, fileobj):
         try:
@@ -87,12 +92,19 @@ class Server:
             return False  # unregistered by an earlier event of this round
 
     def _accept(self):
-        conn, _ = self.srv.accept()
+        try:
+            conn, _ = self.srv.accept()
+        except OSError:  # EMFILE and the like: the client waits in the backlog for the next round
+            import time
+            time.sleep(0.05)
+            return
+        conn.settimeout(5)  # a client that connects and says nothing does not hold the loop
         try:
             msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, 64)
         except OSError:
             conn.close()
             return
+        conn.settimeout(None)
         for fd in fds:  # (SCM_RIGHTS gives them without close-on-exec: no program this server starts gets them)
             os.set_inheritable(fd, False)
         try:
@@ -111,11 +123,20 @@ class Server:
             for fd in fds:
                 os.close(fd)
             return
-        pid = self.launch(argv, fds[:3], req.get("watch"))
+        try:
+            pid = self.launch(argv, fds[:3], req.get("watch"))
+        except OSError as exc:  # fork failed (EAGAIN, ENOMEM): the client hears why, nothing is left open
+            if self.duties is not None:
+                self.duties.launch_failed()
+            for fd in fds[3:]:
+                os.close(fd)
+            _tell(conn, {"error": f"fork: {exc}"})
+            conn.close()
+            return
         self.waiting[pid] = conn
         if self.duties is not None and req.get("watch") is not None:
             self.duties.launched(pid, req, fds[3:])
-        conn.sendall((json.dumps({"pid": pid}) + "\n").encode())
+        _tell(conn, {"pid": pid})
 
     def launch(self, argv, fds, watch=None):
         """Fork a launcher with ``argv``; ``fds`` become its 0, 1, 2 (the supervisor may put a terminal there)."""
@@ -123,7 +144,12 @@ class Server:
         from . import kernel, launch
         if self.duties is not None and watch is not None:
             fds = self.duties.stdio(watch, fds)
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            for fd in set(fds):
+                os.close(fd)
+            raise
         if pid == 0:
             code = 125
             try:
@@ -172,14 +198,20 @@ class Server:
             if pid == 0:
                 break
             conn = self.waiting.pop(pid, None)
-            if self.duties is not None:
-                self.duties.reaped(pid, status)  # a launcher's container adopted, or a container's end
+            if self.duties is not None:  # a launcher's container adopted, or a container's end
+                self.duties.reaped(pid, status, launcher=conn is not None)
             if conn is not None:
-                try:
-                    conn.sendall((json.dumps({"exit": os.waitstatus_to_exitcode(status)}) + "\n").encode())
-                except OSError:
-                    pass
+                _tell(conn, {"exit": os.waitstatus_to_exitcode(status)})
                 conn.close()
+
+
+def _tell(conn, obj):
+    """One line to a client that may have gone (a daemon killed mid-start): never an error here."""
+    try:
+        conn.settimeout(5)
+        conn.sendall((json.dumps(obj) + "\n").encode())
+    except OSError:
+        pass
 
 
 def serve(path):
@@ -213,6 +245,9 @@ class Child:
 
 _lock = threading.Lock()
 _server = {}
+#: {"supervisor": True} in labkit's daemon: its launchers are forked by the containers' supervisor (which runs
+#: anyway), so the daemon keeps no fork server of its own (one Python process less, some 10 MiB)
+SHARED = {"supervisor": False}
 
 
 def _socket_path():
@@ -236,6 +271,9 @@ def _ensure():
 
 def spawn(argv, stdin, stdout, stderr):
     """Fork a launcher with ``argv`` and these three file descriptors; returns a :class:`Child`."""
+    if SHARED["supervisor"]:
+        from . import supervisor
+        return supervisor.spawn(argv, stdin, stdout, stderr)
     path = _ensure()
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.connect(path)
@@ -251,7 +289,11 @@ def _request(conn, req, fds):
             raise MechanismError("the launcher server closed the connection")
         buf += chunk
     line, rest = buf.split(b"\n", 1)
-    child = Child(conn, json.loads(line)["pid"])
+    answer = json.loads(line)
+    if "pid" not in answer:
+        raise MechanismError(f"the launcher server could not start it: {answer.get('error', answer)}",
+                             fix="the machine is short of processes or memory: see `labkit doctor`")
+    child = Child(conn, answer["pid"])
     child._buf = rest
     return child
 

@@ -105,6 +105,10 @@ def _child(spec, ctx, msg_w, go_r, detached, pid_ns_made=False, waiter=True):
         _send(msg_w, {"exec": argv})
         for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores these; the program must not inherit that
             signal.signal(sig, signal.SIG_DFL)
+        # nothing but its stdio reaches the program: every descriptor labkit holds is close-on-exec already,
+        # and this closes any that is not (the report pipe stays for a failed exec's error)
+        os.closerange(3, msg_w)
+        os.closerange(msg_w + 1, os.sysconf("SC_OPEN_MAX"))
         if spec.tty:  # -t: the terminal given as stdio becomes this session's controlling terminal
             os.setsid()
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)

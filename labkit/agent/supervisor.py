@@ -40,10 +40,12 @@ from .runner import close_sealed_python, start_helper
 PR_SET_CHILD_SUBREAPER = 36
 SOCKET = RUN_DIR + "/supervisor.sock"
 LOCK = SOCKET + ".lock"
+USE = SOCKET + ".use"  # shared by clients while they ask, exclusive for the supervisor's idle exit
 RUNTIME = RUN_DIR + "/containers"
 IDLE_SECONDS = 30.0
 OUT_LIMIT = 8 << 20   # output waiting for one slow attached client before it is dropped
 IN_LIMIT = 256 << 10  # input waiting for the container before its clients are read no more (back-pressure)
+MAX_CLIENTS = 32      # clients attached to one container at a time
 
 
 def _watch_ok(watch):
@@ -72,6 +74,21 @@ def _attach_specs(specs, n):
     return specs
 
 
+def _socket(fd):
+    """A stream socket object for ``fd`` handed over by a client, or None (the fd closed) when it is not one."""
+    import stat
+    try:
+        if stat.S_ISSOCK(os.fstat(fd).st_mode):
+            s = socket.socket(fileno=fd)
+            if s.type == socket.SOCK_STREAM:
+                return s
+            s.detach()
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
 def _nonblocking(fd):
     os.set_blocking(fd, False)
     return fd
@@ -94,7 +111,11 @@ class _Stdio:
         return self.master if self.tty else self.stdin_w
 
     def add(self, conn, stdin, stdout):
-        conn.setblocking(False)
+        """A client's connection. Its socket stays as it is (blocking): the daemon shares the very same open
+        file, so O_NONBLOCK set here would be set there too; this side reads and writes with MSG_DONTWAIT."""
+        if len(self.conns) >= MAX_CLIENTS:
+            conn.close()
+            return
         self.conns[conn] = {"in": stdin, "out": stdout and self.tty, "buf": bytearray(), "eof": not stdin}
         self.had_input = self.had_input or stdin
         self.update()
@@ -168,7 +189,7 @@ class _Stdio:
             return
         if mask & selectors.EVENT_READ:
             try:
-                data = conn.recv(65536)
+                data = conn.recv(65536, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 data = None
             except OSError:
@@ -181,7 +202,7 @@ class _Stdio:
                 self.inbuf += data
         if mask & selectors.EVENT_WRITE and c["buf"]:
             try:
-                n = conn.send(c["buf"][:1 << 20])
+                n = conn.send(c["buf"][:1 << 20], socket.MSG_DONTWAIT)
                 del c["buf"][:n]
             except BlockingIOError:
                 pass
@@ -257,6 +278,7 @@ class Duties:
         self.early = {}    # pid -> (wait status, monotonic time): reaped before it was known whose it was
         self.stdios = {}   # owner -> _Stdio
         self._next = None  # the terminal or stdin of the launch being made
+        self._forked = 0.0
 
     def ready(self):
         """The starter has its answer: nothing of its pipe or terminal stays here; errors go to a log."""
@@ -270,6 +292,24 @@ class Duties:
 
     def idle(self):
         return not (self.adopt or self.track or self.stdios)
+
+    def may_exit(self):
+        """The idle exit, only while no client is between connecting and being answered (they hold USE shared):
+        taken exclusively and kept to the end, so a request is never left in the backlog of a server that goes."""
+        fd = os.open(USE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._exiting = fd
+        return True
+
+    def launch_failed(self):
+        io, self._next = self._next, None
+        if io is not None:
+            for fd in io.fds():
+                os.close(fd)
 
     def want(self, fileobj, mask, callback):
         sel = self.server.sel
@@ -299,6 +339,7 @@ class Duties:
         """The launcher's stdin, stdout, stderr: a terminal's slave for ``tty``, a pipe's read end as stdin for
         ``stdin``; the log (``fds[1]``) then stays here (a terminal's output is copied to it)."""
         self._next = None
+        self._forked = time.monotonic()  # an orphan reaped before this moment is not this launch's container
         if watch.get("tty"):
             master, slave = os.openpty()
             fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
@@ -318,7 +359,7 @@ class Duties:
         return fds
 
     def launched(self, pid, req, conn_fds):
-        self.adopt[pid] = req["watch"]
+        self.adopt[pid] = dict(req["watch"], _forked=self._forked)
         io, self._next = self._next, None
         if io is not None:
             old = self.stdios.pop(io.owner, None)
@@ -326,7 +367,9 @@ class Duties:
                 old.close()
             self.stdios[io.owner] = io
             for fd, a in zip(conn_fds, req.get("attach") or []):
-                io.add(socket.socket(fileno=fd), a["stdin"], a["stdout"])
+                conn = _socket(fd)
+                if conn is not None:
+                    io.add(conn, a["stdin"], a["stdout"])
             io.update()
         else:
             for fd in conn_fds:
@@ -343,15 +386,18 @@ class Duties:
                     pass
 
     # -- reaping ------------------------------------------------------------------------------------------
-    def reaped(self, pid, status):
+    def reaped(self, pid, status, launcher=False):
         watch = self.adopt.pop(pid, None)
         if watch is not None:
             self._adopt(watch)
         elif pid in self.track:
             self._ended(self.track.pop(pid), status)
-        else:
+        elif not launcher:  # an orphan: perhaps a container whose launcher has not left yet
             now = time.monotonic()
             self.early[pid] = (status, now)
+            if len(self.early) > 4096:  # bounded: an orphan's status is wanted for moments, not kept
+                for p, (_, t) in sorted(self.early.items(), key=lambda kv: kv[1][1])[:2048]:
+                    del self.early[p]
             for p, (_, t) in list(self.early.items()):
                 if now - t > 60:
                     del self.early[p]
@@ -359,6 +405,7 @@ class Duties:
     def _adopt(self, watch):
         from .state import read_json, write_json
         report = read_json(watch["start"], default=None)
+        forked = watch.get("_forked", 0)
         if not isinstance(report, dict) or report.get("error") is not None or not isinstance(report.get("pid"), int):
             # it never ran: 126/127 when its program could not be run (the launcher said so)
             err = report.get("error") if isinstance(report, dict) else None
@@ -375,8 +422,9 @@ class Duties:
                 io.container_ended()
             return
         pid = report["pid"]
-        if pid in self.early:
-            self._ended(watch, self.early.pop(pid)[0])
+        early = self.early.pop(pid, None)
+        if early is not None and early[1] >= forked:  # (reaped after this launch began: this very process)
+            self._ended(watch, early[0])
         else:
             self.track[pid] = watch
 
@@ -385,17 +433,20 @@ class Duties:
         code = os.waitstatus_to_exitcode(status)
         out = {"exit_code": code if code >= 0 else 128 - code, "finished": time.time()}
         if code < 0:
-            out["signal"] = signal.Signals(-code).name
+            try:
+                out["signal"] = signal.Signals(-code).name
+            except ValueError:  # a real-time signal has no name of its own
+                out["signal"] = f"SIG{-code}"
+        try:  # the status first: whoever waits for it should not wait for the network's undoing
+            write_json(watch["exit"], out)
+        except OSError:
+            pass  # the container was removed meanwhile
         if watch.get("network"):
             from . import network
             try:  # the container's end is its network membership's end
                 network.disconnect(watch["network"], watch["owner"])
-            except Exception as exc:  # noqa: BLE001 - the exit status matters more
-                out["network_error"] = f"{type(exc).__name__}: {exc}"
-        try:
-            write_json(watch["exit"], out)
-        except OSError:
-            pass  # the container was removed meanwhile
+            except Exception as exc:  # noqa: BLE001 - reported in the log; cleanup undoes what is left
+                print(f"network {watch['network']}: disconnecting {watch['owner']} failed: {exc}", flush=True)
         io = self.stdios.get(watch["owner"])
         if io is not None:
             io.container_ended()
@@ -409,7 +460,10 @@ class Duties:
             io = self.stdios.get(owner) if isinstance(owner, str) else None
             if req["op"] == "attach" and len(fds) == 1 and io is not None and \
                     _attach_specs([{"stdin": req.get("stdin"), "stdout": req.get("stdout")}], 1):
-                io.add(socket.socket(fileno=fds.pop()), req["stdin"], req["stdout"])
+                conn = _socket(fds.pop())
+                if conn is None:
+                    raise OSError("what was handed over is not a connection")
+                io.add(conn, req["stdin"], req["stdout"])
             elif req["op"] == "resize" and io is not None and io.master is not None and not fds and \
                     all(isinstance(req.get(k), int) and 0 < req[k] < 10000 for k in ("h", "w")):
                 fcntl.ioctl(io.master, termios.TIOCSWINSZ, struct.pack("HHHH", req["h"], req["w"], 0, 0))
@@ -443,6 +497,12 @@ def supervise(argv, stdin, stdout, stderr, watch, attach=()):
     return _with_supervisor(lambda conn: forkserver._request(conn, req, fds))
 
 
+def spawn(argv, stdin, stdout, stderr):
+    """A launcher forked by the supervisor, watched by nobody (a process run to its end: the daemon's fork
+    server); returns its :class:`~labkit.agent.forkserver.Child`."""
+    return _with_supervisor(lambda conn: forkserver._request(conn, {"argv": argv}, [stdin, stdout, stderr]))
+
+
 def attach(owner, fd, stdin, stdout):
     """Hand a client's connection (``fd``) to the supervisor for running container ``owner``'s terminal or stdin."""
     return _ask({"op": "attach", "owner": owner, "stdin": bool(stdin), "stdout": bool(stdout)}, [fd])
@@ -473,25 +533,35 @@ def _ask(req, fds):
 
 
 def _with_supervisor(send):
+    """Connect (starting a supervisor when none answers) and ``send``. Only a failed connect is tried again:
+    a request sent is never sent twice. The USE lock, held shared meanwhile, keeps the supervisor from
+    ending between the connect and the answer."""
+    os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
     deadline = time.monotonic() + 10
     while True:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        use = os.open(USE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
-            conn.connect(SOCKET)
-            return send(conn)
-        except (FileNotFoundError, ConnectionRefusedError, MechanismError):
-            conn.close()  # none runs, or one that was just ending: start one (the lock keeps it to one)
-            if time.monotonic() > deadline:
-                raise
-            proc = start_helper("supervisor", stdout=subprocess.PIPE, cwd="/")
-            said = proc.stdout.readline().strip()
-            proc.stdout.close()
-            proc.wait()
-            if said not in (b"ready", b"running"):
-                raise MechanismError("the containers' supervisor did not start",
-                                     fix="run `labkit doctor`; see /run/labkit/supervisor.log") from None
-            if said == b"running":
-                time.sleep(0.05)  # another starter's supervisor: give it a moment to listen
+            fcntl.flock(use, fcntl.LOCK_SH)
+            try:
+                conn.connect(SOCKET)
+            except (FileNotFoundError, ConnectionRefusedError):
+                conn.close()  # none runs, or one that has just ended: start one (its lock keeps it to one)
+                if time.monotonic() > deadline:
+                    raise
+            else:
+                return send(conn)
+        finally:
+            os.close(use)
+        proc = start_helper("supervisor", stdout=subprocess.PIPE, cwd="/")
+        said = proc.stdout.readline().strip()
+        proc.stdout.close()
+        proc.wait()
+        if said not in (b"ready", b"running"):
+            raise MechanismError("the containers' supervisor did not start",
+                                 fix="run `labkit doctor`; see /run/labkit/supervisor.log") from None
+        if said == b"running":
+            time.sleep(0.05)  # another starter's supervisor: give it a moment to listen
 
 
 def _lock():
@@ -525,17 +595,25 @@ def holders():
 
 
 def stop(rec=None):
-    """End the supervisor (``labkit cleanup``, after every container is gone): True when one was running."""
-    fd = _lock()
-    if fd is not None:  # nobody holds the lock: none runs
-        os.close(fd)
-        return False
-    for pid in holders():
-        if rec is not None:
-            rec.kill(pid, signal.SIGTERM)
-        else:
-            os.kill(pid, signal.SIGTERM)
-    return True
+    """End the supervisor (``labkit cleanup``, after every container is gone): SIGTERM, then SIGKILL after 5 s;
+    True when one was running. (Launchers it forked are in sessions of their own; cleanup kills what they made
+    by its cgroups and mounts.)"""
+    pids = holders()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                if rec is not None:
+                    rec.kill(pid, sig)
+                else:
+                    os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        end = time.monotonic() + 5
+        while holders() and time.monotonic() < end:
+            time.sleep(0.02)
+        if not holders():
+            break
+    return bool(pids)
 
 
 def main(argv=None):
@@ -548,6 +626,10 @@ def main(argv=None):
         print("running", flush=True)  # another one serves: the starter connects to it
         return 0
     os.setsid()
+    os.umask(0o022)  # its own, not its starter's: the containers' processes start from it
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # terminals, stdins and clients of many containers
     _libc().prctl(PR_SET_CHILD_SUBREAPER, 1)
     duties = Duties()
     duties.server = forkserver.Server(SOCKET, duties, idle=idle)
