@@ -234,7 +234,7 @@ def _run_interactive(lab, args):
     """-it: the container gets this terminal (-i alone: this stdin); its exit code is ours."""
     _terminal_here(lab, "run -it", args.tty)
     from .agent import local
-    c = lab.create(args.image, args.cmd or None, **_create_kw(args))
+    c = lab.create(args.image, args.cmd or None, tty=args.tty, interactive=args.interactive, **_create_kw(args))
     try:
         code = local.run_attached(c.id)
     finally:
@@ -361,7 +361,7 @@ def cmd_exec(args):
     if args.interactive or args.tty:
         _terminal_here(lab, "exec -it", args.tty)
         from .agent import local
-        return local.exec_attached(args.container, args.cmd, stdin=args.interactive)
+        return local.exec_attached(args.container, args.cmd, stdin=args.interactive, tty=args.tty)
     res = lab.call("container.exec", ref=args.container, argv=args.cmd)
     sys.stdout.write(res["stdout"])
     sys.stderr.write(res["stderr"])

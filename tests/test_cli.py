@@ -80,12 +80,13 @@ def test_run_it_gives_the_container_a_terminal(tmp_path):
             if "#" in screen():
                 break
             time.sleep(0.1)
-        subprocess.run(["tmux", "send-keys", "-t", session, "echo answer-$((6*7)) from $(hostname)", "Enter"], check=True)
+        subprocess.run(["tmux", "send-keys", "-t", session, "echo answer-$((6*7)) from $(hostname) at $(tty) "
+                        "size $(stty size)", "Enter"], check=True)
         for _ in range(100):
-            if "answer-42 from inside" in screen():
+            if "answer-42 from inside at /dev/pts/0 size 30 120" in screen():
                 break
             time.sleep(0.1)
-        assert "answer-42 from inside" in screen(), screen()
+        assert "answer-42 from inside at /dev/pts/0 size 30 120" in screen(), screen()
         subprocess.run(["tmux", "send-keys", "-t", session, "exit", "Enter"], check=True)
         for _ in range(100):
             if subprocess.run(["tmux", "has-session", "-t", session], capture_output=True).returncode != 0:
@@ -144,7 +145,7 @@ def test_exec_it_gives_the_command_this_terminal_and_exec_i_this_stdin(tmp_path)
                 break
             time.sleep(0.1)
         subprocess.run(["tmux", "send-keys", "-t", session, "echo '<h1>from exec -it</h1>' > /var/www/index.html; "
-                        "stty size; exit 3", "Enter"], check=True)
+                        "tty && exit 3", "Enter"], check=True)
         for _ in range(200):
             if rc.exists() and rc.read_text().strip():
                 break

@@ -197,9 +197,9 @@ def test_run_it_and_exec_it_in_a_real_terminal(engine_api):
                                    "/bin/sh"])
     try:
         _until("lk-api-it", "/ #")
-        subprocess.run(["tmux", "send-keys", "-t", "lk-api-it", "echo answer-$((6*7)) on $(hostname) size $(stty size)",
-                        "Enter"], check=True)
-        _until("lk-api-it", "answer-42 on inside size 30 120")
+        subprocess.run(["tmux", "send-keys", "-t", "lk-api-it", "echo answer-$((6*7)) on $(hostname) size $(stty size)"
+                        " at $(tty)", "Enter"], check=True)
+        _until("lk-api-it", "answer-42 on inside size 30 120 at /dev/pts/0")  # the container's own terminal
         subprocess.run(["tmux", "send-keys", "-t", "lk-api-it", "exit 5", "Enter"], check=True)
     finally:
         code = _ended("lk-api-it", rc)
@@ -212,7 +212,7 @@ def test_run_it_and_exec_it_in_a_real_terminal(engine_api):
     try:
         _until("lk-api-ex", "/ #")
         subprocess.run(["tmux", "send-keys", "-t", "lk-api-ex", "echo '<h1>edited inside</h1>' > /var/www/index.html; "
-                        "exit", "Enter"], check=True)
+                        "tty; exit", "Enter"], check=True)
     finally:
         code = _ended("lk-api-ex", rc)
     assert code == 0

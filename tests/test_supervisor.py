@@ -123,7 +123,7 @@ def test_a_request_for_files_that_are_not_a_containers_own_is_refused(lab):
                   {"owner": "0123456789ab", "start": f"{engine.RUNTIME}/0123456789ab/start.json",
                    "exit": f"{engine.RUNTIME}/0123456789ab/exit.json", "network": "Bad Name"}):
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        conn.connect(supervisor.SOCKET)
+        conn.connect(supervisor.paths()["socket"])
         null = os.open(os.devnull, os.O_RDWR)
         try:
             socket.send_fds(conn, [json.dumps({"argv": ["x"], "watch": watch}).encode()], [null, null, null])
@@ -140,7 +140,8 @@ def test_it_ends_when_idle_and_the_next_start_brings_it_back(lab):
     while supervisor.holders() and time.monotonic() < deadline:
         time.sleep(0.05)
     from labkit.agent.runner import start_helper
-    starter = start_helper("supervisor", "--idle", "1", stdout=subprocess.PIPE)
+    starter = start_helper("supervisor", "--idle", "1", "--version", supervisor.code_version(),
+                           stdout=subprocess.PIPE)
     assert starter.stdout.readline().strip() == b"ready"
     starter.wait()
     short = _supervisor()
@@ -153,7 +154,7 @@ def test_it_ends_when_idle_and_the_next_start_brings_it_back(lab):
     deadline = time.monotonic() + 10
     while supervisor.holders() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not supervisor.holders() and not os.path.exists(supervisor.SOCKET), "it ended by itself"
+    assert not supervisor.holders() and not os.path.exists(supervisor.paths()["socket"]), "it ended by itself"
     c.start()
     assert supervisor.holders() and supervisor.holders() != [short], "a new one for the next start"
 
@@ -173,3 +174,24 @@ def test_a_killed_supervisor_leaves_its_containers_running_and_stop_still_works(
     assert c.status == "exited"
     with pytest.raises(NotFound):
         lab.container("t-sv-none").inspect()
+
+
+def test_a_supervisor_of_other_code_is_left_alone_and_one_of_this_code_starts_beside_it(lab):
+    """After labkit is updated, the old supervisor keeps what it holds; containers started now go to a new one."""
+    from labkit.agent.runner import start_helper
+    other = "0123456789ab"
+    assert other != supervisor.code_version()
+    starter = start_helper("supervisor", "--version", other, "--idle", "2", stdout=subprocess.PIPE)
+    assert starter.stdout.readline().strip() == b"ready"
+    starter.wait()
+    old = supervisor.holders(other)
+    assert len(old) == 1
+    c = lab.create("busybox", ["sleep", "300"], name="t-sv-beside", network=None)
+    c.start()
+    mine = supervisor.holders(supervisor.code_version())
+    assert len(mine) == 1 and mine != old and _ppid(c.inspect()["State"]["Pid"]) == mine[0]
+    assert sorted(old + mine) == supervisor.holders(), "both are found (cleanup stops both)"
+    deadline = time.monotonic() + 10
+    while supervisor.holders(other) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not supervisor.holders(other), "the old one, idle, ended by itself"

@@ -196,8 +196,10 @@ def _started(cid, cfg, rec, rt, timeout):
         from ..wire.errors import from_wire
         raise from_wire(report["error"])
     state = {**pid_fields(report["pid"]), "started": time.time(), "net": report.get("net")}
-    if report.get("monitor"):  # run -it: the launcher in the client's process is its parent
+    if report.get("monitor"):  # run -i: the launcher in the client's process is its parent
         state.update(pid_fields(report["monitor"], "monitor"))
+    else:  # the supervisor of this code is its parent (its terminal, its stdin are there)
+        state["supervisor"] = supervisor.code_version()
     write_json(f"{rt}/state.json", state)
     rec.steps += report["steps"]
     rec.fact("pid", report["pid"])
@@ -237,11 +239,27 @@ def start_attached(ref, attach, timeout=30):
 
 
 def run_attached(ref, timeout=30):
-    """`docker run -it`/`start -a`: the container's stdio is this process's terminal; returns its exit code.
+    """`docker run -it`/`start -a`: returns the container's exit code. A container made with a terminal (-t)
+    is started under the supervisor like any other, and this process attaches to its terminal as the docker
+    CLI does (its keys in, its output out, the window's size); without one (-i alone) the container's stdio is
+    this process's own.
 
     Only for a client on the target itself (the CLI as root): over sudo or SSH, stdin and stdout carry
     the agent's protocol and cannot be handed to a container."""
     import threading
+    cid = _resolve(ref)
+    if _config(cid).get("tty"):
+        import socket
+        ours, theirs = socket.socketpair()
+        try:
+            start_attached(cid, [(theirs.fileno(), bool(_config(cid).get("open_stdin")), True)], timeout)
+        finally:
+            theirs.close()
+        with ours:
+            enter.relay_terminal(ours.fileno(), lambda h, w: resize(cid, h, w),
+                                 keys=bool(_config(cid).get("open_stdin")))
+        _wait_exit(cid, 10)
+        return (_state(cid)[1] or {}).get("exit_code")
     cid, cfg, rec, rt, args = _prepare(ref, "attach")
     outcome = {}
     watcher = threading.Thread(target=lambda: outcome.update(started=_started(cid, cfg, rec, rt, timeout)),
@@ -266,7 +284,12 @@ def attach(ref, fd, stdin, stdout):
     if not (cfg.get("tty") or cfg.get("open_stdin")):
         raise Conflict(f"container {cfg['name']} has neither a terminal nor a stdin to attach to",
                        fix="create it with -t and/or -i")
-    return supervisor.attach(cid, fd, stdin, stdout)
+    return supervisor.attach(cid, fd, stdin, stdout, _supervisor_of(cid))
+
+
+def _supervisor_of(cid):
+    st = read_json(f"{RUNTIME}/{cid}/state.json", default={})
+    return st.get("supervisor") if isinstance(st, dict) else None
 
 
 def resize(ref, h, w):
@@ -275,7 +298,7 @@ def resize(ref, h, w):
     cfg = _config(cid)
     if not cfg.get("tty"):
         raise Conflict(f"container {cfg['name']} has no terminal", fix="create it with -t")
-    return supervisor.resize(cid, h, w)
+    return supervisor.resize(cid, h, w, _supervisor_of(cid))
 
 
 def _wait_exit(cid, timeout):
@@ -473,11 +496,25 @@ def exec_in(ref, argv, timeout=60):
     return rec.to_dict(exit_code=res.exit_code, stdout=res.stdout, stderr=res.stderr)
 
 
-def exec_attached(ref, argv, stdin=True):
-    """`docker exec -it` (or ``-i``): argv in the container with this process's terminal (``stdin`` False: none
-    to read, as without -i); returns its exit code. Only for a client on the target itself, as run_attached."""
+def exec_attached(ref, argv, stdin=True, tty=False):
+    """`docker exec -it`, ``-i``, ``-t``: argv in the container with this process's stdio; returns its exit code.
+    With ``tty`` the program gets a terminal of the container's own, relayed to this one
+    (:func:`labkit.agent.enter.relay_terminal`); without, this process's stdin (``stdin``) and stdout.
+    Only for a client on the target itself, as run_attached."""
     spec, rec = _exec_spec(ref, argv, "exec -it")
-    return enter.run_attached(spec, stdin)
+    if not tty:
+        return enter.run_attached(spec, stdin)
+    import fcntl
+    import struct
+    import termios
+    proc, master = enter.start_entered(spec, tty=True, stdin=stdin)
+    try:
+        enter.relay_terminal(master, lambda h, w: fcntl.ioctl(master, termios.TIOCSWINSZ,
+                                                                struct.pack("HHHH", h, w, 0, 0)), keys=stdin)
+    finally:
+        os.close(master)
+    code = proc.wait()
+    return code if code >= 0 else 128 - code
 
 
 def image_in_use(ref):

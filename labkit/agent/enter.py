@@ -10,13 +10,12 @@ program's (128 + signal when killed; 126 or 127 as Docker's when it could not be
 """
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import signal
 import sys
-import termios
 
+from ..wire.errors import MechanismError
 from . import kernel
 from .runner import close_sealed_python
 
@@ -49,22 +48,77 @@ def start_entered(spec, tty=False, stdin=False, output=True):
     controlling terminal, in a session of its own); else pipes: stdin when asked, stdout and stderr unless
     ``output`` is False (a detached exec)."""
     import subprocess
+    import socket
     from .runner import env_for_children, helper_argv
     argv, fds = helper_argv("enter", json.dumps(dict(spec, tty=bool(tty))))
-    if tty:
-        master, slave = os.openpty()
+    if tty:  # the terminal is made inside, from the container's /dev/ptmx; its master comes back on this socket
+        ours, theirs = socket.socketpair()
         try:
-            proc = subprocess.Popen(argv, pass_fds=fds, env=env_for_children(), stdin=slave, stdout=slave,
-                                    stderr=slave)
-        except BaseException:
-            os.close(master)
-            raise
+            proc = subprocess.Popen(argv, pass_fds=fds, env=env_for_children(), stdin=theirs,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         finally:
-            os.close(slave)
+            theirs.close()
+        with ours:
+            master = kernel.receive_console(ours)
+        if master is None:
+            proc.wait()
+            raise MechanismError("the command got no terminal in the container (no /dev/ptmx there?)",
+                                 fix="exec without -t")
         return proc, master
     out = subprocess.PIPE if output else subprocess.DEVNULL
     return subprocess.Popen(argv, pass_fds=fds, env=env_for_children(),
                             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stdout=out, stderr=out), None
+
+
+def relay_terminal(fd, resize=None, keys=True):
+    """This process's terminal to ``fd`` (a terminal's master, or a socket to one) and back, as the docker CLI
+    does for -it: raw mode (so Ctrl-C travels as a byte and the container's terminal makes it a SIGINT there),
+    the window's size sent with ``resize(rows, cols)`` now and on every SIGWINCH, until ``fd`` has nothing more
+    to say. Without ``keys`` (-t without -i) nothing typed is sent, and the terminal is left as it is. The
+    terminal's settings are restored however it ends."""
+    import select
+    import termios
+    import tty
+    stdin, stdout = 0, 1
+    saved = termios.tcgetattr(stdin) if keys and os.isatty(stdin) else None
+
+    def winch(*_):
+        if resize is not None and os.isatty(stdout):
+            size = os.get_terminal_size(stdout)
+            try:
+                resize(size.lines, size.columns)
+            except Exception:  # noqa: BLE001 - a size not set is no reason to end the session
+                pass
+    previous = signal.signal(signal.SIGWINCH, winch)
+    reading = keys
+    try:
+        if saved is not None:
+            tty.setraw(stdin)
+        winch()
+        while True:
+            ready, _, _ = select.select([fd] + ([stdin] if reading else []), [], [])
+            if fd in ready:
+                try:
+                    data = os.read(fd, 65536)
+                except OSError:  # EIO: the terminal's last holder has gone
+                    break
+                if not data:
+                    break
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(stdout, view):]
+            if reading and stdin in ready:
+                data = os.read(stdin, 65536)
+                if not data:
+                    reading = False  # our input ended; the container's output may go on
+                    continue
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+    finally:
+        if saved is not None:
+            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+        signal.signal(signal.SIGWINCH, previous)
 
 
 @contextlib.contextmanager
@@ -104,12 +158,10 @@ def main(argv=None):
     if child == 0:
         try:
             kernel.libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-            for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores these; the program must not inherit that
-                signal.signal(sig, signal.SIG_DFL)
+            kernel.default_signals()  # (Python ignores SIGPIPE; whoever started labkit may have ignored others)
             os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # nothing but its stdio reaches the program
-            if spec.get("tty"):  # the terminal given as stdio becomes this session's controlling terminal
-                os.setsid()
-                fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+            if spec.get("tty"):  # a terminal of the container's own, its master to the daemon (stdin: the socket)
+                kernel.console_here(0)
             if spec.get("cap_keep") is not None:
                 kernel.drop_capabilities(spec["cap_keep"])
             args = [str(a) for a in spec["argv"]]

@@ -177,6 +177,66 @@ def setresgid(gid, rec=None):
     _os_call(rec, "setresgid", [str(gid)] * 3, lambda: os.setresgid(gid, gid, gid))
 
 
+def default_signals():
+    """Before exec: every signal's disposition back to the default and none blocked, as a program expects to
+    start (ignored signals and the mask survive exec; Python ignores SIGPIPE and SIGXFSZ, and whoever started
+    labkit's daemon or supervisor may have ignored more, as job-control shells ignore SIGTTOU)."""
+    import signal
+    for sig in signal.valid_signals():
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        try:
+            signal.signal(sig, signal.SIG_DFL)
+        except (OSError, ValueError, RuntimeError):
+            pass  # (signals the C library keeps for itself)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+TIOCSPTLCK = 0x40045431   # _IOW('T', 0x31, int): lock or unlock a pseudo-terminal's slave
+TIOCGPTPEER = 0x5441      # _IO('T', 0x41): open the slave of this master (Linux 4.13), no path looked up
+TIOCSCTTY = 0x540E
+TIOCSWINSZ = 0x5414
+
+
+def console_here(console_fd, rec=None):
+    """`docker run -t` inside the container, as runc's console socket does it: a pseudo-terminal from this
+    root's /dev/ptmx (the container's own devpts, so the terminal is /dev/pts/0 inside), its master sent over
+    the socket ``console_fd`` to whoever holds the other end (the supervisor, or the daemon for an exec), its
+    slave made stdin, stdout and stderr, and this process the leader of a session whose controlling terminal it is."""
+    holder = {}
+
+    def make():
+        holder["master"] = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        fcntl.ioctl(holder["master"], TIOCSPTLCK, struct.pack("i", 0))
+        fcntl.ioctl(holder["master"], TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+        holder["slave"] = fcntl.ioctl(holder["master"], TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY)
+    _os_call(rec, "open", ["'/dev/ptmx'", "O_RDWR|O_NOCTTY", "then TIOCSPTLCK, TIOCGPTPEER"], make)
+    console = socket.socket(fileno=console_fd)
+    try:
+        _os_call(rec, "sendmsg", [f"console socket {console_fd}", "SCM_RIGHTS master"],
+                 lambda: socket.send_fds(console, [b"pty"], [holder["master"]]))
+    finally:
+        console.detach()
+        os.close(console_fd)
+        os.close(holder["master"])
+    for fd in (0, 1, 2):
+        os.dup2(holder["slave"], fd)
+    if holder["slave"] > 2:
+        os.close(holder["slave"])
+    os.setsid()
+    _os_call(rec, "ioctl", ["0", "TIOCSCTTY", "0"], lambda: fcntl.ioctl(0, TIOCSCTTY, 0))
+
+
+def receive_console(sock, timeout=30):
+    """The other end of :func:`console_here`: the master it sends (an fd), or None when it never came."""
+    sock.settimeout(timeout)
+    try:
+        _, fds, _, _ = socket.recv_fds(sock, 16, 1)
+    except OSError:
+        return None
+    return fds[0] if fds else None
+
+
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1

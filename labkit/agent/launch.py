@@ -17,12 +17,10 @@ after it exits: the agent (:mod:`labkit.agent.process`) records what outlives it
 Standard library only.
 """
 import errno
-import fcntl
 import json
 import os
 import signal
 import sys
-import termios
 import time
 
 from ..wire.errors import LabkitError, MechanismError
@@ -103,15 +101,13 @@ def _child(spec, ctx, msg_w, go_r, detached, pid_ns_made=False, waiter=True):
             env["HOSTNAME"] = spec.hostname
         env.update(dict(spec.env))
         _send(msg_w, {"exec": argv})
-        for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores these; the program must not inherit that
-            signal.signal(sig, signal.SIG_DFL)
+        kernel.default_signals()  # (Python ignores SIGPIPE; a shell that started labkit may have ignored others)
         # nothing but its stdio reaches the program: every descriptor labkit holds is close-on-exec already,
         # and this closes any that is not (the report pipe stays for a failed exec's error)
         os.closerange(3, msg_w)
         os.closerange(msg_w + 1, os.sysconf("SC_OPEN_MAX"))
-        if spec.tty:  # -t: the terminal given as stdio becomes this session's controlling terminal
-            os.setsid()
-            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        if spec.tty:  # -t: a terminal of the container's own, its master to the supervisor (stdin is its socket)
+            kernel.console_here(0)
         try:
             os.execvpe(argv[0], argv, env)
         except OSError as exc:

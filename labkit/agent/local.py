@@ -48,11 +48,11 @@ def run_attached(cid):
     return engine.run_attached(cid)
 
 
-def exec_attached(ref, argv, stdin=True):
+def exec_attached(ref, argv, stdin=True, tty=False):
     """`exec -it`: ``argv`` in running container ``ref`` with this terminal (``stdin`` False: -t alone); its exit
     code."""
     from . import engine
-    return engine.exec_attached(ref, argv, stdin)
+    return engine.exec_attached(ref, argv, stdin, tty)
 
 
 def daemon_control(action, docker_api=True):

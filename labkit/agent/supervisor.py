@@ -1,7 +1,7 @@
 """The containers' supervisor: one process that is the parent of every running container on the machine.
 
 Docker keeps a containerd-shim per container, podman a conmon; labkit keeps one supervisor for all
-(``python3 -m labkit.agent.supervisor``, /run/labkit/supervisor.sock). It is the fork server
+(``python3 -m labkit.agent.supervisor``, /run/labkit/supervisor-<code version>.sock). It is the fork server
 (:class:`labkit.agent.forkserver.Server`) with these duties:
 
 - **parent**: it is a child subreaper (PR_SET_CHILD_SUBREAPER). It forks a container's launcher, the launcher
@@ -38,9 +38,32 @@ from . import forkserver
 from .runner import close_sealed_python, start_helper
 
 PR_SET_CHILD_SUBREAPER = 36
-SOCKET = RUN_DIR + "/supervisor.sock"
-LOCK = SOCKET + ".lock"
-USE = SOCKET + ".use"  # shared by clients while they ask, exclusive for the supervisor's idle exit
+_PATHS = {}
+
+
+def code_version():
+    """A fingerprint of the agent's code (and the wire's). A supervisor serves the clients of its own code only:
+    after labkit is updated, a new one starts beside the old, which keeps its containers until they end and
+    then ends too (as an old containerd-shim goes on beside a new dockerd)."""
+    if "version" not in _PATHS:
+        import hashlib
+        import pkgutil
+        h = hashlib.sha256()
+        for pkg in ("labkit.agent", "labkit.wire"):
+            mod = __import__(pkg, fromlist=["_"])
+            for info in sorted(pkgutil.iter_modules(mod.__path__), key=lambda i: i.name):
+                h.update(info.name.encode() + b"\0" + (pkgutil.get_data(pkg, info.name + ".py") or b""))
+        _PATHS["version"] = h.hexdigest()[:12]
+    return _PATHS["version"]
+
+
+def paths(version=None):
+    """The socket, the lock (held by the supervisor for its life) and the use lock (shared by clients while they
+    ask, exclusive for the supervisor's idle exit) of the supervisor of ``version`` (this code's)."""
+    if version is not None and not re.fullmatch(r"[0-9a-f]{12}", str(version)):
+        raise MechanismError(f"{version!r} is not a supervisor's code version", fix="labkit cleanup")
+    base = f"{RUN_DIR}/supervisor-{version or code_version()}"
+    return {"socket": base + ".sock", "lock": base + ".lock", "use": base + ".use"}
 RUNTIME = RUN_DIR + "/containers"
 IDLE_SECONDS = 30.0
 OUT_LIMIT = 8 << 20   # output waiting for one slow attached client before it is dropped
@@ -104,6 +127,8 @@ class _Stdio:
         self.inbuf = bytearray()
         self.ended = False     # the container was reaped
         self.closed = False    # the terminal said all it had
+        self.console = None    # (-t) the socket on which the container's launcher sends the terminal's master
+        self.size = None       # a window size asked for before the master came
         self.had_input = False
 
     @property
@@ -120,8 +145,24 @@ class _Stdio:
         self.had_input = self.had_input or stdin
         self.update()
 
+    def on_console(self, mask):
+        """The master of the terminal the container made for itself (or the launcher's end: it failed)."""
+        from .kernel import receive_console
+        master = receive_console(self.console, timeout=1)
+        self.duties.want(self.console, 0, None)
+        self.console.close()
+        self.console = None
+        if master is None:
+            return self.close()
+        self.master = _nonblocking(master)
+        if self.size:
+            fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", self.size[0], self.size[1], 0, 0))
+        self.update()
+
     def update(self):
         want = {}
+        if self.console is not None:
+            want[self.console] = (selectors.EVENT_READ, self.on_console)
         if self.master is not None:
             want[self.master] = (selectors.EVENT_READ | (selectors.EVENT_WRITE if self.inbuf else 0), self.on_master)
         elif self.stdin_w is not None and self.inbuf:
@@ -221,7 +262,8 @@ class _Stdio:
 
     def _finish_if_done(self):
         """Once the terminal (or stdin) is closed and every client has had the last of it: forget this one."""
-        if self.master is not None or self.stdin_w is not None or self.conns or not (self.ended or self.closed):
+        if self.master is not None or self.stdin_w is not None or self.console is not None or self.conns or \
+                not (self.ended or self.closed):
             return False
         if self.log is not None:
             os.close(self.log)
@@ -265,7 +307,7 @@ class _Stdio:
 
     def fds(self):
         return [fd for fd in (self.master, self.stdin_w, self.log) if fd is not None] + \
-            [c.fileno() for c in self.conns]
+            [c.fileno() for c in self.conns] + ([self.console.fileno()] if self.console is not None else [])
 
 
 class Duties:
@@ -296,7 +338,7 @@ class Duties:
     def may_exit(self):
         """The idle exit, only while no client is between connecting and being answered (they hold USE shared):
         taken exclusively and kept to the end, so a request is never left in the backlog of a server that goes."""
-        fd = os.open(USE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        fd = os.open(self.paths["use"], os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -308,6 +350,9 @@ class Duties:
     def launch_failed(self):
         io, self._next = self._next, None
         if io is not None:
+            if io.console is not None:
+                io.console.close()
+                io.console = None
             for fd in io.fds():
                 os.close(fd)
 
@@ -341,15 +386,15 @@ class Duties:
         self._next = None
         self._forked = time.monotonic()  # an orphan reaped before this moment is not this launch's container
         if watch.get("tty"):
-            master, slave = os.openpty()
-            fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+            # the terminal is made inside the container (its own /dev/pts): the launcher's stdin is a socket on
+            # which the master comes back (runc's console socket); its output goes to the log until then
+            ours, theirs = socket.socketpair()
             log = os.dup(fds[1])
             os.set_inheritable(log, False)
-            for fd in set(fds):
-                os.close(fd)
-            self._next = _Stdio(self, watch["owner"], True, master=_nonblocking(master), log=log,
-                                stdin_once=watch.get("stdin_once", False))
-            return [slave, slave, slave]
+            os.close(fds[0])
+            self._next = _Stdio(self, watch["owner"], True, log=log, stdin_once=watch.get("stdin_once", False))
+            self._next.console = ours
+            return [theirs.detach(), fds[1], fds[2]]
         if watch.get("stdin"):
             r, w = os.pipe()
             os.close(fds[0])
@@ -464,9 +509,12 @@ class Duties:
                 if conn is None:
                     raise OSError("what was handed over is not a connection")
                 io.add(conn, req["stdin"], req["stdout"])
-            elif req["op"] == "resize" and io is not None and io.master is not None and not fds and \
+            elif req["op"] == "resize" and io is not None and io.tty and not fds and \
                     all(isinstance(req.get(k), int) and 0 < req[k] < 10000 for k in ("h", "w")):
-                fcntl.ioctl(io.master, termios.TIOCSWINSZ, struct.pack("HHHH", req["h"], req["w"], 0, 0))
+                if io.master is not None:
+                    fcntl.ioctl(io.master, termios.TIOCSWINSZ, struct.pack("HHHH", req["h"], req["w"], 0, 0))
+                else:
+                    io.size = (req["h"], req["w"])  # the terminal is still being made: set when it comes
             else:
                 answer = {"error": "no such container with a terminal or stdin here, or a bad request"}
         except OSError as exc:
@@ -503,20 +551,21 @@ def spawn(argv, stdin, stdout, stderr):
     return _with_supervisor(lambda conn: forkserver._request(conn, {"argv": argv}, [stdin, stdout, stderr]))
 
 
-def attach(owner, fd, stdin, stdout):
-    """Hand a client's connection (``fd``) to the supervisor for running container ``owner``'s terminal or stdin."""
-    return _ask({"op": "attach", "owner": owner, "stdin": bool(stdin), "stdout": bool(stdout)}, [fd])
+def attach(owner, fd, stdin, stdout, version=None):
+    """Hand a client's connection (``fd``) to the supervisor (of ``version``: the one that started it) for
+    running container ``owner``'s terminal or stdin."""
+    return _ask({"op": "attach", "owner": owner, "stdin": bool(stdin), "stdout": bool(stdout)}, [fd], version)
 
 
-def resize(owner, h, w):
+def resize(owner, h, w, version=None):
     """The window size of container ``owner``'s terminal (rows ``h``, columns ``w``)."""
-    return _ask({"op": "resize", "owner": owner, "h": int(h), "w": int(w)}, [])
+    return _ask({"op": "resize", "owner": owner, "h": int(h), "w": int(w)}, [], version)
 
 
-def _ask(req, fds):
+def _ask(req, fds, version=None):
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        conn.connect(SOCKET)
+        conn.connect(paths(version)["socket"])
         socket.send_fds(conn, [json.dumps(req).encode()], fds)
         conn.settimeout(10)
         line = conn.makefile("rb").readline()
@@ -538,13 +587,14 @@ def _with_supervisor(send):
     ending between the connect and the answer."""
     os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
     deadline = time.monotonic() + 10
+    where = paths()
     while True:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        use = os.open(USE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        use = os.open(where["use"], os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(use, fcntl.LOCK_SH)
             try:
-                conn.connect(SOCKET)
+                conn.connect(where["socket"])
             except (FileNotFoundError, ConnectionRefusedError):
                 conn.close()  # none runs, or one that has just ended: start one (its lock keeps it to one)
                 if time.monotonic() > deadline:
@@ -553,7 +603,7 @@ def _with_supervisor(send):
                 return send(conn)
         finally:
             os.close(use)
-        proc = start_helper("supervisor", stdout=subprocess.PIPE, cwd="/")
+        proc = start_helper("supervisor", "--version", code_version(), stdout=subprocess.PIPE, cwd="/")
         said = proc.stdout.readline().strip()
         proc.stdout.close()
         proc.wait()
@@ -564,10 +614,10 @@ def _with_supervisor(send):
             time.sleep(0.05)  # another starter's supervisor: give it a moment to listen
 
 
-def _lock():
-    """The lock only one supervisor holds (kept open for its life); None when another has it."""
+def _lock(path):
+    """The lock only one supervisor (of this code) holds, kept open for its life; None when another has it."""
     os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
-    fd = os.open(LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -576,10 +626,19 @@ def _lock():
     return fd
 
 
-def holders():
-    """PIDs of the processes holding the supervisor's lock (from /proc/locks, by the lock file's inode)."""
+def holders(version="any"):
+    """PIDs of the running supervisors (of ``version``, or any): the holders of their locks, from /proc/locks by
+    each lock file's inode (a PID file could lie; a lock held is a process alive)."""
+    import glob
+    inodes = set()
+    pattern = f"{RUN_DIR}/supervisor-*.lock" if version == "any" else paths(version)["lock"]
+    for path in glob.glob(pattern):
+        try:
+            st = os.stat(path, follow_symlinks=False)
+        except OSError:
+            continue
+        inodes.add((st.st_dev, st.st_ino))
     try:
-        st = os.stat(LOCK)
         with open("/proc/locks") as f:
             lines = f.read().splitlines()
     except OSError:
@@ -589,9 +648,9 @@ def holders():
         parts = ln.split()
         if len(parts) > 5 and parts[1] == "FLOCK" and parts[5].count(":") == 2:
             major, minor, ino = parts[5].split(":")
-            if int(ino) == st.st_ino and os.makedev(int(major, 16), int(minor, 16)) == st.st_dev:
+            if (os.makedev(int(major, 16), int(minor, 16)), int(ino)) in inodes:
                 pids.append(int(parts[4]))
-    return pids
+    return sorted(set(pids))
 
 
 def stop(rec=None):
@@ -620,9 +679,10 @@ def main(argv=None):
     close_sealed_python()
     argv = sys.argv[1:] if argv is None else argv
     idle = float(argv[argv.index("--idle") + 1]) if "--idle" in argv else IDLE_SECONDS
+    where = paths(argv[argv.index("--version") + 1] if "--version" in argv else None)
     if os.fork():  # leave the starter at once: its end (a daemon killed) is not ours
         os._exit(0)
-    if _lock() is None:  # (taken here, after the fork: /proc/locks then names this process)
+    if _lock(where["lock"]) is None:  # (taken here, after the fork: /proc/locks then names this process)
         print("running", flush=True)  # another one serves: the starter connects to it
         return 0
     os.setsid()
@@ -632,7 +692,8 @@ def main(argv=None):
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # terminals, stdins and clients of many containers
     _libc().prctl(PR_SET_CHILD_SUBREAPER, 1)
     duties = Duties()
-    duties.server = forkserver.Server(SOCKET, duties, idle=idle)
+    duties.paths = where
+    duties.server = forkserver.Server(where["socket"], duties, idle=idle)
     duties.server.serve()
     return 0
 
