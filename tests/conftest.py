@@ -34,6 +34,54 @@ def http_get(url, tries=60):
     raise AssertionError(f"no answer from {url}")
 
 
+class Tmux:
+    """``argv`` typed in a real terminal: a detached tmux session ``cols`` x ``rows``, its screen read, keys
+    typed into it, and the command's exit code (the shell that ran it writes it to a file). A context manager:
+    the session and the file go at the end, however it ends."""
+
+    def __init__(self, name, argv, cols=120, rows=30):
+        import shlex
+        if not shutil.which("tmux"):
+            pytest.fail("tmux is missing: scripts/setup.sh --dev installs it")
+        self.name = name
+        fd, self.rc = tempfile.mkstemp(prefix="lk-tmux-rc-")
+        os.close(fd)
+        line = " ".join(shlex.quote(str(a)) for a in argv) + f"; echo $? > {self.rc}"
+        subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", str(cols), "-y", str(rows), "sh", "-c", line],
+                       check=True, cwd=REPO)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        subprocess.run(["tmux", "kill-session", "-t", self.name], capture_output=True)
+        if os.path.exists(self.rc):
+            os.unlink(self.rc)
+
+    def screen(self):
+        """What the terminal shows (tmux drops the spaces at the ends of lines: a prompt "/ # " reads "/ #")."""
+        return subprocess.run(["tmux", "capture-pane", "-p", "-t", self.name], capture_output=True, text=True).stdout
+
+    def until(self, text, seconds=30):
+        deadline = time.monotonic() + seconds
+        while text not in self.screen() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert text in self.screen(), f"{text!r} never showed; the terminal shows:\n{self.screen()}"
+
+    def type(self, line):
+        subprocess.run(["tmux", "send-keys", "-t", self.name, line, "Enter"], check=True)
+
+    def exit_code(self, seconds=30):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            with open(self.rc) as f:
+                said = f.read().strip()
+            if said:
+                return int(said)
+            time.sleep(0.1)
+        raise AssertionError(f"the command did not end; its terminal shows:\n{self.screen()}")
+
+
 def oci_layout(d, layer, config, tag=None):
     """Write a one-layer OCI image layout at ``d`` (a pathlib.Path): the uncompressed ``layer`` tar (bytes), an
     image config around ``config`` (this CPU's architecture), a manifest and index.json (annotated ``tag``)."""

@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from conftest import http_get
+from conftest import Tmux, http_get
 
 pytestmark = pytest.mark.privileged
 
@@ -64,36 +64,15 @@ def test_lab_student_runs_the_blank_editions(tmp_path):
 
 
 def test_run_it_gives_the_container_a_terminal(tmp_path):
-    """`labkit run -it busybox sh` typed in a real terminal (tmux): a prompt, our input, the answer."""
-    import shutil
-    import time
-    if not shutil.which("tmux"):
-        pytest.fail("tmux is missing: scripts/setup.sh --dev installs it")
-    session = "lk-test-it"
-    cmd = f"{sys.executable} -m labkit.cli run -it --rm --name t-it --hostname inside --network none busybox sh"
-    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "120", "-y", "30", cmd], check=True,
-                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    try:
-        def screen():
-            return subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True).stdout
-        for _ in range(100):
-            if "#" in screen():
-                break
-            time.sleep(0.1)
-        subprocess.run(["tmux", "send-keys", "-t", session, "echo answer-$((6*7)) from $(hostname) at $(tty) "
-                        "size $(stty size)", "Enter"], check=True)
-        for _ in range(100):
-            if "answer-42 from inside at /dev/pts/0 size 30 120" in screen():
-                break
-            time.sleep(0.1)
-        assert "answer-42 from inside at /dev/pts/0 size 30 120" in screen(), screen()
-        subprocess.run(["tmux", "send-keys", "-t", session, "exit", "Enter"], check=True)
-        for _ in range(100):
-            if subprocess.run(["tmux", "has-session", "-t", session], capture_output=True).returncode != 0:
-                break
-            time.sleep(0.1)
-    finally:
-        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+    """`labkit run -it busybox sh` typed in a real terminal (tmux): a prompt, our input, the answer from the
+    container's own terminal, of this terminal's size, and the shell's exit code."""
+    with Tmux("lk-test-it", [sys.executable, "-m", "labkit.cli", "run", "-it", "--rm", "--name", "t-it",
+                             "--hostname", "inside", "--network", "none", "busybox", "sh"]) as term:
+        term.until("/ #")
+        term.type("echo answer-$((6*7)) from $(hostname) at $(tty) size $(stty size)")
+        term.until("answer-42 from inside at /dev/pts/0 size 30 120")
+        term.type("exit 4")
+        assert term.exit_code() == 4
     names = labkit(*["ps", "-a", "--target", "local"]).stdout
     assert "t-it" not in names, "--rm removed the container after the shell exited"
 
@@ -124,33 +103,15 @@ def test_exit_codes_help_and_management_forms_are_dockers():
 def test_exec_it_gives_the_command_this_terminal_and_exec_i_this_stdin(tmp_path):
     """`labkit exec -it web sh` typed in tmux: edit the page from inside, as the lecture does; `exec -i` reads a
     pipe; `exec -t` without a terminal is refused with Docker's words."""
-    import shutil
-    import time
-    if not shutil.which("tmux"):
-        pytest.fail("tmux is missing: scripts/setup.sh --dev installs it")
     run = labkit("run", "-d", "--target", "local", "--name", "t-cli-ex", "-p", "127.0.0.1:18111:80", "busybox",
                  "httpd", "-f", "-p", "80", "-h", "/var/www")
     assert run.returncode == 0, run.stderr
-    session = "lk-test-exec-it"
-    rc = tmp_path / "rc"
-    cmd = f"{sys.executable} -m labkit.cli exec -it t-cli-ex sh; echo $? > {rc}"
     try:
-        subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "100", "-y", "25", "sh", "-c", cmd],
-                       check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-        def screen():
-            return subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True).stdout
-        for _ in range(200):
-            if "#" in screen():
-                break
-            time.sleep(0.1)
-        subprocess.run(["tmux", "send-keys", "-t", session, "echo '<h1>from exec -it</h1>' > /var/www/index.html; "
-                        "tty && exit 3", "Enter"], check=True)
-        for _ in range(200):
-            if rc.exists() and rc.read_text().strip():
-                break
-            time.sleep(0.1)
-        assert rc.read_text().strip() == "3", screen()
+        with Tmux("lk-test-exec-it", [sys.executable, "-m", "labkit.cli", "exec", "-it", "t-cli-ex", "sh"],
+                  cols=100, rows=25) as term:
+            term.until("/ #")
+            term.type("echo '<h1>from exec -it</h1>' > /var/www/index.html; tty && exit 3")
+            assert term.exit_code() == 3, "tty named the container's terminal, and the shell's code came back"
         assert "from exec -it" in http_get("http://127.0.0.1:18111/")
         piped = subprocess.run([sys.executable, "-m", "labkit.cli", "exec", "-i", "--target", "local", "t-cli-ex",
                                 "cat"], input="through stdin\n", capture_output=True, text=True, timeout=60)
@@ -159,7 +120,6 @@ def test_exec_it_gives_the_command_this_terminal_and_exec_i_this_stdin(tmp_path)
                                  "sh"], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
         assert no_tty.returncode == 1 and "the input device is not a TTY" in no_tty.stderr
     finally:
-        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
         labkit("rm", "-f", "--target", "local", "t-cli-ex")
 
 

@@ -13,6 +13,8 @@ import pytest
 from labkit.agent import daemon
 from labkit.wire.errors import NotFound
 
+from conftest import Tmux
+
 pytestmark = pytest.mark.privileged
 
 DOCKER = "/usr/bin/docker"  # Debian's client (the machine may have another docker earlier on PATH)
@@ -152,70 +154,27 @@ def test_exec_runs_in_the_container_with_its_streams_and_exit_code(engine_api):
     assert res.returncode == 1 and "is not running" in res.stderr
 
 
-def _tmux(session, command):
-    """``command`` (a list) in a new detached tmux session 120 columns by 30 rows; its exit code goes to a file."""
-    import shlex
-    import tempfile
-    rc = tempfile.mktemp(prefix="lk-tmux-rc-")
-    line = " ".join(shlex.quote(a) for a in command) + f"; echo $? > {rc}"
-    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "120", "-y", "30", "sh", "-c", line], check=True)
-    return rc
-
-
-def _screen(session):
-    return subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True).stdout
-
-
-def _until(session, text, seconds=30):
-    deadline = time.monotonic() + seconds
-    while text not in _screen(session) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert text in _screen(session), _screen(session)
-
-
-def _ended(session, rc, seconds=30):
-    deadline = time.monotonic() + seconds
-    while not (os.path.exists(rc) and open(rc).read().strip()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    said = _screen(session)
-    subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
-    assert os.path.exists(rc), f"the command did not end; its terminal shows:\n{said}"
-    code = int(open(rc).read())
-    os.unlink(rc)
-    return code
-
-
 @needs_docker
 def test_run_it_and_exec_it_in_a_real_terminal(engine_api):
     """`docker run -i -t busybox sh` and `docker exec -it web sh` typed in tmux, as the lecture does: a prompt,
     the terminal's size (the CLI's resize), the page edited from inside, and the shell's exit code."""
-    if not shutil.which("tmux"):
-        pytest.fail("tmux is missing: scripts/setup.sh --dev installs it")
     env, lab = engine_api
     cli = ["env", f"DOCKER_HOST={env['DOCKER_HOST']}", f"DOCKER_CONFIG={env['DOCKER_CONFIG']}", DOCKER]
-    rc = _tmux("lk-api-it", cli + ["run", "-i", "-t", "--name", "lk-api-it", "--hostname", "inside", "busybox",
-                                   "/bin/sh"])
-    try:
-        _until("lk-api-it", "/ #")
-        subprocess.run(["tmux", "send-keys", "-t", "lk-api-it", "echo answer-$((6*7)) on $(hostname) size $(stty size)"
-                        " at $(tty)", "Enter"], check=True)
-        _until("lk-api-it", "answer-42 on inside size 30 120 at /dev/pts/0")  # the container's own terminal
-        subprocess.run(["tmux", "send-keys", "-t", "lk-api-it", "exit 5", "Enter"], check=True)
-    finally:
-        code = _ended("lk-api-it", rc)
-    assert code == 5, "docker run -it exits with the shell's code"
+    with Tmux("lk-api-it", cli + ["run", "-i", "-t", "--name", "lk-api-it", "--hostname", "inside", "busybox",
+                                  "/bin/sh"]) as term:
+        term.until("/ #")
+        term.type("echo answer-$((6*7)) on $(hostname) size $(stty size) at $(tty)")
+        term.until("answer-42 on inside size 30 120 at /dev/pts/0")  # the container's own terminal, the CLI's size
+        term.type("exit 5")
+        assert term.exit_code() == 5, "docker run -it exits with the shell's code"
     assert lab.container("lk-api-it").inspect()["Config"]["Tty"] is True
 
     docker(env, "run", "-d", "--name", "lk-api-web", "-p", "127.0.0.1:8098:80", "busybox",
            "httpd", "-f", "-p", "80", "-h", "/var/www")
-    rc = _tmux("lk-api-ex", cli + ["exec", "-it", "lk-api-web", "sh"])
-    try:
-        _until("lk-api-ex", "/ #")
-        subprocess.run(["tmux", "send-keys", "-t", "lk-api-ex", "echo '<h1>edited inside</h1>' > /var/www/index.html; "
-                        "tty; exit", "Enter"], check=True)
-    finally:
-        code = _ended("lk-api-ex", rc)
-    assert code == 0
+    with Tmux("lk-api-ex", cli + ["exec", "-it", "lk-api-web", "sh"]) as term:
+        term.until("/ #")
+        term.type("echo '<h1>edited inside</h1>' > /var/www/index.html; tty; exit")
+        assert term.exit_code() == 0
     body = urllib.request.urlopen("http://127.0.0.1:8098/", timeout=5).read().decode()
     assert "edited inside" in body, "the page the exec'd shell edited is what the server sends"
     docker(env, "rm", "-f", "lk-api-web", "lk-api-it")
@@ -383,6 +342,10 @@ def test_build_network_push_and_search_with_the_docker_cli(engine_api, tmp_path)
         assert "digest: sha256:" in pushed, pushed
         found = docker(env, "search", f"127.0.0.1:{port}/built").stdout
         assert f"127.0.0.1:{port}/course/built" in found, found
+        docker(env, "rmi", ref)
+        pulled = docker(env, "pull", ref, timeout=300)
+        assert "Downloaded newer image" in pulled.stdout, pulled.stdout
+        assert docker(env, "run", "--rm", "--network", "none", ref).stdout == "built through the Engine API\n"
         docker(env, "rmi", ref)
     finally:
         proc.terminate()

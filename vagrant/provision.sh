@@ -19,6 +19,19 @@ for arg in "$@"; do
 done
 [ -n "$repo" ] || repo=$(cd "$(dirname "$0")/.." && pwd)
 
+# install_unit NAME < UNIT_TEXT: a systemd unit written when its text changed (then systemd reloads them);
+# true when it changed, false when it was already so
+install_unit() {
+  local unit=/etc/systemd/system/$1
+  cat > "$unit.new"
+  if cmp -s "$unit.new" "$unit"; then
+    rm -f "$unit.new"
+    return 1
+  fi
+  mv -f "$unit.new" "$unit"
+  systemctl daemon-reload
+}
+
 if [ "$(id -u)" != 0 ]; then
   echo "provision.sh: run me as root (sudo bash vagrant/provision.sh): I install packages." >&2
   exit 1
@@ -128,8 +141,7 @@ if [ "$jupyter" = 1 ]; then
     --source "$repo/notebooks" --output "$course" --keep >/dev/null
   echo "provision.sh: the student editions are in $course (JupyterLab opens there)"
   if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
-    unit=/etc/systemd/system/labkit-jupyter.service
-    cat > "$unit.new" <<UNIT
+    if install_unit labkit-jupyter.service <<UNIT
 [Unit]
 Description=JupyterLab for the labkit course (the notebook runs as $user; the agent under sudo)
 After=network-online.target
@@ -145,14 +157,11 @@ Restart=on-failure
 [Install]
 WantedBy=multi-user.target
 UNIT
-    if cmp -s "$unit.new" "$unit"; then
-      rm -f "$unit.new"
-      systemctl enable --now labkit-jupyter.service >/dev/null
-    else
-      mv -f "$unit.new" "$unit"
-      systemctl daemon-reload
+    then
       systemctl enable labkit-jupyter.service >/dev/null
       systemctl restart labkit-jupyter.service  # a JupyterLab started with an older unit (a fixed token) stops
+    else
+      systemctl enable --now labkit-jupyter.service >/dev/null
     fi
     port=${LABKIT_JUPYTER_HOST_PORT:-8888}   # the laptop's end of the forwarded port (the Vagrantfile says)
     echo "provision.sh: JupyterLab runs here; on the laptop open http://127.0.0.1:$port/lab?token=$token"
@@ -165,8 +174,7 @@ fi
 # the daemon is stopped with the service (KillMode=process): the containers' supervisor and the containers go
 # on, as Docker's live-restore keeps them. Without systemd, `labkit daemon start` starts it in the background.
 if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
-  unit=/etc/systemd/system/labkitd.service
-  cat > "$unit.new" <<UNIT
+  install_unit labkitd.service <<UNIT || true
 [Unit]
 Description=labkit's daemon: labkit's engine behind /run/labkit/labkitd.sock and Docker's Engine API (docker.sock)
 After=network-online.target
@@ -180,12 +188,6 @@ Restart=on-failure
 [Install]
 WantedBy=multi-user.target
 UNIT
-  if cmp -s "$unit.new" "$unit"; then
-    rm -f "$unit.new"
-  else
-    mv -f "$unit.new" "$unit"
-    systemctl daemon-reload
-  fi
   systemctl enable labkitd.service >/dev/null 2>&1
   systemctl restart labkitd.service  # a daemon of an older checkout stops; its containers go on
   echo "provision.sh: labkit's daemon runs (systemctl status labkitd); the docker CLI can drive it:"

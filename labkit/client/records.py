@@ -5,7 +5,6 @@ operations), their results and durations, and the facts they established. :class
 attribute access and a faithful rendering: it shows only steps the agent reports having run.
 Standard library only.
 """
-import hashlib
 import html
 import json
 
@@ -40,6 +39,7 @@ def record_digest(record):
         return None
     body = {"steps": record["steps"], "facts": record.get("facts") or {}}
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    import hashlib
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 

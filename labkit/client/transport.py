@@ -19,8 +19,6 @@ this module is standard library only; paramiko is imported only by the SSH trans
 import base64
 import binascii
 import collections
-import hashlib
-import hmac
 import io
 import math
 import os
@@ -31,11 +29,18 @@ import subprocess
 import sys
 import threading
 import time
-import zipfile
 
 from ..wire import protocol
 from ..wire.channel import Channel
 from ..wire.errors import InvalidSpec, LabkitError, PrivilegeError, ProtocolError, TransportError
+
+
+def _lazy(name):
+    """A module imported when first used, not with this one: hashlib, hmac and zipfile cost a `labkit` command
+    that never ships an agent or checks a host key some 10 ms of start-up."""
+    import importlib
+    return importlib.import_module(name)
+
 
 PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # labkit/
 # The agent's files: the package's __init__, the wire contract and the agent subpackage (nothing else:
@@ -47,10 +52,10 @@ AGENT_MAIN = "import sys\nfrom labkit.agent.server import main\nsys.exit(main())
 def agent_zipapp_bytes():
     """A zipapp (bytes) holding labkit's agent; deterministic, so its hash names its version."""
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+    with _lazy('zipfile').ZipFile(buf, "w", _lazy('zipfile').ZIP_DEFLATED) as z:
         def add(arc, data):
-            info = zipfile.ZipInfo(arc, date_time=(2020, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
+            info = _lazy('zipfile').ZipInfo(arc, date_time=(2020, 1, 1, 0, 0, 0))
+            info.compress_type = _lazy('zipfile').ZIP_DEFLATED
             z.writestr(info, data)
         add("__main__.py", AGENT_MAIN)
         with open(os.path.join(PKG_DIR, "__init__.py"), "rb") as f:
@@ -66,7 +71,7 @@ def agent_zipapp_bytes():
 def agent_zipapp(cache_dir=None):
     """Write the zipapp into a cache directory (once per content) and return its path."""
     data = agent_zipapp_bytes()
-    digest = hashlib.sha256(data).hexdigest()[:16]
+    digest = _lazy('hashlib').sha256(data).hexdigest()[:16]
     cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "labkit")
     os.makedirs(cache_dir, exist_ok=True)
     path = os.path.join(cache_dir, f"agent-{digest}.pyz")
@@ -442,7 +447,7 @@ _FINGERPRINT = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
 
 def fingerprint(key):
     """OpenSSH's SHA256 fingerprint of a public key (a paramiko key), e.g. ``SHA256:uN...``."""
-    digest = hashlib.sha256(key.asbytes()).digest()
+    digest = _lazy('hashlib').sha256(key.asbytes()).digest()
     return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
 
 
@@ -465,7 +470,7 @@ def _pattern_matches(pattern, name):
     if pattern.startswith("|1|"):
         import paramiko
         try:
-            return hmac.compare_digest(paramiko.HostKeys.hash_host(name, pattern), pattern)
+            return _lazy('hmac').compare_digest(paramiko.HostKeys.hash_host(name, pattern), pattern)
         except (AssertionError, ValueError, binascii.Error, IndexError):
             return False
     regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern.lower())
@@ -632,7 +637,7 @@ class HostKeyCheck:
                 self.accepted = {"type": kind, "fingerprint": fp, "by": source}
                 return
         for pin in self.pins:
-            if hmac.compare_digest(pin, fp):
+            if _lazy('hmac').compare_digest(pin, fp):
                 self.accepted = {"type": kind, "fingerprint": fp, "by": "the host_key fingerprint passed to connect"}
                 return
         if trusted or self.pins:
@@ -816,7 +821,7 @@ class SSH(_Stream):
 
     def _ship_agent(self, python):
         data = agent_zipapp_bytes()
-        digest = hashlib.sha256(data).hexdigest()[:16]
+        digest = _lazy('hashlib').sha256(data).hexdigest()[:16]
         path = f".cache/labkit/agent-{digest}.pyz"
         probe = f"test -s {path} && echo have || echo need"
         if self._exec_simple(probe).strip() != "have":
