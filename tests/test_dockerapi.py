@@ -18,7 +18,7 @@ from conftest import Tmux
 pytestmark = pytest.mark.privileged
 
 DOCKER = "/usr/bin/docker"  # Debian's client (the machine may have another docker earlier on PATH)
-NAMES = ("lk-api-web", "lk-api-one", "lk-api-sdk", "lk-api-exec", "lk-api-it")
+NAMES = ("lk-api-web", "lk-api-one", "lk-api-sdk", "lk-api-exec", "lk-api-it", "lk-api-again", "lk-api-top")
 needs_docker = pytest.mark.skipif(not os.path.exists(DOCKER), reason="Debian's docker.io is not installed "
                                   "(scripts/setup.sh --dev installs it)")
 
@@ -355,3 +355,15 @@ def test_build_network_push_and_search_with_the_docker_cli(engine_api, tmp_path)
                 lab.rmi(r)
             except NotFound:
                 pass
+
+
+@needs_docker
+def test_start_a_of_a_container_that_ran_before_waits_for_this_run_and_top_takes_no_ps_options(engine_api):
+    env, _ = engine_api
+    docker(env, "create", "--name", "lk-api-again", "--network", "none", "busybox", "sh", "-c", "echo ran; sleep 0.5")
+    assert docker(env, "start", "-a", "lk-api-again").stdout == "ran\n"
+    assert docker(env, "start", "-a", "lk-api-again").stdout == "ran\n", "this run's output, not the last run's end"
+    docker(env, "run", "-d", "--name", "lk-api-top", "--network", "none", "busybox", "sleep", "300")
+    refused = docker(env, "top", "lk-api-top", "aux", check=False)
+    assert refused.returncode == 1 and "ps options" in refused.stderr, "not taken and ignored"
+    docker(env, "rm", "-f", "lk-api-top", "lk-api-again")

@@ -128,7 +128,8 @@ def test_the_cli_tags_pushes_and_searches_as_docker_does(lab, registry, built):
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[0].split() == ["NAME", "DESCRIPTION", "STARS", "OFFICIAL"]
     assert f"{registry['host']}/course/searchme" in out.stdout
-    assert all("searchme" in line for line in out.stdout.splitlines()[1:]), "only names holding the term"
+    rows = out.stdout.splitlines()[2:]  # (the header, then its underline)
+    assert rows and all("searchme" in line for line in rows), "only names holding the term"
     assert lab.search("nothing-like-it", registry=registry["host"]) == []
 
 

@@ -696,6 +696,9 @@ class EngineAPI:
         return _HIJACKED
 
     def container_top(self, req, w, c, id):
+        if req.arg("ps_args") not in (None, "", "-ef"):
+            raise HTTPError(400, f"labkit's top lists PID, UID and CMD (ps -ef's): ps options "
+                                 f"{req.arg('ps_args')!r} are not taken; leave them out")
         return {"Titles": ["PID", "UID", "CMD"],
                 "Processes": [[str(p["pid"]), str(p["uid"]), p["cmd"]] for p in engine.top(id)]}
 
@@ -704,13 +707,15 @@ class EngineAPI:
         its log, followed here (multiplexed); with a terminal (-t) the supervisor sends it raw, and with stdin
         (-i, the container made with OpenStdin) the supervisor takes what the client sends: it gets this
         connection (SCM_RIGHTS), now if the container runs, with the start if it does not yet."""
+        since = time.time()  # before the client hears back (and starts it): a run before this is not the one
         cid = engine._resolve(id)
         cfg = engine._config(cid)
         tty = bool(cfg.get("tty"))
         stdin = req.flag("stdin") and bool(cfg.get("open_stdin"))  # Docker's rule: no OpenStdin, no stdin
         to_supervisor = tty or stdin
         path = f"{engine.roots.container_dir(cid)}/container.log"
-        offset = os.path.getsize(path) if os.path.exists(path) else 0
+        # logs=1: what it wrote before, then what it writes (a terminal's too, from the log, before the live stream)
+        offset = 0 if req.flag("logs") else os.path.getsize(path) if os.path.exists(path) else 0
         follow = req.flag("stream") and not tty
         if follow:
             self._hold(cid)  # before the client hears back and starts it: an auto-remove waits for this stream
@@ -732,13 +737,22 @@ class EngineAPI:
                 raise
         w.write(b"HTTP/1.1 101 UPGRADED\r\nContent-Type: application/vnd.docker.raw-stream\r\n"
                 b"Connection: Upgrade\r\nUpgrade: tcp\r\n\r\n")
+        if req.flag("logs") and not follow and os.path.exists(path):  # the log as it is, before anything live
+            with open(path, "rb") as f:
+                while True:
+                    data = f.read(1 << 20)
+                    if not data:
+                        break
+                    w.write(data if tty else _frame(data))
         if to_supervisor and req.flag("stream") and fd is not None:
             try:
                 engine.attach(cid, fd, stdin, tty and req.flag("stdout"))
             finally:
                 os.close(fd)
         if follow:
-            self._follow(cid, path, offset, w, c, wait_start=True, held=True)
+            # (a container that already runs is followed to its end; one not running yet, from its next start)
+            self._follow(cid, path, offset, w, c, wait_start=not engine._state(cid)[2], held=True,
+                         since=since)
         return _HIJACKED
 
     def container_resize(self, req, w, c, id):
@@ -924,13 +938,14 @@ class EngineAPI:
         with self.lock_attached:
             self.attached[cid] = self.attached.get(cid, 0) + 1
 
-    def _follow(self, cid, path, offset, w, conn, wait_start=False, held=False):
+    def _follow(self, cid, path, offset, w, conn, wait_start=False, held=False, since=None):
         """Send what the container writes to its log from ``offset`` until it has stopped (a start first, when
         ``wait_start``: an attach comes before the start), or the client has hung up. Reads at most every 50 ms;
         once the container has stopped, reads what is left (its output is all in the log by then). The log stays
         open once found, and an auto-remove waits for this stream (:meth:`_remove_when_done`)."""
         rt = f"{engine.RUNTIME}/{cid}"
         started = not wait_start
+        since = time.time() if since is None else since  # a run before the attach is not the one to wait for
         f = None
         if not held:
             self._hold(cid)
@@ -946,7 +961,9 @@ class EngineAPI:
                 if data:
                     w.write(_frame(data))
                     continue
-                started = started or os.path.exists(f"{rt}/state.json")
+                if not started:
+                    st = read_json(f"{rt}/state.json", default=None)
+                    started = isinstance(st, dict) and (st.get("started") or 0) >= since
                 try:
                     stopped = started and os.path.exists(f"{rt}/exit.json") and not engine._state(cid)[2]
                 except NotFound:
