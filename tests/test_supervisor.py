@@ -140,8 +140,7 @@ def test_it_ends_when_idle_and_the_next_start_brings_it_back(lab):
     while supervisor.holders() and time.monotonic() < deadline:
         time.sleep(0.05)
     from labkit.agent.runner import start_helper
-    starter = start_helper("supervisor", "--idle", "1", "--version", supervisor.code_version(),
-                           stdout=subprocess.PIPE)
+    starter = start_helper("supervisor", "--idle", "1", "--identity", supervisor.identity(), stdout=subprocess.PIPE)
     assert starter.stdout.readline().strip() == b"ready"
     starter.wait()
     short = _supervisor()
@@ -179,19 +178,36 @@ def test_a_killed_supervisor_leaves_its_containers_running_and_stop_still_works(
 def test_a_supervisor_of_other_code_is_left_alone_and_one_of_this_code_starts_beside_it(lab):
     """After labkit is updated, the old supervisor keeps what it holds; containers started now go to a new one."""
     from labkit.agent.runner import start_helper
-    other = "0123456789ab"
-    assert other != supervisor.code_version()
-    starter = start_helper("supervisor", "--version", other, "--idle", "2", stdout=subprocess.PIPE)
+    other = "0123456789ab-" + supervisor.identity().split("-")[1]
+    assert other != supervisor.identity()
+    starter = start_helper("supervisor", "--identity", other, "--idle", "2", stdout=subprocess.PIPE)
     assert starter.stdout.readline().strip() == b"ready"
     starter.wait()
     old = supervisor.holders(other)
     assert len(old) == 1
     c = lab.create("busybox", ["sleep", "300"], name="t-sv-beside", network=None)
     c.start()
-    mine = supervisor.holders(supervisor.code_version())
+    mine = supervisor.holders(supervisor.identity())
     assert len(mine) == 1 and mine != old and _ppid(c.inspect()["State"]["Pid"]) == mine[0]
     assert sorted(old + mine) == supervisor.holders(), "both are found (cleanup stops both)"
     deadline = time.monotonic() + 10
     while supervisor.holders(other) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not supervisor.holders(other), "the old one, idle, ended by itself"
+
+
+def test_a_client_in_another_mount_namespace_gets_a_supervisor_of_its_own(lab):
+    """A container's root is mounted where its client runs: `labkit run` inside `unshare -m` (as a test of the lab
+    without /boot does) must not hand its launches to the host's supervisor, nor leave the host one of its own."""
+    lab.create("busybox", ["true"], name="t-sv-host", network=None).start()  # the host's supervisor runs
+    host = supervisor.holders(supervisor.identity())
+    script = ('exec "$@"')
+    res = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", sys.executable,
+                          "-m", "labkit.cli", "run", "--rm", "--network", "none", "--target", "local", "busybox",
+                          "cat", "/etc/os-release"], capture_output=True, text=True, timeout=120, cwd=REPO,
+                         env=dict(os.environ, LABKIT_DAEMON="off"))
+    assert res.returncode == 0 and "labkit busybox" in res.stdout, res.stderr
+    assert supervisor.holders(supervisor.identity()) == host, "the host's supervisor is the one it was"
+    c = lab.create("busybox", ["cat", "/etc/os-release"], name="t-sv-after", network=None)
+    c.start()
+    assert c.wait()["exit_code"] == 0 and "labkit busybox" in c.logs(), "and the host's containers still run"

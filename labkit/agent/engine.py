@@ -199,7 +199,7 @@ def _started(cid, cfg, rec, rt, timeout):
     if report.get("monitor"):  # run -i: the launcher in the client's process is its parent
         state.update(pid_fields(report["monitor"], "monitor"))
     else:  # the supervisor of this code is its parent (its terminal, its stdin are there)
-        state["supervisor"] = supervisor.code_version()
+        state["supervisor"] = supervisor.identity()
     write_json(f"{rt}/state.json", state)
     rec.steps += report["steps"]
     rec.fact("pid", report["pid"])

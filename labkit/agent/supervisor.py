@@ -57,12 +57,19 @@ def code_version():
     return _PATHS["version"]
 
 
-def paths(version=None):
+def identity():
+    """Which supervisor serves this process: the one of this code, in this mount namespace. (A container's root
+    is mounted where its client runs; a launcher forked by a supervisor in another mount namespace, one a test
+    or a tool made with `unshare -m`, would find an empty directory there.)"""
+    return f"{code_version()}-{os.stat('/proc/self/ns/mnt').st_ino}"
+
+
+def paths(ident=None):
     """The socket, the lock (held by the supervisor for its life) and the use lock (shared by clients while they
-    ask, exclusive for the supervisor's idle exit) of the supervisor of ``version`` (this code's)."""
-    if version is not None and not re.fullmatch(r"[0-9a-f]{12}", str(version)):
-        raise MechanismError(f"{version!r} is not a supervisor's code version", fix="labkit cleanup")
-    base = f"{RUN_DIR}/supervisor-{version or code_version()}"
+    ask, exclusive for the supervisor's idle exit) of the supervisor ``ident`` (this process's: :func:`identity`)."""
+    if ident is not None and not re.fullmatch(r"[0-9a-f]{12}-[0-9]{1,20}", str(ident)):
+        raise MechanismError(f"{ident!r} does not name a supervisor", fix="labkit cleanup")
+    base = f"{RUN_DIR}/supervisor-{ident or identity()}"
     return {"socket": base + ".sock", "lock": base + ".lock", "use": base + ".use"}
 RUNTIME = RUN_DIR + "/containers"
 IDLE_SECONDS = 30.0
@@ -551,21 +558,21 @@ def spawn(argv, stdin, stdout, stderr):
     return _with_supervisor(lambda conn: forkserver._request(conn, {"argv": argv}, [stdin, stdout, stderr]))
 
 
-def attach(owner, fd, stdin, stdout, version=None):
-    """Hand a client's connection (``fd``) to the supervisor (of ``version``: the one that started it) for
-    running container ``owner``'s terminal or stdin."""
-    return _ask({"op": "attach", "owner": owner, "stdin": bool(stdin), "stdout": bool(stdout)}, [fd], version)
+def attach(owner, fd, stdin, stdout, ident=None):
+    """Hand a client's connection (``fd``) to the supervisor (``ident``: the one that started it) for running
+    container ``owner``'s terminal or stdin."""
+    return _ask({"op": "attach", "owner": owner, "stdin": bool(stdin), "stdout": bool(stdout)}, [fd], ident)
 
 
-def resize(owner, h, w, version=None):
+def resize(owner, h, w, ident=None):
     """The window size of container ``owner``'s terminal (rows ``h``, columns ``w``)."""
-    return _ask({"op": "resize", "owner": owner, "h": int(h), "w": int(w)}, [], version)
+    return _ask({"op": "resize", "owner": owner, "h": int(h), "w": int(w)}, [], ident)
 
 
-def _ask(req, fds, version=None):
+def _ask(req, fds, ident=None):
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        conn.connect(paths(version)["socket"])
+        conn.connect(paths(ident)["socket"])
         socket.send_fds(conn, [json.dumps(req).encode()], fds)
         conn.settimeout(10)
         line = conn.makefile("rb").readline()
@@ -603,7 +610,7 @@ def _with_supervisor(send):
                 return send(conn)
         finally:
             os.close(use)
-        proc = start_helper("supervisor", "--version", code_version(), stdout=subprocess.PIPE, cwd="/")
+        proc = start_helper("supervisor", "--identity", identity(), stdout=subprocess.PIPE, cwd="/")
         said = proc.stdout.readline().strip()
         proc.stdout.close()
         proc.wait()
@@ -626,12 +633,12 @@ def _lock(path):
     return fd
 
 
-def holders(version="any"):
-    """PIDs of the running supervisors (of ``version``, or any): the holders of their locks, from /proc/locks by
+def holders(ident="any"):
+    """PIDs of the running supervisors (``ident``'s, or any): the holders of their locks, from /proc/locks by
     each lock file's inode (a PID file could lie; a lock held is a process alive)."""
     import glob
     inodes = set()
-    pattern = f"{RUN_DIR}/supervisor-*.lock" if version == "any" else paths(version)["lock"]
+    pattern = f"{RUN_DIR}/supervisor-*.lock" if ident == "any" else paths(ident)["lock"]
     for path in glob.glob(pattern):
         try:
             st = os.stat(path, follow_symlinks=False)
@@ -672,6 +679,17 @@ def stop(rec=None):
             time.sleep(0.02)
         if not holders():
             break
+    import glob
+    for lock in glob.glob(f"{RUN_DIR}/supervisor-*.lock"):  # the files of supervisors no longer running
+        fd = _lock(lock)
+        if fd is None:
+            continue
+        try:
+            for path in (lock, lock[:-len(".lock")] + ".use", lock[:-len(".lock")] + ".sock"):
+                if os.path.lexists(path):
+                    os.unlink(path)
+        finally:
+            os.close(fd)
     return bool(pids)
 
 
@@ -679,7 +697,7 @@ def main(argv=None):
     close_sealed_python()
     argv = sys.argv[1:] if argv is None else argv
     idle = float(argv[argv.index("--idle") + 1]) if "--idle" in argv else IDLE_SECONDS
-    where = paths(argv[argv.index("--version") + 1] if "--version" in argv else None)
+    where = paths(argv[argv.index("--identity") + 1] if "--identity" in argv else None)
     if os.fork():  # leave the starter at once: its end (a daemon killed) is not ours
         os._exit(0)
     if _lock(where["lock"]) is None:  # (taken here, after the fork: /proc/locks then names this process)
