@@ -117,7 +117,7 @@ def idle_memory(counts):
             time.sleep(0.5)
             server = _children(st["pid"])  # the daemon's fork server (and anything else it runs)
             d_kib = _pss_kib(st["pid"]) + sum(_pss_kib(p) for p in server)
-            s_kib = sum(_pss_kib(p) for p in supervisor.holders())
+            s_kib = sum(_pss_kib(p) for p in supervisor.holders(supervisor.identity()))
             rows.append((n, d_kib, s_kib))
     finally:
         for c in made:

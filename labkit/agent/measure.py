@@ -305,7 +305,7 @@ def container_footprint(ref):
     cid = engine._resolve(ref)
     pids = cgroups.pids(engine._cg(cid))
     inside = sum(vm.pss_kb(p) or 0 for p in pids)
-    holders = supervisor.holders()
+    holders = supervisor.holders(supervisor.identity())
     running = sum(1 for r in engine.ps()) or 1
     share = sum(vm.pss_kb(p) or 0 for p in holders) / running
     return {"pss_kb": inside + share, "processes_pss_kb": inside, "processes": len(pids),
