@@ -341,7 +341,7 @@ def cmd_inspect(args):
                     raise
         try:
             out.append(lab.call("image.inspect", ref=ref))
-        except (NotFound, LabkitError) as exc:
+        except LabkitError as exc:
             if args.type == "image":
                 raise
             raise NotFound(f"no such object: {ref}", fix="see `labkit ps -a` and `labkit images`") from exc
@@ -439,12 +439,10 @@ def cmd_kill(args):
 
 
 def _signal(name):
-    import signal
-    text = str(name).upper()
+    from .wire.words import signal_number
     try:
-        return int(signal.Signals(int(text))) if text.isdigit() else int(signal.Signals[
-            text if text.startswith("SIG") else "SIG" + text])
-    except (KeyError, ValueError):
+        return signal_number(name)
+    except ValueError:
         raise LabkitError(f"{name!r} is not a signal", fix="e.g. -s TERM, -s SIGHUP or -s 9",
                           exit_code=125) from None
 

@@ -51,17 +51,15 @@ if [ ! -x "$venv/bin/python" ]; then
   echo "labkit setup: creating $venv"
   /usr/bin/python3 -m venv "$venv"
 fi
-# Reinstall only when pyproject.toml (or the way it is installed) changed, or when test tools are wanted and not
-# yet there. The editable install is the plain kind (a path in a .pth file): pip's default one imports a finder
-# at every start of Python, some 5-10 ms of every `labkit` command.
+# Reinstall only when pyproject.toml changed, or when test tools are wanted and not yet there.
 stamp="$venv/.labkit-installed"
-want=$( (cat "$here/pyproject.toml"; echo "editable_mode=compat") | sha256sum | cut -c1-16)
+want=$(sha256sum < "$here/pyproject.toml" | cut -c1-16)
 have=$(cat "$stamp" 2>/dev/null || true)
 if [ "${have%-*}" != "$want" ] || { [ "$dev" = 1 ] && [ "${have##*-}" != 1 ]; }; then
   echo "labkit setup: installing labkit and its dependencies into $venv"
   "$venv/bin/python" -m pip install -q --upgrade pip
   if [ "$dev" = 1 ]; then extra="[dev]"; else extra=""; fi
-  "$venv/bin/python" -m pip install -q -e "$here$extra" --config-settings editable_mode=compat
+  "$venv/bin/python" -m pip install -q -e "$here$extra"
   echo "$want-$dev" > "$stamp"
 fi
 

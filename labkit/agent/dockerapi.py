@@ -15,22 +15,18 @@ create field outside :attr:`EngineAPI.CREATE_FIELDS` that is not left at its def
 apply; an API version above 1.41) is refused with a message that says so, never accepted and ignored. labkit keeps one log per container for stdout and
 stderr together: its log and attach streams send it all as stdout. Standard library only.
 """
-import fcntl
 import json
 import os
 import re
-import signal
 import socket
-import struct
-import termios
 import threading
 import time
 import urllib.parse
 
 from ..wire.errors import Conflict, InvalidSpec, LabkitError, NotFound
 from ..wire.specs import RUN_DIR, ContainerSpec, ImageRef, NetworkSpec
-from ..wire.words import container_status
-from . import engine, enter, network, registry, store
+from ..wire.words import container_status, signal_number
+from . import engine, enter, kernel, network, registry, store
 from .oci import OCI_ARCH
 from .state import private_dir, read_json, write_json
 
@@ -151,10 +147,21 @@ def _free_subnet(taken):
     raise HTTPError(409, "no free 10.215.x.0/24 subnet left: remove a network, or give --subnet")
 
 
+def _progress(w, obj):
+    """One line of Docker's JSON progress stream (pull, push, build)."""
+    w.write(json.dumps(obj).encode() + b"\r\n")
+
+
+def _stream_error(w, exc):
+    """An error after a progress stream's head: it can only go in the stream, as Docker's errorDetail line."""
+    msg = exc.message if isinstance(exc, LabkitError) else f"{type(exc).__name__}: {exc}"
+    _progress(w, {"errorDetail": {"message": msg}, "error": msg})
+
+
 def _winsize(fd, h, w):
     if not (0 < h < 10000 and 0 < w < 10000):
         raise HTTPError(400, "h and w: the terminal's rows and columns")
-    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", h, w, 0, 0))
+    kernel.set_winsize(fd, h, w)
 
 
 def _relay_frames(proc, w, stdout, stderr):
@@ -604,8 +611,8 @@ class EngineAPI:
     def container_kill(self, req, w, c, id):
         sig = str(req.arg("signal", "KILL") or "KILL").upper()
         try:
-            num = signal.Signals(int(sig)) if sig.isdigit() else signal.Signals[sig if sig.startswith("SIG") else "SIG" + sig]
-        except (KeyError, ValueError, OverflowError):
+            num = signal_number(sig)
+        except ValueError:
             raise HTTPError(400, f"invalid signal: {sig}") from None
         engine.kill(id, num)
         return 204, None
@@ -1056,15 +1063,14 @@ class EngineAPI:
         except LabkitError as exc:
             raise HTTPError(400, exc.message) from None
         self._stream_head(w)
-        w.write(json.dumps({"status": f"Pulling from {ImageRef.parse(ref)}"}).encode() + b"\r\n")
+        _progress(w, {"status": f"Pulling from {ImageRef.parse(ref)}"})
         try:
             with self.lock:
                 res = registry.pull(ref)
-            w.write(json.dumps({"status": f"Status: Downloaded newer image for {ImageRef.parse(ref)}",
-                                "id": str(res.get("facts", {}).get("digest", ""))}).encode() + b"\r\n")
+            _progress(w, {"status": f"Status: Downloaded newer image for {ImageRef.parse(ref)}",
+                          "id": str(res.get("facts", {}).get("digest", ""))})
         except Exception as exc:  # noqa: BLE001 - after the head, an error can only go in the stream
-            msg = exc.message if isinstance(exc, LabkitError) else f"{type(exc).__name__}: {exc}"
-            w.write(json.dumps({"errorDetail": {"message": msg}, "error": msg}).encode() + b"\r\n")
+            _stream_error(w, exc)
         return _HIJACKED
 
     def image_search(self, req, w, c):
@@ -1093,18 +1099,17 @@ class EngineAPI:
         _image(ref)  # 404 before the stream starts, as dockerd answers
         user, password = _registry_auth(req.headers.get("x-registry-auth"))
         self._stream_head(w)
-        w.write(json.dumps({"status": f"The push refers to repository [{ref.rsplit(':', 1)[0]}]"}).encode() + b"\r\n")
+        _progress(w, {"status": f"The push refers to repository [{ref.rsplit(':', 1)[0]}]"})
         try:
             with self.lock:
                 res = registry.push(ref, username=user, password=password)
             for d in res["facts"]["pushed_blobs"]:
-                w.write(json.dumps({"status": "Pushed", "id": d.split(":")[-1][:12]}).encode() + b"\r\n")
+                _progress(w, {"status": "Pushed", "id": d.split(":")[-1][:12]})
             digest = res["facts"]["manifest"]
-            w.write(json.dumps({"status": f"{ref.rsplit(':', 1)[1]}: digest: {digest}"}).encode() + b"\r\n")
-            w.write(json.dumps({"aux": {"Tag": ref.rsplit(":", 1)[1], "Digest": digest}}).encode() + b"\r\n")
+            _progress(w, {"status": f"{ref.rsplit(':', 1)[1]}: digest: {digest}"})
+            _progress(w, {"aux": {"Tag": ref.rsplit(":", 1)[1], "Digest": digest}})
         except Exception as exc:  # noqa: BLE001 - after the head, an error can only go in the stream
-            msg = exc.message if isinstance(exc, LabkitError) else f"{type(exc).__name__}: {exc}"
-            w.write(json.dumps({"errorDetail": {"message": msg}, "error": msg}).encode() + b"\r\n")
+            _stream_error(w, exc)
         return _HIJACKED
 
     BUILD_ARGS = {"t", "dockerfile", "nocache", "q", "rm", "forcerm", "version", "buildargs", "labels", "target",
@@ -1146,7 +1151,7 @@ class EngineAPI:
         self._stream_head(w)
 
         def say(text):
-            w.write(json.dumps({"stream": text}).encode() + b"\r\n")
+            _progress(w, {"stream": text})
         try:
             from . import build
             with self.lock:
@@ -1158,13 +1163,12 @@ class EngineAPI:
                 say(f"Step {st['step']}/{n} : {st['line']}\n")
                 say(" ---> Using cache\n" if st["cached"] else f" ---> done in {st['seconds']:.2f}s\n")
             img_id = "sha256:" + (rec["image"].get("id") or "").split(":")[-1]
-            w.write(json.dumps({"aux": {"ID": img_id}}).encode() + b"\r\n")
+            _progress(w, {"aux": {"ID": img_id}})
             say(f"Successfully built {img_id.split(':')[1][:12]}\n")
             for ref in refs:
                 say(f"Successfully tagged {ref}\n")
         except Exception as exc:  # noqa: BLE001 - after the head, an error can only go in the stream
-            msg = exc.message if isinstance(exc, LabkitError) else f"{type(exc).__name__}: {exc}"
-            w.write(json.dumps({"errorDetail": {"message": msg}, "error": msg}).encode() + b"\r\n")
+            _stream_error(w, exc)
         return _HIJACKED
 
     def image_tag(self, req, w, c, name):

@@ -248,16 +248,17 @@ def run_attached(ref, timeout=30):
     the agent's protocol and cannot be handed to a container."""
     import threading
     cid = _resolve(ref)
-    if _config(cid).get("tty"):
+    cfg = _config(cid)
+    if cfg.get("tty"):
         import socket
+        keys = bool(cfg.get("open_stdin"))
         ours, theirs = socket.socketpair()
         try:
-            start_attached(cid, [(theirs.fileno(), bool(_config(cid).get("open_stdin")), True)], timeout)
+            start_attached(cid, [(theirs.fileno(), keys, True)], timeout)
         finally:
             theirs.close()
         with ours:
-            enter.relay_terminal(ours.fileno(), lambda h, w: resize(cid, h, w),
-                                 keys=bool(_config(cid).get("open_stdin")))
+            enter.relay_terminal(ours.fileno(), lambda h, w: resize(cid, h, w), keys=keys)
         _wait_exit(cid, 10)
         return (_state(cid)[1] or {}).get("exit_code")
     cid, cfg, rec, rt, args = _prepare(ref, "attach")
@@ -504,13 +505,10 @@ def exec_attached(ref, argv, stdin=True, tty=False):
     spec, rec = _exec_spec(ref, argv, "exec -it")
     if not tty:
         return enter.run_attached(spec, stdin)
-    import fcntl
-    import struct
-    import termios
+    from .kernel import set_winsize
     proc, master = enter.start_entered(spec, tty=True, stdin=stdin)
     try:
-        enter.relay_terminal(master, lambda h, w: fcntl.ioctl(master, termios.TIOCSWINSZ,
-                                                                struct.pack("HHHH", h, w, 0, 0)), keys=stdin)
+        enter.relay_terminal(master, lambda h, w: set_winsize(master, h, w), keys=stdin)
     finally:
         os.close(master)
     code = proc.wait()

@@ -158,8 +158,7 @@ def main(argv=None):
     if child == 0:
         try:
             kernel.libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-            kernel.default_signals()  # (Python ignores SIGPIPE; whoever started labkit may have ignored others)
-            os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # nothing but its stdio reaches the program
+            kernel.clean_for_exec()
             if spec.get("tty"):  # a terminal of the container's own, its master to the daemon (stdin: the socket)
                 kernel.console_here(0)
             if spec.get("cap_keep") is not None:

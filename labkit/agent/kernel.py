@@ -177,11 +177,19 @@ def setresgid(gid, rec=None):
     _os_call(rec, "setresgid", [str(gid)] * 3, lambda: os.setresgid(gid, gid, gid))
 
 
-def default_signals():
-    """Before exec: every signal's disposition back to the default and none blocked, as a program expects to
-    start (ignored signals and the mask survive exec; Python ignores SIGPIPE and SIGXFSZ, and whoever started
-    labkit's daemon or supervisor may have ignored more, as job-control shells ignore SIGTTOU)."""
+def clean_for_exec(keep=None):
+    """Just before exec, in a process of labkit's that becomes a program of the container: every signal's
+    disposition back to the default and none blocked, as a program expects to start (ignored signals and the
+    mask survive exec; Python ignores SIGPIPE and SIGXFSZ, and whoever started labkit's daemon or supervisor may
+    have ignored more, as job-control shells ignore SIGTTOU), and no descriptor above stdio but ``keep`` (every
+    one labkit holds is close-on-exec already: this closes any that is not)."""
     import signal
+    top = os.sysconf("SC_OPEN_MAX")
+    if keep is None:
+        os.closerange(3, top)
+    else:
+        os.closerange(3, keep)
+        os.closerange(keep + 1, top)
     for sig in signal.valid_signals():
         if sig in (signal.SIGKILL, signal.SIGSTOP):
             continue
@@ -198,6 +206,11 @@ TIOCSCTTY = 0x540E
 TIOCSWINSZ = 0x5414
 
 
+def set_winsize(fd, rows, cols):
+    """A terminal's window size (the process in its foreground gets SIGWINCH), set on its master or its slave."""
+    fcntl.ioctl(fd, TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
 def console_here(console_fd, rec=None):
     """`docker run -t` inside the container, as runc's console socket does it: a pseudo-terminal from this
     root's /dev/ptmx (the container's own devpts, so the terminal is /dev/pts/0 inside), its master sent over
@@ -208,7 +221,7 @@ def console_here(console_fd, rec=None):
     def make():
         holder["master"] = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
         fcntl.ioctl(holder["master"], TIOCSPTLCK, struct.pack("i", 0))
-        fcntl.ioctl(holder["master"], TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+        set_winsize(holder["master"], 24, 80)
         holder["slave"] = fcntl.ioctl(holder["master"], TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY)
     _os_call(rec, "open", ["'/dev/ptmx'", "O_RDWR|O_NOCTTY", "then TIOCSPTLCK, TIOCGPTPEER"], make)
     console = socket.socket(fileno=console_fd)

@@ -101,11 +101,7 @@ def _child(spec, ctx, msg_w, go_r, detached, pid_ns_made=False, waiter=True):
             env["HOSTNAME"] = spec.hostname
         env.update(dict(spec.env))
         _send(msg_w, {"exec": argv})
-        kernel.default_signals()  # (Python ignores SIGPIPE; a shell that started labkit may have ignored others)
-        # nothing but its stdio reaches the program: every descriptor labkit holds is close-on-exec already,
-        # and this closes any that is not (the report pipe stays for a failed exec's error)
-        os.closerange(3, msg_w)
-        os.closerange(msg_w + 1, os.sysconf("SC_OPEN_MAX"))
+        kernel.clean_for_exec(keep=msg_w)  # (the report pipe stays for a failed exec's error)
         if spec.tty:  # -t: a terminal of the container's own, its master to the supervisor (stdin is its socket)
             kernel.console_here(0)
         try:

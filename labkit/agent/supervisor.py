@@ -26,15 +26,13 @@ import re
 import selectors
 import signal
 import socket
-import struct
 import subprocess
 import sys
-import termios
 import time
 
 from ..wire.errors import MechanismError
 from ..wire.specs import RUN_DIR, NetworkSpec
-from . import forkserver
+from . import forkserver, kernel
 from .runner import close_sealed_python, start_helper
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -154,8 +152,7 @@ class _Stdio:
 
     def on_console(self, mask):
         """The master of the terminal the container made for itself (or the launcher's end: it failed)."""
-        from .kernel import receive_console
-        master = receive_console(self.console, timeout=1)
+        master = kernel.receive_console(self.console, timeout=1)
         self.duties.want(self.console, 0, None)
         self.console.close()
         self.console = None
@@ -163,7 +160,7 @@ class _Stdio:
             return self.close()
         self.master = _nonblocking(master)
         if self.size:
-            fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", self.size[0], self.size[1], 0, 0))
+            kernel.set_winsize(self.master, *self.size)
         self.update()
 
     def update(self):
@@ -345,14 +342,8 @@ class Duties:
     def may_exit(self):
         """The idle exit, only while no client is between connecting and being answered (they hold USE shared):
         taken exclusively and kept to the end, so a request is never left in the backlog of a server that goes."""
-        fd = os.open(self.paths["use"], os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        self._exiting = fd
-        return True
+        self._exiting = _lock(self.paths["use"])
+        return self._exiting is not None
 
     def launch_failed(self):
         io, self._next = self._next, None
@@ -429,7 +420,7 @@ class Duties:
 
     def in_child(self):
         """In a freshly forked launcher: none of the supervisor's duties (or file descriptors) go with it."""
-        _libc().prctl(PR_SET_CHILD_SUBREAPER, 0)
+        kernel.libc().prctl(PR_SET_CHILD_SUBREAPER, 0)
         for io in list(self.stdios.values()) + ([self._next] if self._next is not None else []):
             for fd in io.fds():
                 try:
@@ -519,7 +510,7 @@ class Duties:
             elif req["op"] == "resize" and io is not None and io.tty and not fds and \
                     all(isinstance(req.get(k), int) and 0 < req[k] < 10000 for k in ("h", "w")):
                 if io.master is not None:
-                    fcntl.ioctl(io.master, termios.TIOCSWINSZ, struct.pack("HHHH", req["h"], req["w"], 0, 0))
+                    kernel.set_winsize(io.master, req["h"], req["w"])
                 else:
                     io.size = (req["h"], req["w"])  # the terminal is still being made: set when it comes
             else:
@@ -533,11 +524,6 @@ class Duties:
         except OSError:
             pass
         conn.close()
-
-
-def _libc():
-    from . import kernel
-    return kernel.libc()
 
 
 # -- the client's side -----------------------------------------------------------------------------------------
@@ -622,7 +608,8 @@ def _with_supervisor(send):
 
 
 def _lock(path):
-    """The lock only one supervisor (of this code) holds, kept open for its life; None when another has it."""
+    """``path`` locked exclusively, its descriptor kept open for as long as the lock is wanted (a supervisor's
+    lock for its life, its use lock for its exit); None when someone else holds it."""
     os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
@@ -708,7 +695,7 @@ def main(argv=None):
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # terminals, stdins and clients of many containers
-    _libc().prctl(PR_SET_CHILD_SUBREAPER, 1)
+    kernel.libc().prctl(PR_SET_CHILD_SUBREAPER, 1)
     duties = Duties()
     duties.paths = where
     duties.server = forkserver.Server(where["socket"], duties, idle=idle)

@@ -1,10 +1,22 @@
-"""Docker's words for a container's state, which the CLI's tables and the Engine API's answers both print.
+"""Docker's words for a container's state and for signals, which the CLI and the Engine API both use.
 
 ``docker ps`` says "Up 3 minutes", "Exited (0) About an hour ago", "Created" (go-units' HumanDuration for
-the time). The agent (the Engine API) and the client (``labkit ps``, ``lab.containers()``) use these
-functions so that both say the same. Standard library only.
+the time); `docker kill -s` takes a signal as a number or a name, with or without SIG. The agent (the Engine
+API) and the client (``labkit ps``, ``labkit kill``, ``lab.containers()``) use these functions so that both
+say and take the same. Standard library only.
 """
+import signal
 import time
+
+
+def signal_number(name):
+    """A signal as `docker kill -s` takes it: 9, KILL, kill or SIGKILL. ValueError when it is none."""
+    text = str(name).upper()
+    try:
+        return int(signal.Signals(int(text)) if text.isdigit() else
+                   signal.Signals[text if text.startswith("SIG") else "SIG" + text])
+    except (KeyError, ValueError, OverflowError):
+        raise ValueError(f"{name!r} is not a signal") from None
 
 
 def ago(t, now=None):
