@@ -201,7 +201,8 @@ def cmd_run(args):
     lab = _lab(args)
     if (args.interactive or args.tty) and not args.detach:
         return _run_interactive(lab, args)
-    c = lab.create(args.image, args.cmd or None, **_create_kw(args))
+    # (-d with -t and -i: a terminal and a stdin of its own, held by the supervisor for a later attach, as Docker's)
+    c = lab.create(args.image, args.cmd or None, tty=args.tty, interactive=args.interactive, **_create_kw(args))
     try:
         c.start()
     except LabkitError:

@@ -77,6 +77,19 @@ def test_run_it_gives_the_container_a_terminal(tmp_path):
     assert "t-it" not in names, "--rm removed the container after the shell exited"
 
 
+def test_run_dit_keeps_a_terminal_and_a_stdin_for_later():
+    """-d with -i and -t is not -d alone: the shell gets a terminal and a stdin that stay open, so it runs on."""
+    res = labkit("run", "-dit", "--target", "local", "--name", "t-cli-dit", "--network", "none", "busybox", "sh")
+    assert res.returncode == 0, res.stderr
+    try:
+        time.sleep(0.5)
+        out = labkit("inspect", "--target", "local", "--format", "{{.Config.Tty}} {{.Config.OpenStdin}} {{.State.Running}}",
+                     "t-cli-dit").stdout.split()
+        assert out == ["True", "True", "True"], out
+    finally:
+        labkit("rm", "-f", "--target", "local", "t-cli-dit")
+
+
 def test_exit_codes_help_and_management_forms_are_dockers():
     for args, code, said in ((["run", "--target", "local", "--rm", "--network", "none", "busybox", "/no/such"], 127,
                               "No such file"),
