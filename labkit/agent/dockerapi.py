@@ -850,10 +850,15 @@ class EngineAPI:
             ex.update(running=False, exit_code=code if code >= 0 else 128 - code)
 
         def ended():
-            # the stream is over (the program's end, or the client's): the client's input stopped first (the
-            # feeder joined, so nothing of it can land in a descriptor reused after the close), a terminal's
-            # master closed (the program gets SIGHUP if it still runs), pipes closed (EPIPE); its exit status is
-            # taken by a thread of its own, for a program that outlives all that
+            # the stream is over (the program's end, or the client's). The program's exit status is taken
+            # first, and only then is the client told: the docker CLI asks for the exit code as soon as its
+            # stream ends, and an exec still "running" then reads as 0. A program that outlives its output (or
+            # a client that went away) is waited for a few seconds only; a thread of its own takes the status.
+            # Then the client's input stops (the feeder joined, so nothing of it can land in a descriptor reused
+            # after the close), a terminal's master is closed (SIGHUP to what still runs), pipes closed (EPIPE)
+            t = threading.Thread(target=reap, daemon=True)
+            t.start()
+            t.join(5)
             try:
                 c.shutdown(socket.SHUT_RDWR)  # wakes the feeder, tells the client
             except OSError:
@@ -866,8 +871,6 @@ class EngineAPI:
             for f in (proc.stdout, proc.stderr):
                 if f is not None and not f.closed:
                     f.close()
-            t = threading.Thread(target=reap, daemon=True)
-            t.start()
             t.join(2)
         if detach:
             threading.Thread(target=reap, daemon=True).start()
