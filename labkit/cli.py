@@ -198,6 +198,9 @@ def cmd_create(args):
 
 
 def cmd_run(args):
+    if args.detach_keys and not (args.tty and args.interactive and not args.detach):
+        raise LabkitError("--detach-keys works with -i and -t together, without -d (a terminal and its keys)",
+                          fix="add -it, or leave --detach-keys out (labkit attach takes its own)", exit_code=125)
     lab = _lab(args)
     if (args.interactive or args.tty) and not args.detach:
         return _run_interactive(lab, args)
@@ -231,16 +234,39 @@ def _terminal_here(lab, what, tty):
                                                                "the command from a terminal", exit_code=1)
 
 
+def _detach_keys(args):
+    from .wire.words import detach_keys
+    try:
+        return detach_keys(args.detach_keys) if args.detach_keys else None
+    except ValueError as exc:
+        raise LabkitError(str(exc), fix="e.g. --detach-keys ctrl-x,x", exit_code=125) from None
+
+
 def _run_interactive(lab, args):
-    """-it: the container gets this terminal (-i alone: this stdin); its exit code is ours."""
+    """-it: the container gets this terminal (-i alone: this stdin); its exit code is ours. Detached with the
+    detach keys (-it: Ctrl-P Ctrl-Q), it goes on (and with --rm is removed when it ends), and we exit 0."""
+    keys = _detach_keys(args)
     _terminal_here(lab, "run -it", args.tty)
     from .agent import local
     c = lab.create(args.image, args.cmd or None, tty=args.tty, interactive=args.interactive, **_create_kw(args))
+    code = "failed"
     try:
-        code = local.run_attached(c.id)
+        code = local.run_attached(c.id, detach=keys)
     finally:
-        if args.rm:
+        if args.rm and code is None:
+            local.auto_remove(c.id)
+        elif args.rm:
             c.rm(force=True)
+    return code if isinstance(code, int) else 0
+
+
+def cmd_attach(args):
+    """`docker attach`: this terminal to a running -t container's; detach with Ctrl-P Ctrl-Q (or --detach-keys)."""
+    lab = _lab(args)
+    keys = _detach_keys(args)
+    _terminal_here(lab, "attach", False)
+    from .agent import local
+    code = local.attach_here(args.container, detach=keys)
     return code if isinstance(code, int) else 0
 
 
@@ -383,7 +409,7 @@ def cmd_images(args):
 def cmd_rmi(args):
     lab = _lab(args)
     for ref in args.images:
-        lab.call("image.rmi", ref=ref)
+        lab.call("image.rmi", ref=ref, force=args.force)
         print(f"Untagged: {ref}")
     return 0
 
@@ -694,8 +720,13 @@ def _parser(only=None):
     sp.add_argument("--rm", action="store_true")
     sp.add_argument("-i", "--interactive", action="store_true", help="the container reads this stdin")
     sp.add_argument("-t", "--tty", action="store_true", help="the container gets this terminal (with -i: a shell)")
+    sp.add_argument("--detach-keys", help="with -it, the keys that leave the container running (ctrl-p,ctrl-q)")
     container_flags(sp)
     sp.set_defaults(fn=cmd_run)
+    sp = sub.add_parser("attach", parents=[common], help="this terminal to a running container's (made with -t)")
+    sp.add_argument("--detach-keys", help="the keys that leave the container running (default ctrl-p,ctrl-q)")
+    sp.add_argument("container")
+    sp.set_defaults(fn=cmd_attach)
     for verb, fn, helptext in (("start", cmd_start, "start containers"), ("stop", cmd_stop, "stop containers"),
                                ("rm", cmd_rm, "remove containers")):
         sp = sub.add_parser(verb, parents=[common], help=helptext)
@@ -729,6 +760,7 @@ def _parser(only=None):
     sp = sub.add_parser("images", parents=[common], help="list images")
     sp.set_defaults(fn=cmd_images)
     sp = sub.add_parser("rmi", parents=[common], help="remove images")
+    sp.add_argument("-f", "--force", action="store_true", help="even when a stopped container was made from it")
     sp.add_argument("images", nargs="+")
     sp.set_defaults(fn=cmd_rmi)
     sp = sub.add_parser("build", parents=[common], help="build an image from a recipe (FROM RUN COPY ENV WORKDIR CMD)")
@@ -844,11 +876,12 @@ def main(argv=None):
 MANAGEMENT = {
     "container": {"ls": ["ps"], "list": ["ps"], "ps": ["ps"], "rm": ["rm"], "remove": ["rm"],
                   "inspect": ["inspect", "--type", "container"],
-                  **{v: [v] for v in ("create", "run", "start", "stop", "kill", "logs", "top", "exec", "commit")}},
+                  **{v: [v] for v in ("create", "run", "start", "stop", "kill", "logs", "top", "exec", "commit",
+                                      "attach")}},
     "image": {"ls": ["images"], "list": ["images"], "rm": ["rmi"], "remove": ["rmi"],
               "inspect": ["inspect", "--type", "image"], **{v: [v] for v in ("pull", "push", "tag", "build")}},
 }
-DOCKER_VERBS = {"run", "create", "start", "stop", "kill", "rm", "ps", "logs", "top", "inspect", "exec", "images",
+DOCKER_VERBS = {"run", "attach", "create", "start", "stop", "kill", "rm", "ps", "logs", "top", "inspect", "exec", "images",
                 "rmi", "build", "commit", "pull", "push", "tag", "search", "version", "network"}
 
 

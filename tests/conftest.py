@@ -71,6 +71,19 @@ class Tmux:
     def type(self, line):
         subprocess.run(["tmux", "send-keys", "-t", self.name, line, "Enter"], check=True)
 
+    def prompt(self, text="/ #", seconds=30):
+        """Enter until ``text`` shows: a client that attaches to a running shell says nothing until then, and
+        keys typed before it has the terminal in raw mode are flushed (as the docker CLI's are)."""
+        deadline = time.monotonic() + seconds
+        while text not in self.screen() and time.monotonic() < deadline:
+            self.keys("Enter")
+            time.sleep(0.3)
+        assert text in self.screen(), f"{text!r} never showed; the terminal shows:\n{self.screen()}"
+
+    def keys(self, *keys):
+        """Keys as tmux names them, e.g. "C-p", "C-q" (Ctrl-P, Ctrl-Q), no Enter."""
+        subprocess.run(["tmux", "send-keys", "-t", self.name, *keys], check=True)
+
     def exit_code(self, seconds=30):
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:

@@ -77,6 +77,54 @@ def test_run_it_gives_the_container_a_terminal(tmp_path):
     assert "t-it" not in names, "--rm removed the container after the shell exited"
 
 
+def _state_of(name):
+    return labkit("inspect", "--target", "local", "--format", "{{.State.Running}}", name).stdout.strip()
+
+
+def test_detach_keys_leave_the_container_running_and_attach_takes_it_back():
+    """Ctrl-P Ctrl-Q in `labkit run -it` leaves the shell running (exit 0 here); `labkit attach` gives the terminal
+    back (custom --detach-keys too); the shell's exit ends attach with its code, and --rm removes it then."""
+    cli = [sys.executable, "-m", "labkit.cli"]
+    try:
+        with Tmux("lk-test-detach", cli + ["run", "-it", "--rm", "--name", "t-detach", "--network", "none",
+                                           "busybox", "sh"]) as term:
+            term.until("/ #")
+            term.type("echo before-$((1+1))")
+            term.until("before-2")
+            term.keys("C-p", "C-q")
+            assert term.exit_code() == 0, "detached: the command is done, with 0"
+        assert _state_of("t-detach") == "True", "the shell runs on without a terminal attached"
+        with Tmux("lk-test-attach", cli + ["attach", "--detach-keys", "ctrl-x,x", "t-detach"]) as term:
+            term.prompt()
+            term.type("echo back-$((2+2))")
+            term.until("back-4")
+            term.keys("C-x", "x")
+            assert term.exit_code() == 0
+        assert _state_of("t-detach") == "True"
+        with Tmux("lk-test-attach2", cli + ["attach", "t-detach"]) as term:
+            term.prompt()
+            term.type("exit 6")
+            assert term.exit_code() == 6, "attach ends with the container's exit code"
+        deadline = time.monotonic() + 15
+        while "t-detach" in labkit("ps", "-a", "--target", "local").stdout and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "t-detach" not in labkit("ps", "-a", "--target", "local").stdout, \
+            "run --rm: removed when it ended, though its client had detached"
+    finally:
+        labkit("rm", "-f", "--target", "local", "t-detach")
+    bad = labkit("run", "-it", "--target", "local", "--detach-keys", "ctrl-1", "busybox", "sh")
+    assert bad.returncode == 125 and "invalid detach key" in bad.stderr, bad.stderr
+
+
+def test_attach_to_a_container_without_a_terminal_is_refused_with_the_way_to_its_output():
+    labkit("run", "-d", "--target", "local", "--name", "t-noterm", "--network", "none", "busybox", "sleep", "60")
+    try:
+        res = labkit("attach", "--target", "local", "t-noterm")
+        assert res.returncode == 1 and "no terminal" in res.stderr and "logs -f" in res.stderr, res.stderr
+    finally:
+        labkit("rm", "-f", "--target", "local", "t-noterm")
+
+
 def test_run_dit_keeps_a_terminal_and_a_stdin_for_later():
     """-d with -i and -t is not -d alone: the shell gets a terminal and a stdin that stay open, so it runs on."""
     res = labkit("run", "-dit", "--target", "local", "--name", "t-cli-dit", "--network", "none", "busybox", "sh")

@@ -18,7 +18,8 @@ from conftest import Tmux
 pytestmark = pytest.mark.privileged
 
 DOCKER = "/usr/bin/docker"  # Debian's client (the machine may have another docker earlier on PATH)
-NAMES = ("lk-api-web", "lk-api-one", "lk-api-sdk", "lk-api-exec", "lk-api-it", "lk-api-again", "lk-api-top")
+NAMES = ("lk-api-web", "lk-api-one", "lk-api-sdk", "lk-api-exec", "lk-api-it", "lk-api-again", "lk-api-top",
+         "lk-api-detach")
 needs_docker = pytest.mark.skipif(not os.path.exists(DOCKER), reason="Debian's docker.io is not installed "
                                   "(scripts/setup.sh --dev installs it)")
 
@@ -367,3 +368,94 @@ def test_start_a_of_a_container_that_ran_before_waits_for_this_run_and_top_takes
     refused = docker(env, "top", "lk-api-top", "aux", check=False)
     assert refused.returncode == 1 and "ps options" in refused.stderr, "not taken and ignored"
     docker(env, "rm", "-f", "lk-api-top", "lk-api-again")
+
+
+def _hijack(path, body=b""):
+    """A POST that upgrades to a raw stream (attach, exec start): the socket after the 101, and what followed it."""
+    import socket
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    s.connect(daemon.DOCKER_SOCKET)
+    s.sendall(f"POST {path} HTTP/1.1\r\nHost: docker\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n"
+              f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        piece = s.recv(4096)
+        assert piece, f"hung up before its answer: {head!r}"
+        head += piece
+    head, _, rest = head.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return s, rest
+
+
+def _read_until(s, text, got=b"", seconds=10):
+    deadline = time.monotonic() + seconds
+    while text not in got and time.monotonic() < deadline:
+        piece = s.recv(65536)
+        if not piece:
+            break
+        got += piece
+    assert text in got, got[-400:]
+    return got
+
+
+def _hung_up(s, seconds=10):
+    """True when the server ends the stream (what it sends meanwhile is read and dropped)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if not s.recv(65536):
+                return True
+        except OSError:
+            return True
+    return False
+
+
+@needs_docker
+def test_detach_keys_leave_the_container_running_for_the_cli_and_for_a_raw_client(engine_api):
+    """Ctrl-P Ctrl-Q in `docker run -it` (the CLI watches for them), then `docker attach` and the shell's exit
+    code; a raw client that asks for its own keys (detachKeys=ctrl-x,x, exec's DetachKeys) is let go by the
+    daemon when it types them, and the program goes on; keys that are not keys are a 400."""
+    env, lab = engine_api
+    cli = ["env", f"DOCKER_HOST={env['DOCKER_HOST']}", f"DOCKER_CONFIG={env['DOCKER_CONFIG']}", DOCKER]
+    with Tmux("lk-api-detach", cli + ["run", "-it", "--name", "lk-api-detach", "--network", "none", "busybox",
+                                      "sh"]) as term:
+        term.until("/ #")
+        term.keys("C-p", "C-q")
+        assert term.exit_code() == 0, "docker run -it exits 0 when detached"
+    assert docker(env, "inspect", "-f", "{{.State.Running}}", "lk-api-detach").stdout.strip() == "true"
+    cid = lab.container("lk-api-detach").id
+
+    s, got = _hijack(f"/v1.41/containers/{cid}/attach?stream=1&stdin=1&stdout=1&detachKeys=ctrl-x,x")
+    with s:
+        s.sendall(b"echo raw-$((3*3))\n")
+        _read_until(s, b"raw-9", got)
+        s.sendall(b"\x18x")
+        assert _hung_up(s), "the daemon ended the attach at the client's detach keys"
+    assert docker(env, "inspect", "-f", "{{.State.Running}}", "lk-api-detach").stdout.strip() == "true"
+
+    answer = _raw(b"POST /v1.41/containers/%s/attach?stream=1&stdin=1&stdout=1&detachKeys=ctrl-9 HTTP/1.1\r\n"
+                  b"Connection: close\r\n\r\n" % cid.encode())
+    assert answer.startswith(b"HTTP/1.1 400") and b"Invalid detach keys" in answer, answer[:300]
+
+    body = json.dumps({"Cmd": ["sh"], "Tty": True, "AttachStdin": True, "AttachStdout": True,
+                       "DetachKeys": "ctrl-x,x"}).encode()
+    made = _raw(b"POST /v1.41/containers/%s/exec HTTP/1.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (cid.encode(), len(body)) + body)
+    eid = json.loads(made.partition(b"\r\n\r\n")[2])["Id"]
+    s, got = _hijack(f"/v1.41/exec/{eid}/start", json.dumps({"Tty": True}).encode())
+    with s:
+        s.sendall(b"echo in-exec-$((5*5))\n")
+        _read_until(s, b"in-exec-25", got)
+        s.sendall(b"\x18x")
+        assert _hung_up(s), "the daemon ended exec's stream at the detach keys"
+    time.sleep(0.5)
+    state = json.loads(_raw(b"GET /v1.41/exec/%s/json HTTP/1.1\r\nConnection: close\r\n\r\n" % eid.encode())
+                       .partition(b"\r\n\r\n")[2])
+    assert state["Running"] is True and state["DetachKeys"] == "ctrl-x,x", "the exec'd shell goes on"
+
+    with Tmux("lk-api-attach", cli + ["attach", "lk-api-detach"]) as term:
+        term.prompt()
+        term.type("exit 9")
+        assert term.exit_code() == 9, "docker attach ends with the container's exit code"
+    docker(env, "rm", "lk-api-detach")

@@ -67,6 +67,25 @@ def test_lifecycle_verb_by_verb(lab):
     lab.prune()
 
 
+def test_rmi_force_untags_from_under_a_stopped_container_never_a_running_one(lab):
+    lab.tag("busybox", "t-rmif:v1")
+    c = lab.create("t-rmif:v1", ["sleep", "60"], name="t-rmif", network=None)
+    try:
+        c.start()
+        with pytest.raises(Conflict, match="cannot be forced"):
+            lab.rmi("t-rmif:v1", force=True)
+        c.stop(timeout=0)
+        with pytest.raises(Conflict, match="rmi -f"):
+            lab.rmi("t-rmif:v1")
+        lab.rmi("t-rmif:v1", force=True)
+        assert "t-rmif:v1" not in [i["ref"] for i in lab.images()]
+        lab.prune()  # the container's layers stay: its own image.json names them
+        c.start()
+        assert c.status == "running", "the stopped container starts again without its image's name"
+    finally:
+        c.rm(force=True)
+
+
 def test_run_foreground_returns_exit_code_and_output(lab):
     res = lab.run_container("busybox", ["sh", "-c", "echo out; echo err >&2; exit 7"], detach=False, rm=True,
                             name="t-fg", network=None)

@@ -25,7 +25,7 @@ import urllib.parse
 
 from ..wire.errors import Conflict, InvalidSpec, LabkitError, NotFound
 from ..wire.specs import RUN_DIR, ContainerSpec, ImageRef, NetworkSpec
-from ..wire.words import container_status, signal_number
+from ..wire.words import Detach, container_status, detach_keys, signal_number
 from . import engine, enter, kernel, network, registry, store
 from .oci import OCI_ARCH
 from .state import private_dir, read_json, write_json
@@ -182,6 +182,17 @@ def _relay_frames(proc, w, stdout, stderr):
                     w.write(_frame(data, key.data[0]))
     finally:
         sel.close()
+
+
+def _detach_keys(spec):
+    """The detach keys a client asked for (``detachKeys``, exec's ``DetachKeys``), Docker's ctrl-p,ctrl-q when it
+    asked for none; a 400 that says the format for keys that are not."""
+    if spec in (None, ""):
+        return detach_keys()
+    try:
+        return detach_keys(spec)
+    except ValueError as exc:
+        raise HTTPError(400, f"Invalid detach keys ({spec}) provided: {exc}") from None
 
 
 def _frame(data, stream=1):
@@ -594,8 +605,8 @@ class EngineAPI:
                                          f"{exc.message}") from None
                 raise
             finally:
-                for fd, _, _ in attach:  # the supervisor has its own copies
-                    os.close(fd)
+                for a in attach:  # the supervisor has its own copies
+                    os.close(a[0])
         self._auto_remove_later(cid)
         return 204, None
 
@@ -719,6 +730,7 @@ class EngineAPI:
         cfg = engine._config(cid)
         tty = bool(cfg.get("tty"))
         stdin = req.flag("stdin") and bool(cfg.get("open_stdin"))  # Docker's rule: no OpenStdin, no stdin
+        keys = _detach_keys(req.arg("detachKeys")) if tty and stdin else None  # typed, they end this attach
         to_supervisor = tty or stdin
         path = f"{engine.roots.container_dir(cid)}/container.log"
         # logs=1: what it wrote before, then what it writes (a terminal's too, from the log, before the live stream)
@@ -736,7 +748,7 @@ class EngineAPI:
                             waiting = self.pending.setdefault(cid, [])
                             if len(waiting) >= 32:
                                 raise HTTPError(409, f"32 clients already wait for {cid} to start")
-                            waiting.append((fd, stdin, tty and req.flag("stdout")))
+                            waiting.append((fd, stdin, tty and req.flag("stdout"), keys))
                             fd = None
             except BaseException:
                 if fd is not None:
@@ -753,7 +765,7 @@ class EngineAPI:
                     w.write(data if tty else _frame(data))
         if to_supervisor and req.flag("stream") and fd is not None:
             try:
-                engine.attach(cid, fd, stdin, tty and req.flag("stdout"))
+                engine.attach(cid, fd, stdin, tty and req.flag("stdout"), keys)
             finally:
                 os.close(fd)
         if follow:
@@ -775,7 +787,8 @@ class EngineAPI:
         """`docker exec`, first half: what to run (kept here, as dockerd keeps it), nothing started yet."""
         body = req.json()
         unsupported = [k for k, v in body.items() if k not in self.EXEC_FIELDS and not _empty(v)]
-        unsupported += [k for k in ("Privileged", "User", "DetachKeys") if not _empty(body.get(k))]
+        unsupported += [k for k in ("Privileged", "User") if not _empty(body.get(k))]
+        detach = _detach_keys(body.get("DetachKeys"))
         if unsupported:
             raise HTTPError(400, f"labkit's Engine API does not do exec's {', '.join(sorted(unsupported))} (yet): "
                                  "leave them out")
@@ -808,7 +821,8 @@ class EngineAPI:
                 raise HTTPError(503, f"{len(self.execs)} execs are running: wait for some to end")
             self.execs[eid] = {"created": time.monotonic(), "cid": cid, "cmd": cmd, "env": env, "cwd": cwd, "tty": bool(body.get("Tty")),
                                "stdin": bool(body.get("AttachStdin")), "stdout": bool(body.get("AttachStdout")),
-                               "stderr": bool(body.get("AttachStderr")), "size": size, "started": False,
+                               "stderr": bool(body.get("AttachStderr")), "size": size, "started": False, "detach": detach,
+                               "detach_spec": body.get("DetachKeys") or "",
                                "running": False, "exit_code": None, "pid": 0, "master": None}
         return 201, {"Id": eid}
 
@@ -881,14 +895,25 @@ class EngineAPI:
         else:
             self._stream_head(w)
         sink = master if master is not None else (proc.stdin.fileno() if proc.stdin else None)
+        gone = threading.Event()  # detached: the program goes on, its terminal's output is read and dropped
 
-        def feed():  # what the client types, to the program, until the client ends its input
+        def feed():  # what the client types, to the program, until the client ends its input (or detaches)
+            watch = Detach(ex["detach"]) if master is not None else None
             try:
                 while True:
                     data = c.recv(65536)
                     if not data:
                         break
-                    os.write(sink, data)
+                    detached = False
+                    if watch is not None:
+                        data, detached = watch.feed(data)
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(sink, view):]
+                    if detached:
+                        gone.set()
+                        c.shutdown(socket.SHUT_RDWR)  # the client's stream ends here; the program's does not
+                        break
             except OSError:
                 pass
             finally:
@@ -906,7 +931,12 @@ class EngineAPI:
                         break
                     if not data:
                         break
-                    w.write(data)
+                    if not gone.is_set():
+                        try:
+                            w.write(data)
+                        except OSError:
+                            if not gone.is_set():
+                                raise
             else:
                 _relay_frames(proc, w, ex["stdout"], ex["stderr"])
         finally:
@@ -925,7 +955,7 @@ class EngineAPI:
         return {"ID": id, "ContainerID": ex["cid"], "Running": ex["running"],
                 "ExitCode": ex["exit_code"] if ex["exit_code"] is not None else (None if ex["running"] else 0),
                 "Pid": ex["pid"], "OpenStdin": ex["stdin"], "OpenStdout": ex["stdout"], "OpenStderr": ex["stderr"],
-                "CanRemove": False, "DetachKeys": "",
+                "CanRemove": False, "DetachKeys": ex["detach_spec"],
                 "ProcessConfig": {"tty": ex["tty"], "entrypoint": ex["cmd"][0], "arguments": ex["cmd"][1:],
                                   "privileged": False, "user": ""}}
 
@@ -934,7 +964,7 @@ class EngineAPI:
             cid = engine._resolve(id)
             engine.rm(cid, force=req.flag("force"))
         with self.lock_attached:
-            for fd, _, _ in self.pending.pop(cid, []):  # attached to a start that will never come
+            for fd, *_ in self.pending.pop(cid, []):  # attached to a start that will never come
                 os.close(fd)
         _drop_extra(cid)
         return 204, None
@@ -1193,7 +1223,7 @@ class EngineAPI:
             if users and not req.flag("force"):
                 raise HTTPError(409, f"conflict: unable to remove repository reference \"{name}\" (must force) - "
                                      f"container {users[0]} is using its referenced image")
-            engine.rmi(name)
+            engine.rmi(name, force=req.flag("force"))  # (-f: refused only under a running container)
         return [{"Untagged": str(ImageRef.parse(name))}]
 
     # -- networks ---------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import time
 
 from ..wire.arch import CAPS, DOCKER_DEFAULT_CAPS, normalize_caps
 from ..wire.errors import Conflict, InvalidSpec, LabkitError, MechanismError, NotFound
+from ..wire.words import detach_keys
 from ..wire.specs import CONTAINERS_DIR, RUN_DIR, STATE_DIR, ContainerSpec, ImageRef, NetworkSpec, PortSpec, ProcessSpec, check_name
 from . import cgroups, enter, network, roots, store, supervisor
 from .launch import CONTAINER_PATH
@@ -29,6 +30,7 @@ from .state import private_dir, read_json, set_aside, write_json
 
 NAMES = STATE_DIR + "/names"
 RUNTIME = RUN_DIR + "/containers"
+DETACH = detach_keys()  # Docker's Ctrl-P Ctrl-Q
 NAMESPACES = ("uts", "pid", "mnt", "ipc", "net", "cgroup")
 
 
@@ -215,7 +217,7 @@ def start(ref, timeout=30):
 
 def start_attached(ref, attach, timeout=30):
     """:func:`start`, with clients attached before the program runs (the Engine API's attach-then-start):
-    ``attach`` = [(socket fd, stdin, stdout)], given to the supervisor with the start. Not an agent method:
+    ``attach`` = [(socket fd, stdin, stdout[, detach keys])], given to the supervisor with the start. Not an agent method:
     file descriptors do not cross the wire."""
     cid, cfg, rec, rt, args = _prepare(ref, "supervised")
     watch = {"owner": cid, "start": f"{rt}/start.json", "exit": f"{rt}/exit.json", "network": cfg["network"] or None,
@@ -238,11 +240,12 @@ def start_attached(ref, attach, timeout=30):
     return _started(cid, cfg, rec, rt, timeout)
 
 
-def run_attached(ref, timeout=30):
+def run_attached(ref, timeout=30, detach=None):
     """`docker run -it`/`start -a`: returns the container's exit code. A container made with a terminal (-t)
     is started under the supervisor like any other, and this process attaches to its terminal as the docker
     CLI does (its keys in, its output out, the window's size); without one (-i alone) the container's stdio is
-    this process's own.
+    this process's own. With -i and -t, typing the ``detach`` keys (bytes; Ctrl-P Ctrl-Q when None) leaves
+    the container running without this terminal: None is returned.
 
     Only for a client on the target itself (the CLI as root): over sudo or SSH, stdin and stdout carry
     the agent's protocol and cannot be handed to a container."""
@@ -257,10 +260,7 @@ def run_attached(ref, timeout=30):
             start_attached(cid, [(theirs.fileno(), keys, True)], timeout)
         finally:
             theirs.close()
-        with ours:
-            enter.relay_terminal(ours.fileno(), lambda h, w: resize(cid, h, w), keys=keys)
-        _wait_exit(cid, 10)
-        return (_state(cid)[1] or {}).get("exit_code")
+        return _relay_to_end(cid, ours, keys, detach)
     cid, cfg, rec, rt, args = _prepare(ref, "attach")
     outcome = {}
     watcher = threading.Thread(target=lambda: outcome.update(started=_started(cid, cfg, rec, rt, timeout)),
@@ -275,9 +275,44 @@ def run_attached(ref, timeout=30):
     return ex.get("exit_code", code) if isinstance(ex, dict) else code
 
 
-def attach(ref, fd, stdin, stdout):
+def _relay_to_end(cid, ours, keys, detach):
+    """This terminal relayed to container ``cid``'s through ``ours`` (a socket the supervisor holds the other end
+    of) until it ends (its exit code) or the detach keys are typed (None)."""
+    with ours:
+        if enter.relay_terminal(ours.fileno(), lambda h, w: resize(cid, h, w), keys=keys,
+                                detach=(detach or DETACH) if keys else None):
+            return None
+    _wait_exit(cid, 10)
+    return (_state(cid)[1] or {}).get("exit_code")
+
+
+def attach_here(ref, detach=None):
+    """`docker attach`: this terminal to running container ``ref``'s (made with -t), its keys in when it has a
+    stdin (-i), until it ends (its exit code) or the detach keys are typed (None). Only for a client on the
+    target itself, as :func:`run_attached`."""
+    import socket
+    cid = _resolve(ref)
+    cfg = _config(cid)
+    if not cfg.get("tty"):
+        raise Conflict(f"container {cfg['name']} has no terminal to attach to (labkit attaches to -t containers)",
+                       fix=f"follow its output: labkit logs -f {cfg['name']}")
+    if cfg.get("open_stdin") and not os.isatty(0):  # Docker's rule and words, as for run -t
+        raise LabkitError("the input device is not a TTY", fix="attach from a terminal", exit_code=1)
+    ours, theirs = socket.socketpair()
+    try:
+        attach(cid, theirs.fileno(), bool(cfg.get("open_stdin")), True)
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    return _relay_to_end(cid, ours, bool(cfg.get("open_stdin")), detach)
+
+
+def attach(ref, fd, stdin, stdout, detach=None):
     """A client's connection (``fd``) to running container ``ref``'s terminal (-t) or stdin (-i), through the
-    supervisor that holds them. Not an agent method, as :func:`start_attached`."""
+    supervisor that holds them (``detach``: keys, bytes, that end it when typed to a terminal). Not an agent
+    method, as :func:`start_attached`."""
     cid = _resolve(ref)
     cfg = _config(cid)
     if not _state(cid)[2]:
@@ -285,7 +320,7 @@ def attach(ref, fd, stdin, stdout):
     if not (cfg.get("tty") or cfg.get("open_stdin")):
         raise Conflict(f"container {cfg['name']} has neither a terminal nor a stdin to attach to",
                        fix="create it with -t and/or -i")
-    return supervisor.attach(cid, fd, stdin, stdout, _supervisor_of(cid))
+    return supervisor.attach(cid, fd, stdin, stdout, _supervisor_of(cid), detach)
 
 
 def _supervisor_of(cid):
@@ -384,6 +419,43 @@ def rm(ref, force=False):
             os.unlink(path)
     run(["rm", "-rf", f"{RUNTIME}/{cid}"], recorder=rec)
     return rec.to_dict(id=cid, name=cfg["name"])
+
+
+AUTO_REMOVE = "auto-remove"  # in a container's runtime directory: its supervisor removes it when it ends
+
+
+def auto_remove(ref):
+    """``run --rm`` for a container that goes on without its client (detached from ``run --rm -it`` with the
+    detach keys): marked, and removed by its supervisor when it ends (:func:`main`), or now if it already has.
+    (Both sides look after writing: one of them sees the other's mark, and a second rm finds nothing.)"""
+    cid = _resolve(ref)
+    os.makedirs(f"{RUNTIME}/{cid}", mode=0o700, exist_ok=True)
+    with open(f"{RUNTIME}/{cid}/{AUTO_REMOVE}", "w"):
+        pass
+    if not _state(cid)[2]:
+        _remove_marked(cid)
+    return {"id": cid}
+
+
+def _remove_marked(cid):
+    if os.path.exists(f"{RUNTIME}/{cid}/{AUTO_REMOVE}"):
+        try:
+            rm(cid, force=True)
+        except NotFound:
+            pass  # removed meanwhile: by the other side, or by the user
+
+
+def main(argv=None):
+    """``python -m labkit.agent.engine autoremove CID``: what the supervisor starts when a container marked by
+    :func:`auto_remove` ends (a process of its own: a removal unmounts and deletes, which the supervisor's loop
+    must not wait for)."""
+    import sys
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2 or args[0] != "autoremove" or not re.fullmatch(r"[0-9a-f]{12}", args[1]):
+        print("usage: python -m labkit.agent.engine autoremove CONTAINER-ID", file=sys.stderr)
+        return 2
+    _remove_marked(args[1])
+    return 0
 
 
 def _row(cid):
@@ -521,13 +593,23 @@ def image_in_use(ref):
     return [r["name"] for r in ps(all=True) if r["image"] == ref]
 
 
-def rmi(ref):
+def rmi(ref, force=False):
     """`docker rmi`: the one way to remove an image's name; refused while any container (running or not)
-    was made from it."""
-    users = image_in_use(ref)
-    if users:
-        raise Conflict(f"conflict: unable to remove image {ImageRef.parse(ref)}: it is used by container(s) "
-                          f"{', '.join(users)}", fix=f"remove the container first: labkit rm {users[0]}")
+    was made from it. ``force`` (`rmi -f`) removes the name from under stopped containers, never from under
+    a running one, as Docker; a container keeps its layers (its own image.json), which prune leaves."""
+    if not isinstance(force, bool):
+        raise InvalidSpec(f"force must be true or false, not {force!r}")
+    ref = str(ImageRef.parse(ref))
+    users = [r for r in ps(all=True) if r["image"] == ref]
+    running = [r["name"] for r in users if r["running"]]
+    if running and force:
+        raise Conflict(f"conflict: unable to remove image {ref} (cannot be forced): it is used by running "
+                       f"container(s) {', '.join(running)}", fix=f"stop it first: labkit stop {running[0]}")
+    if users and not force:
+        raise Conflict(f"conflict: unable to remove image {ref}: it is used by container(s) "
+                       f"{', '.join(r['name'] for r in users)}",
+                       fix=f"remove the container first (labkit rm {users[0]['name']}), or rmi -f (the stopped "
+                           "container keeps its layers)")
     return store.rmi(ref)
 
 
@@ -551,3 +633,7 @@ def _kill_containers(rec):
             pid = recorded_process(st, key)
             if pid:
                 rec.kill(pid, signal.SIGKILL)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

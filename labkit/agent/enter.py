@@ -16,6 +16,7 @@ import signal
 import sys
 
 from ..wire.errors import MechanismError
+from ..wire.words import Detach
 from . import kernel
 from .runner import close_sealed_python
 
@@ -70,12 +71,14 @@ def start_entered(spec, tty=False, stdin=False, output=True):
                             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stdout=out, stderr=out), None
 
 
-def relay_terminal(fd, resize=None, keys=True):
+def relay_terminal(fd, resize=None, keys=True, detach=None):
     """This process's terminal to ``fd`` (a terminal's master, or a socket to one) and back, as the docker CLI
     does for -it: raw mode (so Ctrl-C travels as a byte and the container's terminal makes it a SIGINT there),
     the window's size sent with ``resize(rows, cols)`` now and on every SIGWINCH, until ``fd`` has nothing more
-    to say. Without ``keys`` (-t without -i) nothing typed is sent, and the terminal is left as it is. The
-    terminal's settings are restored however it ends."""
+    to say. Without ``keys`` (-t without -i) nothing typed is sent, and the terminal is left as it is. With
+    ``detach`` (the detach keys as bytes, :func:`labkit.wire.words.detach_keys`), typing them ends the relay
+    at once and returns True: the program goes on without this terminal. The terminal's settings are
+    restored however it ends."""
     import select
     import termios
     import tty
@@ -91,6 +94,7 @@ def relay_terminal(fd, resize=None, keys=True):
                 pass
     previous = signal.signal(signal.SIGWINCH, winch)
     reading = keys
+    watch = Detach(detach) if detach and keys else None
     try:
         if saved is not None:
             tty.setraw(stdin)
@@ -112,9 +116,15 @@ def relay_terminal(fd, resize=None, keys=True):
                 if not data:
                     reading = False  # our input ended; the container's output may go on
                     continue
+                detached = False
+                if watch is not None:
+                    data, detached = watch.feed(data)
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view):]
+                if detached:
+                    return True
+        return False
     finally:
         if saved is not None:
             termios.tcsetattr(stdin, termios.TCSADRAIN, saved)

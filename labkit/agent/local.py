@@ -42,10 +42,23 @@ class InProcess(Channel):
         return protocol.decode(self._server.encode_answer(answer), sender="agent")
 
 
-def run_attached(cid):
-    """Attach this terminal to container ``cid`` and run it to its end; its exit code."""
+def run_attached(cid, detach=None):
+    """Attach this terminal to container ``cid`` and run it to its end; its exit code (None: detached with the
+    ``detach`` keys, bytes, and the container goes on)."""
     from . import engine
-    return engine.run_attached(cid)
+    return engine.run_attached(cid, detach=detach)
+
+
+def attach_here(ref, detach=None):
+    """`attach`: this terminal to running container ``ref``'s; its exit code, or None when detached."""
+    from . import engine
+    return engine.attach_here(ref, detach=detach)
+
+
+def auto_remove(ref):
+    """`run --rm` for a container left running by a detach: removed when it ends."""
+    from . import engine
+    return engine.auto_remove(ref)
 
 
 def exec_attached(ref, argv, stdin=True, tty=False):

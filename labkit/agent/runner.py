@@ -291,6 +291,12 @@ def helper_argv(module, *args):
     """(argv, pass_fds) that run the agent's helper module ``module`` (``"launch"``, ``"enter"``, ``"forkserver"``)
     with ``args``, as ``python -m labkit.agent.<module>``, from this Python's sealed copy (:func:`sealed_python`).
     The one place such an argv is made; run it with :func:`env_for_children` (:func:`start_helper` does)."""
+    try:  # a helper that starts a helper (the supervisor): it runs from the sealed copy already, and the copy's
+        # path cannot be opened again to copy it (it reads /memfd:labkit-python (deleted))
+        if os.readlink("/proc/self/exe").startswith(f"/memfd:{SEALED_NAME}"):
+            return ["/proc/self/exe", "-m", f"{__package__}.{module}", *[str(a) for a in args]], ()
+    except OSError:
+        pass
     fd = sealed_python()
     return [f"/proc/self/fd/{fd}", "-m", f"{__package__}.{module}", *[str(a) for a in args]], (fd,)
 

@@ -134,7 +134,7 @@ METHODS = {
     "image.build": build.build,
     "image.commit": roots.commit,
     "image.tag": store.tag,
-    "image.rmi": engine.rmi,  # the one route: refused while a container uses the image
+    "image.rmi": engine.rmi,  # the one route: refused while a container uses the image (-f: a running one)
     "image.export": oci.export_oci,
     "image.import": oci.import_oci,
     "image.busybox": store.ensure_busybox,

@@ -32,6 +32,7 @@ import time
 
 from ..wire.errors import MechanismError
 from ..wire.specs import RUN_DIR, NetworkSpec
+from ..wire.words import Detach
 from . import forkserver, kernel
 from .runner import close_sealed_python, start_helper
 
@@ -95,11 +96,18 @@ def _watch_ok(watch):
 
 
 def _attach_specs(specs, n):
+    """Each attached client: stdin and stdout (bools), and ``detach``: its detach keys in hex ("" for none: the
+    client watches for them itself, or has no stdin)."""
     if not isinstance(specs, list) or len(specs) != n or not all(
-            isinstance(a, dict) and isinstance(a.get("stdin"), bool) and isinstance(a.get("stdout"), bool)
+            isinstance(a, dict) and isinstance(a.get("stdin"), bool) and isinstance(a.get("stdout"), bool) and
+            isinstance(a.get("detach", ""), str) and re.fullmatch(r"(?:[0-9a-f]{2}){0,16}", a.get("detach", ""))
             for a in specs):
         return None
     return specs
+
+
+def _attach_spec(stdin, stdout, detach=None):
+    return {"stdin": bool(stdin), "stdout": bool(stdout), "detach": bytes(detach or b"").hex()}
 
 
 def _socket(fd):
@@ -140,13 +148,15 @@ class _Stdio:
     def sink(self):
         return self.master if self.tty else self.stdin_w
 
-    def add(self, conn, stdin, stdout):
+    def add(self, conn, stdin, stdout, detach=""):
         """A client's connection. Its socket stays as it is (blocking): the daemon shares the very same open
-        file, so O_NONBLOCK set here would be set there too; this side reads and writes with MSG_DONTWAIT."""
+        file, so O_NONBLOCK set here would be set there too; this side reads and writes with MSG_DONTWAIT.
+        ``detach`` (hex): keys that, typed to a terminal, end this client's attachment (Docker's detach)."""
         if len(self.conns) >= MAX_CLIENTS:
             conn.close()
             return
-        self.conns[conn] = {"in": stdin, "out": stdout and self.tty, "buf": bytearray(), "eof": not stdin}
+        self.conns[conn] = {"in": stdin, "out": stdout and self.tty, "buf": bytearray(), "eof": not stdin,
+                            "detach": Detach(bytes.fromhex(detach)) if detach and stdin and self.tty else None}
         self.had_input = self.had_input or stdin
         self.update()
 
@@ -244,7 +254,12 @@ class _Stdio:
                 if not c["out"] or not self.tty:
                     return self._drop(conn)
             elif data and c["in"] and self.sink is not None:
+                detached = False
+                if c["detach"] is not None:
+                    data, detached = c["detach"].feed(data)
                 self.inbuf += data
+                if detached:  # the container goes on; this client is done (what it typed before goes in)
+                    return self._drop(conn)
         if mask & selectors.EVENT_WRITE and c["buf"]:
             try:
                 n = conn.send(c["buf"][:1 << 20], socket.MSG_DONTWAIT)
@@ -412,7 +427,7 @@ class Duties:
             for fd, a in zip(conn_fds, req.get("attach") or []):
                 conn = _socket(fd)
                 if conn is not None:
-                    io.add(conn, a["stdin"], a["stdout"])
+                    io.add(conn, a["stdin"], a["stdout"], a.get("detach", ""))
             io.update()
         else:
             for fd in conn_fds:
@@ -493,6 +508,12 @@ class Duties:
         io = self.stdios.get(watch["owner"])
         if io is not None:
             io.container_ended()
+        if os.path.exists(os.path.join(os.path.dirname(watch["exit"]), "auto-remove")):
+            # (engine.auto_remove: a detached `run --rm -it`) removed by a process of its own; reaped here
+            try:
+                start_helper("engine", "autoremove", watch["owner"])
+            except Exception as exc:  # noqa: BLE001 - reported in the log; `labkit rm` is still there
+                print(f"container {watch['owner']}: removing it failed: {exc}", flush=True)
 
     # -- requests other than a launch ---------------------------------------------------------------------
     def request(self, req, conn, fds):
@@ -501,12 +522,12 @@ class Duties:
         try:
             owner = req.get("owner")
             io = self.stdios.get(owner) if isinstance(owner, str) else None
-            if req["op"] == "attach" and len(fds) == 1 and io is not None and \
-                    _attach_specs([{"stdin": req.get("stdin"), "stdout": req.get("stdout")}], 1):
-                conn = _socket(fds.pop())
-                if conn is None:
+            if req["op"] == "attach" and len(fds) == 1 and io is not None and _attach_specs(
+                    [{"stdin": req.get("stdin"), "stdout": req.get("stdout"), "detach": req.get("detach", "")}], 1):
+                client = _socket(fds.pop())  # (not ``conn``: that one gets the answer)
+                if client is None:
                     raise OSError("what was handed over is not a connection")
-                io.add(conn, req["stdin"], req["stdout"])
+                io.add(client, req["stdin"], req["stdout"], req.get("detach", ""))
             elif req["op"] == "resize" and io is not None and io.tty and not fds and \
                     all(isinstance(req.get(k), int) and 0 < req[k] < 10000 for k in ("h", "w")):
                 if io.master is not None:
@@ -531,10 +552,10 @@ class Duties:
 def supervise(argv, stdin, stdout, stderr, watch, attach=()):
     """Fork a container's launcher from the supervisor (started here when none runs), which adopts the container
     when the launcher leaves. ``watch`` = {owner (the container id), start, exit (its report files), network,
-    tty, stdin}; ``attach`` = [(socket fd, stdin, stdout)]: clients to connect before the program runs, so that
-    they miss nothing of it. Returns the launcher's :class:`~labkit.agent.forkserver.Child`."""
-    req = {"argv": argv, "watch": watch, "attach": [{"stdin": bool(i), "stdout": bool(o)} for _, i, o in attach]}
-    fds = [stdin, stdout, stderr] + [fd for fd, _, _ in attach]
+    tty, stdin}; ``attach`` = [(socket fd, stdin, stdout[, detach keys])]: clients to connect before the program
+    runs, so that they miss nothing of it. Returns the launcher's :class:`~labkit.agent.forkserver.Child`."""
+    req = {"argv": argv, "watch": watch, "attach": [_attach_spec(*a[1:]) for a in attach]}
+    fds = [stdin, stdout, stderr] + [a[0] for a in attach]
     return _with_supervisor(lambda conn: forkserver._request(conn, req, fds))
 
 
@@ -544,10 +565,10 @@ def spawn(argv, stdin, stdout, stderr):
     return _with_supervisor(lambda conn: forkserver._request(conn, {"argv": argv}, [stdin, stdout, stderr]))
 
 
-def attach(owner, fd, stdin, stdout, ident=None):
+def attach(owner, fd, stdin, stdout, ident=None, detach=None):
     """Hand a client's connection (``fd``) to the supervisor (``ident``: the one that started it) for running
-    container ``owner``'s terminal or stdin."""
-    return _ask({"op": "attach", "owner": owner, "stdin": bool(stdin), "stdout": bool(stdout)}, [fd], ident)
+    container ``owner``'s terminal or stdin; ``detach``: keys (bytes) that end it, typed to a terminal."""
+    return _ask({"op": "attach", "owner": owner, **_attach_spec(stdin, stdout, detach)}, [fd], ident)
 
 
 def resize(owner, h, w, ident=None):

@@ -245,9 +245,10 @@ class Lab:
     def tag(self, src, dst):
         return Record(self.call("image.tag", src=str(ImageRef.parse(src)), dst=str(ImageRef.parse(dst))))
 
-    def rmi(self, ref):
-        """`docker rmi`: refused while any container (running or not) was made from the image."""
-        return Record(self.call("image.rmi", ref=str(ImageRef.parse(ref))))
+    def rmi(self, ref, force=False):
+        """`docker rmi`: refused while any container (running or not) was made from the image; ``force``
+        (`rmi -f`): refused only while a running one was."""
+        return Record(self.call("image.rmi", ref=str(ImageRef.parse(ref)), force=bool(force)))
 
     def pull(self, ref, username=None, password=None):
         """Pull an image from a registry (OCI distribution API; digests verified)."""

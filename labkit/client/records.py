@@ -5,7 +5,6 @@ operations), their results and durations, and the facts they established. :class
 attribute access and a faithful rendering: it shows only steps the agent reports having run.
 Standard library only.
 """
-import html
 import json
 
 
@@ -80,6 +79,7 @@ class Record(dict):
         return self.text()
 
     def _repr_html_(self):
+        import html  # (only a notebook shows HTML: the CLI does not pay for the import)
         rows = []
         for s in self.steps:
             what, res = step_text(s)
@@ -98,6 +98,7 @@ class Record(dict):
 
 
 def html_table(rows, columns, title=None, status_key=None):
+    import html
     colors = {"ok": "#d4edda", "warn": "#fff3cd", "missing": "#f8d7da"}
     out = [f"<b>{html.escape(title)}</b>" if title else "", "<table>",
            "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>"]

@@ -16,7 +16,6 @@ Each is a :class:`labkit.wire.channel.Channel` (``Transport`` is the same class)
 packs the standard-library-only part of labkit (its ``__init__``, the wire, the agent) into one file. The client core in
 this module is standard library only; paramiko is imported only by the SSH transport.
 """
-import base64
 import binascii
 import collections
 import io
@@ -24,8 +23,6 @@ import math
 import os
 import re
 import select
-import shlex
-import subprocess
 import sys
 import threading
 import time
@@ -277,6 +274,7 @@ class Subprocess(_Stream):
         self.name, self.argv, self._fix = name, list(argv), fix
         self._errbuf = bytearray()
         try:
+            subprocess = _lazy("subprocess")
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          stderr=subprocess.PIPE, start_new_session=True)
         except OSError as exc:
@@ -302,7 +300,7 @@ class Subprocess(_Stream):
         return self._fix
 
     def describe(self):
-        return f"{self.name}: {' '.join(shlex.quote(a) for a in self.argv)}"
+        return f"{self.name}: {' '.join(_lazy('shlex').quote(a) for a in self.argv)}"
 
     def close(self):
         proc = getattr(self, "proc", None)
@@ -314,7 +312,7 @@ class Subprocess(_Stream):
             pass
         try:
             proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
+        except _lazy("subprocess").TimeoutExpired:
             proc.kill()
             proc.wait()
 
@@ -448,7 +446,7 @@ _FINGERPRINT = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
 def fingerprint(key):
     """OpenSSH's SHA256 fingerprint of a public key (a paramiko key), e.g. ``SHA256:uN...``."""
     digest = _lazy('hashlib').sha256(key.asbytes()).digest()
-    return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
+    return "SHA256:" + _lazy("base64").b64encode(digest).decode("ascii").rstrip("=")
 
 
 def _short_type(key_type):
@@ -791,6 +789,7 @@ class SSH(_Stream):
             remote_uid = self._exec_simple("id -u").strip()
             if sudo is None:
                 sudo = remote_uid != "0"
+            shlex = _lazy("shlex")
             if remote_agent is None and remote_checkout and self._has_checkout(remote_checkout):
                 # the synced checkout (the lab VM): edits on the host reach the agent with `vagrant rsync`
                 agent = f"env PYTHONPATH={shlex.quote(remote_checkout)} {shlex.quote(python)} -m labkit.agent"
@@ -816,7 +815,7 @@ class SSH(_Stream):
         return ssh_exec(self.client, cmd, data=data, fix=self._fix, where=self.host)
 
     def _has_checkout(self, path):
-        probe = f"test -f {shlex.quote(path)}/labkit/agent/server.py && echo have || echo none"
+        probe = f"test -f {_lazy('shlex').quote(path)}/labkit/agent/server.py && echo have || echo none"
         return self._exec_simple(probe).strip() == "have"
 
     def _ship_agent(self, python):

@@ -1,9 +1,12 @@
-"""Docker's words for a container's state and for signals, which the CLI and the Engine API both use.
+"""Docker's words for a container's state, for signals and for detach keys, which the CLI and the Engine API
+both use.
 
 ``docker ps`` says "Up 3 minutes", "Exited (0) About an hour ago", "Created" (go-units' HumanDuration for
 the time); `docker kill -s` takes a signal as a number or a name, with or without SIG. The agent (the Engine
 API) and the client (``labkit ps``, ``labkit kill``, ``lab.containers()``) use these functions so that both
-say and take the same. Standard library only.
+say and take the same; ``--detach-keys`` (Ctrl-P Ctrl-Q by default) is read and watched for by the same
+:class:`Detach` in the CLI's terminal relay, the supervisor's attached clients and the API's exec. Standard
+library only.
 """
 import signal
 import time
@@ -39,3 +42,57 @@ def container_status(row):
         code = row.get("exit_code")
         return f"Exited ({'?' if code is None else code}) {ago(row.get('finished'))} ago"
     return "Created"
+
+
+DETACH_KEYS = "ctrl-p,ctrl-q"  # Docker's default: type these in `run -it` or `attach` and the container goes on
+
+
+def detach_keys(spec=DETACH_KEYS):
+    """Docker's ``--detach-keys`` as bytes: comma-separated keys, each one letter, or ``ctrl-`` and a letter or
+    one of ``@ [ \\ ] ^ _``. ValueError that names the bad key."""
+    ctrl = {"@": 0, "[": 27, "\\": 28, "]": 29, "^": 30, "_": 31}
+    out = bytearray()
+    for key in str(spec).split(","):
+        k = key.strip().lower() if key.strip().lower().startswith("ctrl-") else key.strip()
+        if len(k) == 1 and k.isascii() and k.isalpha():
+            out.append(ord(k))
+        elif k.startswith("ctrl-") and len(k) == 6 and ("a" <= k[5] <= "z" or k[5] in ctrl):
+            out.append(ord(k[5]) - ord("a") + 1 if "a" <= k[5] <= "z" else ctrl[k[5]])
+        elif k == "ctrl-\\\\":  # the shell's way to write ctrl-\ in Docker's own examples
+            out.append(28)
+        else:
+            raise ValueError(f"invalid detach key {key!r} in {spec!r}: use a letter, or ctrl- and a letter or one "
+                             "of @ [ \\ ] ^ _, comma-separated (Docker's default is ctrl-p,ctrl-q)")
+    if not out or len(out) > 16:
+        raise ValueError(f"detach keys {spec!r}: give one to 16 keys, e.g. ctrl-p,ctrl-q")
+    return bytes(out)
+
+
+class Detach:
+    """Watches typed input for the detach keys. :meth:`feed` gives back what is to be passed on, and whether
+    the keys were typed (what came before them is passed on, they and what follows are not). The start of
+    the sequence is held back until the next key says whether it is the sequence (then it is dropped) or
+    not (then it is passed on), as Docker's escape proxy does."""
+
+    def __init__(self, keys=None):
+        self.keys = detach_keys() if keys is None else keys
+        self.held = bytearray()
+
+    def feed(self, data):
+        if not self.held and self.keys[0] not in data:
+            return data, False  # the usual case, a paste of 100 000 lines included: no byte-by-byte walk
+        out = bytearray()
+        for b in data:
+            if b == self.keys[len(self.held)]:
+                self.held.append(b)
+            else:
+                out += self.held
+                self.held.clear()
+                if b == self.keys[0]:
+                    self.held.append(b)
+                else:
+                    out.append(b)
+            if len(self.held) == len(self.keys):
+                self.held.clear()
+                return bytes(out), True
+        return bytes(out), False
