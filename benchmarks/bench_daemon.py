@@ -4,9 +4,10 @@
    request, the container's start and exit, its removal): through labkit's daemon, and in-process
    (``LABKIT_DAEMON=off``, what every labkit command did before the daemon), next to `crun run` on an OCI
    bundle over a busybox root (labkit's start-up rig, :func:`labkit.agent.measure.startup_prepare`).
-   Where the time goes, in the same rounds: `labkit --version` (the Python command's own floor: interpreter,
-   imports, arguments) and the same container made, started, waited for and removed by requests to the
-   daemon from this process (the engine's part, no process start). Interleaved after a warm-up, with the
+   Where the time goes, in the same rounds: `python -c pass` (this Python's own start and exit, its site
+   packages included: the floor of any Python client), `labkit --version` (the labkit command's floor:
+   interpreter, imports, arguments) and the same container made, started, waited for and removed by requests
+   to the daemon from this process (the engine's part, no process start). Interleaved after a warm-up, with the
    package's byte code compiled first (as an installed package has it); min / median / max milliseconds and
    each median's ratio to crun's.
 2. Memory of labkit's own processes per idle container (PSS from /proc/PID/smaps_rollup: the daemon, its
@@ -65,6 +66,7 @@ def start_times(runs):
     if "crun" in rig["runtimes"]:
         cases["crun run"] = None
     cases["labkit --version"] = ([sys.executable, "-m", "labkit.cli", "--version"], dict(os.environ))
+    cases["python -c pass"] = ([sys.executable, "-c", "pass"], dict(os.environ))
     cases["daemon requests only"] = "requests"
     times = {k: [] for k in cases}
     subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(REPO, "labkit")], check=True,

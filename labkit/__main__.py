@@ -1,6 +1,6 @@
-"""``python -m labkit ...``: the same command as ``labkit ...`` (:func:`labkit.cli.main`)."""
+"""``python -m labkit ...``: the same command as ``labkit ...`` (:func:`labkit.cli.command`)."""
 import sys
 
-from .cli import main
+from .cli import command
 
-sys.exit(main())
+sys.exit(command())

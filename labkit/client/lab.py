@@ -42,8 +42,8 @@ def connect(target="auto", local=None, **options):
     if t == "auto":
         t = os.environ.get("LABKIT_TARGET", "auto")
     if t == "auto":
-        from . import vagrant
         if sys.platform != "linux":
+            from . import vagrant
             if vagrant.is_configured():
                 return connect("vagrant", local=local, **options)
             raise UnsupportedHost(f"this machine runs {sys.platform}; the container side needs Linux")
@@ -52,6 +52,7 @@ def connect(target="auto", local=None, **options):
         try:
             return Lab(_t.sudo_transport(**options), target="sudo")
         except PrivilegeError:
+            from . import vagrant
             if vagrant.is_configured():
                 return connect("vagrant", local=local, **options)
             raise
