@@ -19,7 +19,7 @@ pytestmark = pytest.mark.privileged
 
 DOCKER = "/usr/bin/docker"  # Debian's client (the machine may have another docker earlier on PATH)
 NAMES = ("lk-api-web", "lk-api-one", "lk-api-sdk", "lk-api-exec", "lk-api-it", "lk-api-again", "lk-api-top",
-         "lk-api-detach")
+         "lk-api-detach", "lk-api-rmif")
 needs_docker = pytest.mark.skipif(not os.path.exists(DOCKER), reason="Debian's docker.io is not installed "
                                   "(scripts/setup.sh --dev installs it)")
 
@@ -43,7 +43,7 @@ def engine_api(tmp_path_factory):
                 lab.container(name).rm(force=True)
             except NotFound:
                 pass
-        for ref in ("lk-api/copy:v1",):
+        for ref in ("lk-api/copy:v1", "lk-api/rmif:v1"):
             try:
                 lab.rmi(ref)
             except NotFound:
@@ -459,3 +459,20 @@ def test_detach_keys_leave_the_container_running_for_the_cli_and_for_a_raw_clien
         term.type("exit 9")
         assert term.exit_code() == 9, "docker attach ends with the container's exit code"
     docker(env, "rm", "lk-api-detach")
+
+
+@needs_docker
+def test_rmi_force_untags_from_under_a_stopped_container_never_a_running_one(engine_api):
+    env, _ = engine_api
+    docker(env, "tag", "busybox", "lk-api/rmif:v1")
+    docker(env, "run", "-d", "--name", "lk-api-rmif", "--network", "none", "lk-api/rmif:v1", "sleep", "60")
+    res = docker(env, "rmi", "-f", "lk-api/rmif:v1", check=False)
+    assert res.returncode == 1 and "cannot be forced" in res.stderr and "lk-api-rmif" in res.stderr, res.stderr
+    docker(env, "stop", "-t", "0", "lk-api-rmif")
+    res = docker(env, "rmi", "lk-api/rmif:v1", check=False)
+    assert res.returncode == 1 and "must force" in res.stderr, "without -f a stopped container still holds it"
+    assert "Untagged: lk-api/rmif:v1" in docker(env, "rmi", "-f", "lk-api/rmif:v1").stdout
+    docker(env, "start", "lk-api-rmif")
+    assert docker(env, "inspect", "-f", "{{.State.Running}}", "lk-api-rmif").stdout.strip() == "true", \
+        "the container starts again: its layers stayed"
+    docker(env, "rm", "-f", "lk-api-rmif")
