@@ -13,8 +13,9 @@ import traceback
 
 from ..wire import protocol
 from ..wire.errors import InvalidSpec, LabkitError, PrivilegeError, UnsupportedHost
-from ..wire.specs import CgroupSpec, ContainerSpec, NetworkSpec, ProcessSpec, RootfsSpec
-from . import (build, cgroups, cleanup, daemon, doctor, engine, measure, namespaces, network, oci, process, registry,
+from ..wire.specs import CgroupSpec, ContainerSpec, NetworkSpec, NodeSpec, ProcessSpec, RootfsSpec
+from . import (build, cgroups, cleanup, daemon, doctor, engine, measure, namespaces, network, node, oci, process,
+               registry,
                roots, rootfs, store, vm, vmsandbox, workloads)
 from .runner import run as run_cmd
 
@@ -122,6 +123,11 @@ METHODS = {
     "proc.list": process.list_processes,
     "proc.inspect": process.inspect,
     "proc.exec": process.exec_in,
+    "node.create": _decoded(NodeSpec, node.create),  # a cluster's "machine" on this host (lab 09)
+    "node.inspect": node.inspect,
+    "node.list": node.list_nodes,
+    "node.kill": node.kill,
+    "node.remove": node.remove,
     "cgroup.create": _decoded(CgroupSpec, cgroups.create),
     "cgroup.stats": cgroups.stats,
     "cgroup.sample": cgroups.sample,

@@ -585,6 +585,39 @@ class NetworkSpec(Spec):
         return "lkbr-" + self.name
 
 
+@dataclass(frozen=True)
+class NodeSpec(Spec):
+    """A node of a cluster on one host (:mod:`labkit.agent.node`): a "machine" made of namespaces, a cgroup
+    subtree and labkit's engine. ``cluster`` 1-6 lower-case letters or digits, ``name`` a hostname of up to
+    15 characters; ``network``: the cluster's labkit network it joins (``ip`` on it, or the next free one)."""
+    cluster: str
+    name: str
+    network: str
+    ip: str | None = None
+
+    _what = "node"
+    _example = "{'cluster': 'demo', 'name': 'worker1', 'network': 'cldemo'}"
+
+    def __post_init__(self):
+        if not isinstance(self.cluster, str) or not re.fullmatch(r"[a-z0-9]{1,6}", self.cluster):
+            raise InvalidSpec(f"cluster name {self.cluster!r} is not allowed", fix="use 1-6 lower-case letters or "
+                                                                                  "digits, e.g. 'demo'")
+        if not isinstance(self.name, str) or not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?", self.name):
+            raise InvalidSpec(f"node name {self.name!r} is not allowed",
+                              fix="use 1-15 lower-case letters, digits or inner '-', e.g. 'worker1'")
+        NetworkSpec(name=self.network)
+        if self.ip is not None:
+            try:
+                ipaddress.IPv4Address(self.ip)
+            except (TypeError, ValueError):
+                raise InvalidSpec(f"node address {self.ip!r} is not an IPv4 address", fix="e.g. 10.209.0.11") from None
+
+    @property
+    def id(self):
+        """``<cluster>-<name>``: the node's state file, its process entry and cgroup names (node-<id>)."""
+        return f"{self.cluster}-{self.name}"
+
+
 def check_port(value, what="port"):
     """A TCP/UDP port: a whole number 1..65535 (never a string that reaches a shell)."""
     return whole_number(value, what, 1, 65535, "ports are whole numbers 1..65535, e.g. 8080")
