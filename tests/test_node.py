@@ -81,6 +81,14 @@ def test_a_node_is_a_machine_of_its_own_with_an_engine_and_a_published_port(clus
         assert len(pids) >= 3, "PID 1, the engine and the container at least"
     finally:
         eng.close()
+    lab.call("node.pause", node_id="tst-n1")
+    assert lab.call("node.inspect", node_id="tst-n1")["status"] == "paused"
+    with pytest.raises(OSError):
+        urllib.request.urlopen("http://10.209.7.11:8080/passwd", timeout=1).read()  # a hung machine
+    lab.call("node.resume", node_id="tst-n1")
+    assert "root:" in _http("http://10.209.7.11:8080/passwd") and \
+        lab.call("node.inspect", node_id="tst-n1")["status"] == "ready"
+    lab.call("node.pause", node_id="tst-n1")  # killed while frozen: it goes all the same
     lab.call("node.kill", node_id="tst-n1")
     assert lab.call("node.inspect", node_id="tst-n1")["status"] == "down"
     assert cgroups.pids("node-tst-n1") == [], "everything on the node went at once"

@@ -17,8 +17,9 @@ from ..wire.specs import CgroupSpec, check_name
 from . import devices
 from .runner import Recorder, read_text
 
-#: controllers labkit uses, by the name of their v1 hierarchy (on v2 the device controller is a BPF program)
-CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "cpuset", "devices")
+#: controllers labkit uses, by the name of their v1 hierarchy (on v2 the device controller is a BPF program and
+#: the freezer is every group's own cgroup.freeze)
+CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "cpuset", "devices", "freezer")
 
 PARENT = "labkit"
 
@@ -389,10 +390,45 @@ def sample(name, seconds=3.0, interval=0.25):
         time.sleep(interval)
 
 
+def freeze(name, frozen=True, rec=None, timeout=5):
+    """Stop every process of the group, also in groups below it, at once, where it stands (``frozen``), or let
+    them all go on: v2's ``cgroup.freeze``, v1's ``freezer.state``. A frozen machine: its processes are there
+    and answer nothing. Returns the record; waits until the kernel says the whole group is (un)frozen."""
+    rec = rec or Recorder(f"{'freeze' if frozen else 'thaw'} cgroup {name!r}")
+    lay = _existing(name)
+    if lay.v2:
+        d = lay.all_dirs()[0]
+        _write(os.path.join(d, "cgroup.freeze"), 1 if frozen else 0, rec)
+        done = lambda: f"frozen {int(frozen)}" in (read_text(os.path.join(d, "cgroup.events")) or "").splitlines()
+    else:
+        _need(lay, "freezer")
+        state = lay.path("freezer", "freezer.state")
+        _write(state, "FROZEN" if frozen else "THAWED", rec)
+        done = lambda: (read_text(state) or "").strip() == ("FROZEN" if frozen else "THAWED")
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise MechanismError(f"cgroup {name!r} did not {'freeze' if frozen else 'thaw'} within {timeout} s",
+                                 fix="a process in it may be in an uninterruptible sleep (D state); try again")
+        time.sleep(0.005)
+    rec.fact("frozen", frozen)
+    return rec
+
+
+def is_frozen(name):
+    lay = _existing(name)
+    if lay.v2:
+        return "frozen 1" in (read_text(os.path.join(lay.all_dirs()[0], "cgroup.events")) or "").splitlines()
+    state = lay.path("freezer", "freezer.state")
+    return bool(state) and (read_text(state) or "").strip() != "THAWED"
+
+
 def kill(name, rec=None):
-    """SIGKILL every process in the group until it is empty (the freezer-free way that works on v1 too)."""
+    """SIGKILL every process in the group until it is empty (the freezer-free way that works on v1 too; a
+    frozen group is thawed after the signals, so that its processes can act on them and die)."""
     rec = rec or Recorder(f"kill cgroup {name!r}")
     lay = _existing(name)
+    frozen = is_frozen(name)
     kill_file = os.path.join(lay.dirs.get("pids", lay.all_dirs()[0]), "cgroup.kill")
     if lay.v2 and os.path.exists(kill_file):
         _write(kill_file, 1, rec)
@@ -406,6 +442,9 @@ def kill(name, rec=None):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        if frozen:
+            freeze(name, False, rec)
+            frozen = False
         time.sleep(0.02)
     rec.fact("empty", not pids(name))
     return rec

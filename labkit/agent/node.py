@@ -126,10 +126,15 @@ def create(spec: NodeSpec):
 
 def inspect(node_id):
     """A node's record: its spec, PID 1, address, and status: "ready" (its engine answers), "down" (its PID 1
-    is gone: killed) or "unreachable" (alive, not answering: frozen, or still starting)."""
+    is gone: killed), "paused" (frozen: a hung machine) or "unreachable" (alive, not answering)."""
     st = _load(node_id)
     alive = bool(st.get("pid")) and recorded_process(st)
-    status = "down" if not alive else "ready" if _answers(daemon_socket(st["pid"])) else "unreachable"
+    try:
+        paused = alive and cgroups.is_frozen(_name(node_id))
+    except NotFound:
+        paused = False
+    status = "down" if not alive else "paused" if paused else \
+        "ready" if _answers(daemon_socket(st["pid"])) else "unreachable"
     return {**{k: st.get(k) for k in ("id", "spec", "pid", "ip", "created")}, "status": status,
             "socket": daemon_socket(st["pid"]) if alive else None}
 
@@ -157,6 +162,17 @@ def kill(node_id):
     except NotFound:
         pass
     return rec.to_dict(id=node_id)
+
+
+def pause(node_id):
+    """Freeze the node's cgroup subtree: a hung machine (its processes are there, none runs, nothing answers)."""
+    _load(node_id)
+    return cgroups.freeze(_name(node_id), True).to_dict(id=node_id)
+
+
+def resume(node_id):
+    _load(node_id)
+    return cgroups.freeze(_name(node_id), False).to_dict(id=node_id)
 
 
 def remove(node_id):

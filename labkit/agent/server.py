@@ -127,6 +127,8 @@ METHODS = {
     "node.inspect": node.inspect,
     "node.list": node.list_nodes,
     "node.kill": node.kill,
+    "node.pause": node.pause,
+    "node.resume": node.resume,
     "node.remove": node.remove,
     "cgroup.create": _decoded(CgroupSpec, cgroups.create),
     "cgroup.stats": cgroups.stats,
