@@ -249,11 +249,12 @@ def _run_interactive(lab, args):
     _terminal_here(lab, "run -it", args.tty)
     from .agent import local
     c = lab.create(args.image, args.cmd or None, tty=args.tty, interactive=args.interactive, **_create_kw(args))
+    from .wire.words import DETACHED
     code = "failed"
     try:
         code = local.run_attached(c.id, detach=keys)
     finally:
-        if args.rm and code is None:
+        if args.rm and code == DETACHED:
             local.auto_remove(c.id)
         elif args.rm:
             c.rm(force=True)
@@ -760,7 +761,7 @@ def _parser(only=None):
     sp = sub.add_parser("images", parents=[common], help="list images")
     sp.set_defaults(fn=cmd_images)
     sp = sub.add_parser("rmi", parents=[common], help="remove images")
-    sp.add_argument("-f", "--force", action="store_true", help="even when a stopped container was made from it")
+    sp.add_argument("-f", "--force", action="store_true", help="even when a container was made from it (it keeps its layers)")
     sp.add_argument("images", nargs="+")
     sp.set_defaults(fn=cmd_rmi)
     sp = sub.add_parser("build", parents=[common], help="build an image from a recipe (FROM RUN COPY ENV WORKDIR CMD)")

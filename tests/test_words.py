@@ -23,7 +23,8 @@ def test_detach_keys_in_dockers_format():
     assert detach_keys() == b"\x10\x11"  # ctrl-p,ctrl-q
     assert detach_keys("ctrl-a,x") == b"\x01x" and detach_keys("ctrl-@,ctrl-[,ctrl-_") == b"\x00\x1b\x1f"
     assert detach_keys("CTRL-P,ctrl-q") == b"\x10\x11" and detach_keys("ctrl-\\\\") == b"\x1c"
-    for bad in ("", "ctrl-", "ctrl-1", "ab", "ctrl-p,,x", "é", ",".join("a" * 17)):
+    assert detach_keys("1,.") == b"1."  # one character, as Docker takes it
+    for bad in ("", "ctrl-", "ctrl-1", "ab", "ctrl-p,,x", "é", " ", ",".join("a" * 17)):
         with pytest.raises(ValueError, match="ctrl-p,ctrl-q|16 keys"):
             detach_keys(bad)
 
@@ -37,5 +38,7 @@ def test_detach_passes_on_what_is_not_the_sequence_and_stops_at_it():
     assert d.feed(b"\x11after") == (b"", True), "typed across two reads, and what follows is not sent"
     d = Detach(detach_keys("ctrl-x,x"))
     assert d.feed(b"text\x18xmore") == (b"text", True)
+    d = Detach(detach_keys("ctrl-p,ctrl-p,ctrl-q"))
+    assert d.feed(b"\x10\x10\x10\x11") == (b"\x10", True), "a key that repeats the sequence's start"
     big = b"y" * 1_000_000
     assert Detach().feed(big) == (big, False)

@@ -730,7 +730,8 @@ class EngineAPI:
         cfg = engine._config(cid)
         tty = bool(cfg.get("tty"))
         stdin = req.flag("stdin") and bool(cfg.get("open_stdin"))  # Docker's rule: no OpenStdin, no stdin
-        keys = _detach_keys(req.arg("detachKeys")) if tty and stdin else None  # typed, they end this attach
+        keys = _detach_keys(req.arg("detachKeys"))  # (checked always, as dockerd does; used with a terminal's keys)
+        keys = keys if tty and stdin else None
         to_supervisor = tty or stdin
         path = f"{engine.roots.container_dir(cid)}/container.log"
         # logs=1: what it wrote before, then what it writes (a terminal's too, from the log, before the live stream)
@@ -877,8 +878,8 @@ class EngineAPI:
                 c.shutdown(socket.SHUT_RDWR)  # wakes the feeder, tells the client
             except OSError:
                 pass
-            for t in feeder:
-                t.join(10)
+            for f in feeder:
+                f.join(10)
             ex["master"] = None
             if master is not None:
                 os.close(master)
@@ -922,25 +923,40 @@ class EngineAPI:
         if ex["stdin"] and sink is not None:
             feeder.append(threading.Thread(target=feed, daemon=True))
             feeder[0].start()
+        def drain():  # detached: the terminal's output read and dropped until the program is done, then its end
+            try:
+                while os.read(master, 65536):
+                    pass
+            except OSError:
+                pass
+            finally:
+                ended()
+        handed = False
         try:
             if master is not None:
-                while True:
+                import select
+                while not gone.is_set():
+                    if not select.select([master], [], [], 0.2)[0]:
+                        continue
                     try:
                         data = os.read(master, 65536)
                     except OSError:  # EIO: the program and all it started have closed the terminal
                         break
                     if not data:
                         break
-                    if not gone.is_set():
-                        try:
-                            w.write(data)
-                        except OSError:
-                            if not gone.is_set():
-                                raise
+                    try:
+                        w.write(data)
+                    except OSError:
+                        if not gone.is_set():
+                            raise
+                if gone.is_set():  # this connection (and its place among the daemon's) is given back now
+                    threading.Thread(target=drain, daemon=True).start()
+                    handed = True
             else:
                 _relay_frames(proc, w, ex["stdout"], ex["stderr"])
         finally:
-            ended()
+            if not handed:
+                ended()
         return _HIJACKED
 
     def exec_resize(self, req, w, c, id):
@@ -1223,7 +1239,7 @@ class EngineAPI:
             if users and not req.flag("force"):
                 raise HTTPError(409, f"conflict: unable to remove repository reference \"{name}\" (must force) - "
                                      f"container {users[0]} is using its referenced image")
-            engine.rmi(name, force=req.flag("force"))  # (-f: refused only under a running container)
+            engine.rmi(name, force=req.flag("force"))  # (-f: the name goes; its containers keep their layers)
         return [{"Untagged": str(ImageRef.parse(name))}]
 
     # -- networks ---------------------------------------------------------------------------------------------

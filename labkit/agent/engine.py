@@ -21,7 +21,7 @@ import time
 
 from ..wire.arch import CAPS, DOCKER_DEFAULT_CAPS, normalize_caps
 from ..wire.errors import Conflict, InvalidSpec, LabkitError, MechanismError, NotFound
-from ..wire.words import detach_keys
+from ..wire.words import DETACHED, detach_keys
 from ..wire.specs import CONTAINERS_DIR, RUN_DIR, STATE_DIR, ContainerSpec, ImageRef, NetworkSpec, PortSpec, ProcessSpec, check_name
 from . import cgroups, enter, network, roots, store, supervisor
 from .launch import CONTAINER_PATH
@@ -245,7 +245,7 @@ def run_attached(ref, timeout=30, detach=None):
     is started under the supervisor like any other, and this process attaches to its terminal as the docker
     CLI does (its keys in, its output out, the window's size); without one (-i alone) the container's stdio is
     this process's own. With -i and -t, typing the ``detach`` keys (bytes; Ctrl-P Ctrl-Q when None) leaves
-    the container running without this terminal: None is returned.
+    the container running without this terminal: :data:`~labkit.wire.words.DETACHED` is returned.
 
     Only for a client on the target itself (the CLI as root): over sudo or SSH, stdin and stdout carry
     the agent's protocol and cannot be handed to a container."""
@@ -277,18 +277,20 @@ def run_attached(ref, timeout=30, detach=None):
 
 def _relay_to_end(cid, ours, keys, detach):
     """This terminal relayed to container ``cid``'s through ``ours`` (a socket the supervisor holds the other end
-    of) until it ends (its exit code) or the detach keys are typed (None)."""
+    of) until it ends (its exit code) or the detach keys are typed (:data:`~labkit.wire.words.DETACHED`)."""
     with ours:
         if enter.relay_terminal(ours.fileno(), lambda h, w: resize(cid, h, w), keys=keys,
                                 detach=(detach or DETACH) if keys else None):
-            return None
-    _wait_exit(cid, 10)
+            return DETACHED
+    # (a program that closed its terminal may run on: waited for, as the docker CLI waits; a supervisor that is
+    # gone ends the wait within a second)
+    _wait_exit(cid, 7 * 86400)
     return (_state(cid)[1] or {}).get("exit_code")
 
 
 def attach_here(ref, detach=None):
     """`docker attach`: this terminal to running container ``ref``'s (made with -t), its keys in when it has a
-    stdin (-i), until it ends (its exit code) or the detach keys are typed (None). Only for a client on the
+    stdin (-i), until it ends (its exit code) or the detach keys are typed (DETACHED). Only for a client on the
     target itself, as :func:`run_attached`."""
     import socket
     cid = _resolve(ref)
@@ -406,10 +408,14 @@ def rm(ref, force=False):
     cfg = _config(cid)
     _, _, running = _state(cid)
     rec = Recorder(f"remove container {cfg['name']}")
+    if running and not force:
+        raise Conflict(f"container {cfg['name']} is running", fix=f"stop it first (labkit stop {cfg['name']}) "
+                          "or use rm -f")
+    try:  # taken first: an auto-removal pending for it has nothing left to do
+        os.unlink(f"{RUNTIME}/{cid}/{AUTO_REMOVE}")
+    except OSError:
+        pass
     if running:
-        if not force:
-            raise Conflict(f"container {cfg['name']} is running", fix=f"stop it first (labkit stop {cfg['name']}) "
-                              "or use rm -f")
         stop(cid, timeout=0)
     if cfg["network"]:
         network.disconnect(cfg["network"], cid)
@@ -427,9 +433,11 @@ AUTO_REMOVE = "auto-remove"  # in a container's runtime directory: its superviso
 def auto_remove(ref):
     """``run --rm`` for a container that goes on without its client (detached from ``run --rm -it`` with the
     detach keys): marked, and removed by its supervisor when it ends (:func:`main`), or now if it already has.
-    (Both sides look after writing: one of them sees the other's mark, and a second rm finds nothing.)"""
+    (Both sides look after writing, so one of them sees the other's mark; whichever takes the mark away
+    removes the container, so it is never removed twice at once.)"""
     cid = _resolve(ref)
-    os.makedirs(f"{RUNTIME}/{cid}", mode=0o700, exist_ok=True)
+    if not os.path.isdir(f"{RUNTIME}/{cid}"):
+        raise NotFound(f"container {cid} has no run to remove it after", fix=f"remove it: labkit rm {cid}")
     with open(f"{RUNTIME}/{cid}/{AUTO_REMOVE}", "w"):
         pass
     if not _state(cid)[2]:
@@ -438,11 +446,16 @@ def auto_remove(ref):
 
 
 def _remove_marked(cid):
-    if os.path.exists(f"{RUNTIME}/{cid}/{AUTO_REMOVE}"):
-        try:
-            rm(cid, force=True)
-        except NotFound:
-            pass  # removed meanwhile: by the other side, or by the user
+    """Remove ``cid`` if this caller is the one that takes its mark away; never a container that runs again
+    (started anew since it ended: its new run is not this one's to end)."""
+    try:
+        os.unlink(f"{RUNTIME}/{cid}/{AUTO_REMOVE}")
+    except FileNotFoundError:
+        return  # not marked, or the other side has it
+    try:
+        rm(cid)
+    except (NotFound, Conflict):
+        pass  # removed meanwhile by the user, or running again
 
 
 def main(argv=None):
@@ -595,16 +608,12 @@ def image_in_use(ref):
 
 def rmi(ref, force=False):
     """`docker rmi`: the one way to remove an image's name; refused while any container (running or not)
-    was made from it. ``force`` (`rmi -f`) removes the name from under stopped containers, never from under
-    a running one, as Docker; a container keeps its layers (its own image.json), which prune leaves."""
+    was made from it. ``force`` (`rmi -f`) removes the name all the same, as Docker does for a name: the
+    containers keep their layers (each its own image.json, which prune respects) and run or start as before."""
     if not isinstance(force, bool):
         raise InvalidSpec(f"force must be true or false, not {force!r}")
     ref = str(ImageRef.parse(ref))
     users = [r for r in ps(all=True) if r["image"] == ref]
-    running = [r["name"] for r in users if r["running"]]
-    if running and force:
-        raise Conflict(f"conflict: unable to remove image {ref} (cannot be forced): it is used by running "
-                       f"container(s) {', '.join(running)}", fix=f"stop it first: labkit stop {running[0]}")
     if users and not force:
         raise Conflict(f"conflict: unable to remove image {ref}: it is used by container(s) "
                        f"{', '.join(r['name'] for r in users)}",

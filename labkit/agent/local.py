@@ -43,14 +43,14 @@ class InProcess(Channel):
 
 
 def run_attached(cid, detach=None):
-    """Attach this terminal to container ``cid`` and run it to its end; its exit code (None: detached with the
-    ``detach`` keys, bytes, and the container goes on)."""
+    """Attach this terminal to container ``cid`` and run it to its end; its exit code (or
+    :data:`labkit.wire.words.DETACHED`: its client left with the ``detach`` keys, bytes, and it goes on)."""
     from . import engine
     return engine.run_attached(cid, detach=detach)
 
 
 def attach_here(ref, detach=None):
-    """`attach`: this terminal to running container ``ref``'s; its exit code, or None when detached."""
+    """`attach`: this terminal to running container ``ref``'s; its exit code, or DETACHED."""
     from . import engine
     return engine.attach_here(ref, detach=detach)
 

@@ -23,6 +23,7 @@ import fcntl
 import json
 import os
 import re
+import select
 import selectors
 import signal
 import socket
@@ -123,6 +124,13 @@ def _socket(fd):
         pass
     os.close(fd)
     return None
+
+
+def _hung_up(conn):
+    """True when the peer closed its end altogether (POLLHUP), not only its writing half (POLLRDHUP alone)."""
+    p = select.poll()
+    p.register(conn, select.POLLIN)
+    return any(ev & select.POLLHUP for _, ev in p.poll(0))
 
 
 def _nonblocking(fd):
@@ -251,7 +259,9 @@ class _Stdio:
                 data = b""
             if data == b"":
                 c["eof"] = True
-                if not c["out"] or not self.tty:
+                if not c["out"] or not self.tty or _hung_up(conn):
+                    # (a client that only ended its input still reads; one that closed altogether, as a
+                    # detached `labkit run -it` does, is dropped now, not at the next output)
                     return self._drop(conn)
             elif data and c["in"] and self.sink is not None:
                 detached = False
@@ -338,6 +348,7 @@ class Duties:
         self.track = {}    # container pid -> watch
         self.early = {}    # pid -> (wait status, monotonic time): reaped before it was known whose it was
         self.stdios = {}   # owner -> _Stdio
+        self.helpers = {}  # pid -> Popen of a helper started here (an auto-removal)
         self._next = None  # the terminal or stdin of the launch being made
         self._forked = 0.0
 
@@ -352,7 +363,7 @@ class Duties:
         os.close(fd)
 
     def idle(self):
-        return not (self.adopt or self.track or self.stdios)
+        return not (self.adopt or self.track or self.stdios or self.helpers)
 
     def may_exit(self):
         """The idle exit, only while no client is between connecting and being answered (they hold USE shared):
@@ -445,6 +456,10 @@ class Duties:
 
     # -- reaping ------------------------------------------------------------------------------------------
     def reaped(self, pid, status, launcher=False):
+        helper = self.helpers.pop(pid, None)
+        if helper is not None:  # (its Popen must not wait for a pid that may be reused by then)
+            helper.returncode = os.waitstatus_to_exitcode(status)
+            return
         watch = self.adopt.pop(pid, None)
         if watch is not None:
             self._adopt(watch)
@@ -510,8 +525,9 @@ class Duties:
             io.container_ended()
         if os.path.exists(os.path.join(os.path.dirname(watch["exit"]), "auto-remove")):
             # (engine.auto_remove: a detached `run --rm -it`) removed by a process of its own; reaped here
-            try:
-                start_helper("engine", "autoremove", watch["owner"])
+            try:  # (its errors go to this log; its exit is reaped here, its Popen kept until then)
+                proc = start_helper("engine", "autoremove", watch["owner"], stdout=None, stderr=None)
+                self.helpers[proc.pid] = proc
             except Exception as exc:  # noqa: BLE001 - reported in the log; `labkit rm` is still there
                 print(f"container {watch['owner']}: removing it failed: {exc}", flush=True)
 

@@ -248,7 +248,7 @@ class Lab:
 
     def rmi(self, ref, force=False):
         """`docker rmi`: refused while any container (running or not) was made from the image; ``force``
-        (`rmi -f`): refused only while a running one was."""
+        (`rmi -f`): the name goes all the same (the containers keep their layers)."""
         return Record(self.call("image.rmi", ref=str(ImageRef.parse(ref)), force=bool(force)))
 
     def pull(self, ref, username=None, password=None):

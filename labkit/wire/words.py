@@ -45,23 +45,24 @@ def container_status(row):
 
 
 DETACH_KEYS = "ctrl-p,ctrl-q"  # Docker's default: type these in `run -it` or `attach` and the container goes on
+DETACHED = "detached"  # what an attached run returns when its client left with the detach keys (not an exit code)
 
 
 def detach_keys(spec=DETACH_KEYS):
-    """Docker's ``--detach-keys`` as bytes: comma-separated keys, each one letter, or ``ctrl-`` and a letter or
-    one of ``@ [ \\ ] ^ _``. ValueError that names the bad key."""
+    """Docker's ``--detach-keys`` as bytes: comma-separated keys, each one character, or ``ctrl-`` and a letter
+    or one of ``@ [ \\ ] ^ _``. ValueError that names the bad key."""
     ctrl = {"@": 0, "[": 27, "\\": 28, "]": 29, "^": 30, "_": 31}
     out = bytearray()
     for key in str(spec).split(","):
         k = key.strip().lower() if key.strip().lower().startswith("ctrl-") else key.strip()
-        if len(k) == 1 and k.isascii() and k.isalpha():
+        if len(k) == 1 and k.isascii() and k.isprintable():
             out.append(ord(k))
         elif k.startswith("ctrl-") and len(k) == 6 and ("a" <= k[5] <= "z" or k[5] in ctrl):
             out.append(ord(k[5]) - ord("a") + 1 if "a" <= k[5] <= "z" else ctrl[k[5]])
         elif k == "ctrl-\\\\":  # the shell's way to write ctrl-\ in Docker's own examples
             out.append(28)
         else:
-            raise ValueError(f"invalid detach key {key!r} in {spec!r}: use a letter, or ctrl- and a letter or one "
+            raise ValueError(f"invalid detach key {key!r} in {spec!r}: use one character, or ctrl- and a letter or one "
                              "of @ [ \\ ] ^ _, comma-separated (Docker's default is ctrl-p,ctrl-q)")
     if not out or len(out) > 16:
         raise ValueError(f"detach keys {spec!r}: give one to 16 keys, e.g. ctrl-p,ctrl-q")
@@ -83,15 +84,9 @@ class Detach:
             return data, False  # the usual case, a paste of 100 000 lines included: no byte-by-byte walk
         out = bytearray()
         for b in data:
-            if b == self.keys[len(self.held)]:
-                self.held.append(b)
-            else:
-                out += self.held
-                self.held.clear()
-                if b == self.keys[0]:
-                    self.held.append(b)
-                else:
-                    out.append(b)
+            self.held.append(b)
+            while self.held and self.held != self.keys[:len(self.held)]:
+                out.append(self.held.pop(0))  # (what is held may still start the sequence one key later)
             if len(self.held) == len(self.keys):
                 self.held.clear()
                 return bytes(out), True
