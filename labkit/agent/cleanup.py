@@ -7,7 +7,8 @@ directories (not a mount at them); network namespaces named ``lk-*``; links of l
 ``labkit`` parent in any hierarchy; the nftables table ``ip labkit`` and iptables chains ``LABKIT-*``
 (and the sysctls labkit's networks changed, given back their old values); the grader's scratch directories
 ``/run/labkit/grade/grade-<slot>-<hex>`` (their sandboxes' cgroups go first); a cluster's nodes recorded in
-/run/labkit/nodes and their stores under /var/lib/labkit/nodes (:mod:`labkit.agent.node`). Each is matched by exact rule, never by a loose pattern, and
+/run/labkit/nodes and their stores under /var/lib/labkit/nodes (:mod:`labkit.agent.node`), and the clusters
+recorded in /run/labkit/clusters with their routes (:mod:`labkit.agent.cluster`). Each is matched by exact rule, never by a loose pattern, and
 removal is idempotent: a second run finds nothing. Standard library only.
 """
 import os
@@ -18,7 +19,7 @@ import re
 import shutil
 
 from ..wire.specs import GRADE_DIR, RUN_DIR, STATE_DIR
-from . import cgroups, engine, kernel, network, node, process, vm
+from . import cgroups, cluster, engine, kernel, network, node, process, vm
 from .rootfs import mounts_under
 from .runner import Recorder, read_text, run, which
 
@@ -38,6 +39,8 @@ def _mounts():
 def plan():
     """What cleanup would remove, as (kind, name) pairs. Read-only."""
     items = []
+    for c in cluster.list_clusters():
+        items.append(("cluster", c["name"]))
     for n in node.list_nodes():
         items.append(("node", n["id"]))
     for e in process.list_processes():
@@ -98,8 +101,9 @@ def cleanup(dry_run=False):
         return rec.to_dict(removed=[])
     removed = []
     removed += vm.cleanup(rec)  # qemu first: a VM's tap is on a labkit bridge
-    node.cleanup(rec)  # a cluster's nodes next: with each, everything it ran
-    removed += [f"node {n}" for k, n in items if k == "node"]
+    cluster.cleanup(rec)  # clusters next: with each, its nodes and everything they ran, routes, network
+    node.cleanup(rec)
+    removed += [f"{k} {n}" for k, n in items if k in ("cluster", "node")]
     engine.cleanup(rec)  # monitors and containers first: their roots, cgroups and veths follow below
     for e in process.list_processes():
         process.stop(e["id"], timeout=2)

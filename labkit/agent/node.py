@@ -23,7 +23,9 @@ import socket
 import sys
 import time
 
-from ..wire.errors import Conflict, LabkitError, MechanismError, NotFound
+from ..wire import protocol
+from ..wire.channel import Channel
+from ..wire.errors import Conflict, InvalidSpec, LabkitError, MechanismError, NotFound, TransportError
 from ..wire.specs import CONTAINERS_DIR, RUN_DIR, STATE_DIR, CgroupSpec, NodeSpec, ProcessSpec
 from .engine import NAMES
 from . import cgroups, kernel, process
@@ -162,6 +164,59 @@ def kill(node_id):
     except NotFound:
         pass
     return rec.to_dict(id=node_id)
+
+
+class _Engine(Channel):
+    """The agent's own channel to a node's engine (its daemon's socket): what :func:`call` relays through, so
+    that a client anywhere (over SSH to the lab VM too) drives a node with the same requests as the host."""
+
+    name = "node"
+
+    def __init__(self, path, timeout=None):
+        super().__init__(timeout)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(5)
+        try:
+            self.sock.connect(path)
+            self.file = self.sock.makefile("rb")
+            self.hello = protocol.check_hello(protocol.decode(self.file.readline(protocol.MAX_LINE + 1)))
+        except OSError as exc:
+            self.sock.close()
+            raise TransportError(f"the node's engine does not answer ({exc})",
+                                 fix="see lab.call('node.inspect', ...): a paused or killed node answers "
+                                     "nothing") from None
+
+    def _roundtrip(self, req, line, timeout):
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.sendall(line)
+            answer = self.file.readline(protocol.MAX_LINE + 1)
+        except OSError as exc:  # (socket.timeout is an OSError: a node that froze or died meanwhile)
+            raise TransportError(f"the node's engine did not answer {req['method']}: {exc}",
+                                 fix="see lab.call('node.inspect', ...)") from None
+        if not answer:
+            raise TransportError(f"the node's engine hung up during {req['method']}", fix="its node went down")
+        return protocol.decode(answer)
+
+    def close(self):
+        self.sock.close()
+
+
+def call(node_id, op, params=None, timeout=30):
+    """One request to node ``node_id``'s engine (method ``op`` with ``params``), relayed; its answer, or its
+    error as raised there. ``timeout``: seconds (a frozen node answers nothing)."""
+    st = _load(node_id)
+    if not isinstance(op, str) or not isinstance(params or {}, dict):
+        raise InvalidSpec("node.call takes a method name (op) and a params object", fix="e.g. op='container.ps'")
+    if op.startswith(("node.", "cluster.")) or op in ("cleanup", "daemon.stop"):
+        raise InvalidSpec(f"{op} is the host's to do, not a node's", fix="call it on the host's agent")
+    if not st.get("pid") or not recorded_process(st):
+        raise TransportError(f"node {node_id} is down", fix=f"see lab.call('node.inspect', node_id={node_id!r})")
+    eng = _Engine(daemon_socket(st["pid"]), timeout=timeout)
+    try:
+        return eng.call(op, **(params or {}))
+    finally:
+        eng.close()
 
 
 def pause(node_id):

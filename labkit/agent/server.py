@@ -13,8 +13,8 @@ import traceback
 
 from ..wire import protocol
 from ..wire.errors import InvalidSpec, LabkitError, PrivilegeError, UnsupportedHost
-from ..wire.specs import CgroupSpec, ContainerSpec, NetworkSpec, NodeSpec, ProcessSpec, RootfsSpec
-from . import (build, cgroups, cleanup, daemon, doctor, engine, measure, namespaces, network, node, oci, process,
+from ..wire.specs import CgroupSpec, ClusterSpec, ContainerSpec, NetworkSpec, NodeSpec, ProcessSpec, RootfsSpec
+from . import (build, cgroups, cleanup, cluster, daemon, doctor, engine, measure, namespaces, network, node, oci, process,
                registry,
                roots, rootfs, store, vm, vmsandbox, workloads)
 from .runner import run as run_cmd
@@ -123,10 +123,15 @@ METHODS = {
     "proc.list": process.list_processes,
     "proc.inspect": process.inspect,
     "proc.exec": process.exec_in,
+    "cluster.create": _decoded(ClusterSpec, cluster.create),  # nodes wired as one network (lab 09)
+    "cluster.inspect": cluster.inspect,
+    "cluster.list": cluster.list_clusters,
+    "cluster.remove": cluster.remove,
     "node.create": _decoded(NodeSpec, node.create),  # a cluster's "machine" on this host (lab 09)
     "node.inspect": node.inspect,
     "node.list": node.list_nodes,
     "node.kill": node.kill,
+    "node.call": node.call,
     "node.pause": node.pause,
     "node.resume": node.resume,
     "node.remove": node.remove,

@@ -618,6 +618,48 @@ class NodeSpec(Spec):
         return f"{self.cluster}-{self.name}"
 
 
+@dataclass(frozen=True)
+class ClusterSpec(Spec):
+    """A cluster of nodes on one host (:mod:`labkit.agent.cluster`): one manager and ``workers`` workers on the
+    labkit network ``cl<name>`` (``subnet``); node i's containers get the i-th /24 of ``tasks`` (the manager's
+    the first), routed to that node, so that every task has an address of its own across the cluster."""
+    name: str
+    workers: int = 2
+    subnet: str = "10.209.0.0/24"
+    tasks: str = "10.214.0.0/16"
+
+    _what = "cluster"
+    _example = "{'name': 'demo', 'workers': 2}"
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not re.fullmatch(r"[a-z0-9]{1,6}", self.name):
+            raise InvalidSpec(f"cluster name {self.name!r} is not allowed", fix="use 1-6 lower-case letters or "
+                                                                               "digits, e.g. 'demo'")
+        object.__setattr__(self, "workers", whole_number(self.workers, "workers", 0, 8,
+                                                         "a cluster on one host has 0 to 8 workers"))
+        NetworkSpec(name=self.network, subnet=self.subnet)
+        try:
+            tasks = ipaddress.ip_network(self.tasks, strict=True)
+        except (TypeError, ValueError) as exc:
+            raise InvalidSpec(f"tasks {self.tasks!r}: {exc}", fix="e.g. 10.214.0.0/16") from None
+        if tasks.version != 4 or not tasks.is_private or tasks.prefixlen > 24 - 4:
+            raise InvalidSpec(f"tasks {self.tasks} must be a private IPv4 network of at least 16 /24s",
+                              fix="e.g. 10.214.0.0/16")
+        if tasks.overlaps(ipaddress.ip_network(self.subnet)):
+            raise InvalidSpec(f"tasks {self.tasks} overlaps the cluster's subnet {self.subnet}",
+                              fix="give them apart, e.g. subnet 10.209.0.0/24 and tasks 10.214.0.0/16")
+
+    @property
+    def network(self):
+        return "cl" + self.name
+
+    def node_names(self):
+        return ["manager"] + [f"worker{i}" for i in range(1, self.workers + 1)]
+
+    def task_subnet(self, index):
+        return str(list(ipaddress.ip_network(self.tasks).subnets(new_prefix=24))[index])
+
+
 def check_port(value, what="port"):
     """A TCP/UDP port: a whole number 1..65535 (never a string that reaches a shell)."""
     return whole_number(value, what, 1, 65535, "ports are whole numbers 1..65535, e.g. 8080")

@@ -1,0 +1,127 @@
+"""Clusters: nodes on one host wired as one network of machines (lab 09).
+
+A cluster is a labkit bridge network on the host (``lkbr-cl<name>``), a manager node and its workers on it
+(:mod:`labkit.agent.node`), and one address range per node for its containers: node i's engine gets a
+network ``tasks`` with the i-th /24 of the cluster's task range, and the host routes that /24 to node i's
+address. A container on one node reaches a container on another by its own address (through the host,
+as a flat "host-gw" overlay does it between machines), so every task of a service has an address of its
+own in the cluster. State: /run/labkit/clusters/<name>.json (written before anything is made), undone by
+:func:`remove` and by ``labkit cleanup``. Standard library only.
+"""
+import ipaddress
+import os
+import re
+import time
+
+from ..wire.errors import Conflict, LabkitError, NotFound
+from ..wire.specs import RUN_DIR, ClusterSpec, NetworkSpec, NodeSpec
+from . import network, node
+from .runner import Recorder, run
+from .state import private_dir, read_dir, read_json, write_json
+
+CLUSTERS = RUN_DIR + "/clusters"
+TASKS = "tasks"  # the network each node's containers join
+
+
+def _path(name):
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9]{1,6}", name):
+        raise NotFound(f"no such cluster: {name!r}", fix="see lab.call('cluster.list')")
+    return f"{CLUSTERS}/{name}.json"
+
+
+def _load(name):
+    st = read_json(_path(name), default=None)
+    if not isinstance(st, dict) or not isinstance(st.get("spec"), dict):
+        raise NotFound(f"no such cluster: {name}", fix="see lab.call('cluster.list')")
+    return st
+
+
+def create(spec: ClusterSpec):
+    """The cluster's network, its nodes (manager first), each node's task network and the host's routes to
+    them; its record (each node: name, role, address, task subnet)."""
+    rec = Recorder(f"create cluster {spec.name}")
+    private_dir(CLUSTERS)
+    if os.path.exists(_path(spec.name)):
+        raise Conflict(f"cluster {spec.name} exists", fix=f"remove it first: lab.call('cluster.remove', "
+                                                           f"name={spec.name!r})")
+    st = {"spec": spec.to_dict(), "created": time.time(), "nodes": [], "routes": []}
+    write_json(_path(spec.name), st)
+    try:
+        rec.steps += network.create(NetworkSpec(name=spec.network, subnet=spec.subnet))["steps"]
+        net = ipaddress.ip_network(spec.subnet)
+        for i, name in enumerate(spec.node_names()):
+            ip = str(net.network_address + 10 + i)  # manager .10, worker1 .11, ...: easy to read on a slide
+            made = node.create(NodeSpec(cluster=spec.name, name=name, network=spec.network, ip=ip))
+            rec.steps += made["steps"]
+            nid = made["id"]
+            subnet = spec.task_subnet(i)
+            st["nodes"].append({"id": nid, "name": name, "role": "manager" if i == 0 else "worker", "ip": ip,
+                                "tasks": subnet})
+            write_json(_path(spec.name), st)
+            node.call(nid, "net.create", {"spec": NetworkSpec(name=TASKS, subnet=subnet).to_dict()})
+            rec.run(["ip", "route", "replace", subnet, "via", ip, "dev", NetworkSpec(name=spec.network).bridge])
+            st["routes"].append(subnet)
+            write_json(_path(spec.name), st)
+    except BaseException:
+        try:
+            remove(spec.name)
+        except LabkitError:
+            pass
+        raise
+    return rec.to_dict(cluster=inspect(spec.name))
+
+
+def inspect(name):
+    """The cluster's record, each node with its live status (:func:`labkit.agent.node.inspect`)."""
+    st = _load(name)
+    nodes = []
+    for n in st["nodes"]:
+        try:
+            status = node.inspect(n["id"])["status"]
+        except NotFound:
+            status = "removed"
+        nodes.append({**n, "status": status})
+    return {"name": name, "spec": st["spec"], "created": st.get("created"), "nodes": nodes}
+
+
+def list_clusters():
+    if not os.path.isdir(CLUSTERS):
+        return []
+    return [inspect(name) for name, _ in read_dir(CLUSTERS) if re.fullmatch(r"[a-z0-9]{1,6}", name)]
+
+
+def remove(name):
+    """Every node (and with each, all it ran), the routes, the cluster's network, its record."""
+    st = _load(name)
+    spec = ClusterSpec.from_dict(st["spec"])
+    rec = Recorder(f"remove cluster {name}")
+    for n in reversed(st.get("nodes") or []):
+        try:
+            rec.steps += node.remove(n["id"])["steps"]
+        except NotFound:
+            pass
+    for spec_node in spec.node_names():  # a node made before its entry was written (a create cut short)
+        try:
+            rec.steps += node.remove(f"{name}-{spec_node}")["steps"]
+        except NotFound:
+            pass
+    for subnet in st.get("routes") or []:
+        run(["ip", "route", "delete", str(ipaddress.ip_network(subnet))], recorder=rec, check=False)
+    try:
+        rec.steps += network.remove(spec.network)["steps"]
+    except NotFound:
+        pass
+    os.unlink(_path(name))
+    return rec.to_dict(name=name)
+
+
+def cleanup(rec):
+    """``labkit cleanup``'s part: every recorded cluster removed (its nodes, routes and network)."""
+    if not os.path.isdir(CLUSTERS):
+        return
+    for fn in os.listdir(CLUSTERS):
+        if fn.endswith(".json") and re.fullmatch(r"[a-z0-9]{1,6}", fn[:-5]):
+            try:
+                rec.steps += remove(fn[:-5])["steps"]
+            except LabkitError as exc:
+                rec.fact(f"cluster {fn[:-5]}", str(exc))
