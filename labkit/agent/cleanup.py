@@ -19,7 +19,7 @@ import re
 import shutil
 
 from ..wire.specs import GRADE_DIR, RUN_DIR, STATE_DIR
-from . import cgroups, cluster, engine, kernel, network, node, process, vm
+from . import cgroups, cluster, engine, kernel, manager, network, node, process, vm
 from .rootfs import mounts_under
 from .runner import Recorder, read_text, run, which
 
@@ -101,8 +101,9 @@ def cleanup(dry_run=False):
         return rec.to_dict(removed=[])
     removed = []
     removed += vm.cleanup(rec)  # qemu first: a VM's tap is on a labkit bridge
-    cluster.cleanup(rec)  # clusters next: with each, its nodes and everything they ran, routes, network
+    cluster.cleanup(rec)  # clusters next: with each, its manager, nodes and all they ran, routes, mesh, network
     node.cleanup(rec)
+    manager.remove_mesh(rec)
     removed += [f"{k} {n}" for k, n in items if k in ("cluster", "node")]
     engine.cleanup(rec)  # monitors and containers first: their roots, cgroups and veths follow below
     for e in process.list_processes():

@@ -11,12 +11,13 @@ own in the cluster. State: /run/labkit/clusters/<name>.json (written before anyt
 import ipaddress
 import os
 import re
+import signal
 import time
 
 from ..wire.errors import Conflict, LabkitError, NotFound
 from ..wire.specs import RUN_DIR, ClusterSpec, NetworkSpec, NodeSpec
 from . import network, node
-from .runner import Recorder, run
+from .runner import Recorder, pid_fields, recorded_process, run, start_helper
 from .state import private_dir, read_dir, read_json, write_json
 
 CLUSTERS = RUN_DIR + "/clusters"
@@ -90,11 +91,43 @@ def list_clusters():
     return [inspect(name) for name, _ in read_dir(CLUSTERS) if re.fullmatch(r"[a-z0-9]{1,6}", name)]
 
 
+def manage(name):
+    """Start the cluster's manager, its control loop (:mod:`labkit.agent.manager`), as a process of its own
+    recorded in the cluster's state; its pid. Without it, the loop turns only when asked (``manager.step``)."""
+    st = _load(name)
+    if recorded_process(st.get("manager") or {}):
+        return {"pid": st["manager"]["pid"], "existed": True}
+    with open(_path(name)[:-len(".json")] + ".manager.log", "ab") as log:
+        proc = start_helper("manager", "run", name, stderr=log)
+    st["manager"] = pid_fields(proc.pid)
+    write_json(_path(name), st)
+    return {"pid": proc.pid, "existed": False}
+
+
+def unmanage(name):
+    """Stop the cluster's manager (its tasks run on, as a Swarm's do when its managers are gone)."""
+    st = _load(name)
+    pid = recorded_process(st.get("manager") or {})
+    if pid:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while recorded_process(st["manager"]) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if recorded_process(st["manager"]):
+            os.kill(pid, signal.SIGKILL)
+    st["manager"] = None
+    write_json(_path(name), st)
+    return {"stopped": bool(pid)}
+
+
 def remove(name):
-    """Every node (and with each, all it ran), the routes, the cluster's network, its record."""
+    """Its manager, every node (and with each, all it ran), the routes, the mesh, the cluster's network, its
+    records."""
     st = _load(name)
     spec = ClusterSpec.from_dict(st["spec"])
     rec = Recorder(f"remove cluster {name}")
+    unmanage(name)
+    st = _load(name)
     for n in reversed(st.get("nodes") or []):
         try:
             rec.steps += node.remove(n["id"])["steps"]
@@ -107,10 +140,16 @@ def remove(name):
             pass
     for subnet in st.get("routes") or []:
         run(["ip", "route", "delete", str(ipaddress.ip_network(subnet))], recorder=rec, check=False)
+    from . import manager
+    manager.remove_mesh(rec)
     try:
         rec.steps += network.remove(spec.network)["steps"]
     except NotFound:
         pass
+    base = _path(name)[:-len(".json")]
+    for suffix in (".services.json", ".tasks.json", ".addresses.json", ".previous.json", ".manager.log"):
+        if os.path.exists(base + suffix):
+            os.unlink(base + suffix)
     os.unlink(_path(name))
     return rec.to_dict(name=name)
 

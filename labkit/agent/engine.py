@@ -635,17 +635,18 @@ def cleanup(rec):
 def _forget_half_made(rec):
     """A create cut short (its agent killed between reserving the name and writing the config) leaves a name
     link and a directory that no verb can reach (``ps`` skips it, its name stays taken): both go. Only
-    directories named as create names them, without a config, and links pointing at no config."""
+    directories named as create names them with no config at all (one set aside as corrupt stays, for whoever
+    wants to see what it said), and links pointing at no directory."""
     if os.path.isdir(CONTAINERS_DIR):
         for cid in os.listdir(CONTAINERS_DIR):
             d = f"{CONTAINERS_DIR}/{cid}"
-            if re.fullmatch(r"[0-9a-f]{12}", cid) and not os.path.exists(f"{d}/config.json") and \
-                    not os.path.ismount(f"{d}/merged"):
+            if re.fullmatch(r"[0-9a-f]{12}", cid) and os.path.isdir(d) and \
+                    not any(n.startswith("config.json") for n in os.listdir(d)) and not os.path.ismount(f"{d}/merged"):
                 roots.remove_container_root(cid, rec)
     if os.path.isdir(NAMES):
         for name in os.listdir(NAMES):
             link = f"{NAMES}/{name}"
-            if os.path.islink(link) and not os.path.exists(f"{CONTAINERS_DIR}/{os.readlink(link)}/config.json"):
+            if os.path.islink(link) and not os.path.isdir(f"{CONTAINERS_DIR}/{os.readlink(link)}"):
                 os.unlink(link)
                 rec.file("unlink", link)
 

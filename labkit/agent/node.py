@@ -175,7 +175,7 @@ class _Engine(Channel):
     def __init__(self, path, timeout=None):
         super().__init__(timeout)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(5)
+        self.sock.settimeout(min(5.0, timeout or 5.0))  # (a frozen node's engine says no hello: a heartbeat missed)
         try:
             self.sock.connect(path)
             self.file = self.sock.makefile("rb")

@@ -13,10 +13,10 @@ import traceback
 
 from ..wire import protocol
 from ..wire.errors import InvalidSpec, LabkitError, PrivilegeError, UnsupportedHost
+from ..wire.orchestration import ServiceSpec
 from ..wire.specs import CgroupSpec, ClusterSpec, ContainerSpec, NetworkSpec, NodeSpec, ProcessSpec, RootfsSpec
-from . import (build, cgroups, cleanup, cluster, daemon, doctor, engine, measure, namespaces, network, node, oci, process,
-               registry,
-               roots, rootfs, store, vm, vmsandbox, workloads)
+from . import (build, cgroups, cleanup, cluster, daemon, doctor, engine, manager, measure, namespaces, network, node,
+               oci, process, registry, roots, rootfs, store, vm, vmsandbox, workloads)
 from .runner import run as run_cmd
 
 
@@ -127,6 +127,14 @@ METHODS = {
     "cluster.inspect": cluster.inspect,
     "cluster.list": cluster.list_clusters,
     "cluster.remove": cluster.remove,
+    "cluster.manage": cluster.manage,      # its control loop, as a process of its own
+    "cluster.unmanage": cluster.unmanage,
+    "manager.step": manager.step,          # one turn of the loop, now
+    "service.create": lambda name, spec: manager.service_create(name, ServiceSpec.from_dict(spec)),
+    "service.update": manager.service_update,
+    "service.rm": manager.service_rm,
+    "service.ls": manager.service_ls,
+    "service.ps": manager.service_ps,
     "node.create": _decoded(NodeSpec, node.create),  # a cluster's "machine" on this host (lab 09)
     "node.inspect": node.inspect,
     "node.list": node.list_nodes,
