@@ -908,9 +908,7 @@ class EngineAPI:
                     detached = False
                     if watch is not None:
                         data, detached = watch.feed(data)
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(sink, view):]
+                    kernel.write_all(sink, data)
                     if detached:
                         gone.set()
                         c.shutdown(socket.SHUT_RDWR)  # the client's stream ends here; the program's does not

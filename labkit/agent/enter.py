@@ -108,9 +108,7 @@ def relay_terminal(fd, resize=None, keys=True, detach=None):
                     break
                 if not data:
                     break
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(stdout, view):]
+                kernel.write_all(stdout, data)
             if reading and stdin in ready:
                 data = os.read(stdin, 65536)
                 if not data:
@@ -119,9 +117,7 @@ def relay_terminal(fd, resize=None, keys=True, detach=None):
                 detached = False
                 if watch is not None:
                     data, detached = watch.feed(data)
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
+                kernel.write_all(fd, data)
                 if detached:
                     return True
         return False

@@ -206,6 +206,13 @@ TIOCSCTTY = 0x540E
 TIOCSWINSZ = 0x5414
 
 
+def write_all(fd, data):
+    """All of ``data`` to ``fd`` (a pipe, a terminal's master or a file takes what fits; the rest follows)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def set_winsize(fd, rows, cols):
     """A terminal's window size (the process in its foreground gets SIGWINCH), set on its master or its slave."""
     fcntl.ioctl(fd, TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))

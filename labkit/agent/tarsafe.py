@@ -24,6 +24,7 @@ import tarfile
 import zlib
 
 from ..wire.errors import InvalidSpec, LabkitError, UnsafeLayer
+from .kernel import write_all
 
 WH = ".wh."
 OPAQUE = ".wh..wh..opq"
@@ -316,7 +317,7 @@ def _unpack_entry(tar, m, rel, root_fd, seen):
             try:
                 src = tar.extractfile(m)
                 for chunk in iter(lambda: src.read(1 << 20), b""):
-                    _write_all(fd, chunk)
+                    write_all(fd, chunk)
                 _set_meta(fd, m)
             finally:
                 os.close(fd)
@@ -348,12 +349,6 @@ def _unpack_entry(tar, m, rel, root_fd, seen):
     finally:
         os.close(pfd)
     return None
-
-
-def _write_all(fd, data):
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def _is_whiteout(st):
