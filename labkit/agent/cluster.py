@@ -10,12 +10,11 @@ own in the cluster. State: /run/labkit/clusters/<name>.json (written before anyt
 """
 import ipaddress
 import os
-import re
 import signal
 import time
 
 from ..wire.errors import Conflict, LabkitError, NotFound
-from ..wire.specs import RUN_DIR, ClusterSpec, NetworkSpec, NodeSpec
+from ..wire.specs import CLUSTER_NAME, RUN_DIR, ClusterSpec, NetworkSpec, NodeSpec
 from . import network, node
 from .runner import Recorder, pid_fields, recorded_process, run, start_helper
 from .state import private_dir, read_dir, read_json, write_json
@@ -25,7 +24,7 @@ TASKS = "tasks"  # the network each node's containers join
 
 
 def _path(name):
-    if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9]{1,6}", name):
+    if not isinstance(name, str) or not CLUSTER_NAME.fullmatch(name):
         raise NotFound(f"no such cluster: {name!r}", fix="see lab.call('cluster.list')")
     return f"{CLUSTERS}/{name}.json"
 
@@ -88,7 +87,7 @@ def inspect(name):
 def list_clusters():
     if not os.path.isdir(CLUSTERS):
         return []
-    return [inspect(name) for name, _ in read_dir(CLUSTERS) if re.fullmatch(r"[a-z0-9]{1,6}", name)]
+    return [inspect(name) for name, _ in read_dir(CLUSTERS) if CLUSTER_NAME.fullmatch(name)]
 
 
 def manage(name):
@@ -159,7 +158,7 @@ def cleanup(rec):
     if not os.path.isdir(CLUSTERS):
         return
     for fn in os.listdir(CLUSTERS):
-        if fn.endswith(".json") and re.fullmatch(r"[a-z0-9]{1,6}", fn[:-5]):
+        if fn.endswith(".json") and CLUSTER_NAME.fullmatch(fn[:-5]):
             try:
                 rec.steps += remove(fn[:-5])["steps"]
             except LabkitError as exc:

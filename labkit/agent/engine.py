@@ -613,11 +613,10 @@ def rmi(ref, force=False):
     if not isinstance(force, bool):
         raise InvalidSpec(f"force must be true or false, not {force!r}")
     ref = str(ImageRef.parse(ref))
-    users = [r for r in ps(all=True) if r["image"] == ref]
+    users = image_in_use(ref)
     if users and not force:
-        raise Conflict(f"conflict: unable to remove image {ref}: it is used by container(s) "
-                       f"{', '.join(r['name'] for r in users)}",
-                       fix=f"remove the container first (labkit rm {users[0]['name']}), or rmi -f (the stopped "
+        raise Conflict(f"conflict: unable to remove image {ref}: it is used by container(s) {', '.join(users)}",
+                       fix=f"remove the container first (labkit rm {users[0]}), or rmi -f (the stopped "
                            "container keeps its layers)")
     return store.rmi(ref)
 

@@ -585,6 +585,17 @@ class NetworkSpec(Spec):
         return "lkbr-" + self.name
 
 
+CLUSTER_NAME = re.compile(r"[a-z0-9]{1,6}")
+
+
+def check_cluster_name(name):
+    """A cluster's name: 1-6 lower-case letters or digits (its network is cl<name>, its nodes <name>-<node>)."""
+    if not isinstance(name, str) or not CLUSTER_NAME.fullmatch(name):
+        raise InvalidSpec(f"cluster name {name!r} is not allowed", fix="use 1-6 lower-case letters or digits, "
+                                                                      "e.g. 'demo'")
+    return name
+
+
 @dataclass(frozen=True)
 class NodeSpec(Spec):
     """A node of a cluster on one host (:mod:`labkit.agent.node`): a "machine" made of namespaces, a cgroup
@@ -599,9 +610,7 @@ class NodeSpec(Spec):
     _example = "{'cluster': 'demo', 'name': 'worker1', 'network': 'cldemo'}"
 
     def __post_init__(self):
-        if not isinstance(self.cluster, str) or not re.fullmatch(r"[a-z0-9]{1,6}", self.cluster):
-            raise InvalidSpec(f"cluster name {self.cluster!r} is not allowed", fix="use 1-6 lower-case letters or "
-                                                                                  "digits, e.g. 'demo'")
+        check_cluster_name(self.cluster)
         if not isinstance(self.name, str) or not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?", self.name):
             raise InvalidSpec(f"node name {self.name!r} is not allowed",
                               fix="use 1-15 lower-case letters, digits or inner '-', e.g. 'worker1'")
@@ -632,9 +641,7 @@ class ClusterSpec(Spec):
     _example = "{'name': 'demo', 'workers': 2}"
 
     def __post_init__(self):
-        if not isinstance(self.name, str) or not re.fullmatch(r"[a-z0-9]{1,6}", self.name):
-            raise InvalidSpec(f"cluster name {self.name!r} is not allowed", fix="use 1-6 lower-case letters or "
-                                                                               "digits, e.g. 'demo'")
+        check_cluster_name(self.name)
         object.__setattr__(self, "workers", whole_number(self.workers, "workers", 0, 8,
                                                          "a cluster on one host has 0 to 8 workers"))
         NetworkSpec(name=self.network, subnet=self.subnet)
