@@ -29,6 +29,18 @@ def _path(name):
     return f"{CLUSTERS}/{name}.json"
 
 
+#: files beside a cluster's record: its manager's records (labkit.agent.manager) and log
+FILES = ("services.json", "tasks.json", "addresses.json", "previous.json", "manager.log")
+
+
+def file(name, part):
+    """The cluster's file ``part`` (one of FILES), beside its record."""
+    _path(name)  # (a name that is not a cluster's is NotFound here too)
+    if part not in FILES:
+        raise ValueError(f"{part!r} is none of a cluster's files")
+    return f"{CLUSTERS}/{name}.{part}"
+
+
 def _load(name):
     st = read_json(_path(name), default=None)
     if not isinstance(st, dict) or not isinstance(st.get("spec"), dict):
@@ -96,7 +108,7 @@ def manage(name):
     st = _load(name)
     if recorded_process(st.get("manager") or {}):
         return {"pid": st["manager"]["pid"], "existed": True}
-    with open(_path(name)[:-len(".json")] + ".manager.log", "ab") as log:
+    with open(file(name, "manager.log"), "ab") as log:
         proc = start_helper("manager", "run", name, stderr=log)
     st["manager"] = pid_fields(proc.pid)
     write_json(_path(name), st)
@@ -145,10 +157,9 @@ def remove(name):
         rec.steps += network.remove(spec.network)["steps"]
     except NotFound:
         pass
-    base = _path(name)[:-len(".json")]
-    for suffix in (".services.json", ".tasks.json", ".addresses.json", ".previous.json", ".manager.log"):
-        if os.path.exists(base + suffix):
-            os.unlink(base + suffix)
+    for part in FILES:
+        if os.path.exists(file(name, part)):
+            os.unlink(file(name, part))
     os.unlink(_path(name))
     return rec.to_dict(name=name)
 

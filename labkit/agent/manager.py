@@ -1,7 +1,7 @@
 """The manager: a cluster's control loop, on the host (lab 09).
 
 It keeps the desired state (services, :class:`labkit.wire.orchestration.ServiceSpec`) and the task records of
-one cluster (/run/labkit/clusters/<name>.services.json and .tasks.json), and brings the cluster to it one
+one cluster (/run/labkit/clusters/<name>.services.json and .tasks.json, :data:`labkit.agent.cluster.FILES`), and brings the cluster to it one
 :func:`step` at a time: it observes every node (a request to its engine, ``container.ps``: the heartbeat, a
 node that does not answer within HEARTBEAT seconds is down), turns what the containers did into task states,
 asks :func:`labkit.wire.orchestration.reconcile` what to do, and does it through each node's engine
@@ -29,20 +29,13 @@ MESH_TABLE = "labkit_mesh"
 KEEP_ENDED = 20     # ended tasks kept per service (the history back-off reads, and `service ps` shows)
 
 
-def _paths(name):
-    base = cluster._path(name)[:-len(".json")]
-    return f"{base}.services.json", f"{base}.tasks.json"
-
-
 def _services(name):
-    path, _ = _paths(name)
-    raw = read_json(path, default={}) or {}
+    raw = read_json(cluster.file(name, "services.json"), default={}) or {}
     return {k: ServiceSpec.from_dict(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
 
 
 def _tasks(name):
-    _, path = _paths(name)
-    raw = read_json(path, default=[]) or []
+    raw = read_json(cluster.file(name, "tasks.json"), default=[]) or []
     out = []
     for t in raw if isinstance(raw, list) else []:
         try:
@@ -53,11 +46,10 @@ def _tasks(name):
 
 
 def _save(name, services=None, tasks=None):
-    spath, tpath = _paths(name)
     if services is not None:
-        write_json(spath, {k: v.to_dict() for k, v in services.items()})
+        write_json(cluster.file(name, "services.json"), {k: v.to_dict() for k, v in services.items()})
     if tasks is not None:
-        write_json(tpath, [t.to_dict() for t in tasks])
+        write_json(cluster.file(name, "tasks.json"), [t.to_dict() for t in tasks])
 
 
 # -- desired state ---------------------------------------------------------------------------------------------
@@ -83,10 +75,9 @@ def service_update(name, service, image=None, replicas=None):
     new = dict(old, **{k: v for k, v in (("image", image), ("replicas", replicas)) if v is not None})
     services[service] = ServiceSpec.from_dict(new)
     _save(name, services=services)
-    prev_path = _paths(name)[0][:-len(".json")] + ".previous.json"
-    prev = read_json(prev_path, default={}) or {}
+    prev = read_json(cluster.file(name, "previous.json"), default={}) or {}
     prev[service] = old
-    write_json(prev_path, prev)
+    write_json(cluster.file(name, "previous.json"), prev)
     return step(name)
 
 
@@ -183,7 +174,7 @@ def step(name):
     tasks = _settle(_tasks(name), seen, now)
     actions = reconcile(services, nodes, tasks, now, lambda: secrets.token_hex(5))
     by_id = {t.id: t for t in tasks}
-    addrs = read_json(_paths(name)[1][:-len(".json")] + ".addresses.json", default={}) or {}
+    addrs = read_json(cluster.file(name, "addresses.json"), default={}) or {}
     rec = Recorder(f"step of cluster {name}")
     for a in actions:
         t = a.task
@@ -200,7 +191,7 @@ def step(name):
     kept = _trim(list(by_id.values()))
     addrs = {k: v for k, v in addrs.items() if k in {t.id for t in kept}}
     _save(name, tasks=kept)
-    write_json(_paths(name)[1][:-len(".json")] + ".addresses.json", addrs)
+    write_json(cluster.file(name, "addresses.json"), addrs)
     _mesh(st, services, kept, addrs, rec)
     rec.fact("nodes", {n.name: n.status for n in nodes})
     return rec.to_dict(cluster=name)
