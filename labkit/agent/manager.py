@@ -189,10 +189,11 @@ def step(name):
         rec.add({"kind": "action", "action": a.kind, "task": t.id, "service": t.service, "slot": t.slot,
                  "node": t.node, "reason": a.reason})
     kept = _trim(list(by_id.values()))
-    addrs = {k: v for k, v in addrs.items() if k in {t.id for t in kept}}
+    kept_ids = {t.id for t in kept}
+    addrs = {k: v for k, v in addrs.items() if k in kept_ids}
     _save(name, tasks=kept)
     write_json(cluster.file(name, "addresses.json"), addrs)
-    _mesh(st, services, kept, addrs, rec)
+    _mesh(st, services, kept, addrs, {n.name for n in nodes if n.status == "ready"}, rec)
     rec.fact("nodes", {n.name: n.status for n in nodes})
     return rec.to_dict(cluster=name)
 
@@ -246,7 +247,8 @@ def _apply(text, rules, netns_pid=None, rec=None):
     _applied[key] = script
 
 
-def _mesh(st, services, tasks, addrs, rec):
+def _mesh(st, services, tasks, addrs, ready, rec):
+    """The mesh's rules on the host and in every node this step found ``ready`` (its heartbeat answered)."""
     if not which("nft"):
         return
     backends = {}
@@ -257,17 +259,13 @@ def _mesh(st, services, tasks, addrs, rec):
             backends[(p.published, p.proto)] = (p.target, ips)
     text, rules = _ruleset(backends, local_hook=True)
     _apply(text, rules, rec=rec)
+    text, rules = _ruleset(backends, local_hook=False)
     for n in st["nodes"]:
-        try:
-            info = node.inspect(n["id"])
-        except NotFound:
-            continue
-        if info["status"] == "ready":
-            text, rules = _ruleset(backends, local_hook=False)
+        if n["name"] in ready:
             try:
-                _apply(text, rules, netns_pid=info["pid"], rec=rec)
+                _apply(text, rules, netns_pid=node.pid_of(n["id"]), rec=rec)
             except LabkitError:
-                pass  # a node that died meanwhile: the next step sees it down
+                pass  # a node that died or went meanwhile: the next step sees it down
 
 
 def remove_mesh(rec):

@@ -126,6 +126,11 @@ def create(spec: NodeSpec):
     return rec.to_dict(id=spec.id)
 
 
+def pid_of(node_id):
+    """The host PID of the node's PID 1, as recorded (whether it still lives is :func:`inspect`'s question)."""
+    return _load(node_id).get("pid")
+
+
 def inspect(node_id):
     """A node's record: its spec, PID 1, address, and status: "ready" (its engine answers), "down" (its PID 1
     is gone: killed), "paused" (frozen: a hung machine) or "unreachable" (alive, not answering)."""
