@@ -1,4 +1,5 @@
-"""The ``labkit`` command: doctor, cleanup, lab (run the notebooks headless), scores, bench, assign, and docker-like verbs.
+"""The ``labkit`` command: doctor, cleanup, lab (run the notebooks headless), scores, bench, assign, and docker-like verbs
+(lab 09's clusters too, with Docker Swarm's node, service and stack verbs).
 
 Mirrors what a notebook does with ``labkit.connect()``; exits non-zero with the error's fix on failure.
 """
@@ -8,7 +9,7 @@ import os
 import sys
 
 from . import __version__
-from .wire.errors import LabkitError, NotFound
+from .wire.errors import InvalidSpec, LabkitError, NotFound
 from .course import NOTEBOOK_DIR
 
 
@@ -520,6 +521,261 @@ def cmd_network(args):
     return 0
 
 
+# --- lab 09: clusters, and Docker Swarm's verbs on them (node, service, stack) ---------------------------------
+
+def _cluster(args):
+    """The Lab, and the cluster for node/service/stack: --cluster, else $LABKIT_CLUSTER, else the only one there is."""
+    lab = _lab(args)
+    name = args.cluster or os.environ.get("LABKIT_CLUSTER")
+    if name:
+        return lab, name
+    names = [c["name"] for c in lab.call("cluster.list")]
+    if not names:
+        raise NotFound("there is no cluster", fix="make one: labkit cluster create demo")
+    if len(names) > 1:
+        raise InvalidSpec(f"there are {len(names)} clusters: {', '.join(names)}",
+                          fix="say which: pass --cluster NAME (or set LABKIT_CLUSTER)")
+    return lab, names[0]
+
+
+def _print_nodes(nodes):
+    """`docker node ls`'s table."""
+    from .client.records import text_table
+    rows = [{"ID": n["id"], "HOSTNAME": n["name"], "STATUS": n["status"].capitalize(),
+             "AVAILABILITY": n.get("availability", "active").capitalize(),
+             "MANAGER STATUS": "Leader" if n["role"] == "manager" else ""} for n in nodes]
+    print(text_table(rows, ["ID", "HOSTNAME", "STATUS", "AVAILABILITY", "MANAGER STATUS"]))
+
+
+def cmd_cluster_create(args):
+    """The cluster's nodes, then its manager (the control loop, a process of its own)."""
+    from .wire.specs import ClusterSpec
+    nets = {k: v for k, v in (("subnet", args.subnet), ("tasks", args.tasks)) if v}
+    spec = ClusterSpec(args.name, args.workers, **nets)
+    lab = _lab(args)
+    rec = lab.call("cluster.create", spec=spec.to_dict())
+    lab.call("cluster.manage", name=spec.name)
+    _print_nodes(rec["cluster"]["nodes"])
+    return 0
+
+
+def cmd_cluster_ls(args):
+    from .client.records import text_table
+    rows = []
+    for c in _lab(args).call("cluster.list"):
+        manager = c.get("manager")
+        pid = manager.get("pid") if isinstance(manager, dict) else manager
+        rows.append({"NAME": c["name"], "NODES": len(c["nodes"]), "MANAGER": pid or "-"})
+    print(text_table(rows, ["NAME", "NODES", "MANAGER"]))
+    return 0
+
+
+def cmd_cluster_rm(args):
+    lab = _lab(args)
+    for name in args.names:
+        lab.call("cluster.remove", name=name)
+        print(name)
+    return 0
+
+
+def cmd_cluster_inspect(args):
+    lab = _lab(args)
+    print(json.dumps([lab.call("cluster.inspect", name=name) for name in args.names], indent=4))
+    return 0
+
+
+def cmd_node_ls(args):
+    lab, cluster = _cluster(args)
+    _print_nodes(lab.call("cluster.inspect", name=cluster)["nodes"])
+    return 0
+
+
+def cmd_node_update(args):
+    lab, cluster = _cluster(args)
+    lab.call("cluster.node_update", name=cluster, node=args.node, availability=args.availability)
+    print(args.node)
+    return 0
+
+
+def cmd_node_inspect(args):
+    """Nodes by name or id, as `docker node inspect`."""
+    lab, cluster = _cluster(args)
+    nodes = lab.call("cluster.inspect", name=cluster)["nodes"]
+    out = []
+    for ref in args.nodes:
+        found = [n for n in nodes if ref in (n["id"], n["name"])]
+        if not found:
+            raise NotFound(f"no such node in cluster {cluster}: {ref}", fix="see labkit node ls")
+        out.append(found[0])
+    print(json.dumps(out, indent=4))
+    return 0
+
+
+def _health(args):
+    """--health-*: the HealthCheck that runs --health-cmd as Docker does (sh -c CMD), or None."""
+    from .wire.orchestration import HealthCheck, duration
+    given = {k: v for k, v in (("interval", args.health_interval), ("retries", args.health_retries),
+                               ("start_period", args.health_start_period)) if v is not None}
+    if not args.health_cmd:
+        if given:
+            raise InvalidSpec("--health-interval, --health-retries and --health-start-period go with --health-cmd",
+                              fix="add the check, e.g. --health-cmd 'wget -q -O- http://localhost/'")
+        return None
+    for k in ("interval", "start_period"):
+        if k in given:
+            given[k] = duration(given[k], "--health-" + k.replace("_", "-"))
+    return HealthCheck(("sh", "-c", args.health_cmd), **given)
+
+
+def cmd_service_create(args):
+    import secrets
+    from .wire.orchestration import ServiceSpec, duration
+    fields = {k: v for k, v in (("replicas", args.replicas), ("update_parallelism", args.update_parallelism),
+                                ("update_failure_action", args.update_failure_action)) if v is not None}
+    if args.update_delay is not None:
+        fields["update_delay"] = duration(args.update_delay, "--update-delay")
+    spec = ServiceSpec(name=args.name or "svc-" + secrets.token_hex(3), image=args.image, cmd=args.cmd or None,
+                       env=_kv(args.env), ports=args.publish or [], health=_health(args), **fields)
+    lab, cluster = _cluster(args)
+    lab.call("service.create", name=cluster, spec=spec.to_dict())
+    print(spec.name)
+    return 0
+
+
+def cmd_service_ls(args):
+    from .client.records import text_table
+    lab, cluster = _cluster(args)
+    rows = [{"ID": s["name"], "NAME": s["name"], "MODE": "replicated",
+             "REPLICAS": f"{s['running']}/{s['replicas']}" + (f" ({s['update']})" if s.get("update") else ""),
+             "IMAGE": s["image"], "PORTS": ", ".join(s["ports"])} for s in lab.call("service.ls", name=cluster)]
+    print(text_table(rows, ["ID", "NAME", "MODE", "REPLICAS", "IMAGE", "PORTS"]))
+    return 0
+
+
+def _print_tasks(tasks):
+    """`docker service ps`'s table: per slot the newest task first, the older ones under it (\\_)."""
+    from .client.records import text_table
+    rows, seen = [], set()
+    for t in sorted(tasks, key=lambda t: (t["service"], t["slot"], -t["since"], t["desired"] != "running")):
+        slot = (t["service"], t["slot"])
+        rows.append({"ID": t["id"], "NAME": (" \\_ " if slot in seen else "") + f"{t['service']}.{t['slot']}",
+                     "IMAGE": t["image"], "NODE": t["node"] or "", "DESIRED STATE": t["desired"].capitalize(),
+                     "CURRENT STATE": f"{t['state'].capitalize()} {_ago(t['since']).lower()}",
+                     "ERROR": '"' + " ".join(t["error"].split()) + '"' if t["error"] else ""})
+        seen.add(slot)
+    print(text_table(rows, ["ID", "NAME", "IMAGE", "NODE", "DESIRED STATE", "CURRENT STATE", "ERROR"]))
+
+
+def cmd_service_ps(args):
+    lab, cluster = _cluster(args)
+    _print_tasks([t for s in args.services for t in lab.call("service.ps", name=cluster, service=s)])
+    return 0
+
+
+def cmd_service_scale(args):
+    """SERVICE=N..., all checked before the first is scaled."""
+    scales = []
+    for arg in args.scales:
+        service, _, n = arg.partition("=")
+        if not service or not (n.isascii() and n.isdigit()):
+            raise InvalidSpec(f"{arg!r} is not SERVICE=REPLICAS", fix="e.g. labkit service scale web=3 api=2")
+        scales.append((service, int(n)))
+    lab, cluster = _cluster(args)
+    for service, n in scales:
+        lab.call("service.update", name=cluster, service=service, replicas=n)
+        print(f"{service} scaled to {n}")
+    return 0
+
+
+def cmd_service_update(args):
+    if args.image is None and args.replicas is None:
+        raise InvalidSpec(f"nothing to update in {args.service}", fix="give --image IMAGE (a rolling update) "
+                                                                       "or --replicas N")
+    lab, cluster = _cluster(args)
+    lab.call("service.update", name=cluster, service=args.service, image=args.image, replicas=args.replicas)
+    print(args.service)
+    return 0
+
+
+def cmd_service_rollback(args):
+    lab, cluster = _cluster(args)
+    lab.call("service.rollback", name=cluster, service=args.service)
+    print(args.service)
+    return 0
+
+
+def cmd_service_rm(args):
+    lab, cluster = _cluster(args)
+    for service in args.services:
+        lab.call("service.rm", name=cluster, service=service)
+        print(service)
+    return 0
+
+
+def cmd_service_inspect(args):
+    lab, cluster = _cluster(args)
+    print(json.dumps([lab.call("service.inspect", name=cluster, service=s) for s in args.services], indent=4))
+    return 0
+
+
+COMPOSE_MAX = 1 << 20
+
+
+def _compose(path):
+    """A Compose file, parsed: at most COMPOSE_MAX bytes of YAML with a mapping at its top."""
+    import yaml
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(COMPOSE_MAX + 1)
+    except OSError as exc:
+        raise NotFound(f"cannot read {path}: {exc.strerror}", fix="give -c the path of a Compose file") from None
+    if len(raw) > COMPOSE_MAX:
+        raise InvalidSpec(f"{path} is over 1 MiB, too big for a Compose file",
+                          fix="check the path: a stack's Compose file is a few KiB")
+    try:
+        data = yaml.safe_load(raw)
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise InvalidSpec(f"{path} is not YAML: {exc}", fix="correct the file where the message says") from None
+    if not isinstance(data, dict):
+        raise InvalidSpec(f"{path} is not a Compose file: its top level is "
+                          f"{'empty' if data is None else 'a ' + type(data).__name__}, not a mapping",
+                          fix="e.g. services: {web: {image: busybox}}")
+    return data
+
+
+def cmd_stack_deploy(args):
+    from .wire.orchestration import StackSpec
+    stack = StackSpec.from_compose(args.stack, _compose(args.compose_file))
+    lab, cluster = _cluster(args)
+    res = lab.call("stack.deploy", name=cluster, spec=stack.to_dict())
+    for word, key in (("Creating", "created"), ("Updating", "updated")):
+        for name in res[key]:
+            print(f"{word} service {name}")
+    return 0
+
+
+def cmd_stack_ls(args):
+    from .client.records import text_table
+    lab, cluster = _cluster(args)
+    rows = [{"NAME": s["name"], "SERVICES": s["services"]} for s in lab.call("stack.ls", name=cluster)]
+    print(text_table(rows, ["NAME", "SERVICES"]))
+    return 0
+
+
+def cmd_stack_ps(args):
+    lab, cluster = _cluster(args)
+    _print_tasks(lab.call("stack.ps", name=cluster, stack=args.stack))
+    return 0
+
+
+def cmd_stack_rm(args):
+    lab, cluster = _cluster(args)
+    for stack in args.stacks:
+        for name in lab.call("stack.rm", name=cluster, stack=stack)["removed"]:
+            print(f"Removing service {name}")
+    return 0
+
+
 def cmd_bench(args):
     from .course import bench
     experiments = [e.strip() for e in args.only.split(",")] if args.only else None
@@ -801,6 +1057,72 @@ def _parser(only=None):
     sp.add_argument("--subnet", help="with create: a private IPv4 /16../29, e.g. 10.214.0.0/24")
     sp.add_argument("names", nargs="*")
     sp.set_defaults(fn=cmd_network)
+    on_cluster = argparse.ArgumentParser(add_help=False)
+    on_cluster.add_argument("--cluster", help="the cluster to talk to (default: $LABKIT_CLUSTER, else the only one)")
+
+    def verbs(word, helptext):
+        """``labkit WORD ACTION ...``: a function that adds an ACTION (its parser, with --target, and with
+        --cluster for node, service and stack)."""
+        group = sub.add_parser(word, help=helptext).add_subparsers(dest="action", required=True, metavar="COMMAND")
+        parents = [common] + ([on_cluster] if word != "cluster" else [])
+
+        def verb(action, fn, helptext, aliases=()):
+            sp = group.add_parser(action, aliases=list(aliases), parents=parents, help=helptext)
+            sp.set_defaults(fn=fn)
+            return sp
+        return verb
+
+    verb = verbs("cluster", "lab 09's clusters of nodes on this host: create, ls, rm, inspect")
+    sp = verb("create", cmd_cluster_create, "a manager and N workers, and its manager loop (the control loop)")
+    sp.add_argument("--workers", type=int, default=2)
+    sp.add_argument("--subnet", help="the nodes' network, a private IPv4 subnet (default 10.209.0.0/24)")
+    sp.add_argument("--tasks", help="the tasks' addresses, a /24 per node (default 10.214.0.0/16)")
+    sp.add_argument("name")
+    verb("ls", cmd_cluster_ls, "list clusters", aliases=["list"])
+    verb("rm", cmd_cluster_rm, "remove clusters (their nodes, tasks and networks)", aliases=["remove"]) \
+        .add_argument("names", nargs="+")
+    verb("inspect", cmd_cluster_inspect, "a cluster's record (JSON)").add_argument("names", nargs="+")
+    verb = verbs("node", "a cluster's nodes, as docker node: ls, update, inspect")
+    verb("ls", cmd_node_ls, "list nodes", aliases=["list"])
+    sp = verb("update", cmd_node_update, "set a node's availability")
+    sp.add_argument("--availability", required=True, choices=("active", "pause", "drain"))
+    sp.add_argument("node")
+    verb("inspect", cmd_node_inspect, "nodes' records (JSON)").add_argument("nodes", nargs="+")
+    verb = verbs("service", "a cluster's services, as docker service: create, ls, ps, scale, update, rollback, "
+                            "rm, inspect")
+    sp = verb("create", cmd_service_create, "create a service")
+    sp.add_argument("--name", help="default: svc- and 6 random hex digits")
+    sp.add_argument("--replicas", type=int, help="default 1")
+    sp.add_argument("-p", "--publish", action="append", help="PUBLISHED:TARGET[/tcp|/udp], on every node")
+    sp.add_argument("-e", "--env", action="append", help="KEY=VALUE")
+    sp.add_argument("--health-cmd", help="a shell command (sh -c CMD) run in each task; exit 0 is healthy")
+    sp.add_argument("--health-interval", help="e.g. 500ms, 2s, 1m30s")
+    sp.add_argument("--health-retries", type=int)
+    sp.add_argument("--health-start-period", help="e.g. 5s")
+    sp.add_argument("--update-parallelism", type=int, help="slots replaced at a time (default 1)")
+    sp.add_argument("--update-delay", help="between two batches, e.g. 10s (default 0s)")
+    sp.add_argument("--update-failure-action", help="rollback (default; Docker's is pause), pause or continue")
+    sp.add_argument("image")
+    sp.add_argument("cmd", nargs=argparse.REMAINDER)
+    verb("ls", cmd_service_ls, "list services", aliases=["list"])
+    verb("ps", cmd_service_ps, "services' tasks").add_argument("services", nargs="+")
+    verb("scale", cmd_service_scale, "set services' replicas").add_argument("scales", nargs="+",
+                                                                            metavar="SERVICE=REPLICAS")
+    sp = verb("update", cmd_service_update, "a new image (a rolling update) or number of replicas")
+    sp.add_argument("--image")
+    sp.add_argument("--replicas", type=int)
+    sp.add_argument("service")
+    verb("rollback", cmd_service_rollback, "back to the service's previous spec").add_argument("service")
+    verb("rm", cmd_service_rm, "remove services", aliases=["remove"]).add_argument("services", nargs="+")
+    verb("inspect", cmd_service_inspect, "services' records (JSON)").add_argument("services", nargs="+")
+    verb = verbs("stack", "services from a Compose file, as docker stack: deploy, ls, ps, rm")
+    sp = verb("deploy", cmd_stack_deploy, "create or update a stack's services from a Compose file (format 3)",
+              aliases=["up"])
+    sp.add_argument("-c", "--compose-file", required=True)
+    sp.add_argument("stack")
+    verb("ls", cmd_stack_ls, "list stacks", aliases=["list"])
+    verb("ps", cmd_stack_ps, "a stack's tasks").add_argument("stack")
+    verb("rm", cmd_stack_rm, "remove stacks", aliases=["remove", "down"]).add_argument("stacks", nargs="+")
 
     b = sub.add_parser("bench", parents=[common], help="measure native vs container vs VM (CSV + PNG charts)")
     b.add_argument("--full", action="store_true", help="more repeats and larger workloads (slower, more precise)")
@@ -883,7 +1205,8 @@ MANAGEMENT = {
               "inspect": ["inspect", "--type", "image"], **{v: [v] for v in ("pull", "push", "tag", "build")}},
 }
 DOCKER_VERBS = {"run", "attach", "create", "start", "stop", "kill", "rm", "ps", "logs", "top", "inspect", "exec", "images",
-                "rmi", "build", "commit", "pull", "push", "tag", "search", "version", "network"}
+                "rmi", "build", "commit", "pull", "push", "tag", "search", "version", "network", "node", "service",
+                "stack"}
 
 
 def _management_form(argv):

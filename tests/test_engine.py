@@ -323,3 +323,33 @@ def test_an_image_symlink_cannot_steer_a_volume_onto_the_host(lab, tmp_path):
         assert not os.path.exists(f"/etc/{mark}") and not os.path.exists(f"/etc/{mark}-file")
     finally:
         lab.rmi("t-symvol:v1")
+
+
+def test_extra_hosts_are_the_containers_own_etc_hosts_and_cannot_be_steered_onto_the_host(lab, tmp_path):
+    """--add-host NAME:IP: a file of the container's own bound on /etc/hosts (lab 09 resolves service names
+    so); an image whose /etc is a link to a host directory gets it refused, not written there."""
+    from labkit.wire.specs import ContainerSpec
+    spec = ContainerSpec(image="busybox", name="t-hosts", cmd=("sleep", "30"), network=None,
+                         extra_hosts=("api:127.0.0.1", "demo_api:127.0.0.2"))
+    lab.call("container.create", spec=spec.to_dict())
+    lab.call("container.start", ref="t-hosts")
+    out = lab.call("container.exec", ref="t-hosts", argv=["cat", "/etc/hosts"])["stdout"]
+    assert "127.0.0.1\tapi\n" in out and "127.0.0.2\tdemo_api\n" in out
+    assert lab.call("container.exec", ref="t-hosts", argv=["sh", "-c", "echo x >> /etc/hosts"])["exit_code"] != 0, \
+        "read-only, as Docker's"
+    assert lab.call("container.inspect", ref="t-hosts")["HostConfig"]["ExtraHosts"] == ["api:127.0.0.1",
+                                                                                         "demo_api:127.0.0.2"]
+    victim = tmp_path / "etc"
+    victim.mkdir()
+    lab.build(f"FROM busybox\nRUN rm -rf /etc && ln -s {victim} /etc\n", "t-symhosts:v1")
+    try:
+        lab.call("container.create", spec=ContainerSpec(image="t-symhosts:v1", name="t-symhosts", cmd=("true",),
+                                                        network=None, extra_hosts=("api:127.0.0.1",)).to_dict())
+        with pytest.raises(LabkitError, match="symlink"):
+            lab.call("container.start", ref="t-symhosts")
+        assert list(victim.iterdir()) == []
+    finally:
+        lab.call("container.rm", ref="t-symhosts", force=True)
+        lab.rmi("t-symhosts:v1")
+    with pytest.raises(InvalidSpec, match="not an IPv4"):
+        ContainerSpec(extra_hosts=("api:999.1.1.1",))

@@ -8,7 +8,7 @@ import pytest
 
 from labkit.client.lab import Lab
 from labkit.wire.errors import InvalidSpec, NotFound
-from labkit.wire.orchestration import ServiceSpec
+from labkit.wire.orchestration import ServiceSpec, StackSpec
 from labkit.wire.specs import ClusterSpec
 
 pytestmark = pytest.mark.privileged
@@ -39,12 +39,12 @@ def _get(host="127.0.0.1", port=PORT, timeout=1.0):
         conn.close()
 
 
-def _until(lab, running, seconds=20, step=True):
+def _until(lab, running, seconds=20, step=True, service="web"):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if step:
             lab.call("manager.step", name="tm")
-        rows = lab.call("service.ls", name="tm")
+        rows = [r for r in lab.call("service.ls", name="tm") if r["name"] == service]
         if rows and rows[0]["running"] == running:
             return rows
         time.sleep(0.1)
@@ -117,3 +117,140 @@ def test_cluster_remove_takes_the_mesh_with_it(lab):
     assert subprocess.run(["nft", "list", "table", "ip", "labkit_mesh"], capture_output=True).returncode != 0
     lab.call("cluster.create", spec=ClusterSpec(name="tm", workers=0, subnet="10.209.11.0/24",
                                                 tasks="10.217.0.0/16").to_dict())  # for the fixture to remove
+
+
+def _running(lab, service="web"):
+    return [t for t in lab.call("service.ps", name="tm", service=service)
+            if t["desired"] == "running" and t["state"] == "running"]
+
+
+def _update_state(lab, want, seconds=30, watch=None):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        lab.call("manager.step", name="tm")
+        if watch:
+            watch()
+        info = lab.call("service.inspect", name="tm", service="web")
+        if (info["update"] or {}).get("state") == want:
+            return info
+        time.sleep(0.05)
+    raise AssertionError(f"update not {want} within {seconds} s: {lab.call('service.inspect', name='tm', service='web')}"
+                         f"\n{lab.call('service.ps', name='tm')}")
+
+
+def test_a_rolling_update_goes_one_task_at_a_time_and_one_failing_its_health_check_is_rolled_back(lab):
+    lab.call("image.tag", src="busybox", dst="tm-web:v2")
+    lab.call("image.build", recipe="FROM busybox\nRUN touch /broken", ref="tm-web:v3")
+    try:
+        health = {"cmd": ["sh", "-c", "test ! -e /broken"], "interval": 0.2, "retries": 2}
+        lab.call("service.create", name="tm", spec=ServiceSpec(name="web", image="busybox", replicas=3, cmd=WEB,
+                                                               health=health).to_dict())
+        _until(lab, 3)
+        assert lab.call("service.inspect", name="tm", service="web")["update"] is None
+
+        least = [3]
+        lab.call("service.update", name="tm", service="web", image="tm-web:v2")
+        info = _update_state(lab, "completed", watch=lambda: least.__setitem__(0, min(least[0], len(_running(lab)))))
+        assert {t["image"] for t in _running(lab)} == {"tm-web:v2"} and len(_running(lab)) == 3
+        assert least[0] == 2, f"one slot at a time (update_parallelism 1): at least 2 of 3 kept running, saw {least[0]}"
+        assert info["previous"]["image"] == "busybox:latest"
+
+        lab.call("service.update", name="tm", service="web", image="tm-web:v3")
+        info = _update_state(lab, "rollback_completed")
+        assert info["spec"]["image"] == "tm-web:v2", "rolled back to the previous spec"
+        assert "unhealthy" in info["update"]["message"], info["update"]
+        assert {t["image"] for t in _running(lab)} == {"tm-web:v2"} and len(_running(lab)) == 3
+        failed = [t for t in lab.call("service.ps", name="tm") if t["image"] == "tm-web:v3"]
+        assert failed and all(t["desired"] == "shutdown" or t["state"] in ("failed", "shutdown") for t in failed)
+        assert any("health checks failed" in (t["error"] or "") for t in failed), failed
+
+        lab.call("service.update", name="tm", service="web", image="busybox")
+        _update_state(lab, "completed")
+        lab.call("service.rollback", name="tm", service="web")  # by hand: back to the previous spec, tm-web:v2
+        _update_state(lab, "rollback_completed")
+        assert {t["image"] for t in _running(lab)} == {"tm-web:v2"}
+        lab.call("service.rm", name="tm", service="web")
+        lab.call("manager.step", name="tm")
+        for n in ("manager", "worker1", "worker2"):
+            assert lab.call("node.call", node_id=f"tm-{n}", op="container.ps", params={"all": True}) == [], \
+                "the containers of ended and removed tasks are gone"
+    finally:
+        lab.call("cluster.remove", name="tm")
+        lab.call("cluster.create", spec=ClusterSpec(name="tm", workers=0, subnet="10.209.11.0/24",
+                                                    tasks="10.217.0.0/16").to_dict())  # for the fixture
+        for ref in ("tm-web:v2", "tm-web:v3"):
+            lab.call("image.rmi", ref=ref, force=True)
+
+
+def test_a_drained_node_gives_its_tasks_away_and_a_paused_one_takes_no_new_ones(lab):
+    lab.call("service.create", name="tm", spec=ServiceSpec(name="web", image="busybox", replicas=3, cmd=WEB).to_dict())
+    _until(lab, 3)
+    lab.call("cluster.node_update", name="tm", node="worker1", availability="drain")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        lab.call("manager.step", name="tm")
+        nodes = sorted(t["node"] for t in _running(lab))
+        if len(nodes) == 3 and "worker1" not in nodes:
+            break
+        time.sleep(0.05)
+    assert sorted(t["node"] for t in _running(lab)) in (["manager", "manager", "worker2"],
+                                                        ["manager", "worker2", "worker2"])
+    assert [n["availability"] for n in lab.call("cluster.inspect", name="tm")["nodes"]] == ["active", "drain", "active"]
+    lab.call("cluster.node_update", name="tm", node="worker1", availability="pause")
+    lab.call("service.update", name="tm", service="web", replicas=5)
+    _until(lab, 5)
+    assert "worker1" not in {t["node"] for t in _running(lab)}, "a paused node takes no new task"
+    with pytest.raises(InvalidSpec):
+        lab.call("cluster.node_update", name="tm", node="worker1", availability="asleep")
+    with pytest.raises(NotFound):
+        lab.call("cluster.node_update", name="tm", node="worker9", availability="drain")
+
+
+STACK = """
+version: "3.8"
+services:
+  web:
+    image: busybox
+    command: ["sh", "-c", "mkdir -p /w && echo front > /w/index.html && exec httpd -f -p 80 -h /w"]
+    ports: ["18482:80"]
+  api:
+    image: busybox
+    command: ["sh", "-c", "mkdir -p /w && hostname > /w/index.html && exec httpd -f -p 80 -h /w"]
+    deploy:
+      replicas: 2
+"""
+
+
+def test_a_stack_resolves_its_services_by_name_and_goes_with_stack_rm(lab):
+    import yaml
+    spec = StackSpec.from_compose("demo", yaml.safe_load(STACK))
+    made = lab.call("stack.deploy", name="tm", spec=spec.to_dict())
+    assert sorted(made["created"]) == ["demo_api", "demo_web"] and made["updated"] == []
+    _until(lab, 1, service="demo_web")
+    _until(lab, 2, service="demo_api")
+    assert lab.call("stack.ls", name="tm") == [{"name": "demo", "services": 2}]
+    assert [c["name"] for c in lab.call("cluster.list")] == ["tm"]  # (and it leaves the records beside be)
+    assert {t["service"] for t in lab.call("stack.ps", name="tm", stack="demo")} == {"demo_api", "demo_web"}
+    web = _running(lab, "demo_web")[0]
+    api_hosts = {t["container"] for t in _running(lab, "demo_api")}
+    seen = set()
+    for _ in range(6):  # by its name in the stack file and by its full name, balanced over both tasks
+        for host in ("api", "demo_api"):
+            res = lab.call("node.call", node_id=f"tm-{web['node']}", op="container.exec",
+                           params={"ref": web["container"], "argv": ["wget", "-q", "-O-", f"http://{host}/"]})
+            assert res["exit_code"] == 0, res
+            seen.add(res["stdout"].strip())
+    assert len(seen) == 2, f"the service's virtual address balances over its 2 tasks: {seen} ({api_hosts})"
+    assert _get(port=18482) == "front"
+    again = lab.call("stack.deploy", name="tm", spec=spec.to_dict())
+    assert again["created"] == [] and again["updated"] == [], "deploying the same file again changes nothing"
+    with pytest.raises(InvalidSpec):
+        lab.call("service.create", name="tm", spec=ServiceSpec(name="demo_api", image="busybox").to_dict())
+    gone = lab.call("stack.rm", name="tm", stack="demo")
+    assert gone["removed"] == ["demo_api", "demo_web"]
+    assert lab.call("stack.ls", name="tm") == [] and lab.call("service.ls", name="tm") == []
+    lab.call("manager.step", name="tm")
+    for n in ("manager", "worker1", "worker2"):
+        assert lab.call("node.call", node_id=f"tm-{n}", op="container.ps", params={"all": True}) == []
+    with pytest.raises(NotFound):
+        lab.call("stack.rm", name="tm", stack="demo")

@@ -5,19 +5,23 @@ A cluster is a labkit bridge network on the host (``lkbr-cl<name>``), a manager 
 network ``tasks`` with the i-th /24 of the cluster's task range, and the host routes that /24 to node i's
 address. A container on one node reaches a container on another by its own address (through the host,
 as a flat "host-gw" overlay does it between machines), so every task of a service has an address of its
-own in the cluster. State: /run/labkit/clusters/<name>.json (written before anything is made), undone by
-:func:`remove` and by ``labkit cleanup``. Standard library only.
+own in the cluster; the last /24 of the range holds the services' virtual addresses (routed nowhere in the
+nodes: only the manager's DNAT rules give them a meaning). State: /run/labkit/clusters/<name>.json (written
+before anything is made; changed under :func:`locked`), undone by :func:`remove` and by ``labkit cleanup``.
+Standard library only.
 """
+import contextlib
+import fcntl
 import ipaddress
 import os
 import signal
 import time
 
-from ..wire.errors import Conflict, LabkitError, NotFound
+from ..wire.errors import Conflict, InvalidSpec, LabkitError, NotFound
 from ..wire.specs import CLUSTER_NAME, RUN_DIR, ClusterSpec, NetworkSpec, NodeSpec
 from . import network, node
 from .runner import Recorder, pid_fields, recorded_process, run, start_helper
-from .state import private_dir, read_dir, read_json, write_json
+from .state import private_dir, read_json, write_json
 
 CLUSTERS = RUN_DIR + "/clusters"
 TASKS = "tasks"  # the network each node's containers join
@@ -29,8 +33,9 @@ def _path(name):
     return f"{CLUSTERS}/{name}.json"
 
 
-#: files beside a cluster's record: its manager's records (labkit.agent.manager) and log
-FILES = ("services.json", "tasks.json", "addresses.json", "previous.json", "manager.log")
+#: files beside a cluster's record: its manager's records (labkit.agent.manager), its log and its lock
+FILES = ("services.json", "tasks.json", "addresses.json", "updates.json", "health.json", "vips.json",
+         "stacks.json", "manager.log", "lock")
 
 
 def file(name, part):
@@ -39,6 +44,19 @@ def file(name, part):
     if part not in FILES:
         raise ValueError(f"{part!r} is none of a cluster's files")
     return f"{CLUSTERS}/{name}.{part}"
+
+
+@contextlib.contextmanager
+def locked(name):
+    """The cluster's lock, held while its record or its manager's records are read, changed and written (the
+    manager's loop and a request such as service.create, in two processes, never interleave)."""
+    _load(name)
+    fd = os.open(file(name, "lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _load(name):
@@ -68,9 +86,12 @@ def create(spec: ClusterSpec):
             nid = made["id"]
             subnet = spec.task_subnet(i)
             st["nodes"].append({"id": nid, "name": name, "role": "manager" if i == 0 else "worker", "ip": ip,
-                                "tasks": subnet})
+                                "tasks": subnet, "availability": "active"})
             write_json(_path(spec.name), st)
             node.call(nid, "net.create", {"spec": NetworkSpec(name=TASKS, subnet=subnet).to_dict()})
+            # a virtual address with no DNAT rule (a service with no task running) goes nowhere, not to the host
+            rec.run(["nsenter", f"--net=/proc/{node.pid_of(nid)}/ns/net", "--", "ip", "route", "add",
+                     "unreachable", spec.vip_subnet])
             rec.run(["ip", "route", "replace", subnet, "via", ip, "dev", NetworkSpec(name=spec.network).bridge])
             st["routes"].append(subnet)
             write_json(_path(spec.name), st)
@@ -93,25 +114,52 @@ def inspect(name):
         except NotFound:
             status = "removed"
         nodes.append({**n, "status": status})
-    return {"name": name, "spec": st["spec"], "created": st.get("created"), "nodes": nodes}
+    return {"name": name, "spec": st["spec"], "created": st.get("created"), "nodes": nodes,
+            "manager": recorded_process(st.get("manager") or {}) or None}
 
 
 def list_clusters():
     if not os.path.isdir(CLUSTERS):
         return []
-    return [inspect(name) for name, _ in read_dir(CLUSTERS) if CLUSTER_NAME.fullmatch(name)]
+    # only <name>.json: the files beside a record (<name>.tasks.json, a list) are not clusters
+    names = sorted(fn[:-5] for fn in os.listdir(CLUSTERS) if fn.endswith(".json") and CLUSTER_NAME.fullmatch(fn[:-5]))
+    out = []
+    for name in names:
+        try:
+            out.append(inspect(name))
+        except NotFound:
+            continue  # removed meanwhile, or a record that does not read (set aside)
+    return out
+
+
+def node_update(name, node, availability):
+    """`docker node update --availability`: active (takes tasks), pause (keeps its tasks, takes no new ones),
+    drain (its tasks move to other nodes at the manager's next step)."""
+    from ..wire.orchestration import AVAILABILITIES
+    if availability not in AVAILABILITIES:
+        raise InvalidSpec(f"availability {availability!r} is not known", fix="use " + ", ".join(AVAILABILITIES))
+    with locked(name):
+        st = _load(name)
+        entry = next((n for n in st["nodes"] if n["name"] == node), None)
+        if entry is None:
+            raise NotFound(f"cluster {name} has no node {node!r}",
+                           fix="its nodes: " + ", ".join(n["name"] for n in st["nodes"]))
+        entry["availability"] = availability
+        write_json(_path(name), st)
+    return {"node": node, "availability": availability}
 
 
 def manage(name):
     """Start the cluster's manager, its control loop (:mod:`labkit.agent.manager`), as a process of its own
     recorded in the cluster's state; its pid. Without it, the loop turns only when asked (``manager.step``)."""
-    st = _load(name)
-    if recorded_process(st.get("manager") or {}):
-        return {"pid": st["manager"]["pid"], "existed": True}
-    with open(file(name, "manager.log"), "ab") as log:
-        proc = start_helper("manager", "run", name, stderr=log)
-    st["manager"] = pid_fields(proc.pid)
-    write_json(_path(name), st)
+    with locked(name):
+        st = _load(name)
+        if recorded_process(st.get("manager") or {}):
+            return {"pid": st["manager"]["pid"], "existed": True}
+        with open(file(name, "manager.log"), "ab") as log:
+            proc = start_helper("manager", "run", name, stderr=log)
+        st["manager"] = pid_fields(proc.pid)
+        write_json(_path(name), st)
     return {"pid": proc.pid, "existed": False}
 
 
@@ -126,8 +174,10 @@ def unmanage(name):
             time.sleep(0.02)
         if recorded_process(st["manager"]):
             os.kill(pid, signal.SIGKILL)
-    st["manager"] = None
-    write_json(_path(name), st)
+    with locked(name):  # (not held while the manager stops: its step may be waiting for it)
+        st = _load(name)
+        st["manager"] = None
+        write_json(_path(name), st)
     return {"stopped": bool(pid)}
 
 

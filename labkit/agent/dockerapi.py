@@ -491,7 +491,7 @@ class EngineAPI:
                      "AttachStdin", "AttachStdout", "AttachStderr", "StdinOnce", "ExposedPorts", "HostConfig",
                      "NetworkingConfig", "Domainname"}
     HOST_FIELDS = {"PortBindings", "Binds", "NetworkMode", "Memory", "NanoCpus", "PidsLimit", "CapAdd", "CapDrop",
-                   "Privileged", "ReadonlyRootfs", "AutoRemove", "LogConfig", "RestartPolicy", "ConsoleSize"}
+                   "Privileged", "ReadonlyRootfs", "AutoRemove", "LogConfig", "RestartPolicy", "ConsoleSize", "ExtraHosts"}
 
     #: defaults the docker CLI sends that are not empty: -1 is "the kernel's default swappiness"
     HOST_DEFAULTS = {"MemorySwappiness": -1}
@@ -563,7 +563,8 @@ class EngineAPI:
                                  user=body.get("User") or None, network=net,
                                  cap_add=tuple(hc.get("CapAdd") or ()), cap_drop=tuple(hc.get("CapDrop") or ()),
                                  privileged=bool(hc.get("Privileged")), tty=bool(body.get("Tty")),
-                                 open_stdin=bool(body.get("OpenStdin")), stdin_once=bool(body.get("StdinOnce")))
+                                 open_stdin=bool(body.get("OpenStdin")), stdin_once=bool(body.get("StdinOnce")),
+                                 extra_hosts=tuple(hc.get("ExtraHosts") or ()))
         except LabkitError as exc:
             raise HTTPError(400, exc.message + (f" (fix: {exc.fix})" if exc.fix else "")) from None
         with self.lock:

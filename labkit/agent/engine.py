@@ -134,13 +134,31 @@ def create(spec: ContainerSpec):
                                                    "pids": spec.pids_limit},
                "caps": caps, "privileged": spec.privileged, "cap_add": cap_add, "cap_drop": cap_drop,
                "tty": spec.tty, "open_stdin": spec.open_stdin, "stdin_once": spec.stdin_once,
-               "merged": merged, "upper": f"{d}/upper", "lowers": [store.layer_dir(x) for x in reversed(img["layers"])]}
+               "merged": merged, "upper": f"{d}/upper", "lowers": [store.layer_dir(x) for x in reversed(img["layers"])],
+               "extra_hosts": [list(h) for h in spec.extra_hosts]}
+        if spec.extra_hosts:  # its /etc/hosts: a file of the container's own, bound read-only at start (as Docker)
+            _write_hosts(f"{d}/hosts", spec.extra_hosts)
         write_json(f"{d}/config.json", cfg, indent=1)
     except BaseException:
         _teardown(cid, rec)
         os.unlink(f"{NAMES}/{name}")
         raise
     return rec.to_dict(id=cid, name=name)
+
+
+def _write_hosts(path, pairs):
+    lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
+    lines += [f"{ip}\t{name}" for name, ip in pairs]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def _binds(cid, cfg):
+    """Its volumes, and its own /etc/hosts where it has extra hosts."""
+    binds = [tuple(b) for b in cfg["binds"]]
+    if cfg.get("extra_hosts"):
+        binds.append((f"{roots.container_dir(cid)}/hosts", "/etc/hosts", True))
+    return tuple(binds)
 
 
 def _prepare(ref, mode):
@@ -166,7 +184,7 @@ def _prepare(ref, mode):
                        cwd=cfg["workdir"], cgroup=_cg(cid), network=cfg["network"] or None,
                        ports=tuple(f"{p['host_ip']}:{p['host_port']}:{p['container_port']}/{p['proto']}"
                                    for p in cfg["ports"]),
-                       binds=tuple(tuple(b) for b in cfg["binds"]), read_only=cfg["read_only"], user=cfg["user"],
+                       binds=_binds(cid, cfg), read_only=cfg["read_only"], user=cfg["user"],
                        cap_keep=tuple(cfg["caps"]) if cfg.get("caps") is not None else None,
                        proc_sys_ro="caps" in cfg and not cfg.get("privileged"), look=False,
                        tty=bool(cfg.get("tty")) and mode == "supervised")
@@ -545,6 +563,7 @@ def inspect(ref):
                        "PidsLimit": limits.get("pids"), "Binds": [":".join([b[0], b[1]] + (["ro"] if b[2] else []))
                                                                       for b in cfg["binds"]],
                        "ReadonlyRootfs": cfg["read_only"],
+                       "ExtraHosts": [f"{n}:{ip}" for n, ip in cfg.get("extra_hosts") or []] or None,
                        "PortBindings": {f"{p['container_port']}/{p['proto']}": [{"HostIp": p["host_ip"],
                                                                                  "HostPort": str(p["host_port"])}]
                                         for p in cfg["ports"]}},

@@ -11,89 +11,167 @@ service's running tasks (nftables ``numgen inc``), in labkit's own tables ``ip l
 one in each node's network namespace). :func:`run` repeats the step every INTERVAL seconds (``python -m
 labkit.agent.manager run CLUSTER``, the process cluster.remove and labkit cleanup stop). Standard library only.
 """
+import ipaddress
+import re
 import secrets
 import signal
 import sys
+import threading
 import time
 
 from ..wire.errors import InvalidSpec, LabkitError, NotFound
-from ..wire.orchestration import Node, ServiceSpec, Task, reconcile
-from ..wire.specs import ContainerSpec
+from ..wire.orchestration import Node, ServiceSpec, StackSpec, Task, reconcile, update_failed
+from ..wire.specs import ClusterSpec, ContainerSpec
 from . import cluster, node
 from .runner import Recorder, run, which
 from .state import read_json, write_json
 
 INTERVAL = 0.1      # seconds between two steps of the loop
 HEARTBEAT = 0.5     # a node that does not answer within this is down
+HEALTH_TIMEOUT = 2.0  # a health check that has not ended by then has failed
 MESH_TABLE = "labkit_mesh"
 KEEP_ENDED = 20     # ended tasks kept per service (the history back-off reads, and `service ps` shows)
+#: a task's container name: <service>.<slot>.<task id> (the only containers the manager removes on its own)
+TASK_CONTAINER = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}\.[0-9]{1,3}\.([0-9a-f]{10})")
+
+
+def _read(name, part, default):
+    value = read_json(cluster.file(name, part), default=default)
+    return value if isinstance(value, type(default)) else default
 
 
 def _services(name):
-    raw = read_json(cluster.file(name, "services.json"), default={}) or {}
-    return {k: ServiceSpec.from_dict(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
-
-
-def _tasks(name):
-    raw = read_json(cluster.file(name, "tasks.json"), default=[]) or []
-    out = []
-    for t in raw if isinstance(raw, list) else []:
+    out = {}
+    for k, v in _read(name, "services.json", {}).items():
         try:
-            out.append(Task.from_dict(t))
+            out[k] = ServiceSpec.from_dict(v)
         except LabkitError:
             continue  # a record that does not read is dropped, not trusted
     return out
 
 
-def _save(name, services=None, tasks=None):
-    if services is not None:
-        write_json(cluster.file(name, "services.json"), {k: v.to_dict() for k, v in services.items()})
-    if tasks is not None:
-        write_json(cluster.file(name, "tasks.json"), [t.to_dict() for t in tasks])
+def _tasks(name):
+    out = []
+    for t in _read(name, "tasks.json", []):
+        try:
+            out.append(Task.from_dict(t))
+        except LabkitError:
+            continue
+    return out
+
+
+def _save_services(name, services):
+    write_json(cluster.file(name, "services.json"), {k: v.to_dict() for k, v in services.items()})
 
 
 # -- desired state ---------------------------------------------------------------------------------------------
 
-def service_create(name, spec: ServiceSpec):
-    """`docker service create`: the service is desired; the next step starts its tasks."""
-    cluster._load(name)
-    services = _services(name)
-    if spec.name in services:
-        raise InvalidSpec(f"service {spec.name} exists", fix="update it (service update) or remove it first")
+def _add(name, st, services, vips, spec):
+    """``spec`` desired, with a virtual address of its own (the first free one of the cluster's VIP range)."""
+    if len(services) >= 64:
+        raise InvalidSpec(f"cluster {name} has 64 services", fix="remove one first (service rm, stack rm)")
+    used = set(vips.values())
+    subnet = ClusterSpec.from_dict(st["spec"]).vip_subnet
+    vips[spec.name] = next(str(a) for a in ipaddress.ip_network(subnet).hosts() if str(a) not in used)
     services[spec.name] = spec
-    _save(name, services=services)
-    return step(name)
+
+
+def _change(updates, old, new, now):
+    """Record ``new`` replacing ``old``: the old spec kept for a rollback; a new image is a rolling update."""
+    state = "updating" if new.image != old.image or new.cmd != old.cmd or new.env != old.env else "completed"
+    updates[new.name] = {"previous": old.to_dict(), "state": state, "since": now,
+                         "message": f"update to {new.image}" if state == "updating" else "updated"}
+
+
+def service_create(name, spec: ServiceSpec):
+    """`docker service create`: the service is desired; this step starts its tasks."""
+    with cluster.locked(name):
+        st = cluster._load(name)
+        services, vips = _services(name), _read(name, "vips.json", {})
+        if spec.name in services:
+            raise InvalidSpec(f"service {spec.name} exists", fix="update it (service update) or remove it first")
+        _add(name, st, services, vips, spec)
+        write_json(cluster.file(name, "vips.json"), vips)
+        _save_services(name, services)
+        return _step(name)
 
 
 def service_update(name, service, image=None, replicas=None):
     """`docker service update --image` / `docker service scale`: a new desired spec (the old one kept for a
-    rollback)."""
-    services = _services(name)
-    if service not in services:
-        raise NotFound(f"no such service: {service}", fix="see service_ls")
-    old = services[service].to_dict()
-    new = dict(old, **{k: v for k, v in (("image", image), ("replicas", replicas)) if v is not None})
-    services[service] = ServiceSpec.from_dict(new)
-    _save(name, services=services)
-    prev = read_json(cluster.file(name, "previous.json"), default={}) or {}
-    prev[service] = old
-    write_json(cluster.file(name, "previous.json"), prev)
-    return step(name)
+    rollback); a new image is rolled out one batch at a time, watched, and rolled back if it fails."""
+    with cluster.locked(name):
+        services, updates = _services(name), _read(name, "updates.json", {})
+        if service not in services:
+            raise NotFound(f"no such service: {service}", fix="see service ls")
+        old = services[service]
+        new = ServiceSpec.from_dict(dict(old.to_dict(), **{k: v for k, v in (("image", image), ("replicas", replicas))
+                                                         if v is not None}))
+        services[service] = new
+        _change(updates, old, new, time.time())
+        write_json(cluster.file(name, "updates.json"), updates)
+        _save_services(name, services)
+        return _step(name)
+
+
+def service_rollback(name, service):
+    """`docker service rollback`: the previous spec desired again (and the current one kept as previous)."""
+    with cluster.locked(name):
+        services, updates = _services(name), _read(name, "updates.json", {})
+        if service not in services:
+            raise NotFound(f"no such service: {service}", fix="see service ls")
+        previous = (updates.get(service) or {}).get("previous")
+        if not previous:
+            raise InvalidSpec(f"service {service} has no previous spec", fix="update it first (service update)")
+        current, services[service] = services[service], ServiceSpec.from_dict(previous)
+        updates[service] = {"previous": current.to_dict(), "state": "rollback_started", "since": time.time(),
+                            "message": "manually requested rollback"}
+        write_json(cluster.file(name, "updates.json"), updates)
+        _save_services(name, services)
+        return _step(name)
+
+
+def _forget(name, gone):
+    """The records of removed services: their virtual addresses, updates, and places in stacks."""
+    for part in ("vips.json", "updates.json"):
+        kept = {k: v for k, v in _read(name, part, {}).items() if k not in gone}
+        write_json(cluster.file(name, part), kept)
+    stacks = _read(name, "stacks.json", {})
+    for entry in stacks.values():
+        entry["services"] = [s for s in entry.get("services", []) if s not in gone]
+    write_json(cluster.file(name, "stacks.json"), stacks)
 
 
 def service_rm(name, service):
-    services = _services(name)
-    if services.pop(service, None) is None:
-        raise NotFound(f"no such service: {service}", fix="see service_ls")
-    _save(name, services=services)
-    return step(name)
+    with cluster.locked(name):
+        services = _services(name)
+        if services.pop(service, None) is None:
+            raise NotFound(f"no such service: {service}", fix="see service ls")
+        _save_services(name, services)
+        _forget(name, {service})
+        return _step(name)
+
+
+def _running(tasks, service):
+    return sum(1 for t in tasks if t.service == service and t.state == "running" and t.live)
 
 
 def service_ls(name):
     services, tasks = _services(name), _tasks(name)
-    return [{"name": s.name, "image": s.image, "replicas": s.replicas,
-             "running": sum(1 for t in tasks if t.service == s.name and t.state == "running" and t.live),
-             "ports": [f"*:{p.published}->{p.target}/{p.proto}" for p in s.ports]} for s in services.values()]
+    updates, vips = _read(name, "updates.json", {}), _read(name, "vips.json", {})
+    return [{"name": s.name, "image": s.image, "replicas": s.replicas, "running": _running(tasks, s.name),
+             "ports": [f"*:{p.published}->{p.target}/{p.proto}" for p in s.ports],
+             "update": (updates.get(s.name) or {}).get("state"), "vip": vips.get(s.name)} for s in services.values()]
+
+
+def service_inspect(name, service):
+    """`docker service inspect`: the spec, the previous one, the update's state, the virtual address."""
+    services = _services(name)
+    if service not in services:
+        raise NotFound(f"no such service: {service}", fix="see service ls")
+    update = _read(name, "updates.json", {}).get(service) or {}
+    return {"name": service, "spec": services[service].to_dict(), "previous": update.get("previous"),
+            "update": {k: update[k] for k in ("state", "since", "message") if k in update} or None,
+            "vip": _read(name, "vips.json", {}).get(service), "running": _running(_tasks(name), service)}
 
 
 def service_ps(name, service=None):
@@ -101,39 +179,126 @@ def service_ps(name, service=None):
             if service is None or t.service == service]
 
 
+# -- stacks ------------------------------------------------------------------------------------------------------
+
+def stack_deploy(name, spec: StackSpec):
+    """`docker stack deploy`: each service of the stack created, or updated where it exists (as a rolling
+    update); services of an earlier deploy that the file no longer names are kept (Docker's default)."""
+    with cluster.locked(name):
+        st = cluster._load(name)
+        services, vips = _services(name), _read(name, "vips.json", {})
+        updates, stacks = _read(name, "updates.json", {}), _read(name, "stacks.json", {})
+        for s in spec.services:
+            owner = next((k for k, v in stacks.items() if s.name in v.get("services", ()) and k != spec.name), None)
+            if owner or (s.name in services and spec.name not in stacks):
+                raise InvalidSpec(f"service {s.name} exists outside stack {spec.name}",
+                                  fix="remove it first (service rm), or name the stack otherwise")
+        created, updated, now = [], [], time.time()
+        for s in spec.services:
+            if s.name not in services:
+                _add(name, st, services, vips, s)
+                created.append(s.name)
+            elif services[s.name] != s:
+                _change(updates, services[s.name], s, now)
+                services[s.name] = s
+                updated.append(s.name)
+        entry = stacks.get(spec.name) or {"services": []}
+        stacks[spec.name] = {"networks": list(spec.networks),
+                             "services": sorted(set(entry["services"]) | {s.name for s in spec.services})}
+        for part, value in (("vips.json", vips), ("updates.json", updates), ("stacks.json", stacks)):
+            write_json(cluster.file(name, part), value)
+        _save_services(name, services)
+        return dict(_step(name), stack=spec.name, created=created, updated=updated)
+
+
+def stack_ls(name):
+    return [{"name": k, "services": len(v.get("services", []))} for k, v in sorted(_read(name, "stacks.json", {}).items())]
+
+
+def _stack(name, stack):
+    entry = _read(name, "stacks.json", {}).get(stack)
+    if entry is None:
+        raise NotFound(f"no such stack: {stack}", fix="see stack ls")
+    return entry
+
+
+def stack_ps(name, stack):
+    members = set(_stack(name, stack).get("services", []))
+    return [t for t in service_ps(name) if t["service"] in members]
+
+
+def stack_rm(name, stack):
+    """`docker stack rm`: its services (their tasks stop at this step) and its record."""
+    with cluster.locked(name):
+        members = set(_stack(name, stack).get("services", []))
+        services = _services(name)
+        removed = sorted(s for s in members if services.pop(s, None) is not None)
+        _save_services(name, services)
+        _forget(name, members)
+        stacks = _read(name, "stacks.json", {})
+        stacks.pop(stack, None)
+        write_json(cluster.file(name, "stacks.json"), stacks)
+        return dict(_step(name), stack=stack, removed=removed)
+
+
+def _names(name, service, services, vips):
+    """The names a task of ``service`` resolves (its /etc/hosts): every service that shares one of its
+    networks, by its full name and, within one stack, by its name in the stack file."""
+    me = services[service]
+    stack = next((k for k, v in _read(name, "stacks.json", {}).items() if service in v.get("services", ())), None)
+    pairs = []
+    for other in services.values():
+        if other.name in vips and set(other.networks) & set(me.networks):
+            pairs.append((other.name, vips[other.name]))
+            if stack and other.name.startswith(stack + "_"):
+                pairs.append((other.name[len(stack) + 1:], vips[other.name]))
+    return tuple(pairs)
+
+
 # -- one step of the loop ----------------------------------------------------------------------------------------
 
 def _observe(st):
-    """Each node's status and its containers (name -> ps row), by one request each: the heartbeat."""
-    nodes, seen = [], {}
-    for n in st["nodes"]:
-        rows = None
+    """Each node's status and its containers (name -> ps row), by one request to each, all at once: the
+    heartbeat. A node that does not answer within HEARTBEAT seconds (dead, frozen) is down."""
+    rows = {}
+
+    def ask(n):
         try:
-            rows = node.call(n["id"], "container.ps", {"all": True}, timeout=HEARTBEAT)
+            rows[n["name"]] = node.call(n["id"], "container.ps", {"all": True}, timeout=HEARTBEAT)
         except LabkitError:
             pass
-        nodes.append(Node(name=n["name"], role=n["role"], availability=n.get("availability", "active"),
-                          status="ready" if rows is not None else "down", address=n["ip"]))
-        if rows is not None:
-            seen[n["name"]] = {r["name"]: r for r in rows}
-    return nodes, seen
+    _together(ask, st["nodes"])
+    nodes = [Node(name=n["name"], role=n["role"], availability=n.get("availability", "active"),
+                  status="ready" if n["name"] in rows else "down", address=n["ip"]) for n in st["nodes"]]
+    return nodes, {k: {r["name"]: r for r in v} for k, v in rows.items()}
 
 
-def _settle(tasks, seen, now):
+def _together(fn, items):
+    """fn(item) for every item, each in a thread of its own, all waited for."""
+    threads = [threading.Thread(target=fn, args=(i,), daemon=True) for i in items]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def _settle(tasks, seen, services, now):
     """Task states from what the nodes' containers did (a node that is down says nothing: the reconcile step
-    marks its tasks orphaned)."""
+    marks its tasks orphaned). A task of a service with a health check runs once a check passed
+    (:func:`_check_health`), not when its container starts."""
     out = []
     for t in tasks:
         rows = seen.get(t.node)
         if t.live and t.container and rows is not None and t.state in ("starting", "running"):
             row = rows.get(t.container)
+            spec = services.get(t.service)
             if row is None:
                 t = _with(t, state="failed", error="its container is gone", since=now)
             elif row["state"] != "running":
                 code = row.get("exit_code")
                 t = _with(t, state="complete" if code == 0 else "failed",
                           error=None if code == 0 else f"exit code {code}", since=now)
-            elif t.state == "starting":
+            elif t.state == "starting" and (spec is None or spec.health is None):
                 t = _with(t, state="running", since=now)
         out.append(t)
     return out
@@ -143,10 +308,103 @@ def _with(task, **changes):
     return Task.from_dict(dict(task.to_dict(), **changes))
 
 
-def _start(st, spec, task, now):
-    nid = f"{st['spec']['name']}-{task.node}"
+def _node_id(st, task):
+    return f"{st['spec']['name']}-{task.node}"
+
+
+def _check_health(st, services, tasks, health, now):
+    """Each live task's health check, when due (every ``interval`` seconds; all due checks at once): a pass
+    makes a starting task running; ``retries`` failures in a row after ``start_period`` make it failed
+    (unhealthy), and its container is removed. ``health`` (task id -> its record) is changed in place."""
+    due = []
+    for t in tasks:
+        spec = services.get(t.service)
+        if spec is None or spec.health is None or not t.live or t.state not in ("starting", "running"):
+            continue
+        h = health.setdefault(t.id, {"started": now, "next": now + spec.health.interval, "fails": 0,
+                                     "status": "starting"})
+        if now >= h["next"]:
+            h["next"] = now + spec.health.interval
+            due.append(t)
+    results = {}
+
+    def check(t):
+        try:
+            res = node.call(_node_id(st, t), "container.exec", {"ref": t.container, "argv": list(
+                services[t.service].health.cmd), "timeout": HEALTH_TIMEOUT}, timeout=HEALTH_TIMEOUT + 1)
+            results[t.id] = (res["exit_code"], (res.get("stdout") or "") + (res.get("stderr") or ""))
+        except LabkitError as exc:
+            results[t.id] = (None, str(exc))
+    _together(check, due)
+    out = []
+    for t in tasks:
+        if t.id in results:
+            hc, h = services[t.service].health, health[t.id]
+            code, output = results[t.id]
+            h["output"] = output.strip()[-300:]
+            if code == 0:
+                h.update(fails=0, status="healthy")
+                if t.state == "starting":
+                    t = _with(t, state="running", since=now)
+            elif now - h["started"] >= hc.start_period:
+                h["fails"] += 1
+                if h["fails"] >= hc.retries:
+                    h["status"] = "unhealthy"
+                    _stop(st, t)
+                    t = _with(t, state="failed", since=now, error=f"unhealthy: {h['fails']} health checks failed in a "
+                              f"row (last: exit {code}: {h['output'][-120:] or 'no output'})")
+        out.append(t)
+    live = {t.id for t in out if t.live}
+    for k in [k for k in health if k not in live]:
+        del health[k]
+    return out
+
+
+def _watch_updates(services, updates, tasks, now, rec):
+    """Each rolling update: failed (:func:`labkit.wire.orchestration.update_failed`) -> the service's
+    update_failure_action (rollback: the previous spec desired again; pause: no more batches); a rollback that
+    fails too is paused (Swarm's default rollback_failure_action); done -> completed (rollback_completed).
+    Returns whether ``services`` changed."""
+    changed = False
+    for name, u in updates.items():
+        spec = services.get(name)
+        if spec is None:
+            continue
+        if u.get("state") == "updating" and spec.update_failure_action != "continue" \
+                and update_failed(spec, tasks, now):
+            bad = max((t for t in tasks if t.service == name and t.image == spec.image and t.error),
+                      key=lambda t: t.since, default=None)
+            why = f"task {bad.id} on {bad.node}: {bad.error}" if bad else "a new task failed"
+            if spec.update_failure_action == "rollback" and u.get("previous"):
+                prev = ServiceSpec.from_dict(u["previous"])
+                services[name], changed = prev, True
+                updates[name] = {"previous": spec.to_dict(), "state": "rollback_started", "since": now,
+                                 "message": f"update to {spec.image} failed ({why}); rolling back to {prev.image}"}
+            else:
+                updates[name] = dict(u, state="paused", since=now, message=f"update paused: {why}")
+            rec.fact(f"update of {name}", updates[name]["message"])
+        elif u.get("state") == "rollback_started" and update_failed(spec, tasks, now):
+            updates[name] = dict(u, state="rollback_paused", since=now,
+                                 message=f"rollback to {spec.image} paused: its tasks fail too")
+            rec.fact(f"update of {name}", updates[name]["message"])
+        elif u.get("state") in ("updating", "rollback_started") and _rolled_out(spec, tasks):
+            done = "completed" if u["state"] == "updating" else "rollback_completed"
+            updates[name] = dict(u, state=done, since=now, message=f"update completed: {spec.image}" if done ==
+                                 "completed" else u.get("message", "").replace("rolling back", "rolled back"))
+    return changed
+
+
+def _rolled_out(spec, tasks):
+    live = [t for t in tasks if t.service == spec.name and t.live]
+    return all(t.image == spec.image for t in live) and \
+        {t.slot for t in live if t.state == "running"} >= set(range(1, spec.replicas + 1))
+
+
+def _start(st, spec, task, now, hosts):
+    nid = _node_id(st, task)
     cname = f"{task.service}.{task.slot}.{task.id}"
-    cspec = ContainerSpec(image=spec.image, name=cname, cmd=spec.cmd, env=dict(spec.env), network=cluster.TASKS)
+    cspec = ContainerSpec(image=spec.image, name=cname, cmd=spec.cmd, env=dict(spec.env), network=cluster.TASKS,
+                          extra_hosts=hosts)
     try:
         made = node.call(nid, "container.create", {"spec": cspec.to_dict()})
         node.call(nid, "container.start", {"ref": made["id"]})
@@ -157,32 +415,59 @@ def _start(st, spec, task, now):
 
 
 def _stop(st, task):
-    nid = f"{st['spec']['name']}-{task.node}"
     if task.container:
-        try:
-            node.call(nid, "container.rm", {"ref": task.container, "force": True}, timeout=HEARTBEAT * 4)
-        except LabkitError:
-            pass  # its node is down or the container is gone: either way it no longer runs
+        _remove(st, task.node, task.container)
+
+
+def _remove(st, node_name, container):
+    try:
+        node.call(f"{st['spec']['name']}-{node_name}", "container.rm", {"ref": container, "force": True},
+                  timeout=HEARTBEAT * 4)
+    except LabkitError:
+        pass  # its node is down or the container is gone: either way it no longer runs
+
+
+def _sweep(st, seen, tasks):
+    """Containers of tasks that no longer hold their slot (ended, stopped, orphaned while their node was
+    down, or no longer on record), on the nodes that answered: removed (a task's record keeps its story)."""
+    by_id = {t.id: t for t in tasks}
+    for n in st["nodes"]:
+        for cname in seen.get(n["name"], {}):
+            m = TASK_CONTAINER.fullmatch(cname)
+            t = by_id.get(m.group(1)) if m else None
+            if m and (t is None or not t.live):
+                _remove(st, n["name"], cname)
 
 
 def step(name):
     """Observe, reconcile, act, write the mesh: one turn of the control loop. Its record: the actions."""
+    with cluster.locked(name):
+        return _step(name)
+
+
+def _step(name):
     st = cluster._load(name)
     now = time.time()
     services = _services(name)
+    updates, health = _read(name, "updates.json", {}), _read(name, "health.json", {})
+    vips = _read(name, "vips.json", {})
     nodes, seen = _observe(st)
-    tasks = _settle(_tasks(name), seen, now)
-    actions = reconcile(services, nodes, tasks, now, lambda: secrets.token_hex(5))
-    by_id = {t.id: t for t in tasks}
-    addrs = read_json(cluster.file(name, "addresses.json"), default={}) or {}
+    tasks = _settle(_tasks(name), seen, services, now)
+    tasks = _check_health(st, services, tasks, health, now)
     rec = Recorder(f"step of cluster {name}")
+    if _watch_updates(services, updates, tasks, now, rec):
+        _save_services(name, services)
+    paused = {k for k, u in updates.items() if u.get("state") in ("paused", "rollback_paused")}
+    actions = reconcile(services, nodes, tasks, now, lambda: secrets.token_hex(5), paused=paused)
+    by_id = {t.id: t for t in tasks}
+    addrs = _read(name, "addresses.json", {})
     for a in actions:
         t = a.task
         if a.kind == "stop":
             _stop(st, t)
             t = _with(t, state="shutdown")
         elif a.kind == "start":
-            t, ip = _start(st, services[t.service], t, now)
+            t, ip = _start(st, services[t.service], t, now, _names(name, t.service, services, vips))
             if ip:
                 addrs[t.id] = ip
         by_id[t.id] = t
@@ -191,9 +476,11 @@ def step(name):
     kept = _trim(list(by_id.values()))
     kept_ids = {t.id for t in kept}
     addrs = {k: v for k, v in addrs.items() if k in kept_ids}
-    _save(name, tasks=kept)
-    write_json(cluster.file(name, "addresses.json"), addrs)
-    _mesh(st, services, kept, addrs, {n.name for n in nodes if n.status == "ready"}, rec)
+    _sweep(st, seen, kept)
+    write_json(cluster.file(name, "tasks.json"), [t.to_dict() for t in kept])
+    for part, value in (("addresses.json", addrs), ("updates.json", updates), ("health.json", health)):
+        write_json(cluster.file(name, part), value)
+    _mesh(st, services, kept, addrs, vips, {n.name for n in nodes if n.status == "ready"}, rec)
     rec.fact("nodes", {n.name: n.status for n in nodes})
     return rec.to_dict(cluster=name)
 
@@ -211,26 +498,31 @@ def _trim(tasks):
 
 # -- the routing mesh --------------------------------------------------------------------------------------------
 
-def _ruleset(backends, local_hook):
-    """nft rules: each published port DNATed round-robin to its service's running tasks; masqueraded, so that
-    the answer comes back the way the request came."""
+def _ruleset(backends, vips, local_hook):
+    """nft rules: each published port DNATed round-robin to its service's running tasks, and each service's
+    virtual address to the same tasks (any port); masqueraded, so that the answer comes back the way the
+    request came (also from a task on the same node as its client)."""
     lines = [f"table ip {MESH_TABLE} {{",
              "  chain prerouting { type nat hook prerouting priority dstnat - 1; policy accept; }",
              "  chain output { type nat hook output priority -101; policy accept; }",
              "  chain postrouting { type nat hook postrouting priority srcnat - 1; policy accept; }",
              "}"]
     rules = []
+    hooks = ("prerouting", "output") if local_hook else ("prerouting",)
+
+    def pick(ips, port=""):
+        return f"numgen inc mod {len(ips)} map {{ " + ", ".join(f"{i} : {ip}" for i, ip in enumerate(ips)) + \
+            f" }}{port}"
     for (port, proto), (target, ips) in sorted(backends.items()):
-        if not ips:
-            continue
-        pick = f"numgen inc mod {len(ips)} map {{ " + ", ".join(f"{i} : {ip}" for i, ip in enumerate(ips)) + \
-            f" }} : {target}"
-        match = f"fib daddr type local {proto} dport {port}"
-        rules.append(f"add rule ip {MESH_TABLE} prerouting {match} dnat to {pick}")
-        if local_hook:
-            rules.append(f"add rule ip {MESH_TABLE} output {match} dnat to {pick}")
-        rules.append(f"add rule ip {MESH_TABLE} postrouting ct status dnat ip daddr {{ {', '.join(ips)} }} "
-                     f"{proto} dport {target} masquerade")
+        if ips:
+            rules += [f"add rule ip {MESH_TABLE} {h} fib daddr type local {proto} dport {port} dnat to "
+                      f"{pick(ips, f' : {target}')}" for h in hooks]
+            rules.append(f"add rule ip {MESH_TABLE} postrouting ct status dnat ip daddr {{ {', '.join(ips)} }} "
+                         f"{proto} dport {target} masquerade")
+    for vip, ips in sorted(vips.items()):
+        if ips:
+            rules += [f"add rule ip {MESH_TABLE} {h} ip daddr {vip} dnat to {pick(ips)}" for h in hooks]
+            rules.append(f"add rule ip {MESH_TABLE} postrouting ct status dnat ct original ip daddr {vip} masquerade")
     return "\n".join(lines), rules
 
 
@@ -247,19 +539,21 @@ def _apply(text, rules, netns_pid=None, rec=None):
     _applied[key] = script
 
 
-def _mesh(st, services, tasks, addrs, ready, rec):
+def _mesh(st, services, tasks, addrs, vips, ready, rec):
     """The mesh's rules on the host and in every node this step found ``ready`` (its heartbeat answered)."""
     if not which("nft"):
         return
-    backends = {}
+    backends, virtual = {}, {}
     for s in services.values():
         ips = sorted(addrs[t.id] for t in tasks if t.service == s.name and t.live and t.state == "running"
                      and t.id in addrs)
         for p in s.ports:
             backends[(p.published, p.proto)] = (p.target, ips)
-    text, rules = _ruleset(backends, local_hook=True)
+        if s.name in vips:
+            virtual[vips[s.name]] = ips
+    text, rules = _ruleset(backends, virtual, local_hook=True)
     _apply(text, rules, rec=rec)
-    text, rules = _ruleset(backends, local_hook=False)
+    text, rules = _ruleset(backends, virtual, local_hook=False)
     for n in st["nodes"]:
         if n["name"] in ready:
             try:

@@ -213,7 +213,7 @@ def call(node_id, op, params=None, timeout=30):
     st = _load(node_id)
     if not isinstance(op, str) or not isinstance(params or {}, dict):
         raise InvalidSpec("node.call takes a method name (op) and a params object", fix="e.g. op='container.ps'")
-    if op.startswith(("node.", "cluster.")) or op in ("cleanup", "daemon.stop"):
+    if op.startswith(("node.", "cluster.", "service.", "stack.", "manager.")) or op in ("cleanup", "daemon.stop"):
         raise InvalidSpec(f"{op} is the host's to do, not a node's", fix="call it on the host's agent")
     if not st.get("pid") or not recorded_process(st):
         raise TransportError(f"node {node_id} is down", fix=f"see lab.call('node.inspect', node_id={node_id!r})")

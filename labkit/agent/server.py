@@ -13,7 +13,7 @@ import traceback
 
 from ..wire import protocol
 from ..wire.errors import InvalidSpec, LabkitError, PrivilegeError, UnsupportedHost
-from ..wire.orchestration import ServiceSpec
+from ..wire.orchestration import ServiceSpec, StackSpec
 from ..wire.specs import CgroupSpec, ClusterSpec, ContainerSpec, NetworkSpec, NodeSpec, ProcessSpec, RootfsSpec
 from . import (build, cgroups, cleanup, cluster, daemon, doctor, engine, manager, measure, namespaces, network, node,
                oci, process, registry, roots, rootfs, store, vm, vmsandbox, workloads)
@@ -129,12 +129,19 @@ METHODS = {
     "cluster.remove": cluster.remove,
     "cluster.manage": cluster.manage,      # its control loop, as a process of its own
     "cluster.unmanage": cluster.unmanage,
+    "cluster.node_update": cluster.node_update,  # a node's availability: active, pause, drain
     "manager.step": manager.step,          # one turn of the loop, now
     "service.create": lambda name, spec: manager.service_create(name, ServiceSpec.from_dict(spec)),
     "service.update": manager.service_update,
+    "service.rollback": manager.service_rollback,
+    "service.inspect": manager.service_inspect,
     "service.rm": manager.service_rm,
     "service.ls": manager.service_ls,
     "service.ps": manager.service_ps,
+    "stack.deploy": lambda name, spec: manager.stack_deploy(name, StackSpec.from_dict(spec)),
+    "stack.ls": manager.stack_ls,
+    "stack.ps": manager.stack_ps,
+    "stack.rm": manager.stack_rm,
     "node.create": _decoded(NodeSpec, node.create),  # a cluster's "machine" on this host (lab 09)
     "node.inspect": node.inspect,
     "node.list": node.list_nodes,

@@ -396,6 +396,11 @@ def _duration(value, where, low, high):
     return _seconds(value, where, low, high, "10s, 500ms or 1m30s")
 
 
+def duration(text, what="duration"):
+    """Seconds from a duration as Docker's flags take it ("500ms", "2s", "1m30s", or "0"), 0..MAX_SECONDS."""
+    return _duration(0.0 if text == "0" else text, what, 0.0, MAX_SECONDS)
+
+
 def _compose_networks(data):
     """The top-level networks: their short names, in the file's order."""
     if not isinstance(data, dict):
@@ -710,7 +715,7 @@ def schedule(service, slot, nodes, tasks):
     return min(eligible, key=lambda n: (mine.get(n, 0), total.get(n, 0), n), default=None)
 
 
-def reconcile(services, nodes, tasks, now, new_id):
+def reconcile(services, nodes, tasks, now, new_id, paused=()):
     """One step of the control loop: the actions that bring ``tasks`` towards ``services``. Deterministic.
 
     ``services`` maps a service's name to its ServiceSpec; ``nodes`` are :class:`Node` s, ``tasks`` every
@@ -729,10 +734,12 @@ def reconcile(services, nodes, tasks, now, new_id):
        running task (so a slot replaced earlier is in progress until its new task runs), and ``update_delay``
        seconds have passed since the last task of the new image began running, the lowest
        ``update_parallelism`` outdated slots are replaced: the old task stopped, the new one started, in the
-       same step (not when no node is eligible).
+       same step (not when no node is eligible), unless the service's name is in ``paused`` (its update was
+       paused after a failure: rules 1-3 still hold).
 
     A start's task is assigned (state "assigned", since ``now``); a stop or mark sets ``since`` to ``now``."""
     step = _Step(nodes, tasks, now, new_id)
+    paused = frozenset(paused)
     removed = [t for t in step.view.values() if t.live and t.service not in services]
     for task in sorted(removed, key=lambda t: (t.service, -t.slot, t.id)):
         step.stop(task, f"service {task.service} was removed")
@@ -741,7 +748,7 @@ def reconcile(services, nodes, tasks, now, new_id):
         if not isinstance(spec, ServiceSpec) or spec.name != name:
             raise InvalidSpec(f"services[{_short(name)}] is not the ServiceSpec named {name!r}",
                               fix="map each service's name to its spec: {spec.name: spec}")
-        step.service(spec)
+        step.service(spec, updating=name not in paused)
     return step.actions
 
 
@@ -775,7 +782,7 @@ class _Step:
     def live(self, name):
         return sorted((t for t in self.view.values() if t.service == name and t.live), key=lambda t: (t.slot, t.id))
 
-    def service(self, spec):
+    def service(self, spec, updating=True):
         for t in self.live(spec.name):
             if t.node is None:
                 continue
@@ -814,7 +821,8 @@ class _Step:
             elif not _backing_off(history.get(slot, []), self.now):
                 last = history.get(slot)
                 self.start(spec, slot, node, f"slot {slot}: replaces {last[-1].id}" if last else f"slot {slot} is new")
-        self.update(spec)
+        if updating:
+            self.update(spec)
 
     def update(self, spec):
         live = {t.slot: t for t in self.live(spec.name) if t.slot <= spec.replicas}

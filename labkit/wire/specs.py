@@ -631,7 +631,8 @@ class NodeSpec(Spec):
 class ClusterSpec(Spec):
     """A cluster of nodes on one host (:mod:`labkit.agent.cluster`): one manager and ``workers`` workers on the
     labkit network ``cl<name>`` (``subnet``); node i's containers get the i-th /24 of ``tasks`` (the manager's
-    the first), routed to that node, so that every task has an address of its own across the cluster."""
+    the first), routed to that node, so that every task has an address of its own across the cluster; the last
+    /24 of ``tasks`` holds the services' virtual addresses."""
     name: str
     workers: int = 2
     subnet: str = "10.209.0.0/24"
@@ -665,6 +666,11 @@ class ClusterSpec(Spec):
 
     def task_subnet(self, index):
         return str(list(ipaddress.ip_network(self.tasks).subnets(new_prefix=24))[index])
+
+    @property
+    def vip_subnet(self):
+        """The last /24 of ``tasks``: one virtual address per service, that its name resolves to (lab 09)."""
+        return self.task_subnet(-1)
 
 
 def check_port(value, what="port"):
@@ -727,7 +733,9 @@ class ContainerSpec(Spec):
     - ``network``: a labkit network to join (None: none); ``cap_add``/``cap_drop`` ('ALL' allowed) and
       ``privileged`` change Docker's 14 default capabilities and device allow-list;
     - ``tty``: a terminal as its stdio (``-t``), ``open_stdin``: a stdin that attached clients write to (``-i``),
-      ``stdin_once``: that stdin ends when the clients that wrote to it have (``docker run -i``).
+      ``stdin_once``: that stdin ends when the clients that wrote to it have (``docker run -i``);
+    - ``extra_hosts``: (name, IPv4 address) pairs its /etc/hosts maps (``--add-host NAME:IP``; a cluster's
+      service names, lab 09).
     """
     image: str = "busybox"
     name: str | None = None
@@ -749,6 +757,7 @@ class ContainerSpec(Spec):
     tty: bool = False
     open_stdin: bool = False
     stdin_once: bool = False
+    extra_hosts: tuple[tuple[str, str], ...] = ()
 
     _what = "container"
     _example = "{'image': 'busybox', 'cmd': ['httpd', '-f'], 'memory': 67108864}"
@@ -786,6 +795,7 @@ class ContainerSpec(Spec):
             raise InvalidSpec(f"workdir {self.workdir!r} must be an absolute path", fix="e.g. workdir='/srv'")
         if self.user is not None:
             set_("user", check_user(self.user))
+        set_("extra_hosts", extra_hosts(self.extra_hosts))
         if self.network is not None:
             NetworkSpec(name=self.network)
         for field in ("cap_add", "cap_drop"):
@@ -799,6 +809,34 @@ class ContainerSpec(Spec):
         return CgroupSpec(name=name, memory=self.memory, pids=self.pids_limit,
                           cpus=None if self.nano_cpus is None else self.nano_cpus / 1e9,
                           devices=None if self.privileged else "docker")
+
+
+_HOSTS_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # a name in /etc/hosts (a stack's demo_api too)
+
+
+def extra_hosts(pairs):
+    """``--add-host NAME:IP`` pairs, from "NAME:IP" strings or (name, ip) pairs: at most 256, each name 1-63
+    letters, digits, '_', '.', '-', each address IPv4."""
+    if isinstance(pairs, (str, dict)) or not isinstance(pairs, (list, tuple)) or len(pairs) > 256:
+        raise InvalidSpec("extra_hosts must be a list of at most 256 NAME:IP pairs",
+                          fix="e.g. extra_hosts=['api:10.214.255.2']")
+    out = []
+    for p in pairs:
+        if isinstance(p, str):
+            p = p.rsplit(":", 1) if ":" in p else (p,)
+        if not isinstance(p, (list, tuple)) or len(p) != 2:
+            raise InvalidSpec(f"extra host {p!r} is not NAME:IP", fix="e.g. 'api:10.214.255.2'")
+        name, ip = p
+        if not isinstance(name, str) or not _HOSTS_NAME_RE.fullmatch(name):
+            raise InvalidSpec(f"extra host name {name!r} is not a host name",
+                              fix="use 1-63 letters, digits, '_', '.', '-', e.g. 'api'")
+        try:
+            ip = str(ipaddress.IPv4Address(ip))
+        except (TypeError, ValueError):
+            raise InvalidSpec(f"extra host {name}: {ip!r} is not an IPv4 address",
+                              fix="e.g. 'api:10.214.255.2'") from None
+        out.append((name, ip))
+    return tuple(out)
 
 
 def _flag(value, what):
