@@ -112,9 +112,9 @@ def test_cluster_remove_takes_the_mesh_with_it(lab):
                                                            ports=("18481:80",)).to_dict())
     _until(lab, 1)
     assert _get(port=18481)
-    assert subprocess.run(["nft", "list", "table", "ip", "labkit_mesh"], capture_output=True).returncode == 0
+    assert subprocess.run(["nft", "list", "table", "ip", "labkit_mesh_tm"], capture_output=True).returncode == 0
     lab.call("cluster.remove", name="tm")
-    assert subprocess.run(["nft", "list", "table", "ip", "labkit_mesh"], capture_output=True).returncode != 0
+    assert subprocess.run(["nft", "list", "table", "ip", "labkit_mesh_tm"], capture_output=True).returncode != 0
     lab.call("cluster.create", spec=ClusterSpec(name="tm", workers=0, subnet="10.209.11.0/24",
                                                 tasks="10.217.0.0/16").to_dict())  # for the fixture to remove
 

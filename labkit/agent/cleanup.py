@@ -70,6 +70,8 @@ def plan():
         items.append(("network", st["spec"]["name"]))
     for fw in network.firewall_leftovers():
         items.append(("firewall", fw))
+    for table in manager.mesh_leftovers():
+        items.append(("firewall", f"nft table ip {table}"))
     for d in _scratch_dirs():
         items.append(("grading scratch", d))
     return items
@@ -103,7 +105,8 @@ def cleanup(dry_run=False):
     removed += vm.cleanup(rec)  # qemu first: a VM's tap is on a labkit bridge
     cluster.cleanup(rec)  # clusters next: with each, its manager, nodes and all they ran, routes, mesh, network
     node.cleanup(rec)
-    manager.remove_mesh(rec)
+    for table in manager.mesh_leftovers():  # a cluster's whose record was lost
+        rec.run(["nft", "delete", "table", "ip", table])
     removed += [f"{k} {n}" for k, n in items if k in ("cluster", "node")]
     engine.cleanup(rec)  # monitors and containers first: their roots, cgroups and veths follow below
     for e in process.list_processes():

@@ -202,7 +202,7 @@ def remove(name):
     for subnet in st.get("routes") or []:
         run(["ip", "route", "delete", str(ipaddress.ip_network(subnet))], recorder=rec, check=False)
     from . import manager
-    manager.remove_mesh(rec)
+    manager.remove_mesh(name, rec)
     try:
         rec.steps += network.remove(spec.network)["steps"]
     except NotFound:

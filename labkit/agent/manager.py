@@ -1,15 +1,21 @@
 """The manager: a cluster's control loop, on the host (lab 09).
 
-It keeps the desired state (services, :class:`labkit.wire.orchestration.ServiceSpec`) and the task records of
-one cluster (/run/labkit/clusters/<name>.services.json and .tasks.json, :data:`labkit.agent.cluster.FILES`), and brings the cluster to it one
-:func:`step` at a time: it observes every node (a request to its engine, ``container.ps``: the heartbeat, a
-node that does not answer within HEARTBEAT seconds is down), turns what the containers did into task states,
+It keeps the desired state of one cluster (services, :class:`labkit.wire.orchestration.ServiceSpec`; stacks;
+each service's virtual address; its rolling update) and the task records, in the files beside the cluster's
+record (:data:`labkit.agent.cluster.FILES`, read and written under :func:`labkit.agent.cluster.locked`), and
+brings the cluster to it one :func:`step` at a time: it observes every node at once (a request to its engine,
+``container.ps``: the heartbeat; a node that does not answer within HEARTBEAT seconds is down), turns what
+the containers did into task states, runs the health checks that are due (a task with one runs once a check
+passed; ``retries`` failures make it failed), watches each rolling update (failed: rolled back or paused),
 asks :func:`labkit.wire.orchestration.reconcile` what to do, and does it through each node's engine
-(:func:`labkit.agent.node.call`). Then it writes the routing mesh: every published port of a service answers
-on the host (127.0.0.1 and its addresses) and on every node's address, and is balanced round-robin over the
-service's running tasks (nftables ``numgen inc``), in labkit's own tables ``ip labkit_mesh`` (the host's, and
-one in each node's network namespace). :func:`run` repeats the step every INTERVAL seconds (``python -m
-labkit.agent.manager run CLUSTER``, the process cluster.remove and labkit cleanup stop). Standard library only.
+(:func:`labkit.agent.node.call`); containers of tasks that ended are removed. Then it writes the routing mesh
+in labkit's own table ``ip labkit_mesh_<cluster>`` on the host and in every node: each published port
+answers on the host (127.0.0.1 and its addresses) and on every node's address, and each service's virtual
+address (which its name resolves to in the tasks of services that share a network with it: their
+/etc/hosts) answers in every node; both are balanced round-robin over the service's running tasks
+(nftables ``numgen inc``). :func:`loop` repeats the step every INTERVAL seconds (``python -m
+labkit.agent.manager run CLUSTER``, the process cluster.manage starts and cluster.remove and labkit cleanup
+stop). Standard library only.
 """
 import ipaddress
 import re
@@ -29,7 +35,7 @@ from .state import read_json, write_json
 INTERVAL = 0.1      # seconds between two steps of the loop
 HEARTBEAT = 0.5     # a node that does not answer within this is down
 HEALTH_TIMEOUT = 2.0  # a health check that has not ended by then has failed
-MESH_TABLE = "labkit_mesh"
+MESH_TABLE = re.compile(r"labkit_mesh_[a-z0-9]{1,6}")  # one nftables table per cluster: labkit_mesh_<cluster>
 KEEP_ENDED = 20     # ended tasks kept per service (the history back-off reads, and `service ps` shows)
 #: a task's container name: <service>.<slot>.<task id> (the only containers the manager removes on its own)
 TASK_CONTAINER = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}\.[0-9]{1,3}\.([0-9a-f]{10})")
@@ -498,11 +504,17 @@ def _trim(tasks):
 
 # -- the routing mesh --------------------------------------------------------------------------------------------
 
-def _ruleset(backends, vips, local_hook):
+def mesh_table(name):
+    """The cluster's routing-mesh table (``ip labkit_mesh_<name>``, on the host and in each of its nodes)."""
+    cluster.file(name, "lock")  # (a name that is not a cluster's is refused there)
+    return f"labkit_mesh_{name}"
+
+
+def _ruleset(table, backends, vips, local_hook):
     """nft rules: each published port DNATed round-robin to its service's running tasks, and each service's
     virtual address to the same tasks (any port); masqueraded, so that the answer comes back the way the
     request came (also from a task on the same node as its client)."""
-    lines = [f"table ip {MESH_TABLE} {{",
+    lines = [f"table ip {table} {{",
              "  chain prerouting { type nat hook prerouting priority dstnat - 1; policy accept; }",
              "  chain output { type nat hook output priority -101; policy accept; }",
              "  chain postrouting { type nat hook postrouting priority srcnat - 1; policy accept; }",
@@ -515,23 +527,23 @@ def _ruleset(backends, vips, local_hook):
             f" }}{port}"
     for (port, proto), (target, ips) in sorted(backends.items()):
         if ips:
-            rules += [f"add rule ip {MESH_TABLE} {h} fib daddr type local {proto} dport {port} dnat to "
+            rules += [f"add rule ip {table} {h} fib daddr type local {proto} dport {port} dnat to "
                       f"{pick(ips, f' : {target}')}" for h in hooks]
-            rules.append(f"add rule ip {MESH_TABLE} postrouting ct status dnat ip daddr {{ {', '.join(ips)} }} "
+            rules.append(f"add rule ip {table} postrouting ct status dnat ip daddr {{ {', '.join(ips)} }} "
                          f"{proto} dport {target} masquerade")
     for vip, ips in sorted(vips.items()):
         if ips:
-            rules += [f"add rule ip {MESH_TABLE} {h} ip daddr {vip} dnat to {pick(ips)}" for h in hooks]
-            rules.append(f"add rule ip {MESH_TABLE} postrouting ct status dnat ct original ip daddr {vip} masquerade")
+            rules += [f"add rule ip {table} {h} ip daddr {vip} dnat to {pick(ips)}" for h in hooks]
+            rules.append(f"add rule ip {table} postrouting ct status dnat ct original ip daddr {vip} masquerade")
     return "\n".join(lines), rules
 
 
 _applied = {}  # (where) -> the script last written there by this process: written again only when it changes
 
 
-def _apply(text, rules, netns_pid=None, rec=None):
-    key = ("host", None) if netns_pid is None else ("node", int(netns_pid))
-    script = f"table ip {MESH_TABLE}\ndelete table ip {MESH_TABLE}\n{text}\n" + "\n".join(rules) + "\n"
+def _apply(table, text, rules, netns_pid=None, rec=None):
+    key = (table, None if netns_pid is None else int(netns_pid))
+    script = f"table ip {table}\ndelete table ip {table}\n{text}\n" + "\n".join(rules) + "\n"
     if _applied.get(key) == script:
         return
     prefix = [] if netns_pid is None else ["nsenter", f"--net=/proc/{int(netns_pid)}/ns/net", "--"]
@@ -551,22 +563,34 @@ def _mesh(st, services, tasks, addrs, vips, ready, rec):
             backends[(p.published, p.proto)] = (p.target, ips)
         if s.name in vips:
             virtual[vips[s.name]] = ips
-    text, rules = _ruleset(backends, virtual, local_hook=True)
-    _apply(text, rules, rec=rec)
-    text, rules = _ruleset(backends, virtual, local_hook=False)
+    table = mesh_table(st["spec"]["name"])
+    text, rules = _ruleset(table, backends, virtual, local_hook=True)
+    _apply(table, text, rules, rec=rec)
+    text, rules = _ruleset(table, backends, virtual, local_hook=False)
     for n in st["nodes"]:
         if n["name"] in ready:
             try:
-                _apply(text, rules, netns_pid=node.pid_of(n["id"]), rec=rec)
+                _apply(table, text, rules, netns_pid=node.pid_of(n["id"]), rec=rec)
             except LabkitError:
                 pass  # a node that died or went meanwhile: the next step sees it down
 
 
-def remove_mesh(rec):
-    """The host's mesh table (the nodes' go with their network namespaces): for cluster.remove and cleanup."""
-    if which("nft") and run(["nft", "list", "table", "ip", MESH_TABLE], check=False).ok:
-        rec.run(["nft", "delete", "table", "ip", MESH_TABLE])
-    _applied.clear()
+def remove_mesh(name, rec):
+    """The cluster's mesh table on the host (its nodes' go with their network namespaces): for cluster.remove."""
+    table = mesh_table(name)
+    if which("nft") and run(["nft", "list", "table", "ip", table], check=False).ok:
+        rec.run(["nft", "delete", "table", "ip", table])
+    for key in [k for k in _applied if k[0] == table]:
+        del _applied[key]
+
+
+def mesh_leftovers():
+    """The host's mesh tables (``ip labkit_mesh_<cluster>``), whatever the records say: for labkit cleanup."""
+    if not which("nft"):
+        return []
+    res = run(["nft", "list", "tables", "ip"], check=False)
+    return [w[2] for w in (line.split() for line in res.stdout.splitlines())
+            if len(w) == 3 and w[:2] == ["table", "ip"] and MESH_TABLE.fullmatch(w[2])] if res.ok else []
 
 
 # -- the loop ----------------------------------------------------------------------------------------------------
