@@ -254,3 +254,32 @@ def test_a_stack_resolves_its_services_by_name_and_goes_with_stack_rm(lab):
         assert lab.call("node.call", node_id=f"tm-{n}", op="container.ps", params={"all": True}) == []
     with pytest.raises(NotFound):
         lab.call("stack.rm", name="tm", stack="demo")
+
+
+def test_a_control_loop_of_ones_own_drives_the_cluster_through_observe_and_act(lab):
+    """Lab 09's student loop: observe, one's own reconcile (here the library's, client-side), act."""
+    import secrets
+    from labkit.wire.orchestration import Action, Node, Task, reconcile
+    made = lab.call("service.create", name="tm", spec=ServiceSpec(name="web", image="busybox", replicas=2,
+                                                                 cmd=WEB).to_dict(), step=False)
+    assert made == {"service": "web", "vip": "10.217.255.1"}
+    obs = lab.call("manager.observe", name="tm")
+    assert [n["name"] for n in obs["nodes"]] == ["manager", "worker1", "worker2"] and obs["tasks"] == []
+    services = {k: ServiceSpec.from_dict(v) for k, v in obs["services"].items()}
+    nodes = [Node.from_dict(n) for n in obs["nodes"]]
+    tasks = [Task.from_dict(t) for t in obs["tasks"]]
+    actions = reconcile(services, nodes, tasks, obs["now"], lambda: secrets.token_hex(5))
+    assert [a.kind for a in actions] == ["start", "start"]
+    with pytest.raises(InvalidSpec, match="not a new task"):
+        forged = Action("start", Task("t1", "web", 1, "manager", "busybox", "running", "assigned"), "manager")
+        lab.call("manager.act", name="tm", actions=[forged.to_dict()])
+    with pytest.raises(NotFound):
+        gone = Action("stop", Task("0123456789", "web", 1, "manager", "busybox", "shutdown", "running"))
+        lab.call("manager.act", name="tm", actions=[gone.to_dict()])
+    lab.call("manager.act", name="tm", actions=[a.to_dict() for a in actions])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len([t for t in lab.call("manager.observe", name="tm")["tasks"]
+                                                if t["state"] == "running" and t["desired"] == "running"]) < 2:
+        time.sleep(0.05)
+    running = _running(lab)
+    assert sorted(t["node"] for t in running) == ["manager", "worker1"], "spread, first names first"

@@ -26,7 +26,7 @@ import threading
 import time
 
 from ..wire.errors import InvalidSpec, LabkitError, NotFound
-from ..wire.orchestration import Node, ServiceSpec, StackSpec, Task, reconcile, update_failed
+from ..wire.orchestration import Action, Node, ServiceSpec, StackSpec, Task, reconcile, update_failed
 from ..wire.specs import ClusterSpec, ContainerSpec
 from . import cluster, node
 from .runner import Recorder, run, which
@@ -89,8 +89,11 @@ def _change(updates, old, new, now):
                          "message": f"update to {new.image}" if state == "updating" else "updated"}
 
 
-def service_create(name, spec: ServiceSpec):
-    """`docker service create`: the service is desired; this step starts its tasks."""
+def service_create(name, spec: ServiceSpec, step=True):
+    """`docker service create`: the service is desired; a step now starts its tasks (``step=False``: the next
+    step does, the manager's loop's or a loop of one's own, :func:`observe` and :func:`act`)."""
+    if not isinstance(step, bool):
+        raise InvalidSpec(f"step={step!r} must be True or False", fix="e.g. step=False")
     with cluster.locked(name):
         st = cluster._load(name)
         services, vips = _services(name), _read(name, "vips.json", {})
@@ -99,7 +102,7 @@ def service_create(name, spec: ServiceSpec):
         _add(name, st, services, vips, spec)
         write_json(cluster.file(name, "vips.json"), vips)
         _save_services(name, services)
-        return _step(name)
+        return _step(name) if step else {"service": spec.name, "vip": vips[spec.name]}
 
 
 def service_update(name, service, image=None, replicas=None):
@@ -452,20 +455,77 @@ def step(name):
 
 
 def _step(name):
-    st = cluster._load(name)
-    now = time.time()
+    st, now, rec = cluster._load(name), time.time(), Recorder(f"step of cluster {name}")
+    look = _look(name, st, now, rec)
+    paused = {k for k, u in look["updates"].items() if u.get("state") in ("paused", "rollback_paused")}
+    actions = reconcile(look["services"], look["nodes"], look["tasks"], now, lambda: secrets.token_hex(5),
+                        paused=paused)
+    return _act(name, st, look, actions, now, rec)
+
+
+def observe(name):
+    """The first half of a step, for a control loop of one's own (lab 09: the student's reconcile): the
+    services, the nodes as the heartbeat found them and the tasks as their containers left them (health
+    checks and rolling updates watched as in :func:`step`), saved; nothing started or stopped."""
+    with cluster.locked(name):
+        st, now = cluster._load(name), time.time()
+        look = _look(name, st, now, Recorder(f"observe cluster {name}"))
+        _save_look(name, look, look["tasks"])
+        return {"now": now, "services": {k: v.to_dict() for k, v in look["services"].items()},
+                "nodes": [n.to_dict() for n in look["nodes"]], "tasks": [t.to_dict() for t in look["tasks"]],
+                "paused": sorted(k for k, u in look["updates"].items() if "paused" in str(u.get("state")))}
+
+
+def act(name, actions):
+    """The second half: ``actions`` (:class:`labkit.wire.orchestration.Action` s as dicts, e.g. from one's
+    own reconcile over :func:`observe`'s answer) carried out as :func:`step` does. Each is checked against the
+    records first: a stop or mark names a task on record, a start a new task (an id of 10 hex digits, as
+    ``secrets.token_hex(5)`` gives) of a service that exists, on a node of this cluster."""
+    if not isinstance(actions, list) or len(actions) > 1000:
+        raise InvalidSpec("actions must be a list of at most 1000 actions", fix="e.g. [a.to_dict() for a in actions]")
+    actions = [a if isinstance(a, Action) else Action.from_dict(a) for a in actions]
+    with cluster.locked(name):
+        st, now, rec = cluster._load(name), time.time(), Recorder(f"act on cluster {name}")
+        look = _look(name, st, now, rec)
+        known, nodes = {t.id: t for t in look["tasks"]}, {n.name for n in look["nodes"]}
+        for a in actions:
+            if a.kind in ("stop", "mark") and a.task.id not in known:
+                raise NotFound(f"{a.kind}: no task {a.task.id} on record", fix="act on the tasks observe() gave")
+            if a.kind == "start" and a.task.id not in known and (
+                    not re.fullmatch(r"[0-9a-f]{10}", a.task.id) or a.task.service not in look["services"]
+                    or a.node not in nodes):
+                raise InvalidSpec(f"start: task {a.task.id} of {a.task.service} on {a.node} is not a new task of a "
+                                  f"service of this cluster on one of its nodes",
+                                  fix="new_id = lambda: secrets.token_hex(5); services and nodes from observe()")
+        # a stop or mark changes the recorded task's states only (its node and container stay the record's)
+        actions = [a if a.kind == "start" else Action(a.kind, _with(known[a.task.id], desired=a.task.desired,
+                                                                    state=a.task.state, since=now), a.node, a.reason)
+                   for a in actions]
+        return _act(name, st, look, actions, now, rec)
+
+
+def _look(name, st, now, rec):
     services = _services(name)
     updates, health = _read(name, "updates.json", {}), _read(name, "health.json", {})
-    vips = _read(name, "vips.json", {})
     nodes, seen = _observe(st)
     tasks = _settle(_tasks(name), seen, services, now)
     tasks = _check_health(st, services, tasks, health, now)
-    rec = Recorder(f"step of cluster {name}")
     if _watch_updates(services, updates, tasks, now, rec):
         _save_services(name, services)
-    paused = {k for k, u in updates.items() if u.get("state") in ("paused", "rollback_paused")}
-    actions = reconcile(services, nodes, tasks, now, lambda: secrets.token_hex(5), paused=paused)
-    by_id = {t.id: t for t in tasks}
+    return {"services": services, "updates": updates, "health": health, "nodes": nodes, "seen": seen,
+            "tasks": tasks}
+
+
+def _save_look(name, look, tasks, addrs=None):
+    write_json(cluster.file(name, "tasks.json"), [t.to_dict() for t in tasks])
+    for part, value in (("addresses.json", addrs), ("updates.json", look["updates"]), ("health.json", look["health"])):
+        if value is not None:
+            write_json(cluster.file(name, part), value)
+
+
+def _act(name, st, look, actions, now, rec):
+    services, vips = look["services"], _read(name, "vips.json", {})
+    by_id = {t.id: t for t in look["tasks"]}
     addrs = _read(name, "addresses.json", {})
     for a in actions:
         t = a.task
@@ -482,12 +542,10 @@ def _step(name):
     kept = _trim(list(by_id.values()))
     kept_ids = {t.id for t in kept}
     addrs = {k: v for k, v in addrs.items() if k in kept_ids}
-    _sweep(st, seen, kept)
-    write_json(cluster.file(name, "tasks.json"), [t.to_dict() for t in kept])
-    for part, value in (("addresses.json", addrs), ("updates.json", updates), ("health.json", health)):
-        write_json(cluster.file(name, part), value)
-    _mesh(st, services, kept, addrs, vips, {n.name for n in nodes if n.status == "ready"}, rec)
-    rec.fact("nodes", {n.name: n.status for n in nodes})
+    _sweep(st, look["seen"], kept)
+    _save_look(name, look, kept, addrs)
+    _mesh(st, services, kept, addrs, vips, {n.name for n in look["nodes"] if n.status == "ready"}, rec)
+    rec.fact("nodes", {n.name: n.status for n in look["nodes"]})
     return rec.to_dict(cluster=name)
 
 

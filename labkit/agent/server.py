@@ -131,7 +131,9 @@ METHODS = {
     "cluster.unmanage": cluster.unmanage,
     "cluster.node_update": cluster.node_update,  # a node's availability: active, pause, drain
     "manager.step": manager.step,          # one turn of the loop, now
-    "service.create": lambda name, spec: manager.service_create(name, ServiceSpec.from_dict(spec)),
+    "manager.observe": manager.observe,    # its halves, for a loop of one's own (lab 09)
+    "manager.act": manager.act,
+    "service.create": lambda name, spec, step=True: manager.service_create(name, ServiceSpec.from_dict(spec), step),
     "service.update": manager.service_update,
     "service.rollback": manager.service_rollback,
     "service.inspect": manager.service_inspect,
