@@ -77,3 +77,16 @@ def test_daemon_benchmark_prints_start_times_against_crun_and_idle_memory_per_co
     memory = [line.split() for line in lines if line.strip() and line.split()[0] in ("1", "2")]
     assert [m[0] for m in memory] == ["1", "2"] and all(int(m[2]) > 0 for m in memory), "the supervisor measured"
     assert len(memory[0]) == 4 and len(memory[1]) == 5, "the second row says what one more container added"
+
+
+def test_cluster_benchmark_prints_healing_times_and_failed_requests_for_a_killed_and_a_frozen_node():
+    res = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "bench_cluster.py"), "--rounds", "1"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    print(res.stdout)
+    rows = {line.split()[0]: line.split() for line in res.stdout.splitlines() if line.startswith(("kill ", "freeze "))}
+    assert set(rows) == {"kill", "freeze"}, res.stdout
+    for how, cols in rows.items():
+        heal = [float(c) for c in cols[1:4]]
+        assert 0 < heal[0] <= heal[1] <= heal[2], (how, cols)
+        assert int(cols[6]) > 0 and int(cols[4]) <= int(cols[6]), "requests were counted, failures among them"

@@ -272,14 +272,21 @@ def _observe(st):
     rows = {}
 
     def ask(n):
+        # a node found down at the last step is asked again with a short timeout: a hung machine must not
+        # hold every step for the whole HEARTBEAT (it is back once it answers within that)
+        timeout = INTERVAL if n["id"] in _down else HEARTBEAT
         try:
-            rows[n["name"]] = node.call(n["id"], "container.ps", {"all": True}, timeout=HEARTBEAT)
+            rows[n["name"]] = node.call(n["id"], "container.ps", {"all": True}, timeout=timeout)
+            _down.discard(n["id"])
         except LabkitError:
-            pass
+            _down.add(n["id"])
     _together(ask, st["nodes"])
     nodes = [Node(name=n["name"], role=n["role"], availability=n.get("availability", "active"),
                   status="ready" if n["name"] in rows else "down", address=n["ip"]) for n in st["nodes"]]
     return nodes, {k: {r["name"]: r for r in v} for k, v in rows.items()}
+
+
+_down = set()  # ids of the nodes this process found down at its last heartbeat
 
 
 def _together(fn, items):
