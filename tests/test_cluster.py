@@ -19,10 +19,14 @@ def lab():
     try:
         yield lab
     finally:
-        for c in lab.call("cluster.list"):
-            if c["name"].startswith("t"):
-                lab.call("cluster.remove", name=c["name"])
+        _remove_test_clusters(lab)
         lab.close()
+
+
+def _remove_test_clusters(lab):
+    for c in lab.call("cluster.list"):
+        if c["name"].startswith("t"):
+            lab.call("cluster.remove", name=c["name"])
 
 
 def _run_on(lab, node_id, cmd, name, network="tasks"):
@@ -86,3 +90,58 @@ def test_bad_cluster_specs_are_refused(lab, bad):
         lab.call("cluster.create", spec=bad)
     with pytest.raises(NotFound):
         lab.call("cluster.remove", name="../../etc")
+
+
+@pytest.fixture(params=["local", "vagrant"])
+def any_cgroups(request):
+    """This host (hybrid cgroups) and the lab VM (pure cgroup v2, over SSH as a student's laptop reaches it)."""
+    if request.param == "local":
+        lab = request.getfixturevalue("lab")
+        yield lab
+        return
+    lab = request.getfixturevalue("vm_lab")
+    try:
+        yield lab
+    finally:
+        _remove_test_clusters(lab)
+
+
+def test_a_service_heals_from_a_frozen_and_a_killed_node_on_hybrid_and_pure_v2_cgroups(any_cgroups):
+    import time
+    from labkit.wire.orchestration import ServiceSpec
+    lab = any_cgroups
+    mode = lab.cgroup_mode()["mode"]
+    lab.call("cluster.create", spec=ClusterSpec(name="tv", workers=1, subnet="10.209.12.0/24",
+                                                tasks="10.222.0.0/16").to_dict())
+    web = ("sh", "-c", "mkdir -p /tmp/w && hostname > /tmp/w/index.html && exec httpd -f -p 80 -h /tmp/w")
+    lab.call("service.create", name="tv", spec=ServiceSpec(name="web", image="busybox", replicas=2, cmd=web,
+                                                           ports=("18496:80",)).to_dict())
+
+    def settle(want, seconds=120):
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            lab.call("manager.step", name="tv")
+            tasks = [t for t in lab.call("service.ps", name="tv") if t["desired"] == "running" and t["state"] == "running"]
+            if sorted(t["node"] for t in tasks) == want:
+                return tasks
+            time.sleep(0.1)
+        raise AssertionError(f"{mode}: not {want}: {lab.call('service.ps', name='tv')}")
+
+    settle(["manager", "worker1"])
+    lab.call("node.pause", node_id="tv-worker1")  # a hung machine: its cgroup frozen (v1 freezer / cgroup.freeze)
+    assert lab.call("node.inspect", node_id="tv-worker1")["status"] == "paused", mode
+    settle(["manager", "manager"])
+    lab.call("node.resume", node_id="tv-worker1")
+    lab.call("service.update", name="tv", service="web", replicas=3)
+    settle(["manager", "manager", "worker1"])
+    for _ in range(3):
+        lab.call("manager.step", name="tv")
+    rows = lab.call("node.call", node_id="tv-worker1", op="container.ps", params={"all": True})
+    assert len(rows) == 1, f"{mode}: the thawed node's old container was removed, its new task runs: {rows}"
+    got = lab.run(["python3", "-c", "import urllib.request as u; print(u.urlopen('http://127.0.0.1:18496/', "
+                                    "timeout=5).read().decode())"])
+    assert got.exit_code == 0 and got.stdout.strip(), f"{mode}: the published port answers: {got}"
+    lab.call("node.kill", node_id="tv-worker1")
+    settle(["manager", "manager", "manager"])
+    lab.call("cluster.remove", name="tv")
+    assert lab.call("cluster.list") == [] or all(c["name"] != "tv" for c in lab.call("cluster.list"))

@@ -122,3 +122,27 @@ def test_refusals(cluster):
     for bad in ("../../etc/passwd", "tst-nope", "", "x" * 300):
         with pytest.raises(NotFound):
             lab.call("node.remove", node_id=bad)
+
+
+def test_a_node_is_reached_in_its_own_run_dir_even_where_the_host_runs_a_daemon(cluster):
+    """In the lab VM labkitd listens on the host's /run/labkit/labkitd.sock: until a node's PID 1 has mounted
+    its own /run/labkit, the node's socket path led there, and node.create took the host's daemon for the
+    node's (its requests then made the node's networks on the host). Here a listener stands in for the
+    host's daemon where none runs."""
+    import socket
+    from labkit.wire.specs import RUN_DIR
+    lab, make = cluster
+    host_sock, fake = f"{RUN_DIR}/labkitd.sock", None
+    if not os.path.exists(host_sock):
+        fake = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        fake.bind(host_sock)
+        fake.listen(8)
+    try:
+        rec = make("own")
+        nets = lab.call("node.call", node_id=rec["id"], op="net.list")
+        assert [n["spec"]["name"] for n in nets] == [], "the node's engine, not the host's, answered"
+        assert lab.call("node.inspect", node_id=rec["id"])["status"] == "ready"
+    finally:
+        if fake is not None:
+            fake.close()
+            os.unlink(host_sock)

@@ -34,7 +34,7 @@ def _path(name):
 
 
 #: files beside a cluster's record: its manager's records (labkit.agent.manager), its log and its lock
-FILES = ("services.json", "tasks.json", "addresses.json", "updates.json", "health.json", "vips.json",
+FILES = ("services.json", "tasks.json", "updates.json", "health.json", "vips.json",
          "stacks.json", "manager.log", "lock")
 
 
@@ -74,6 +74,9 @@ def create(spec: ClusterSpec):
     if os.path.exists(_path(spec.name)):
         raise Conflict(f"cluster {spec.name} exists", fix=f"remove it first: lab.call('cluster.remove', "
                                                            f"name={spec.name!r})")
+    for part in FILES:  # a cluster's of this name whose record went without them (its manager's old records)
+        if os.path.lexists(file(spec.name, part)):
+            os.unlink(file(spec.name, part))
     st = {"spec": spec.to_dict(), "created": time.time(), "nodes": [], "routes": []}
     write_json(_path(spec.name), st)
     try:
@@ -207,10 +210,12 @@ def remove(name):
         rec.steps += network.remove(spec.network)["steps"]
     except NotFound:
         pass
-    for part in FILES:
-        if os.path.exists(file(name, part)):
-            os.unlink(file(name, part))
-    os.unlink(_path(name))
+    with locked(name):  # (a request waiting for the lock finds no cluster after it)
+        for part in FILES:
+            if part != "lock" and os.path.exists(file(name, part)):
+                os.unlink(file(name, part))
+        os.unlink(_path(name))
+    os.unlink(file(name, "lock"))
     return rec.to_dict(name=name)
 
 

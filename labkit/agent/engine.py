@@ -497,7 +497,8 @@ def _row(cid):
     return {"id": cid, "name": cfg["name"], "image": cfg["image"], "command": " ".join(cfg["cmd"]),
             "created": cfg["created"], "state": state, "running": running, "ports": ports,
             "started": (st or {}).get("started") if running else None,
-            "finished": ex.get("finished") if ex else None, "exit_code": ex.get("exit_code") if ex else None}
+            "finished": ex.get("finished") if ex else None, "exit_code": ex.get("exit_code") if ex else None,
+            "ip": ((st or {}).get("net") or {}).get("ip") if running else None}
 
 
 def ps(all=False):

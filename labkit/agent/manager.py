@@ -35,25 +35,41 @@ from .state import read_json, write_json
 INTERVAL = 0.1      # seconds between two steps of the loop
 HEARTBEAT = 0.5     # a node that does not answer within this is down
 HEALTH_TIMEOUT = 2.0  # a health check that has not ended by then has failed
-MESH_TABLE = re.compile(r"labkit_mesh_[a-z0-9]{1,6}")  # one nftables table per cluster: labkit_mesh_<cluster>
+MAX_CHECKS = 16     # health checks run at once (one thread each)
+MESH_TABLE = re.compile(r"labkit_mesh(_[a-z0-9]{1,6})?")  # labkit_mesh_<cluster> (labkit_mesh: an older labkit's)
 KEEP_ENDED = 20     # ended tasks kept per service (the history back-off reads, and `service ps` shows)
 #: a task's container name: <service>.<slot>.<task id> (the only containers the manager removes on its own)
 TASK_CONTAINER = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}\.[0-9]{1,3}\.([0-9a-f]{10})")
 
+
+UPDATE_STATES = ("updating", "completed", "paused", "rollback_started", "rollback_completed", "rollback_paused")
+MAX_TASKS = 2000    # task records kept in all (ended ones go first)
+
+
+# -- the records, each entry checked as it is read (one that does not read is dropped, never trusted) --------
 
 def _read(name, part, default):
     value = read_json(cluster.file(name, part), default=default)
     return value if isinstance(value, type(default)) else default
 
 
-def _services(name):
+def _entries(name, part, check):
+    """The file's {key: value} entries that ``check(key, value)`` accepts (it returns the value to use)."""
     out = {}
-    for k, v in _read(name, "services.json", {}).items():
+    for k, v in _read(name, part, {}).items():
         try:
-            out[k] = ServiceSpec.from_dict(v)
-        except LabkitError:
-            continue  # a record that does not read is dropped, not trusted
+            out[k] = check(k, v)
+        except (LabkitError, TypeError, ValueError, KeyError, AttributeError):
+            continue
     return out
+
+
+def _ipv4(value):
+    return str(ipaddress.IPv4Address(value))
+
+
+def _services(name):
+    return {spec.name: spec for spec in _entries(name, "services.json", lambda k, v: ServiceSpec.from_dict(v)).values()}
 
 
 def _tasks(name):
@@ -61,9 +77,51 @@ def _tasks(name):
     for t in _read(name, "tasks.json", []):
         try:
             out.append(Task.from_dict(t))
-        except LabkitError:
+        except (LabkitError, TypeError, ValueError, AttributeError):
             continue
     return out
+
+
+def _update_entry(k, v):
+    if v["state"] not in UPDATE_STATES:
+        raise ValueError(v["state"])
+    previous = v.get("previous")
+    return {"previous": ServiceSpec.from_dict(previous).to_dict() if previous else None, "state": v["state"],
+            "since": float(v["since"]), "message": str(v.get("message", ""))[:1000]}
+
+
+def _updates(name):
+    return _entries(name, "updates.json", _update_entry)
+
+
+def _health(name):
+    return _entries(name, "health.json", lambda k, v: {"started": float(v["started"]), "next": float(v["next"]),
+                                                       "fails": int(v["fails"]), "status": str(v["status"])[:20],
+                                                       "output": str(v.get("output", ""))[:300]})
+
+
+def _stacks(name):
+    return _entries(name, "stacks.json", lambda k, v: {"services": [str(x) for x in v["services"]][:64],
+                                                       "networks": [str(x) for x in v.get("networks", [])][:256]})
+
+
+def _vips(name):
+    """Each service's virtual address, and the index of the next one to give (never one given before, while
+    the range lasts: a removed service's address is not handed to the next one its clients' /etc/hosts still
+    name)."""
+    raw = _read(name, "vips.json", {})
+    vips = {}
+    for k, v in (raw.get("vips") if isinstance(raw.get("vips"), dict) else {}).items():
+        try:
+            vips[k] = _ipv4(v)
+        except ValueError:
+            continue
+    nxt = raw.get("next")
+    return vips, nxt if isinstance(nxt, int) and not isinstance(nxt, bool) and 0 <= nxt < 254 else 0
+
+
+def _save_vips(name, vips, nxt):
+    write_json(cluster.file(name, "vips.json"), {"next": nxt, "vips": vips})
 
 
 def _save_services(name, services):
@@ -72,21 +130,43 @@ def _save_services(name, services):
 
 # -- desired state ---------------------------------------------------------------------------------------------
 
-def _add(name, st, services, vips, spec):
-    """``spec`` desired, with a virtual address of its own (the first free one of the cluster's VIP range)."""
+def _add(name, st, services, vips, nxt, spec):
+    """``spec`` desired, with a virtual address of its own; the index of the next address to give."""
     if len(services) >= 64:
         raise InvalidSpec(f"cluster {name} has 64 services", fix="remove one first (service rm, stack rm)")
+    _check_ports(services, spec)
+    hosts = list(ipaddress.ip_network(ClusterSpec.from_dict(st["spec"]).vip_subnet).hosts())
     used = set(vips.values())
-    subnet = ClusterSpec.from_dict(st["spec"]).vip_subnet
-    vips[spec.name] = next(str(a) for a in ipaddress.ip_network(subnet).hosts() if str(a) not in used)
-    services[spec.name] = spec
+    for i in range(len(hosts)):
+        at = (nxt + i) % len(hosts)
+        if str(hosts[at]) not in used:
+            vips[spec.name] = str(hosts[at])
+            services[spec.name] = spec
+            return (at + 1) % len(hosts)
+    raise InvalidSpec(f"cluster {name} has no virtual address left", fix="remove a service first")
+
+
+def _check_ports(services, spec):
+    for other in services.values():
+        if other.name != spec.name:
+            for p in spec.ports:
+                if any((q.published, q.proto) == (p.published, p.proto) for q in other.ports):
+                    raise InvalidSpec(f"port {p.published}/{p.proto} is published by service {other.name} already",
+                                      fix="publish another port (each is one service's, on every node)")
 
 
 def _change(updates, old, new, now):
-    """Record ``new`` replacing ``old``: the old spec kept for a rollback; a new image is a rolling update."""
-    state = "updating" if new.image != old.image or new.cmd != old.cmd or new.env != old.env else "completed"
-    updates[new.name] = {"previous": old.to_dict(), "state": state, "since": now,
-                         "message": f"update to {new.image}" if state == "updating" else "updated"}
+    """Record ``new`` replacing ``old``. A new image is a rolling update (the old spec kept for a rollback);
+    anything else takes effect at once, and an update under way stays under way, watched as before."""
+    for field in ("cmd", "env", "networks"):
+        if getattr(new, field) != getattr(old, field):
+            raise InvalidSpec(f"service {new.name}: labkit rolls out a new image, not a new {field}",
+                              fix="remove the service (or stack) and create it again with the new " + field)
+    if new.image != old.image:
+        updates[new.name] = {"previous": old.to_dict(), "state": "updating", "since": now,
+                             "message": f"update to {new.image}"}
+    elif updates.get(new.name, {}).get("state") not in ("updating", "rollback_started"):
+        updates[new.name] = {"previous": old.to_dict(), "state": "completed", "since": now, "message": "updated"}
 
 
 def service_create(name, spec: ServiceSpec, step=True):
@@ -96,11 +176,11 @@ def service_create(name, spec: ServiceSpec, step=True):
         raise InvalidSpec(f"step={step!r} must be True or False", fix="e.g. step=False")
     with cluster.locked(name):
         st = cluster._load(name)
-        services, vips = _services(name), _read(name, "vips.json", {})
+        services, (vips, nxt) = _services(name), _vips(name)
         if spec.name in services:
             raise InvalidSpec(f"service {spec.name} exists", fix="update it (service update) or remove it first")
-        _add(name, st, services, vips, spec)
-        write_json(cluster.file(name, "vips.json"), vips)
+        nxt = _add(name, st, services, vips, nxt, spec)
+        _save_vips(name, vips, nxt)
         _save_services(name, services)
         return _step(name) if step else {"service": spec.name, "vip": vips[spec.name]}
 
@@ -109,7 +189,7 @@ def service_update(name, service, image=None, replicas=None):
     """`docker service update --image` / `docker service scale`: a new desired spec (the old one kept for a
     rollback); a new image is rolled out one batch at a time, watched, and rolled back if it fails."""
     with cluster.locked(name):
-        services, updates = _services(name), _read(name, "updates.json", {})
+        services, updates = _services(name), _updates(name)
         if service not in services:
             raise NotFound(f"no such service: {service}", fix="see service ls")
         old = services[service]
@@ -125,7 +205,7 @@ def service_update(name, service, image=None, replicas=None):
 def service_rollback(name, service):
     """`docker service rollback`: the previous spec desired again (and the current one kept as previous)."""
     with cluster.locked(name):
-        services, updates = _services(name), _read(name, "updates.json", {})
+        services, updates = _services(name), _updates(name)
         if service not in services:
             raise NotFound(f"no such service: {service}", fix="see service ls")
         previous = (updates.get(service) or {}).get("previous")
@@ -141,12 +221,12 @@ def service_rollback(name, service):
 
 def _forget(name, gone):
     """The records of removed services: their virtual addresses, updates, and places in stacks."""
-    for part in ("vips.json", "updates.json"):
-        kept = {k: v for k, v in _read(name, part, {}).items() if k not in gone}
-        write_json(cluster.file(name, part), kept)
-    stacks = _read(name, "stacks.json", {})
+    vips, nxt = _vips(name)
+    _save_vips(name, {k: v for k, v in vips.items() if k not in gone}, nxt)
+    write_json(cluster.file(name, "updates.json"), {k: v for k, v in _updates(name).items() if k not in gone})
+    stacks = _stacks(name)
     for entry in stacks.values():
-        entry["services"] = [s for s in entry.get("services", []) if s not in gone]
+        entry["services"] = [s for s in entry["services"] if s not in gone]
     write_json(cluster.file(name, "stacks.json"), stacks)
 
 
@@ -166,7 +246,7 @@ def _running(tasks, service):
 
 def service_ls(name):
     services, tasks = _services(name), _tasks(name)
-    updates, vips = _read(name, "updates.json", {}), _read(name, "vips.json", {})
+    updates, (vips, _) = _updates(name), _vips(name)
     return [{"name": s.name, "image": s.image, "replicas": s.replicas, "running": _running(tasks, s.name),
              "ports": [f"*:{p.published}->{p.target}/{p.proto}" for p in s.ports],
              "update": (updates.get(s.name) or {}).get("state"), "vip": vips.get(s.name)} for s in services.values()]
@@ -177,10 +257,10 @@ def service_inspect(name, service):
     services = _services(name)
     if service not in services:
         raise NotFound(f"no such service: {service}", fix="see service ls")
-    update = _read(name, "updates.json", {}).get(service) or {}
+    update = _updates(name).get(service) or {}
     return {"name": service, "spec": services[service].to_dict(), "previous": update.get("previous"),
             "update": {k: update[k] for k in ("state", "since", "message") if k in update} or None,
-            "vip": _read(name, "vips.json", {}).get(service), "running": _running(_tasks(name), service)}
+            "vip": _vips(name)[0].get(service), "running": _running(_tasks(name), service)}
 
 
 def service_ps(name, service=None):
@@ -195,56 +275,56 @@ def stack_deploy(name, spec: StackSpec):
     update); services of an earlier deploy that the file no longer names are kept (Docker's default)."""
     with cluster.locked(name):
         st = cluster._load(name)
-        services, vips = _services(name), _read(name, "vips.json", {})
-        updates, stacks = _read(name, "updates.json", {}), _read(name, "stacks.json", {})
+        services, (vips, nxt) = _services(name), _vips(name)
+        updates, stacks = _updates(name), _stacks(name)
+        mine = set(stacks.get(spec.name, {}).get("services", []))
         for s in spec.services:
-            owner = next((k for k, v in stacks.items() if s.name in v.get("services", ()) and k != spec.name), None)
-            if owner or (s.name in services and spec.name not in stacks):
+            if s.name in services and s.name not in mine:
                 raise InvalidSpec(f"service {s.name} exists outside stack {spec.name}",
                                   fix="remove it first (service rm), or name the stack otherwise")
         created, updated, now = [], [], time.time()
         for s in spec.services:
             if s.name not in services:
-                _add(name, st, services, vips, s)
+                nxt = _add(name, st, services, vips, nxt, s)
                 created.append(s.name)
             elif services[s.name] != s:
                 _change(updates, services[s.name], s, now)
                 services[s.name] = s
                 updated.append(s.name)
-        entry = stacks.get(spec.name) or {"services": []}
         stacks[spec.name] = {"networks": list(spec.networks),
-                             "services": sorted(set(entry["services"]) | {s.name for s in spec.services})}
-        for part, value in (("vips.json", vips), ("updates.json", updates), ("stacks.json", stacks)):
+                             "services": sorted(mine | {s.name for s in spec.services})}
+        _save_vips(name, vips, nxt)
+        for part, value in (("updates.json", updates), ("stacks.json", stacks)):
             write_json(cluster.file(name, part), value)
         _save_services(name, services)
         return dict(_step(name), stack=spec.name, created=created, updated=updated)
 
 
 def stack_ls(name):
-    return [{"name": k, "services": len(v.get("services", []))} for k, v in sorted(_read(name, "stacks.json", {}).items())]
+    return [{"name": k, "services": len(v["services"])} for k, v in sorted(_stacks(name).items())]
 
 
 def _stack(name, stack):
-    entry = _read(name, "stacks.json", {}).get(stack)
+    entry = _stacks(name).get(stack)
     if entry is None:
         raise NotFound(f"no such stack: {stack}", fix="see stack ls")
     return entry
 
 
 def stack_ps(name, stack):
-    members = set(_stack(name, stack).get("services", []))
+    members = set(_stack(name, stack)["services"])
     return [t for t in service_ps(name) if t["service"] in members]
 
 
 def stack_rm(name, stack):
     """`docker stack rm`: its services (their tasks stop at this step) and its record."""
     with cluster.locked(name):
-        members = set(_stack(name, stack).get("services", []))
+        members = set(_stack(name, stack)["services"])
         services = _services(name)
         removed = sorted(s for s in members if services.pop(s, None) is not None)
         _save_services(name, services)
         _forget(name, members)
-        stacks = _read(name, "stacks.json", {})
+        stacks = _stacks(name)
         stacks.pop(stack, None)
         write_json(cluster.file(name, "stacks.json"), stacks)
         return dict(_step(name), stack=stack, removed=removed)
@@ -254,7 +334,7 @@ def _names(name, service, services, vips):
     """The names a task of ``service`` resolves (its /etc/hosts): every service that shares one of its
     networks, by its full name and, within one stack, by its name in the stack file."""
     me = services[service]
-    stack = next((k for k, v in _read(name, "stacks.json", {}).items() if service in v.get("services", ())), None)
+    stack = next((k for k, v in _stacks(name).items() if service in v["services"]), None)
     pairs = []
     for other in services.values():
         if other.name in vips and set(other.networks) & set(me.networks):
@@ -340,8 +420,10 @@ def _check_health(st, services, tasks, health, now):
         h = health.setdefault(t.id, {"started": now, "next": now + spec.health.interval, "fails": 0,
                                      "status": "starting"})
         if now >= h["next"]:
-            h["next"] = now + spec.health.interval
             due.append(t)
+    due = sorted(due, key=lambda t: health[t.id]["next"])[:MAX_CHECKS]  # the rest at the next step
+    for t in due:
+        health[t.id]["next"] = now + services[t.service].health.interval
     results = {}
 
     def check(t):
@@ -419,9 +501,10 @@ def _rolled_out(spec, tasks):
 def _start(st, spec, task, now, hosts):
     nid = _node_id(st, task)
     cname = f"{task.service}.{task.slot}.{task.id}"
-    cspec = ContainerSpec(image=spec.image, name=cname, cmd=spec.cmd, env=dict(spec.env), network=cluster.TASKS,
-                          extra_hosts=hosts)
+    task = _with(task, image=spec.image)
     try:
+        cspec = ContainerSpec(image=spec.image, name=cname, cmd=spec.cmd, env=dict(spec.env), network=cluster.TASKS,
+                              extra_hosts=hosts)
         made = node.call(nid, "container.create", {"spec": cspec.to_dict()})
         node.call(nid, "container.start", {"ref": made["id"]})
         ip = node.call(nid, "container.inspect", {"ref": made["id"]})["NetworkSettings"]["IPAddress"]
@@ -451,7 +534,7 @@ def _sweep(st, seen, tasks):
         for cname in seen.get(n["name"], {}):
             m = TASK_CONTAINER.fullmatch(cname)
             t = by_id.get(m.group(1)) if m else None
-            if m and (t is None or not t.live):
+            if m and (t is None or not t.live or t.node != n["name"] or t.container != cname):
                 _remove(st, n["name"], cname)
 
 
@@ -494,46 +577,68 @@ def act(name, actions):
     with cluster.locked(name):
         st, now, rec = cluster._load(name), time.time(), Recorder(f"act on cluster {name}")
         look = _look(name, st, now, rec)
-        known, nodes = {t.id: t for t in look["tasks"]}, {n.name for n in look["nodes"]}
-        for a in actions:
-            if a.kind in ("stop", "mark") and a.task.id not in known:
-                raise NotFound(f"{a.kind}: no task {a.task.id} on record", fix="act on the tasks observe() gave")
-            if a.kind == "start" and a.task.id not in known and (
-                    not re.fullmatch(r"[0-9a-f]{10}", a.task.id) or a.task.service not in look["services"]
-                    or a.node not in nodes):
-                raise InvalidSpec(f"start: task {a.task.id} of {a.task.service} on {a.node} is not a new task of a "
-                                  f"service of this cluster on one of its nodes",
-                                  fix="new_id = lambda: secrets.token_hex(5); services and nodes from observe()")
-        # a stop or mark changes the recorded task's states only (its node and container stay the record's)
-        actions = [a if a.kind == "start" else Action(a.kind, _with(known[a.task.id], desired=a.task.desired,
-                                                                    state=a.task.state, since=now), a.node, a.reason)
-                   for a in actions]
-        return _act(name, st, look, actions, now, rec)
+        _save_look(name, look, look["tasks"])  # what was observed stands, whatever the actions
+        return _act(name, st, look, _checked(actions, look, now), now, rec)
+
+
+def _checked(actions, look, now):
+    """A client's actions as the records allow them (InvalidSpec / NotFound otherwise): a stop shuts a live
+    task down, a mark orphans one (each changes the recorded task's states only: its node and container stay
+    the record's); a start starts a new task (an id of 10 hex digits never used) of an existing service in a
+    slot 1..replicas that no other live task holds, on a node of this cluster, or assigns a recorded task
+    that has no node yet."""
+    known, nodes, services = {t.id: t for t in look["tasks"]}, {n.name for n in look["nodes"]}, look["services"]
+    held = {(t.service, t.slot): t.id for t in look["tasks"] if t.live}
+    out, ids = [], set()
+    for a in actions:
+        t = a.task
+        if t.id in ids:
+            raise InvalidSpec(f"task {t.id} appears in two actions", fix="act on each task once per call")
+        ids.add(t.id)
+        if a.kind in ("stop", "mark"):
+            if t.id not in known or not known[t.id].live:
+                raise NotFound(f"{a.kind}: no live task {t.id} on record", fix="act on the tasks observe() gave")
+            state = "orphaned" if a.kind == "mark" else known[t.id].state
+            out.append(Action(a.kind, _with(known[t.id], desired="shutdown", state=state, since=now), None, a.reason))
+            continue
+        spec = services.get(t.service)
+        old = known.get(t.id)
+        fresh = old is None and re.fullmatch(r"[0-9a-f]{10}", t.id) and held.get((t.service, t.slot)) is None
+        assigning = old is not None and old.node is None and old.live and (old.service, old.slot) == (t.service, t.slot)
+        if spec is None or a.node not in nodes or t.slot > spec.replicas or not (fresh or assigning):
+            raise InvalidSpec(f"start: task {t.id} of {t.service} (slot {t.slot}) on {a.node} is not a new task in a "
+                              f"free slot of a service of this cluster, on one of its nodes",
+                              fix="new_id = lambda: secrets.token_hex(5); services, slots and nodes from observe()")
+        held[(t.service, t.slot)] = t.id
+        out.append(Action("start", Task(t.id, t.service, t.slot, a.node, spec.image, "running", "assigned",
+                                        since=now), a.node, a.reason))
+    return out
 
 
 def _look(name, st, now, rec):
-    services = _services(name)
-    updates, health = _read(name, "updates.json", {}), _read(name, "health.json", {})
+    services, updates, health = _services(name), _updates(name), _health(name)
     nodes, seen = _observe(st)
     tasks = _settle(_tasks(name), seen, services, now)
     tasks = _check_health(st, services, tasks, health, now)
-    if _watch_updates(services, updates, tasks, now, rec):
-        _save_services(name, services)
+    rolled = _watch_updates(services, updates, tasks, now, rec)
     return {"services": services, "updates": updates, "health": health, "nodes": nodes, "seen": seen,
-            "tasks": tasks}
+            "tasks": tasks, "rolled": rolled}
 
 
-def _save_look(name, look, tasks, addrs=None):
+def _save_look(name, look, tasks):
+    """The records a look changed, together: the tasks, and the services with their updates (a rollback
+    changes both), the health checks' counts."""
     write_json(cluster.file(name, "tasks.json"), [t.to_dict() for t in tasks])
-    for part, value in (("addresses.json", addrs), ("updates.json", look["updates"]), ("health.json", look["health"])):
-        if value is not None:
-            write_json(cluster.file(name, part), value)
+    if look["rolled"]:
+        _save_services(name, look["services"])
+    for part, value in (("updates.json", look["updates"]), ("health.json", look["health"])):
+        write_json(cluster.file(name, part), value)
 
 
 def _act(name, st, look, actions, now, rec):
-    services, vips = look["services"], _read(name, "vips.json", {})
+    services, (vips, _) = look["services"], _vips(name)
     by_id = {t.id: t for t in look["tasks"]}
-    addrs = _read(name, "addresses.json", {})
+    addrs = _addresses(look)
     for a in actions:
         t = a.task
         if a.kind == "stop":
@@ -546,25 +651,38 @@ def _act(name, st, look, actions, now, rec):
         by_id[t.id] = t
         rec.add({"kind": "action", "action": a.kind, "task": t.id, "service": t.service, "slot": t.slot,
                  "node": t.node, "reason": a.reason})
-    kept = _trim(list(by_id.values()))
-    kept_ids = {t.id for t in kept}
-    addrs = {k: v for k, v in addrs.items() if k in kept_ids}
+    kept = _trim(list(by_id.values()), services)
     _sweep(st, look["seen"], kept)
-    _save_look(name, look, kept, addrs)
+    _save_look(name, look, kept)
     _mesh(st, services, kept, addrs, vips, {n.name for n in look["nodes"] if n.status == "ready"}, rec)
     rec.fact("nodes", {n.name: n.status for n in look["nodes"]})
     return rec.to_dict(cluster=name)
 
 
-def _trim(tasks):
+def _addresses(look):
+    """Each running task's address, as its node's engine reported it at this step's heartbeat."""
+    out = {}
+    for t in look["tasks"]:
+        row = look["seen"].get(t.node, {}).get(t.container) if t.container else None
+        if row and row.get("ip"):
+            try:
+                out[t.id] = _ipv4(row["ip"])
+            except ValueError:
+                continue
+    return out
+
+
+def _trim(tasks, services):
+    """The records kept: every live task, and the last KEEP_ENDED ended ones of each existing service, at most
+    MAX_TASKS in all."""
     live = [t for t in tasks if t.live]
-    ended = sorted((t for t in tasks if not t.live), key=lambda t: -t.since)
+    ended = sorted((t for t in tasks if not t.live and t.service in services), key=lambda t: -t.since)
     count, keep = {}, []
     for t in ended:
         count[t.service] = count.get(t.service, 0) + 1
         if count[t.service] <= KEEP_ENDED:
             keep.append(t)
-    return live + keep
+    return live + keep[:max(0, MAX_TASKS - len(live))]
 
 
 # -- the routing mesh --------------------------------------------------------------------------------------------
@@ -672,7 +790,7 @@ def loop(name, interval=INTERVAL):
             return 0  # the cluster is gone
         except Exception as exc:  # noqa: BLE001 - one failed step is no reason to stop managing
             print(f"manager {name}: step failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-        time.sleep(max(0.0, interval - (time.monotonic() - t)))
+        time.sleep(max(0.02, interval - (time.monotonic() - t)))  # (never straight back: requests wait too)
     return 0
 
 

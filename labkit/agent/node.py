@@ -65,6 +65,15 @@ def _python():
     return exe if os.path.isfile(exe) else "/usr/bin/python3"
 
 
+def _own_engine(pid):
+    """Whether the node's /run/labkit is its own (its tmpfs, mounted by its PID 1) and not yet the host's:
+    until it is, the node's socket path leads to the host's daemon, where the host runs one."""
+    try:
+        return os.stat(f"/proc/{int(pid)}/root{RUN_DIR}").st_dev != os.stat(RUN_DIR).st_dev
+    except OSError:
+        return False
+
+
 def _answers(path):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(1)
@@ -108,7 +117,7 @@ def create(spec: NodeSpec):
         write_json(path, {"id": spec.id, "spec": spec.to_dict(), "created": time.time(), "pid": pid,
                           "starttime": st.get("starttime"), "ip": ip})
         deadline = time.monotonic() + START_TIMEOUT
-        while not _answers(daemon_socket(pid)):
+        while not (_own_engine(pid) and _answers(daemon_socket(pid))):
             if time.monotonic() > deadline or not recorded_process(st):
                 log = read_text(process._log_path(_name(spec.id)), "")[-2000:]
                 raise MechanismError(f"node {spec.id}'s engine did not answer within {START_TIMEOUT} s",
@@ -141,7 +150,7 @@ def inspect(node_id):
     except NotFound:
         paused = False
     status = "down" if not alive else "paused" if paused else \
-        "ready" if _answers(daemon_socket(st["pid"])) else "unreachable"
+        "ready" if _own_engine(st["pid"]) and _answers(daemon_socket(st["pid"])) else "unreachable"
     return {**{k: st.get(k) for k in ("id", "spec", "pid", "ip", "created")}, "status": status,
             "socket": daemon_socket(st["pid"]) if alive else None}
 
@@ -215,7 +224,7 @@ def call(node_id, op, params=None, timeout=30):
         raise InvalidSpec("node.call takes a method name (op) and a params object", fix="e.g. op='container.ps'")
     if op.startswith(("node.", "cluster.", "service.", "stack.", "manager.")) or op in ("cleanup", "daemon.stop"):
         raise InvalidSpec(f"{op} is the host's to do, not a node's", fix="call it on the host's agent")
-    if not st.get("pid") or not recorded_process(st):
+    if not st.get("pid") or not recorded_process(st) or not _own_engine(st["pid"]):
         raise TransportError(f"node {node_id} is down", fix=f"see lab.call('node.inspect', node_id={node_id!r})")
     eng = _Engine(daemon_socket(st["pid"]), timeout=timeout)
     try:

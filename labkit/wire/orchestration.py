@@ -32,6 +32,8 @@ FAILURE_ACTIONS = ("rollback", "pause", "continue")
 ACTION_KINDS = ("start", "stop", "mark")
 
 MAX_REPLICAS = 100
+#: the longest service name: <service>.<slot>.<10 hex digits> is a container name of at most 63 characters
+MAX_SERVICE_NAME = 63 - len(".100.") - 10
 MAX_SERVICES = 32
 #: the longest string a spec takes (an argument, an environment value, a reason)
 MAX_TEXT = 4096
@@ -206,6 +208,10 @@ class ServiceSpec(Spec):
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass normalisation)
         _name(self.name, "service name")
+        if len(self.name) > MAX_SERVICE_NAME:
+            raise InvalidSpec(f"service name {self.name!r} is longer than {MAX_SERVICE_NAME} characters",
+                              fix="shorten it (a stack's <stack>_<service> too): its tasks' containers are named "
+                                  "<service>.<slot>.<task id>, in at most 63 characters")
         set_("image", str(ImageRef.parse(_text(self.image, "image", 512))))
         set_("replicas", _whole(self.replicas, "replicas", 0, MAX_REPLICAS,
                                 f"give 0 to {MAX_REPLICAS} replicas, e.g. replicas=2"))
