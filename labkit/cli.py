@@ -673,7 +673,7 @@ def cmd_service_ps(args):
 
 
 def cmd_service_scale(args):
-    """SERVICE=N..., all checked before the first is scaled."""
+    """SERVICE=N...: every argument read before the first is scaled (a service that does not exist stops the rest)."""
     scales = []
     for arg in args.scales:
         service, _, n = arg.partition("=")

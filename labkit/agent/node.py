@@ -304,11 +304,28 @@ def _own_mounts(node_id):
             kernel.mount("cgroup", mp, "cgroup", nosuid, ",".join(ctrls))
 
 
+def _leave_root():
+    """On a cgroup v2 hierarchy with controllers (the lab VM): PID 1 (and so everything it starts) moves into a
+    leaf of the node's own, ``init``, as systemd's units live in leaves: v2 gives a cgroup's controllers to its
+    children only while it holds no process itself, and the node's containers' cgroups are its children."""
+    root = "/sys/fs/cgroup"
+    try:
+        with open(f"{root}/cgroup.controllers") as f:
+            if not f.read().split():
+                return  # (hybrid: the controllers are v1's, which have no such rule)
+    except OSError:
+        return
+    os.makedirs(f"{root}/init", exist_ok=True)
+    with open(f"{root}/init/cgroup.procs", "w") as f:
+        f.write(str(os.getpid()))
+
+
 def init(node_id):
     """The node's PID 1: its own mounts, then labkit's daemon (its engine) as its child; it reaps whatever is
     orphaned to it, passes SIGTERM on, and ends when the daemon does."""
     _check_id(node_id)
     _own_mounts(node_id)
+    _leave_root()
     child = os.fork()
     if child == 0:
         code = 1
