@@ -106,7 +106,7 @@ def any_cgroups(request):
         _remove_test_clusters(lab)
 
 
-def test_a_service_heals_from_a_frozen_and_a_killed_node_on_hybrid_and_pure_v2_cgroups(any_cgroups):
+def test_a_service_heals_rolls_back_and_a_stack_resolves_on_hybrid_and_pure_v2_cgroups(any_cgroups):
     import time
     from labkit.wire.orchestration import ServiceSpec
     lab = any_cgroups
@@ -114,8 +114,9 @@ def test_a_service_heals_from_a_frozen_and_a_killed_node_on_hybrid_and_pure_v2_c
     lab.call("cluster.create", spec=ClusterSpec(name="tv", workers=1, subnet="10.209.12.0/24",
                                                 tasks="10.222.0.0/16").to_dict())
     web = ("sh", "-c", "mkdir -p /tmp/w && hostname > /tmp/w/index.html && exec httpd -f -p 80 -h /tmp/w")
+    health = {"cmd": ["sh", "-c", "test ! -e /broken"], "interval": 0.3, "retries": 2}
     lab.call("service.create", name="tv", spec=ServiceSpec(name="web", image="busybox", replicas=2, cmd=web,
-                                                           ports=("18496:80",)).to_dict())
+                                                           ports=("18496:80",), health=health).to_dict())
 
     def settle(want, seconds=120):
         end = time.monotonic() + seconds
@@ -143,5 +144,39 @@ def test_a_service_heals_from_a_frozen_and_a_killed_node_on_hybrid_and_pure_v2_c
     assert got.exit_code == 0 and got.stdout.strip(), f"{mode}: the published port answers: {got}"
     lab.call("node.kill", node_id="tv-worker1")
     settle(["manager", "manager", "manager"])
+
+    lab.build("FROM busybox\nRUN touch /broken\n", "tv-web:broken")  # a new image that fails its health check
+    try:
+        lab.call("service.update", name="tv", service="web", image="tv-web:broken")
+        end = time.monotonic() + 180
+        while (lab.call("service.inspect", name="tv", service="web")["update"] or {}).get("state") != \
+                "rollback_completed" and time.monotonic() < end:
+            lab.call("manager.step", name="tv")
+            time.sleep(0.1)
+        info = lab.call("service.inspect", name="tv", service="web")
+        assert info["update"]["state"] == "rollback_completed" and "unhealthy" in info["update"]["message"], (mode, info)
+        assert {t["image"] for t in settle(["manager", "manager", "manager"])} == {"busybox:latest"}
+        lab.call("service.rm", name="tv", service="web")
+    finally:
+        lab.call("manager.step", name="tv")
+        lab.rmi("tv-web:broken", force=True)
+
+    import yaml
+    from labkit.wire.orchestration import StackSpec
+    api = "mkdir -p /w && echo api > /w/index.html && exec httpd -f -p 80 -h /w"
+    stack = StackSpec.from_compose("st", yaml.safe_load(
+        "services:\n  api:\n    image: busybox\n    command: [sh, -c, '" + api + "']\n"
+        "  front:\n    image: busybox\n    command: [sleep, '600']\n"))
+    assert sorted(lab.call("stack.deploy", name="tv", spec=stack.to_dict())["created"]) == ["st_api", "st_front"]
+    end = time.monotonic() + 120
+    while len([t for t in lab.call("stack.ps", name="tv", stack="st") if t["state"] == "running"]) < 2:
+        assert time.monotonic() < end, lab.call("stack.ps", name="tv", stack="st")
+        lab.call("manager.step", name="tv")
+        time.sleep(0.1)
+    front = next(t for t in lab.call("stack.ps", name="tv", stack="st") if t["service"] == "st_front")
+    got = lab.call("node.call", node_id="tv-manager", op="container.exec",
+                   params={"ref": front["container"], "argv": ["wget", "-q", "-O-", "http://api/"]})
+    assert got["exit_code"] == 0 and got["stdout"].strip() == "api", f"{mode}: a stack's name resolves: {got}"
+    assert lab.call("stack.rm", name="tv", stack="st")["removed"] == ["st_api", "st_front"]
     lab.call("cluster.remove", name="tv")
     assert lab.call("cluster.list") == [] or all(c["name"] != "tv" for c in lab.call("cluster.list"))
