@@ -41,7 +41,7 @@ def test_the_grading_bundle_names_every_check_cell_and_its_points():
     from labkit.course.assign import grading_bundle
     from labkit.course.runbook import NOTEBOOK_DIR
     bundle = grading_bundle(NOTEBOOK_DIR)
-    assert sum(n["points"] for n in bundle["notebooks"].values()) == 65
+    assert sum(n["points"] for n in bundle["notebooks"].values()) == 85
     nb = bundle["notebooks"]["03-cgroups"]
     assert nb["checks"]["03-06"]["questions"] == [{"question": "03.1 memory limit", "points": 2,
                                                   "check": "memory_limit"}]
@@ -153,3 +153,94 @@ def test_the_score_output_carries_the_refs(capsys):
     assert score["points"] == 2 and refs == {"question": "q1", "check": "<lambda>",
                                              "args": [{"kind": "value", "value": "answer"}], "kwargs": {}}
     assert REFS_MIME != MIME
+
+
+# -- lab 09's pure checks: the student's scheduler and reconcile step, judged case by case -----------------
+
+def _spread_cases():
+    from labkit.course.orchestrate import node as N, task as T
+    three = [N("manager"), N("worker1"), N("worker2")]
+    return [
+        {"title": "empty", "service": "web", "nodes": three, "tasks": []},
+        {"title": "drained", "service": "web", "nodes": [N("manager", availability="drain"), N("worker1")], "tasks": []},
+        {"title": "down", "service": "web", "nodes": [N("manager"), N("worker1", status="down"), N("worker2")],
+         "tasks": [T("a1", "web", 1, "manager")]},
+        {"title": "totals", "service": "web", "nodes": three,
+         "tasks": [T("a1", "web", 1, "manager"), T("a2", "web", 2, "worker1"), T("a3", "web", 3, "worker2"),
+                   T("b1", "db", 1, "manager")]},
+        {"title": "ended", "service": "web", "nodes": three,
+         "tasks": [T("a1", "web", 1, "manager"), T("a2", "web", 2, "worker1", state="failed")]},
+        {"title": "nowhere", "service": "web", "nodes": [N("manager", status="down")], "tasks": []},
+    ]
+
+
+def test_spread_cases_are_judged_by_the_library_scheduler_with_partial_credit():
+    from labkit.course import checks
+    from labkit.course.orchestrate import spread_args
+    from labkit.wire.orchestration import schedule
+    cases = _spread_cases()
+    right = [schedule(s, 1, nodes, tasks) for s, nodes, tasks in map(spread_args, cases)]
+    assert right == ["manager", "worker1", "worker2", "worker1", "worker1", None]
+    assert checks.spread_cases(None, cases, right)[0] is True
+    naive = ["manager"] * len(cases)  # "always the first node": wrong where a node may not or should not take it
+    frac, why = checks.spread_cases(None, cases, naive)
+    assert frac == 1 / 6 and "'drained' (you chose 'manager')" in why and "'empty'" not in why.split("not:")[1]
+    assert checks.spread_cases(None, cases, right[:-1])[0] is False, "an answer per case"
+    easy = [c for c in cases if all(n["status"] == "ready" for n in c["nodes"])] * 2  # cases the student made easy
+    frac, why = checks.spread_cases(None, easy, ["manager"] * len(easy))
+    assert frac is False and "not the notebook's" in why
+
+
+def _reconcile_cases():
+    from labkit.course.orchestrate import node as N, service as S, task as T
+    three = [N("manager"), N("worker1"), N("worker2")]
+    web3 = [T("a1", "web", 1, "manager"), T("a2", "web", 2, "worker1"), T("a3", "web", 3, "worker2")]
+    return [
+        {"title": "new", "services": {"web": S("web", 3)}, "nodes": three, "tasks": []},
+        {"title": "died", "services": {"web": S("web", 3)},
+         "nodes": [N("manager"), N("worker1", status="down"), N("worker2")], "tasks": web3},
+        {"title": "down to 1", "services": {"web": S("web", 1)}, "nodes": three, "tasks": web3},
+        {"title": "failed", "services": {"web": S("web", 2)}, "nodes": three,
+         "tasks": [T("a1", "web", 1, "manager"), T("a2", "web", 2, "worker1", state="failed")]},
+        {"title": "steady", "services": {"web": S("web", 3)}, "nodes": three, "tasks": web3},
+    ]
+
+
+def test_reconcile_cases_compare_the_actions_as_a_set_and_name_the_cases_gone_wrong():
+    from labkit.course import checks
+    from labkit.course.orchestrate import actions_text, reconcile_args, summary
+    from labkit.wire.orchestration import reconcile
+    cases = _reconcile_cases()
+    right = [summary(reconcile(*reconcile_args(c))) for c in cases]
+    assert [len(r) for r in right] == [3, 2, 2, 1, 0]
+    assert actions_text(right[1]) == "mark a2 (web.2) orphaned\nstart web.2 on manager"
+    assert checks.reconcile_cases(None, cases, right)[0] is True
+    assert checks.reconcile_cases(None, cases, [list(reversed(r)) for r in right])[0] is True, "order is free"
+    forgetful = [list(r) for r in right]  # a step that does not count its own starts: all three on the manager
+    forgetful[0] = [dict(a, node="manager") for a in right[0]]
+    frac, why = checks.reconcile_cases(None, cases, forgetful)
+    assert frac == 4 / 5 and "'new'" in why and "'died'" not in why
+    assert checks.reconcile_cases(None, cases, [[] for _ in cases])[0] is False
+    with pytest.raises(TypeError):
+        summary(["start web.1"])  # the step must return Action objects
+
+
+def test_a_timeline_says_when_the_service_was_whole_again_and_what_failed():
+    import pandas as pd
+    from labkit.course import plotting
+    from labkit.course.orchestrate import Timeline
+    samples = pd.DataFrame({"t": [0.0, 0.5, 1.0, 1.5, 2.0], "manager": [1, 1, 1, 2, 2], "worker1": [1, 1, 0, 0, 0],
+                            "worker2": [1, 1, 1, 1, 1]})
+    requests = pd.DataFrame({"t": [0.1, 0.6, 0.7, 1.2, 2.5], "ok": [True, False, True, True, False],
+                             "answer": ["a", "TimeoutError", "b", "c", "TimeoutError"]})
+    tl = Timeline("web", 3, samples, [(0.5, "worker1's power cut")], requests)
+    assert tl.recovered(away_from="worker1") == 1.0 and tl.recovered() == 0.0
+    assert tl.failed() == (1, 4), "only the requests made while the samples were taken"
+    assert Timeline("web", 3, samples.iloc[:3], [(0.5, "cut")]).recovered("worker1") is None
+    fig = plotting.recovery_chart(tl, away_from="worker1")
+    assert len(fig.axes) == 2 and "power cut" in fig.axes[1].get_xlabel()
+    rollout = pd.DataFrame({"t": [0.0, 0.0, 0.5, 0.5], "slot": [1, 2, 1, 2], "state": ["running", "running",
+                            "starting", "running"], "image": ["busybox:latest", "busybox:latest", "course/web:v2",
+                                                              "busybox:latest"]})
+    fig = plotting.rollout_chart(rollout)
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["slot 1", "slot 2"]

@@ -200,7 +200,7 @@ def build_initramfs(path, kernel=None, busybox=None, modules_root="/"):
 # -- the grading VM's root: the agent itself, on the target's own Python ---------------------------------------------
 #: the kernel modules the grading guest loads (what the labs use: overlay, veths, bridges, nftables), with virtio's
 AGENT_MODULES = MODULES + ("virtio_console", "overlay", "veth", "bridge", "br_netfilter", "nf_tables", "nft_chain_nat",
-                           "nft_ct", "nft_nat", "nft_masq", "nft_redir", "nft_fib_ipv4", "nft_compat", "nf_nat", "nf_conntrack",
+                           "nft_ct", "nft_nat", "nft_masq", "nft_redir", "nft_fib_ipv4", "nft_numgen", "nft_compat", "nf_nat", "nf_conntrack",
                            "xt_conntrack", "xt_MASQUERADE", "xt_addrtype", "xt_nat", "xt_comment", "iptable_nat",
                            "iptable_filter", "sch_netem", "sch_tbf", "sch_htb", "cls_u32")
 #: the target's programs the agent runs (besides busybox's applets); the ones the target lacks are left out

@@ -408,14 +408,15 @@ def _node_id(st, task):
     return f"{st['spec']['name']}-{task.node}"
 
 
-def _check_health(st, services, tasks, health, now):
+def _check_health(st, services, tasks, health, now, seen):
     """Each live task's health check, when due (every ``interval`` seconds; all due checks at once): a pass
     makes a starting task running; ``retries`` failures in a row after ``start_period`` make it failed
     (unhealthy), and its container is removed. ``health`` (task id -> its record) is changed in place."""
     due = []
     for t in tasks:
         spec = services.get(t.service)
-        if spec is None or spec.health is None or not t.live or t.state not in ("starting", "running"):
+        if spec is None or spec.health is None or not t.live or t.state not in ("starting", "running") \
+                or t.node not in seen:  # (a node that did not answer the heartbeat is not asked again)
             continue
         h = health.setdefault(t.id, {"started": now, "next": now + spec.health.interval, "fails": 0,
                                      "status": "starting"})
@@ -556,11 +557,14 @@ def _step(name):
 def observe(name):
     """The first half of a step, for a control loop of one's own (lab 09: the student's reconcile): the
     services, the nodes as the heartbeat found them and the tasks as their containers left them (health
-    checks and rolling updates watched as in :func:`step`), saved; nothing started or stopped."""
+    checks and rolling updates watched as in :func:`step`), saved, and the mesh written for the tasks that
+    run; nothing started or stopped."""
     with cluster.locked(name):
         st, now = cluster._load(name), time.time()
-        look = _look(name, st, now, Recorder(f"observe cluster {name}"))
+        rec = Recorder(f"observe cluster {name}")
+        look = _look(name, st, now, rec)
         _save_look(name, look, look["tasks"])
+        _mesh(st, look["services"], look["tasks"], _addresses(look), _vips(name)[0], _ready(look), rec)
         return {"now": now, "services": {k: v.to_dict() for k, v in look["services"].items()},
                 "nodes": [n.to_dict() for n in look["nodes"]], "tasks": [t.to_dict() for t in look["tasks"]],
                 "paused": sorted(k for k, u in look["updates"].items() if "paused" in str(u.get("state")))}
@@ -619,7 +623,7 @@ def _look(name, st, now, rec):
     services, updates, health = _services(name), _updates(name), _health(name)
     nodes, seen = _observe(st)
     tasks = _settle(_tasks(name), seen, services, now)
-    tasks = _check_health(st, services, tasks, health, now)
+    tasks = _check_health(st, services, tasks, health, now, seen)
     rolled = _watch_updates(services, updates, tasks, now, rec)
     return {"services": services, "updates": updates, "health": health, "nodes": nodes, "seen": seen,
             "tasks": tasks, "rolled": rolled}
@@ -654,9 +658,13 @@ def _act(name, st, look, actions, now, rec):
     kept = _trim(list(by_id.values()), services)
     _sweep(st, look["seen"], kept)
     _save_look(name, look, kept)
-    _mesh(st, services, kept, addrs, vips, {n.name for n in look["nodes"] if n.status == "ready"}, rec)
+    _mesh(st, services, kept, addrs, vips, _ready(look), rec)
     rec.fact("nodes", {n.name: n.status for n in look["nodes"]})
     return rec.to_dict(cluster=name)
+
+
+def _ready(look):
+    return {n.name for n in look["nodes"] if n.status == "ready"}
 
 
 def _addresses(look):

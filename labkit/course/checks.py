@@ -589,3 +589,252 @@ def kernel_shared_by(lab, iso, answer):
         return 0.5, f"not quite: {sorted(truth - got)} missing, {sorted(got - truth)} wrong (read the kernel column)"
     return True, (f"{len(truth)} configurations share the host's kernel: one kernel bug (Dirty COW) reaches all of "
                   "them; the VM's guest kernel is a second wall.")
+
+
+# -- 09-orchestration ----------------------------------------------------------------------------
+
+CLUSTER9 = "lab9"
+
+
+def cluster_ready(lab, made, cluster=CLUSTER9):
+    """``made``: what cluster.create answered. Live: the cluster has a manager and two workers, all ready."""
+    name = ((made.get("cluster") or {}).get("name") if hasattr(made, "get") else None)
+    if name is None:
+        return False, "expected what lab.call('cluster.create', spec=...) answered"
+    if name != cluster:
+        return 0.2, f"that is cluster {name!r}: this lab's cluster is named {cluster!r}"
+    try:
+        info = lab.call("cluster.inspect", name=cluster)
+    except NotFound:
+        return 0.2, f"there is no cluster {cluster!r} on the target (any more)"
+    roles = sorted(n["role"] for n in info["nodes"])
+    if roles != ["manager", "worker", "worker"]:
+        return 0.5, f"the cluster's nodes have roles {roles}: make one manager and two workers (workers=2)"
+    down = [n["name"] for n in info["nodes"] if lab.call("node.inspect", node_id=n["id"])["status"] != "ready"]
+    if down:
+        return 0.7, f"{', '.join(down)} is not ready: its engine does not answer"
+    addrs = ", ".join(f"{n['name']} {n['ip']}" for n in info["nodes"])
+    return True, f"three machines, one manager and two workers, each with an engine that answers: {addrs}."
+
+
+def _cases_and_answers(cases, answers, needed):
+    """(cases, answers) as lists of equal length, or the reason they are not."""
+    if not isinstance(cases, (list, tuple)) or not isinstance(answers, (list, tuple)):
+        return "expected the list of cases and the list of your answers, one per case"
+    if len(cases) != len(answers):
+        return f"{len(answers)} answers for {len(cases)} cases: answer every case, in order"
+    if len(cases) < needed or not all(isinstance(c, dict) for c in cases):
+        return f"the cases are not the notebook's ({len(cases)} of them): run the cell that builds them as written"
+    return None
+
+
+def spread_cases(lab, cases, answers):
+    """Pure: ``answers[i]`` is the student's spread() on ``cases[i]`` (plain dicts: service, nodes, tasks); each
+    is compared with :func:`labkit.wire.orchestration.schedule` on the same case. Partial credit by cases right."""
+    from ..wire.orchestration import schedule
+    from .orchestrate import spread_args
+    why = _cases_and_answers(cases, answers, 6)
+    if why:
+        return False, why
+    parsed = [spread_args(c) for c in cases]
+    want = [schedule(s, 1, nodes, tasks) for s, nodes, tasks in parsed]
+    covered = (any(n.status != "ready" for _, nodes, _ in parsed for n in nodes)
+               and any(n.availability != "active" for _, nodes, _ in parsed for n in nodes)
+               and any(not t.live for _, _, tasks in parsed for t in tasks) and None in want)
+    if not covered:
+        return False, "the cases are not the notebook's: run the cell that builds them as written"
+    wrong = [f"{c.get('title', f'case {i + 1}')!r} (you chose {a!r})" for i, (c, a, w) in
+             enumerate(zip(cases, answers, want)) if a != w]
+    if wrong:
+        return (len(cases) - len(wrong)) / len(cases), (
+            f"{len(cases) - len(wrong)} of {len(cases)} right; not: {'; '.join(wrong)}. Which nodes may take a task "
+            "at all, which tasks still count, and what decides between two nodes with equal counts?")
+    return True, (f"all {len(cases)} right: ready and active nodes only; the fewest live tasks of this service, then "
+                  "the fewest in all, then the name. That is Swarm's spread strategy.")
+
+
+def _action_key(row):
+    """An action as compared: a start by where it puts which slot; a stop or mark by the task and its new states."""
+    if not isinstance(row, dict) or row.get("kind") not in ("start", "stop", "mark"):
+        return ("?", repr(row)[:60])
+    if row["kind"] == "start":
+        return ("start", row.get("service"), row.get("slot"), row.get("node"))
+    return (row["kind"], row.get("task"), row.get("desired"), row.get("state"))
+
+
+def reconcile_cases(lab, cases, answers):
+    """Pure: ``answers[i]`` is ``orchestrate.summary(my_reconcile(...))`` on ``cases[i]``; compared, as a set of
+    actions, with what :func:`labkit.wire.orchestration.reconcile` does on the same case."""
+    from ..wire.orchestration import reconcile
+    from .orchestrate import reconcile_args, summary
+    why = _cases_and_answers(cases, answers, 5)
+    if why:
+        return False, why
+    wrong = []
+    for i, (case, got) in enumerate(zip(cases, answers)):
+        want = sorted(map(_action_key, summary(reconcile(*reconcile_args(case)))), key=repr)
+        mine = sorted(map(_action_key, got if isinstance(got, (list, tuple)) else [got]), key=repr)
+        if mine != want:
+            wrong.append(f"{case.get('title', f'case {i + 1}')!r}")
+    if not any(answers):
+        return False, "your step returned no action in any case: a new service alone needs some"
+    if wrong:
+        return (len(cases) - len(wrong)) / len(cases), (
+            f"{len(cases) - len(wrong)} of {len(cases)} right; not: {', '.join(wrong)}. Look at the actions you "
+            "returned there: which tasks still hold their slot, and does each new task count when you place the next?")
+    return True, (f"all {len(cases)} right: orphaned what a dead node held, stopped what is above the replicas, and "
+                  "started each missing slot where spread puts it, counting the tasks this step already started.")
+
+
+def control_loop(lab, rounds, cluster=CLUSTER9, service="web"):
+    """``rounds``: the student's loop's log (a list, a row per round). Live: ``service`` has all its replicas
+    running, one per node."""
+    if not isinstance(rounds, (list, tuple)) or not rounds:
+        return False, "expected the list your loop filled, one row per round"
+    try:
+        rows = {s["name"]: s for s in lab.call("service.ls", name=cluster)}
+    except NotFound:
+        return False, f"there is no cluster {cluster!r} on the target"
+    if service not in rows:
+        return 0.2, f"cluster {cluster} has no service {service!r}: run the cell that creates it"
+    tasks = [t for t in lab.call("service.ps", name=cluster, service=service)
+             if t["desired"] == "running" and t["state"] == "running"]
+    want = rows[service]["replicas"]
+    if len(tasks) < want:
+        return 0.4, (f"{len(tasks)} of {want} tasks of {service} run: go round again (observe, reconcile, act) until "
+                     "every slot has a running task")
+    nodes = sorted(t["node"] for t in tasks)
+    if len(set(nodes)) != len(nodes) or len(tasks) != want:
+        return 0.7, f"the {len(tasks)} running tasks sit on {nodes}: spread puts one on each node"
+    return True, (f"{want} tasks running, one on each of {', '.join(nodes)}, after {len(rounds)} rounds of your loop: "
+                  "observe, decide, act. The manager's own loop does nothing else, ten times a second.")
+
+
+def node_died(lab, victim, cluster=CLUSTER9, service="web", node="worker1"):
+    """``victim``: the id of the node the student cut. Live: it is down (killed, not frozen), and ``service`` has
+    all its replicas running elsewhere."""
+    want = f"{cluster}-{node}"
+    if victim != want:
+        return False, f"cut {node}'s power: a node's id is <cluster>-<node>, and {victim!r} is not {node}'s"
+    try:
+        status = lab.call("node.inspect", node_id=want)["status"]
+    except NotFound:
+        return False, f"there is no node {want} on the target"
+    if status == "paused":
+        return 0.3, f"{node} is frozen (paused: a hung machine); a power cut kills everything on it at once"
+    if status != "down":
+        return 0.3, f"{node} is {status}: it still runs"
+    tasks = [t for t in lab.call("service.ps", name=cluster, service=service)
+             if t["desired"] == "running" and t["state"] == "running"]
+    want_n = next((s["replicas"] for s in lab.call("service.ls", name=cluster) if s["name"] == service), 0)
+    if len(tasks) < want_n or any(t["node"] == node for t in tasks):
+        return 0.6, (f"{len(tasks)} of {want_n} tasks of {service} run, on {sorted(t['node'] for t in tasks)}: is the "
+                     f"manager's loop running (cluster.manage)?")
+    lost = [t for t in lab.call("service.ps", name=cluster, service=service) if t["node"] == node]
+    return True, (f"{node} is down; its task{'s' if len(lost) > 1 else ''} {', '.join(t['id'] for t in lost)} "
+                  f"{'are' if len(lost) > 1 else 'is'} orphaned, and {want_n} tasks run on "
+                  f"{', '.join(sorted(t['node'] for t in tasks))}: the manager put the lost slot back elsewhere.")
+
+
+def mesh_answers(lab, answered, cluster=CLUSTER9, port=8090):
+    """``answered``: {address: [what answered there, ...]} from the student's requests to the published port.
+    Live: the grader asks the port itself on 127.0.0.1 and every live node's address."""
+    from .orchestrate import fetch_many, live_nodes
+    if not isinstance(answered, dict):
+        return False, "expected a dict: {address: [the answers you got there]}"
+    try:
+        live = live_nodes(lab, cluster)
+    except NotFound:
+        return False, f"there is no cluster {cluster!r} on the target"
+    addresses = ["127.0.0.1"] + list(live.values())
+    missing = [a for a in addresses if not answered.get(a)]
+    if missing:
+        return 0.4, f"no answers for {', '.join(missing)}: ask the port on 127.0.0.1 and on every live node's address"
+    mine = {str(a) for v in answered.values() if isinstance(v, (list, tuple)) for a in v if a}
+    if len(mine) < 2:
+        return 0.6, "every request got the same answer: ask each address several times (the mesh takes turns)"
+    urls = [f"http://{a}:{port}/" for a in addresses for _ in range(3)]
+    got = fetch_many(lab, urls)
+    seen = {g for g in got if g}
+    silent = sorted({u.split('/')[2] for u, g in zip(urls, got) if g is None})
+    if silent:
+        return 0.7, f"the grader's own requests got no answer from {', '.join(silent)}"
+    if len(seen) < 2:
+        return 0.8, f"the grader's own requests were all answered by {seen}: the mesh did not balance"
+    return True, (f"port {port} answered on {len(addresses)} addresses, and {len(seen)} different tasks took turns: "
+                  "every node DNATs the port to the service's running tasks, wherever they run.")
+
+
+def stack_works(lab, deployed, cluster=CLUSTER9, stack="demo", port=8091, front="front", api="api", seconds=15):
+    """``deployed``: what stack.deploy answered. Live: the stack's services all run, the front answers on
+    ``port``, and ``api`` resolves and answers from inside a front task."""
+    import time
+    from .orchestrate import ask_by_name, fetch
+    if not hasattr(deployed, "get") or deployed.get("stack") is None:
+        return False, "expected what lab.call('stack.deploy', ...) answered"
+    if deployed.get("stack") != stack:
+        return 0.1, f"that deployed stack {deployed.get('stack')!r}: this lab's is {stack!r}"
+    try:
+        names = [s["name"] for s in lab.call("stack.ls", name=cluster)]
+    except NotFound:
+        return False, f"there is no cluster {cluster!r} on the target"
+    if stack not in names:
+        return 0.2, f"stack {stack} is not deployed (any more)"
+    members = {f"{stack}_{front}", f"{stack}_{api}"}
+    deadline = time.monotonic() + seconds
+    while True:  # a stack deployed a moment ago may still be starting its tasks
+        rows = {s["name"]: s for s in lab.call("service.ls", name=cluster) if s["name"].startswith(stack + "_")}
+        short = [f"{n} ({r['running']}/{r['replicas']})" for n, r in sorted(rows.items())
+                 if r["running"] < r["replicas"]]
+        if (not short and members <= set(rows)) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    if not members <= set(rows):
+        return 0.3, f"the stack has {sorted(rows)}: it needs {sorted(members)}"
+    if rows[f"{stack}_{api}"]["replicas"] < 2:
+        return 0.4, f"{stack}_{api} has {rows[f'{stack}_{api}']['replicas']} replica: give it 2 (deploy: replicas)"
+    if short:
+        return 0.5, f"not every task runs: {', '.join(short)}"
+    # (the manager writes the mesh just after it records the tasks running: a moment's grace, a few tries)
+    for _ in range(5):
+        page = fetch(lab, f"http://127.0.0.1:{port}/", limit=2)
+        ok, said = ask_by_name(lab, cluster, f"{stack}_{front}", api, limit=2)
+        if page is not None and ok:
+            break
+        time.sleep(0.3)
+    if page is None:
+        return 0.6, f"nothing answers on port {port}: the front publishes it"
+    if not ok:
+        return 0.7, f"from inside a {front} task, http://{api}/ did not answer ({said}): does {api} serve port 80?"
+    return True, (f"{len(rows)} services run; the front answers on {port}, and from inside it the name {api!r} "
+                  f"reached a task of {stack}_{api} ({said}) through the service's virtual address.")
+
+
+def rolled_back(lab, rollout, prediction, cluster=CLUSTER9, service="web", broken="course/web:broken"):
+    """``rollout``: what the student's service.update answered; ``prediction``: the image they said every task
+    would run at the end. Live: the update to ``broken`` was rolled back and every running task runs the
+    previous image."""
+    if not hasattr(rollout, "get"):
+        return False, "expected what lab.call('service.update', ...) answered"
+    try:
+        info = lab.call("service.inspect", name=cluster, service=service)
+    except NotFound:
+        return False, f"there is no service {service} in cluster {cluster} on the target"
+    update = info.get("update") or {}
+    previous = (info.get("previous") or {}).get("image")
+    if previous != broken and info["spec"]["image"] != broken:
+        return 0.2, f"{service} was never updated to {broken}: start that update"
+    if update.get("state") != "rollback_completed":
+        return 0.4, f"the update is {update.get('state')!r}, not rolled back yet ({update.get('message', '')})"
+    tasks = [t for t in lab.call("service.ps", name=cluster, service=service)
+             if t["desired"] == "running" and t["state"] == "running"]
+    images = {t["image"] for t in tasks}
+    if images != {info["spec"]["image"]} or len(tasks) != info["spec"]["replicas"]:
+        return 0.6, (f"running: {len(tasks)} tasks of {sorted(images)}; wanted {info['spec']['replicas']} of the "
+                     "previous image")
+    target = str(prediction).strip()
+    if target != info["spec"]["image"] and target + ":latest" != info["spec"]["image"]:
+        return 0.8, (f"rolled back, but you predicted {prediction!r}: every task runs {info['spec']['image']}, the "
+                     "image of the spec before the failed update")
+    return True, (f"the broken image failed its health check, the manager rolled the update back, and all "
+                  f"{len(tasks)} tasks run {info['spec']['image']} again, as you predicted. ({update.get('message')})")

@@ -261,3 +261,88 @@ def score_histogram(totals, out_of, title="The class's totals", subtitle=""):
     ax.set_title(title + (f"\n{subtitle}" if subtitle else ""))
     fig.tight_layout()
     return fig
+
+
+#: lab 09's images, one colour each in every chart (others take the next free colour)
+IMAGE_COLORS = {"busybox:latest": "#2e7d32", "course/web:v2": "#1565c0", "course/web:broken": "#c62828"}
+NODE_COLORS = ("#1565c0", "#2e7d32", "#e65100", "#6a1b9a", "#00838f", "#ad1457", "#5d4037", "#455a64", "#9e9d24")
+
+
+def recovery_chart(timeline, away_from=None, title=None, subtitle=""):
+    """Lab 09: a service's running tasks per node over time (stacked), the events (e.g. a node's power cut) and
+    the moment the service had all its replicas again (none on ``away_from``); below, the requests made to its
+    published port meanwhile, answered and failed, per 0.1 s. ``timeline``: labkit.course.orchestrate.Timeline."""
+    plt = _plt()
+    import numpy as np
+    s, t0 = timeline.samples, timeline.t0
+    nodes = [c for c in s.columns if c != "t"]
+    t = s["t"].values - t0
+    has_load = timeline.requests is not None and len(timeline.requests)
+    fig, axes = plt.subplots(2 if has_load else 1, 1, figsize=(8, 5.2 if has_load else 3.8), sharex=True,
+                             squeeze=False, gridspec_kw={"height_ratios": [3, 1.3]} if has_load else None)
+    ax = axes[0][0]
+    ax.stackplot(t, *[s[n].values for n in nodes], labels=nodes, step="post",
+                 colors=[NODE_COLORS[i % len(NODE_COLORS)] for i in range(len(nodes))], alpha=0.85)
+    ax.axhline(timeline.replicas, color="black", lw=1, ls=":", label=f"replicas wanted: {timeline.replicas}")
+    for when, label in timeline.events:
+        ax.axvline(when - t0, color="#c62828", ls="--", lw=1.5)
+        ax.text(when - t0, timeline.replicas + 0.35, " " + label, color="#c62828", fontsize=9, va="bottom")
+    healed = timeline.recovered(away_from)
+    if healed is not None and timeline.events:
+        ax.axvline(healed, color="#2e7d32", ls="--", lw=1.5)
+        ax.text(healed, timeline.replicas + 0.95, f" all {timeline.replicas} running again: +{healed:.2f} s",
+                color="#2e7d32", fontsize=9, va="bottom")
+    ax.set_ylim(0, timeline.replicas + 2.2)
+    ax.set_ylabel(f"running tasks of {timeline.service}")
+    ax.legend(loc="upper right", fontsize=8, ncol=2)
+    ax.set_title((title or f"Tasks of {timeline.service} per node, as the manager recorded them")
+                 + (f"\n{subtitle}" if subtitle else ""))
+    if has_load:
+        r, bx = timeline.requests, axes[1][0]
+        r = r[(r["t"] >= s["t"].min()) & (r["t"] <= s["t"].max())]  # the requests made while we watched
+        rt = r["t"].values - t0
+        edges = np.arange(t.min(), t.max() + 0.1, 0.1)
+        ok, _ = np.histogram(rt[r["ok"].values], bins=edges)
+        bad, _ = np.histogram(rt[~r["ok"].values], bins=edges)
+        bx.bar(edges[:-1], ok, width=0.1, align="edge", color="#90a4ae", label="answered")
+        bx.bar(edges[:-1], bad, width=0.1, align="edge", bottom=ok, color="#c62828", label="failed")
+        for when, _ in timeline.events:
+            bx.axvline(when - t0, color="#c62828", ls="--", lw=1.5)
+        failed, total = int((~r["ok"]).sum()), len(r)
+        bx.set_ylabel("requests\nper 0.1 s")
+        bx.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title=f"{failed} of {total}\nfailed",
+                  title_fontsize=8)
+        axes[1][0].set_xlabel("seconds since " + (timeline.events[0][1] if timeline.events else "the start"))
+    else:
+        ax.set_xlabel("seconds since " + (timeline.events[0][1] if timeline.events else "the start"))
+    fig.tight_layout()
+    return fig
+
+
+def rollout_chart(samples, title="A rolling update, slot by slot", subtitle=""):
+    """Lab 09: which image each slot of a service ran over time (one bar per slot; pale while the task is still
+    starting, i.e. before its first health check passed). ``samples``: rows t, slot, image, state (from
+    labkit.course.orchestrate.watch_update)."""
+    plt = _plt()
+    from matplotlib.patches import Patch
+    times = sorted(set(samples["t"]))
+    step = {a: (b - a) for a, b in zip(times, times[1:])}
+    last = (times[-1] - times[-2]) if len(times) > 1 else 0.1
+    images = list(dict.fromkeys(samples["image"]))
+    spare = iter(c for c in NODE_COLORS if c not in IMAGE_COLORS.values())
+    colors = {img: IMAGE_COLORS.get(img) or next(spare, "#9e9e9e") for img in images}
+    slots = sorted(set(samples["slot"]))
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(slots) + 1.8))
+    for _, row in samples.iterrows():
+        ax.broken_barh([(row["t"], step.get(row["t"], last))], (row["slot"] - 0.35, 0.7),
+                       facecolors=colors[row["image"]], alpha=1.0 if row["state"] == "running" else 0.35)
+    ax.set_yticks(slots)
+    ax.set_yticklabels([f"slot {s}" for s in slots])
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds since the update began")
+    ax.legend(handles=[Patch(color=colors[i], label=i) for i in images]
+              + [Patch(color="#9e9e9e", alpha=0.35, label="starting (no health check passed yet)")],
+              loc="upper center", bbox_to_anchor=(0.5, -0.28), fontsize=8, ncol=len(images) + 1)
+    ax.set_title(title + (f"\n{subtitle}" if subtitle else ""))
+    fig.tight_layout()
+    return fig
