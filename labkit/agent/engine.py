@@ -633,11 +633,12 @@ def rmi(ref, force=False):
     if not isinstance(force, bool):
         raise InvalidSpec(f"force must be true or false, not {force!r}")
     ref = str(ImageRef.parse(ref))
-    users = image_in_use(ref)
+    users = [r for r in ps(all=True) if r["image"] == ref]
     if users and not force:
-        raise Conflict(f"conflict: unable to remove image {ref}: it is used by container(s) {', '.join(users)}",
-                       fix=f"remove the container first (labkit rm {users[0]}), or rmi -f (the stopped "
-                           "container keeps its layers)")
+        said = ", ".join(f"{r['name']} ({r['state']})" for r in users)
+        raise Conflict(f"conflict: unable to remove image {ref}: it is used by container(s) {said}",
+                       fix=f"remove the container first (labkit rm {users[0]['name']}): a stopped one still "
+                           "holds its image; or rmi -f (the container keeps its layers)")
     return store.rmi(ref)
 
 

@@ -347,8 +347,12 @@ def page_changed(lab, marker, port=8080):
 
 
 def torn_down(lab, rmi_error, name="webserver", image="course/web:v1"):
+    """``rmi_error``: the refusal's text, which names the container's state when rmi was refused."""
     if not rmi_error or "used by container" not in str(rmi_error):
-        return 0.3, "first try `rmi` while the container still exists, and keep the error it gives"
+        return 0.3, "stop the container, then try `rmi` while it still exists, and keep the error it gives"
+    if f"{name} (running)" in str(rmi_error):
+        return 0.4, (f"{name} was still running when you tried rmi: stop it first, as the lecture does — the refusal "
+                     "worth seeing is the one for a container that runs nothing")
     names = [c["name"] for c in lab.containers(all=True)]
     if name in names:
         return 0.5, f"{name} still exists: stop and rm it"
