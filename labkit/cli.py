@@ -50,12 +50,17 @@ def cmd_cleanup(args):
 def cmd_lab(args):
     from .course.runbook import run_notebooks
     source = NOTEBOOK_DIR
+    if args.lang != "en":
+        from .course.translate import edition_dir
+        source = edition_dir(args.lang)
     if args.student:
         from .course.assign import write_student_editions
-        source = os.path.join(args.output, "student-editions")
-        write_student_editions(NOTEBOOK_DIR, source)
+        origin, source = source, os.path.join(args.output, "student-editions")
+        write_student_editions(origin, source)
     edition = "student editions (blank: every question scores zero, with its reason)" if args.student else \
         "solution editions"
+    if args.lang != "en":
+        edition += f", in {args.lang} (the same code and checks, the prose translated)"
     print(f"labkit {__version__}: executing the notebooks ({edition}) on target {args.target!r} "
           f"({'full' if args.full else 'quick'} mode) into {os.path.abspath(args.output)}", flush=True)
     runs = run_notebooks(args.target, args.output, args.notebooks or None, quick=not args.full,
@@ -929,6 +934,8 @@ def _parser(only=None):
     lab.add_argument("--full", action="store_true", help="full mode instead of quick mode")
     lab.add_argument("--student", action="store_true",
                      help="run the student editions (solutions removed) instead of the solution editions")
+    lab.add_argument("--lang", default="en", choices=("en", "ko"),
+                     help="the edition's language: en (the source) or ko (한국어판: notebooks/ko)")
     lab.add_argument("notebooks", nargs="*")
     lab.set_defaults(fn=cmd_lab)
     jl = sub.add_parser("jupyter", parents=[common], help="open the course in JupyterLab (for a lecture, or to "

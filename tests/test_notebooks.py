@@ -1,5 +1,6 @@
-"""Every notebook runs under papermill: with the solutions (full points, read back from the output
-notebook) and as the student edition left blank (runs to the end; every check records zero with a reason)."""
+"""Every notebook runs under papermill, in each edition (English, and every translation: notebooks/ko): with
+the solutions (full points, read back from the output notebook) and as the student edition left blank (runs
+to the end; every check records zero with a reason)."""
 import json
 import os
 
@@ -11,6 +12,14 @@ from labkit.course.grading import read_refs, read_scores
 
 pytestmark = [pytest.mark.privileged, pytest.mark.slow]
 NOTEBOOKS = course_notebooks()
+EDITIONS = NOTEBOOKS + [f"{lang}/{n}" for lang in ("ko",) if os.path.isdir(os.path.join(NOTEBOOK_DIR, lang))
+                        for n in course_notebooks(os.path.join(NOTEBOOK_DIR, lang))]
+
+
+def _where(name):
+    """(the folder, the file name) of an edition's notebook, e.g. 'ko/01-chroot.ipynb'."""
+    sub, base = os.path.split(name)
+    return os.path.join(NOTEBOOK_DIR, sub), base
 
 
 def test_there_are_notebooks_with_parameters_cells():
@@ -21,9 +30,10 @@ def test_there_are_notebooks_with_parameters_cells():
         assert ["parameters"] in tags, f"{name} has no tagged parameters cell"
 
 
-@pytest.mark.parametrize("name", NOTEBOOKS)
+@pytest.mark.parametrize("name", EDITIONS)
 def test_solution_scores_full_points(name, tmp_path, lab):
-    [run] = run_notebooks("local", str(tmp_path), [name], student_id="tester")
+    source_dir, name = _where(name)
+    [run] = run_notebooks("local", str(tmp_path), [name], student_id="tester", source_dir=source_dir)
     assert run.error is None, run.error
     scores = run.scores
     questions = [s for s in scores if s["question"] != "total"]
@@ -43,9 +53,10 @@ def test_solution_scores_full_points(name, tmp_path, lab):
     assert lab.processes() == [], "the notebook left processes running"
 
 
-@pytest.mark.parametrize("name", NOTEBOOKS)
+@pytest.mark.parametrize("name", EDITIONS)
 def test_blank_edition_runs_to_the_end_with_zero(name, tmp_path, lab):
-    src = json.load(open(os.path.join(NOTEBOOK_DIR, name)))
+    source_dir, name = _where(name)
+    src = json.load(open(os.path.join(source_dir, name)))
     blank = student_edition(src)
     assert "BEGIN SOLUTION" not in json.dumps(blank)
     srcdir = tmp_path / "src"

@@ -3,7 +3,7 @@
 checks and grading (points that survive papermill), assign (student editions), runbook (executing the
 course), isolation and security (the matrices of labs 02, 07 and 08), bench (the overhead experiments),
 published (the figures quoted beside ours), plotting (the one chart style), orchestrate (lab 09's cluster
-helpers).
+helpers), notebooks and translate (the notebooks' sources, and the Korean edition built from them).
 
 Imports :mod:`labkit.wire` and :mod:`labkit.client`; never the agent. Host-side dependencies
 (pandas, matplotlib, papermill) are allowed here.

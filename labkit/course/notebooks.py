@@ -8,11 +8,13 @@ text as cell metadata (```` ```python id="00-01" ```` on a code fence, ``<!-- #r
 around prose); :func:`notebook_from_text` moves it to ``cell.id`` and refuses a cell without one or an
 id used twice. The build is deterministic: the same text gives the same bytes (nbformat's JSON, indent 1,
 a trailing newline, outputs empty), which is what ``check`` compares the committed notebooks with.
-The build also marks where slides begin (:func:`slide_type`), so every notebook is its own slide deck.
+The build also marks where slides begin (:func:`slide_type`), so every notebook is its own slide deck, and
+builds the translated editions (``notebooks/<lang>/``, :mod:`labkit.course.translate`).
 
 ``python -m labkit.course.notebooks build [NAME ...]`` writes the notebooks from their texts;
-``check`` exits 1 naming every notebook that differs from what its text builds and every text or
-notebook without its pair; ``import NAME ...`` writes a text from a notebook that was made or edited
+``check`` exits 1 naming every notebook that differs from what its text builds, every text or
+notebook without its pair and every translated cell missing or made from an older English text; ``skeleton
+--lang ko NAME`` starts a translation table; ``import NAME ...`` writes a text from a notebook that was made or edited
 without jupytext (once: the text is the source afterwards).
 
 Owns: the text <-> notebook conversion and the pairing of the two files. Host side (jupytext,
@@ -214,6 +216,24 @@ def build(names=None, source_dir=NOTEBOOK_DIR):
         text_mtime = os.stat(text_path).st_mtime_ns
         if os.stat(ipynb_path).st_mtime_ns > text_mtime:
             os.utime(ipynb_path, ns=(os.stat(ipynb_path).st_atime_ns, text_mtime))
+    return changed + build_editions(names, source_dir)
+
+
+def build_editions(names=None, source_dir=NOTEBOOK_DIR):
+    """Write each translated edition (:mod:`labkit.course.translate`) of the notebooks named (or all) from the
+    English notebook and its table; the notebooks whose bytes changed."""
+    from . import translate
+    changed = []
+    stems = {os.path.splitext(os.path.basename(n))[0] for n in names} if names else None
+    for lang in translate.LANGS:
+        for stem, table in translate.tables(lang, source_dir).items():
+            if stems is not None and stem not in stems:
+                continue
+            want, _, _ = translate.edition_text(_read(translate.require(stem, source_dir)), table, lang, stem)
+            path = os.path.join(translate.edition_dir(lang, source_dir), stem + ".ipynb")
+            if _read_bytes(path) != want.encode("utf-8"):
+                _write(path, want)
+                changed.append(path)
     return changed
 
 
@@ -243,6 +263,35 @@ def check(source_dir=NOTEBOOK_DIR):
             continue
         if _read_bytes(ipynb_path) != want:
             problems.append((ipynb_path, f"is not what {stem}{TEXT_EXT} builds"))
+    return problems + _edition_problems(source_dir)
+
+
+def _edition_problems(source_dir):
+    """Each translated edition: built from its table and the English notebook as committed, with every prose
+    cell translated from the English text that is there now."""
+    from . import translate
+    problems = []
+    for lang in translate.LANGS:
+        d = translate.edition_dir(lang, source_dir)
+        found = translate.tables(lang, source_dir)
+        for fn in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+            if fn.endswith(".ipynb") and fn[:-6] not in found:
+                problems.append((os.path.join(d, fn), "has no translation table to be built from"))
+        for stem, table in found.items():
+            try:
+                want, missing, stale = translate.edition_text(_read(translate.require(stem, source_dir)), table,
+                                                              lang, stem)
+            except LabkitError as exc:
+                problems.append((table, f"does not build: {exc.message}"))
+                continue
+            if missing:
+                problems.append((table, f"lacks the cells {', '.join(missing)}: translate them (`python -m "
+                                        f"labkit.course.notebooks skeleton --lang {lang} {stem}` adds them)"))
+            if stale:
+                problems.append((table, f"translates an older English text of the cells {', '.join(stale)}: "
+                                        "translate them again and set 'en' to the digest skeleton shows"))
+            if _read_bytes(os.path.join(d, stem + ".ipynb")) != want.encode("utf-8"):
+                problems.append((os.path.join(d, stem + ".ipynb"), f"is not what {stem}.yml builds"))
     return problems
 
 
@@ -277,8 +326,20 @@ def main(argv=None):
     i = sub.add_parser("import", help="write NN-title.md from NN-title.ipynb (a notebook edited without jupytext)")
     i.add_argument("names", nargs="+")
     i.add_argument("--force", action="store_true", help="replace an existing text")
+    s = sub.add_parser("skeleton", help="start or extend <lang>/NN-title.yml: each prose cell it lacks, in English")
+    s.add_argument("--lang", default="ko")
+    s.add_argument("names", nargs="+")
     args = ap.parse_args(argv)
     try:
+        if args.command == "skeleton":
+            import nbformat
+            from . import translate
+            for stem in _stems(args.names, pairs(args.dir), args.dir):
+                nb = nbformat.reads(_read(translate.require(stem, args.dir)), as_version=4)
+                path = translate.table_path(stem, args.lang, args.dir)
+                added = translate.skeleton(nb, stem, args.lang, path)
+                print(f"{os.path.relpath(path)}: {len(added)} cells added")
+            return 0
         if args.command == "build":
             changed = build(args.names, args.dir)
             for path in changed:
