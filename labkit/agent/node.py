@@ -285,7 +285,9 @@ def cleanup(rec):
 def _own_mounts(node_id):
     """As PID 1 of the node, in its private copy of the host's mounts: its own /run/labkit, container store,
     /sys (this network namespace's) and cgroup mounts (rooted at the node's cgroup by its cgroup namespace)."""
-    hier = cgroups.hierarchies()  # read before /sys is mounted anew
+    # read before /sys is mounted anew; one per mount point, the one on top (where a grading sandbox mounted
+    # its own over the host's, both are listed, and the same hierarchy mounted twice on one place is EBUSY)
+    hier = list({mp: (mp, fstype, ctrls) for mp, fstype, ctrls in cgroups.hierarchies()}.values())
     nosuid = kernel.MS_NOSUID | kernel.MS_NODEV | kernel.MS_NOEXEC
     os.makedirs(RUN_DIR, exist_ok=True)
     kernel.mount("tmpfs", RUN_DIR, "tmpfs", kernel.MS_NOSUID | kernel.MS_NODEV, "mode=755")
