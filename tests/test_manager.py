@@ -337,6 +337,10 @@ def test_forged_actions_corrupt_records_and_clashing_services_are_refused_and_th
                         ("demo_default",))
     with pytest.raises(InvalidSpec, match="not a new cmd"):
         lab.call("stack.deploy", name="tm", spec=changed.to_dict())
+    clash = StackSpec("demo", (ServiceSpec("demo_db", "busybox", ports=("18483:80",), networks=("demo_default",)),),
+                      ("demo_default",))
+    with pytest.raises(InvalidSpec, match="published by service web"):
+        lab.call("stack.deploy", name="tm", spec=clash.to_dict())
 
     garbage = {"updates.json": {"web": "x", "late": {"state": "melting"}}, "health.json": {"t": [1]},
                "stacks.json": {"demo": "x"},

@@ -288,6 +288,7 @@ def stack_deploy(name, spec: StackSpec):
                 nxt = _add(name, st, services, vips, nxt, s)
                 created.append(s.name)
             elif services[s.name] != s:
+                _check_ports(services, s)
                 _change(updates, services[s.name], s, now)
                 services[s.name] = s
                 updated.append(s.name)
