@@ -194,7 +194,8 @@ def _create_kw(args):
                 memory=args.memory, cpus=args.cpus, pids_limit=args.pids_limit, volumes=args.volume or [],
                 read_only=args.read_only, workdir=args.workdir, user=args.user,
                 network=None if args.network == "none" else args.network,
-                cap_add=args.cap_add or [], cap_drop=args.cap_drop or [], privileged=args.privileged)
+                cap_add=args.cap_add or [], cap_drop=args.cap_drop or [], privileged=args.privileged,
+                add_hosts=args.add_host or [])
 
 
 def cmd_create(args):
@@ -972,6 +973,7 @@ def _parser(only=None):
         sp.add_argument("--cap-add", action="append", help="a capability to add to Docker's default 14 (or ALL)")
         sp.add_argument("--cap-drop", action="append", help="a capability to drop (or ALL)")
         sp.add_argument("--privileged", action="store_true", help="keep every capability, /proc/sys writable")
+        sp.add_argument("--add-host", action="append", help="NAME:IP, a line of its own /etc/hosts")
         sp.add_argument("--help", action="help", help="show this help (-h is --hostname, as in Docker)")
         sp.add_argument("image")
         sp.add_argument("cmd", nargs=argparse.REMAINDER)

@@ -353,3 +353,7 @@ def test_extra_hosts_are_the_containers_own_etc_hosts_and_cannot_be_steered_onto
         lab.rmi("t-symhosts:v1")
     with pytest.raises(InvalidSpec, match="not an IPv4"):
         ContainerSpec(extra_hosts=("api:999.1.1.1",))
+    out = subprocess.run([sys.executable, "-m", "labkit.cli", "run", "--rm", "--network", "none", "--add-host",
+                          "api:10.1.2.3", "busybox", "cat", "/etc/hosts"], capture_output=True, text=True,
+                         timeout=120, cwd=REPO)
+    assert out.returncode == 0 and "10.1.2.3\tapi" in out.stdout, out  # the CLI's --add-host, as docker run's

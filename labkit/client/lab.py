@@ -298,9 +298,10 @@ class Lab:
     # -- the engine (docker-like containers) -------------------------------------------------------
     def create(self, image="busybox", cmd=None, name=None, env=None, hostname=None, ports=(), memory=None,
                cpus=None, pids_limit=None, volumes=(), read_only=False, workdir=None, user=None, network="default",
-               cap_add=(), cap_drop=(), privileged=False, tty=False, interactive=False):
+               cap_add=(), cap_drop=(), privileged=False, tty=False, interactive=False, add_hosts=()):
         """`docker create`: returns a :class:`Container` (its root, cgroup and config; nothing runs yet).
-        ``tty`` (-t): a terminal of its own as its stdio; ``interactive`` (-i): a stdin attached clients write to.
+        ``tty`` (-t): a terminal of its own as its stdio; ``interactive`` (-i): a stdin attached clients write to;
+        ``add_hosts`` (--add-host NAME:IP): lines of its own /etc/hosts.
         ``memory`` in bytes or "64M", ``cpus`` as Docker's --cpus (0.5); the spec stores bytes and nano-CPUs
         (:class:`~labkit.wire.specs.ContainerSpec`), which is what ``inspect()`` shows.
         Docker's 14 default capabilities (``cap_add``/``cap_drop`` change them) and a read-only /proc/sys,
@@ -310,7 +311,8 @@ class Lab:
                              nano_cpus=None if cpus is None else nano_cpus(cpus), pids_limit=pids_limit,
                              binds=tuple(volumes or ()), read_only=read_only, workdir=workdir, user=user,
                              network=network, cap_add=tuple(cap_add or ()), cap_drop=tuple(cap_drop or ()),
-                             privileged=privileged, tty=tty, open_stdin=interactive, stdin_once=interactive)
+                             privileged=privileged, tty=tty, open_stdin=interactive, stdin_once=interactive,
+                             extra_hosts=tuple(add_hosts or ()))
         rec = Record(self.call("container.create", spec=spec.to_dict()))
         return Container(self, rec["id"], rec["name"], rec)
 
