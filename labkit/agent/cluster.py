@@ -121,13 +121,17 @@ def inspect(name):
             "manager": recorded_process(st.get("manager") or {}) or None}
 
 
-def list_clusters():
+def _recorded():
+    """The names of the recorded clusters: only <name>.json (the files beside a record, such as
+    <name>.tasks.json, are not clusters)."""
     if not os.path.isdir(CLUSTERS):
         return []
-    # only <name>.json: the files beside a record (<name>.tasks.json, a list) are not clusters
-    names = sorted(fn[:-5] for fn in os.listdir(CLUSTERS) if fn.endswith(".json") and CLUSTER_NAME.fullmatch(fn[:-5]))
+    return sorted(fn[:-5] for fn in os.listdir(CLUSTERS) if fn.endswith(".json") and CLUSTER_NAME.fullmatch(fn[:-5]))
+
+
+def list_clusters():
     out = []
-    for name in names:
+    for name in _recorded():
         try:
             out.append(inspect(name))
         except NotFound:
@@ -221,11 +225,8 @@ def remove(name):
 
 def cleanup(rec):
     """``labkit cleanup``'s part: every recorded cluster removed (its nodes, routes and network)."""
-    if not os.path.isdir(CLUSTERS):
-        return
-    for fn in os.listdir(CLUSTERS):
-        if fn.endswith(".json") and CLUSTER_NAME.fullmatch(fn[:-5]):
-            try:
-                rec.steps += remove(fn[:-5])["steps"]
-            except LabkitError as exc:
-                rec.fact(f"cluster {fn[:-5]}", str(exc))
+    for name in _recorded():
+        try:
+            rec.steps += remove(name)["steps"]
+        except LabkitError as exc:
+            rec.fact(f"cluster {name}", str(exc))

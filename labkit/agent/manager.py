@@ -405,8 +405,9 @@ def _with(task, **changes):
     return Task.from_dict(dict(task.to_dict(), **changes))
 
 
-def _node_id(st, task):
-    return f"{st['spec']['name']}-{task.node}"
+def _node_id(st, node_name):
+    """A node's id (:attr:`labkit.wire.specs.NodeSpec.id`) from its cluster's record and its name."""
+    return f"{st['spec']['name']}-{node_name}"
 
 
 def _check_health(st, services, tasks, health, now, seen):
@@ -430,7 +431,7 @@ def _check_health(st, services, tasks, health, now, seen):
 
     def check(t):
         try:
-            res = node.call(_node_id(st, t), "container.exec", {"ref": t.container, "argv": list(
+            res = node.call(_node_id(st, t.node), "container.exec", {"ref": t.container, "argv": list(
                 services[t.service].health.cmd), "timeout": HEALTH_TIMEOUT}, timeout=HEALTH_TIMEOUT + 1)
             results[t.id] = (res["exit_code"], (res.get("stdout") or "") + (res.get("stderr") or ""))
         except LabkitError as exc:
@@ -501,7 +502,7 @@ def _rolled_out(spec, tasks):
 
 
 def _start(st, spec, task, now, hosts):
-    nid = _node_id(st, task)
+    nid = _node_id(st, task.node)
     cname = f"{task.service}.{task.slot}.{task.id}"
     task = _with(task, image=spec.image)
     try:
@@ -522,7 +523,7 @@ def _stop(st, task):
 
 def _remove(st, node_name, container):
     try:
-        node.call(f"{st['spec']['name']}-{node_name}", "container.rm", {"ref": container, "force": True},
+        node.call(_node_id(st, node_name), "container.rm", {"ref": container, "force": True},
                   timeout=HEARTBEAT * 4)
     except LabkitError:
         pass  # its node is down or the container is gone: either way it no longer runs
@@ -582,8 +583,12 @@ def act(name, actions):
     with cluster.locked(name):
         st, now, rec = cluster._load(name), time.time(), Recorder(f"act on cluster {name}")
         look = _look(name, st, now, rec)
-        _save_look(name, look, look["tasks"])  # what was observed stands, whatever the actions
-        return _act(name, st, look, _checked(actions, look, now), now, rec)
+        try:
+            checked = _checked(actions, look, now)
+        except LabkitError:
+            _save_look(name, look, look["tasks"])  # what was observed stands, whatever the actions
+            raise
+        return _act(name, st, look, checked, now, rec)
 
 
 def _checked(actions, look, now):

@@ -229,7 +229,7 @@ def build_editions(names=None, source_dir=NOTEBOOK_DIR):
         for stem, table in translate.tables(lang, source_dir).items():
             if stems is not None and stem not in stems:
                 continue
-            want, _, _ = translate.edition_text(_read(translate.require(stem, source_dir)), table, lang, stem)
+            want, _, _ = translate.edition_text(_read(translate.require(stem, source_dir)), table, lang)
             path = os.path.join(translate.edition_dir(lang, source_dir), stem + ".ipynb")
             if _read_bytes(path) != want.encode("utf-8"):
                 _write(path, want)
@@ -280,7 +280,7 @@ def _edition_problems(source_dir):
         for stem, table in found.items():
             try:
                 want, missing, stale = translate.edition_text(_read(translate.require(stem, source_dir)), table,
-                                                              lang, stem)
+                                                              lang)
             except LabkitError as exc:
                 problems.append((table, f"does not build: {exc.message}"))
                 continue

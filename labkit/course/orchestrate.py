@@ -20,13 +20,6 @@ WEB_CMD = ("sh", "-c", "mkdir -p /tmp/w && hostname > /tmp/w/index.html && exec 
 #: lab 09's health check: healthy while the image has no /broken (the broken image of section 7 has one)
 WEB_HEALTH = HealthCheck(cmd=("sh", "-c", "test ! -e /broken"), interval=0.5, retries=2)
 
-#: one GET with a short time limit, on the target (python3 is there: the agent runs on it)
-FETCH = ("import sys, urllib.request\n"
-         "try:\n"
-         "    sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2])).read().decode())\n"
-         "except Exception as exc:\n"
-         "    sys.stderr.write(type(exc).__name__ + ': ' + str(exc)); sys.exit(1)\n")
-
 #: a bounded load on the target: one GET after another (at most RATE a second), one JSON line each:
 #: [time, ok, body or error]; it ends by itself after its seconds
 LOAD = ("import http.client, json, sys, time\n"
@@ -380,10 +373,10 @@ def watch(lab, cluster, service, seconds=4.0, every=0.05, events=(), load=None):
 
 def fetch(lab, url, limit=1.0):
     """One GET of ``url`` made on the target; the page's text (stripped), or None when nothing answered."""
-    res = lab.run(["python3", "-c", FETCH, url, str(limit)], timeout=limit + 30)
-    return res.stdout.strip() if res.exit_code == 0 else None
+    return fetch_many(lab, [url], limit)[0]
 
 
+#: GETs one after another, each with a short time limit, on the target (python3 is there: the agent runs on it)
 FETCH_MANY = ("import json, sys, urllib.request\n"
               "out = []\n"
               "for url in sys.argv[2:]:\n"

@@ -116,7 +116,7 @@ def tables(lang, source_dir=NOTEBOOK_DIR):
     return {fn[:-4]: os.path.join(d, fn) for fn in sorted(os.listdir(d)) if fn.endswith(".yml") and fn[:2].isdigit()}
 
 
-def edition_text(english_ipynb_text, table, lang, name):
+def edition_text(english_ipynb_text, table, lang):
     """The edition's ``.ipynb`` text built from the English notebook's text, and (missing, stale)."""
     import nbformat
     from .notebooks import ipynb_text
