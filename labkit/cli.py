@@ -1177,6 +1177,9 @@ def _parser(only=None):
 
 def main(argv=None):
     given = list(sys.argv[1:] if argv is None else argv)
+    if given == ["--version"]:  # (what the whole parser would print, without building its 50 sub-parsers)
+        print(f"labkit {__version__}")
+        return 0
     argv = _management_form(given)
     if argv[:1] == [None]:
         print(f"labkit {given[0]}: say what to do: one of {', '.join(sorted(MANAGEMENT[given[0]]))}, e.g. "
@@ -1226,6 +1229,26 @@ def _management_form(argv):
     return argv
 
 
+def _one_locale_search():
+    """argparse asks gettext for a translation of every message it holds, and gettext searches the locale
+    directories afresh for each (some 10 ms of `labkit --version` under a UTF-8 locale): this process's locale does
+    not change while it runs, so each domain is searched once. Only for the command's own process."""
+    import functools
+    import gettext
+    if getattr(gettext.find, "labkit_once", False):
+        return
+    gettext_find = gettext.find
+    search = functools.lru_cache(maxsize=None)(lambda domain, localedir, all: gettext_find(domain, localedir, None, all))
+
+    def find(domain, localedir=None, languages=None, all=False):
+        if languages is not None:
+            return gettext_find(domain, localedir, languages, all)
+        found = search(domain, localedir, all)
+        return list(found) if all else found  # (a list of paths, or one path or None)
+    find.labkit_once = True
+    gettext.find = find
+
+
 def command():
     """The ``labkit`` command itself (the console script, ``python -m labkit``, ``python -m labkit.cli``): main's
     exit code. When nothing was registered to run at exit and no other thread runs (a plain `labkit run`, `ps`,
@@ -1233,6 +1256,7 @@ def command():
     without Python tearing down every module one by one: some 8 ms of a command that takes 90."""
     import atexit
     import threading
+    _one_locale_search()
     code = main()
     code = code if isinstance(code, int) else 0
     try:

@@ -53,13 +53,16 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 # Reinstall only when pyproject.toml changed, or when test tools are wanted and not yet there.
 stamp="$venv/.labkit-installed"
-want=$(sha256sum < "$here/pyproject.toml" | cut -c1-16)
+# (the install mode is part of the stamp: an install of another mode is redone)
+want=$(sha256sum < "$here/pyproject.toml" | cut -c1-16)c
 have=$(cat "$stamp" 2>/dev/null || true)
 if [ "${have%-*}" != "$want" ] || { [ "$dev" = 1 ] && [ "${have##*-}" != 1 ]; }; then
   echo "labkit setup: installing labkit and its dependencies into $venv"
   "$venv/bin/python" -m pip install -q --upgrade pip
   if [ "$dev" = 1 ]; then extra="[dev]"; else extra=""; fi
-  "$venv/bin/python" -m pip install -q -e "$here$extra"
+  # editable as a plain path in a .pth file ("compat"): setuptools' default editable finder imports pathlib,
+  # importlib.util and more at every interpreter start, some 20 ms of each labkit command and Jupyter kernel
+  "$venv/bin/python" -m pip install -q -e "$here$extra" --config-settings editable_mode=compat
   echo "$want-$dev" > "$stamp"
 fi
 

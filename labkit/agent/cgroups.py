@@ -316,9 +316,9 @@ def _tree(d):
     return sorted(out, key=lambda p: -p.count("/"))
 
 
-def pids(name):
+def pids(name, lay=None):
     """Every process in the group, also in groups below it."""
-    lay = _existing(name)
+    lay = lay or _existing(name)
     out = set()
     for top in lay.all_dirs():
         for d in _tree(top):
@@ -415,26 +415,27 @@ def freeze(name, frozen=True, rec=None, timeout=5):
     return rec
 
 
-def is_frozen(name):
-    lay = _existing(name)
+def is_frozen(name, lay=None):
+    lay = lay or _existing(name)
     if lay.v2:
         return "frozen 1" in (read_text(os.path.join(lay.all_dirs()[0], "cgroup.events")) or "").splitlines()
     state = lay.path("freezer", "freezer.state")
     return bool(state) and (read_text(state) or "").strip() != "THAWED"
 
 
-def kill(name, rec=None):
+def kill(name, rec=None, lay=None):
     """SIGKILL every process in the group until it is empty (the freezer-free way that works on v1 too; a
-    frozen group is thawed after the signals, so that its processes can act on them and die)."""
+    frozen group is thawed after the signals, so that its processes can act on them and die). ``lay``: its
+    :class:`Layout`, when the caller has it."""
     rec = rec or Recorder(f"kill cgroup {name!r}")
-    lay = _existing(name)
-    frozen = is_frozen(name)
+    lay = lay or _existing(name)
+    frozen = is_frozen(name, lay)
     kill_file = os.path.join(lay.dirs.get("pids", lay.all_dirs()[0]), "cgroup.kill")
     if lay.v2 and os.path.exists(kill_file):
         _write(kill_file, 1, rec)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        left = pids(name)
+        left = pids(name, lay)
         if not left:
             break
         for pid in left:
@@ -446,7 +447,7 @@ def kill(name, rec=None):
             freeze(name, False, rec)
             frozen = False
         time.sleep(0.02)
-    rec.fact("empty", not pids(name))
+    rec.fact("empty", not pids(name, lay))
     return rec
 
 
@@ -457,7 +458,7 @@ def remove(name):
         lay = _existing(name)
     except NotFound:
         return rec.to_dict(removed=False)
-    kill(name, rec)
+    kill(name, rec, lay)
     for d in [t for top in lay.all_dirs() for t in _tree(top)]:
         for _ in range(100):
             try:

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import time
 
@@ -25,7 +26,7 @@ from ..wire.words import DETACHED, detach_keys
 from ..wire.specs import CONTAINERS_DIR, RUN_DIR, STATE_DIR, ContainerSpec, ImageRef, NetworkSpec, PortSpec, ProcessSpec, check_name
 from . import cgroups, enter, network, roots, store, supervisor
 from .launch import CONTAINER_PATH
-from .runner import Recorder, pid_fields, read_text, recorded_process, run, start_helper
+from .runner import Recorder, pid_fields, read_text, recorded_process, start_helper
 from .state import private_dir, read_json, set_aside, write_json
 
 NAMES = STATE_DIR + "/names"
@@ -441,7 +442,13 @@ def rm(ref, force=False):
     for path in (f"{NAMES}/{cfg['name']}",):
         if os.path.islink(path) and os.readlink(path) == cid:
             os.unlink(path)
-    run(["rm", "-rf", f"{RUNTIME}/{cid}"], recorder=rec)
+    try:  # (its report files only: labkit's own, in a directory only root can write)
+        shutil.rmtree(f"{RUNTIME}/{cid}")
+        rec.file("rmtree", f"{RUNTIME}/{cid}")
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise MechanismError(f"could not remove {RUNTIME}/{cid}: {exc.strerror}", fix="run `labkit cleanup`") from None
     return rec.to_dict(id=cid, name=cfg["name"])
 
 
