@@ -36,7 +36,7 @@ BOX_PACKAGES = [
     "systemd-sysv", "openssh-server", "sudo", "python3", "rsync", "linux-image-cloud-amd64",
     "initramfs-tools", "ifupdown", "isc-dhcp-client", "iproute2", "udev", "dbus", "kmod", "netbase",
     "busybox-static", "util-linux", "procps", "psmisc", "iptables", "nftables", "ca-certificates",
-    "qemu-utils", "qemu-system-x86", "e2fsprogs", "zstd", "crun", "runc",
+    "qemu-utils", "qemu-system-x86", "e2fsprogs", "zstd", "crun", "runc", "docker-registry",
 ]
 VAGRANT_PUB = None  # read from the installed Vagrant at build time
 QEMU_CONF = """# labkit VM tier: libvirtd's qemu.conf, bind-mounted over /etc/libvirt/qemu.conf in its own mount namespace

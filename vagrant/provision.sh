@@ -54,9 +54,9 @@ case "$(uname -m)" in
   aarch64|arm64) qemu=qemu-system-arm ;;
   *) qemu="" ; echo "provision.sh: $(uname -m) is not x86_64 or aarch64: the VM baseline will be unavailable" >&2 ;;
 esac
-# crun and runc: lab 07 times labkit's container start beside theirs.
+# crun and runc: lab 07 times labkit's container start beside theirs; docker-registry: lab 06's registry.
 pkgs=(python3 busybox-static iproute2 util-linux procps kmod psmisc iptables nftables sudo ca-certificates
-      qemu-utils e2fsprogs zstd crun runc $qemu)
+      qemu-utils e2fsprogs zstd crun runc docker-registry $qemu)
 [ "$jupyter" = 1 ] && pkgs+=(python3-venv python3-pip)
 
 # The VM baseline (lab 07) boots a distro kernel from /boot: a host that has one keeps using it; otherwise the
@@ -192,6 +192,14 @@ UNIT
   systemctl restart labkitd.service  # a daemon of an older checkout stops; its containers go on
   echo "provision.sh: labkit's daemon runs (systemctl status labkitd); the docker CLI can drive it:"
   echo "  DOCKER_HOST=unix:///run/labkit/docker.sock docker ps"
+fi
+
+# Lab 06's registry: Debian's docker-registry service, on 127.0.0.1:5000 only (its package listens on every
+# address); lab.registry() finds it there and leaves it running.
+if [ -f /etc/docker/registry/config.yml ] && command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+  sed -i -E 's/^([[:space:]]*addr:).*/\1 127.0.0.1:5000/' /etc/docker/registry/config.yml
+  systemctl enable docker-registry.service >/dev/null 2>&1 || true
+  systemctl restart docker-registry.service || true
 fi
 
 echo "provision.sh: self-test (labkit doctor)"

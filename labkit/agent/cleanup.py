@@ -7,8 +7,9 @@ directories (not a mount at them); network namespaces named ``lk-*``; links of l
 ``labkit`` parent in any hierarchy; the nftables table ``ip labkit`` and iptables chains ``LABKIT-*``
 (and the sysctls labkit's networks changed, given back their old values); the grader's scratch directories
 ``/run/labkit/grade/grade-<slot>-<hex>`` (their sandboxes' cgroups go first); a cluster's nodes recorded in
-/run/labkit/nodes and their stores under /var/lib/labkit/nodes (:mod:`labkit.agent.node`), and the clusters
-recorded in /run/labkit/clusters with their routes (:mod:`labkit.agent.cluster`). Each is matched by exact rule, never by a loose pattern, and
+/run/labkit/nodes and their stores under /var/lib/labkit/nodes (:mod:`labkit.agent.node`), the clusters
+recorded in /run/labkit/clusters with their routes (:mod:`labkit.agent.cluster`), and the local registry labkit
+started, with what was pushed to it (:mod:`labkit.agent.localregistry`). Each is matched by exact rule, never by a loose pattern, and
 removal is idempotent: a second run finds nothing. Standard library only.
 """
 import os
@@ -19,7 +20,7 @@ import re
 import shutil
 
 from ..wire.specs import GRADE_DIR, RUN_DIR, STATE_DIR
-from . import cgroups, cluster, engine, kernel, manager, network, node, process, vm
+from . import cgroups, cluster, engine, kernel, localregistry, manager, network, node, process, vm
 from .rootfs import mounts_under
 from .runner import Recorder, read_text, run, which
 
@@ -74,6 +75,7 @@ def plan():
         items.append(("firewall", f"nft table ip {table}"))
     for d in _scratch_dirs():
         items.append(("grading scratch", d))
+    items += localregistry.plan()
     return items
 
 
@@ -108,6 +110,8 @@ def cleanup(dry_run=False):
     for table in manager.mesh_leftovers():  # a cluster's whose record was lost
         rec.run(["nft", "delete", "table", "ip", table])
     removed += [f"{k} {n}" for k, n in items if k in ("cluster", "node")]
+    localregistry.cleanup(rec)
+    removed += [f"{k} {n}" for k, n in items if k in ("registry", "registry storage")]
     engine.cleanup(rec)  # monitors and containers first: their roots, cgroups and veths follow below
     for e in process.list_processes():
         process.stop(e["id"], timeout=2)

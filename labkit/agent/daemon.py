@@ -43,7 +43,7 @@ LOG = f"{RUN_DIR}/labkitd.log"
 CONCURRENT = frozenset({"hello", "container.wait", "container.logs", "container.ps", "container.inspect",
                         "container.top", "image.list", "image.inspect", "net.list", "net.inspect", "net.topology",
                         "proc.list", "proc.inspect", "cgroup.stats", "cgroup.sample", "cgroup.list", "read_file",
-                        "list_dir", "vm.list"})
+                        "list_dir", "vm.list", "registry.get", "registry.status"})
 
 
 def status():

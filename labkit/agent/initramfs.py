@@ -204,7 +204,8 @@ AGENT_MODULES = MODULES + ("virtio_console", "overlay", "veth", "bridge", "br_ne
                            "xt_conntrack", "xt_MASQUERADE", "xt_addrtype", "xt_nat", "xt_comment", "iptable_nat",
                            "iptable_filter", "sch_netem", "sch_tbf", "sch_htb", "cls_u32")
 #: the target's programs the agent runs (besides busybox's applets); the ones the target lacks are left out
-AGENT_TOOLS = ("ip", "tc", "nft", "iptables", "unshare", "nsenter", "setpriv", "zstd", "mkfs.ext4", "tar", "bash")
+AGENT_TOOLS = ("ip", "tc", "nft", "iptables", "unshare", "nsenter", "setpriv", "zstd", "mkfs.ext4", "tar", "bash",
+               "docker-registry")
 #: the parts of the standard library no agent imports
 STDLIB_SKIP = ("test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data", "site-packages",
                "dist-packages", "unittest", "distutils")

@@ -494,12 +494,17 @@ def _gunzip(blob, size, out, what):
 
 
 def _store(tars, rec=None):
-    """Add the checked layer tars [(path, diff_id)] to the store; if one is refused, whatever this call made
+    """Add the checked layer tars [(path, diff_id)] to the store (path None: a layer the store holds already); if one is refused, whatever this call made
     for the earlier ones is removed again. Returns the diff_ids and the paths this call made (layers that
     were in the store already are left alone, whatever happens)."""
     made = []
     try:
         for tar, diff_id in tars:
+            if tar is None:  # present when the pull began: still there now?
+                if not _have_layer(diff_id):
+                    raise RegistryError(f"layer {diff_id} left the store during the pull (pruned meanwhile)",
+                                        fix="pull again")
+                continue
             d = store.layer_dir(diff_id)
             made += [p for p in (d, d + ".json", store.blob_path(diff_id)) if not os.path.lexists(p)]
             store.add_layer_tar(tar, diff_id, rec=rec)
@@ -507,6 +512,11 @@ def _store(tars, rec=None):
         _remove(made)
         raise
     return [d for _, d in tars], made
+
+
+def _have_layer(diff_id):
+    """The store holds this layer, unpacked and as its tar (a layer is only ever stored whole, once checked)."""
+    return os.path.isdir(store.layer_dir(diff_id)) and os.path.isfile(store.blob_path(diff_id))
 
 
 def _remove(paths):
@@ -568,9 +578,13 @@ def _pull(ref, username=None, password=None):
                 not all(isinstance(d, str) and DIGEST_RE.fullmatch(d) for d in diff_ids):
             raise UnsafeLayer(f"the image config's rootfs.diff_ids do not list one sha256 digest for each of the "
                               f"{len(descs)} layers", fix="the image is malformed: do not use it")
-        tars = []
+        tars, present = [], []
         for i, ((ldigest, lsize, mt), diff_id) in enumerate(zip(descs, diff_ids)):
             what = f"layer {i + 1}"
+            if _have_layer(diff_id):  # docker pull's "Already exists": the store checked this layer when it came
+                present.append(ldigest)
+                tars.append((None, diff_id))
+                continue
             blob = os.path.join(work, f"layer{i}")
             _fetch_blob(s, repo, ldigest, lsize, blob, what)
             with open(blob, "rb") as f:
@@ -586,6 +600,8 @@ def _pull(ref, username=None, password=None):
                 raise UnsafeLayer(f"{what} unpacks to a tar whose sha256 is {got}, not the {diff_id} the image "
                                   f"config names", fix="the image is malformed or altered: do not use it")
             tars.append((tar, diff_id))
+        rec.fact("layers_present", present)
+        rec.fact("layers_fetched", [d for d, _, _ in descs if d not in present])
         cfg = store.image_config(config.get("config"), f"{ref}")  # types checked, WorkingDir absolute
         history = config.get("history") if isinstance(config.get("history"), list) else []
         layers, made = _store(tars, rec)

@@ -15,7 +15,7 @@ from ..wire import protocol
 from ..wire.errors import InvalidSpec, LabkitError, PrivilegeError, UnsupportedHost
 from ..wire.orchestration import ServiceSpec, StackSpec
 from ..wire.specs import CgroupSpec, ClusterSpec, ContainerSpec, NetworkSpec, NodeSpec, ProcessSpec, RootfsSpec
-from . import (build, cgroups, cleanup, cluster, daemon, doctor, engine, manager, measure, namespaces, network, node,
+from . import (build, cgroups, cleanup, cluster, daemon, doctor, engine, localregistry, manager, measure, namespaces, network, node,
                oci, process, registry, roots, rootfs, store, vm, vmsandbox, workloads)
 from .runner import run as run_cmd
 
@@ -195,6 +195,10 @@ METHODS = {
     "image.pull": registry.pull,
     "image.push": registry.push,
     "image.search": registry.search,
+    "registry.start": localregistry.start,
+    "registry.stop": localregistry.stop,
+    "registry.status": localregistry.status,
+    "registry.get": localregistry.get,
     "vm.missing": vm.missing,
     "vm.boot": vm.boot,
     "vm.start": vm.m_start,

@@ -405,3 +405,43 @@ class Daemon(_Handle):
         if self.started_here:
             self.started_here = False
             self.stop()
+
+
+class Registry(_Handle):
+    """A registry on the target's 127.0.0.1 (:mod:`labkit.agent.localregistry`): ``url`` (host:port, the start of
+    an image name that goes there, e.g. ``f"{reg.url}/alice/web:v1"``), ``started_here``; ``catalog()``,
+    ``tags(repo)`` and ``digest(repo, tag)`` read the registry's own API. ``with`` (or ``close()``) stops it and
+    removes what was pushed to it when this handle started it; a registry that already ran is left as it was."""
+
+    def __init__(self, lab, info):
+        self.lab, self.port, self.url = lab, info["port"], info["url"]
+        self.pid, self.started_here = info.get("pid"), bool(info.get("started_here"))
+        self.record = Record({"title": f"registry on {self.url}" + (f" (docker-registry, pid {self.pid}, started "
+                                                                    "now)" if self.started_here else ", already running"),
+                              "steps": info.get("steps", []), "facts": info.get("facts", {})})
+
+    def get(self, path):
+        """One GET of the registry's API: {'status', 'digest', 'json'}."""
+        return self.lab.call("registry.get", path=path, port=self.port)
+
+    def catalog(self):
+        """The repositories it holds (GET /v2/_catalog)."""
+        return list((self.get("/v2/_catalog")["json"] or {}).get("repositories") or [])
+
+    def tags(self, repo):
+        """The tags of ``repo`` (GET /v2/REPO/tags/list); [] for a repository it does not hold."""
+        res = self.get(f"/v2/{repo}/tags/list")
+        return list((res["json"] or {}).get("tags") or []) if res["status"] == 200 else []
+
+    def digest(self, repo, tag):
+        """The manifest digest the registry gives ``repo:tag`` (its Docker-Content-Digest), or None."""
+        res = self.get(f"/v2/{repo}/manifests/{tag}")
+        return res["digest"] if res["status"] == 200 else None
+
+    def close(self):
+        self._undo()
+
+    def _undo(self):
+        if self.started_here:
+            self.started_here = False
+            self.lab.call("registry.stop", remove=True)

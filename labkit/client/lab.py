@@ -385,6 +385,13 @@ class Lab:
         from .handles import Daemon
         return Daemon(self, self.call("daemon.start"))
 
+    def registry(self, port=5000):
+        """A registry on the target's 127.0.0.1:``port`` (Debian's docker-registry), started when none answers
+        there: ``with lab.registry() as reg:`` ... ``lab.tag(img, f"{reg.url}/me/web:v1")``, ``lab.push(...)``,
+        ``reg.catalog()``; the ``with`` stops it again (and removes what was pushed) when it started it."""
+        from .handles import Registry
+        return Registry(self, self.call("registry.start", port=port))
+
     def cleanup(self, dry_run=False):
         """Remove every kernel object labkit made on the target (and nothing else)."""
         return Record(self.call("cleanup", dry_run=dry_run))

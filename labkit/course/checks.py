@@ -4,8 +4,10 @@ A check is ``fn(lab, answer) -> (fraction or bool, feedback)``; :class:`labkit.c
 turns it into points. Checks trust nothing the answer claims: they ask the target (files in the
 rootfs, /proc/<pid>/ns/*, /proc/<pid>/status, uid_map, nsenter) and compare.
 """
+import re
+
 from ..client.handles import Cgroup, Container, OverlayRoot, Process, Rootfs, VirtualMachine
-from ..wire.errors import NotFound
+from ..wire.errors import LabkitError, NotFound
 from .grade import Unverifiable
 
 
@@ -344,6 +346,42 @@ def page_changed(lab, marker, port=8080):
     if marker not in got.stdout:
         return 0.3, f"the page does not contain {marker!r} yet: change /var/www/index.html with exec"
     return True, "the change made with exec is what the server now sends: the container's writable layer holds it."
+
+
+SHARED_NAME = re.compile(r"127\.0\.0\.1:(\d{4,5})/([a-z0-9]+(?:[._-][a-z0-9]+)*)/web:v1")
+
+
+def shared_through_registry(lab, shared, pulled, origin="course/web:v1"):
+    """``shared``: the name the image was pushed and pulled back as; ``pulled``: the record of ``lab.pull(shared)``
+    (the grader takes it from the agent's own journal). Decided from the registry's API and the local store."""
+    m = SHARED_NAME.fullmatch(shared) if isinstance(shared, str) else None
+    if not m:
+        return False, f"tag {origin} as 127.0.0.1:5000/<your name>/web:v1 and keep that name in shared"
+    port, repo = int(m[1]), f"{m[2]}/web"
+    try:
+        tags = lab.call("registry.get", path=f"/v2/{repo}/tags/list", port=port)
+        held = lab.call("registry.get", path=f"/v2/{repo}/manifests/v1", port=port)
+    except LabkitError as exc:
+        return False, f"no registry answered on 127.0.0.1:{port}: {exc.message} (start it: lab.registry())"
+    if tags["status"] != 200 or "v1" not in ((tags["json"] or {}).get("tags") or []) or not held["digest"]:
+        return 0.2, f"the registry does not hold {repo}:v1: push {shared}"
+    facts = getattr(pulled, "facts", None)
+    if not isinstance(facts, dict) or "layers_fetched" not in facts:
+        return 0.4, f"pushed; now remove the name (lab.rmi) and pull {shared} back, keeping what lab.pull returns"
+    if facts.get("digest") != held["digest"]:
+        return 0.4, (f"that pull got manifest {facts.get('digest')}, the registry holds {held['digest']} for "
+                     f"{repo}:v1: pull {shared} again")
+    try:
+        local = lab.image(shared)
+    except LabkitError:
+        return 0.5, f"{shared} is not on this machine any more: pull it back (and leave it until the check)"
+    if (local.get("source") or {}).get("digest") != held["digest"]:
+        return 0.5, f"the local {shared} did not come from this pull: rmi it, then pull it again"
+    if facts["layers_fetched"] or not facts.get("layers_present"):
+        return 0.8, (f"the pull fetched {len(facts['layers_fetched'])} layer(s) again: remove only the name "
+                     f"{shared}, keep {origin} (which has the same layers), then pull")
+    return True, (f"pushed and pulled back: the manifest digest {held['digest'][:19]}... is the same on both sides, "
+                  f"and the pull fetched none of the {len(facts['layers_present'])} layers this machine already had.")
 
 
 def torn_down(lab, rmi_error, name="webserver", image="course/web:v1"):

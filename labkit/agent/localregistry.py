@@ -1,0 +1,182 @@
+"""The course's local registry: Debian's ``docker-registry`` serving on 127.0.0.1 (lab 06's "save and share").
+
+:func:`start` uses a registry that already answers on the port (the lab VM's service) or starts one of labkit's
+own: a config written here, its blobs under /var/lib/labkit/registry/data, listening on 127.0.0.1 only, its
+process recorded (pid and start time) in /var/lib/labkit/registry/state.json. :func:`stop` ends only that
+recorded process and, asked to, removes what was pushed to it; ``labkit cleanup`` does both. :func:`get` reads
+the registry's own API (catalog, tags, manifests) for a notebook and for the grader's checks: GET only, to
+127.0.0.1 only, a path of the distribution API only, bounded. The push and pull themselves are
+:mod:`labkit.agent.registry`'s. Standard library only.
+"""
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import time
+
+from ..wire.errors import Conflict, InvalidSpec, MechanismError
+from ..wire.specs import STATE_DIR
+from . import runner
+from .runner import Recorder, pid_fields, recorded_process, wait_gone, which
+from .state import private_dir, read_json, write_json
+
+DIR = f"{STATE_DIR}/registry"
+STATE = f"{DIR}/state.json"
+DEFAULT_PORT = 5000
+MAX_BODY = 4 << 20
+#: what :func:`get` may ask: the distribution API's read side (catalog, a repository's tags, a manifest)
+API_PATH = re.compile(r"/v2/(_catalog|[a-z0-9]+(?:[._/-][a-z0-9]+)*/(tags/list|manifests/[A-Za-z0-9_.:-]{1,128}))"
+                      r"(\?n=\d{1,4})?")
+
+
+def _port(port):
+    if not isinstance(port, int) or isinstance(port, bool) or not 1024 <= port <= 65535:
+        raise InvalidSpec(f"{port!r} is not a port for the registry", fix="a number from 1024 to 65535, e.g. 5000")
+    return port
+
+
+def _ask(port, method, path, accept=None, timeout=5.0):
+    """(status, headers, body) of one request to 127.0.0.1:``port`` (never through a proxy); OSError when
+    nothing answers there."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, headers={"Accept": accept} if accept else {})
+        resp = conn.getresponse()
+        body = resp.read(MAX_BODY + 1)
+        if len(body) > MAX_BODY:
+            raise MechanismError(f"the registry on port {port} sent more than {MAX_BODY} bytes for {path}",
+                                 fix="that is not the course's registry: stop it")
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, body
+    finally:
+        conn.close()
+
+
+def _is_registry(port):
+    """True when a distribution registry answers /v2/ on the port, False when something else does, None when
+    nothing listens."""
+    try:
+        status, headers, _ = _ask(port, "GET", "/v2/", timeout=2.0)
+    except (OSError, http.client.HTTPException):
+        with socket.socket() as s:  # nothing that speaks HTTP: is the port free?
+            s.settimeout(1.0)
+            return None if s.connect_ex(("127.0.0.1", port)) != 0 else False
+    return status in (200, 401) and headers.get("docker-distribution-api-version", "").startswith("registry/2")
+
+
+def _recorded():
+    entry = read_json(STATE, default=None)
+    return entry if isinstance(entry, dict) and recorded_process(entry) is not None else None
+
+
+def status():
+    """{'url', 'port', 'pid'} of labkit's own registry when it runs, else None."""
+    entry = _recorded()
+    if entry is None:
+        return None
+    return {"url": f"127.0.0.1:{entry['port']}", "port": entry["port"], "pid": entry["pid"]}
+
+
+def start(port=DEFAULT_PORT, timeout=15.0):
+    """The registry on 127.0.0.1:``port``, started when none answers there: {'url', 'port', 'pid',
+    'started_here', 'steps'} (pid None for a registry labkit did not start)."""
+    port = _port(port)
+    rec = Recorder(f"a registry on 127.0.0.1:{port}")
+    mine = _recorded()
+    if mine is not None and mine["port"] == port and _is_registry(port):
+        return rec.to_dict(url=f"127.0.0.1:{port}", port=port, pid=mine["pid"], started_here=False)
+    found = _is_registry(port)
+    if found:
+        rec.fact("already running", "a registry labkit did not start (the lab VM's service, say)")
+        return rec.to_dict(url=f"127.0.0.1:{port}", port=port, pid=None, started_here=False)
+    if found is False:
+        raise Conflict(f"port {port} of 127.0.0.1 is taken by something that is not a registry",
+                       fix="stop what listens there, or give the registry another port: lab.registry(port=5001)")
+    if mine is not None:
+        raise Conflict(f"labkit's registry already runs, on port {mine['port']}",
+                       fix=f"use that one (lab.registry(port={mine['port']})) or stop it first: lab.registry().stop()")
+    binary = which("docker-registry")
+    if not binary:
+        raise MechanismError("Debian's docker-registry is not installed on the target",
+                             fix="apt-get install docker-registry (scripts/setup.sh and the lab VM install it)")
+    private_dir(DIR)
+    config = f"{DIR}/config.yml"
+    with open(config, "w") as f:
+        f.write(f"version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {DIR}/data\n"
+                f"  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n")
+    log = os.open(f"{DIR}/registry.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    try:
+        proc = runner.start([binary, "serve", config], stdout=log, stderr=log, cwd="/", recorder=rec)
+    finally:
+        os.close(log)
+    write_json(STATE, {**pid_fields(proc.pid), "port": port, "started": time.time()})
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            break
+        if _is_registry(port):
+            rec.fact("pid", proc.pid)
+            return rec.to_dict(url=f"127.0.0.1:{port}", port=port, pid=proc.pid, started_here=True)
+        time.sleep(0.05)
+    stop(remove=True)
+    raise MechanismError(f"docker-registry did not answer on 127.0.0.1:{port} within {timeout:g} s",
+                         fix=f"see its log, {DIR}/registry.log, then try again")
+
+
+def stop(remove=False, rec=None):
+    """End labkit's own registry (only the very process it recorded; a registry it did not start is left
+    alone); ``remove``: what was pushed to it too. Returns {'stopped': pid or None, 'removed': bool, 'steps'}."""
+    rec = rec or Recorder("stop labkit's registry")
+    entry = read_json(STATE, default=None)
+    pid = recorded_process(entry) if isinstance(entry, dict) else None
+    if pid is not None:
+        rec.kill(pid, signal.SIGTERM)
+        if not wait_gone(pid, entry.get("starttime"), 5):
+            rec.kill(pid, signal.SIGKILL)
+            wait_gone(pid, entry.get("starttime"), 5)
+    if os.path.lexists(STATE):
+        os.unlink(STATE)
+    removed = False
+    if remove and os.path.isdir(DIR) and not os.path.islink(DIR):
+        shutil.rmtree(DIR)
+        rec.file("rmtree", DIR)
+        removed = True
+    return rec.to_dict(stopped=pid, removed=removed)
+
+
+def get(path, port=DEFAULT_PORT):
+    """One GET of the registry's own API on 127.0.0.1:``port``: {'status', 'digest' (Docker-Content-Digest),
+    'json'}. Manifests are asked for in OCI's and Docker's v2 formats."""
+    port = _port(port)
+    if not isinstance(path, str) or not API_PATH.fullmatch(path):
+        raise InvalidSpec(f"{path!r} is not a path of the registry API labkit reads",
+                          fix="/v2/_catalog, /v2/NAME/tags/list or /v2/NAME/manifests/TAG")
+    accept = ("application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"
+              if "/manifests/" in path else None)
+    try:
+        status_, headers, body = _ask(port, "GET", path, accept)
+    except (OSError, http.client.HTTPException) as exc:
+        raise MechanismError(f"no registry answers on 127.0.0.1:{port} ({exc})",
+                             fix="start it: lab.registry()") from None
+    try:
+        parsed = json.loads(body) if body.strip() else None
+    except ValueError:
+        parsed = None
+    return {"status": status_, "digest": headers.get("docker-content-digest"), "json": parsed}
+
+
+def plan():
+    """What ``labkit cleanup`` would remove of it."""
+    items = []
+    mine = status()
+    if mine is not None:
+        items.append(("registry", f"{mine['url']} (pid {mine['pid']})"))
+    if os.path.isdir(DIR):
+        items.append(("registry storage", DIR))
+    return items
+
+
+def cleanup(rec):
+    return stop(remove=True, rec=rec)

@@ -1,0 +1,172 @@
+"""Lab 06's local registry (labkit.agent.localregistry) for real: Debian's docker-registry started on 127.0.0.1,
+read through its own API, the round trip tag → push → rmi → pull (layers already here not fetched again), and
+stopped with what was pushed. Refusals as the attacks they stop: a port held by something that is not a registry,
+a state file naming a process labkit did not start, a registry labkit did not start (left alone), API paths
+outside the distribution API's read side."""
+import http.server
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+
+import pytest
+
+from labkit.agent import cleanup as agent_cleanup
+from labkit.agent import localregistry
+from labkit.agent.runner import pid_fields
+from labkit.agent.state import write_json
+from labkit.wire.errors import Conflict, InvalidSpec
+
+pytestmark = pytest.mark.privileged
+REGISTRY = shutil.which("docker-registry", path="/usr/bin:/usr/sbin")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def port():
+    if not REGISTRY:
+        pytest.fail("docker-registry is missing: scripts/setup.sh --dev installs it")
+    assert localregistry.status() is None, "labkit's registry runs already: stop it before the tests"
+    p = _free_port()
+    yield p
+    localregistry.stop(remove=True)
+
+
+def _listening(port):
+    """The local addresses something listens on with ``port`` (from /proc/net/tcp and tcp6)."""
+    out = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for ln in lines:
+            f = ln.split()
+            addr, hexport = f[1].rsplit(":", 1)
+            if f[3] == "0A" and int(hexport, 16) == port:
+                out.add(addr)
+    return out
+
+
+def test_round_trip_through_a_registry_of_labkits_own(lab, port):
+    """Started on 127.0.0.1 only, read through its API; a pull after the push fetches no layer this machine
+    has; close() stops it and removes what was pushed, and cleanup then finds nothing of it."""
+    with lab.registry(port=port) as reg:
+        assert reg.started_here and reg.url == f"127.0.0.1:{port}"
+        assert _listening(port) == {"0100007F"}, "the registry must listen on 127.0.0.1 only"
+        assert ("registry", f"127.0.0.1:{port} (pid {reg.pid})") in agent_cleanup.plan()
+        lab.build("FROM busybox\nRUN echo shared > /shared  # %s\n" % os.urandom(4).hex(), "t-lreg:v1")
+        ref = f"{reg.url}/alice/web:v1"
+        try:
+            lab.tag("t-lreg:v1", ref)
+            pushed = lab.push(ref)
+            assert reg.catalog() == ["alice/web"] and reg.tags("alice/web") == ["v1"]
+            held = reg.digest("alice/web", "v1")
+            assert held == pushed.facts["manifest"]
+            lab.rmi(ref)
+            pulled = lab.pull(ref)
+            assert pulled.facts["digest"] == held and lab.image(ref)["source"]["digest"] == held
+            assert pulled.facts["layers_fetched"] == [] and len(pulled.facts["layers_present"]) == 2
+            assert [r["name"] for r in lab.search("alice", registry=reg.url)] == [f"{reg.url}/alice/web"]
+            # the grader's check decides from the registry and the store, with the pull's own record
+            from labkit.course import checks
+            assert checks.shared_through_registry(lab, ref, pulled, origin="t-lreg:v1")[0] is True
+            assert checks.shared_through_registry(lab, ref.replace("alice", "bob"), pulled)[0] == 0.2
+            # without its own layer here (busybox's stays: the busybox image has it), a pull fetches that one
+            lab.rmi(ref)
+            lab.rmi("t-lreg:v1")
+            lab.prune(all_cache=True)
+            again = lab.pull(ref)
+            assert len(again.facts["layers_present"]) == 1 and len(again.facts["layers_fetched"]) == 1
+            assert checks.shared_through_registry(lab, ref, again)[0] == 0.8
+        finally:
+            for r in (ref, "t-lreg:v1"):
+                if r in [i["ref"] for i in lab.images()]:
+                    lab.rmi(r)
+    assert localregistry.status() is None and not os.path.exists(localregistry.DIR)
+    assert not any(k.startswith("registry") for k, _ in agent_cleanup.plan())
+
+
+def test_a_port_held_by_something_else_is_refused_and_nothing_starts(lab, port):
+    class Hello(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"not a registry")
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.HTTPServer(("127.0.0.1", port), Hello)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(Conflict) as err:
+            lab.registry(port=port)
+        assert "not a registry" in str(err.value) and "another port" in err.value.fix
+        assert localregistry.status() is None
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_a_registry_labkit_did_not_start_is_used_and_left_running(lab, port):
+    d = tempfile.mkdtemp(prefix="labkit-test-registry-")
+    with open(f"{d}/config.yml", "w") as f:
+        f.write(f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {d}/data\n"
+                f"http:\n  addr: 127.0.0.1:{port}\n")
+    theirs = subprocess.Popen([REGISTRY, "serve", f"{d}/config.yml"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        end = time.monotonic() + 10
+        while localregistry._is_registry(port) is not True and time.monotonic() < end:
+            time.sleep(0.05)
+        with lab.registry(port=port) as reg:
+            assert not reg.started_here and reg.pid is None
+            assert reg.catalog() == []
+        assert theirs.poll() is None, "closing the handle stopped a registry labkit did not start"
+        assert localregistry.stop(remove=True)["stopped"] is None
+        assert theirs.poll() is None and os.path.isfile(f"{d}/config.yml"), "labkit's stop touched another registry"
+    finally:
+        theirs.terminate()
+        theirs.wait(10)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_a_state_file_naming_another_process_is_never_signalled(port):
+    """A state entry whose pid is now another process (recycled, or written to mislead) names nobody."""
+    victim = subprocess.Popen(["sleep", "60"])
+    try:
+        entry = pid_fields(victim.pid)
+        os.makedirs(localregistry.DIR, mode=0o700, exist_ok=True)
+        write_json(localregistry.STATE, {**entry, "starttime": entry["starttime"] + 1, "port": port})
+        assert localregistry.status() is None
+        assert localregistry.stop(remove=True)["stopped"] is None
+        time.sleep(0.1)
+        assert victim.poll() is None, "stop signalled a process labkit did not record"
+        assert not os.path.exists(localregistry.DIR)
+    finally:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+
+
+@pytest.mark.parametrize("path", ["/etc/passwd", "/v2/../../etc/passwd", "http://example.com/v2/_catalog",
+                                  "/v2/alice/web/blobs/sha256:00", "/v2/_catalog?n=1&last=x", "/v2/Alice/tags/list",
+                                  "/v2/a/manifests/v1/../../x", "/v2/_catalog\r\nHost: x"])
+def test_only_the_read_side_of_the_distribution_api_is_asked(path):
+    with pytest.raises(InvalidSpec):
+        localregistry.get(path, port=5000)
+
+
+@pytest.mark.parametrize("bad", [22, 0, 70000, "5000", True])
+def test_ports_are_checked(bad):
+    with pytest.raises(InvalidSpec):
+        localregistry.get("/v2/_catalog", port=bad)
