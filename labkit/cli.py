@@ -48,7 +48,7 @@ def cmd_cleanup(args):
 
 
 def cmd_lab(args):
-    from .course.runbook import run_notebooks
+    from .course.runbook import pick_notebooks, run_notebooks
     source = NOTEBOOK_DIR
     if args.lang != "en":
         from .course.translate import edition_dir
@@ -61,9 +61,10 @@ def cmd_lab(args):
         "solution editions"
     if args.lang != "en":
         edition += f", in {args.lang} (the same code and checks, the prose translated)"
+    chosen = pick_notebooks(args.notebooks, source) if args.notebooks else None
     print(f"labkit {__version__}: executing the notebooks ({edition}) on target {args.target!r} "
           f"({'full' if args.full else 'quick'} mode) into {os.path.abspath(args.output)}", flush=True)
-    runs = run_notebooks(args.target, args.output, args.notebooks or None, quick=not args.full,
+    runs = run_notebooks(args.target, args.output, chosen, quick=not args.full,
                          source_dir=source, on_done=lambda run: print(run.line(), flush=True))
     return _totals(runs, args.output)
 

@@ -105,3 +105,13 @@ def test_lab_07_runs_to_the_end_on_a_target_without_a_vm(tmp_path, lab):
     text = json.dumps(json.load(open(tmp_path / name)))
     assert "no VM on this target" in text and "VM (not measured)" in text
     assert lab.processes() == [] and lab.call("vm.list") == []
+
+
+def test_notebooks_are_picked_by_file_name_stem_or_number():
+    from labkit.course.runbook import pick_notebooks
+    from labkit.wire.errors import InvalidSpec
+    assert pick_notebooks(["06-mini-docker", "00", "01-chroot.ipynb"]) == \
+        ["06-mini-docker.ipynb", "00-setup.ipynb", "01-chroot.ipynb"]
+    with pytest.raises(InvalidSpec) as err:
+        pick_notebooks(["../../etc/passwd"])
+    assert "06-mini-docker" in err.value.fix

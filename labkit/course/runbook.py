@@ -26,6 +26,21 @@ def course_notebooks(source_dir=NOTEBOOK_DIR):
     return sorted(f for f in os.listdir(source_dir) if f.endswith(".ipynb") and f[:2].isdigit())
 
 
+def pick_notebooks(names, source_dir=NOTEBOOK_DIR):
+    """The course notebooks ``names`` ask for, each given as its file name, without ``.ipynb``, or by its number
+    ("06"); an unknown name is an InvalidSpec that lists the course's."""
+    from ..wire.errors import InvalidSpec
+    known = course_notebooks(source_dir)
+    picked = []
+    for name in names:
+        found = [f for f in known if name in (f, f[:-len(".ipynb")], f[:2])]
+        if len(found) != 1:
+            raise InvalidSpec(f"{name!r} is not one of the course's notebooks",
+                              fix="name one of " + ", ".join(f[:-len(".ipynb")] for f in known) + " (or its number)")
+        picked.append(found[0])
+    return picked
+
+
 @dataclass
 class NotebookRun:
     name: str
