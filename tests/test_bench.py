@@ -97,3 +97,40 @@ def test_the_grader_rebuilds_the_figures_from_what_the_agent_answered(lab, tmp_p
     assert got == want
     assert live.ratios().round(9).equals(rebuilt.ratios().round(9))
     assert rebuilt.env["rebuilt_from"] == "the agent's journal" and rebuilt.env["kernel"] == live.env["kernel"]
+
+
+def _result(factors, n, spread=0.02, seed=1):
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    samples = [{"experiment": exp, "case": case, "repeat": r, "elapsed_s": m * (1 + spread * rng.standard_normal()),
+                "amount": 1, "unit": "x"}
+               for exp, f in factors.items() for r in range(n) for case, m in (("native", 1.0), ("container", f))]
+    return bench.BenchResult(samples, {"cases": ["native", "container"]}, {})
+
+
+def test_each_ratio_says_what_its_interval_allows():
+    """A ratio whose 95% interval holds 1.0 is no measurable difference, whatever its median; one that leaves
+    1.0 is slower or faster; too few samples, or an interval too wide to tell, say so."""
+    got = _result({"cpu": 1.0, "fork": 1.3, "memory": 0.7}, 8).intervals().set_index("experiment")
+    assert got.loc["cpu", "verdict"] == "no measurable difference" and got.loc["cpu", "low"] <= 1 <= got.loc["cpu", "high"]
+    assert got.loc["fork", "verdict"].endswith("slower") and got.loc["fork", "low"] > 1
+    assert got.loc["memory", "verdict"].endswith("faster") and got.loc["memory", "high"] < 1
+    assert (got["low"] <= got["ratio"]).all() and (got["ratio"] <= got["high"]).all()
+    assert _result({"cpu": 0.61}, 3).intervals()["verdict"][0].startswith("too few samples")
+    noisy = _result({"cpu": 1.0}, 8, spread=0.4, seed=3).intervals().iloc[0]
+    assert "too noisy" in noisy["verdict"] and noisy["low"] < 1 < noisy["high"] and bench.undecided(noisy["verdict"])
+    fig = bench.BenchResult(_result({"cpu": 1.0, "fork": 1.3}, 8).samples.to_dict("records"),
+                            {"cases": ["native", "container"]}, {}).charts()["overhead"]
+    labels = [t.get_text() for t in fig.axes[0].texts]
+    assert labels[0] == "≈1" and 1.2 < float(labels[1]) < 1.4, labels  # cpu holds 1.0; fork's ratio is its own
+
+
+def test_quick_mode_repeats_a_case_until_it_can_tell_or_says_it_cannot(lab):
+    b = bench.Bench(lab, "quick", experiments=["cpu"], cases=("native", "container"), progress=False)
+    res = b.run()
+    n = res.samples.groupby("case").size().to_dict()
+    assert bench.MIN_TO_TELL <= n["container"] <= b.plan["max_repeats"] and n["native"] == n["container"], n
+    v = res.intervals().iloc[0]["verdict"]
+    assert not bench.undecided(v) or any(note.startswith("cpu, container: no measurable difference, but too noisy")
+                                     for note in res.env["notes"]), \
+        (v, res.env["notes"])

@@ -27,10 +27,10 @@ import sys
 import time
 
 PLANS = {
-    "quick": {"repeats": 3, "warmup": 1, "startup_runs": 5, "vm_boots": 2, "density": (1, 2, 4),
+    "quick": {"repeats": 3, "max_repeats": 8, "warmup": 1, "startup_runs": 5, "vm_boots": 2, "density": (1, 2, 4),
               "amounts": {"cpu": 300_000, "memory": 512, "syscalls": 50_000, "fork": 30, "fileio": 32},
               "net": {"throughput": 32, "latency": 300}, "vm_memory_mb": 512},
-    "full": {"repeats": 10, "warmup": 2, "startup_runs": 20, "vm_boots": 5, "density": (1, 2, 4, 8),
+    "full": {"repeats": 10, "max_repeats": 20, "warmup": 2, "startup_runs": 20, "vm_boots": 5, "density": (1, 2, 4, 8),
              "amounts": {"cpu": 3_000_000, "memory": 4096, "syscalls": 500_000, "fork": 300, "fileio": 256},
              "net": {"throughput": 256, "latency": 3000}, "vm_memory_mb": 512},
 }
@@ -68,6 +68,41 @@ class Progress:
             self.stream.flush()
 
 
+#: a workload's ratio is told apart from 1.0 once its 95% interval leaves 1.0, or lies within 1.0 ± TELL_BAND
+#: ("no measurable difference"); a case needs MIN_TO_TELL samples before either (three medians are not enough)
+TELL_BAND = 0.05
+MIN_TO_TELL = 5
+
+
+def ratio_interval(times, ref_times, rounds=2000, seed=7):
+    """(ratio, low, high): the median of ``times`` over the median of ``ref_times`` (two cases of one run), with a
+    95% percentile-bootstrap interval (each side resampled on its own; a fixed seed, so one run's table is
+    reproducible)."""
+    import numpy as np
+    a, b = np.asarray(times, float), np.asarray(ref_times, float)
+    rng = np.random.default_rng(seed)
+    boot = np.median(rng.choice(a, (rounds, len(a))), axis=1) / np.median(rng.choice(b, (rounds, len(b))), axis=1)
+    return float(np.median(a) / np.median(b)), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
+
+
+def verdict(ratio, low, high, n=MIN_TO_TELL):
+    """What a ratio and its interval allow one to say."""
+    if n < MIN_TO_TELL:
+        return f"too few samples ({n}) to tell"
+    if low > 1:
+        return f"{ratio:.2f}x native: slower"
+    if high < 1:
+        return f"{ratio:.2f}x native: faster"
+    if low >= 1 - TELL_BAND and high <= 1 + TELL_BAND:
+        return "no measurable difference"
+    return f"no measurable difference, but too noisy to see one: {low:.2f}-{high:.2f}"
+
+
+def undecided(v):
+    """True for a verdict that more samples could still change (too few, or an interval too wide to tell)."""
+    return v.startswith("too few") or "too noisy" in v
+
+
 class Bench:
     """One run of the harness on ``lab``'s target. ``mode``: 'quick' (minutes, even under TCG) or 'full'."""
 
@@ -79,7 +114,7 @@ class Bench:
         if repeats is not None:
             if not isinstance(repeats, int) or repeats < 1:
                 raise InvalidSpec(f"repeats={repeats!r} must be a positive whole number", fix="e.g. repeats=5")
-            self.plan["repeats"] = repeats
+            self.plan["repeats"] = self.plan["max_repeats"] = repeats  # exactly these: no rounds added
         self.experiments = tuple(experiments or EXPERIMENTS)
         bad = [e for e in self.experiments if e not in EXPERIMENTS]
         if bad:
@@ -90,7 +125,7 @@ class Bench:
             raise InvalidSpec(f"cases {self.cases!r}: every run needs 'native' (the reference) and knows only "
                               + ", ".join(CASES), fix="e.g. cases=('native', 'container')")
         self.accel, self.progress_enabled = accel, progress
-        self.samples = []
+        self.samples, self.notes = [], []
 
     # -- the plan ------------------------------------------------------------------------------------
     def _count(self):
@@ -103,7 +138,7 @@ class Bench:
             elif e in WORKLOADS:
                 n += reps * len(self.cases)
             elif e.startswith("net-"):
-                n += reps * per_case
+                n += (p["warmup"] + self._net_repeats()) * per_case
             elif e == "density":
                 n += len(p["density"]) * (len(self.cases) - 1)
         return n + 1
@@ -165,7 +200,7 @@ class Bench:
             self._density()
         env["mode"], env["duration_s"], env["cases"] = self.mode, time.time() - started, list(self.cases)
         env["vm_accel_used"] = self.vm_accel
-        env["notes"] = list(getattr(self, "startup_notes", []))
+        env["notes"] = list(getattr(self, "startup_notes", [])) + self.notes
         if vm_missing:
             env["vm_missing"] = vm_missing
             env["notes"].append("no VM was measured: " + vm_missing)
@@ -201,10 +236,14 @@ class Bench:
             lab.call("bench.startup_finish", rig=rig)
 
     def _workload(self, name, box, vm):
+        """The planned rounds; then, while a case cannot yet be told apart from native (:func:`verdict`), more
+        rounds of that case interleaved with native, up to the plan's ``max_repeats`` (as pyperf warns of an
+        unstable benchmark, a case still undecided then says so in the notes)."""
         lab, p = self.lab, self.plan
         amount = p["amounts"][name]
-        for r in range(-p["warmup"], p["repeats"]):
-            for case in self._order(list(self.cases), r):
+
+        def one_round(r, cases):
+            for case in self._order(cases, r):
                 if case == "native":
                     s = lab.call("bench.native", workload=name, amount=amount)
                 elif case == "container":
@@ -212,7 +251,36 @@ class Bench:
                 else:
                     s = lab.call("bench.vm", vm_id=vm.id, workload=name, amount=amount)
                 self._add(name, case, r, s, accel=self.vm_accel if case == "vm" else None)
-                self.bar.step(f"{name} {case}")
+                if r < p["repeats"]:
+                    self.bar.step(f"{name} {case}")
+
+        for r in range(-p["warmup"], p["repeats"]):
+            one_round(r, list(self.cases))
+        r = p["repeats"]
+        while True:
+            open_cases = [c for c, v in self._verdicts(name).items() if undecided(v)]
+            if not open_cases or r >= max(p["max_repeats"], p["repeats"]):
+                break
+            one_round(r, ["native"] + open_cases)
+            r += 1
+        for case, v in self._verdicts(name).items():
+            if undecided(v):
+                self.notes.append(f"{name}, {case}: {v} after {r} rounds (full mode measures more)")
+
+    def _verdicts(self, name):
+        """{case: verdict} of one workload from the samples so far."""
+        rows = [x for x in self.samples if x["experiment"] == name]
+        ref = [x["elapsed_s"] for x in rows if x["case"] == "native"]
+        out = {}
+        for case in self.cases:
+            own = [x["elapsed_s"] for x in rows if x["case"] == case]
+            if case != "native" and own and ref:
+                out[case] = verdict(*ratio_interval(own, ref), n=min(len(own), len(ref)))
+        return out
+
+    def _net_repeats(self):
+        """Enough rounds for a verdict (:data:`MIN_TO_TELL`), unless the plan was given its exact number."""
+        return max(self.plan["repeats"], min(MIN_TO_TELL, self.plan["max_repeats"]))
 
     def _network(self, mode, box, vm):
         lab, p = self.lab, self.plan
@@ -223,7 +291,7 @@ class Bench:
                       ("container", "container (NAT)", "127.0.0.1", self.nat_port)]
         if "vm" in self.cases:
             paths.append(("vm", "vm", vm.ip, None))
-        for r in range(-p["warmup"], p["repeats"]):
+        for r in range(-p["warmup"], self._net_repeats()):
             for where, label, ip, fixed_port in self._order(paths, r):
                 port = 5201 if fixed_port else 30000 + secrets.randbelow(20000)
                 lab.call("bench.net_serve", case=where, mode=mode, port=port, ref=box.id if box else None,
@@ -409,6 +477,29 @@ class BenchResult:
             experiment = d["experiment"].iloc[-1]
         return experiment, s[s["experiment"] == experiment].set_index("case")["median"]
 
+    def intervals(self):
+        """One row per experiment (start-up and density aside) and case: n, the ratio of its median time to
+        native's (``time vs native`` of :meth:`summary`), a 95% bootstrap interval (``low``, ``high``) and what
+        they allow one to say (``verdict``: slower, faster, no measurable difference, or too few or too noisy to tell)."""
+        import pandas as pd
+        df = self.samples
+        rows = []
+        if df.empty:
+            return pd.DataFrame(columns=["experiment", "case", "n", "ratio", "low", "high", "verdict"])
+        timed = df[~df["experiment"].isin(["startup", "density"])]
+        for (exp, case), g in timed.groupby(["experiment", "case"], sort=False):
+            if case == "native":
+                continue
+            col = "rtt_median_s" if exp == "net-latency" else "elapsed_s"
+            ref = timed[(timed["experiment"] == exp) & (timed["case"] == "native")][col].dropna()
+            own = g[col].dropna()
+            if own.empty or ref.empty:
+                continue
+            ratio, low, high = ratio_interval(own.values, ref.values)
+            rows.append({"experiment": exp, "case": self._label(case), "n": min(len(own), len(ref)), "ratio": ratio,
+                         "low": low, "high": high, "verdict": verdict(ratio, low, high, min(len(own), len(ref)))})
+        return pd.DataFrame(rows)
+
     def ratios(self):
         """container/native and VM/native time ratios per experiment (medians of the same run)."""
         s = self.summary()
@@ -425,7 +516,7 @@ class BenchResult:
             figs["startup"] = plotting.startup_chart(s[s["experiment"] == "startup"], subtitle=sub)
         r = self.ratios()
         if not r.empty:
-            figs["overhead"] = plotting.overhead_chart(r, subtitle=sub)
+            figs["overhead"] = plotting.overhead_chart(r, subtitle=sub, intervals=self.intervals())
         d = self.samples[self.samples["experiment"] == "density"] if not self.samples.empty else None
         if d is not None and not d.empty:
             figs["density"] = plotting.density_chart(d, vm_label=self.accel_label(), subtitle=sub)

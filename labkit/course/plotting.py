@@ -193,8 +193,11 @@ def startup_chart(summary, title="Start-up: asking for it to its first useful in
     return fig
 
 
-def overhead_chart(ratios, title="What isolation costs: time relative to native (same run)", subtitle=""):
-    """Grouped bars of each case's median time over native's (1.0 = no overhead), log scale."""
+def overhead_chart(ratios, title="What isolation costs: time relative to native (same run)", subtitle="",
+                   intervals=None):
+    """Grouped bars of each case's median time over native's (1.0 = no overhead), log scale; with ``intervals``
+    (:meth:`labkit.course.bench.BenchResult.intervals`), each bar's 95% interval as an error bar, and a bar whose
+    interval holds 1.0 drawn hatched and labelled "≈1": no measurable difference."""
     plt = _plt()
     import numpy as np
     ratios = ratios.copy()
@@ -209,19 +212,40 @@ def overhead_chart(ratios, title="What isolation costs: time relative to native 
     fig, ax = plt.subplots(figsize=(1.2 * len(ratios.index) + 3.5, 4.2))
     x = np.arange(len(ratios.index))
     width = 0.8 / max(len(cols), 1)
+    spans = {}
+    if intervals is not None and not intervals.empty:
+        for row in intervals.itertuples():
+            case = "container" if row.case == "container (bridge)" else row.case
+            spans[(row.experiment, case)] = (row.low, row.high)
     for k, c in enumerate(cols):
         vals = ratios[c].values.astype(float)
         label = "container (network: veth + bridge)" if c == "container" else c
-        ax.bar(x + k * width - 0.4 + width / 2, vals, width, label=label, color=_case_color(c))
-        for xi, v in zip(x + k * width - 0.4 + width / 2, vals):
+        xs = x + k * width - 0.4 + width / 2
+        got = [spans.get((e, c)) for e in ratios.index]
+        holds_one = [bool(g) and g[0] <= 1.0 <= g[1] for g in got]
+        ax.bar(xs, vals, width, label=label, color=_case_color(c),
+               hatch=["//" if h else "" for h in holds_one], edgecolor="white")
+        if spans:
+            low = [v - g[0] if g and np.isfinite(v) else 0 for v, g in zip(vals, got)]
+            high = [g[1] - v if g and np.isfinite(v) else 0 for v, g in zip(vals, got)]
+            ax.errorbar(xs, vals, yerr=[np.maximum(low, 0), np.maximum(high, 0)], fmt="none", ecolor="black",
+                        elinewidth=1, capsize=2)
+        for xi, v, g, h in zip(xs, vals, got, holds_one):
             if np.isfinite(v):
-                ax.text(xi, v * 1.05, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+                top = max(v, g[1]) if g else v
+                ax.text(xi, top * 1.05, "≈1" if h else f"{v:.2f}", ha="center", va="bottom", fontsize=8)
     ax.axhline(1.0, color="black", lw=1, ls="--")
     ax.set_yscale("log")
     ax.set_xticks(x)
     ax.set_xticklabels(ratios.index, rotation=20, ha="right")
-    ax.set_ylabel("median time / native median time (log)")
-    ax.legend(fontsize=8)
+    ax.set_ylabel("median time / native median time (log)" + ("\nerror bars: 95% interval" if spans else ""))
+    from matplotlib.patches import Patch
+    handles = [Patch(facecolor=_case_color(c), label="container (network: veth + bridge)" if c == "container" else c)
+               for c in cols]
+    if spans:
+        handles.append(Patch(facecolor="white", edgecolor="gray", hatch="//",
+                             label="≈1: the interval holds 1.0, no measurable difference"))
+    ax.legend(handles=handles, fontsize=8)
     ax.set_title(title + (f"\n{subtitle}" if subtitle else ""))
     fig.tight_layout()
     return fig
