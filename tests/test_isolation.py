@@ -12,10 +12,17 @@ def test_matrix_rows(lab, rootfs_name, tmp_path):
     res = isolation.isolation_matrix(lab, rootfs=rootfs_name)
     m = res.matrix
     assert list(m.columns) == list(isolation.BASIC)
-    assert m.loc["plain process"].tolist() == [1] * 6
-    assert m.loc["container"].tolist() == [0, 0, 0, 0, 1, 0], "without a user namespace root is the host's root"
-    assert m.loc["container + userns, default caps"].tolist() == [0] * 6
-    assert m.loc["net", "links"] == 0 and m.loc["net"].sum() == 5
+    assert m.loc["plain process"].tolist() == [1] * 8
+    assert m.loc["container"].tolist() == [0, 0, 0, 0, 1, 0, 0, 0], "without a user namespace root is the host's root"
+    assert m.loc["container + userns, default caps"].tolist() == [0] * 8
+    assert m.loc["net", "links"] == 0 and m.loc["net"].sum() == 7
+    # the IPC namespace hides the System V segment the host made; the cgroup namespace, the host's cgroup paths
+    assert m.loc["ipc", "IPC objects"] == 0 and m.loc["ipc"].sum() == 7
+    assert m.loc["cgroup", "cgroup path"] == 0 and m.loc["cgroup"].sum() == 7
+    assert "lists the segment the host just made" in res.reasons.loc["pid + mnt (own /proc)", "IPC objects"]
+    assert "own cgroup namespace" in res.reasons.loc["cgroup", "cgroup path"]
+    assert not os.listdir("/run/labkit/probe") and f"{res.host['shm_key']} " not in open("/proc/sysvipc/shm").read(), \
+        "the marker and the host's segment are gone"
     assert m.loc["uts", "hostname"] == 0 and m.loc["user", "users"] == 0
     assert m.loc["pid (host /proc)", "host PIDs"] == 1 and m.loc["pid + mnt (own /proc)", "host PIDs"] == 0
     assert m.loc["chroot", "files"] == 0 and m.loc["chroot", "host PIDs"] == 1
@@ -51,7 +58,7 @@ def test_every_column_and_the_vm_checked_against_the_truth(lab, rootfs_name):
     assert "bounded by the VM's RAM" in res.reasons.loc[vm_row, "memory"]
     assert not os.listdir("/run/labkit/probe"), "the marker file is gone"
     # every namespace inode the probe read, against the configuration that made it
-    host_ns = {n: os.stat(f"/proc/self/ns/{n}").st_ino for n in ("mnt", "net", "pid", "user", "uts", "cgroup")}
+    host_ns = {n: os.stat(f"/proc/self/ns/{n}").st_ino for n in ("mnt", "net", "pid", "user", "uts", "cgroup", "ipc")}
     for label, opts in isolation.default_configs(rootfs_name):
         made = set(opts.get("namespaces", ()))
         for n, ino in host_ns.items():

@@ -20,7 +20,7 @@ import re
 import shutil
 
 from ..wire.specs import GRADE_DIR, RUN_DIR, STATE_DIR
-from . import cgroups, cluster, engine, kernel, localregistry, manager, network, node, process, vm
+from . import cgroups, cluster, engine, kernel, localregistry, manager, network, node, process, vm, workloads
 from .rootfs import mounts_under
 from .runner import Recorder, read_text, run, which
 
@@ -76,6 +76,7 @@ def plan():
     for d in _scratch_dirs():
         items.append(("grading scratch", d))
     items += localregistry.plan()
+    items += [("probe marker", m) for m in workloads.leftover_probes()]  # (with its System V segment)
     return items
 
 
@@ -111,6 +112,9 @@ def cleanup(dry_run=False):
         rec.run(["nft", "delete", "table", "ip", table])
     removed += [f"{k} {n}" for k, n in items if k in ("cluster", "node")]
     localregistry.cleanup(rec)
+    for m in workloads.leftover_probes():
+        workloads.probe_done(m)
+        removed.append(f"probe marker {m}")
     removed += [f"{k} {n}" for k, n in items if k in ("registry", "registry storage")]
     engine.cleanup(rec)  # monitors and containers first: their roots, cgroups and veths follow below
     for e in process.list_processes():

@@ -262,6 +262,24 @@ SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
 
 
+IPC_CREAT, IPC_EXCL, IPC_RMID = 0o1000, 0o2000, 0
+
+
+def shm_create(key, size=4096, rec=None):
+    """A System V shared memory segment with ``key`` (exclusive: never one that exists already): its id."""
+    return _call(rec, "shmget", [hex(key), size, "IPC_CREAT|IPC_EXCL|0600"],
+                 lambda: libc().shmget(ctypes.c_int(key), ctypes.c_size_t(size), IPC_CREAT | IPC_EXCL | 0o600))
+
+
+def shm_remove(key, rec=None):
+    """Remove the System V shared memory segment with ``key`` in this IPC namespace; False when there is none."""
+    shmid = libc().shmget(ctypes.c_int(key), ctypes.c_size_t(0), 0)
+    if shmid < 0:
+        return False
+    _call(rec, "shmctl", [shmid, "IPC_RMID"], lambda: libc().shmctl(shmid, IPC_RMID, None))
+    return True
+
+
 def link_up(name, rec=None):
     """ioctl(SIOCSIFFLAGS, IFF_UP) on an interface of the caller's network namespace."""
     start = time.perf_counter()

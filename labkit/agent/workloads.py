@@ -23,6 +23,7 @@ import os
 import re
 import socket
 
+from ..wire.errors import LabkitError
 from .runner import pid_starttime, read_text
 
 PROBE_SH = r"""
@@ -36,7 +37,13 @@ if [ -r /proc/self/stat ]; then
   k pid1_start "$(sed 's/.*) //' /proc/1/stat | cut -d' ' -f20)"
   k pids "$(ls /proc | grep -c '^[0-9]')"
   k mount_ids "$(cut -d' ' -f1 /proc/self/mountinfo | tr '\n' ' ')"
-  for ns in mnt net pid user uts cgroup; do k "ns_$ns" "$(readlink /proc/self/ns/$ns | tr -dc 0-9)"; done
+  for ns in mnt net pid user uts cgroup ipc; do k "ns_$ns" "$(readlink /proc/self/ns/$ns | tr -dc 0-9)"; done
+  k cgroup_self "$(tr '\n' ';' < /proc/self/cgroup)"
+  # the System V shared memory segment the host made with key $2: listed here only in the host's IPC namespace
+  if [ -r /proc/sysvipc/shm ] && [ -n "$2" ]; then
+    if awk -v key="$2" 'NR > 1 && $1 == key { found = 1 } END { exit !found }' /proc/sysvipc/shm; then k sees_shm 1
+    else k sees_shm 0; fi
+  fi
   k uid_map "$(tr -s ' ' < /proc/self/uid_map | sed 's/^ //' | tr '\n' ';')"
   k capeff "$(grep CapEff /proc/self/status | cut -f2)"
   k links "$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | tr '\n' ' ')"
@@ -130,7 +137,9 @@ def host_facts(marker=""):
     return {"kernel": os.uname().release, "hostname": os.uname().nodename,
             "boot_id": (read_text("/proc/sys/kernel/random/boot_id") or "").strip(), "pid1_start": start,
             "mount_ids": sorted(mounts), "links": links, "marker": marker,
-            "ns": {n: os.stat(f"/proc/self/ns/{n}").st_ino for n in ("mnt", "net", "pid", "user", "uts", "cgroup")}}
+            "cgroup_self": (read_text("/proc/self/cgroup") or "").strip().replace("\n", ";"),
+            "ns": {n: os.stat(f"/proc/self/ns/{n}").st_ino for n in ("mnt", "net", "pid", "user", "uts", "cgroup",
+                                                                      "ipc")}}
 
 
 PROBE_DIR = "/run/labkit/probe"
@@ -138,22 +147,51 @@ PROBE_DIR = "/run/labkit/probe"
 
 def probe_context():
     """What the host side needs to run the probe: the script, the host's busybox, a fresh marker file
-    (a host file only the host can see) and the host's own facts to compare with."""
+    (a host file only the host can see), a System V shared memory segment made on the host (``shm_key``: an
+    IPC object only the host's IPC namespace lists) and the host's own facts to compare with."""
     import secrets
-    from . import rootfs
+    from . import kernel, rootfs
     os.makedirs(PROBE_DIR, exist_ok=True)
     token = secrets.token_hex(8)
     marker = f"{PROBE_DIR}/marker-{token}"
-    with open(marker, "w") as f:
+    with open(marker, "w") as f:  # first: probe_done and cleanup find the segment by the marker's name
         f.write(token + "\n")
-    return {"script": PROBE_SH, "busybox": rootfs.busybox_or_fail(), "marker": marker, "host": host_facts(token)}
+    key = shm_key(token)
+    try:
+        kernel.shm_create(key)
+    except LabkitError:
+        key = None  # (a key taken already: the probe then reports no IPC fact, the matrix says why)
+    host = dict(host_facts(token), shm_key=key)
+    return {"script": PROBE_SH, "busybox": rootfs.busybox_or_fail(), "marker": marker, "shm_key": key, "host": host}
+
+
+def shm_key(token):
+    """The System V key of a probe's segment, from its marker's token: positive and never 0 (IPC_PRIVATE), so
+    /proc/sysvipc/shm prints it as this very number."""
+    return int(token[:7], 16) | 1
+
+
+MARKER = re.compile(re.escape(PROBE_DIR) + r"/marker-([0-9a-f]{16})")
 
 
 def probe_done(marker):
-    """Remove the marker file probe_context made (only a file of that shape, in that directory)."""
-    if re.fullmatch(re.escape(PROBE_DIR) + r"/marker-[0-9a-f]{16}", str(marker)) and os.path.exists(marker):
-        os.unlink(marker)
+    """Remove the marker file probe_context made and its shared memory segment (only a file of that shape, in
+    that directory, and the segment with the key its name gives)."""
+    from . import kernel
+    m = MARKER.fullmatch(str(marker))
+    if m:
+        kernel.shm_remove(shm_key(m.group(1)))
+        if os.path.exists(marker):
+            os.unlink(marker)
     return {"removed": marker}
+
+
+def leftover_probes():
+    """Markers (and so segments) of probes whose probe_done never ran (a killed notebook): for labkit cleanup."""
+    try:
+        return sorted(p for p in (f"{PROBE_DIR}/{n}" for n in os.listdir(PROBE_DIR)) if MARKER.fullmatch(p))
+    except OSError:
+        return []
 
 
 def host_disk():

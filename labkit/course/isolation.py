@@ -11,7 +11,7 @@ import re
 
 from ..wire.arch import DOCKER_DEFAULT_CAPS
 
-BASIC = ("host PIDs", "hostname", "mounts", "links", "users", "files")
+BASIC = ("host PIDs", "hostname", "mounts", "links", "users", "files", "IPC objects", "cgroup path")
 ALL = BASIC + ("kernel", "mount (host)", "load module", "set clock", "write /proc/sys", "write /sys",
                 "memory", "PIDs")
 LIMITS = {"memory": "256M", "pids": 128}
@@ -45,7 +45,7 @@ def probe(lab, label, opts, ctx):
     opts = dict(opts)
     limits = opts.pop("limits", None)
     busybox = "/bin/busybox" if opts.get("rootfs") else ctx["busybox"]
-    argv = [busybox, "sh", "-c", ctx["script"], "probe", ctx["marker"]]
+    argv = [busybox, "sh", "-c", ctx["script"], "probe", ctx["marker"], str(ctx.get("shm_key") or "")]
     cg = None
     try:
         if limits:
@@ -69,7 +69,7 @@ def probe_vm(lab, ctx, vm=None, accel=None):
     own = vm is None
     vm = vm or lab.vm_start(accel=accel)
     try:
-        res = vm.exec(f"sh /lk/probe.sh {ctx['marker']}")
+        res = vm.exec(f"sh /lk/probe.sh {ctx['marker']} {ctx.get('shm_key') or ''}")
     finally:
         if own:
             vm.stop()
@@ -178,6 +178,22 @@ def compare(facts, host, limits=None, vm=False):
                         + (" (the host's root)" if host_root else " (not the host's root)"))
     seen = bool(host.get("marker")) and facts.get("marker") == host["marker"]
     out["files"] = (int(seen), "reads a file the host just wrote" if seen else "cannot see the host's files")
+    shm = facts.get("sees_shm")
+    if shm is None:
+        out["IPC objects"] = (0, "no System V IPC list to read (no /proc, or the host made no segment)")
+    else:
+        shm = shm == "1" and same_kernel
+        out["IPC objects"] = (int(shm), f"/proc/sysvipc/shm lists the segment the host just made (key {host.get('shm_key')})"
+                              if shm else "its System V IPC objects are its own: the host's segment is not there")
+    cg_lines = [ln for ln in (facts.get("cgroup_self") or "").split(";") if ln]
+    if not cg_lines:
+        out["cgroup path"] = (0, "no /proc: /proc/self/cgroup not readable")
+    else:
+        shown = max(cg_lines, key=lambda ln: len(ln.split(":", 2)[-1]))  # the line with the deepest path
+        shared = shared_ns("cgroup")
+        out["cgroup path"] = (int(shared), f"/proc/self/cgroup: {shown}" + (
+            " (the host's cgroup namespace: paths from the host's root)" if shared else
+            " (the guest kernel's own cgroups)" if vm else " (paths from its own cgroup namespace's root)"))
     out["kernel"] = (int(same_kernel), f"kernel {facts.get('kernel')}, boot id {(facts.get('boot_id') or '?')[:8]}"
                      + (" (the host's kernel)" if same_kernel else " (a kernel of its own)"))
     can_mount = facts.get("can_mount") == "1"
