@@ -528,6 +528,28 @@ def cmd_network(args):
     return 0
 
 
+def cmd_volume(args):
+    """`docker volume ls|create|inspect|rm`."""
+    from .client.records import text_table
+    lab = _lab(args)
+    if args.action in ("ls", "list"):
+        rows = [{"DRIVER": v["driver"], "VOLUME NAME": v["name"]} for v in lab.volumes()]
+        print(text_table(rows, ["DRIVER", "VOLUME NAME"]))
+        return 0
+    if not args.names:
+        raise LabkitError(f"volume {args.action} needs a volume name", fix=f"e.g. labkit volume {args.action} notes")
+    for name in args.names:
+        if args.action == "create":
+            lab.volume(name)
+            print(name)
+        elif args.action in ("rm", "remove"):
+            lab.volume_rm(name, force=args.force)
+            print(name)
+        else:
+            print(json.dumps(lab.call("volume.inspect", name=name), indent=4))
+    return 0
+
+
 # --- lab 09: clusters, and Docker Swarm's verbs on them (node, service, stack) ---------------------------------
 
 def _cluster(args):
@@ -962,7 +984,7 @@ def _parser(only=None):
         sp.add_argument("--name")
         sp.add_argument("-e", "--env", action="append", help="KEY=VALUE")
         sp.add_argument("-p", "--publish", action="append", help="[HOST_IP:]HOST_PORT:CONTAINER_PORT[/tcp]")
-        sp.add_argument("-v", "--volume", action="append", help="HOST_PATH:CONTAINER_PATH[:ro]")
+        sp.add_argument("-v", "--volume", action="append", help="HOST_PATH:CONTAINER_PATH[:ro], or VOLUME_NAME:CONTAINER_PATH")
         sp.add_argument("-h", "--hostname")
         sp.add_argument("-m", "--memory", help="e.g. 64m")
         sp.add_argument("--cpus", type=float)
@@ -1067,6 +1089,12 @@ def _parser(only=None):
     sp.add_argument("--subnet", help="with create: a private IPv4 /16../29, e.g. 10.214.0.0/24")
     sp.add_argument("names", nargs="*")
     sp.set_defaults(fn=cmd_network)
+    sp = sub.add_parser("volume", parents=[common], help="named volumes (data that outlives rm): ls, create, rm, "
+                                                         "inspect")
+    sp.add_argument("action", choices=("ls", "list", "create", "rm", "remove", "inspect"))
+    sp.add_argument("-f", "--force", action="store_true", help="with rm: even while containers were made with it")
+    sp.add_argument("names", nargs="*")
+    sp.set_defaults(fn=cmd_volume)
     on_cluster = argparse.ArgumentParser(add_help=False)
     on_cluster.add_argument("--cluster", help="the cluster to talk to (default: $LABKIT_CLUSTER, else the only one)")
 
@@ -1218,7 +1246,7 @@ MANAGEMENT = {
               "inspect": ["inspect", "--type", "image"], **{v: [v] for v in ("pull", "push", "tag", "build")}},
 }
 DOCKER_VERBS = {"run", "attach", "create", "start", "stop", "kill", "rm", "ps", "logs", "top", "inspect", "exec", "images",
-                "rmi", "build", "commit", "pull", "push", "tag", "search", "version", "network", "node", "service",
+                "rmi", "build", "commit", "pull", "push", "tag", "search", "version", "network", "volume", "node", "service",
                 "stack"}
 
 

@@ -233,3 +233,14 @@ def test_a_garbled_pid_file_is_no_daemon_and_signals_nothing(lab):
     for f in os.listdir(daemon.RUN_DIR):  # the garbled one, set aside for a human to read
         if f.startswith("labkitd.json.corrupt-"):
             os.unlink(os.path.join(daemon.RUN_DIR, f))
+
+
+def test_one_request_on_labkits_own_wire_as_it_crossed_the_socket(lab):
+    """Lab 06's look at labkit's wire: the daemon speaks first, then one JSON line each way, with the same id."""
+    import json as _json
+    with lab.daemon() as d:
+        one = d.wire("container.ps", all=True)
+    hello, request, answer = (_json.loads(one[k]) for k in ("hello", "request", "answer"))
+    assert hello["hello"] == "labkit-agent" and hello["protocol"] >= 2
+    assert request == {"id": 1, "method": "container.ps", "params": {"all": True}}
+    assert answer["id"] == 1 and answer["ok"] is True and isinstance(answer["result"], list)

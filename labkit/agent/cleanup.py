@@ -9,7 +9,8 @@ directories (not a mount at them); network namespaces named ``lk-*``; links of l
 ``/run/labkit/grade/grade-<slot>-<hex>`` (their sandboxes' cgroups go first); a cluster's nodes recorded in
 /run/labkit/nodes and their stores under /var/lib/labkit/nodes (:mod:`labkit.agent.node`), the clusters
 recorded in /run/labkit/clusters with their routes (:mod:`labkit.agent.cluster`), and the local registry labkit
-started, with what was pushed to it (:mod:`labkit.agent.localregistry`). Each is matched by exact rule, never by a loose pattern, and
+started, with what was pushed to it (:mod:`labkit.agent.localregistry`), and named volumes
+(:mod:`labkit.agent.volumes`). Each is matched by exact rule, never by a loose pattern, and
 removal is idempotent: a second run finds nothing. Standard library only.
 """
 import os
@@ -20,7 +21,7 @@ import re
 import shutil
 
 from ..wire.specs import GRADE_DIR, RUN_DIR, STATE_DIR
-from . import cgroups, cluster, engine, kernel, localregistry, manager, network, node, process, vm, workloads
+from . import cgroups, cluster, engine, kernel, localregistry, manager, network, node, process, vm, volumes, workloads
 from .rootfs import mounts_under
 from .runner import Recorder, read_text, run, which
 
@@ -75,6 +76,7 @@ def plan():
         items.append(("firewall", f"nft table ip {table}"))
     for d in _scratch_dirs():
         items.append(("grading scratch", d))
+    items += [("volume", v["name"]) for v in volumes.list_volumes()]
     items += localregistry.plan()
     items += [("probe marker", m) for m in workloads.leftover_probes()]  # (with its System V segment)
     return items
@@ -117,6 +119,7 @@ def cleanup(dry_run=False):
         removed.append(f"probe marker {m}")
     removed += [f"{k} {n}" for k, n in items if k in ("registry", "registry storage")]
     engine.cleanup(rec)  # monitors and containers first: their roots, cgroups and veths follow below
+    removed += [f"volume {n}" for n in volumes.cleanup(rec)]  # (their containers are gone: nothing binds them now)
     for e in process.list_processes():
         process.stop(e["id"], timeout=2)
         removed.append(f"process {e['id']}")

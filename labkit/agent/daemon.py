@@ -43,7 +43,8 @@ LOG = f"{RUN_DIR}/labkitd.log"
 CONCURRENT = frozenset({"hello", "container.wait", "container.logs", "container.ps", "container.inspect",
                         "container.top", "image.list", "image.inspect", "net.list", "net.inspect", "net.topology",
                         "proc.list", "proc.inspect", "cgroup.stats", "cgroup.sample", "cgroup.list", "read_file",
-                        "list_dir", "vm.list", "registry.get", "registry.status"})
+                        "list_dir", "vm.list", "registry.get", "registry.status", "volume.ls",
+                        "volume.inspect"})
 
 
 def status():

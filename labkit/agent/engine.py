@@ -24,7 +24,7 @@ from ..wire.arch import CAPS, DOCKER_DEFAULT_CAPS, normalize_caps
 from ..wire.errors import Conflict, InvalidSpec, LabkitError, MechanismError, NotFound
 from ..wire.words import DETACHED, detach_keys
 from ..wire.specs import CONTAINERS_DIR, RUN_DIR, STATE_DIR, ContainerSpec, ImageRef, NetworkSpec, PortSpec, ProcessSpec, check_name
-from . import cgroups, enter, network, roots, store, supervisor
+from . import cgroups, enter, network, roots, store, supervisor, volumes
 from .launch import CONTAINER_PATH
 from .runner import Recorder, pid_fields, read_text, recorded_process, start_helper
 from .state import private_dir, read_json, set_aside, write_json
@@ -107,7 +107,8 @@ def create(spec: ContainerSpec):
     caps, cap_add, cap_drop = capabilities(spec.cap_add, spec.cap_drop, spec.privileged)
     img = store.load_image(ref)
     ports = [PortSpec.parse(p).to_dict() for p in spec.ports]
-    for src, _, _ in spec.binds:
+    binds = volumes.resolve(spec.binds)  # a volume named here is made now, as Docker makes it
+    for src, _, _ in binds:
         if not os.path.exists(src):
             raise InvalidSpec(f"volume source {src} does not exist on the target", fix="create it first")
     cid = secrets.token_hex(6)
@@ -130,7 +131,7 @@ def create(spec: ContainerSpec):
                "cmd": list(spec.cmd) if spec.cmd else list(img["config"].get("Cmd") or ["/bin/sh"]),
                "env": list(img["config"].get("Env") or []) + [f"{k}={v}" for k, v in spec.env],
                "hostname": spec.hostname or cid, "workdir": spec.workdir or img["config"].get("WorkingDir") or "/",
-               "ports": ports, "binds": [list(b) for b in spec.binds], "read_only": spec.read_only, "user": spec.user,
+               "ports": ports, "binds": [list(b) for b in binds], "read_only": spec.read_only, "user": spec.user,
                "network": spec.network, "limits": {"memory": spec.memory, "nano_cpus": spec.nano_cpus,
                                                    "pids": spec.pids_limit},
                "caps": caps, "privileged": spec.privileged, "cap_add": cap_add, "cap_drop": cap_drop,

@@ -16,7 +16,7 @@ from ..wire.errors import InvalidSpec, LabkitError, PrivilegeError, UnsupportedH
 from ..wire.orchestration import ServiceSpec, StackSpec
 from ..wire.specs import CgroupSpec, ClusterSpec, ContainerSpec, NetworkSpec, NodeSpec, ProcessSpec, RootfsSpec
 from . import (build, cgroups, cleanup, cluster, daemon, doctor, engine, localregistry, manager, measure, namespaces, network, node,
-               oci, process, registry, roots, rootfs, store, vm, vmsandbox, workloads)
+               oci, process, registry, roots, rootfs, store, vm, vmsandbox, volumes, workloads)
 from .runner import run as run_cmd
 
 
@@ -195,8 +195,12 @@ METHODS = {
     "image.pull": registry.pull,
     "image.push": registry.push,
     "image.search": registry.search,
+    "volume.create": lambda name: volumes.create(name),
+    "volume.ls": volumes.list_volumes,
+    "volume.inspect": volumes.inspect,
+    "volume.rm": lambda name, force=False: volumes.remove(name, force),
     "registry.start": localregistry.start,
-    "registry.stop": localregistry.stop,
+    "registry.stop": lambda remove=False: localregistry.stop(remove),
     "registry.status": localregistry.status,
     "registry.get": localregistry.get,
     "vm.missing": vm.missing,

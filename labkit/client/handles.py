@@ -332,6 +332,21 @@ while True:
 sys.stdout.write(data.decode("utf-8", "replace"))
 '''
 
+#: one request on labkit's own wire (a unix socket, one JSON object per line), sent from the target: the agent's
+#: hello, the request and the answer, each as the line that crossed the socket
+WIRE_ONE = r'''
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(30)
+s.connect(sys.argv[1])
+f = s.makefile("rwb")
+hello = f.readline(1 << 20)
+f.write(sys.argv[2].encode() + b"\n")
+f.flush()
+answer = f.readline(1 << 20)
+sys.stdout.write((hello + sys.argv[2].encode() + b"\n" + answer).decode("utf-8", "replace"))
+'''
+
 
 class Daemon(_Handle):
     """labkit's daemon on the target (:mod:`labkit.agent.daemon`): ``socket`` (labkit's protocol),
@@ -376,6 +391,16 @@ class Daemon(_Handle):
             parsed = None
         return Record({"title": f"{method.upper()} {path}", "status": lines[0], "headers": headers, "body": text,
                        "json": parsed})
+
+    def wire(self, method, **params):
+        """One request on labkit's own socket, sent from the target as a client would: {'hello', 'request',
+        'answer'}, each the raw JSON line that crossed the socket."""
+        import json
+        request = json.dumps({"id": 1, "method": method, "params": params})
+        out = self.lab.run(["python3", "-c", WIRE_ONE, self.socket, request], timeout=60, check=True).stdout
+        lines = out.splitlines() + ["", "", ""]
+        return Record({"title": f"{method} on {self.socket}", "hello": lines[0], "request": lines[1],
+                       "answer": lines[2]})
 
     def requests(self, n=20):
         """The last ``n`` requests the Engine API served (time, method, path, the body's start), oldest first."""

@@ -385,6 +385,18 @@ class Lab:
         from .handles import Daemon
         return Daemon(self, self.call("daemon.start"))
 
+    def volume(self, name):
+        """`docker volume create NAME`: a named volume (made anyway by the first container given ``NAME:/path``)."""
+        return Record(self.call("volume.create", name=name))
+
+    def volumes(self):
+        """`docker volume ls`: rows {name, driver, mountpoint, used_by}."""
+        return self.call("volume.ls")
+
+    def volume_rm(self, name, force=False):
+        """`docker volume rm NAME`: refused while a container made with it exists (``force``: all the same)."""
+        return Record(self.call("volume.rm", name=name, force=bool(force)))
+
     def registry(self, port=5000):
         """A registry on the target's 127.0.0.1:``port`` (Debian's docker-registry), started when none answers
         there: ``with lab.registry() as reg:`` ... ``lab.tag(img, f"{reg.url}/me/web:v1")``, ``lab.push(...)``,

@@ -384,6 +384,28 @@ def shared_through_registry(lab, shared, pulled, origin="course/web:v1"):
                   f"and the pull fetched none of the {len(facts['layers_present'])} layers this machine already had.")
 
 
+def volume_kept(lab, volume):
+    """``volume``: the name of the volume both containers used. Live: it exists, holds note.txt with a name in it,
+    and no container made with it is left (the data outlived both)."""
+    if not isinstance(volume, str) or not volume:
+        return False, "keep the volume's name in volume (e.g. notes-yourname) and use it as volumes=[f'{volume}:/data']"
+    try:
+        row = lab.call("volume.inspect", name=volume)
+    except LabkitError:
+        return 0.2, f"there is no volume {volume!r} on the target: run the writer with volumes=[f'{{volume}}:/data']"
+    name = volume[len("notes-"):] if volume.startswith("notes-") else None
+    note = next((f for f in row["files"] if f["name"] == "note.txt"), None)
+    if note is None or note["kind"] != "file":  # (a link is never read: it could point anywhere on the target)
+        return 0.4, f"the volume {volume} holds no file note.txt: write your name to /data/note.txt"
+    text = lab.call("read_file", path=f"{row['mountpoint']}/note.txt", limit=4096)["text"].strip()
+    if not name or text != name:
+        return 0.5, f"note.txt in {volume} does not hold your name ({name!r}): name the volume notes-<me>, write <me>"
+    if row["used_by"]:
+        return 0.7, f"container(s) {', '.join(row['used_by'])} still exist: rm them, and the volume keeps the note"
+    return True, (f"both containers are gone and {volume} still holds your note: a volume outlives rm; the file in "
+                  "the writable layer (/tmp/scratch.txt) went with its container.")
+
+
 def torn_down(lab, rmi_error, name="webserver", image="course/web:v1"):
     """``rmi_error``: the refusal's text, which names the container's state when rmi was refused."""
     if not rmi_error or "used by container" not in str(rmi_error):

@@ -227,14 +227,21 @@ def argv_tuple(argv, what="argv", example="['hostname']"):
     return out
 
 
-def bind_triples(binds):
-    """Bind mounts as (host path, path inside, read-only) from "SRC:DST[:ro]" strings or triples."""
+#: a named volume (Docker's rule, bounded): what ``-v NAME:/path`` may name instead of a host path
+VOLUME_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}")
+
+
+def bind_triples(binds, volumes=False):
+    """Bind mounts as (host path, path inside, read-only) from "SRC:DST[:ro]" strings or triples; with
+    ``volumes`` (a container's), SRC may also be a volume's name."""
     out = []
     for b in binds:
         src, dst, ro = parse_bind(b) if isinstance(b, str) else (list(b) + [False])[:3]
-        if not str(src).startswith("/") or not str(dst).startswith("/") or ".." in str(dst).split("/"):
-            raise InvalidSpec(f"bind {src}:{dst} needs absolute paths and no '..' inside",
-                              fix="e.g. -v /srv/site:/var/www:ro")
+        named = volumes and isinstance(src, str) and VOLUME_NAME.fullmatch(src)
+        if not (str(src).startswith("/") or named) or not str(dst).startswith("/") or ".." in str(dst).split("/"):
+            raise InvalidSpec(f"bind {src}:{dst} needs absolute paths" + (" (or a volume's name)" if volumes else "")
+                              + " and no '..' inside", fix="e.g. -v /srv/site:/var/www:ro" + (
+                                  " or -v notes:/data" if volumes else ""))
         out.append((str(src), posixpath.normpath(str(dst)), bool(ro)))
     return tuple(out)
 
@@ -783,8 +790,8 @@ class ContainerSpec(Spec):
         if self.pids_limit is not None:
             set_("pids_limit", check_pids(self.pids_limit))
         if isinstance(self.binds, str):
-            raise InvalidSpec("volumes must be a list", fix="e.g. volumes=['/srv/site:/var/www:ro']")
-        set_("binds", bind_triples(self.binds))
+            raise InvalidSpec("volumes must be a list", fix="e.g. volumes=['/srv/site:/var/www:ro', 'notes:/data']")
+        set_("binds", bind_triples(self.binds, volumes=True))
         set_("read_only", _flag(self.read_only, "read_only"))
         set_("privileged", _flag(self.privileged, "privileged"))
         set_("tty", _flag(self.tty, "tty"))
