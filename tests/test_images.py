@@ -6,6 +6,7 @@ import subprocess
 
 import pytest
 
+from labkit.agent import cgroups
 from labkit.wire.errors import BuildFailed, InvalidSpec, NotFound, UnsafeLayer
 
 pytestmark = pytest.mark.privileged
@@ -197,3 +198,22 @@ def test_prune_keeps_the_layers_of_a_live_root_whose_record_is_lost(lab):
         assert all(os.path.isdir(f"/var/lib/labkit/layers/sha256/{d.split(':')[1]}") for d in layers)
         assert root.run(["cat", "/live"]).stdout == "live\n"
     lab.prune(all_cache=True)
+
+
+@pytest.mark.parametrize("runtime", ["crun", "runc"])
+def test_an_image_runs_as_an_oci_bundle_under_another_runtime(lab, runtime):
+    """Lab 04's runtime-spec demo: crun and runc (scripts/setup.sh installs both) run busybox from a bundle made
+    here; the bundle, its overlay root and the runtime's cgroup are gone afterwards."""
+    ran = lab.run_bundle("busybox", ["sh", "-c", "echo $$ $(hostname)"], runtime=runtime)
+    pid, host = ran["stdout"].split()
+    assert ran["exit_code"] == 0 and pid == "1" and host.startswith("oci-"), ran
+    assert ran["config"]["ociVersion"] == "1.0.2" and ran["config"]["process"]["args"][0] == "sh"
+    assert ran["argv"][-4:-1] == ["run", "--bundle", f"/var/lib/labkit/bundles/{host[4:]}"]
+    assert not os.path.exists(f"/var/lib/labkit/bundles/{host[4:]}")
+    assert not any(d.endswith(host) for d in cgroups.labkit_groups()[0])
+    assert not any(host in ln for ln in open("/proc/self/mountinfo"))
+
+
+def test_only_known_runtimes_run_bundles(lab):
+    with pytest.raises(InvalidSpec):
+        lab.run_bundle("busybox", runtime="/bin/sh")

@@ -25,7 +25,7 @@ import time
 
 from ..wire.errors import CommandTimeout, InvalidSpec, MechanismError
 from ..wire.specs import RUN_DIR, STATE_DIR, CgroupSpec, ProcessSpec, check_port
-from . import cgroups, engine, process, roots, rootfs, supervisor, vm, workloads
+from . import cgroups, engine, oci, process, roots, rootfs, supervisor, vm, workloads
 from .runner import read_text, run, start, which
 
 BENCH_DIR = STATE_DIR + "/bench"      # native file I/O: the same disk as the containers' upper dirs
@@ -176,20 +176,6 @@ def net_measure(ip, port, mode, amount):
 
 
 # -- start-up -------------------------------------------------------------------------------------------
-def _oci_config(root, cgroups_path):
-    return {"ociVersion": "1.0.2", "root": {"path": root, "readonly": False},
-            "process": {"terminal": False, "user": {"uid": 0, "gid": 0}, "args": ["/bin/true"], "cwd": "/",
-                        "env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"],
-                        "capabilities": {k: ["CAP_KILL", "CAP_NET_BIND_SERVICE"] for k in
-                                         ("bounding", "effective", "permitted")}},
-            "hostname": "bench",
-            "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"},
-                       {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]},
-                       {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["ro", "nosuid", "noexec"]}],
-            "linux": {"namespaces": [{"type": t} for t in ("pid", "mount", "uts", "ipc", "network")],
-                      "cgroupsPath": cgroups_path, "resources": {"pids": {"limit": 64}}}}
-
-
 def startup_prepare():
     """One busybox overlay root, one cgroup and one OCI bundle over that root, shared by every case
     (so the runtimes differ in nothing but themselves). crun on a hybrid host runs with the almost
@@ -206,17 +192,14 @@ def startup_prepare():
         cgroups.create(CgroupSpec(name=rig["cgroup"], pids=64))
         os.makedirs(rig["bundle"], exist_ok=True)
         with open(f"{rig['bundle']}/config.json", "w") as f:
-            json.dump(_oci_config(rig["root"], f"/labkit/bench-oci-{rid}"), f)
+            json.dump(oci.runtime_config(rig["root"], f"/labkit/bench-oci-{rid}"), f)
         mode = cgroups.detect()["mode"]
-        for runtime in ("crun", "runc"):
-            exe = which(runtime)
-            if not exe:
+        for runtime in oci.RUNTIMES:
+            cmd = oci.runtime_argv(runtime, rig["bundle"])
+            if cmd is None:
                 rig["notes"].append(f"{runtime}: not installed (apt-get install {runtime})")
                 continue
-            cmd = [exe, "run", "--bundle", rig["bundle"]]
             if runtime == "crun" and mode == "hybrid":
-                cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                       'umount /sys/fs/cgroup/unified && exec "$@"', "sh"] + cmd
                 rig["notes"].append("crun: hybrid cgroups, run with the cgroup2 mount hidden in a private "
                                     "mount namespace")
             try:

@@ -1,7 +1,8 @@
 """OCI image layouts in and out: an image of the store written as a layout directory (oci-layout, index.json,
 blobs/sha256/...) and a layout read back into the store, every blob's digest verified; and the OCI image
 config of a stored image (what :mod:`labkit.agent.registry` pushes too). skopeo reads and writes these
-layouts (``oci:DIR:TAG``). Standard library only.
+layouts (``oci:DIR:TAG``). And the OCI *runtime* spec's side: a bundle (a root filesystem and its config.json)
+made from a stored image and run by a low-level runtime, runc or crun (:func:`run_bundle`). Standard library only.
 """
 import hashlib
 import json
@@ -36,6 +37,90 @@ def oci_config(image):
                                            ("WorkingDir", cfg.get("WorkingDir"))) if v},
             "rootfs": {"type": "layers", "diff_ids": list(image["layers"])},
             "history": image.get("history", [])}
+
+
+def runtime_config(root, cgroups_path, args=("/bin/true",), env=("PATH=/usr/sbin:/usr/bin:/sbin:/bin",), cwd="/",
+                   hostname="bench"):
+    """A runtime-spec config.json (OCI runtime spec 1.0.2) for ``root``: the process, its mounts, namespaces,
+    cgroup and a pids limit, two capabilities."""
+    return {"ociVersion": "1.0.2", "root": {"path": root, "readonly": False},
+            "process": {"terminal": False, "user": {"uid": 0, "gid": 0}, "args": list(args), "cwd": cwd,
+                        "env": list(env),
+                        "capabilities": {k: ["CAP_KILL", "CAP_NET_BIND_SERVICE"] for k in
+                                         ("bounding", "effective", "permitted")}},
+            "hostname": hostname,
+            "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"},
+                       {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]},
+                       {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["ro", "nosuid", "noexec"]}],
+            "linux": {"namespaces": [{"type": t} for t in ("pid", "mount", "uts", "ipc", "network")],
+                      "cgroupsPath": cgroups_path, "resources": {"pids": {"limit": 64}}}}
+
+
+RUNTIMES = ("crun", "runc")
+
+
+def runtime_argv(runtime, bundle):
+    """How ``runtime`` runs ``bundle`` here: ``RUNTIME run --bundle DIR`` (append the container's id); None when
+    it is not installed. crun refuses hybrid cgroups, so there it runs with the almost empty cgroup2 mount hidden
+    in a private mount namespace."""
+    from . import cgroups
+    from .runner import which
+    exe = which(runtime)
+    if not exe:
+        return None
+    cmd = [exe, "run", "--bundle", bundle]
+    if runtime == "crun" and cgroups.detect()["mode"] == "hybrid":
+        cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+               'umount /sys/fs/cgroup/unified && exec "$@"', "sh"] + cmd
+    return cmd
+
+
+def run_bundle(ref, argv=None, runtime="crun", timeout=60):
+    """Run image ``ref`` the OCI runtime spec's way: an overlay root of it, a bundle directory (``config.json``
+    from the image's command, environment and working directory, and the root), and ``RUNTIME run --bundle``;
+    everything removed afterwards. Returns {'runtime', 'argv', 'config', 'exit_code', 'stdout', 'stderr',
+    'steps'}."""
+    import secrets
+    from ..wire.errors import MechanismError
+    from ..wire.specs import argv_tuple
+    from . import cgroups, roots
+    from .runner import Recorder, run
+    if runtime not in RUNTIMES:
+        raise InvalidSpec(f"{runtime!r} is not an OCI runtime labkit knows", fix="runtime='crun' or 'runc'")
+    image = store.load_image(ref)
+    cfg = image["config"]
+    args = list(argv_tuple(argv)) if argv else list(cfg.get("Cmd") or ["/bin/sh"])
+    rid = secrets.token_hex(4)
+    cid, bundle = f"oci-{rid}", f"{STATE_DIR}/bundles/{rid}"
+    rec = Recorder(f"{runtime} runs {ref} from an OCI bundle")
+    cmd = runtime_argv(runtime, bundle)
+    if cmd is None:
+        raise MechanismError(f"{runtime} is not installed on the target", fix=f"apt-get install {runtime} "
+                             "(scripts/setup.sh and the lab VM install crun and runc)")
+    root = None
+    try:
+        root = roots.create_container_root(ref=ref, cid=cid)
+        rec.steps += root["steps"]
+        os.makedirs(bundle, mode=0o700)
+        config = runtime_config(root["merged"], f"/labkit/{cid}", args=args,
+                                env=cfg.get("Env") or ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"],
+                                cwd=cfg.get("WorkingDir") or "/", hostname=cid)
+        with open(f"{bundle}/config.json", "w") as f:
+            json.dump(config, f, indent=1)
+        rec.file("write", f"{bundle}/config.json")
+        res = run(cmd + [cid], check=False, timeout=timeout, recorder=rec)
+    finally:
+        if root is not None:
+            roots.drop_container_root(cid=cid)
+        for d in cgroups.labkit_groups()[0]:  # the runtime's own cgroup, made under labkit's parent
+            if d.endswith(f"/{cid}"):
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    pass
+        shutil.rmtree(bundle, ignore_errors=True)
+    return rec.to_dict(runtime=runtime, argv=cmd + [cid], config=config, exit_code=res.exit_code,
+                       stdout=res.stdout, stderr=res.stderr)
 
 
 def export_oci(ref, dest):

@@ -166,6 +166,7 @@ METHODS = {
     "image.tag": store.tag,
     "image.rmi": engine.rmi,  # the one route: refused while a container uses the image (-f: a running one)
     "image.export": oci.export_oci,
+    "oci.run_bundle": oci.run_bundle,
     "image.import": oci.import_oci,
     "image.busybox": store.ensure_busybox,
     "image.prune": store.prune,
