@@ -244,3 +244,23 @@ def test_a_timeline_says_when_the_service_was_whole_again_and_what_failed():
                                                               "busybox:latest"]})
     fig = plotting.rollout_chart(rollout)
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["slot 1", "slot 2"]
+
+
+def test_a_check_renders_as_a_badge_and_the_notebook_ends_with_a_score_table(monkeypatch):
+    """JupyterLab shows each check as a PASS / PARTIAL / NOT YET badge with its feedback (escaped: feedback may
+    carry a student's text), and the summary as the student's table of every question; the score itself stays
+    under its MIME type for the grader."""
+    import IPython.display
+    from labkit.course import grading
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda data, raw=False: shown.append(data))
+    c = grading.Checker(None, "06-mini-docker", "alice")
+    for frac, q in ((1.0, "q1"), (0.5, "q2"), (0.0, "q3")):
+        c.check(q, 2, lambda lab, f=frac: (f, "<script>x</script>"))
+    c.summary()
+    badges = [d["text/html"] for d in shown[:3]]
+    assert ["PASS" in badges[0], "PARTIAL" in badges[1], "NOT YET" in badges[2]] == [True] * 3
+    assert all("<script>" not in b and "&lt;script&gt;" in b for b in badges)
+    table = shown[3]["text/html"]
+    assert table.count("<tr><td>") == 3 and "3 / 6" in table and "PARTIAL" in table
+    assert shown[3][grading.MIME]["question"] == "total" and shown[3]["text/plain"].startswith("[PART] total: 3/6")

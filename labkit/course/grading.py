@@ -107,10 +107,42 @@ class Checker:
         return sum(r["points"] for r in self.results), sum(r["max_points"] for r in self.results)
 
     def summary(self):
+        """The notebook's total, shown as the student's score table: every question answered here, its points,
+        its badge, and the total."""
         got, out_of = self.total
         score = {"notebook": self.notebook, "question": "total", "points": got, "max_points": out_of,
                  "passed": got >= out_of, "feedback": f"{got:g} of {out_of:g} points", "student": self.student_id}
-        _display(score)
+        rows = "".join(f"<tr><td>{_esc(r['question'])}</td><td>{_badge(r)}</td>"
+                       f"<td style='text-align:right'>{r['points']:g} / {r['max_points']:g}</td></tr>" for r in self.results)
+        table = (f"<table class='lk-scores'><thead><tr><th>question</th><th></th><th>points</th></tr></thead>"
+                 f"<tbody>{rows}</tbody><tfoot><tr><th>total</th><td>{_badge(score)}</td>"
+                 f"<th style='text-align:right'>{got:g} / {out_of:g}</th></tr></tfoot></table>")
+        _display(score, html=f"<div><b>{_esc(self.notebook)}</b> — {_esc(self.student_id)}{table}</div>",
+                 text="\n".join([_text(score)] + ["  " + _text(r) for r in self.results]))
+
+
+#: a check's badge: (label, colour) for a full, a partial and a zero score
+BADGES = {"pass": ("PASS", "#1b7f3b"), "partial": ("PARTIAL", "#a15c00"), "fail": ("NOT YET", "#b3261e")}
+
+
+def _status(score):
+    return "pass" if score["passed"] else ("partial" if score["points"] > 0 else "fail")
+
+
+def _esc(text):
+    import html
+    return html.escape(str(text))
+
+
+def _badge(score):
+    label, colour = BADGES[_status(score)]
+    return (f"<span style='background:{colour};color:#fff;border-radius:4px;padding:1px 7px;font-weight:bold;"
+            f"font-size:85%'>{label}</span>")
+
+
+def _html(score):
+    return (f"<div class='lk-score' style='margin:4px 0'>{_badge(score)} <b>{_esc(score['question'])}</b> "
+            f"{score['points']:g}/{score['max_points']:g} <span>{_esc(score['feedback'])}</span></div>")
 
 
 def _text(score):
@@ -118,15 +150,17 @@ def _text(score):
     return f"[{mark}] {score['question']}: {score['points']:g}/{score['max_points']:g}  {score['feedback']}"
 
 
-def _display(score, refs=None):
+def _display(score, refs=None, html=None, text=None):
+    """The score as a badge with its feedback in JupyterLab (HTML), a text line elsewhere, and under MIME for the
+    grader's reading of an executed notebook."""
     try:
         from IPython.display import display
-        data = {MIME: score, "text/plain": _text(score)}
+        data = {MIME: score, "text/plain": text or _text(score), "text/html": html or _html(score)}
         if refs is not None:
             data[REFS_MIME] = refs
         display(data, raw=True)
     except ImportError:
-        print(_text(score))
+        print(text or _text(score))
 
 
 def read_refs(path_or_nb):
