@@ -406,6 +406,27 @@ def volume_kept(lab, volume):
                   "the writable layer (/tmp/scratch.txt) went with its container.")
 
 
+def made_over_rest(lab, rest_name):
+    """``rest_name``: the container the student asked the Engine API for. Live: it exists, made from busybox and
+    never started, and the daemon's own access log holds the POST that created it."""
+    if not isinstance(rest_name, str) or not re.fullmatch(r"lk-rest-[a-z0-9-]+", rest_name):
+        return False, "keep the container's name, f'lk-rest-{me}', in rest_name"
+    try:
+        info = lab.call("container.inspect", ref=rest_name)
+    except LabkitError:
+        return 0.2, f"there is no container {rest_name}: POST /v1.41/containers/create?name={rest_name} to the daemon"
+    log = lab.call("read_file", path="/run/labkit/dockerapi.log", limit=1 << 20)["text"]
+    asked = re.search(rf"POST (/v[0-9.]+)?/containers/create\?name={re.escape(rest_name)}(&|\s|$)", log, re.M)
+    if not asked:
+        return 0.4, f"{rest_name} exists, but the daemon's Engine API did not make it: send the POST yourself (d.api)"
+    if info["Config"]["Image"] != "busybox:latest" and info["Config"]["Image"] != "busybox":
+        return 0.6, f"{rest_name} was made from {info['Config']['Image']}: ask for busybox"
+    if info["State"]["Status"] != "created":
+        return 0.8, f"{rest_name} is {info['State']['Status']}: create it only (docker create), do not start it"
+    return True, (f"the daemon made {rest_name} because you asked it over REST ({asked.group(0).split()[1][:60]}): "
+                  "the docker CLI sends the same request for `docker create`.")
+
+
 def torn_down(lab, rmi_error, name="webserver", image="course/web:v1"):
     """``rmi_error``: the refusal's text, which names the container's state when rmi was refused."""
     if not rmi_error or "used by container" not in str(rmi_error):

@@ -370,3 +370,83 @@ def rollout_chart(samples, title="A rolling update, slot by slot", subtitle=""):
     ax.set_title(title + (f"\n{subtitle}" if subtitle else ""))
     fig.tight_layout()
     return fig
+
+
+#: the lecture's history of containers, each step with the lab that rebuilds its mechanism: (year, what, lab)
+HISTORY = [
+    (1979, "chroot\n(Unix V7)", "01"), (2000, "FreeBSD Jail", "02"), (2001, "Linux VServer", "02"),
+    (2004, "Solaris Zones", "02"), (2005, "OpenVZ", "03"), (2006, "Process Containers\n→ cgroups (2008)", "03"),
+    (2008, "LXC", "02+03"), (2013, "Docker", "04-06"), (2014, "Kubernetes\n(1.0 2015)", "09"),
+    (2015, "OCI", "04, 07"),
+]
+
+
+def history_timeline(events=HISTORY, title="Containers, from chroot to Kubernetes: and the lab that rebuilds each",
+                     subtitle=""):
+    """The lecture's timeline (chroot → Jail → VServer → Zones → OpenVZ → cgroups → LXC → Docker → Kubernetes →
+    OCI), each step labelled with the lab where students build its mechanism."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(12, 3.8))
+    ax.axhline(0, color="#555", lw=1.5)
+    for k, (year, what, lab) in enumerate(events):  # evenly spaced, in order (the years are not to scale)
+        up = 1 if k % 2 == 0 else -1
+        ax.plot([k, k], [0, 0.5 * up], color="#888", lw=1)
+        ax.scatter([k], [0], color=PALETTE["isolated"], zorder=3, s=30)
+        ax.text(k, 0.55 * up, f"{what}\n{year} · lab {lab}", ha="center", va="bottom" if up > 0 else "top",
+                fontsize=8.5, bbox={"boxstyle": "round,pad=0.3", "fc": "#f4f8f4", "ec": "#9bbf9d"})
+    ax.set_xlim(-0.8, len(events) - 0.2)
+    ax.set_ylim(-1.8, 1.8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for side in ("left", "right", "top", "bottom"):
+        ax.spines[side].set_visible(False)
+    ax.set_title(title + (f"\n{subtitle}" if subtitle else ""))
+    fig.tight_layout()
+    return fig
+
+
+def two_stacks(facts, title="A VM carries a kernel of its own; containers share the host's", subtitle=""):
+    """The lecture's two stacks drawn from this run's facts: ``facts`` = {'host_kernel', 'host_boot', 'containers':
+    [(name, boot id)], 'vm': {'kernel', 'boot', 'accel'} or None}. A box's colour says whose kernel it is: each
+    boot id its own colour, so the containers' boxes are the host's colour and the VM's guest kernel is not."""
+    plt = _plt()
+    from matplotlib.patches import FancyBboxPatch
+    fig, ax = plt.subplots(figsize=(11, 5.2))
+    host = facts["host_boot"][:8]
+    colours = {host: "#c8e6c9"}
+
+    def colour(boot):
+        return colours.setdefault(boot[:8], ["#ffe0b2", "#bbdefb", "#f8bbd0"][(len(colours) - 1) % 3])
+
+    def box(x, y, w, h, text, fc):
+        ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.02,rounding_size=0.05", fc=fc, ec="#444"))
+        ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=9)
+
+    host_text = f"host kernel {facts['host_kernel']}\nboot id {host}…"
+    # the VM's stack (left)
+    box(0.0, 0.0, 4.6, 0.7, "hardware (this machine's CPUs and memory)", "#eeeeee")
+    box(0.0, 0.8, 4.6, 0.9, host_text, colour(host))
+    vm = facts.get("vm")
+    if vm:
+        box(0.0, 1.8, 4.6, 0.8, f"hypervisor: qemu ({vm['accel'].upper()})", "#fff9c4")
+        box(0.0, 2.7, 4.6, 0.9, f"guest kernel {vm['kernel']}\nboot id {vm['boot'][:8]}…", colour(vm["boot"]))
+        box(0.0, 3.7, 4.6, 0.8, "guest OS userland → the application", "#f5f5f5")
+    else:
+        box(0.0, 1.8, 4.6, 2.7, "no VM was booted in this run", "#fafafa")
+    # the containers' stack (right)
+    box(5.4, 0.0, 4.6, 0.7, "hardware (the same machine)", "#eeeeee")
+    box(5.4, 0.8, 4.6, 0.9, host_text, colour(host))
+    box(5.4, 1.8, 4.6, 0.8, "container engine: labkit (namespaces, cgroups, overlay)", "#e1f5fe")
+    boxes = facts.get("containers") or []
+    w = 4.6 / max(len(boxes), 1)
+    for k, (name, boot) in enumerate(boxes):
+        shared = "shares the host's kernel" if boot[:8] == host else "another kernel?"
+        box(5.4 + k * w, 2.7, w - 0.1, 1.8, f"{name}\nboot id {boot[:8]}…\n{shared}", colour(boot))
+    ax.text(2.3, 4.75, "virtual machine", ha="center", fontsize=11, weight="bold")
+    ax.text(7.7, 4.75, "containers", ha="center", fontsize=11, weight="bold")
+    ax.set_xlim(-0.2, 10.2)
+    ax.set_ylim(-0.2, 5.1)
+    ax.axis("off")
+    ax.set_title(title + (f"\n{subtitle}" if subtitle else ""))
+    fig.tight_layout()
+    return fig
