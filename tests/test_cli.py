@@ -46,7 +46,7 @@ def test_assign_strips_solutions(tmp_path):
     assert "BEGIN SOLUTION" not in text and "box = lab.spawn(" not in text
     assert "box = None" in text
     bundle = json.loads((tmp_path / "grading" / "bundle.json").read_text())
-    assert sum(n["points"] for n in bundle["notebooks"].values()) == 91 and "91 points" in res.stdout
+    assert sum(n["points"] for n in bundle["notebooks"].values()) == 93 and "93 points" in res.stdout
     # --keep: a student's work already there stays as it is; only what is missing is written
     (tmp_path / "class" / "02-namespaces.ipynb").write_text("my work")
     (tmp_path / "class" / "03-cgroups.ipynb").unlink()

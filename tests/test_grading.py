@@ -41,7 +41,7 @@ def test_the_grading_bundle_names_every_check_cell_and_its_points():
     from labkit.course.assign import grading_bundle
     from labkit.course.runbook import NOTEBOOK_DIR
     bundle = grading_bundle(NOTEBOOK_DIR)
-    assert sum(n["points"] for n in bundle["notebooks"].values()) == 91
+    assert sum(n["points"] for n in bundle["notebooks"].values()) == 93
     nb = bundle["notebooks"]["03-cgroups"]
     assert nb["checks"]["03-06"]["questions"] == [{"question": "03.1 memory limit", "points": 2,
                                                   "check": "memory_limit"}]

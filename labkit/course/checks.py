@@ -251,6 +251,24 @@ def cached_build(lab, first, again, changed):
                   "for the first build.")
 
 
+def predicted_rebuild(lab, predicted, flipped):
+    """``predicted``: the number of steps the student said the second build would rebuild, written before it ran;
+    ``flipped``: that build's record (the grader takes it from the agent's journal)."""
+    if not hasattr(flipped, "get") or "rebuilt" not in flipped:
+        return False, "run the two builds of RECIPE_FLIPPED and keep the second one's record in flipped"
+    if isinstance(predicted, bool) or not isinstance(predicted, int):
+        return False, "write your prediction first: predicted = the number of steps you expect to be rebuilt"
+    real = list(flipped["rebuilt"])
+    if real[:1] != [1]:
+        return 0.3, (f"the second build rebuilt {real}: change only the version (the first RUN), after one build of "
+                     "version 1")
+    if predicted != len(real):
+        return 0.5, (f"you predicted {predicted} step(s); the engine rebuilt {len(real)} ({real}): a changed line "
+                     "invalidates the cache for itself and for every line below it, so the slow dd ran again")
+    return True, (f"as you predicted, {len(real)} steps rebuilt ({flipped['seconds']:.3f} s): with the often-changed "
+                  "line on top nothing below it is reused; put it last.")
+
+
 # -- 05-networking -------------------------------------------------------------------------------
 
 HTTP_GET = ("import sys, time, urllib.request\n"
