@@ -207,6 +207,7 @@ METHODS = {
     "vm.missing": vm.missing,
     "vm.boot": vm.boot,
     "vm.start": vm.m_start,
+    "vm.foreign": vm.foreign_guest,
     "vm.exec": vm.m_exec,
     "vm.footprint": vm.m_footprint,
     "vm.stop": vm.m_stop,

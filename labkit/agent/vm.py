@@ -341,9 +341,40 @@ def cleanup(rec):
 
 
 # -- the agent's methods --------------------------------------------------------------------------
-def m_start(memory_mb=256, cpus=1, accel_mode=None, network_name=None, disk_mb=0, timeout=120):
+#: the other architecture of each (machine, its Debian name), and where scripts/fetch-foreign-guest.sh puts its
+#: distro kernel and static busybox
+FOREIGN = {"x86_64": ("aarch64", "arm64"), "aarch64": ("x86_64", "amd64")}
+FOREIGN_CACHE = "/var/cache/labkit-foreign"
+
+
+def foreign_guest():
+    """The other architecture's guest on this target: {'machine', 'kernel', 'busybox', 'bin_dir', 'root', 'qemu'}
+    or {'missing': why, 'fix'} (a binary of another CPU cannot run on this kernel; a VM can boot it, emulated)."""
+    import glob
+    other = FOREIGN.get(os.uname().machine)
+    if other is None:
+        return {"missing": f"no other architecture is known for {os.uname().machine}", "fix": "use x86_64 or aarch64"}
+    root = f"{FOREIGN_CACHE}/{other[1]}/root"
+    kernels = sorted(glob.glob(f"{root}/boot/vmlinuz-*"))
+    if not kernels or not os.path.isfile(f"{root}/bin/busybox"):
+        return {"missing": f"no {other[0]} kernel and busybox in {root}",
+                "fix": "sudo bash scripts/fetch-foreign-guest.sh (scripts/setup.sh runs it)"}
+    qemu = which(QEMU[other[0]][0]) if other[0] in QEMU else None
+    return {"machine": other[0], "kernel": kernels[-1], "busybox": f"{root}/bin/busybox", "bin_dir": f"{root}/bin",
+            "root": root, "qemu": qemu}
+
+
+def m_start(memory_mb=256, cpus=1, accel_mode=None, network_name=None, disk_mb=0, timeout=120, foreign=False):
+    """A VM that stays up; ``foreign``: the other architecture's guest (:func:`foreign_guest`), emulated (TCG)."""
+    guest = {}
+    if foreign:
+        g = foreign_guest()
+        if g.get("missing"):
+            raise NotFound(g["missing"], fix=g["fix"])
+        guest = {"machine": g["machine"], "kernel": g["kernel"], "busybox": g["busybox"], "modules_root": g["root"]}
+        accel_mode = "tcg"
     vm = VM(memory_mb=memory_mb, cpus=cpus, accel_mode=accel_mode, network_name=network_name, disk_mb=disk_mb,
-            boot_timeout=timeout)
+            boot_timeout=timeout, **guest)
     vm.start()
     return vm.info()
 

@@ -360,14 +360,20 @@ class Lab:
         m = self.call("vm.missing")
         return None if m is None else f"{m['reason']} ({m['fix']})"
 
-    def vm_start(self, memory_mb=256, cpus=1, accel=None, network=None, disk_mb=0, timeout=180):
+    def vm_start(self, memory_mb=256, cpus=1, accel=None, network=None, disk_mb=0, timeout=180, foreign=False):
         """Boot a VM that stays up and takes commands (``.exec``); ``with`` stops it. ``network``: a labkit
-        network for a virtio NIC on a tap; ``disk_mb``: a virtio disk (ext4, mounted at /mnt)."""
+        network for a virtio NIC on a tap; ``disk_mb``: a virtio disk (ext4, mounted at /mnt); ``foreign``: the
+        other CPU architecture's guest (:meth:`foreign_guest`), emulated under TCG."""
         if network and network not in [n["spec"]["name"] for n in self.networks()]:
             self.network(network)
         rec = Record(self.call("vm.start", memory_mb=memory_mb, cpus=cpus, accel_mode=accel, network_name=network,
-                               disk_mb=disk_mb, timeout=timeout))
+                               disk_mb=disk_mb, timeout=timeout, foreign=bool(foreign)))
         return VirtualMachine(self, rec["id"], rec)
+
+    def foreign_guest(self):
+        """The other CPU architecture's kernel and busybox on the target (aarch64 on an x86_64 one):
+        {'machine', 'busybox', 'bin_dir', 'kernel', 'qemu'}, or {'missing', 'fix'}."""
+        return self.call("vm.foreign")
 
     # -- housekeeping -----------------------------------------------------------------------------
     def release(self, *handles):
