@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -217,3 +218,20 @@ def test_an_image_runs_as_an_oci_bundle_under_another_runtime(lab, runtime):
 def test_only_known_runtimes_run_bundles(lab):
     with pytest.raises(InvalidSpec):
         lab.run_bundle("busybox", runtime="/bin/sh")
+
+
+def test_a_bundle_cannot_write_kernel_settings_and_is_killed_at_its_time(lab):
+    """The bundle's /proc/sys is read-only and /proc/timer_list masked (runc's defaults: an image from a registry
+    runs there as root; the host's timer_list holds kilobytes); a bundle that outlives its timeout is killed, its
+    container deleted, nothing left."""
+    assert os.path.getsize("/proc/timer_list") == 0 and len(open("/proc/timer_list").read()) > 0
+    ran = lab.run_bundle("busybox", ["sh", "-c", "echo 1 > /proc/sys/kernel/printk_ratelimit && echo wrote; "
+                                     "wc -c < /proc/timer_list"], runtime="runc")
+    assert "wrote" not in ran["stdout"] and "Read-only file system" in ran["stderr"], ran
+    assert ran["stdout"].strip() == "0"
+    t = time.monotonic()
+    slow = lab.run_bundle("busybox", ["sleep", "100"], runtime="runc", timeout=2)
+    assert time.monotonic() - t < 30 and slow["exit_code"] != 0 and "killed after 2 s" in slow["facts"]["timed out"]
+    assert subprocess.run(["pgrep", "-f", "^sleep 100$"], capture_output=True).returncode == 1
+    with pytest.raises(InvalidSpec):
+        lab.run_bundle("busybox", ["true"], timeout=601)

@@ -170,3 +170,53 @@ def test_only_the_read_side_of_the_distribution_api_is_asked(path):
 def test_ports_are_checked(bad):
     with pytest.raises(InvalidSpec):
         localregistry.get("/v2/_catalog", port=bad)
+
+
+def test_a_registry_another_user_runs_is_not_adopted(lab, port):
+    """A local user who binds the port first must not become "the course's registry" (its images would be run)."""
+    d = tempfile.mkdtemp(prefix="labkit-test-registry-")
+    os.chmod(d, 0o777)
+    with open(f"{d}/config.yml", "w") as f:
+        f.write(f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {d}/data\n"
+                f"http:\n  addr: 127.0.0.1:{port}\n")
+    theirs = subprocess.Popen(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", REGISTRY, "serve",
+                               f"{d}/config.yml"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        end = time.monotonic() + 10
+        while localregistry._is_registry(port) is not True and time.monotonic() < end:
+            time.sleep(0.05)
+        with pytest.raises(Conflict) as err:
+            lab.registry(port=port)
+        assert "another user (uid 65534)" in str(err.value)
+    finally:
+        theirs.terminate()
+        theirs.wait(10)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_an_answer_that_trickles_is_cut_off(port):
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            for _ in range(40):
+                try:
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(0.5)
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", port), Slow)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        t = time.monotonic()
+        with pytest.raises(Exception) as err:
+            localregistry.get("/v2/_catalog", port=port)
+        assert time.monotonic() - t < 8 and "no registry answers" in str(err.value)
+    finally:
+        srv.shutdown()
+        srv.server_close()

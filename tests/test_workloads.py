@@ -90,7 +90,7 @@ def test_cleanup_removes_a_probe_left_behind_with_its_segment(lab):
     from labkit.agent import cleanup, kernel
     ctx = W.probe_context()
     other = W.shm_key("ffffffe000000000") ^ 2  # another key: not a probe's
-    kernel.shm_create(other)
+    other_id = kernel.shm_create(other)
     try:
         assert ("probe marker", ctx["marker"]) in cleanup.plan()
         done = lab.cleanup()
@@ -98,4 +98,4 @@ def test_cleanup_removes_a_probe_left_behind_with_its_segment(lab):
         keys = [ln.split()[0] for ln in open("/proc/sysvipc/shm").read().splitlines()[1:]]
         assert str(ctx["shm_key"]) not in keys and str(other) in keys
     finally:
-        kernel.shm_remove(other)
+        kernel.shm_remove(other_id)

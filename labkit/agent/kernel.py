@@ -271,13 +271,9 @@ def shm_create(key, size=4096, rec=None):
                  lambda: libc().shmget(ctypes.c_int(key), ctypes.c_size_t(size), IPC_CREAT | IPC_EXCL | 0o600))
 
 
-def shm_remove(key, rec=None):
-    """Remove the System V shared memory segment with ``key`` in this IPC namespace; False when there is none."""
-    shmid = libc().shmget(ctypes.c_int(key), ctypes.c_size_t(0), 0)
-    if shmid < 0:
-        return False
-    _call(rec, "shmctl", [shmid, "IPC_RMID"], lambda: libc().shmctl(shmid, IPC_RMID, None))
-    return True
+def shm_remove(shmid, rec=None):
+    """Remove the System V shared memory segment ``shmid`` (whoever holds it keeps it until detaching)."""
+    return _call(rec, "shmctl", [shmid, "IPC_RMID"], lambda: libc().shmctl(ctypes.c_int(shmid), IPC_RMID, None))
 
 
 def link_up(name, rec=None):

@@ -39,19 +39,54 @@ def _port(port):
 
 
 def _ask(port, method, path, accept=None, timeout=5.0):
-    """(status, headers, body) of one request to 127.0.0.1:``port`` (never through a proxy); OSError when
-    nothing answers there."""
+    """(status, headers, body) of one request to 127.0.0.1:``port`` (never through a proxy), all of it within
+    ``timeout`` seconds (a server that trickles its answer is cut off); OSError when nothing answers there."""
+    end = time.monotonic() + timeout
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         conn.request(method, path, headers={"Accept": accept} if accept else {})
         resp = conn.getresponse()
-        body = resp.read(MAX_BODY + 1)
+        body = b""
+        while len(body) <= MAX_BODY:
+            if time.monotonic() > end:
+                raise TimeoutError(f"the answer for {path} took more than {timeout:g} s")
+            piece = resp.read1(65536)
+            if not piece:
+                break
+            body += piece
         if len(body) > MAX_BODY:
             raise MechanismError(f"the registry on port {port} sent more than {MAX_BODY} bytes for {path}",
                                  fix="that is not the course's registry: stop it")
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, body
     finally:
         conn.close()
+
+
+def _listener_uid(port):
+    """The uid that owns the socket listening on 127.0.0.1:``port`` (or on every address), None when none does."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            f_ = row.split()
+            addr, hexport = f_[1].rsplit(":", 1)
+            if f_[3] == "0A" and int(hexport, 16) == port and addr.strip("0") in ("", "100007F", "1000000"):
+                return int(f_[7])
+    return None
+
+
+def _trusted_uids():
+    """Who may run the registry labkit adopts: root, and Debian's docker-registry service user."""
+    import pwd
+    uids = {0}
+    try:
+        uids.add(pwd.getpwnam("docker-registry").pw_uid)
+    except KeyError:
+        pass
+    return uids
 
 
 def _is_registry(port):
@@ -88,6 +123,10 @@ def start(port=DEFAULT_PORT, timeout=15.0):
     if mine is not None and mine["port"] == port and _is_registry(port):
         return rec.to_dict(url=f"127.0.0.1:{port}", port=port, pid=mine["pid"], started_here=False)
     found = _is_registry(port)
+    if found and _listener_uid(port) not in _trusted_uids():
+        raise Conflict(f"the registry on 127.0.0.1:{port} belongs to another user (uid {_listener_uid(port)})",
+                       fix="images pulled from it could be anyone's: stop it, or use another port: "
+                           "lab.registry(port=5001)")
     if found:
         rec.fact("already running", "a registry labkit did not start (the lab VM's service, say)")
         return rec.to_dict(url=f"127.0.0.1:{port}", port=port, pid=None, started_here=False)

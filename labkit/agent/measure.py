@@ -195,7 +195,7 @@ def startup_prepare():
             json.dump(oci.runtime_config(rig["root"], f"/labkit/bench-oci-{rid}"), f)
         mode = cgroups.detect()["mode"]
         for runtime in oci.RUNTIMES:
-            cmd = oci.runtime_argv(runtime, rig["bundle"])
+            cmd = oci.runtime_argv(runtime, "run", "--bundle", rig["bundle"])
             if cmd is None:
                 rig["notes"].append(f"{runtime}: not installed (apt-get install {runtime})")
                 continue

@@ -39,13 +39,21 @@ def oci_config(image):
             "history": image.get("history", [])}
 
 
+#: what a container's root may not write or read under /proc and /sys (runc's own defaults): kernel settings,
+#: the magic SysRq key, the kernel's memory and keys
+READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+MASKED_PATHS = ("/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
+                "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware")
+
+
 def runtime_config(root, cgroups_path, args=("/bin/true",), env=("PATH=/usr/sbin:/usr/bin:/sbin:/bin",), cwd="/",
-                   hostname="bench"):
-    """A runtime-spec config.json (OCI runtime spec 1.0.2) for ``root``: the process, its mounts, namespaces,
-    cgroup and a pids limit, two capabilities."""
+                   hostname="bench", user=(0, 0)):
+    """A runtime-spec config.json (OCI runtime spec 1.0.2) for ``root``: the process (as ``user``, no new
+    privileges, two capabilities), its mounts (/proc's kernel settings read-only and its secrets masked, as runc
+    does by default), namespaces, cgroup and a pids limit."""
     return {"ociVersion": "1.0.2", "root": {"path": root, "readonly": False},
-            "process": {"terminal": False, "user": {"uid": 0, "gid": 0}, "args": list(args), "cwd": cwd,
-                        "env": list(env),
+            "process": {"terminal": False, "user": {"uid": user[0], "gid": user[1]}, "args": list(args), "cwd": cwd,
+                        "env": list(env), "noNewPrivileges": True,
                         "capabilities": {k: ["CAP_KILL", "CAP_NET_BIND_SERVICE"] for k in
                                          ("bounding", "effective", "permitted")}},
             "hostname": hostname,
@@ -53,63 +61,90 @@ def runtime_config(root, cgroups_path, args=("/bin/true",), env=("PATH=/usr/sbin
                        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]},
                        {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["ro", "nosuid", "noexec"]}],
             "linux": {"namespaces": [{"type": t} for t in ("pid", "mount", "uts", "ipc", "network")],
-                      "cgroupsPath": cgroups_path, "resources": {"pids": {"limit": 64}}}}
+                      "cgroupsPath": cgroups_path, "resources": {"pids": {"limit": 64}},
+                      "readonlyPaths": list(READONLY_PATHS), "maskedPaths": list(MASKED_PATHS)}}
 
 
 RUNTIMES = ("crun", "runc")
 
 
-def runtime_argv(runtime, bundle):
-    """How ``runtime`` runs ``bundle`` here: ``RUNTIME run --bundle DIR`` (append the container's id); None when
-    it is not installed. crun refuses hybrid cgroups, so there it runs with the almost empty cgroup2 mount hidden
-    in a private mount namespace."""
+def runtime_argv(runtime, *args):
+    """``RUNTIME ARGS`` as it runs here (``"run", "--bundle", DIR``, say; append the container's id); None when it
+    is not installed. crun refuses hybrid cgroups, so there it runs with the almost empty cgroup2 mount hidden in
+    a private mount namespace."""
     from . import cgroups
     from .runner import which
     exe = which(runtime)
     if not exe:
         return None
-    cmd = [exe, "run", "--bundle", bundle]
+    cmd = [exe, *args]
     if runtime == "crun" and cgroups.detect()["mode"] == "hybrid":
         cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
                'umount /sys/fs/cgroup/unified && exec "$@"', "sh"] + cmd
     return cmd
 
 
+MAX_BUNDLE_OUTPUT = 64 << 10
+
+
 def run_bundle(ref, argv=None, runtime="crun", timeout=60):
     """Run image ``ref`` the OCI runtime spec's way: an overlay root of it, a bundle directory (``config.json``
-    from the image's command, environment and working directory, and the root), and ``RUNTIME run --bundle``;
-    everything removed afterwards. Returns {'runtime', 'argv', 'config', 'exit_code', 'stdout', 'stderr',
-    'steps'}."""
+    from the image's command, user, environment and working directory, and the root), and ``RUNTIME run
+    --bundle``, for at most ``timeout`` seconds (1 to 600; then it is killed); everything removed afterwards,
+    the container too. Returns {'runtime', 'argv', 'config', 'exit_code', 'stdout', 'stderr' (at most 64 KiB
+    each), 'steps'}."""
     import secrets
+    import subprocess
     from ..wire.errors import MechanismError
-    from ..wire.specs import argv_tuple
+    from ..wire.specs import argv_tuple, check_user
     from . import cgroups, roots
-    from .runner import Recorder, run
+    from .runner import Recorder, run, start
     if runtime not in RUNTIMES:
         raise InvalidSpec(f"{runtime!r} is not an OCI runtime labkit knows", fix="runtime='crun' or 'runc'")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 1 <= timeout <= 600:
+        raise InvalidSpec(f"timeout={timeout!r} must be 1 to 600 seconds", fix="e.g. timeout=60")
     image = store.load_image(ref)
     cfg = image["config"]
     args = list(argv_tuple(argv)) if argv else list(cfg.get("Cmd") or ["/bin/sh"])
+    uid, _, gid = check_user(cfg["User"]).partition(":") if cfg.get("User") else ("0", "", "0")
     rid = secrets.token_hex(4)
     cid, bundle = f"oci-{rid}", f"{STATE_DIR}/bundles/{rid}"
     rec = Recorder(f"{runtime} runs {ref} from an OCI bundle")
-    cmd = runtime_argv(runtime, bundle)
+    cmd = runtime_argv(runtime, "run", "--bundle", bundle)
     if cmd is None:
         raise MechanismError(f"{runtime} is not installed on the target", fix=f"apt-get install {runtime} "
                              "(scripts/setup.sh and the lab VM install crun and runc)")
     root = None
+    out = {}
     try:
         root = roots.create_container_root(ref=ref, cid=cid)
         rec.steps += root["steps"]
         os.makedirs(bundle, mode=0o700)
         config = runtime_config(root["merged"], f"/labkit/{cid}", args=args,
                                 env=cfg.get("Env") or ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"],
-                                cwd=cfg.get("WorkingDir") or "/", hostname=cid)
+                                cwd=cfg.get("WorkingDir") or "/", hostname=cid, user=(int(uid), int(gid or uid)))
         with open(f"{bundle}/config.json", "w") as f:
             json.dump(config, f, indent=1)
         rec.file("write", f"{bundle}/config.json")
-        res = run(cmd + [cid], check=False, timeout=timeout, recorder=rec)
+        files = {k: open(f"{bundle}/{k}", "w+b") for k in ("stdout", "stderr")}  # (bounded when read back)
+        try:
+            proc = start(cmd + [cid], stdout=files["stdout"], stderr=files["stderr"], recorder=rec)
+            try:
+                code = proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                code = proc.wait()
+                rec.fact("timed out", f"killed after {timeout} s")
+            for k, f in files.items():
+                f.seek(0)
+                out[k] = f.read(MAX_BUNDLE_OUTPUT).decode("utf-8", "replace")
+        finally:
+            for f in files.values():
+                f.close()
     finally:
+        gone = runtime_argv(runtime, "delete", "--force", cid)  # (the runtime's own record of it, and whatever runs)
+        if gone is not None:
+            run(gone, check=False, timeout=30)
         if root is not None:
             roots.drop_container_root(cid=cid)
         for d in cgroups.labkit_groups()[0]:  # the runtime's own cgroup, made under labkit's parent
@@ -119,8 +154,7 @@ def run_bundle(ref, argv=None, runtime="crun", timeout=60):
                 except OSError:
                     pass
         shutil.rmtree(bundle, ignore_errors=True)
-    return rec.to_dict(runtime=runtime, argv=cmd + [cid], config=config, exit_code=res.exit_code,
-                       stdout=res.stdout, stderr=res.stderr)
+    return rec.to_dict(runtime=runtime, argv=cmd + [cid], config=config, exit_code=code, **out)
 
 
 def export_oci(ref, dest):

@@ -67,12 +67,16 @@ def inspect(name):
     """`docker volume inspect NAME`: {'name', 'driver', 'mountpoint', 'used_by', 'files'}; ``files``: what its top
     level holds, [{name, kind ('file', 'dir', 'symlink' or 'other'), size}] (at most 100, never followed: a
     container may have left a link to anywhere)."""
+    import heapq
     import stat
     row = _row(name)
     files = []
     with os.scandir(row["mountpoint"]) as it:
-        for entry in sorted(it, key=lambda e: e.name)[:100]:
-            st = entry.stat(follow_symlinks=False)
+        for entry in heapq.nsmallest(100, it, key=lambda e: e.name):
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:  # gone meanwhile (a container may still be writing there)
+                continue
             kind = ("symlink" if stat.S_ISLNK(st.st_mode) else "file" if stat.S_ISREG(st.st_mode)
                     else "dir" if stat.S_ISDIR(st.st_mode) else "other")
             files.append({"name": entry.name, "kind": kind, "size": st.st_size})

@@ -158,9 +158,12 @@ def probe_context():
         f.write(token + "\n")
     key = shm_key(token)
     try:
-        kernel.shm_create(key)
+        shmid = kernel.shm_create(key)
     except LabkitError:
         key = None  # (a key taken already: the probe then reports no IPC fact, the matrix says why)
+    else:
+        with open(marker, "a") as f:  # the segment this probe made, by its id: the only one probe_done removes
+            f.write(f"shm {shmid}\n")
     host = dict(host_facts(token), shm_key=key)
     return {"script": PROBE_SH, "busybox": rootfs.busybox_or_fail(), "marker": marker, "shm_key": key, "host": host}
 
@@ -177,13 +180,28 @@ MARKER = re.compile(re.escape(PROBE_DIR) + r"/marker-([0-9a-f]{16})")
 def probe_done(marker):
     """Remove the marker file probe_context made and its shared memory segment (only a file of that shape, in
     that directory, and the segment with the key its name gives)."""
-    from . import kernel
     m = MARKER.fullmatch(str(marker))
     if m:
-        kernel.shm_remove(shm_key(m.group(1)))
+        _remove_probe_segment(marker, shm_key(m.group(1)))
         if os.path.exists(marker):
             os.unlink(marker)
     return {"removed": marker}
+
+
+def _remove_probe_segment(marker, key):
+    """The segment the marker names (``shm ID``), removed only while /proc/sysvipc/shm still shows it with the
+    probe's key and root as its creator (an id reused by someone else's segment is left alone)."""
+    from . import kernel
+    text = read_text(marker) or ""
+    ids = [int(w[1]) for w in (ln.split() for ln in text.splitlines()) if len(w) == 2 and w[0] == "shm" and w[1].isdigit()]
+    for shmid in ids:
+        for row in (read_text("/proc/sysvipc/shm") or "").splitlines()[1:]:
+            f = row.split()
+            if len(f) > 9 and f[0] == str(key) and f[1] == str(shmid) and f[9] == "0":
+                try:
+                    kernel.shm_remove(shmid)
+                except LabkitError:
+                    pass
 
 
 def leftover_probes():

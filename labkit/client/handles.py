@@ -339,12 +339,13 @@ import socket, sys
 s = socket.socket(socket.AF_UNIX)
 s.settimeout(30)
 s.connect(sys.argv[1])
+request = sys.stdin.buffer.readline(1 << 20).rstrip(b"\n")
 f = s.makefile("rwb")
 hello = f.readline(1 << 20)
-f.write(sys.argv[2].encode() + b"\n")
+f.write(request + b"\n")
 f.flush()
 answer = f.readline(1 << 20)
-sys.stdout.write((hello + sys.argv[2].encode() + b"\n" + answer).decode("utf-8", "replace"))
+sys.stdout.write((hello + request + b"\n" + answer).decode("utf-8", "replace"))
 '''
 
 
@@ -397,7 +398,9 @@ class Daemon(_Handle):
         'answer'}, each the raw JSON line that crossed the socket."""
         import json
         request = json.dumps({"id": 1, "method": method, "params": params})
-        out = self.lab.run(["python3", "-c", WIRE_ONE, self.socket, request], timeout=60, check=True).stdout
+        # (the request on stdin, not the command line: every local user can read a process's arguments)
+        out = self.lab.run(["python3", "-c", WIRE_ONE, self.socket], input=request + "\n", timeout=60,
+                           check=True).stdout
         lines = out.splitlines() + ["", "", ""]
         return Record({"title": f"{method} on {self.socket}", "hello": lines[0], "request": lines[1],
                        "answer": lines[2]})

@@ -268,12 +268,12 @@ class Lab:
         """Forget build-cache entries (given keys, or all) and delete the layers nothing refers to."""
         return Record(self.call("image.prune", cache_keys=list(cache_keys or []), all_cache=all_cache))
 
-    def run_bundle(self, ref, argv=None, runtime="crun"):
+    def run_bundle(self, ref, argv=None, runtime="crun", timeout=60):
         """Run an image the OCI runtime spec's way, by ``runtime`` (crun or runc) instead of labkit: a bundle (its
-        root and a config.json) made on the target, ``RUNTIME run --bundle``, removed afterwards. The record has
-        the config.json (``["config"]``), the output and the exit code."""
+        root and a config.json) made on the target, ``RUNTIME run --bundle`` for at most ``timeout`` seconds,
+        removed afterwards. The record has the config.json (``["config"]``), the output and the exit code."""
         return Record(self.call("oci.run_bundle", ref=str(ImageRef.parse(ref)),
-                                argv=list(argv) if argv else None, runtime=runtime))
+                                argv=list(argv) if argv else None, runtime=runtime, timeout=timeout))
 
     def export_image(self, ref, path):
         """Write an image as an OCI image layout directory on the target (skopeo, podman, ... read it)."""

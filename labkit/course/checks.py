@@ -259,9 +259,9 @@ def predicted_rebuild(lab, predicted, flipped):
     if isinstance(predicted, bool) or not isinstance(predicted, int):
         return False, "write your prediction first: predicted = the number of steps you expect to be rebuilt"
     real = list(flipped["rebuilt"])
-    if real[:1] != [1]:
-        return 0.3, (f"the second build rebuilt {real}: change only the version (the first RUN), after one build of "
-                     "version 1")
+    if real[:1] != [2]:  # (step 1 is FROM; the version line is step 2)
+        return 0.3, (f"the second build rebuilt {real}: change only the version (the first RUN) to new_version, "
+                     "after one build of version 1")
     if predicted != len(real):
         return 0.5, (f"you predicted {predicted} step(s); the engine rebuilt {len(real)} ({real}): a changed line "
                      "invalidates the cache for itself and for every line below it, so the slow dd ran again")
@@ -434,7 +434,9 @@ def made_over_rest(lab, rest_name):
     except LabkitError:
         return 0.2, f"there is no container {rest_name}: POST /v1.41/containers/create?name={rest_name} to the daemon"
     log = lab.call("read_file", path="/run/labkit/dockerapi.log", limit=1 << 20)["text"]
-    asked = re.search(rf"POST (/v[0-9.]+)?/containers/create\?name={re.escape(rest_name)}(&|\s|$)", log, re.M)
+    # (a line the daemon wrote for a request it routed: its time, then the method and path as sent)
+    asked = re.search(r"^\d\d:\d\d:\d\d POST (/v[0-9.]+)?/containers/create\?name=" + re.escape(rest_name)
+                      + r"( |$)", log, re.M)
     if not asked:
         return 0.4, f"{rest_name} exists, but the daemon's Engine API did not make it: send the POST yourself (d.api)"
     if info["Config"]["Image"] != "busybox:latest" and info["Config"]["Image"] != "busybox":

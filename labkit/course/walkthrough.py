@@ -34,11 +34,16 @@ class Step(dict):
         return f"$ {self['typed']}        # {self['lecture']}\n{out + chr(10) if out else ''}{mark} {self['expect']}"
 
 
+#: where the labkit package lies: the command's working directory (``python -m`` puts it first on sys.path, so
+#: never a directory another user could write a module into)
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
 def _cli(target, args, timeout=120):
     """``labkit ARGS`` as its own process, on ``target`` (by $LABKIT_TARGET: typed as the lecture types it)."""
     env = dict(os.environ, LABKIT_TARGET=target)
     res = subprocess.run([sys.executable, "-m", "labkit.cli", *args], capture_output=True, text=True,
-                         timeout=timeout, env=env)
+                         timeout=timeout, env=env, cwd=PACKAGE_ROOT)
     return res.returncode, res.stdout + res.stderr
 
 
@@ -50,7 +55,7 @@ def _exec_it(target, name, keys, timeout=30):
     master, slave = pty.openpty()
     try:
         proc = subprocess.Popen([sys.executable, "-m", "labkit.cli", "exec", "-it", name, "sh"], stdin=slave,
-                                stdout=slave, stderr=slave, start_new_session=True,
+                                stdout=slave, stderr=slave, start_new_session=True, cwd=PACKAGE_ROOT,
                                 env=dict(os.environ, LABKIT_TARGET=target))
     finally:
         os.close(slave)
@@ -104,7 +109,7 @@ def nginx_walkthrough(lab, registry_url, image="course/web:v1", name="lk-walk", 
                           output=res.stdout + res.stderr, expect=expect, ok=bool(check(res.exit_code, res.stdout))))
 
     lab.tag(image, remote)  # (preparation, not the lecture's: the registry must hold the image to pull it)
-    lab.push(remote)
+    pushed = lab.push(remote).facts["manifest"]
     lab.rmi(remote)
     try:
         step("docker --version", ["--version"], "prints the client's version", lambda c, o: c == 0 and "labkit" in o)
@@ -112,8 +117,11 @@ def nginx_walkthrough(lab, registry_url, image="course/web:v1", name="lk-walk", 
              lambda c, o: c == 0 and "REPOSITORY" in o and remote not in o)
         step("docker search nginx", ["search", "course", "--registry", registry_url],
              f"finds course/web in the registry at {registry_url}", lambda c, o: c == 0 and "course/web" in o)
-        step("docker pull nginx", ["pull", remote], "fetches the image from the registry",
-             lambda c, o: c == 0 and "sha256:" in o)
+        step("docker pull nginx", ["pull", remote], "fetches the image from the registry (the one pushed: same digest)",
+             lambda c, o: c == 0 and pushed in o)
+        if not steps[-1]["ok"]:  # what came back is not what was pushed (the registry is shared): go no further
+            raise LabkitError(f"{remote} came back with another digest than the pushed {pushed}",
+                              fix="someone else pushed to that registry meanwhile: run the walkthrough again")
         step("docker image ls", ["image", "ls"], f"now lists {remote}", lambda c, o: c == 0 and remote.rsplit(":", 1)[0] in o)
         step("docker ps", ["ps"], f"no container {name} yet", lambda c, o: c == 0 and name not in o)
         step(f"docker create -p {port}:80 --name {name} nginx", ["create", "-p", f"{port}:80", "--name", name, remote],
