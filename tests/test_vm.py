@@ -129,16 +129,15 @@ def test_the_initramfs_carries_the_virtio_modules_in_load_order():
 
 
 def foreign_guest():
-    """(machine, kernel, busybox, modules root) of the other architecture (scripts/fetch-foreign-guest.sh)."""
-    import glob
-    other = {"x86_64": ("aarch64", "arm64"), "aarch64": ("x86_64", "amd64")}[platform.machine()]
-    root = f"/var/cache/labkit-foreign/{other[1]}/root"
-    kernels = glob.glob(f"{root}/boot/vmlinuz-*")
-    if not kernels:
+    """(machine, kernel, busybox, modules root) of the other architecture (scripts/fetch-foreign-guest.sh), as
+    the agent finds it (:func:`labkit.agent.vm.foreign_guest`)."""
+    from labkit.agent import vm as V
+    g = V.foreign_guest()
+    if g.get("missing"):
         if os.environ.get("CI") == "true":
-            raise AssertionError("scripts/setup.sh --dev should have fetched the foreign guest")
-        pytest.skip("no foreign guest: run sudo bash scripts/fetch-foreign-guest.sh")
-    return other[0], kernels[0], f"{root}/bin/busybox", root
+            raise AssertionError("scripts/setup.sh --dev should have fetched the foreign guest: " + g["missing"])
+        pytest.skip(f"no foreign guest: {g['fix']}")
+    return g["machine"], g["kernel"], g["busybox"], g["root"]
 
 
 def test_the_other_architecture_boots_too_with_disk_and_network(lab):
