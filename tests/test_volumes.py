@@ -91,3 +91,13 @@ def test_the_cli_and_cleanup(lab, name):
     assert ("volume", name) in agent_cleanup.plan()
     assert f"volume {name}" in lab.cleanup()["removed"]
     assert name not in [v["name"] for v in volumes.list_volumes()]
+
+
+def test_a_create_refused_for_its_name_makes_no_volume(lab, name):
+    c = lab.create("busybox", ["true"], name="t-vol-taken", network=None)
+    try:
+        with pytest.raises(Conflict):
+            lab.create("busybox", ["true"], name="t-vol-taken", volumes=[f"{name}:/data"], network=None)
+        assert name not in [v["name"] for v in lab.volumes()]
+    finally:
+        c.rm()

@@ -107,9 +107,8 @@ def create(spec: ContainerSpec):
     caps, cap_add, cap_drop = capabilities(spec.cap_add, spec.cap_drop, spec.privileged)
     img = store.load_image(ref)
     ports = [PortSpec.parse(p).to_dict() for p in spec.ports]
-    binds = volumes.resolve(spec.binds)  # a volume named here is made now, as Docker makes it
-    for src, _, _ in binds:
-        if not os.path.exists(src):
+    for src, _, _ in spec.binds:
+        if src.startswith("/") and not os.path.exists(src):
             raise InvalidSpec(f"volume source {src} does not exist on the target", fix="create it first")
     cid = secrets.token_hex(6)
     name = spec.name or f"{ref.name.split('/')[-1]}-{cid[:6]}"
@@ -122,6 +121,9 @@ def create(spec: ContainerSpec):
                           "another name") from None
     rec = Recorder(f"create container {name} from {ref}")
     try:
+        # a volume named here is made now, as Docker makes it: once the name is this container's (a refused create
+        # makes none)
+        binds = volumes.resolve(spec.binds, rec)
         merged = roots.mount_container_root(img, cid, rec)
         d = roots.container_dir(cid)
         write_json(f"{d}/image.json", img)
