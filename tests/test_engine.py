@@ -42,7 +42,8 @@ def test_lifecycle_verb_by_verb(lab):
     ip = info["NetworkSettings"]["IPAddress"]
     assert ip.startswith("10.213.0.") and "Hello" in http(f"http://{ip}/")
     assert info["HostConfig"]["Memory"] == 64 << 20 and info["GraphDriver"]["Name"] == "overlay"
-    assert [p["cmd"] for p in c.top()] == [" ".join(WEB)]
+    # httpd forks a child per request: one just served may be caught exiting, its command line gone
+    assert [p["cmd"] for p in c.top() if p["cmd"] != "[httpd]"] == [" ".join(WEB)]
     assert c.exec(["sh", "-c", "echo $GREETING; hostname"]).stdout.split() == ["hi", "webserver"]
     c.exec(["sh", "-c", "echo '<h1>changed</h1>' > /var/www/index.html"])
     assert "changed" in http("http://127.0.0.1:18100/")

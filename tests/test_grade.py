@@ -323,7 +323,7 @@ def test_a_cell_that_hangs_or_kills_its_kernel_costs_only_what_it_reached(tmp_pa
     from labkit.course.grade import grade_notebook
     path = _submission(tmp_path, "00-setup", edit, solution=True)
     res = grade_notebook(path, grading_bundle(NOTEBOOK_DIR), box, NOTEBOOK_DIR, student_id="s1",
-                         work_dir=str(tmp_path / "work"), cell_timeout=5)
+                         work_dir=str(tmp_path / "work"), cell_timeout=30)  # lab.doctor() took over 5 s on a busy CI
     assert [q["points"] for q in res["questions"]] == want, res
     assert any(note in n for n in res["notes"]) and res["error"] is None, res
 

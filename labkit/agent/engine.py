@@ -540,13 +540,21 @@ def logs(ref, offset=0):
 
 
 def top(ref):
-    """The processes in the container's cgroup, as the host sees them (pid, uid, command)."""
+    """The processes in the container's cgroup, as the host sees them (pid, uid, command).
+
+    As `ps` shows them: a process caught exiting has no command line left (httpd's child for a request just
+    served) and is shown by name, `[httpd]`; one gone meanwhile is left out."""
     cid = _resolve(ref)
     out = []
     for pid in cgroups.pids(_cg(cid)):
-        status = read_text(f"/proc/{pid}/status") or ""
-        uid = next((ln.split()[1] for ln in status.splitlines() if ln.startswith("Uid:")), "?")
+        status = read_text(f"/proc/{pid}/status")
+        if status is None:
+            continue
+        field = dict(ln.split(":", 1) for ln in status.splitlines() if ":" in ln)
+        uid = (field.get("Uid") or "?").split()[0]
         cmd = (read_text(f"/proc/{pid}/cmdline") or "").replace("\0", " ").strip()
+        if not cmd:
+            cmd = f"[{field.get('Name', '').strip()}]"
         out.append({"pid": pid, "uid": uid, "cmd": cmd})
     return out
 
