@@ -93,6 +93,22 @@ def test_run_foreground_returns_exit_code_and_output(lab):
         lab.container("t-fg")
 
 
+def test_no_network_is_a_network_namespace_with_only_loopback(lab):
+    """Docker's `--network none`: the container has its own network namespace, loopback alone, so a service
+    the host keeps on 127.0.0.1 is out of its reach (it had shared the host's namespace)."""
+    import socket
+    with socket.socket() as host_only:
+        host_only.bind(("127.0.0.1", 0))
+        host_only.listen(1)
+        port = host_only.getsockname()[1]
+        probe = (f"readlink /proc/self/ns/net; tail -n +3 /proc/net/dev | cut -d: -f1; "
+                 f"echo hi | nc 127.0.0.1 {port} && echo reached || echo refused")
+        res = lab.run_container("busybox", ["sh", "-c", probe], detach=False, rm=True, name="t-nonet", network=None)
+    lines = [ln.strip() for ln in res["logs"].splitlines() if ln.strip()]
+    assert lines[0] != os.readlink("/proc/self/ns/net") and lines[0].startswith("net:["), lines
+    assert lines[1:-1] == ["lo"] and lines[-1] == "refused", lines
+
+
 def test_detached_container_survives_its_client(lab):
     code = ("import sys; sys.path.insert(0, %r); import labkit\n"
             "c = labkit.connect('local').run_container('busybox', %r, name='t-survivor', ports=['18101:80'])\n"

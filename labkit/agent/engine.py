@@ -65,8 +65,9 @@ def _config(cid):
 
 
 def _namespaces(cfg):
-    """A container's namespaces: all of labkit's, less 'net' when it has no network."""
-    return tuple(n for n in NAMESPACES if n != "net" or cfg["network"])
+    """A container's namespaces: all of labkit's. One with no network (Docker's `--network none`) still has a
+    network namespace of its own, with only its loopback: never the host's interfaces and ports."""
+    return NAMESPACES
 
 
 def _env(cfg):

@@ -737,7 +737,8 @@ class ContainerSpec(Spec):
       (HostConfig.NanoCpus: 500000000 is ``--cpus 0.5``), ``pids_limit`` (HostConfig.PidsLimit);
     - ``binds``: (host path, path inside, read-only), from ``-v SRC:DST[:ro]``; ``read_only`` root;
       ``workdir`` (None: the image's); ``user`` numeric uid[:gid];
-    - ``network``: a labkit network to join (None: none); ``cap_add``/``cap_drop`` ('ALL' allowed) and
+    - ``network``: a labkit network to join (None: Docker's ``--network none``, a network namespace with
+      only its loopback); ``cap_add``/``cap_drop`` ('ALL' allowed) and
       ``privileged`` change Docker's 14 default capabilities and device allow-list;
     - ``tty``: a terminal as its stdio (``-t``), ``open_stdin``: a stdin that attached clients write to (``-i``),
       ``stdin_once``: that stdin ends when the clients that wrote to it have (``docker run -i``);
