@@ -456,12 +456,13 @@ def cmd_commit(args):
 def cmd_pull(args):
     rec = _lab(args).pull(args.image)
     facts = rec.get("facts") or {}
-    for layer in facts.get("layers_present") or []:  # docker pull's lines: one per layer, by its digest
+    for layer in [] if facts.get("up_to_date") else facts.get("layers_present") or []:  # one line per layer
         print(f"{layer.split(':')[-1][:12]}: Already exists")
     for layer in facts.get("layers_fetched") or []:
         print(f"{layer.split(':')[-1][:12]}: Pull complete")
     # Docker's Digest is the manifest's (what the registry names the image by); the image id is the config's
-    print(f"Digest: {facts.get('digest')}\nStatus: Downloaded newer image for {args.image}")
+    news = "Image is up to date" if facts.get("up_to_date") else "Downloaded newer image"
+    print(f"Digest: {facts.get('digest')}\nStatus: {news} for {args.image}")
     return 0
 
 

@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -81,6 +82,16 @@ def test_round_trip_through_a_registry_of_labkits_own(lab, port):
             from labkit.course import checks
             assert checks.shared_through_registry(lab, ref, pulled, origin="t-lreg:v1")[0] is True
             assert checks.shared_through_registry(lab, ref.replace("alice", "bob"), pulled)[0] == 0.2
+            # pulled again while it is here: Docker's "Image is up to date", nothing fetched, no round trip
+            same = lab.pull(ref)
+            assert same.facts["up_to_date"] is True and same.facts["layers_fetched"] == [] and \
+                not any(st.get("kind") == "http" and "/blobs/" in st.get("url", "") for st in same["steps"])
+            assert same.facts["digest"] == held and pulled.facts["up_to_date"] is False
+            assert checks.shared_through_registry(lab, ref, same)[0] == 0.8
+            said = subprocess.run([sys.executable, "-m", "labkit.cli", "pull", "--target", "local", ref],
+                                  capture_output=True, text=True, timeout=120)
+            assert said.returncode == 0 and said.stdout.splitlines() == [
+                f"Digest: {held}", f"Status: Image is up to date for {ref}"], said
             # without its own layer here (busybox's stays: the busybox image has it), a pull fetches that one
             lab.rmi(ref)
             lab.rmi("t-lreg:v1")

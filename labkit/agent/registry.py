@@ -535,6 +535,20 @@ def pull(ref, username=None, password=None):
         return _pull(ref, username, password)
 
 
+def _up_to_date(ref, host, repo, digest):
+    """The local image of ``ref`` when it was pulled from this registry's repository by the manifest digest the
+    registry names now and every one of its layers is still in the store; otherwise None."""
+    try:
+        image = store.load_image(ref)
+    except LabkitError:
+        return None
+    src = image.get("source")
+    if not (isinstance(src, dict) and src.get("registry") == host and src.get("repository") == repo
+            and src.get("tag") == ref.tag and src.get("digest") == digest):
+        return None
+    return image if all(_have_layer(d) for d in image["layers"]) else None
+
+
 def _pull(ref, username=None, password=None):
     """Pull ``ref`` ([host/]name[:tag]) into the local store; returns the image and the HTTP record.
 
@@ -546,6 +560,13 @@ def _pull(ref, username=None, password=None):
     s = Session(host, repo, username, password, rec)
     digest, manifest = _resolve(s, repo, ref.tag)
     rec.fact("digest", digest)
+    held = _up_to_date(ref, host, repo, digest)
+    if held is not None:  # docker pull's "Image is up to date": this tag already names that manifest, whole
+        rec.fact("up_to_date", True)
+        rec.fact("layers_present", list(held["layers"]))
+        rec.fact("layers_fetched", [])
+        return rec.to_dict(image=held)
+    rec.fact("up_to_date", False)
     if _is_index(manifest):
         want, size, _ = _descriptor(_pick_platform(manifest), "this CPU's manifest", MAX_MANIFEST_BYTES)
         _, manifest = _get_manifest(s, repo, want, f"the manifest {want}", want=want, size=size)
@@ -604,15 +625,16 @@ def _pull(ref, username=None, password=None):
         rec.fact("layers_fetched", [d for d, _, _ in descs if d not in present])
         cfg = store.image_config(config.get("config"), f"{ref}")  # types checked, WorkingDir absolute
         history = config.get("history") if isinstance(config.get("history"), list) else []
-        layers, made = _store(tars, rec)
-        try:
-            image = {"layers": layers, "config": cfg,
-                     "history": history, "created": time.time(),
-                     "source": {"registry": host, "repository": repo, "tag": ref.tag, "digest": digest}}
-            saved = store.save_image(ref, image)
-        except BaseException:
-            _remove(made)
-            raise
+        with store.locked():  # no prune, and no other pull storing, between the layers and the record naming them
+            layers, made = _store(tars, rec)
+            try:
+                image = {"layers": layers, "config": cfg,
+                         "history": history, "created": time.time(),
+                         "source": {"registry": host, "repository": repo, "tag": ref.tag, "digest": digest}}
+                saved = store.save_image(ref, image)
+            except BaseException:
+                _remove(made)
+                raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return rec.to_dict(image=saved)

@@ -395,6 +395,9 @@ def shared_through_registry(lab, shared, pulled, origin="course/web:v1"):
         return 0.5, f"{shared} is not on this machine any more: pull it back (and leave it until the check)"
     if (local.get("source") or {}).get("digest") != held["digest"]:
         return 0.5, f"the local {shared} did not come from this pull: rmi it, then pull it again"
+    if facts.get("up_to_date"):
+        return 0.8, (f"that pull found {shared} already here, as the registry has it (\"Image is up to date\"): "
+                     f"remove the name (lab.rmi), then pull it back")
     if facts["layers_fetched"] or not facts.get("layers_present"):
         return 0.8, (f"the pull fetched {len(facts['layers_fetched'])} layer(s) again: remove only the name "
                      f"{shared}, keep {origin} (which has the same layers), then pull")
