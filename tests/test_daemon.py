@@ -63,6 +63,48 @@ def test_connect_and_the_cli_go_through_the_daemon_when_it_runs(running_daemon, 
         direct.close()
 
 
+def test_a_long_build_does_not_hold_up_the_daemons_other_requests(running_daemon, lab, monkeypatch):
+    """A build (or a pull) keeps to the store's own lock: while one runs a slow RUN step, the same daemon
+    creates, starts and removes a container; and a prune that forgets the build cache waits for the build
+    instead of taking the COPY layer that only a cache entry named yet."""
+    import threading
+    monkeypatch.delenv("LABKIT_DAEMON", raising=False)
+    builder, other = labkit.connect("local"), labkit.connect("local")
+    recipe = "FROM busybox\nCOPY page /page\nRUN sleep 8 && cat /page > /copied  # %s\n" % os.urandom(4).hex()
+    got = {}
+
+    def build():
+        try:
+            got["built"] = builder.build(recipe, "lk-dm-slow:v1", context={"page": "made during a prune"})
+        except Exception as exc:  # noqa: BLE001 - reported below
+            got["error"] = exc
+    worker = threading.Thread(target=build)
+    try:
+        assert other.transport.hello["pid"] == running_daemon["pid"]
+        worker.start()
+        time.sleep(1.5)  # the RUN step sleeps now; the COPY layer below it is named by no image yet
+        t0 = time.monotonic()
+        c = other.create("busybox", ["true"], name="lk-dm-b", network=None)
+        c.start()
+        c.wait(30)
+        c.rm()
+        meanwhile = time.monotonic() - t0
+        assert worker.is_alive(), f"the build ended before the container's run: it took {meanwhile:.1f} s"
+        other.prune(all_cache=True)  # waits for the build (the store's lock), then finds every layer named
+        worker.join(120)
+        assert "error" not in got, got.get("error")
+        layers = got["built"]["image"]["layers"]
+        assert all(os.path.isdir(f"/var/lib/labkit/layers/sha256/{d.split(':')[1]}") for d in layers)
+        out = lab.run_container("lk-dm-slow:v1", ["cat", "/copied"], detach=False, rm=True, network=None)
+        assert out["logs"] == "made during a prune", out
+    finally:
+        worker.join(120)
+        builder.close()
+        other.close()
+        if "lk-dm-slow:v1" in [i["ref"] for i in lab.images()]:
+            lab.rmi("lk-dm-slow:v1")
+
+
 def test_its_sockets_are_roots_alone(running_daemon):
     """0600 sockets in the root-only /run/labkit: another user is stopped (here by the directory already)."""
     for path in (daemon.SOCKET, daemon.DOCKER_SOCKET):

@@ -76,7 +76,13 @@ def build(recipe, ref, context=None, no_cache=False):
     """Build ``recipe`` into image ``ref``; each line is one step, cached on (the image below it, the line).
 
     The image below is identified by its layers and config, so a line rebuilt without the cache (new
-    layer digests) gives every line after it new keys as well."""
+    layer digests) gives every line after it new keys as well. The store's lock is held shared throughout:
+    a prune waits, so no layer this build made or took from its cache goes before its image names it."""
+    with store.locked(shared=True):
+        return _build(recipe, ref, context, no_cache)
+
+
+def _build(recipe, ref, context, no_cache):
     ref = ImageRef.parse(ref)
     context = context or {}
     for name in context:

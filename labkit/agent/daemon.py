@@ -44,7 +44,10 @@ CONCURRENT = frozenset({"hello", "container.wait", "container.logs", "container.
                         "container.top", "image.list", "image.inspect", "net.list", "net.inspect", "net.topology",
                         "proc.list", "proc.inspect", "cgroup.stats", "cgroup.sample", "cgroup.list", "read_file",
                         "list_dir", "vm.list", "registry.get", "registry.status", "volume.ls",
-                        "volume.inspect"})
+                        "volume.inspect",
+                        # long transfers and builds: the store's own lock (store.locked) keeps them apart from prune
+                        # and from each other where they meet, so they do not stop every other request meanwhile
+                        "image.pull", "image.push", "image.build", "image.search"})
 
 
 def status():

@@ -1113,9 +1113,9 @@ class EngineAPI:
         self._stream_head(w)
         _progress(w, {"status": f"Pulling from {ImageRef.parse(ref)}"})
         try:
-            with self.lock:
-                res = registry.pull(ref)
-            _progress(w, {"status": f"Status: Downloaded newer image for {ImageRef.parse(ref)}",
+            res = registry.pull(ref)  # (not under the engine's lock: the store's own lock guards what it stores)
+            news = "Image is up to date" if res.get("facts", {}).get("up_to_date") else "Downloaded newer image"
+            _progress(w, {"status": f"Status: {news} for {ImageRef.parse(ref)}",
                           "id": str(res.get("facts", {}).get("digest", ""))})
         except Exception as exc:  # noqa: BLE001 - after the head, an error can only go in the stream
             _stream_error(w, exc)
@@ -1149,8 +1149,7 @@ class EngineAPI:
         self._stream_head(w)
         _progress(w, {"status": f"The push refers to repository [{ref.rsplit(':', 1)[0]}]"})
         try:
-            with self.lock:
-                res = registry.push(ref, username=user, password=password)
+            res = registry.push(ref, username=user, password=password)  # (reads the store only)
             for d in res["facts"]["pushed_blobs"]:
                 _progress(w, {"status": "Pushed", "id": d.split(":")[-1][:12]})
             digest = res["facts"]["manifest"]
@@ -1202,10 +1201,9 @@ class EngineAPI:
             _progress(w, {"stream": text})
         try:
             from . import build
-            with self.lock:
-                rec = build.build(recipe, refs[0], context=files, no_cache=req.flag("nocache"))
-                for extra in refs[1:]:
-                    store.tag(refs[0], extra)
+            rec = build.build(recipe, refs[0], context=files, no_cache=req.flag("nocache"))  # (store's lock, shared)
+            for extra in refs[1:]:
+                store.tag(refs[0], extra)
             n = len(rec["steps"])
             for st in rec["steps"]:
                 say(f"Step {st['step']}/{n} : {st['line']}\n")

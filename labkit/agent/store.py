@@ -11,9 +11,14 @@ Layers come in only through :func:`labkit.agent.tarsafe.unpack` (digest verified
 so a layer made here and a layer from elsewhere are treated alike. The built-in ``busybox`` image is made
 here from the target's static busybox. :func:`prune` deletes the layers that nothing refers to: no image
 record, no build cache entry, no container root's record (:mod:`labkit.agent.roots`) and no mounted overlay.
+:func:`locked` is the store's lock, across every agent process and daemon thread: prune and a pull's storing
+phase hold it alone; a build holds it shared from its first step to its image record, so that the layers it
+made or found in its cache are never pruned from under it.
 Container roots are :mod:`labkit.agent.roots`, the builder :mod:`labkit.agent.build`, OCI image layouts
 :mod:`labkit.agent.oci`. Standard library only.
 """
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -32,6 +37,7 @@ BLOBS = STATE_DIR + "/blobs/sha256"
 LAYERS = STATE_DIR + "/layers/sha256"
 IMAGES = STATE_DIR + "/images"
 CACHE = STATE_DIR + "/buildcache"
+LOCK = STATE_DIR + "/store.lock"
 DEFAULT_ENV = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
 
 
@@ -205,10 +211,30 @@ def rmi(ref):
     return {"removed": str(ImageRef.parse(ref))}
 
 
+@contextlib.contextmanager
+def locked(shared=False):
+    """The store's lock (flock on :data:`LOCK`): held alone (``shared`` False) by what removes layers or stores
+    a pull's, held shared by builds. Each holder opens the file itself, so threads of one daemon exclude each
+    other as separate processes do."""
+    os.makedirs(STATE_DIR, mode=0o700, exist_ok=True)
+    fd = os.open(LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # (closing the last descriptor of the open file releases its lock)
+
+
 # --- prune ---------------------------------------------------------------------------------------
 
 def prune(cache_keys=None, all_cache=False):
-    """Forget build-cache entries (the given keys, or all), then delete layers nothing refers to."""
+    """Forget build-cache entries (the given keys, or all), then delete layers nothing refers to (holding the
+    store's lock: never a layer a pull is storing or a build is using)."""
+    with locked():
+        return _prune(cache_keys, all_cache)
+
+
+def _prune(cache_keys, all_cache):
     removed_cache = 0
     if os.path.isdir(CACHE):
         for fn in os.listdir(CACHE):
