@@ -107,6 +107,38 @@ def test_round_trip_through_a_registry_of_labkits_own(lab, port):
     assert not any(k.startswith("registry") for k, _ in agent_cleanup.plan())
 
 
+def test_the_registry_runs_as_its_service_user_and_owns_only_its_data(lab, port):
+    """docker-registry parses what anyone on the machine sends it: it runs as Debian's docker-registry user with
+    no supplementary group, owns DIR/data and nothing else; its config, log and state stay root's, so the
+    server, taken over, can neither rewrite where it listens nor what labkit records of it. Data a registry
+    left as another owner is handed over when it starts again."""
+    import pwd
+    want = pwd.getpwnam("docker-registry")
+    os.makedirs(f"{localregistry.DIR}/data/docker/registry", exist_ok=True)  # as a registry run as root left it
+    with lab.registry(port=port) as reg:
+        status = dict(ln.split(":", 1) for ln in open(f"/proc/{reg.pid}/status").read().splitlines() if ":" in ln)
+        assert status["Uid"].split() == [str(want.pw_uid)] * 4 and status["Gid"].split() == [str(want.pw_gid)] * 4
+        assert status["Groups"].strip() == "" and status["CapEff"].strip() == "0" * 16
+        lab.build("FROM busybox\nRUN echo mine > /mine  # %s\n" % os.urandom(4).hex(), "t-lreg-user:v1")
+        ref = f"{reg.url}/carol/web:v1"
+        try:
+            lab.tag("t-lreg-user:v1", ref)
+            lab.push(ref)  # what it writes is its own
+        finally:
+            for r in (ref, "t-lreg-user:v1"):
+                lab.rmi(r)
+        for top, dirs, files in os.walk(f"{localregistry.DIR}/data"):
+            for name in [top] + [os.path.join(top, n) for n in dirs + files]:
+                assert os.lstat(name).st_uid == want.pw_uid, name
+        for name in ("config.yml", "registry.log", "state.json"):
+            st = os.lstat(f"{localregistry.DIR}/{name}")
+            assert st.st_uid == 0 and not st.st_mode & 0o022, name
+        assert os.stat(localregistry.DIR).st_uid == 0 and os.stat(localregistry.DIR).st_mode & 0o777 == 0o711
+        probe = subprocess.run(["setpriv", f"--reuid={want.pw_uid}", f"--regid={want.pw_gid}", "--clear-groups",
+                                "sh", "-c", f"echo x >> {localregistry.DIR}/config.yml"], capture_output=True, text=True)
+        assert probe.returncode != 0 and "ermission denied" in probe.stderr, probe
+
+
 def test_a_port_held_by_something_else_is_refused_and_nothing_starts(lab, port):
     class Hello(http.server.BaseHTTPRequestHandler):
         def do_GET(self):

@@ -2,7 +2,9 @@
 
 :func:`start` uses a registry that already answers on the port (the lab VM's service) or starts one of labkit's
 own: a config written here, its blobs under /var/lib/labkit/registry/data, listening on 127.0.0.1 only, its
-process recorded (pid and start time) in /var/lib/labkit/registry/state.json. :func:`stop` ends only that
+process recorded (pid and start time) in /var/lib/labkit/registry/state.json. It runs as Debian's
+``docker-registry`` service user (``nobody`` where there is none), never as root: a server that parses what
+anyone on the machine sends it owns its data directory and nothing else (its config, log and state are root's). :func:`stop` ends only that
 recorded process and, asked to, removes what was pushed to it; ``labkit cleanup`` does both. :func:`get` reads
 the registry's own API (catalog, tags, manifests) for a notebook and for the grader's checks: GET only, to
 127.0.0.1 only, a path of the distribution API only, bounded. The push and pull themselves are
@@ -140,14 +142,20 @@ def start(port=DEFAULT_PORT, timeout=15.0):
     if not binary:
         raise MechanismError("Debian's docker-registry is not installed on the target",
                              fix="apt-get install docker-registry (scripts/setup.sh and the lab VM install it)")
+    user = service_user()
+    rec.fact("user", user[2])
     private_dir(DIR)
+    os.chmod(DIR, 0o711)  # root's: the service user may pass through to its data, and read nothing else here
+    data = _data_dir(user, rec)
     config = f"{DIR}/config.yml"
     with open(config, "w") as f:
-        f.write(f"version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {DIR}/data\n"
+        f.write(f"version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {data}\n"
                 f"  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n")
+    os.chmod(config, 0o644)  # read by the service user, written by root alone
     log = os.open(f"{DIR}/registry.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     try:
-        proc = runner.start([binary, "serve", config], stdout=log, stderr=log, cwd="/", recorder=rec)
+        proc = runner.start([binary, "serve", config], stdout=log, stderr=log, cwd="/", recorder=rec,
+                            as_user=user[:2])
     finally:
         os.close(log)
     write_json(STATE, {**pid_fields(proc.pid), "port": port, "started": time.time()})
@@ -162,6 +170,37 @@ def start(port=DEFAULT_PORT, timeout=15.0):
     stop(remove=True)
     raise MechanismError(f"docker-registry did not answer on 127.0.0.1:{port} within {timeout:g} s",
                          fix=f"see its log, {DIR}/registry.log, then try again")
+
+
+def service_user():
+    """(uid, gid, name) the registry runs as: Debian's docker-registry user, else nobody."""
+    import pwd
+    for name in ("docker-registry", "nobody"):
+        try:
+            pw = pwd.getpwnam(name)
+        except KeyError:
+            continue
+        if pw.pw_uid != 0:
+            return pw.pw_uid, pw.pw_gid, name
+    raise MechanismError("there is neither a docker-registry nor a nobody user to run the registry as",
+                         fix="apt-get install --reinstall docker-registry (it makes its user)")
+
+
+def _data_dir(user, rec):
+    """DIR/data, the service user's (0700): made, or taken over from a registry that ran as another user, every
+    entry's owner changed without following a link."""
+    import stat
+    data = f"{DIR}/data"
+    os.makedirs(data, mode=0o700, exist_ok=True)
+    if not stat.S_ISDIR(os.lstat(data).st_mode):
+        raise MechanismError(f"{data} is not a directory", fix="remove it (labkit cleanup), then start again")
+    for top, dirs, files in os.walk(data):
+        for name in [top] + [os.path.join(top, n) for n in dirs + files]:
+            if os.lstat(name).st_uid != user[0]:
+                os.chown(name, user[0], user[1], follow_symlinks=False)
+    os.chmod(data, 0o700)
+    rec.file("chown", data, f"{user[2]} (uid {user[0]})")
+    return data
 
 
 def stop(remove=False, rec=None):

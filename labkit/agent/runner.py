@@ -112,18 +112,21 @@ def run(argv, *, input=None, timeout=60, check=True, env=None, recorder=None, fi
 
 
 def start(argv, *, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=None,
-          cwd=None, new_session=True, pass_fds=(), recorder=None, fix=None):
+          cwd=None, new_session=True, pass_fds=(), recorder=None, fix=None, as_user=None):
     """Start ``argv`` without waiting for it; returns its :class:`subprocess.Popen`, which the caller owns (waits
     for, reads from, kills). Streams as for subprocess (PIPE, DEVNULL, a file, or None to share the agent's);
     the same argv check and environment as :func:`run`; a missing program is a CommandFailed.
 
     ``new_session`` puts the child in a session (and process group) of its own, so that a group kill reaches
     all it starts and a terminal's signals do not. ``recorder`` gets a command step with no exit code and no
-    output (it was started, and this call does not know how it ends)."""
+    output (it was started, and this call does not know how it ends).
+
+    ``as_user``: (uid, gid) the program runs as, with no supplementary groups (a service that need not be root)."""
     argv, full_env = _argv_env(argv, env)
+    ids = {} if as_user is None else {"user": as_user[0], "group": as_user[1], "extra_groups": []}
     try:
         proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr, env=full_env, cwd=cwd,
-                                start_new_session=new_session, pass_fds=pass_fds)
+                                start_new_session=new_session, pass_fds=pass_fds, **ids)
     except FileNotFoundError:
         raise _not_found(argv, fix) from None
     if recorder is not None:
