@@ -20,7 +20,7 @@ import os
 import re
 
 from . import NOTEBOOK_DIR
-from .coverage import cells, kind
+from .coverage import between, cells, kind
 
 READING_WPM = 150
 DEMO_MINUTES = 1
@@ -97,8 +97,7 @@ BEGIN, END = "<!-- time table: python -m labkit.course.budget -->", "<!-- end of
 
 def readme_block(readme_text):
     """The table between the README's markers (None without them)."""
-    i, j = readme_text.find(BEGIN), readme_text.find(END)
-    return None if i < 0 or j < i else readme_text[i + len(BEGIN):j].strip("\n") + "\n"
+    return between(readme_text, BEGIN, END)
 
 
 if __name__ == "__main__":

@@ -116,10 +116,15 @@ def table(cov=None):
 BEGIN, END = "<!-- coverage table: python -m labkit.course.coverage -->", "<!-- end of coverage table -->"
 
 
+def between(text, begin, end):
+    """What ``text`` holds between the markers ``begin`` and ``end`` (None without them): a generated table."""
+    i, j = text.find(begin), text.find(end)
+    return None if i < 0 or j < i else text[i + len(begin):j].strip("\n") + "\n"
+
+
 def readme_block(readme_text):
     """The table between the README's markers (None without them)."""
-    i, j = readme_text.find(BEGIN), readme_text.find(END)
-    return None if i < 0 or j < i else readme_text[i + len(BEGIN):j].strip("\n") + "\n"
+    return between(readme_text, BEGIN, END)
 
 
 if __name__ == "__main__":
