@@ -64,7 +64,7 @@ def cmd_lab(args):
     chosen = pick_notebooks(args.notebooks, source) if args.notebooks else None
     print(f"labkit {__version__}: executing the notebooks ({edition}) on target {args.target!r} "
           f"({'full' if args.full else 'quick'} mode) into {os.path.abspath(args.output)}", flush=True)
-    runs = run_notebooks(args.target, args.output, chosen, quick=not args.full,
+    runs = run_notebooks(args.target, args.output, chosen, quick=not args.full, lang=args.lang,
                          source_dir=source, on_done=lambda run: print(run.line(), flush=True))
     return _totals(runs, args.output)
 

@@ -221,7 +221,7 @@ def _forge_checks(nb):         # 2: a student cell replaces the checks before th
 
 def _forge_display_fn(nb):     # 3: a student cell patches the grading module's display
     _before_checks(nb, _code("import labkit.course.grading as _g\n_real = _g._display\n"
-                                "_g._display = lambda s, r=None: _real(dict(s, points=s['max_points'], passed=True), r)",
+                                "_g._display = lambda s, r=None, **kw: _real(dict(s, points=s['max_points'], passed=True), r, **kw)",
                                 "f3"))
 
 

@@ -74,9 +74,27 @@ def test_solution_scores_full_points(name, tmp_path, lab):
         assert refs["03.2 OOM kill"]["args"][1]["kind"] == "record"
     total = scores[-1]
     assert total["question"] == "total" and total["points"] == sum(s["max_points"] for s in questions) > 0
+    if os.path.basename(source_dir) == "ko":
+        _feedback_in_korean(run.path, questions)
     if name.startswith("02"):
         assert os.path.getsize(os.path.join(out_dir, "02-isolation-matrix.png")) > 10_000
     assert lab.processes() == [], "the notebook left processes running"
+
+
+def _feedback_in_korean(path, questions):
+    """The Korean edition shows its badges, score table and the checks' feedback in Korean (the score under the
+    grader's MIME type keeps the check's English)."""
+    import html
+    from labkit.course.feedback import translate
+    from labkit.course.grading import MIME
+    shown = [o["data"]["text/html"] for c in json.load(open(path))["cells"] for o in c.get("outputs", [])
+             if MIME in (o.get("data") or {})]
+    assert shown and all("통과" in h and "PASS" not in h for h in shown), shown[:2]
+    assert "합계" in shown[-1]
+    korean = [s for s in questions if translate(s["feedback"], "ko") != s["feedback"]]
+    assert len(korean) >= 0.8 * len(questions), [s["feedback"] for s in questions if s not in korean]
+    for s, h in zip(questions, shown):
+        assert html.escape(translate(s["feedback"], "ko")) in h, (s["feedback"], h)
 
 
 @pytest.mark.parametrize("name", EDITIONS)

@@ -204,7 +204,8 @@ def bomb_defused(lab, cg, samples):
         return False, "the kernel refused no fork in this group: did the bomb run inside it?"
     peak = None if samples is None or _from_the_kernel(samples) else int(samples.pids_current.max())
     if peak is not None and peak > s["pids_max"]:
-        return False, f"{peak} processes, above pids.max {s['pids_max']}?"
+        return False, (f"your samples show {peak} processes in the group, more than its pids.max of {s['pids_max']}: "
+                       f"were they taken from this group?")
     return True, (f"the bomb never got past {s['pids_max']} processes; the kernel refused {s['pids_refused']} forks "
                   "and the rest of the machine never noticed.")
 
@@ -652,7 +653,7 @@ def seccomp_blocked(lab, rootfs, record, path="/newdir"):
     if lab.list_dir(rootfs.path + path)["exists"]:
         return 0.7, f"{path} exists in the rootfs: did it run without the filter?"
     return True, ("the filter answered EPERM before the kernel did any work: root, every capability, and still no "
-                  "mkdir. Docker's default profile refuses about 50 syscalls the same way.")
+                  "mkdir. Docker's default profile refuses about 44 syscalls the same way.")
 
 
 def read_only_refused(lab, rootfs, record, path="/etc/owned"):
@@ -839,9 +840,9 @@ def node_died(lab, victim, cluster=CLUSTER9, service="web", node="worker1"):
         return 0.6, (f"{len(tasks)} of {want_n} tasks of {service} run, on {sorted(t['node'] for t in tasks)}: is the "
                      f"manager's loop running (cluster.manage)?")
     lost = [t for t in lab.call("service.ps", name=cluster, service=service) if t["node"] == node]
-    return True, (f"{node} is down; its task{'s' if len(lost) > 1 else ''} {', '.join(t['id'] for t in lost)} "
-                  f"{'are' if len(lost) > 1 else 'is'} orphaned, and {want_n} tasks run on "
-                  f"{', '.join(sorted(t['node'] for t in tasks))}: the manager put the lost slot back elsewhere.")
+    return True, (f"{node} is down and the tasks it ran are orphaned ({', '.join(t['id'] for t in lost)}); "
+                  f"{want_n} tasks run again, on {', '.join(sorted(t['node'] for t in tasks))}: the manager put "
+                  f"the lost slots back elsewhere.")
 
 
 def mesh_answers(lab, answered, cluster=CLUSTER9, port=8090):
@@ -911,7 +912,7 @@ def stack_works(lab, deployed, cluster=CLUSTER9, stack="demo", port=8091, front=
             break
         time.sleep(0.3)
     if page is None:
-        return 0.6, f"nothing answers on port {port}: the front publishes it"
+        return 0.6, f"nothing answers on port {port}, which the front publishes: is the front running?"
     if not ok:
         return 0.7, f"from inside a {front} task, http://{api}/ did not answer ({said}): does {api} serve port 80?"
     return True, (f"{len(rows)} services run; the front answers on {port}, and from inside it the name {api!r} "

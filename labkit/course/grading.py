@@ -83,8 +83,13 @@ def run_check(lab, fn, args, kwargs=None, not_answered=NOT_ANSWERED):
 
 
 class Checker:
-    def __init__(self, lab, notebook, student_id="anonymous"):
+    """``lang``: the language of the feedback shown beside each badge (None: the edition's, see
+    :func:`labkit.course.feedback.language`); the score itself keeps the check's English words."""
+
+    def __init__(self, lab, notebook, student_id="anonymous", lang=None):
+        from .feedback import language
         self.lab, self.notebook, self.student_id = lab, notebook, student_id
+        self.lang = language(lang)
         self.results = []
 
     def check(self, question, points, fn, *args, **kwargs):
@@ -100,7 +105,7 @@ class Checker:
                     "args": [ref_of(a) for a in args], "kwargs": {k: ref_of(v) for k, v in kwargs.items()}}
         except Exception as exc:  # noqa: BLE001 - an odd answer must not stop the notebook
             refs = {"question": question, "error": f"{type(exc).__name__}: {exc}"[:500]}
-        _display(score, refs)
+        _display(score, refs, lang=self.lang)
 
     @property
     def total(self):
@@ -112,13 +117,16 @@ class Checker:
         got, out_of = self.total
         score = {"notebook": self.notebook, "question": "total", "points": got, "max_points": out_of,
                  "passed": got >= out_of, "feedback": f"{got:g} of {out_of:g} points", "student": self.student_id}
-        rows = "".join(f"<tr><td>{_esc(r['question'])}</td><td>{_badge(r)}</td>"
+        lang = self.lang
+        words = {"question": "문항", "points": "점수", "total": "합계"} if lang == "ko" else {}
+        rows = "".join(f"<tr><td>{_esc(r['question'])}</td><td>{_badge(r, lang)}</td>"
                        f"<td style='text-align:right'>{r['points']:g} / {r['max_points']:g}</td></tr>" for r in self.results)
-        table = (f"<table class='lk-scores'><thead><tr><th>question</th><th></th><th>points</th></tr></thead>"
-                 f"<tbody>{rows}</tbody><tfoot><tr><th>total</th><td>{_badge(score)}</td>"
+        table = (f"<table class='lk-scores'><thead><tr><th>{words.get('question', 'question')}</th><th></th>"
+                 f"<th>{words.get('points', 'points')}</th></tr></thead>"
+                 f"<tbody>{rows}</tbody><tfoot><tr><th>{words.get('total', 'total')}</th><td>{_badge(score, lang)}</td>"
                  f"<th style='text-align:right'>{got:g} / {out_of:g}</th></tr></tfoot></table>")
         _display(score, html=f"<div><b>{_esc(self.notebook)}</b> — {_esc(self.student_id)}{table}</div>",
-                 text="\n".join([_text(score)] + ["  " + _text(r) for r in self.results]))
+                 text="\n".join([_text(score, lang)] + ["  " + _text(r, lang) for r in self.results]))
 
 
 #: a check's badge: (label, colour) for a full, a partial and a zero score
@@ -134,33 +142,40 @@ def _esc(text):
     return html.escape(str(text))
 
 
-def _badge(score):
+def _badge(score, lang="en"):
+    from .feedback import BADGE_WORDS
     label, colour = BADGES[_status(score)]
+    label = BADGE_WORDS.get(lang, {}).get(_status(score), label)
     return (f"<span style='background:{colour};color:#fff;border-radius:4px;padding:1px 7px;font-weight:bold;"
             f"font-size:85%'>{label}</span>")
 
 
-def _html(score):
-    return (f"<div class='lk-score' style='margin:4px 0'>{_badge(score)} <b>{_esc(score['question'])}</b> "
-            f"{score['points']:g}/{score['max_points']:g} <span>{_esc(score['feedback'])}</span></div>")
+def _said(score, lang):
+    from .feedback import translate
+    return translate(score["feedback"], lang)
 
 
-def _text(score):
+def _html(score, lang="en"):
+    return (f"<div class='lk-score' style='margin:4px 0'>{_badge(score, lang)} <b>{_esc(score['question'])}</b> "
+            f"{score['points']:g}/{score['max_points']:g} <span>{_esc(_said(score, lang))}</span></div>")
+
+
+def _text(score, lang="en"):
     mark = "PASS" if score["passed"] else ("PART" if score["points"] > 0 else "----")
-    return f"[{mark}] {score['question']}: {score['points']:g}/{score['max_points']:g}  {score['feedback']}"
+    return f"[{mark}] {score['question']}: {score['points']:g}/{score['max_points']:g}  {_said(score, lang)}"
 
 
-def _display(score, refs=None, html=None, text=None):
+def _display(score, refs=None, html=None, text=None, lang="en"):
     """The score as a badge with its feedback in JupyterLab (HTML), a text line elsewhere, and under MIME for the
-    grader's reading of an executed notebook."""
+    grader's reading of an executed notebook (the check's own English there, whatever ``lang`` shows)."""
     try:
         from IPython.display import display
-        data = {MIME: score, "text/plain": text or _text(score), "text/html": html or _html(score)}
+        data = {MIME: score, "text/plain": text or _text(score, lang), "text/html": html or _html(score, lang)}
         if refs is not None:
             data[REFS_MIME] = refs
         display(data, raw=True)
     except ImportError:
-        print(text or _text(score))
+        print(text or _text(score, lang))
 
 
 def read_refs(path_or_nb):

@@ -81,21 +81,28 @@ class NotebookRun:
 
 
 def run_notebooks(target, output, notebooks=None, student_id="anonymous", quick=True, timeout=900,
-                  source_dir=NOTEBOOK_DIR, on_done=None):
+                  source_dir=NOTEBOOK_DIR, on_done=None, lang=None):
     """Execute notebooks with papermill into ``output``; a list of :class:`NotebookRun`. ``on_done(run)``
-    is called as each one finishes (the lab command prints its line there)."""
+    is called as each one finishes (the lab command prints its line there); ``lang``: the edition's language,
+    which the checks' feedback is shown in (labkit.course.feedback; None: the edition's folder says, e.g. ko)."""
     import papermill as pm
+    from .feedback import LANGS
+    if lang is None:
+        lang = os.path.basename(os.path.normpath(source_dir))
+        lang = lang if lang in LANGS else "en"
     os.makedirs(output, exist_ok=True)
     runs = []
-    headless = os.environ.get("LABKIT_HEADLESS")
-    os.environ["LABKIT_HEADLESS"] = "1"  # the kernels inherit it: step widgets play to the end (labkit.course.steps)
+    # the kernels inherit these: step widgets play to the end (labkit.course.steps); feedback in the edition's words
+    saved = {k: os.environ.get(k) for k in ("LABKIT_HEADLESS", "LABKIT_LANG")}
+    os.environ.update(LABKIT_HEADLESS="1", LABKIT_LANG=lang)
     try:
         return _run_each(pm, target, output, notebooks, student_id, quick, timeout, source_dir, on_done, runs)
     finally:
-        if headless is None:
-            os.environ.pop("LABKIT_HEADLESS", None)
-        else:
-            os.environ["LABKIT_HEADLESS"] = headless
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _run_each(pm, target, output, notebooks, student_id, quick, timeout, source_dir, on_done, runs):
