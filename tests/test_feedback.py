@@ -75,3 +75,18 @@ def test_the_checker_shows_korean_and_keeps_the_english_score(capsys):
 @pytest.mark.parametrize("lang", feedback.LANGS)
 def test_badge_words_cover_every_state(lang):
     assert set(feedback.BADGE_WORDS[lang]) == set(grading.BADGES)
+
+
+def test_a_students_feedback_page_is_in_the_edition_they_worked_in():
+    """The grader's page for a student who worked in the Korean edition (metadata labkit.edition) is Korean; a
+    metadata that says anything else, or is not even a mapping, gives the checks' English."""
+    from labkit.course.grade import _edition, feedback_html
+    said = "a new network namespace starts with nothing but a loopback interface: no way out until we add one."
+    assert _edition({"metadata": {"labkit": {"edition": "ko"}}}) == "ko"
+    for odd in ({"metadata": {"labkit": {"edition": "<script>"}}}, {"metadata": {"labkit": ["ko"]}},
+                {"metadata": "ko"}, {}, []):
+        assert _edition(odd) == "en", odd
+    res = {"notebook": "02-namespaces", "questions": [{"question": "02.3 no network", "points": 1, "max_points": 1,
+                                                       "feedback": said, "hidden": False}]}
+    assert feedback.translate(said, "ko") in feedback_html("s1", [dict(res, lang="ko")])
+    assert said in feedback_html("s1", [res])

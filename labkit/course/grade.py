@@ -347,6 +347,7 @@ def grade_notebook(path, bundle, box, source_dir, student_id="anonymous", work_d
                                     for q in entry["questions"]]
         return result
     result["notebook"] = name
+    result["lang"] = _edition(nb)
     nbundle = bundle["notebooks"][name]
     source_nb = _source_notebook(source_dir, name, nbundle)
     restored, result["notes"] = restore(nb, source_nb, nbundle)
@@ -635,10 +636,22 @@ def _question_points(bundle):
     return points
 
 
+def _edition(nb):
+    """The language of the edition a submission was made from (its metadata labkit.edition, e.g. 'ko'; 'en'
+    otherwise). The student could change it: it chooses only the words of their own feedback page."""
+    from .feedback import LANGS
+    meta = nb.get("metadata") if isinstance(nb, dict) else None
+    mine = meta.get("labkit") if isinstance(meta, dict) else None
+    lang = mine.get("edition") if isinstance(mine, dict) else None
+    return lang if isinstance(lang, str) and lang in LANGS else "en"
+
+
 def feedback_html(student, results):
     """One student's feedback: each notebook's questions, points and the checks' messages (a hidden
-    check shows its name, result and message, never its code)."""
+    check shows its name, result and message, never its code), in the language of the edition the student
+    worked in (labkit.course.feedback)."""
     import html
+    from .feedback import translate
     parts = [f"<!doctype html><meta charset='utf-8'><title>Feedback for {html.escape(student)}</title>",
              f"<h1>Feedback for {html.escape(student)}</h1>"]
     for res in results:
@@ -653,7 +666,8 @@ def feedback_html(student, results):
         parts.append("<table><tr><th>question</th><th>points</th><th>feedback</th></tr>")
         for q in res["questions"]:
             name = q["question"] + (" (hidden check)" if q.get("hidden") else "")
+            said = translate(str(q["feedback"]), res.get("lang", "en"))
             parts.append(f"<tr><td>{html.escape(name)}</td><td>{q['points']:g} / {q['max_points']:g}</td>"
-                         f"<td>{html.escape(str(q['feedback']))}</td></tr>")
+                         f"<td>{html.escape(said)}</td></tr>")
         parts.append("</table>")
     return "\n".join(parts) + "\n"
