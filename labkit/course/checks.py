@@ -329,17 +329,15 @@ def six_steps(lab, ctr, start_record):
     if not isinstance(ctr, Container):
         return False, "expected the handle that lab.create(...) returns"
     info = ctr.inspect()
-    done = []
     if info["State"]["Status"] != "exited":
         return 0.3, f"the container is {info['State']['Status']}: start it and let its command finish"
-    done.append("it exited and still exists (docker ps -a)")
-    if lab.list_dir(info["GraphDriver"]["Data"]["UpperDir"])["exists"]:
-        done.append(f"its writable layer is {info['GraphDriver']['Data']['UpperDir']}")
     net = (start_record or {}).get("facts", {}).get("net") if hasattr(start_record, "get") else None
     if not net:
         return 0.6, "its start record shows no network interface: keep network='default'"
-    done.append(f"it had eth0 with {net['ip']}")
-    return True, "; ".join(done) + "."
+    upper = info["GraphDriver"]["Data"]["UpperDir"]
+    if lab.list_dir(upper)["exists"]:
+        return True, f"it exited and still exists (docker ps -a); its writable layer is {upper}; it had eth0 with {net['ip']}."
+    return True, f"it exited and still exists (docker ps -a); it had eth0 with {net['ip']}."
 
 
 def web_published(lab, webserver, port=8080, name="webserver"):
