@@ -87,8 +87,8 @@ def _feedback_in_korean(path, questions):
     import html
     from labkit.course.feedback import translate
     from labkit.course.grading import MIME
-    shown = [o["data"]["text/html"] for c in json.load(open(path))["cells"] for o in c.get("outputs", [])
-             if MIME in (o.get("data") or {})]
+    shown = ["".join(o["data"]["text/html"]) for c in json.load(open(path))["cells"] for o in c.get("outputs", [])
+             if MIME in (o.get("data") or {})]  # (nbformat keeps a text as a list of its lines)
     assert shown and all("통과" in h and "PASS" not in h for h in shown), shown[:2]
     assert "합계" in shown[-1]
     korean = [s for s in questions if translate(s["feedback"], "ko") != s["feedback"]]
