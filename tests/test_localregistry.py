@@ -107,7 +107,7 @@ def test_round_trip_through_a_registry_of_labkits_own(lab, port):
     assert not any(k.startswith("registry") for k, _ in agent_cleanup.plan())
 
 
-def test_the_registry_runs_as_its_service_user_and_owns_only_its_data(lab, port):
+def test_the_registry_runs_as_its_service_user_and_owns_only_its_data(lab, port, tmp_path):
     """docker-registry parses what anyone on the machine sends it: it runs as Debian's docker-registry user with
     no supplementary group, owns DIR/data and nothing else; its config, log and state stay root's, so the
     server, taken over, can neither rewrite where it listens nor what labkit records of it. Data a registry
@@ -115,6 +115,11 @@ def test_the_registry_runs_as_its_service_user_and_owns_only_its_data(lab, port)
     import pwd
     want = pwd.getpwnam("docker-registry")
     os.makedirs(f"{localregistry.DIR}/data/docker/registry", exist_ok=True)  # as a registry run as root left it
+    # what a registry process of that user could leave to be handed over: a link to a file of root's elsewhere
+    # (a hard link, where protected_hardlinks is off), a symbolic link to another
+    (tmp_path / "roots").write_text("root's own")
+    os.link(tmp_path / "roots", f"{localregistry.DIR}/data/docker/hard")
+    os.symlink("/etc/shadow", f"{localregistry.DIR}/data/docker/soft")
     with lab.registry(port=port) as reg:
         status = dict(ln.split(":", 1) for ln in open(f"/proc/{reg.pid}/status").read().splitlines() if ":" in ln)
         assert status["Uid"].split() == [str(want.pw_uid)] * 4 and status["Gid"].split() == [str(want.pw_gid)] * 4
@@ -127,6 +132,8 @@ def test_the_registry_runs_as_its_service_user_and_owns_only_its_data(lab, port)
         finally:
             for r in (ref, "t-lreg-user:v1"):
                 lab.rmi(r)
+        assert os.stat(tmp_path / "roots").st_uid == 0 and os.stat("/etc/shadow").st_uid == 0
+        os.unlink(f"{localregistry.DIR}/data/docker/hard")
         for top, dirs, files in os.walk(f"{localregistry.DIR}/data"):
             for name in [top] + [os.path.join(top, n) for n in dirs + files]:
                 assert os.lstat(name).st_uid == want.pw_uid, name

@@ -187,17 +187,22 @@ def service_user():
 
 
 def _data_dir(user, rec):
-    """DIR/data, the service user's (0700): made, or taken over from a registry that ran as another user, every
-    entry's owner changed without following a link."""
+    """DIR/data, the service user's (0700): made, or taken over from a registry that ran as another user (root,
+    before labkit ran it as its own user). The tree is walked by directory descriptors (os.fwalk), each entry's
+    owner changed relative to its directory without following a link, so that a process of the service user
+    that renames or swaps entries meanwhile cannot steer a chown out of the tree; a file with a second hard link
+    (a link to a file elsewhere) is never handed over."""
     import stat
     data = f"{DIR}/data"
     os.makedirs(data, mode=0o700, exist_ok=True)
     if not stat.S_ISDIR(os.lstat(data).st_mode):
         raise MechanismError(f"{data} is not a directory", fix="remove it (labkit cleanup), then start again")
-    for top, dirs, files in os.walk(data):
-        for name in [top] + [os.path.join(top, n) for n in dirs + files]:
-            if os.lstat(name).st_uid != user[0]:
-                os.chown(name, user[0], user[1], follow_symlinks=False)
+    for _, dirs, files, dfd in os.fwalk(data, follow_symlinks=False):
+        for name in dirs + files:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            if st.st_uid != user[0] and not (stat.S_ISREG(st.st_mode) and st.st_nlink > 1):
+                os.chown(name, user[0], user[1], dir_fd=dfd, follow_symlinks=False)
+    os.chown(data, user[0], user[1], follow_symlinks=False)
     os.chmod(data, 0o700)
     rec.file("chown", data, f"{user[2]} (uid {user[0]})")
     return data
