@@ -13,7 +13,7 @@ import pytest
 
 import labkit
 from labkit.agent import daemon
-from labkit.wire.errors import NotFound
+from labkit.wire.errors import Conflict, NotFound
 
 from conftest import REPO
 
@@ -65,8 +65,9 @@ def test_connect_and_the_cli_go_through_the_daemon_when_it_runs(running_daemon, 
 
 def test_a_long_build_does_not_hold_up_the_daemons_other_requests(running_daemon, lab, monkeypatch):
     """A build (or a pull) keeps to the store's own lock: while one runs a slow RUN step, the same daemon
-    creates, starts and removes a container; and a prune that forgets the build cache waits for the build
-    instead of taking the COPY layer that only a cache entry named yet."""
+    creates, starts and removes a container; a prune meanwhile is refused at once (it would otherwise hold up
+    every request behind the build, or take layers only the build knows of yet), and one after the build finds
+    every layer of the image named."""
     import threading
     monkeypatch.delenv("LABKIT_DAEMON", raising=False)
     builder, other = labkit.connect("local"), labkit.connect("local")
@@ -90,8 +91,10 @@ def test_a_long_build_does_not_hold_up_the_daemons_other_requests(running_daemon
         c.rm()
         meanwhile = time.monotonic() - t0
         assert worker.is_alive(), f"the build ended before the container's run: it took {meanwhile:.1f} s"
-        other.prune(all_cache=True)  # waits for the build (the store's lock), then finds every layer named
+        with pytest.raises(Conflict, match="store is busy"):
+            other.prune(all_cache=True)
         worker.join(120)
+        other.prune(all_cache=True)
         assert "error" not in got, got.get("error")
         layers = got["built"]["image"]["layers"]
         assert all(os.path.isdir(f"/var/lib/labkit/layers/sha256/{d.split(':')[1]}") for d in layers)

@@ -102,7 +102,7 @@ def test_no_network_is_a_network_namespace_with_only_loopback(lab):
         host_only.listen(1)
         port = host_only.getsockname()[1]
         probe = (f"readlink /proc/self/ns/net; tail -n +3 /proc/net/dev | cut -d: -f1; "
-                 f"echo hi | nc 127.0.0.1 {port} 2>/dev/null && echo reached || echo refused")
+                 f"echo hi | nc -w 2 127.0.0.1 {port} 2>/dev/null && echo reached || echo refused")
         res = lab.run_container("busybox", ["sh", "-c", probe], detach=False, rm=True, name="t-nonet", network=None)
     lines = [ln.strip() for ln in res["logs"].splitlines() if ln.strip()]
     assert lines[0] != os.readlink("/proc/self/ns/net") and lines[0].startswith("net:["), lines

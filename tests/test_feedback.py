@@ -90,3 +90,14 @@ def test_a_students_feedback_page_is_in_the_edition_they_worked_in():
                                                        "feedback": said, "hidden": False}]}
     assert feedback.translate(said, "ko") in feedback_html("s1", [dict(res, lang="ko")])
     assert said in feedback_html("s1", [res])
+
+
+def test_a_long_message_stays_english_and_costs_nothing():
+    """A submission can make a check repeat a long value back (an odd answer's repr): matching it against
+    templates of several fields costs time that grows fast with its length, so past MAX_TRANSLATED it is not
+    matched at all (the grader writes every student's page; one such message must not stall it)."""
+    t = "the target's kernel is not {}; ask the target (lab.run(['uname', '-r']))"
+    long = t.format("x; " * 3000)
+    assert len(long) > feedback.MAX_TRANSLATED and feedback.translate(long, "ko") == long
+    short = t.format("6.1.0")
+    assert feedback.translate(short, "ko") != short

@@ -117,8 +117,10 @@ def test_the_registry_runs_as_its_service_user_and_owns_only_its_data(lab, port,
     os.makedirs(f"{localregistry.DIR}/data/docker/registry", exist_ok=True)  # as a registry run as root left it
     # what a registry process of that user could leave to be handed over: a link to a file of root's elsewhere
     # (a hard link, where protected_hardlinks is off), a symbolic link to another
-    (tmp_path / "roots").write_text("root's own")
-    os.link(tmp_path / "roots", f"{localregistry.DIR}/data/docker/hard")
+    roots = f"{localregistry.DIR}/roots-own"  # (on the data's own filesystem, as a hard link must be)
+    with open(roots, "w") as f:
+        f.write("root's own")
+    os.link(roots, f"{localregistry.DIR}/data/docker/hard")
     os.symlink("/etc/shadow", f"{localregistry.DIR}/data/docker/soft")
     with lab.registry(port=port) as reg:
         status = dict(ln.split(":", 1) for ln in open(f"/proc/{reg.pid}/status").read().splitlines() if ":" in ln)
@@ -132,8 +134,9 @@ def test_the_registry_runs_as_its_service_user_and_owns_only_its_data(lab, port,
         finally:
             for r in (ref, "t-lreg-user:v1"):
                 lab.rmi(r)
-        assert os.stat(tmp_path / "roots").st_uid == 0 and os.stat("/etc/shadow").st_uid == 0
+        assert os.stat(roots).st_uid == 0 and os.stat("/etc/shadow").st_uid == 0
         os.unlink(f"{localregistry.DIR}/data/docker/hard")
+        os.unlink(roots)
         for top, dirs, files in os.walk(f"{localregistry.DIR}/data"):
             for name in [top] + [os.path.join(top, n) for n in dirs + files]:
                 assert os.lstat(name).st_uid == want.pw_uid, name
@@ -144,6 +147,16 @@ def test_the_registry_runs_as_its_service_user_and_owns_only_its_data(lab, port,
         probe = subprocess.run(["setpriv", f"--reuid={want.pw_uid}", f"--regid={want.pw_gid}", "--clear-groups",
                                 "sh", "-c", f"echo x >> {localregistry.DIR}/config.yml"], capture_output=True, text=True)
         assert probe.returncode != 0 and "ermission denied" in probe.stderr, probe
+        # a process the registry started and left behind (a taken-over registry would): it is in the registry's
+        # cgroup, and stopping the registry ends it too, so that nothing of that user's listens in its place
+        from labkit.agent import cgroups
+        assert reg.pid in cgroups.pids(localregistry.CGROUP)
+        left = subprocess.Popen(["setpriv", f"--reuid={want.pw_uid}", f"--regid={want.pw_gid}", "--clear-groups",
+                                 "sleep", "300"], start_new_session=True)
+        for f in cgroups.procs_files(localregistry.CGROUP):
+            with open(f, "w") as w:
+                w.write(str(left.pid))
+    assert left.wait(timeout=15) == -9, "stopping the registry ends what it left running"
 
 
 def test_a_port_held_by_something_else_is_refused_and_nothing_starts(lab, port):

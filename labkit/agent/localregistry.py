@@ -19,15 +19,17 @@ import signal
 import socket
 import time
 
-from ..wire.errors import Conflict, InvalidSpec, MechanismError
-from ..wire.specs import STATE_DIR
-from . import runner
+from ..wire.errors import Conflict, InvalidSpec, MechanismError, NotFound
+from ..wire.specs import STATE_DIR, CgroupSpec
+from . import cgroups, runner
 from .runner import Recorder, pid_fields, recorded_process, wait_gone, which
 from .state import private_dir, read_json, write_json
 
 DIR = f"{STATE_DIR}/registry"
 STATE = f"{DIR}/state.json"
 DEFAULT_PORT = 5000
+#: the registry's cgroup (below labkit's parent): whatever it starts stays inside, and stop kills them all
+CGROUP = "lk-registry"
 MAX_BODY = 4 << 20
 #: what :func:`get` may ask: the distribution API's read side (catalog, a repository's tags, a manifest)
 API_PATH = re.compile(r"/v2/(_catalog|[a-z0-9]+(?:[._/-][a-z0-9]+)*/(tags/list|manifests/[A-Za-z0-9_.:-]{1,128}))"
@@ -144,6 +146,9 @@ def start(port=DEFAULT_PORT, timeout=15.0):
                              fix="apt-get install docker-registry (scripts/setup.sh and the lab VM install it)")
     user = service_user()
     rec.fact("user", user[2])
+    st = os.stat(STATE_DIR)
+    if not st.st_mode & 0o001:  # the service user passes through /var/lib/labkit (listing it stays root's)
+        os.chmod(STATE_DIR, (st.st_mode & 0o7777) | 0o001)
     private_dir(DIR)
     os.chmod(DIR, 0o711)  # root's: the service user may pass through to its data, and read nothing else here
     data = _data_dir(user, rec)
@@ -153,12 +158,20 @@ def start(port=DEFAULT_PORT, timeout=15.0):
                 f"  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n")
     os.chmod(config, 0o644)  # read by the service user, written by root alone
     log = os.open(f"{DIR}/registry.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    rec.steps += cgroups.create(CgroupSpec(name=CGROUP, pids=256))["steps"]
     try:
         proc = runner.start([binary, "serve", config], stdout=log, stderr=log, cwd="/", recorder=rec,
                             as_user=user[:2])
     finally:
         os.close(log)
     write_json(STATE, {**pid_fields(proc.pid), "port": port, "started": time.time()})
+    try:  # in its cgroup before it serves anything: a process it forks later cannot outlive stop()
+        for procs in cgroups.procs_files(CGROUP):
+            with open(procs, "w") as f:
+                f.write(str(proc.pid))
+    except OSError as exc:
+        stop(remove=False, rec=rec)
+        raise MechanismError(f"could not put docker-registry in its cgroup: {exc}", fix="see `labkit doctor`") from None
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if proc.poll() is not None:
@@ -187,21 +200,34 @@ def service_user():
 
 
 def _data_dir(user, rec):
-    """DIR/data, the service user's (0700): made, or taken over from a registry that ran as another user (root,
-    before labkit ran it as its own user). The tree is walked by directory descriptors (os.fwalk), each entry's
-    owner changed relative to its directory without following a link, so that a process of the service user
-    that renames or swaps entries meanwhile cannot steer a chown out of the tree; a file with a second hard link
-    (a link to a file elsewhere) is never handed over."""
+    """DIR/data, the service user's (0700): made, or taken over from a registry that ran as root (before labkit
+    ran it as its own user). A tree already the user's is left as it is. Otherwise only root's part of it is
+    walked (a directory of anyone else's is not entered): files are handed over as they are met and directories
+    last, deepest first, so that every directory is still root's while root works in it and nothing in it can
+    be swapped meanwhile; a file with a second hard link (a link to a file elsewhere) is never handed over."""
     import stat
     data = f"{DIR}/data"
     os.makedirs(data, mode=0o700, exist_ok=True)
-    if not stat.S_ISDIR(os.lstat(data).st_mode):
+    top = os.lstat(data)
+    if not stat.S_ISDIR(top.st_mode):
         raise MechanismError(f"{data} is not a directory", fix="remove it (labkit cleanup), then start again")
-    for _, dirs, files, dfd in os.fwalk(data, follow_symlinks=False):
-        for name in dirs + files:
-            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-            if st.st_uid != user[0] and not (stat.S_ISREG(st.st_mode) and st.st_nlink > 1):
-                os.chown(name, user[0], user[1], dir_fd=dfd, follow_symlinks=False)
+    if top.st_uid == user[0]:
+        return data
+    later = []
+    for path, dirs, files in os.walk(data):  # (os.walk follows no symbolic link to a directory)
+        for name in list(dirs):
+            st = os.lstat(os.path.join(path, name))
+            if st.st_uid != 0:
+                dirs.remove(name)  # not root's: not entered, not changed
+            else:
+                later.append(os.path.join(path, name))
+        for name in files:
+            full = os.path.join(path, name)
+            st = os.lstat(full)
+            if st.st_uid == 0 and not (stat.S_ISREG(st.st_mode) and st.st_nlink > 1):
+                os.chown(full, user[0], user[1], follow_symlinks=False)
+    for d in sorted(later, key=lambda p: p.count("/"), reverse=True):
+        os.chown(d, user[0], user[1], follow_symlinks=False)
     os.chown(data, user[0], user[1], follow_symlinks=False)
     os.chmod(data, 0o700)
     rec.file("chown", data, f"{user[2]} (uid {user[0]})")
@@ -219,13 +245,18 @@ def stop(remove=False, rec=None):
         if not wait_gone(pid, entry.get("starttime"), 5):
             rec.kill(pid, signal.SIGKILL)
             wait_gone(pid, entry.get("starttime"), 5)
+    try:  # and whatever it started: nothing of the service user's stays to listen in its place or play with its files
+        rec.steps += cgroups.remove(CGROUP)["steps"]
+    except NotFound:
+        pass
     if os.path.lexists(STATE):
         os.unlink(STATE)
     removed = False
     if remove and os.path.isdir(DIR) and not os.path.islink(DIR):
-        shutil.rmtree(DIR)
-        rec.file("rmtree", DIR)
-        removed = True
+        failed = []
+        shutil.rmtree(DIR, onerror=lambda fn, path, exc: failed.append(path))
+        rec.file("rmtree", DIR, f"could not remove {len(failed)} entries, e.g. {failed[0]}" if failed else "")
+        removed = not failed
     return rec.to_dict(stopped=pid, removed=removed)
 
 

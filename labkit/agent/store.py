@@ -27,7 +27,7 @@ import shutil
 import tempfile
 import time
 
-from ..wire.errors import InvalidSpec, NotFound
+from ..wire.errors import Conflict, InvalidSpec, NotFound
 from ..wire.specs import CONTAINERS_DIR, STATE_DIR, ImageRef
 from . import rootfs, tarsafe
 from .runner import Recorder
@@ -64,7 +64,12 @@ def add_layer_tar(tar_path, digest=None, rec=None):
     private_dir(LAYERS)
     digest = digest or tarsafe.sha256_file(tar_path)
     if not os.path.isdir(layer_dir(digest)):
-        special = tarsafe.unpack(tar_path, layer_dir(digest), digest=digest)
+        try:
+            special = tarsafe.unpack(tar_path, layer_dir(digest), digest=digest)
+        except InvalidSpec:
+            if not os.path.isdir(layer_dir(digest)):
+                raise
+            special = []  # another build or pull stored this very layer a moment ago: it is here, checked
         devices = [path for kind, path in special if kind == "device"]
         if devices:
             write_json(layer_dir(digest) + ".json", {"devices_skipped": devices})
@@ -117,6 +122,12 @@ def save_image(ref, image):
 def image_id(image):
     return "sha256:" + hashlib.sha256(json.dumps({"layers": image["layers"], "config": image["config"]},
                                                  sort_keys=True).encode()).hexdigest()
+
+
+def read_image(ref):
+    """The image record of ``ref`` as stored, or None (no built-in busybox made for it)."""
+    image = read_json(_image_path(ref))
+    return image if is_image(image) else None
 
 
 def load_image(ref):
@@ -212,14 +223,18 @@ def rmi(ref):
 
 
 @contextlib.contextmanager
-def locked(shared=False):
+def locked(shared=False, wait=True):
     """The store's lock (flock on :data:`LOCK`): held alone (``shared`` False) by what removes layers or stores
     a pull's, held shared by builds. Each holder opens the file itself, so threads of one daemon exclude each
-    other as separate processes do."""
-    os.makedirs(STATE_DIR, mode=0o700, exist_ok=True)
+    other as separate processes do. ``wait`` False: a Conflict at once when another holds it."""
+    os.makedirs(STATE_DIR, exist_ok=True)
     fd = os.open(LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise Conflict("the image store is busy: a build or a pull is using its layers",
+                           fix="try again when it has ended") from None
         yield
     finally:
         os.close(fd)  # (closing the last descriptor of the open file releases its lock)
@@ -229,8 +244,9 @@ def locked(shared=False):
 
 def prune(cache_keys=None, all_cache=False):
     """Forget build-cache entries (the given keys, or all), then delete layers nothing refers to (holding the
-    store's lock: never a layer a pull is storing or a build is using)."""
-    with locked():
+    store's lock: never a layer a pull is storing or a build is using; refused, not queued, while one is, so
+    that a daemon does not wait behind a long build)."""
+    with locked(wait=False):
         return _prune(cache_keys, all_cache)
 
 
