@@ -92,10 +92,17 @@ fi
 """
 
 BENCH_SH = r"""
-now() { adjtimex | awk '/tv_sec/{s=$2} /tv_usec/{u=$2} END{printf "%d%06d\n", s, u}'; }
+# a reading of the clock in microseconds (busybox adjtimex, tried three times). Its tv_usec holds nanoseconds when
+# the kernel's STA_NANO status bit (8192) is set, as it is on a clock no NTP daemon disciplines: then it is divided.
+# Nothing when adjtimex gave no reading, and then the script says so and prints no result: never a figure computed
+# from a missing or misread stamp
+now() { for _ in 1 2 3; do t=$(adjtimex | awk '/status:/{st=$2} /tv_sec/{s=$2} /tv_usec/{u=$2}
+    END{if (s != "") { if (int(st / 8192) % 2 == 1) u = int(u / 1000); printf "%d%06d\n", s, u } }')
+  [ -n "$t" ] && { echo "$t"; return; }; done; }
 w=$1; n=$2; dir=${3:-/tmp}
 bb=$(readlink /proc/$$/exe)  # the busybox running this script: the same binary forks below
 t0=$(now)
+[ -n "$t0" ] || { echo "adjtimex gave no clock reading" >&2; exit 3; }
 case "$w" in
   cpu) awk -v n="$n" 'BEGIN{s=0; for(i=0;i<n;i++) s+=i%7; print s}' >/dev/null; unit=loops ;;
   memory) dd if=/dev/zero of=/dev/null bs=16M count=$((n/16)) 2>/dev/null; unit=MiB ;;
@@ -105,6 +112,7 @@ case "$w" in
   *) echo "unknown workload $w" >&2; exit 2 ;;
 esac
 t1=$(now)
+[ -n "$t1" ] || { echo "adjtimex gave no clock reading" >&2; exit 3; }
 [ "$w" = fileio ] && rm -f "$dir/.lk-bench-io"
 echo "LKB $w $((t1-t0)) $n $unit"
 """
