@@ -461,8 +461,8 @@ def cmd_pull(args):
     for layer in facts.get("layers_fetched") or []:
         print(f"{layer.split(':')[-1][:12]}: Pull complete")
     # Docker's Digest is the manifest's (what the registry names the image by); the image id is the config's
-    news = "Image is up to date" if facts.get("up_to_date") else "Downloaded newer image"
-    print(f"Digest: {facts.get('digest')}\nStatus: {news} for {args.image}")
+    from .wire.words import pull_status
+    print(f"Digest: {facts.get('digest')}\nStatus: {pull_status(facts)} for {args.image}")
     return 0
 
 

@@ -25,7 +25,7 @@ import urllib.parse
 
 from ..wire.errors import Conflict, InvalidSpec, LabkitError, NotFound
 from ..wire.specs import RUN_DIR, ContainerSpec, ImageRef, NetworkSpec
-from ..wire.words import Detach, container_status, detach_keys, signal_number
+from ..wire.words import Detach, container_status, detach_keys, pull_status, signal_number
 from . import engine, enter, kernel, network, registry, store
 from .oci import OCI_ARCH
 from .state import private_dir, read_json, write_json
@@ -1114,8 +1114,7 @@ class EngineAPI:
         _progress(w, {"status": f"Pulling from {ImageRef.parse(ref)}"})
         try:
             res = registry.pull(ref)  # (not under the engine's lock: the store's own lock guards what it stores)
-            news = "Image is up to date" if res.get("facts", {}).get("up_to_date") else "Downloaded newer image"
-            _progress(w, {"status": f"Status: {news} for {ImageRef.parse(ref)}",
+            _progress(w, {"status": f"Status: {pull_status(res.get('facts'))} for {ImageRef.parse(ref)}",
                           "id": str(res.get("facts", {}).get("digest", ""))})
         except Exception as exc:  # noqa: BLE001 - after the head, an error can only go in the stream
             _stream_error(w, exc)

@@ -32,6 +32,8 @@ from .state import private_dir, read_json, set_aside, write_json
 NAMES = STATE_DIR + "/names"
 RUNTIME = RUN_DIR + "/containers"
 DETACH = detach_keys()  # Docker's Ctrl-P Ctrl-Q
+#: every container's namespaces; one with no network (Docker's `--network none`) still has a network namespace of its
+#: own, with only its loopback: never the host's interfaces and ports
 NAMESPACES = ("uts", "pid", "mnt", "ipc", "net", "cgroup")
 
 
@@ -62,12 +64,6 @@ def _config(cid):
     if not isinstance(cfg, dict) or cfg.get("id") != cid:
         raise NotFound(f"no such container: {cid}", fix="see `labkit ps -a`")
     return cfg
-
-
-def _namespaces(cfg):
-    """A container's namespaces: all of labkit's. One with no network (Docker's `--network none`) still has a
-    network namespace of its own, with only its loopback: never the host's interfaces and ports."""
-    return NAMESPACES
 
 
 def _env(cfg):
@@ -184,7 +180,7 @@ def _prepare(ref, mode):
         except NotFound:
             rec.steps += network.create(NetworkSpec(name=cfg["network"]))["steps"]
     env = _env(cfg)
-    spec = ProcessSpec(argv=tuple(cfg["cmd"]), namespaces=_namespaces(cfg), hostname=cfg["hostname"][:63],
+    spec = ProcessSpec(argv=tuple(cfg["cmd"]), namespaces=NAMESPACES, hostname=cfg["hostname"][:63],
                        rootfs=cfg["merged"], root_mode="pivot_root", env=tuple(sorted(env.items())),
                        cwd=cfg["workdir"], cgroup=_cg(cid), network=cfg["network"] or None,
                        ports=tuple(f"{p['host_ip']}:{p['host_port']}:{p['container_port']}/{p['proto']}"
@@ -602,7 +598,7 @@ def _exec_spec(ref, argv, what):
         raise Conflict(f"container {cfg['name']} is not running", fix=f"start it: labkit start {cfg['name']}")
     if isinstance(argv, str) or not argv:
         raise InvalidSpec(f"argv must be a non-empty list, got {argv!r}", fix="e.g. ['ps']")
-    namespaces = list(_namespaces(cfg))
+    namespaces = list(NAMESPACES)
     env = _env(cfg)
     env.setdefault("PATH", CONTAINER_PATH)
     spec = {"pid": st["pid"], "namespaces": namespaces, "procs": cgroups.procs_files(_cg(cid)), "cwd": cfg["workdir"],

@@ -26,17 +26,25 @@ SOURCES = (os.path.join(HERE, "checks.py"), os.path.join(HERE, "grading.py"))
 #: messages that are not returned beside points: an unanswered question, the total under the score table
 EXTRA = ("not answered yet: replace the ... / None in the exercise cell and run it again", "{} of {} points")
 LANGS = ("ko",)
-#: the badge's words in each language (PASS, PARTIAL, NOT YET in English)
-BADGE_WORDS = {"ko": {"pass": "통과", "partial": "부분 점수", "fail": "아직"}}
+#: the score's own words in each language: the badges (PASS, PARTIAL, NOT YET in English) and the score table's
+WORDS = {"ko": {"pass": "통과", "partial": "부분 점수", "fail": "아직", "question": "문항", "points": "점수",
+                "total": "합계"}}
 FIELD = "{}"
 #: the longest message translated: a check's own words are short, and a message that carries a long value (a
 #: submission's odd answer, repeated back) is left in English rather than matched at a cost that grows with it
 MAX_TRANSLATED = 2000
 
 
+def edition_of(folder):
+    """The language of the edition a folder holds: its name when that is one of :data:`LANGS` (notebooks/ko),
+    else 'en'."""
+    name = os.path.basename(os.path.normpath(folder))
+    return name if name in LANGS else "en"
+
+
 def language(lang=None):
-    """The language feedback is shown in: ``lang``, else LABKIT_LANG, else 'ko' in a notebooks/ko folder."""
-    lang = lang or os.environ.get("LABKIT_LANG") or ("ko" if os.path.basename(os.getcwd()) == "ko" else "en")
+    """The language feedback is shown in: ``lang``, else LABKIT_LANG, else the edition of the kernel's folder."""
+    lang = lang or os.environ.get("LABKIT_LANG") or edition_of(os.getcwd())
     return lang if lang in LANGS else "en"
 
 

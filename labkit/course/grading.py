@@ -117,8 +117,9 @@ class Checker:
         got, out_of = self.total
         score = {"notebook": self.notebook, "question": "total", "points": got, "max_points": out_of,
                  "passed": got >= out_of, "feedback": f"{got:g} of {out_of:g} points", "student": self.student_id}
+        from .feedback import WORDS
         lang = self.lang
-        words = {"question": "문항", "points": "점수", "total": "합계"} if lang == "ko" else {}
+        words = WORDS.get(lang, {})
         rows = "".join(f"<tr><td>{_esc(r['question'])}</td><td>{_badge(r, lang)}</td>"
                        f"<td style='text-align:right'>{r['points']:g} / {r['max_points']:g}</td></tr>" for r in self.results)
         table = (f"<table class='lk-scores'><thead><tr><th>{words.get('question', 'question')}</th><th></th>"
@@ -143,9 +144,9 @@ def _esc(text):
 
 
 def _badge(score, lang="en"):
-    from .feedback import BADGE_WORDS
+    from .feedback import WORDS
     label, colour = BADGES[_status(score)]
-    label = BADGE_WORDS.get(lang, {}).get(_status(score), label)
+    label = WORDS.get(lang, {}).get(_status(score), label)
     return (f"<span style='background:{colour};color:#fff;border-radius:4px;padding:1px 7px;font-weight:bold;"
             f"font-size:85%'>{label}</span>")
 

@@ -86,10 +86,8 @@ def run_notebooks(target, output, notebooks=None, student_id="anonymous", quick=
     is called as each one finishes (the lab command prints its line there); ``lang``: the edition's language,
     which the checks' feedback is shown in (labkit.course.feedback; None: the edition's folder says, e.g. ko)."""
     import papermill as pm
-    from .feedback import LANGS
-    if lang is None:
-        lang = os.path.basename(os.path.normpath(source_dir))
-        lang = lang if lang in LANGS else "en"
+    from .feedback import edition_of
+    lang = lang or edition_of(source_dir)
     os.makedirs(output, exist_ok=True)
     runs = []
     # the kernels inherit these: step widgets play to the end (labkit.course.steps); feedback in the edition's words

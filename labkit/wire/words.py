@@ -33,6 +33,12 @@ def ago(t, now=None):
     return "Less than a second" if s < 1 else f"{s} seconds"
 
 
+def pull_status(facts):
+    """docker pull's last word on a pull, from its record's facts: nothing fetched when the tag already named the
+    registry's manifest."""
+    return "Image is up to date" if (facts or {}).get("up_to_date") else "Downloaded newer image"
+
+
 def container_status(row):
     """A container row's STATUS, as `docker ps` prints it. ``row``: {state, started, exit_code, finished}. An exit
     code of None (the container ended while no supervisor was there to see how) prints as "?"."""
