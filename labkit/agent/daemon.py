@@ -89,7 +89,7 @@ class _Daemon:
         """One client of labkitd.sock: the protocol's lines until it hangs up."""
         from .server import _hello, encode_answer, read_request
         with conn:
-            infile, outfile = conn.makefile("rb", buffering=0), conn.makefile("wb", buffering=0)
+            infile, outfile = conn.makefile("rb"), conn.makefile("wb", buffering=0)
             try:
                 outfile.write(encode_answer(_hello()))
                 while not self.stopping.is_set():

@@ -46,9 +46,9 @@ def _child(spec, ctx, msg_w, go_r, detached, pid_ns_made=False, waiter=True):
         if not detached:
             kernel.libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if ctx.get("cgroup_procs"):
-            # P moves us into the cgroup before anything else: its limits then hold from the first
-            # instruction on, and a new cgroup namespace is rooted there
-            _wait_go(go_r, b"c", "move the process into its cgroup")
+            # into the cgroup before anything else: its limits then hold from the first instruction on,
+            # and a new cgroup namespace is rooted there
+            _join_own_cgroup(ctx["cgroup_procs"], rec)
         flags = namespaces.clone_flags(n for n in spec.namespaces if not (pid_ns_made and n == "pid"))
         if flags:
             kernel.unshare(flags, rec=rec)
@@ -130,6 +130,21 @@ def _wait_go(go_r, expected, what):
         raise MechanismError(f"the launcher did not {what}")
 
 
+def _join_own_cgroup(files, rec):
+    """This (single-threaded) process joins its cgroup, one hierarchy at a time. Under cgroup v1 it writes 0
+    ("myself") to the group's ``tasks`` file: the kernel moves one thread that cannot exit or exec meanwhile
+    without taking its global threadgroup lock, whose first writer waits for an RCU grace period (5 to 15 ms
+    here, more on a busy machine). Writing a PID to ``cgroup.procs`` (cgroup v2 has nothing else for a
+    process) always takes that lock: moving the whole thread group of another process must stop it from
+    forking meanwhile."""
+    for procs in files:
+        tasks = os.path.join(os.path.dirname(procs), "tasks")
+        target = tasks if os.path.exists(tasks) else procs
+        with open(target, "w") as f:
+            f.write("0")
+        rec.file("write", target, "'0' (this process)")
+
+
 def _join_cgroup(pid, files, rec):
     for procs in files:
         with open(procs, "w") as f:
@@ -176,9 +191,6 @@ def launch(spec, ctx, detached, waiter=True):
     report = {"steps": [], "pid": c if pid_ns_made else None, "waiter": None, "ns": {}, "view": None,
               "error": None, "exec": None}
     try:
-        if ctx.get("cgroup_procs"):
-            _join_cgroup(c, ctx["cgroup_procs"], rec)
-            os.write(go_w, b"c")
         with os.fdopen(msg_r, "r") as msgs:
             for line in msgs:
                 msg = json.loads(line)
