@@ -193,3 +193,37 @@ def test_no_validating_pattern_in_labkit_anchors_with_dollar():
             if re.search(r're\.compile\(r"\^[^"]*\$"\)', line):
                 bad.append(f"{os.path.relpath(path, top)}:{n}")
     assert bad == [], "compile without ^/$ and use fullmatch: " + ", ".join(bad)
+
+
+def test_a_spec_behaves_as_a_frozen_dataclass_would():
+    """specs.frozen stands in for @dataclass(frozen=True): construction by position or name, defaults,
+    normalisation in __post_init__, equality and hashing over the fields, no change once made, and the
+    wire's plain dict (nested specs too) read back to an equal spec."""
+    import json
+    import subprocess
+    import sys
+    from labkit.wire.specs import ContainerSpec, PortSpec
+    a, b = RootfsSpec("demo"), RootfsSpec(name="demo", image="busybox")
+    assert a == b and hash(a) == hash(b) and a != RootfsSpec("other") and a != ("demo",)
+    assert repr(a) == "RootfsSpec(name='demo', image='busybox', hostname='labkit')"
+    with pytest.raises(AttributeError, match="frozen"):
+        a.name = "x"
+    with pytest.raises(AttributeError, match="frozen"):
+        del a.name
+    with pytest.raises(TypeError, match="missing required argument: 'name'"):
+        RootfsSpec()
+    with pytest.raises(TypeError, match="unexpected keyword argument 'nmae'"):
+        RootfsSpec(nmae="demo")
+    with pytest.raises(TypeError, match="multiple values"):
+        RootfsSpec("demo", name="demo")
+    p = PortSpec("8080", 80)  # normalised as it is made
+    assert p.host_port == 8080 and p.to_dict() == {"host_port": 8080, "container_port": 80, "host_ip": "0.0.0.0",
+                                                   "proto": "tcp"}
+    c = ContainerSpec(image="busybox", ports=["127.0.0.1:8080:80"])
+    wire = c.to_dict()
+    assert list(wire["ports"]) == ["127.0.0.1:8080:80/tcp"] and wire["image"] == "busybox:latest"
+    assert ContainerSpec.from_dict(json.loads(json.dumps(wire))) == c
+    # and the dataclasses module (with inspect) is not what a labkit command pays for
+    out = subprocess.run([sys.executable, "-c", "import sys, labkit.client.lab; print('dataclasses' in sys.modules)"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,4 +1,4 @@
-"""Specs: what the caller asks for, as frozen dataclasses. Pure: no I/O, no kernel, unit-testable.
+"""Specs: what the caller asks for, as frozen records. Pure: no I/O, no kernel, unit-testable.
 
 A spec is validated where it is made (client side, so the student gets the error at once, in the units
 it is stored in: bytes, nanocpus) and once more when the agent decodes the request
@@ -7,12 +7,10 @@ the mechanism modules (:mod:`labkit.agent.rootfs`, :mod:`labkit.agent.launch`). 
 """
 from __future__ import annotations  # the fields' types stay text: no typing module to import (some 3 ms)
 
-import dataclasses
 import ipaddress
 import math
 import posixpath
 import re
-from dataclasses import dataclass
 
 from .arch import CAPS, DOCKER_DEFAULT_CAPS, SYSCALL_FAMILIES, SYSCALLS, normalize_caps, syscall_numbers  # noqa: F401
 from .errors import InvalidSpec
@@ -115,9 +113,98 @@ def rootfs_path(ref):
     return ROOTFS_DIR + "/" + ref
 
 
+def frozen(cls):
+    """``@dataclass(frozen=True)``'s behaviour, without the dataclasses module: its import (inspect, ast and
+    more) and the code it generates per class cost every labkit command and agent start some 20 ms. The
+    fields are the class's own annotated names in order, a class attribute of the same name their default;
+    the class gets ``__init__`` (positional or keyword, then ``__post_init__``), ``__repr__``, ``__eq__`` and
+    ``__hash__`` over the fields (where it defines none itself), and refuses assignment once made
+    (``__post_init__`` may normalise with ``object.__setattr__``, as with a dataclass). :func:`fields` and
+    :func:`plain` stand for dataclasses.fields and dataclasses.asdict. (The orchestration records in
+    :mod:`labkit.wire.orchestration` stay dataclasses: lab 09's students use ``dataclasses.replace``.)"""
+    names = tuple(cls.__dict__.get("__annotations__", {}))
+    defaults = {n: cls.__dict__[n] for n in names if n in cls.__dict__}
+    for before, after in zip(names, names[1:]):
+        if before in defaults and after not in defaults:
+            raise TypeError(f"{cls.__name__}: field {after!r} without a default follows one with a default")
+    cls._fields, cls._defaults = names, defaults
+    for name, fn in (("__init__", _init), ("__repr__", _repr), ("__eq__", _eq), ("__hash__", _hash),
+                     ("__setattr__", _refuse_change), ("__delattr__", _refuse_change)):
+        if name == "__init__" or cls.__dict__.get(name) is None:
+            setattr(cls, name, fn)
+    return cls
+
+
+def _init(self, *args, **kwargs):
+    cls = type(self)
+    names = cls._fields
+    if len(args) > len(names):
+        raise TypeError(f"{cls.__name__}() takes {len(names)} arguments, {len(args)} were given")
+    values = dict(zip(names, args))
+    for key, value in kwargs.items():
+        if key not in names:
+            raise TypeError(f"{cls.__name__}() got an unexpected keyword argument {key!r}")
+        if key in values:
+            raise TypeError(f"{cls.__name__}() got multiple values for argument {key!r}")
+        values[key] = value
+    for name in names:
+        if name in values:
+            object.__setattr__(self, name, values[name])
+        elif name in cls._defaults:
+            object.__setattr__(self, name, cls._defaults[name])
+        else:
+            raise TypeError(f"{cls.__name__}() missing required argument: {name!r}")
+    post = getattr(self, "__post_init__", None)
+    if post is not None:
+        post()
+
+
+def _values(self):
+    return tuple(getattr(self, n) for n in self._fields)
+
+
+def _repr(self):
+    return f"{type(self).__qualname__}({', '.join(f'{n}={getattr(self, n)!r}' for n in self._fields)})"
+
+
+def _eq(self, other):
+    return _values(self) == _values(other) if other.__class__ is self.__class__ else NotImplemented
+
+
+def _hash(self):
+    return hash(_values(self))
+
+
+def _refuse_change(self, name, *value):
+    raise AttributeError(f"a {type(self).__name__} is frozen: cannot change {name!r} (make a new one)")
+
+
+def fields(cls):
+    """The names of a spec's fields, in order, with whether each has a default: [(name, has_default)]."""
+    if hasattr(cls, "__dataclass_fields__"):  # an orchestration record
+        import dataclasses
+        return [(f.name, f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING)
+                for f in dataclasses.fields(cls)]
+    return [(n, n in cls._defaults) for n in cls._fields]
+
+
+def plain(value):
+    """A spec as plain data (dicts, lists, tuples, scalars), nested specs included: dataclasses.asdict's rule."""
+    if hasattr(type(value), "__dataclass_fields__"):
+        import dataclasses
+        return dataclasses.asdict(value)
+    if hasattr(type(value), "_fields") and hasattr(type(value), "_defaults"):
+        return {n: plain(getattr(value, n)) for n in value._fields}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(v) for v in value)
+    if isinstance(value, dict):
+        return {plain(k): plain(v) for k, v in value.items()}
+    return value
+
+
 def _check_fields(cls, data, what, example):
     """A request's dict for spec ``cls``: an object whose keys are all fields of it, else InvalidSpec."""
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {name for name, _ in fields(cls)}
     if not isinstance(data, dict):
         raise InvalidSpec(f"a {what} spec must be an object, not {type(data).__name__}", fix=f"e.g. {example}")
     extra = set(data) - known
@@ -136,20 +223,18 @@ class Spec:
     _example = "{}"
 
     def to_dict(self):
-        return dataclasses.asdict(self)
+        return plain(self)
 
     @classmethod
     def from_dict(cls, data):
         _check_fields(cls, data, cls._what, cls._example)
-        missing = [f.name for f in dataclasses.fields(cls)
-                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-                   and f.name not in data]
+        missing = [name for name, has_default in fields(cls) if not has_default and name not in data]
         if missing:
             raise InvalidSpec(f"a {cls._what} spec needs {', '.join(missing)}", fix=f"e.g. {cls._example}")
         return cls(**data)
 
 
-@dataclass(frozen=True)
+@frozen
 class RootfsSpec(Spec):
     """A root filesystem to build under /var/lib/labkit/rootfs/<name> from the built-in 'busybox' image."""
     name: str
@@ -255,7 +340,7 @@ def check_user(user):
     return str(user)
 
 
-@dataclass(frozen=True)
+@frozen
 class ProcessSpec(Spec):
     """A process to start: which namespaces it gets, which root it sees, what it runs.
 
@@ -308,7 +393,7 @@ class ProcessSpec(Spec):
     _example = "{'argv': ['hostname']}"
 
     def __post_init__(self):
-        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass normalisation)
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (a frozen spec normalised as it is made)
         set_("argv", argv_tuple(self.argv))
         set_("namespaces", normalize_namespaces(self.namespaces))
         pairs = env_pairs(self.env)
@@ -451,7 +536,7 @@ def check_pids(value):
                         f"give the most processes the group may hold, 1..{MAX_PIDS}, e.g. pids=32")
 
 
-@dataclass(frozen=True)
+@frozen
 class CgroupSpec(Spec):
     """A cgroup below labkit's parent and its limits; None leaves a limit as the kernel's default.
 
@@ -479,7 +564,7 @@ class CgroupSpec(Spec):
     _example = "{'name': 'box', 'memory': '32M'}"
 
     def __post_init__(self):
-        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass normalisation)
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (a frozen spec normalised as it is made)
         check_name(self.name, "cgroup name")
         if self.devices not in (None, "docker"):
             raise InvalidSpec(f"devices={self.devices!r} is not a device policy",
@@ -512,7 +597,7 @@ _HOST_PART = re.compile(r"(?:localhost|[a-z0-9-]+(\.[a-z0-9-]+)+|[0-9]{1,3}(\.[0
                         r"|[a-z0-9-]+:[0-9]{1,5}")
 
 
-@dataclass(frozen=True)
+@frozen
 class ImageRef:
     """An image reference: ``[host[:port]/]name[:tag]``, name = lower-case components separated by '/'.
 
@@ -566,7 +651,7 @@ class ImageRef:
         return host, repo
 
 
-@dataclass(frozen=True)
+@frozen
 class NetworkSpec(Spec):
     """A labkit bridge network: bridge ``lkbr-<name>``, an IPv4 /16../29 subnet, the gateway at .1."""
     name: str = "default"
@@ -603,7 +688,7 @@ def check_cluster_name(name):
     return name
 
 
-@dataclass(frozen=True)
+@frozen
 class NodeSpec(Spec):
     """A node of a cluster on one host (:mod:`labkit.agent.node`): a "machine" made of namespaces, a cgroup
     subtree and labkit's engine. ``cluster`` 1-6 lower-case letters or digits, ``name`` a hostname of up to
@@ -634,7 +719,7 @@ class NodeSpec(Spec):
         return f"{self.cluster}-{self.name}"
 
 
-@dataclass(frozen=True)
+@frozen
 class ClusterSpec(Spec):
     """A cluster of nodes on one host (:mod:`labkit.agent.cluster`): one manager and ``workers`` workers on the
     labkit network ``cl<name>`` (``subnet``); node i's containers get the i-th /24 of ``tasks`` (the manager's
@@ -685,7 +770,7 @@ def check_port(value, what="port"):
     return whole_number(value, what, 1, 65535, "ports are whole numbers 1..65535, e.g. 8080")
 
 
-@dataclass(frozen=True)
+@frozen
 class PortSpec:
     """``-p [HOST_IP:]HOST_PORT:CONTAINER_PORT[/tcp|udp]``."""
     host_port: int
@@ -722,10 +807,10 @@ class PortSpec:
         return f"{self.host_ip}:{self.host_port}:{self.container_port}/{self.proto}"
 
     def to_dict(self):
-        return dataclasses.asdict(self)
+        return plain(self)
 
 
-@dataclass(frozen=True)
+@frozen
 class ContainerSpec(Spec):
     """`docker create`'s options, validated once on each side; limits in Docker's own units.
 
@@ -771,7 +856,7 @@ class ContainerSpec(Spec):
     _example = "{'image': 'busybox', 'cmd': ['httpd', '-f'], 'memory': 67108864}"
 
     def __post_init__(self):
-        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass normalisation)
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (a frozen spec normalised as it is made)
         set_("image", str(ImageRef.parse(self.image)))
         if self.name is not None:
             check_name(self.name, "container name")
@@ -861,7 +946,7 @@ def _abs_path(path, what):
     return path
 
 
-@dataclass(frozen=True)
+@frozen
 class SandboxSpec(Spec):
     """A grader's sandbox (:mod:`labkit.agent.sandbox`): what runs in it and what it may reach.
 
@@ -891,7 +976,7 @@ class SandboxSpec(Spec):
     _example = "{'kind': 'agent', 'cgroup': 'grade-1'}"
 
     def __post_init__(self):
-        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass normalisation)
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (a frozen spec normalised as it is made)
         if self.kind not in ("kernel", "agent"):
             raise InvalidSpec(f"sandbox kind {self.kind!r} is not known", fix="use 'kernel' or 'agent'")
         check_name(self.cgroup, "cgroup name")
