@@ -651,13 +651,14 @@ def _health(args):
     """--health-*: the HealthCheck that runs --health-cmd as Docker does (sh -c CMD), or None."""
     from .wire.orchestration import HealthCheck, duration
     given = {k: v for k, v in (("interval", args.health_interval), ("retries", args.health_retries),
-                               ("start_period", args.health_start_period)) if v is not None}
+                               ("start_period", args.health_start_period), ("timeout", args.health_timeout))
+             if v is not None}
     if not args.health_cmd:
         if given:
-            raise InvalidSpec("--health-interval, --health-retries and --health-start-period go with --health-cmd",
-                              fix="add the check, e.g. --health-cmd 'wget -q -O- http://localhost/'")
+            raise InvalidSpec("--health-interval, --health-retries, --health-start-period and --health-timeout go "
+                              "with --health-cmd", fix="add the check, e.g. --health-cmd 'wget -q -O- http://localhost/'")
         return None
-    for k in ("interval", "start_period"):
+    for k in ("interval", "start_period", "timeout"):
         if k in given:
             given[k] = duration(given[k], "--health-" + k.replace("_", "-"))
     return HealthCheck(("sh", "-c", args.health_cmd), **given)
@@ -1144,6 +1145,7 @@ def _parser(only=None):
     sp.add_argument("--health-interval", help="e.g. 500ms, 2s, 1m30s")
     sp.add_argument("--health-retries", type=int)
     sp.add_argument("--health-start-period", help="e.g. 5s")
+    sp.add_argument("--health-timeout", help="a check still running after this has failed (default 10s), e.g. 5s")
     sp.add_argument("--update-parallelism", type=int, help="slots replaced at a time (default 1)")
     sp.add_argument("--update-delay", help="between two batches, e.g. 10s (default 0s)")
     sp.add_argument("--update-failure-action", help="rollback (default; Docker's is pause), pause or continue")

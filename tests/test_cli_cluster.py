@@ -142,14 +142,15 @@ def test_node_ls_update_inspect(agent, capsys):
 def test_service_create_builds_the_spec_and_leaves_the_commands_options_alone(agent, capsys):
     argv = ["service", "create", "--name", "web", "--replicas", "3", "-p", "8080:80", "-p", "5353:53/udp",
             "-e", "A=1", "--health-cmd", "wget -q -O- localhost || exit 1", "--health-interval", "500ms",
-            "--health-retries", "2", "--health-start-period", "1m30s", "--update-parallelism", "2",
+            "--health-retries", "2", "--health-start-period", "1m30s", "--health-timeout", "3s",
+            "--update-parallelism", "2",
             "--update-delay", "2s", "--update-failure-action", "pause",
             "busybox", "httpd", "-f", "-p", "80", "--name", "not-labkits"]
     assert run(*argv) == 0
     spec = ServiceSpec("web", "busybox", replicas=3, cmd=("httpd", "-f", "-p", "80", "--name", "not-labkits"),
                        env={"A": "1"}, ports=("8080:80", "5353:53/udp"),
                        health=HealthCheck(("sh", "-c", "wget -q -O- localhost || exit 1"), interval=0.5, retries=2,
-                                          start_period=90.0),
+                                          start_period=90.0, timeout=3.0),
                        update_parallelism=2, update_delay=2.0, update_failure_action="pause")
     assert agent.calls[-1] == ("service.create", {"name": "demo", "spec": spec.to_dict()})
     assert agent.calls[-1][1]["spec"]["health"]["cmd"] == ("sh", "-c", "wget -q -O- localhost || exit 1"), \
@@ -167,6 +168,7 @@ def test_service_create_without_a_name_gets_one_and_the_specs_defaults(agent, ca
 def test_service_create_refuses_bad_flags_before_asking_the_agent(agent, capsys):
     for flags, said in ((["--update-delay", "soon"], "--update-delay: 'soon' is not a duration"),
                         (["--health-interval", "1s"], "--health-cmd"),
+                        (["--health-timeout", "1s"], "--health-cmd"),
                         (["--update-failure-action", "panic"], "update_failure_action"),
                         (["-p", "80"], "PUBLISHED:TARGET")):
         assert run("service", "create", *flags, "busybox") == 1, flags

@@ -362,6 +362,23 @@ def test_lab_09_is_graded_on_a_target_of_its_own(tmp_path, lab):
 
 @pytest.mark.privileged
 @pytest.mark.slow
+def test_lab_09_scores_full_in_the_grading_vm(tmp_path, lab):
+    """Lab 09's whole cluster (three nodes, health-checked tasks, the mesh, a stack, a rolled-back update) inside
+    the default sandbox's guest, under TCG here: a health check starts a process in its task, over a second
+    when emulated, and the checks give the manager's loop its time (this had scored 16 of 20 here, with
+    health checks that had to end within 2 s)."""
+    from labkit.course.grade import grade_notebook
+    from labkit.course.sandbox import Sandbox
+    path = _submission(tmp_path, "09-orchestration", solution=True)
+    with Sandbox(lab, sandbox="vm") as box:
+        res = grade_notebook(path, grading_bundle(NOTEBOOK_DIR), box, NOTEBOOK_DIR, student_id="s1",
+                             work_dir=str(tmp_path / "work"))
+    short = [(q["question"], q["points"], q["feedback"]) for q in res["questions"] if q["points"] < q["max_points"]]
+    assert res["error"] is None and not short and len(res["questions"]) == 8, short
+
+
+@pytest.mark.privileged
+@pytest.mark.slow
 def test_a_result_computed_in_the_kernel_is_judged_by_what_the_agent_did(tmp_path, box):
     """08.6's isolation matrix is computed in the student's kernel: the grader cannot take it, but the
     relay's journal says whether a VM was really started for it (here it was not: vm=False)."""

@@ -285,6 +285,7 @@ services:
       interval: 500ms
       retries: 3
       start_period: 2s
+      timeout: 5s
   api:
     image: course/api:v1
     environment:
@@ -317,7 +318,8 @@ def test_the_lectures_stack_file():
     assert web == ServiceSpec(
         "demo_web", "course/web:v1", replicas=2, cmd=("httpd", "-f", "-p", "80", "-h", "/srv/www"),
         ports=(Publish(8080, 80),), networks=("demo_front",),
-        health=HealthCheck(("wget", "-q", "-O-", "http://localhost/"), interval=0.5, retries=3, start_period=2.0),
+        health=HealthCheck(("wget", "-q", "-O-", "http://localhost/"), interval=0.5, retries=3, start_period=2.0,
+                           timeout=5.0),
         update_parallelism=1, update_delay=90.0, update_failure_action="rollback")
     assert api == ServiceSpec("demo_api", "course/api:v1", env=(("CACHE", "cache:6379"), ("WORKERS", "4")),
                               networks=("demo_front", "demo_back"),
@@ -368,7 +370,7 @@ BIG = "x" * (1 << 20)
     ("services/web/deploy/resources", {"limits": {"memory": "1G"}}, "deploy.resources: labkit's stacks do not do"),
     ("services/web/deploy/mode", "global", "services.web.deploy.mode: labkit's stacks do not do 'global'"),
     ("services/web/deploy/update_config/order", "start-first", "update_config.order: labkit's stacks do not do"),
-    ("services/web/healthcheck/timeout", "1s", "healthcheck.timeout: labkit's stacks do not do"),
+    ("services/web/healthcheck/timeout", "2m", "healthcheck.timeout=120 s is out of range (0.1..60 s)"),
     ("services/web/healthcheck/test", ["NONE"], "do not do disabling health checks"),
     ("networks/front/external", True, "networks.front.external: labkit's stacks do not do external networks"),
     ("networks/front/driver", "macvlan", "networks.front.driver: 'macvlan' is not a driver"),
@@ -520,8 +522,8 @@ def test_from_dict_refuses_unknown_keys_inside():
     with pytest.raises(InvalidSpec, match="unknown publish option.*: host_ip"):
         StackSpec.from_dict(data)
     data = copy.deepcopy(StackSpec.from_compose("demo", lecture()).to_dict())
-    data["services"][0]["health"]["timeout"] = 1
-    with pytest.raises(InvalidSpec, match="unknown healthcheck option.*: timeout"):
+    data["services"][0]["health"]["start_timeout"] = 1
+    with pytest.raises(InvalidSpec, match="unknown healthcheck option.*: start_timeout"):
         StackSpec.from_dict(data)
     with pytest.raises(InvalidSpec, match="needs name"):
         Node.from_dict({"role": "worker"})

@@ -34,7 +34,6 @@ from .state import read_json, write_json
 
 INTERVAL = 0.1      # seconds between two steps of the loop
 HEARTBEAT = 0.5     # a node that does not answer within this is down
-HEALTH_TIMEOUT = 2.0  # a health check that has not ended by then has failed
 MAX_CHECKS = 16     # health checks run at once (one thread each)
 MESH_TABLE = re.compile(r"labkit_mesh(_[a-z0-9]{1,6})?")  # labkit_mesh_<cluster> (labkit_mesh: an older labkit's)
 KEEP_ENDED = 20     # ended tasks kept per service (the history back-off reads, and `service ps` shows)
@@ -431,8 +430,9 @@ def _check_health(st, services, tasks, health, now, seen):
 
     def check(t):
         try:
-            res = node.call(_node_id(st, t.node), "container.exec", {"ref": t.container, "argv": list(
-                services[t.service].health.cmd), "timeout": HEALTH_TIMEOUT}, timeout=HEALTH_TIMEOUT + 1)
+            hc = services[t.service].health
+            res = node.call(_node_id(st, t.node), "container.exec", {"ref": t.container, "argv": list(hc.cmd),
+                                                                     "timeout": hc.timeout}, timeout=hc.timeout + 1)
             results[t.id] = (res["exit_code"], (res.get("stdout") or "") + (res.get("stderr") or ""))
         except LabkitError as exc:
             results[t.id] = (None, str(exc))

@@ -817,9 +817,11 @@ def control_loop(lab, rounds, cluster=CLUSTER9, service="web"):
                   "observe, decide, act. The manager's own loop does nothing else, ten times a second.")
 
 
-def node_died(lab, victim, cluster=CLUSTER9, service="web", node="worker1"):
+def node_died(lab, victim, cluster=CLUSTER9, service="web", node="worker1", seconds=15):
     """``victim``: the id of the node the student cut. Live: it is down (killed, not frozen), and ``service`` has
-    all its replicas running elsewhere."""
+    all its replicas running elsewhere (the manager's loop is given up to ``seconds`` to get there: on a slow,
+    emulated machine a task takes seconds to start and pass its health check)."""
+    import time
     want = f"{cluster}-{node}"
     if victim != want:
         return False, f"cut {node}'s power: a node's id is <cluster>-<node>, and {victim!r} is not {node}'s"
@@ -831,10 +833,16 @@ def node_died(lab, victim, cluster=CLUSTER9, service="web", node="worker1"):
         return 0.3, f"{node} is frozen (paused: a hung machine); a power cut kills everything on it at once"
     if status != "down":
         return 0.3, f"{node} is {status}: it still runs"
-    tasks = [t for t in lab.call("service.ps", name=cluster, service=service)
-             if t["desired"] == "running" and t["state"] == "running"]
     want_n = next((s["replicas"] for s in lab.call("service.ls", name=cluster) if s["name"] == service), 0)
-    if len(tasks) < want_n or any(t["node"] == node for t in tasks):
+    deadline = time.monotonic() + seconds
+    while True:
+        tasks = [t for t in lab.call("service.ps", name=cluster, service=service)
+                 if t["desired"] == "running" and t["state"] == "running"]
+        back = len(tasks) >= want_n and not any(t["node"] == node for t in tasks)
+        if back or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    if not back:
         return 0.6, (f"{len(tasks)} of {want_n} tasks of {service} run, on {sorted(t['node'] for t in tasks)}: is the "
                      f"manager's loop running (cluster.manage)?")
     lost = [t for t in lab.call("service.ps", name=cluster, service=service) if t["node"] == node]

@@ -40,6 +40,8 @@ MAX_TEXT = 4096
 #: the most items in one list of a spec (arguments, environment variables, ports, networks)
 MAX_ITEMS = 256
 MAX_SECONDS = 3600.0
+#: the longest a health check may run (the manager's step waits for the checks due)
+MAX_HEALTH_TIMEOUT = 60.0
 #: a slot whose last BACKOFF_TASKS tasks all failed less than BACKOFF_WINDOW seconds ago gets no new task yet
 BACKOFF_TASKS = 5
 BACKOFF_WINDOW = 10.0
@@ -156,11 +158,15 @@ class Publish(Spec):
 @dataclass(frozen=True)
 class HealthCheck(Spec):
     """A command run in each task every ``interval`` seconds; ``retries`` failures in a row after the first
-    ``start_period`` seconds make the task unhealthy. Exit 0 is healthy."""
+    ``start_period`` seconds make the task unhealthy. Exit 0 is healthy; a check still running after
+    ``timeout`` seconds has failed (Docker's default is 30 s; the manager waits for the checks due at each of
+    its steps, so a check that hangs holds that step up to this long: 10 s, enough for a check that starts
+    a process on a slow, emulated machine)."""
     cmd: tuple[str, ...]
     interval: float = 0.5
     retries: int = 3
     start_period: float = 0.0
+    timeout: float = 10.0
 
     _what = "healthcheck"
     _example = "{'cmd': ['wget', '-q', '-O-', 'http://localhost/']}"
@@ -171,6 +177,7 @@ class HealthCheck(Spec):
         set_("interval", _seconds(self.interval, "health check interval", 0.05, MAX_SECONDS))
         set_("retries", _whole(self.retries, "health check retries", 1, 100, "give 1 to 100 retries, e.g. 3"))
         set_("start_period", _seconds(self.start_period, "health check start_period", 0.0, MAX_SECONDS))
+        set_("timeout", _seconds(self.timeout, "health check timeout", 0.1, MAX_HEALTH_TIMEOUT))
 
     @property
     def window(self):
@@ -352,9 +359,8 @@ _UPDATE_UNSUPPORTED = {
     "max_failure_ratio": ("failure ratios", "remove it: one failed task fails the update"),
     "order": ("update orders", "remove it: the old task stops, then the new one starts (stop-first)"),
 }
-_HEALTH = ("test", "interval", "retries", "start_period")
-_HEALTH_UNSUPPORTED = {"timeout": "health check timeouts",
-                       "disable": ("disabling health checks", "leave healthcheck out instead")}
+_HEALTH = ("test", "interval", "retries", "start_period", "timeout")
+_HEALTH_UNSUPPORTED = {"disable": ("disabling health checks", "leave healthcheck out instead")}
 _PORT = ("target", "published", "protocol", "mode")
 _NETWORK = ("driver",)
 _NETWORK_UNSUPPORTED = {"driver_opts": "driver options", "ipam": "IP address management",
@@ -586,9 +592,10 @@ def _compose_health(value, where):
         raise InvalidSpec(f"{at} must be a list or a string, not {type(test).__name__}",
                           fix="e.g. test: [CMD, wget, -q, -O-, http://localhost/] or test: 'wget -q -O- localhost'")
     fields = {}
-    for key, low in (("interval", 0.05), ("start_period", 0.0)):
+    for key, low, high in (("interval", 0.05, MAX_SECONDS), ("start_period", 0.0, MAX_SECONDS),
+                           ("timeout", 0.1, MAX_HEALTH_TIMEOUT)):
         if key in value:
-            fields[key] = _duration(value[key], f"{where}.{key}", low, MAX_SECONDS)
+            fields[key] = _duration(value[key], f"{where}.{key}", low, high)
     if "retries" in value:
         fields["retries"] = _whole(value["retries"], f"{where}.retries", 1, 100, "give 1 to 100 retries, e.g. 3")
     try:
