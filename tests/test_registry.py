@@ -930,6 +930,36 @@ def test_push_sends_credentials_to_the_registry_only(lab, fakes):
     assert any(r["method"] == "PUT" and "/manifests/v1" in r["path"] for r in reg.requests)
 
 
+def test_a_prune_during_a_push_is_refused_not_run_under_it(lab, fakes):
+    """A push reads the image's layers while it talks to the registry: it holds the store's lock shared, so a
+    prune asked for meanwhile (here from the registry's own handler, mid-push) is refused with Conflict, and
+    one after the push runs."""
+    from labkit.wire.errors import Conflict
+    reg = fakes()
+    ref = f"{reg.host}/pushed/locked:v1"
+    lab.tag("busybox", ref)
+    seen = []
+
+    def hook(h, path):
+        if h.command == "HEAD":
+            if not seen:
+                try:
+                    agent_store.prune()
+                    seen.append("pruned under the push")
+                except Conflict as exc:
+                    seen.append(str(exc))
+            return _answer(h, 200)  # every blob is there already: nothing to upload
+        if h.command == "PUT":
+            return _answer(h, 201)
+    reg.hook = hook
+    try:
+        lab.push(ref)
+    finally:
+        _rmi(lab, ref)
+    assert seen and "store is busy" in seen[0], seen
+    agent_store.prune()  # (and no lock is left behind)
+
+
 def test_a_registry_dripping_bytes_is_cut_off_by_the_transfer_deadline(lab, fakes, store, monkeypatch):
     """A byte every 0.2 s keeps every single read alive (no socket timeout fires): the whole pull may take
     MAX_TRANSFER_SECONDS (lowered to 1 s here), then it is refused and leaves nothing."""

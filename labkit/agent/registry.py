@@ -646,7 +646,13 @@ def push(ref, username=None, password=None):
 
 
 def _push(ref, username=None, password=None):
-    """Push local image ``ref`` (its name says where: host/repo:tag) to its registry."""
+    """Push local image ``ref`` (its name says where: host/repo:tag) to its registry, holding the store's lock
+    shared (as a build does): no prune removes a layer while it is read."""
+    with store.locked(shared=True):
+        return _push_locked(ref, username, password)
+
+
+def _push_locked(ref, username, password):
     ref = ImageRef.parse(ref)
     host, repo = ref.registry
     if host == "registry-1.docker.io" and username is None:

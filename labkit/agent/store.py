@@ -225,15 +225,15 @@ def rmi(ref):
 @contextlib.contextmanager
 def locked(shared=False, wait=True):
     """The store's lock (flock on :data:`LOCK`): held alone (``shared`` False) by what removes layers or stores
-    a pull's, held shared by builds. Each holder opens the file itself, so threads of one daemon exclude each
-    other as separate processes do. ``wait`` False: a Conflict at once when another holds it."""
+    a pull's, held shared by builds and pushes. Each holder opens the file itself, so threads of one daemon
+    exclude each other as separate processes do. ``wait`` False: a Conflict at once when another holds it."""
     os.makedirs(STATE_DIR, exist_ok=True)
     fd = os.open(LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
-            raise Conflict("the image store is busy: a build or a pull is using its layers",
+            raise Conflict("the image store is busy: a build, a pull or a push is using its layers",
                            fix="try again when it has ended") from None
         yield
     finally:
