@@ -925,24 +925,33 @@ def stack_works(lab, deployed, cluster=CLUSTER9, stack="demo", port=8091, front=
                   f"reached a task of {stack}_{api} ({said}) through the service's virtual address.")
 
 
-def rolled_back(lab, rollout, prediction, cluster=CLUSTER9, service="web", broken="course/web:broken"):
+def rolled_back(lab, rollout, prediction, cluster=CLUSTER9, service="web", broken="course/web:broken", seconds=60):
     """``rollout``: what the student's service.update answered; ``prediction``: the image they said every task
     would run at the end. Live: the update to ``broken`` was rolled back and every running task runs the
-    previous image."""
+    previous image (an update or rollback still under way is given up to ``seconds`` to end: on a slow,
+    emulated machine each task of a rollback takes seconds to start and pass its health check)."""
+    import time
     if not hasattr(rollout, "get"):
         return False, "expected what lab.call('service.update', ...) answered"
-    try:
-        info = lab.call("service.inspect", name=cluster, service=service)
-    except NotFound:
-        return False, f"there is no service {service} in cluster {cluster} on the target"
-    update = info.get("update") or {}
-    previous = (info.get("previous") or {}).get("image")
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            info = lab.call("service.inspect", name=cluster, service=service)
+        except NotFound:
+            return False, f"there is no service {service} in cluster {cluster} on the target"
+        update = info.get("update") or {}
+        previous = (info.get("previous") or {}).get("image")
+        tasks = [t for t in lab.call("service.ps", name=cluster, service=service)
+                 if t["desired"] == "running" and t["state"] == "running"]
+        settling = update.get("state") in ("updating", "rollback_started") or (
+            update.get("state") == "rollback_completed" and len(tasks) < info["spec"]["replicas"])
+        if not settling or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
     if previous != broken and info["spec"]["image"] != broken:
         return 0.2, f"{service} was never updated to {broken}: start that update"
     if update.get("state") != "rollback_completed":
         return 0.4, f"the update is {update.get('state')!r}, not rolled back yet ({update.get('message', '')})"
-    tasks = [t for t in lab.call("service.ps", name=cluster, service=service)
-             if t["desired"] == "running" and t["state"] == "running"]
     images = {t["image"] for t in tasks}
     if images != {info["spec"]["image"]} or len(tasks) != info["spec"]["replicas"]:
         return 0.6, (f"running: {len(tasks)} tasks of {sorted(images)}; wanted {info['spec']['replicas']} of the "
