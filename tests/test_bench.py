@@ -134,3 +134,34 @@ def test_quick_mode_repeats_a_case_until_it_can_tell_or_says_it_cannot(lab):
     assert not bench.undecided(v) or any(note.startswith("cpu, container: no measurable difference, but too noisy")
                                      for note in res.env["notes"]), \
         (v, res.env["notes"])
+
+
+def test_a_host_port_someone_holds_is_a_conflict_and_the_harness_takes_another(lab, monkeypatch):
+    """A connection's own local port (what a random pick in Linux's ephemeral range can hit: CI once waited
+    30 s on a refused port because nc could not bind) is refused at serve time, and the harness picks again."""
+    import socket
+    from labkit.wire.errors import Conflict
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    held = socket.socket()
+    held.bind(("0.0.0.0", 0))
+    held.connect(srv.getsockname())
+    port = held.getsockname()[1]
+    try:
+        with pytest.raises(Conflict, match=f"port {port} is already taken"):
+            lab.call("bench.net_serve", case="native", mode="latency", port=port)
+        b = bench.Bench(lab, "quick", experiments=["net-latency"], cases=["native"], progress=False)
+        # the held port first, then a free one (20000 + 2000)
+        monkeypatch.setattr(bench.secrets, "randbelow", _first_then(port - 20000, 2000))
+        got = b._serve("native", "latency", None, None, None)
+        assert got == 22000
+        assert lab.call("bench.net_measure", ip="127.0.0.1", port=got, mode="latency", amount=3)["amount"] == 3
+    finally:
+        held.close()
+        srv.close()
+
+
+def _first_then(*values):
+    it = iter(values)
+    return lambda n: next(it)

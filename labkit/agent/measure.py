@@ -23,7 +23,7 @@ import socket
 import subprocess
 import time
 
-from ..wire.errors import CommandTimeout, InvalidSpec, MechanismError
+from ..wire.errors import CommandTimeout, Conflict, InvalidSpec, MechanismError
 from ..wire.specs import RUN_DIR, STATE_DIR, CgroupSpec, ProcessSpec, check_port
 from . import cgroups, engine, oci, process, roots, rootfs, supervisor, vm, workloads
 from .runner import read_text, run, start, which
@@ -114,7 +114,8 @@ def net_serve(case, mode, port, ref=None, vm_id=None):
         raise InvalidSpec(f"unknown case {case!r}", fix="native, container or vm")
     port = check_port(port)
     if case == "native":
-        start(_listener(mode, port, rootfs.busybox_or_fail()))  # its own session, no pipes: ends with its connection
+        # its own session, no pipes: ends with its connection
+        _wait_listening(start(_listener(mode, port, rootfs.busybox_or_fail())), port)
     elif case == "container":
         engine.exec_in(ref, ["/bin/busybox", "sh", "-c", _BACKGROUND, "sh", *_listener(mode, port)], timeout=30)
     else:
@@ -122,6 +123,30 @@ def net_serve(case, mode, port, ref=None, vm_id=None):
         vm._live(vm_id).exec(" ".join(shlex.quote(a) for a in _listener(mode, port)) +
                              " </dev/null >/dev/null 2>&1 &", timeout=60)
     return {"port": port}
+
+
+def _listening(port):
+    """Whether a TCP socket of this network namespace listens on ``port`` (any address, IPv4 or IPv6)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in (read_text(table) or "").splitlines()[1:]:
+            f = line.split()
+            if len(f) > 3 and f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
+                return True
+    return False
+
+
+def _wait_listening(proc, port, seconds=5.0):
+    """Return once the host's listener ``proc`` listens on ``port``. A port some other socket holds (a
+    service, or a connection's own local port) makes nc exit at once: that is a Conflict the caller can
+    answer with another port, never a client that waits on a refused port."""
+    deadline = time.monotonic() + seconds
+    while not _listening(port):
+        if proc.poll() is not None:
+            raise Conflict(f"port {port} is already taken on the host: the listener could not bind it",
+                           fix="call bench.net_serve again with another port")
+        if time.monotonic() > deadline:
+            return  # still starting: the client's connect retries
+        time.sleep(0.01)
 
 
 def _connect(ip, port, timeout=30):

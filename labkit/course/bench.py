@@ -26,6 +26,8 @@ import secrets
 import sys
 import time
 
+from ..wire.errors import Conflict
+
 PLANS = {
     "quick": {"repeats": 3, "max_repeats": 8, "warmup": 1, "startup_runs": 5, "vm_boots": 2, "density": (1, 2, 4),
               "amounts": {"cpu": 300_000, "memory": 512, "syscalls": 50_000, "fork": 30, "fileio": 32},
@@ -293,13 +295,24 @@ class Bench:
             paths.append(("vm", "vm", vm.ip, None))
         for r in range(-p["warmup"], self._net_repeats()):
             for where, label, ip, fixed_port in self._order(paths, r):
-                port = 5201 if fixed_port else 30000 + secrets.randbelow(20000)
-                lab.call("bench.net_serve", case=where, mode=mode, port=port, ref=box.id if box else None,
-                         vm_id=vm.id if vm else None)
+                port = self._serve(where, mode, fixed_port, box, vm)
                 s = lab.call("bench.net_measure", ip=ip, port=fixed_port or port, mode=mode, amount=amount)
                 self._add(f"net-{mode}", label, r, s, rtt_median_s=s.get("rtt_median_s"),
                           accel=self.vm_accel if where == "vm" else None)
                 self.bar.step(f"net {mode} {label}")
+
+    def _serve(self, where, mode, fixed_port, box, vm):
+        """Start the case's listener and return its port: the container's published one, or a random
+        one below Linux's ephemeral range (32768 on), tried again elsewhere if something holds it."""
+        for attempt in range(5):
+            port = 5201 if fixed_port else 20000 + secrets.randbelow(12000)
+            try:
+                self.lab.call("bench.net_serve", case=where, mode=mode, port=port, ref=box.id if box else None,
+                              vm_id=vm.id if vm else None)
+                return port
+            except Conflict:
+                if fixed_port or attempt == 4:
+                    raise
 
     def _density(self):
         lab = self.lab
