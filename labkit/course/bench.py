@@ -40,6 +40,12 @@ WORKLOADS = ("cpu", "memory", "syscalls", "fork", "fileio")
 EXPERIMENTS = ("startup",) + WORKLOADS + ("net-throughput", "net-latency", "density")
 CASES = ("native", "container", "vm")
 BENCH_NET = ("bench", "10.213.77.0/24")
+
+
+def _random_port():
+    """A port for a listener on the host: random, and below Linux's ephemeral range (32768 on), which the
+    host's own connections draw their local ports from."""
+    return 20000 + secrets.randbelow(12000)
 RATE_UNITS = {"cpu": "Mloops/s", "memory": "MiB/s", "syscalls": "Msyscalls/s", "fork": "processes/s",
               "fileio": "MiB/s", "net-throughput": "MiB/s", "net-latency": "µs per round trip",
               "startup": "ms", "density": "MiB per instance"}
@@ -177,7 +183,7 @@ class Bench:
                     lab.network(*BENCH_NET)
                     net_made = True
                 if "container" in self.cases:
-                    self.nat_port = 20000 + secrets.randbelow(20000)
+                    self.nat_port = _random_port()
                     box = lab.run_container("busybox", ["sleep", "1000000"], name=f"lkbench-{secrets.token_hex(3)}",
                                             network=BENCH_NET[0] if needs_net else None,
                                             ports=[f"127.0.0.1:{self.nat_port}:5201"] if needs_net else ())
@@ -302,10 +308,10 @@ class Bench:
                 self.bar.step(f"net {mode} {label}")
 
     def _serve(self, where, mode, fixed_port, box, vm):
-        """Start the case's listener and return its port: the container's published one, or a random
-        one below Linux's ephemeral range (32768 on), tried again elsewhere if something holds it."""
+        """Start the case's listener and return its port: the container's published one, or a random one,
+        tried again elsewhere if something on the host holds it."""
         for attempt in range(5):
-            port = 5201 if fixed_port else 20000 + secrets.randbelow(12000)
+            port = 5201 if fixed_port else _random_port()
             try:
                 self.lab.call("bench.net_serve", case=where, mode=mode, port=port, ref=box.id if box else None,
                               vm_id=vm.id if vm else None)
