@@ -817,11 +817,27 @@ def control_loop(lab, rounds, cluster=CLUSTER9, service="web"):
                   "observe, decide, act. The manager's own loop does nothing else, ten times a second.")
 
 
+def _settle(read, settled, seconds, every=0.3):
+    """What ``read()`` returns once ``settled`` holds for it, or after ``seconds``, whichever comes first: the
+    manager's loop acts on its own clock, and on a slow, emulated machine a task takes seconds to start and pass
+    its health check, so a check that reads a cluster once can catch it mid-step."""
+    import time
+    deadline = time.monotonic() + seconds
+    while True:
+        got = read()
+        if settled(got) or time.monotonic() > deadline:
+            return got
+        time.sleep(every)
+
+
+def _running_tasks(lab, cluster, service):
+    return [t for t in lab.call("service.ps", name=cluster, service=service)
+            if t["desired"] == "running" and t["state"] == "running"]
+
+
 def node_died(lab, victim, cluster=CLUSTER9, service="web", node="worker1", seconds=15):
     """``victim``: the id of the node the student cut. Live: it is down (killed, not frozen), and ``service`` has
-    all its replicas running elsewhere (the manager's loop is given up to ``seconds`` to get there: on a slow,
-    emulated machine a task takes seconds to start and pass its health check)."""
-    import time
+    all its replicas running elsewhere (the manager's loop is given up to ``seconds`` to get there)."""
     want = f"{cluster}-{node}"
     if victim != want:
         return False, f"cut {node}'s power: a node's id is <cluster>-<node>, and {victim!r} is not {node}'s"
@@ -834,15 +850,11 @@ def node_died(lab, victim, cluster=CLUSTER9, service="web", node="worker1", seco
     if status != "down":
         return 0.3, f"{node} is {status}: it still runs"
     want_n = next((s["replicas"] for s in lab.call("service.ls", name=cluster) if s["name"] == service), 0)
-    deadline = time.monotonic() + seconds
-    while True:
-        tasks = [t for t in lab.call("service.ps", name=cluster, service=service)
-                 if t["desired"] == "running" and t["state"] == "running"]
-        back = len(tasks) >= want_n and not any(t["node"] == node for t in tasks)
-        if back or time.monotonic() > deadline:
-            break
-        time.sleep(0.3)
-    if not back:
+
+    def back(tasks):
+        return len(tasks) >= want_n and not any(t["node"] == node for t in tasks)
+    tasks = _settle(lambda: _running_tasks(lab, cluster, service), back, seconds)
+    if not back(tasks):
         return 0.6, (f"{len(tasks)} of {want_n} tasks of {service} run, on {sorted(t['node'] for t in tasks)}: is the "
                      f"manager's loop running (cluster.manage)?")
     lost = [t for t in lab.call("service.ps", name=cluster, service=service) if t["node"] == node]
@@ -896,14 +908,16 @@ def stack_works(lab, deployed, cluster=CLUSTER9, stack="demo", port=8091, front=
     if stack not in names:
         return 0.2, f"stack {stack} is not deployed (any more)"
     members = {f"{stack}_{front}", f"{stack}_{api}"}
-    deadline = time.monotonic() + seconds
-    while True:  # a stack deployed a moment ago may still be starting its tasks
-        rows = {s["name"]: s for s in lab.call("service.ls", name=cluster) if s["name"].startswith(stack + "_")}
-        short = [f"{n} ({r['running']}/{r['replicas']})" for n, r in sorted(rows.items())
-                 if r["running"] < r["replicas"]]
-        if (not short and members <= set(rows)) or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+
+    def stack_rows():
+        return {s["name"]: s for s in lab.call("service.ls", name=cluster) if s["name"].startswith(stack + "_")}
+
+    def short_of(rows):
+        return [f"{n} ({r['running']}/{r['replicas']})" for n, r in sorted(rows.items())
+                if r["running"] < r["replicas"]]
+    # a stack deployed a moment ago may still be starting its tasks
+    rows = _settle(stack_rows, lambda rows: not short_of(rows) and members <= set(rows), seconds, every=0.2)
+    short = short_of(rows)
     if not members <= set(rows):
         return 0.3, f"the stack has {sorted(rows)}: it needs {sorted(members)}"
     if rows[f"{stack}_{api}"]["replicas"] < 2:
@@ -930,24 +944,21 @@ def rolled_back(lab, rollout, prediction, cluster=CLUSTER9, service="web", broke
     would run at the end. Live: the update to ``broken`` was rolled back and every running task runs the
     previous image (an update or rollback still under way is given up to ``seconds`` to end: on a slow,
     emulated machine each task of a rollback takes seconds to start and pass its health check)."""
-    import time
     if not hasattr(rollout, "get"):
         return False, "expected what lab.call('service.update', ...) answered"
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            info = lab.call("service.inspect", name=cluster, service=service)
-        except NotFound:
-            return False, f"there is no service {service} in cluster {cluster} on the target"
-        update = info.get("update") or {}
-        previous = (info.get("previous") or {}).get("image")
-        tasks = [t for t in lab.call("service.ps", name=cluster, service=service)
-                 if t["desired"] == "running" and t["state"] == "running"]
-        settling = update.get("state") in ("updating", "rollback_started") or (
-            update.get("state") == "rollback_completed" and len(tasks) < info["spec"]["replicas"])
-        if not settling or time.monotonic() > deadline:
-            break
-        time.sleep(0.3)
+
+    def settled(read):
+        info, tasks = read
+        state = (info.get("update") or {}).get("state")
+        return not (state in ("updating", "rollback_started") or (
+            state == "rollback_completed" and len(tasks) < info["spec"]["replicas"]))
+    try:
+        info, tasks = _settle(lambda: (lab.call("service.inspect", name=cluster, service=service),
+                                       _running_tasks(lab, cluster, service)), settled, seconds)
+    except NotFound:
+        return False, f"there is no service {service} in cluster {cluster} on the target"
+    update = info.get("update") or {}
+    previous = (info.get("previous") or {}).get("image")
     if previous != broken and info["spec"]["image"] != broken:
         return 0.2, f"{service} was never updated to {broken}: start that update"
     if update.get("state") != "rollback_completed":
