@@ -40,15 +40,15 @@ WORKLOADS = ("cpu", "memory", "syscalls", "fork", "fileio")
 EXPERIMENTS = ("startup",) + WORKLOADS + ("net-throughput", "net-latency", "density")
 CASES = ("native", "container", "vm")
 BENCH_NET = ("bench", "10.213.77.0/24")
+RATE_UNITS = {"cpu": "Mloops/s", "memory": "MiB/s", "syscalls": "Msyscalls/s", "fork": "processes/s",
+              "fileio": "MiB/s", "net-throughput": "MiB/s", "net-latency": "µs per round trip",
+              "startup": "ms", "density": "MiB per instance"}
 
 
 def _random_port():
     """A port for a listener on the host: random, and below Linux's ephemeral range (32768 on), which the
     host's own connections draw their local ports from."""
     return 20000 + secrets.randbelow(12000)
-RATE_UNITS = {"cpu": "Mloops/s", "memory": "MiB/s", "syscalls": "Msyscalls/s", "fork": "processes/s",
-              "fileio": "MiB/s", "net-throughput": "MiB/s", "net-latency": "µs per round trip",
-              "startup": "ms", "density": "MiB per instance"}
 
 
 class Progress:

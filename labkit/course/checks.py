@@ -804,8 +804,8 @@ def control_loop(lab, rounds, cluster=CLUSTER9, service="web"):
         return False, f"there is no cluster {cluster!r} on the target"
     if service not in rows:
         return 0.2, f"cluster {cluster} has no service {service!r}: run the cell that creates it"
-    tasks = [t for t in lab.call("service.ps", name=cluster, service=service)
-             if t["desired"] == "running" and t["state"] == "running"]
+    from .orchestrate import running
+    tasks = running(lab, cluster, service)
     want = rows[service]["replicas"]
     if len(tasks) < want:
         return 0.4, (f"{len(tasks)} of {want} tasks of {service} run: go round again (observe, reconcile, act) until "
@@ -830,10 +830,6 @@ def _settle(read, settled, seconds, every=0.3):
         time.sleep(every)
 
 
-def _running_tasks(lab, cluster, service):
-    return [t for t in lab.call("service.ps", name=cluster, service=service)
-            if t["desired"] == "running" and t["state"] == "running"]
-
 
 def node_died(lab, victim, cluster=CLUSTER9, service="web", node="worker1", seconds=15):
     """``victim``: the id of the node the student cut. Live: it is down (killed, not frozen), and ``service`` has
@@ -849,11 +845,12 @@ def node_died(lab, victim, cluster=CLUSTER9, service="web", node="worker1", seco
         return 0.3, f"{node} is frozen (paused: a hung machine); a power cut kills everything on it at once"
     if status != "down":
         return 0.3, f"{node} is {status}: it still runs"
+    from .orchestrate import running
     want_n = next((s["replicas"] for s in lab.call("service.ls", name=cluster) if s["name"] == service), 0)
 
     def back(tasks):
         return len(tasks) >= want_n and not any(t["node"] == node for t in tasks)
-    tasks = _settle(lambda: _running_tasks(lab, cluster, service), back, seconds)
+    tasks = _settle(lambda: running(lab, cluster, service), back, seconds)
     if not back(tasks):
         return 0.6, (f"{len(tasks)} of {want_n} tasks of {service} run, on {sorted(t['node'] for t in tasks)}: is the "
                      f"manager's loop running (cluster.manage)?")
@@ -944,6 +941,7 @@ def rolled_back(lab, rollout, prediction, cluster=CLUSTER9, service="web", broke
     would run at the end. Live: the update to ``broken`` was rolled back and every running task runs the
     previous image (an update or rollback still under way is given up to ``seconds`` to end: on a slow,
     emulated machine each task of a rollback takes seconds to start and pass its health check)."""
+    from .orchestrate import running
     if not hasattr(rollout, "get"):
         return False, "expected what lab.call('service.update', ...) answered"
 
@@ -954,7 +952,7 @@ def rolled_back(lab, rollout, prediction, cluster=CLUSTER9, service="web", broke
             state == "rollback_completed" and len(tasks) < info["spec"]["replicas"]))
     try:
         info, tasks = _settle(lambda: (lab.call("service.inspect", name=cluster, service=service),
-                                       _running_tasks(lab, cluster, service)), settled, seconds)
+                                       running(lab, cluster, service)), settled, seconds)
     except NotFound:
         return False, f"there is no service {service} in cluster {cluster} on the target"
     update = info.get("update") or {}
