@@ -587,7 +587,11 @@ def cmd_cluster_create(args):
     """The cluster's nodes, then its manager (the control loop, a process of its own)."""
     from .wire.specs import ClusterSpec
     nets = {k: v for k, v in (("subnet", args.subnet), ("tasks", args.tasks)) if v}
-    spec = ClusterSpec(args.name, args.workers, **nets)
+    if args.machine and args.workers is not None and args.workers != len(args.machine):
+        raise InvalidSpec(f"--workers {args.workers} with {len(args.machine)} --machine: a worker runs on each machine",
+                          fix="leave --workers out when you name the machines")
+    spec = ClusterSpec(args.name, len(args.machine) if args.machine else 2 if args.workers is None else args.workers,
+                       machines=tuple(args.machine or ()), **nets)
     lab = _lab(args)
     rec = lab.call("cluster.create", spec=spec.to_dict())
     lab.call("cluster.manage", name=spec.name)
@@ -1120,7 +1124,10 @@ def _parser(only=None):
 
     verb = verbs("cluster", "lab 09's clusters of nodes on this host: create, ls, rm, inspect")
     sp = verb("create", cmd_cluster_create, "a manager and N workers, and its manager loop (the control loop)")
-    sp.add_argument("--workers", type=int, default=2)
+    sp.add_argument("--workers", type=int, help="workers on this host (default 2)")
+    sp.add_argument("--machine", action="append", metavar="ADDRESS",
+                    help="a worker on a machine of its own, by its private address (once per worker machine: "
+                         "LABKIT_VM_NODES=3 vagrant up makes 192.168.56.11 and .12)")
     sp.add_argument("--subnet", help="the nodes' network, a private IPv4 subnet (default 10.209.0.0/24)")
     sp.add_argument("--tasks", help="the tasks' addresses, a /24 per node (default 10.214.0.0/16)")
     sp.add_argument("name")

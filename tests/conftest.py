@@ -157,12 +157,14 @@ def vm_tier_skipped():
 
 @pytest.fixture(scope="session")
 def vm_tier():
-    """A real `vagrant up` of vagrant/Vagrantfile: a Debian 12 guest on pure cgroup v2 (tests/vmtier.py)."""
+    """A real `vagrant up` of vagrant/Vagrantfile: Debian 12 guests on pure cgroup v2 (tests/vmtier.py), as
+    LABKIT_VM_NODES=3 makes them: the lab VM ("manager", which every VM test but lab 09's cluster of VMs uses)
+    and two workers."""
     reason = vm_tier_skipped()
     if reason:
         pytest.skip(reason)
     import vmtier
-    with vmtier.Tier() as tier:
+    with vmtier.Tier(nodes=3) as tier:
         yield tier
 
 

@@ -10,8 +10,9 @@ vagrant/provision.sh. Everything it starts it stops, by pid, and everything it d
 Measured facts behind the choices: ../shared/notes/vagrant-in-ci.md.
 
 Use from tests: the ``vm_lab`` fixture (conftest.py). By hand:
-    sudo .venv/bin/python tests/vmtier.py up       # build/cache the box, start libvirt, vagrant up
-    sudo .venv/bin/python tests/vmtier.py down     # vagrant destroy, stop libvirt, remove the namespace
+    sudo .venv/bin/python tests/vmtier.py up [3]   # build/cache the box, start libvirt, vagrant up (3: a
+                                                   # manager and two workers, LABKIT_VM_NODES=3)
+    sudo .venv/bin/python tests/vmtier.py down [DOTFILE [3]]  # vagrant destroy, stop libvirt, remove the namespace
 """
 import hashlib
 import json
@@ -181,8 +182,9 @@ rm -rf /var/lib/apt/lists/*
 
 # --- libvirt in a network namespace of its own ---------------------------------------------------
 
-def vagrant_env(dotfile):
-    return {"VAGRANT_HOME": os.path.join(CACHE, "vagrant.d"), "VAGRANT_DOTFILE_PATH": dotfile,
+def vagrant_env(dotfile, nodes=1):
+    return {"LABKIT_VM_NODES": str(nodes), "LABKIT_VM_WORKER_MEMORY": "768",
+            "VAGRANT_HOME": os.path.join(CACHE, "vagrant.d"), "VAGRANT_DOTFILE_PATH": dotfile,
             "VAGRANT_CWD": os.path.join(REPO, "vagrant"), "VAGRANT_DEFAULT_PROVIDER": "libvirt",
             "VAGRANT_CHECKPOINT_DISABLE": "1", "VAGRANT_NO_COLOR": "1",
             "LABKIT_VM_BOX": BOX_NAME, "LABKIT_VM_LIBVIRT_DRIVER": "qemu", "LABKIT_VM_LIBVIRT_POOL": POOL,
@@ -217,7 +219,8 @@ def _stop_pid(pid, name):
 class Tier:
     """The VM tier's lifetime: ``with Tier() as t:`` ... ``t.lab()`` ... (everything undone on exit)."""
 
-    def __init__(self):
+    def __init__(self, nodes=1):
+        self.nodes = nodes  # 1: the lab VM; 3: the manager and two workers of lab 09's cluster of VMs
         self.dotfile = None
         self.pids = {}
         self.up_seconds = None
@@ -267,7 +270,7 @@ class Tier:
 
     # -- vagrant ---------------------------------------------------------------------------------
     def vagrant(self, *args, timeout=1800):
-        return sh(in_ns(["vagrant", *args]), env=vagrant_env(self.dotfile), timeout=timeout)
+        return sh(in_ns(["vagrant", *args]), env=vagrant_env(self.dotfile, self.nodes), timeout=timeout)
 
     def up(self):
         box = build_box()
@@ -277,12 +280,12 @@ class Tier:
         self.dotfile = tempfile.mkdtemp(prefix="labkit-vagrant-dot-")
         self.start_libvirt()
         start = time.monotonic()
-        log("vagrant up --provider=libvirt (about 2.5 minutes under TCG)")
+        log(f"vagrant up --provider=libvirt: {self.nodes} machine(s) (about 2.5 minutes each under TCG)")
         self.vagrant("up", "--provider=libvirt")
         self.up_seconds = time.monotonic() - start
         log(f"vagrant up took {self.up_seconds:.0f} s")
-        os.environ.update({k: v for k, v in vagrant_env(self.dotfile).items()
-                           if k.startswith("VAGRANT_")})
+        os.environ.update({k: v for k, v in vagrant_env(self.dotfile, self.nodes).items()
+                           if k.startswith("VAGRANT_") or k == "LABKIT_VM_NODES"})
         os.environ["LABKIT_VAGRANT_NETNS"] = NETNS
         # the VM's host key is trusted on first use and stored per machine id: keep that store with the tier
         self.saved_xdg = os.environ.get("XDG_CONFIG_HOME")
@@ -311,7 +314,7 @@ class Tier:
                 if dom.startswith("vagrant_") or dom.startswith("labkit"):
                     sh(virsh + ["destroy", dom], check=False)
                     sh(virsh + ["undefine", dom, "--nvram"], check=False)
-            for net in ("vagrant-libvirt",):
+            for net in ("vagrant-libvirt", "labkit-cluster"):
                 sh(virsh + ["net-destroy", net], check=False)
                 sh(virsh + ["net-undefine", net], check=False)
             for vol in sh(virsh + ["vol-list", POOL, "--details"], check=False).stdout.splitlines()[2:]:
@@ -334,7 +337,7 @@ class Tier:
         if self.dotfile:
             shutil.rmtree(self.dotfile, ignore_errors=True)
         shutil.rmtree(STATE, ignore_errors=True)
-        for k in ("VAGRANT_HOME", "VAGRANT_DOTFILE_PATH", "VAGRANT_CWD", "LABKIT_VAGRANT_NETNS",
+        for k in ("VAGRANT_HOME", "VAGRANT_DOTFILE_PATH", "VAGRANT_CWD", "LABKIT_VAGRANT_NETNS", "LABKIT_VM_NODES",
                   "VAGRANT_DEFAULT_PROVIDER", "VAGRANT_CHECKPOINT_DISABLE", "VAGRANT_NO_COLOR"):
             os.environ.pop(k, None)
         if getattr(self, "saved_xdg", None) is not None:
@@ -371,6 +374,7 @@ def leftovers():
         found.append(f"netns {NETNS}")
     import glob
     for pattern in ("/etc/libvirt/qemu/vagrant_*.xml", "/etc/libvirt/qemu/networks/vagrant-libvirt.xml",
+                    "/etc/libvirt/qemu/networks/labkit-cluster.xml",
                     f"/etc/libvirt/storage/{POOL}.xml", "/run/libvirt/qemu/*.pid"):
         found += [f"libvirt definition {p}" for p in glob.glob(pattern)]
     for line in (sh(["iptables", "-S"], check=False).stdout if shutil.which("iptables") else "").splitlines():
@@ -387,10 +391,10 @@ if __name__ == "__main__":
     if cmd == "box":
         print(build_box())
     elif cmd == "up":
-        t = Tier().up()
+        t = Tier(nodes=int(sys.argv[2]) if len(sys.argv) > 2 else 1).up()
         print(json.dumps({"dotfile": t.dotfile, "up_seconds": t.up_seconds}))
-    elif cmd == "down":
-        t = Tier()
+    elif cmd == "down":  # down [DOTFILE [NODES]]
+        t = Tier(nodes=int(sys.argv[3]) if len(sys.argv) > 3 else 1)
         t.dotfile = sys.argv[2] if len(sys.argv) > 2 else None
         t.down()
     else:

@@ -1,21 +1,39 @@
 #!/usr/bin/env bash
 # Provision a Linux host for labkit's agent and the course, idempotently, then self-test with `labkit doctor`.
 # Serves the lab VM (Vagrant runs it as root) and any Debian/Ubuntu host (amd64 or arm64) a student or
-# instructor brings:   sudo bash vagrant/provision.sh [--jupyter] [REPO_DIR]
+# instructor brings:   sudo bash vagrant/provision.sh [--jupyter] [--cluster-key=FILE | --worker=FILE --manager=ADDRESS] [REPO_DIR]
 #   --jupyter   also install JupyterLab and run it as a service for the `vagrant` (or SUDO_USER) user
 #               on port 8888, so that a browser on the laptop can use the VM's forwarded port; its token is
 #               made at random on the first run and kept in /etc/labkit/jupyter-token (root and that user)
+#   --cluster-key=FILE   (the manager of several VMs, lab 09) FILE is the private key with which this machine's
+#               labkit reaches its worker machines; kept as /etc/labkit/cluster/id_rsa (root only)
+#   --worker=FILE        (a worker VM, lab 09) FILE is that key's public half: the user labkit-node may log in
+#               with it and run one command only, labkit's agent as root (its forced command, one sudo rule);
+#               /etc/labkit/cluster/worker marks this machine as one its cluster may power off
+#   --manager=ADDRESS    (with --worker) the only address that key is accepted from (the manager VM's)
 #   REPO_DIR    the labkit checkout (default: the folder above this script; /labkit in the VM)
 set -euo pipefail
 
 jupyter=0
 repo=""
+cluster_key=""
+worker_key=""
+manager=""
 for arg in "$@"; do
   case "$arg" in
     --jupyter) jupyter=1 ;;
+    --cluster-key=?*) cluster_key=${arg#--cluster-key=} ;;
+    --worker=?*) worker_key=${arg#--worker=} ;;
+    --manager=?*) manager=${arg#--manager=} ;;
     -*) echo "provision.sh: unknown option $arg" >&2; exit 2 ;;
     *) repo=$arg ;;
   esac
+done
+for f in "$cluster_key" "$worker_key"; do
+  if [ -n "$f" ] && [ ! -s "$f" ]; then
+    echo "provision.sh: $f is not a key file (the Vagrantfile copies the cluster's key in)" >&2
+    exit 2
+  fi
 done
 [ -n "$repo" ] || repo=$(cd "$(dirname "$0")/.." && pwd)
 
@@ -200,6 +218,55 @@ if [ -f /etc/docker/registry/config.yml ] && command -v systemctl >/dev/null 2>&
   sed -i -E 's/^([[:space:]]*addr:).*/\1 127.0.0.1:5000/' /etc/docker/registry/config.yml
   systemctl enable docker-registry.service >/dev/null 2>&1 || true
   systemctl restart docker-registry.service || true
+fi
+
+# A cluster across VMs (lab 09's option): the manager keeps the key; a worker lets that key run labkit's agent
+# as root and nothing else (authorized_keys' forced command, restrict: no shell, no forwarding, no pty).
+if [ -n "$cluster_key" ]; then
+  install -d -m 0700 /etc/labkit/cluster
+  install -m 0600 "$cluster_key" /etc/labkit/cluster/id_rsa
+  rm -f "$cluster_key"
+  touch /etc/labkit/cluster/known_hosts
+  chmod 0600 /etc/labkit/cluster/known_hosts
+  echo "provision.sh: this machine reaches its cluster's workers with /etc/labkit/cluster/id_rsa"
+fi
+if [ -n "$worker_key" ]; then
+  pub=$(head -n 1 "$worker_key")
+  if ! [[ "$pub" =~ ^ssh-(rsa|ed25519)\ [A-Za-z0-9+/=]+(\ [A-Za-z0-9@._-]*)?$ ]]; then
+    echo "provision.sh: $worker_key holds no single SSH public key" >&2
+    exit 2
+  fi
+  if ! [[ "$manager" =~ ^[0-9]{1,3}(\.[0-9]{1,3}){3}$ ]]; then
+    echo "provision.sh: --worker needs --manager=ADDRESS, the manager VM's address (the key is accepted from it only)" >&2
+    exit 2
+  fi
+  if ! [[ "$repo" =~ ^/[A-Za-z0-9._/-]+$ ]]; then
+    echo "provision.sh: a worker's labkit checkout must have a plain absolute path (it goes into a root command): $repo" >&2
+    exit 2
+  fi
+  # the one command the cluster's key runs: root's own script (no arguments for sudo to match, no shell words)
+  cat > /usr/local/sbin/labkit-node-agent.new <<AGENT
+#!/bin/sh
+# labkit: the cluster's manager reaches this worker's agent through this (provision.sh --worker)
+cd / && exec /usr/bin/env PYTHONPATH=$repo /usr/bin/python3 -m labkit.agent
+AGENT
+  chmod 0755 /usr/local/sbin/labkit-node-agent.new
+  mv -f /usr/local/sbin/labkit-node-agent.new /usr/local/sbin/labkit-node-agent
+  id labkit-node >/dev/null 2>&1 || useradd --system --create-home --home-dir /var/lib/labkit-node \
+    --shell /bin/sh --comment "labkit cluster: runs labkit's agent for the cluster's manager" labkit-node
+  install -d -m 0700 -o labkit-node -g labkit-node /var/lib/labkit-node/.ssh
+  printf 'restrict,from="%s",command="sudo -n /usr/local/sbin/labkit-node-agent" %s\n' "$manager" "$pub" \
+    > /var/lib/labkit-node/.ssh/authorized_keys
+  chown labkit-node:labkit-node /var/lib/labkit-node/.ssh/authorized_keys
+  chmod 0600 /var/lib/labkit-node/.ssh/authorized_keys
+  printf 'labkit-node ALL=(root) NOPASSWD: /usr/local/sbin/labkit-node-agent\n' > /etc/sudoers.d/labkit-node.tmp
+  chmod 0440 /etc/sudoers.d/labkit-node.tmp
+  visudo -cqf /etc/sudoers.d/labkit-node.tmp
+  mv -f /etc/sudoers.d/labkit-node.tmp /etc/sudoers.d/labkit-node
+  install -d -m 0755 /etc/labkit/cluster
+  touch /etc/labkit/cluster/worker
+  rm -f "$worker_key"
+  echo "provision.sh: a cluster worker: the key of the manager at $manager may run labkit's agent here (and only that)"
 fi
 
 echo "provision.sh: self-test (labkit doctor)"

@@ -21,7 +21,8 @@ import re
 import shutil
 
 from ..wire.specs import GRADE_DIR, RUN_DIR, STATE_DIR
-from . import cgroups, cluster, engine, kernel, localregistry, manager, network, node, process, vm, volumes, workloads
+from . import (cgroups, cluster, engine, kernel, localregistry, machine, manager, network, node, process, vm, volumes,
+               workloads)
 from .rootfs import mounts_under
 from .runner import Recorder, read_text, run, which
 
@@ -45,6 +46,8 @@ def plan():
         items.append(("cluster", c["name"]))
     for n in node.list_nodes():
         items.append(("node", n["id"]))
+    for name in machine.memberships():  # (on a worker machine: what its cluster made here)
+        items.append(("cluster membership", name))
     for e in process.list_processes():
         items.append(("process", e["id"]))
     for p in os.listdir("/proc"):
@@ -110,6 +113,8 @@ def cleanup(dry_run=False):
     removed += vm.cleanup(rec)  # qemu first: a VM's tap is on a labkit bridge
     cluster.cleanup(rec)  # clusters next: with each, its manager, nodes and all they ran, routes, mesh, network
     node.cleanup(rec)
+    machine.cleanup(rec)
+    removed += [f"{k} {n}" for k, n in items if k == "cluster membership"]
     for table in manager.mesh_leftovers():  # a cluster's whose record was lost
         rec.run(["nft", "delete", "table", "ip", table])
     removed += [f"{k} {n}" for k, n in items if k in ("cluster", "node")]

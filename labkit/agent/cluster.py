@@ -17,9 +17,9 @@ import os
 import signal
 import time
 
-from ..wire.errors import Conflict, InvalidSpec, LabkitError, NotFound
+from ..wire.errors import Conflict, InvalidSpec, LabkitError, NotFound, TransportError
 from ..wire.specs import CLUSTER_NAME, RUN_DIR, ClusterSpec, NetworkSpec, NodeSpec
-from . import network, node
+from . import machine, network, node
 from .runner import Recorder, pid_fields, recorded_process, run, start_helper
 from .state import private_dir, read_json, write_json
 
@@ -70,6 +70,8 @@ def create(spec: ClusterSpec):
     """The cluster's network, its nodes (manager first), each node's task network and the host's routes to
     them; its record (each node: name, role, address, task subnet)."""
     rec = Recorder(f"create cluster {spec.name}")
+    for m in spec.machines:
+        machine.ssh_argv(m)  # (this machine can reach them: its cluster key is here; refused before anything is made)
     private_dir(CLUSTERS)
     if os.path.exists(_path(spec.name)):
         raise Conflict(f"cluster {spec.name} exists", fix=f"remove it first: lab.call('cluster.remove', "
@@ -77,27 +79,39 @@ def create(spec: ClusterSpec):
     for part in FILES:  # a cluster's of this name whose record went without them (its manager's old records)
         if os.path.lexists(file(spec.name, part)):
             os.unlink(file(spec.name, part))
-    st = {"spec": spec.to_dict(), "created": time.time(), "nodes": [], "routes": []}
+    st = {"spec": spec.to_dict(), "created": time.time(), "nodes": [], "routes": [], "via": None}
     write_json(_path(spec.name), st)
     try:
         rec.steps += network.create(NetworkSpec(name=spec.network, subnet=spec.subnet))["steps"]
         net = ipaddress.ip_network(spec.subnet)
+        # with machines: this machine's own address on their network, where they route the cluster's ranges to
+        st["via"] = machine.source_address(spec.machines[0]) if spec.machines else None
         for i, name in enumerate(spec.node_names()):
-            ip = str(net.network_address + 10 + i)  # manager .10, worker1 .11, ...: easy to read on a slide
-            made = node.create(NodeSpec(cluster=spec.name, name=name, network=spec.network, ip=ip))
+            on = spec.machine_of(i)  # a worker on a machine of its own, or None: a node of this host
+            ip = on or str(net.network_address + 10 + i)  # manager .10, worker1 .11, ...: easy to read on a slide
+            made = node.create(NodeSpec(cluster=spec.name, name=name, network=spec.network,
+                                        ip=None if on else ip, machine=on))
             rec.steps += made["steps"]
             nid = made["id"]
             subnet = spec.task_subnet(i)
             st["nodes"].append({"id": nid, "name": name, "role": "manager" if i == 0 else "worker", "ip": ip,
-                                "tasks": subnet, "availability": "active"})
+                                "tasks": subnet, "availability": "active", **({"machine": on} if on else {})})
             write_json(_path(spec.name), st)
             node.call(nid, "net.create", {"spec": NetworkSpec(name=TASKS, subnet=subnet).to_dict()})
-            # a virtual address with no DNAT rule (a service with no task running) goes nowhere, not to the host
-            rec.run(["nsenter", f"--net=/proc/{node.pid_of(nid)}/ns/net", "--", "ip", "route", "add",
-                     "unreachable", spec.vip_subnet])
-            rec.run(["ip", "route", "replace", subnet, "via", ip, "dev", NetworkSpec(name=spec.network).bridge])
+            if on:
+                st["nodes"][-1]["tasks_made"] = True  # (cluster.remove takes away only the network it made there)
+                rec.run(["ip", "route", "replace", subnet, "via", on])
+            else:
+                # a virtual address with no DNAT rule (a service with no task running) goes nowhere, not to the host
+                rec.run(["nsenter", f"--net=/proc/{node.pid_of(nid)}/ns/net", "--", "ip", "route", "add",
+                         "unreachable", spec.vip_subnet])
+                rec.run(["ip", "route", "replace", subnet, "via", ip, "dev", NetworkSpec(name=spec.network).bridge])
             st["routes"].append(subnet)
             write_json(_path(spec.name), st)
+        write_json(_path(spec.name), st)
+        for n in st["nodes"]:  # each machine routes the other nodes' ranges (and this one's network) on to them
+            if n.get("machine"):
+                rec.steps += _join(st, n)["steps"]
     except BaseException:
         try:
             remove(spec.name)
@@ -105,6 +119,34 @@ def create(spec: ClusterSpec):
             pass
         raise
     return rec.to_dict(cluster=inspect(spec.name))
+
+
+def _join(st, n, timeout=30):
+    """Machine node ``n`` joins the cluster of record ``st``: routes to every other node's task range (through
+    the machine that node is, or this one) and to this machine's cluster network, the virtual range
+    unreachable."""
+    spec = ClusterSpec.from_dict(st["spec"])
+    routes = [[o["tasks"], o.get("machine") or st["via"]] for o in st["nodes"] if o["id"] != n["id"]]
+    return node.call_machine(n["id"], "machine.join", {"cluster": spec.name, "unreachable": spec.vip_subnet,
+                                                        "routes": routes + [[spec.subnet, st["via"]]]},
+                             timeout=timeout)
+
+
+def rejoin(name, n, timeout):
+    """For the manager, of machine node ``n`` that answers again (or for the first time in its process): when
+    the machine forgot the cluster (a reboot empties /run, and with it its routes, its task network and its
+    record), make them again before it takes tasks. True when it had to."""
+    said = node.call_machine(n["id"], "machine.hello", timeout=timeout)
+    if name in (said.get("clusters") or []):
+        return False
+    st = _load(name)
+    try:
+        node.call(n["id"], "net.create", {"spec": NetworkSpec(name=TASKS, subnet=n["tasks"]).to_dict()},
+                  timeout=timeout)
+    except Conflict:
+        pass  # (its network's record outlived the reboot: labkit makes its bridge again with its next container)
+    _join(st, n, timeout=timeout)
+    return True
 
 
 def inspect(name):
@@ -196,7 +238,10 @@ def remove(name):
     rec = Recorder(f"remove cluster {name}")
     unmanage(name)
     st = _load(name)
+    from . import manager
     for n in reversed(st.get("nodes") or []):
+        if n.get("machine"):  # a machine goes on: the cluster's containers and network on it go first
+            _clear_machine(name, n, manager, rec)
         try:
             rec.steps += node.remove(n["id"])["steps"]
         except NotFound:
@@ -208,7 +253,6 @@ def remove(name):
             pass
     for subnet in st.get("routes") or []:
         run(["ip", "route", "delete", str(ipaddress.ip_network(subnet))], recorder=rec, check=False)
-    from . import manager
     manager.remove_mesh(name, rec)
     try:
         rec.steps += network.remove(spec.network)["steps"]
@@ -221,6 +265,27 @@ def remove(name):
         os.unlink(_path(name))
     os.unlink(file(name, "lock"))
     return rec.to_dict(name=name)
+
+
+def _clear_machine(name, n, manager, rec):
+    """On a machine node that answers: the containers of the cluster's tasks recorded on it, and its task
+    network (a machine that does not answer lost them with its power, or keeps them for `labkit cleanup` there)."""
+    try:
+        for ref in manager.task_containers(name, n["name"]) + ([None] if n.get("tasks_made") else []):
+            try:
+                if ref is None:
+                    node.call(n["id"], "net.remove", {"name": TASKS}, timeout=60)
+                else:
+                    node.call(n["id"], "container.rm", {"ref": ref, "force": True}, timeout=60)
+                    rec.fact(f"container {ref} on {n['name']}", "removed")
+            except NotFound:
+                continue  # (a task's container the manager removed already)
+            except TransportError:
+                raise
+            except LabkitError as exc:
+                rec.fact(f"{ref or TASKS} on {n['name']}", f"not removed: {exc}")
+    except TransportError as exc:
+        rec.fact(f"machine {n['machine']}", f"not cleared (down?): {exc}")
 
 
 def cleanup(rec):

@@ -34,6 +34,7 @@ from .state import read_json, write_json
 
 INTERVAL = 0.1      # seconds between two steps of the loop
 HEARTBEAT = 0.5     # a node that does not answer within this is down
+MACHINE_HEARTBEAT = 3.0  # the same for a node on a machine of its own (labkit.agent.machine: SSH, maybe TCG)
 MAX_CHECKS = 16     # health checks run at once (one thread each)
 MESH_TABLE = re.compile(r"labkit_mesh(_[a-z0-9]{1,6})?")  # labkit_mesh_<cluster> (labkit_mesh: an older labkit's)
 KEEP_ENDED = 20     # ended tasks kept per service (the history back-off reads, and `service ps` shows)
@@ -79,6 +80,11 @@ def _tasks(name):
         except (LabkitError, TypeError, ValueError, AttributeError):
             continue
     return out
+
+
+def task_containers(name, node_name):
+    """The containers of the cluster's recorded tasks on node ``node_name`` (cluster.remove clears a machine's)."""
+    return sorted({t.container for t in _tasks(name) if t.node == node_name and t.container})
 
 
 def _update_entry(k, v):
@@ -133,7 +139,7 @@ def _add(name, st, services, vips, nxt, spec):
     """``spec`` desired, with a virtual address of its own; the index of the next address to give."""
     if len(services) >= 64:
         raise InvalidSpec(f"cluster {name} has 64 services", fix="remove one first (service rm, stack rm)")
-    _check_ports(services, spec)
+    _check_ports(services, spec, st)
     hosts = list(ipaddress.ip_network(ClusterSpec.from_dict(st["spec"]).vip_subnet).hosts())
     used = set(vips.values())
     for i in range(len(hosts)):
@@ -145,7 +151,10 @@ def _add(name, st, services, vips, nxt, spec):
     raise InvalidSpec(f"cluster {name} has no virtual address left", fix="remove a service first")
 
 
-def _check_ports(services, spec):
+def _check_ports(services, spec, st=None):
+    if st is not None and ClusterSpec.from_dict(st["spec"]).machines and any(p.published == 22 for p in spec.ports):
+        raise InvalidSpec("port 22 is the SSH of the cluster's machines, which the manager reaches them by",
+                          fix="publish the service on another port")
     for other in services.values():
         if other.name != spec.name:
             for p in spec.ports:
@@ -287,7 +296,7 @@ def stack_deploy(name, spec: StackSpec):
                 nxt = _add(name, st, services, vips, nxt, s)
                 created.append(s.name)
             elif services[s.name] != s:
-                _check_ports(services, s)
+                _check_ports(services, s, st)
                 _change(updates, services[s.name], s, now)
                 services[s.name] = s
                 updated.append(s.name)
@@ -354,12 +363,20 @@ def _observe(st):
     def ask(n):
         # a node found down at the last step is asked again with a short timeout: a hung machine must not
         # hold every step for the whole HEARTBEAT (it is back once it answers within that)
-        timeout = INTERVAL if n["id"] in _down else HEARTBEAT
+        if n.get("machine"):  # a computer of its own, over SSH (and, in a TCG guest, slow to answer)
+            timeout = MACHINE_HEARTBEAT
+        else:
+            timeout = INTERVAL if n["id"] in _down else HEARTBEAT
         try:
+            if n.get("machine") and (n["id"] in _down or n["id"] not in _joined):
+                if cluster.rejoin(st["spec"]["name"], n, timeout):  # (a machine that rebooted forgot the cluster)
+                    _sent_mesh.pop(n["machine"], None)
+                _joined.add(n["id"])
             rows[n["name"]] = node.call(n["id"], "container.ps", {"all": True}, timeout=timeout)
             _down.discard(n["id"])
         except LabkitError:
             _down.add(n["id"])
+            _sent_mesh.pop(n.get("machine"), None)  # (one that comes back may have lost its mesh: send it again)
     _together(ask, st["nodes"])
     nodes = [Node(name=n["name"], role=n["role"], availability=n.get("availability", "active"),
                   status="ready" if n["name"] in rows else "down", address=n["ip"]) for n in st["nodes"]]
@@ -367,6 +384,7 @@ def _observe(st):
 
 
 _down = set()  # ids of the nodes this process found down at its last heartbeat
+_joined = set()  # ids of the machine nodes this process found members of their cluster
 
 
 def _together(fn, items):
@@ -704,10 +722,16 @@ def _trim(tasks, services):
 def mesh_table(name):
     """The cluster's routing-mesh table (``ip labkit_mesh_<name>``, on the host and in each of its nodes)."""
     cluster.file(name, "lock")  # (a name that is not a cluster's is refused there)
-    return f"labkit_mesh_{name}"
+    return mesh_table_name(name)
 
 
-def _ruleset(table, backends, vips, local_hook):
+def mesh_table_name(name):
+    """``labkit_mesh_<name>`` for a checked cluster name (on a machine node, where no cluster record is)."""
+    from ..wire.specs import check_cluster_name
+    return f"labkit_mesh_{check_cluster_name(name)}"
+
+
+def ruleset(table, backends, vips, local_hook):
     """nft rules: each published port DNATed round-robin to its service's running tasks, and each service's
     virtual address to the same tasks (any port); masqueraded, so that the answer comes back the way the
     request came (also from a task on the same node as its client)."""
@@ -738,14 +762,18 @@ def _ruleset(table, backends, vips, local_hook):
 _applied = {}  # (where) -> the script last written there by this process: written again only when it changes
 
 
-def _apply(table, text, rules, netns_pid=None, rec=None):
+def apply_rules(table, text, rules, netns_pid=None, rec=None, remember=True):
+    """Write ``table`` anew (``nft -f``: the old one goes in the same transaction), here or in the network
+    namespace of ``netns_pid``; not again while its text has not changed (``remember``: this process is the
+    only one that writes it)."""
     key = (table, None if netns_pid is None else int(netns_pid))
     script = f"table ip {table}\ndelete table ip {table}\n{text}\n" + "\n".join(rules) + "\n"
-    if _applied.get(key) == script:
+    if remember and _applied.get(key) == script:
         return
     prefix = [] if netns_pid is None else ["nsenter", f"--net=/proc/{int(netns_pid)}/ns/net", "--"]
     run(prefix + ["nft", "-f", "-"], input=script, recorder=rec)
-    _applied[key] = script
+    if remember:
+        _applied[key] = script
 
 
 def _mesh(st, services, tasks, addrs, vips, ready, rec):
@@ -761,15 +789,25 @@ def _mesh(st, services, tasks, addrs, vips, ready, rec):
         if s.name in vips:
             virtual[vips[s.name]] = ips
     table = mesh_table(st["spec"]["name"])
-    text, rules = _ruleset(table, backends, virtual, local_hook=True)
-    _apply(table, text, rules, rec=rec)
-    text, rules = _ruleset(table, backends, virtual, local_hook=False)
+    text, rules = ruleset(table, backends, virtual, local_hook=True)
+    apply_rules(table, text, rules, rec=rec)
+    text, rules = ruleset(table, backends, virtual, local_hook=False)
+    wire = {"ports": [[p, proto, target, ips] for (p, proto), (target, ips) in sorted(backends.items())],
+            "vips": [[vip, ips] for vip, ips in sorted(virtual.items())]}
     for n in st["nodes"]:
         if n["name"] in ready:
             try:
-                _apply(table, text, rules, netns_pid=node.pid_of(n["id"]), rec=rec)
+                if n.get("machine"):  # a computer of its own: its agent writes the same rules there
+                    if _sent_mesh.get(n["machine"]) != wire:
+                        node.call_machine(n["id"], "machine.mesh", {"cluster": st["spec"]["name"], **wire})
+                        _sent_mesh[n["machine"]] = wire
+                else:
+                    apply_rules(table, text, rules, netns_pid=node.pid_of(n["id"]), rec=rec)
             except LabkitError:
                 pass  # a node that died or went meanwhile: the next step sees it down
+
+
+_sent_mesh = {}  # machine address -> the mesh this process last sent it
 
 
 def remove_mesh(name, rec):

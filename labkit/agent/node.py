@@ -28,7 +28,7 @@ from ..wire.channel import Channel
 from ..wire.errors import Conflict, InvalidSpec, LabkitError, MechanismError, NotFound, TransportError
 from ..wire.specs import CONTAINERS_DIR, RUN_DIR, STATE_DIR, CgroupSpec, NodeSpec, ProcessSpec
 from .engine import NAMES
-from . import cgroups, kernel, process
+from . import cgroups, kernel, machine, process
 from .runner import Recorder, env_for_children, read_text, recorded_process
 from .state import private_dir, read_dir, read_json, write_json
 
@@ -94,13 +94,28 @@ def _load(node_id):
 
 
 def create(spec: NodeSpec):
-    """Start node ``spec``: its cgroup, its namespaces and PID 1 on the cluster network, its engine answering."""
+    """Start node ``spec``: its cgroup, its namespaces and PID 1 on the cluster network, its engine answering.
+    A node on a machine of its own (``spec.machine``) is recorded once its agent answers there."""
     rec = Recorder(f"create node {spec.id}")
     private_dir(NODES_RUN)
     path = _state_path(spec.id)
     old = read_json(path, default=None)
     if isinstance(old, dict):
         raise Conflict(f"node {spec.id} exists", fix=f"remove it first: lab.call('node.remove', node={spec.id!r})")
+    if spec.machine:
+        said = machine.call(spec.machine, "machine.hello", timeout=machine.HELLO_TIMEOUT)
+        if not said.get("worker"):
+            raise InvalidSpec(f"machine {spec.machine} ({said.get('hostname')}) is not provisioned as a cluster worker",
+                              fix="bring it up with the multi-machine Vagrantfile (LABKIT_VM_NODES=3 vagrant up), "
+                                  "which runs provision.sh --worker there")
+        if said.get("clusters"):
+            raise Conflict(f"machine {spec.machine} ({said.get('hostname')}) is a node of cluster "
+                           f"{said['clusters'][0]} already", fix="remove that cluster first, or name another machine")
+        write_json(path, {"id": spec.id, "spec": spec.to_dict(), "created": time.time(), "pid": None,
+                          "machine": spec.machine, "ip": spec.machine, "boot_id": said.get("boot_id")})
+        rec.fact("machine", spec.machine)
+        rec.fact("hostname", said.get("hostname"))
+        return rec.to_dict(id=spec.id)
     write_json(path, {"id": spec.id, "spec": spec.to_dict(), "created": time.time(), "pid": None})
     try:
         for sub in OWN_DIRS:
@@ -142,8 +157,18 @@ def pid_of(node_id):
 
 def inspect(node_id):
     """A node's record: its spec, PID 1, address, and status: "ready" (its engine answers), "down" (its PID 1
-    is gone: killed), "paused" (frozen: a hung machine) or "unreachable" (alive, not answering)."""
+    is gone: killed), "paused" (frozen: a hung machine) or "unreachable" (alive, not answering). A node on a
+    machine of its own is "ready" while its agent answers (``rebooted`` when its kernel's boot id changed: what
+    ran there is gone) and "down" when it does not."""
     st = _load(node_id)
+    if st.get("machine"):
+        try:
+            said = machine.call(st["machine"], "machine.hello", timeout=15)
+            status, rebooted = "ready", said.get("boot_id") != st.get("boot_id")
+        except TransportError:
+            status, rebooted = "down", None
+        return {**{k: st.get(k) for k in ("id", "spec", "pid", "ip", "created", "machine")}, "status": status,
+                "rebooted": rebooted, "socket": None}
     alive = bool(st.get("pid")) and recorded_process(st)
     try:
         paused = alive and cgroups.is_frozen(_name(node_id))
@@ -171,8 +196,16 @@ def list_nodes():
 def kill(node_id):
     """Cut the node's power: SIGKILL to everything in its cgroup subtree at once (PID 1, its engine, every
     container). The node stays listed, "down", until :func:`remove`."""
-    _load(node_id)
+    st = _load(node_id)
     rec = Recorder(f"kill node {node_id}")
+    if st.get("machine"):  # a computer of its own: its power, cut by its own kernel
+        try:
+            rec.fact("machine", machine.call(st["machine"], "machine.poweroff", timeout=30))
+        except TransportError as exc:  # (the power may go before the answer is out: inspect says which)
+            rec.fact("machine", f"no answer to the power cut: {exc}")
+        finally:
+            machine.forget(st["machine"])
+        return rec.to_dict(id=node_id)
     try:
         cgroups.kill(_name(node_id), rec)
     except NotFound:
@@ -219,11 +252,14 @@ class _Engine(Channel):
 def call(node_id, op, params=None, timeout=30):
     """One request to node ``node_id``'s engine (method ``op`` with ``params``), relayed; its answer, or its
     error as raised there. ``timeout``: seconds (a frozen node answers nothing)."""
-    st = _load(node_id)
     if not isinstance(op, str) or not isinstance(params or {}, dict):
         raise InvalidSpec("node.call takes a method name (op) and a params object", fix="e.g. op='container.ps'")
-    if op.startswith(("node.", "cluster.", "service.", "stack.", "manager.")) or op in ("cleanup", "daemon.stop"):
+    if op.startswith(("node.", "cluster.", "service.", "stack.", "manager.", "machine.")) or \
+            op in ("cleanup", "daemon.stop"):
         raise InvalidSpec(f"{op} is the host's to do, not a node's", fix="call it on the host's agent")
+    st = _load(node_id)
+    if st.get("machine"):
+        return machine.call(st["machine"], op, params, timeout=timeout)
     if not st.get("pid") or not recorded_process(st) or not _own_engine(st["pid"]):
         raise TransportError(f"node {node_id} is down", fix=f"see lab.call('node.inspect', node_id={node_id!r})")
     eng = _Engine(daemon_socket(st["pid"]), timeout=timeout)
@@ -233,14 +269,31 @@ def call(node_id, op, params=None, timeout=30):
         eng.close()
 
 
+def call_machine(node_id, op, params=None, timeout=30):
+    """A ``machine.*`` request to a machine node's agent (the cluster's own: joining it, its mesh), which
+    :func:`call` does not relay."""
+    st = _load(node_id)
+    if not st.get("machine") or not isinstance(op, str) or not op.startswith("machine."):
+        raise InvalidSpec(f"{op!r} to node {node_id}: only machine.* requests, to a node on a machine of its own",
+                          fix="lab.call('node.call', ...) relays the engine's requests")
+    return machine.call(st["machine"], op, params, timeout=timeout)
+
+
+def _not_on_a_machine(st, what):
+    if st.get("machine"):
+        raise InvalidSpec(f"node {st['id']} is a machine of its own ({st['machine']}): labkit cannot {what} it "
+                          "from here", fix="suspend its VM from the laptop: `vagrant suspend NAME`, then "
+                                           "`vagrant resume NAME` (a hung machine, as node.pause makes one)")
+
+
 def pause(node_id):
     """Freeze the node's cgroup subtree: a hung machine (its processes are there, none runs, nothing answers)."""
-    _load(node_id)
+    _not_on_a_machine(_load(node_id), "freeze")
     return cgroups.freeze(_name(node_id), True).to_dict(id=node_id)
 
 
 def resume(node_id):
-    _load(node_id)
+    _not_on_a_machine(_load(node_id), "thaw")
     return cgroups.freeze(_name(node_id), False).to_dict(id=node_id)
 
 
@@ -249,6 +302,15 @@ def remove(node_id):
     containers' below them too), its container store and state."""
     st = _load(node_id)
     rec = Recorder(f"remove node {node_id}")
+    if st.get("machine"):  # what the cluster made there its agent undoes (if the machine is up: else its reboot did)
+        try:
+            rec.fact("left", machine.call(st["machine"], "machine.leave", {"cluster": st["spec"]["cluster"]},
+                                          timeout=60)["facts"])
+        except LabkitError as exc:
+            rec.fact("left", f"machine {st['machine']} did not undo its part ({exc}); `labkit cleanup` there does")
+        machine.forget(st["machine"])
+        os.unlink(_state_path(node_id))
+        return rec.to_dict(id=node_id)
     try:
         cgroups.kill(_name(node_id), rec)
     except NotFound:

@@ -15,8 +15,8 @@ from ..wire import protocol
 from ..wire.errors import InvalidSpec, LabkitError, PrivilegeError, UnsupportedHost
 from ..wire.orchestration import ServiceSpec, StackSpec
 from ..wire.specs import CgroupSpec, ClusterSpec, ContainerSpec, NetworkSpec, NodeSpec, ProcessSpec, RootfsSpec
-from . import (build, cgroups, cleanup, cluster, daemon, doctor, engine, localregistry, manager, measure, namespaces, network, node,
-               oci, process, registry, roots, rootfs, store, vm, vmsandbox, volumes, workloads)
+from . import (build, cgroups, cleanup, cluster, daemon, doctor, engine, localregistry, machine, manager, measure, namespaces,
+               network, node, oci, process, registry, roots, rootfs, store, vm, vmsandbox, volumes, workloads)
 from .runner import run as run_cmd
 
 
@@ -152,6 +152,11 @@ METHODS = {
     "node.pause": node.pause,
     "node.resume": node.resume,
     "node.remove": node.remove,
+    "machine.hello": machine.hello,     # a worker machine's side of a cluster across VMs (lab 09's option)
+    "machine.join": machine.join,
+    "machine.mesh": machine.mesh,
+    "machine.leave": machine.leave,
+    "machine.poweroff": machine.poweroff,
     "cgroup.create": _decoded(CgroupSpec, cgroups.create),
     "cgroup.stats": cgroups.stats,
     "cgroup.sample": cgroups.sample,

@@ -74,9 +74,17 @@ _HINTS = [
 ]
 
 
+def lab_machine(directory=None):
+    """The lab VM's machine name when ``directory`` made a cluster of VMs (``LABKIT_VM_NODES=3``: "manager",
+    beside its workers), else None (the one machine, "default")."""
+    dot = os.environ.get("VAGRANT_DOTFILE_PATH") or ".vagrant"
+    return "manager" if os.path.isdir(os.path.join(_project_dir(directory), dot, "machines", "manager")) else None
+
+
 def ssh_config(directory=None, vagrant_cmd=("vagrant",), timeout=120):
     directory = directory or vagrant_dir()
-    argv = list(vagrant_cmd) + ["ssh-config"]
+    # the lab VM by name when there are several (a worker that is down must not stop the lab VM's connection)
+    argv = list(vagrant_cmd) + ["ssh-config"] + [m for m in [lab_machine(directory)] if m]
     try:
         res = subprocess.run(argv, cwd=directory, capture_output=True, text=True, timeout=timeout,
                              stdin=subprocess.DEVNULL)

@@ -680,6 +680,21 @@ class NetworkSpec(Spec):
 CLUSTER_NAME = re.compile(r"[a-z0-9]{1,6}")
 
 
+def check_machine_address(address):
+    """A cluster machine's address: a private IPv4 address, not loopback (another computer on a private network)."""
+    try:
+        if not isinstance(address, str):
+            raise TypeError
+        ip = ipaddress.IPv4Address(address)
+    except (TypeError, ValueError):
+        raise InvalidSpec(f"machine address {address!r} is not an IPv4 address",
+                          fix="the worker VM's private address, e.g. 192.168.56.11") from None
+    if not ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_unspecified:
+        raise InvalidSpec(f"machine address {address} is not a private network's address",
+                          fix="a cluster reaches its machines on a private network, e.g. 192.168.56.11")
+    return str(ip)
+
+
 def check_cluster_name(name):
     """A cluster's name: 1-6 lower-case letters or digits (its network is cl<name>, its nodes <name>-<node>)."""
     if not isinstance(name, str) or not CLUSTER_NAME.fullmatch(name):
@@ -690,13 +705,16 @@ def check_cluster_name(name):
 
 @frozen
 class NodeSpec(Spec):
-    """A node of a cluster on one host (:mod:`labkit.agent.node`): a "machine" made of namespaces, a cgroup
-    subtree and labkit's engine. ``cluster`` 1-6 lower-case letters or digits, ``name`` a hostname of up to
-    15 characters; ``network``: the cluster's labkit network it joins (``ip`` on it, or the next free one)."""
+    """A node of a cluster (:mod:`labkit.agent.node`): on one host, a "machine" made of namespaces, a cgroup
+    subtree and labkit's engine; or, with ``machine`` (its address on a private network), a computer of its own
+    that runs labkit's agent (:mod:`labkit.agent.machine`: a worker VM of a multi-machine Vagrantfile).
+    ``cluster`` 1-6 lower-case letters or digits, ``name`` a hostname of up to 15 characters; ``network``: the
+    cluster's labkit network it joins (``ip`` on it, or the next free one; not used by a machine)."""
     cluster: str
     name: str
     network: str
     ip: str | None = None
+    machine: str | None = None
 
     _what = "node"
     _example = "{'cluster': 'demo', 'name': 'worker1', 'network': 'cldemo'}"
@@ -712,6 +730,8 @@ class NodeSpec(Spec):
                 ipaddress.IPv4Address(self.ip)
             except (TypeError, ValueError):
                 raise InvalidSpec(f"node address {self.ip!r} is not an IPv4 address", fix="e.g. 10.209.0.11") from None
+        if self.machine is not None:
+            check_machine_address(self.machine)
 
     @property
     def id(self):
@@ -721,20 +741,36 @@ class NodeSpec(Spec):
 
 @frozen
 class ClusterSpec(Spec):
-    """A cluster of nodes on one host (:mod:`labkit.agent.cluster`): one manager and ``workers`` workers on the
-    labkit network ``cl<name>`` (``subnet``); node i's containers get the i-th /24 of ``tasks`` (the manager's
-    the first), routed to that node, so that every task has an address of its own across the cluster; the last
-    /24 of ``tasks`` holds the services' virtual addresses."""
+    """A cluster of nodes (:mod:`labkit.agent.cluster`): one manager and ``workers`` workers on the labkit
+    network ``cl<name>`` (``subnet``) of this host; or, with ``machines`` (the addresses of worker machines on a
+    private network, such as the worker VMs of ``LABKIT_VM_NODES=3 vagrant up``), the manager here and one
+    worker on each machine (``workers`` is then their number). Node i's containers get the i-th /24 of
+    ``tasks`` (the manager's the first), routed to that node, so that every task has an address of its own
+    across the cluster; the last /24 of ``tasks`` holds the services' virtual addresses."""
     name: str
     workers: int = 2
     subnet: str = "10.209.0.0/24"
     tasks: str = "10.214.0.0/16"
+    machines: tuple = ()
 
     _what = "cluster"
     _example = "{'name': 'demo', 'workers': 2}"
 
     def __post_init__(self):
         check_cluster_name(self.name)
+        if isinstance(self.machines, (str, bytes)) or not isinstance(self.machines, (list, tuple)):
+            raise InvalidSpec(f"machines {self.machines!r} is not a list of addresses",
+                              fix="e.g. ['192.168.56.11', '192.168.56.12'] (the worker VMs' private addresses)")
+        machines = tuple(check_machine_address(m) for m in self.machines)
+        if len(set(machines)) != len(machines) or len(machines) > 8:
+            raise InvalidSpec(f"machines {list(machines)}: each machine once, at most 8",
+                              fix="name every worker machine's address once")
+        object.__setattr__(self, "machines", machines)
+        if machines and self.workers not in (2, len(machines)):  # (2: the default, left as it was)
+            raise InvalidSpec(f"workers={self.workers!r} but {len(machines)} machines: a worker runs on each machine",
+                              fix="leave workers out when you name the machines")
+        if machines:
+            object.__setattr__(self, "workers", len(machines))
         object.__setattr__(self, "workers", whole_number(self.workers, "workers", 0, 8,
                                                          "a cluster on one host has 0 to 8 workers"))
         NetworkSpec(name=self.network, subnet=self.subnet)
@@ -748,6 +784,10 @@ class ClusterSpec(Spec):
         if tasks.overlaps(ipaddress.ip_network(self.subnet)):
             raise InvalidSpec(f"tasks {self.tasks} overlaps the cluster's subnet {self.subnet}",
                               fix="give them apart, e.g. subnet 10.209.0.0/24 and tasks 10.214.0.0/16")
+        for m in machines:
+            if ipaddress.IPv4Address(m) in tasks or ipaddress.IPv4Address(m) in ipaddress.ip_network(self.subnet):
+                raise InvalidSpec(f"machine {m} is inside the cluster's own ranges ({self.subnet}, {self.tasks})",
+                                  fix="the machines' addresses are on their private network, e.g. 192.168.56.11")
 
     @property
     def network(self):
@@ -755,6 +795,10 @@ class ClusterSpec(Spec):
 
     def node_names(self):
         return ["manager"] + [f"worker{i}" for i in range(1, self.workers + 1)]
+
+    def machine_of(self, index):
+        """The address of node ``index``'s machine, or None for a node on this host (the manager always is)."""
+        return self.machines[index - 1] if self.machines and index > 0 else None
 
     def task_subnet(self, index):
         return str(list(ipaddress.ip_network(self.tasks).subnets(new_prefix=24))[index])

@@ -1,0 +1,161 @@
+"""labkit.agent.machine: cluster nodes that are computers of their own (lab 09's multi-VM option), for real.
+
+On this host: what an agent that is no cluster worker refuses (a power cut, routes, a mesh: any labkit client
+could otherwise power off a student's laptop), and a cluster across machines refused before anything is made
+where the machine has no cluster key. In the VM tier (the multi-machine Vagrantfile, three TCG guests): a cluster
+whose workers are the worker VMs, a 3-replica service with a published port answering on the manager and on a
+worker's address, one worker VM's power cut, its replicas back on the others, everything undone."""
+import os
+import subprocess
+import time
+
+import pytest
+
+from labkit.agent import machine
+from labkit.wire.errors import InvalidSpec, NotFound, PrivilegeError
+from labkit.wire.specs import ClusterSpec, NodeSpec
+
+WORKERS = ["192.168.56.11", "192.168.56.12"]  # what LABKIT_VM_NODES=3 vagrant up makes
+
+
+@pytest.mark.parametrize("bad", [["127.0.0.1"], ["8.8.8.8"], ["192.168.56.11"] * 2, ["10.209.0.20"], "192.168.56.11",
+                                 ["192.168.56.300"], ["169.254.1.1"], [3232249867]])
+def test_machines_that_are_not_private_addresses_of_other_computers_are_refused(bad):
+    with pytest.raises(InvalidSpec):
+        ClusterSpec(name="tm", machines=bad)
+
+
+def test_a_cluster_of_machines_has_a_worker_on_each():
+    with pytest.raises(InvalidSpec, match="a worker runs on each machine"):
+        ClusterSpec(name="tm", workers=5, machines=WORKERS)
+    spec = ClusterSpec(name="tm", machines=WORKERS)
+    assert spec.workers == 2 and spec.machine_of(0) is None and spec.machine_of(2) == WORKERS[1]
+    assert ClusterSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(InvalidSpec):
+        NodeSpec(cluster="tm", name="worker1", network="cltm", machine="127.0.0.1")
+
+
+def _routes():
+    return subprocess.run(["ip", "route", "show", "table", "all"], capture_output=True, text=True).stdout
+
+
+@pytest.mark.privileged
+def test_an_agent_that_is_no_cluster_worker_refuses_a_power_cut_routes_and_a_mesh(lab):
+    """The attack: any client of any labkit agent asking machine.poweroff (the host would go down at once), or
+    machine.join/mesh re-routing the host's traffic. Only a worker VM (provision.sh --worker) accepts them."""
+    assert not os.path.exists(machine.WORKER_MARK), "this host must not be marked a cluster worker"
+    before = _routes()
+    with pytest.raises(PrivilegeError, match="not a cluster worker") as err:
+        lab.call("machine.poweroff")
+    assert "cluster.create" in err.value.fix
+    with pytest.raises(PrivilegeError):
+        lab.call("machine.join", cluster="tm", routes=[["10.214.1.0/24", "192.168.56.11"]],
+                 unreachable="10.214.255.0/24")
+    with pytest.raises(PrivilegeError):
+        lab.call("machine.mesh", cluster="tm", ports=[[8080, "tcp", 80, ["10.214.1.2"]]], vips=[])
+    assert _routes() == before and not os.path.exists(f"{machine.RECORDS}/tm.json")
+    said = lab.call("machine.hello")
+    assert said["worker"] is False
+    assert said["boot_id"] == open("/proc/sys/kernel/random/boot_id").read().strip()
+    # and a node's engine is never asked a machine.* request through node.call (a student's relay)
+    with pytest.raises(InvalidSpec, match="host's to do"):
+        lab.call("node.call", node_id="tm-worker1", op="machine.poweroff")
+
+
+@pytest.mark.privileged
+def test_a_cluster_across_machines_needs_the_cluster_key_and_makes_nothing_without_it(lab):
+    assert not os.path.exists(machine.KEY)
+    with pytest.raises(InvalidSpec, match="no cluster key") as err:
+        lab.call("cluster.create", spec=ClusterSpec(name="tm", machines=WORKERS).to_dict())
+    assert "LABKIT_VM_NODES=3 vagrant up" in err.value.fix
+    with pytest.raises(NotFound):
+        lab.call("cluster.inspect", name="tm")
+    assert not any(n["id"].startswith("tm-") for n in lab.call("node.list"))
+
+
+@pytest.mark.privileged
+@pytest.mark.vm
+@pytest.mark.slow
+def test_a_cluster_runs_across_three_vms_and_heals_a_worker_vms_power_cut(vm_tier):
+    """The multi-machine Vagrantfile's manager and two worker VMs, one cluster over the same API as on one
+    host: spread over the machines, the routing mesh on every machine, a worker VM powered off, its replica
+    back on the others, the port answering after it; cluster.remove undoes it on the machine still up."""
+    from labkit.wire.orchestration import ServiceSpec
+    assert vm_tier.nodes == 3, "the VM tier boots the manager and two workers (LABKIT_VM_NODES=3)"
+    lab = vm_tier.lab()
+    try:
+        made = lab.call("cluster.create", spec=ClusterSpec(name="tm", subnet="10.209.13.0/24", tasks="10.223.0.0/16",
+                                                           machines=WORKERS).to_dict())
+        nodes = {n["name"]: n for n in made["cluster"]["nodes"]}
+        assert {k: (v["ip"], v["tasks"], v["status"]) for k, v in nodes.items()} == {
+            "manager": ("10.209.13.10", "10.223.0.0/24", "ready"),
+            "worker1": (WORKERS[0], "10.223.1.0/24", "ready"),
+            "worker2": (WORKERS[1], "10.223.2.0/24", "ready")}
+        web = ("sh", "-c", "mkdir -p /tmp/w && hostname > /tmp/w/index.html && exec httpd -f -p 80 -h /tmp/w")
+        lab.call("service.create", name="tm", spec=ServiceSpec(name="web", image="busybox", replicas=3, cmd=web,
+                                                               ports=("18497:80",)).to_dict())
+
+        def running():
+            return [t for t in lab.call("service.ps", name="tm")
+                    if t["desired"] == "running" and t["state"] == "running"]
+
+        def settle(ok, seconds=300):
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                lab.call("manager.step", name="tm", _timeout=120)
+                if ok(running()):
+                    return running()
+                time.sleep(0.2)
+            raise AssertionError(f"not settled: {lab.call('service.ps', name='tm')}")
+
+        spread = settle(lambda ts: sorted(t["node"] for t in ts) == ["manager", "worker1", "worker2"])
+        node_of = {t["container"]: t["node"] for t in spread}  # (a task's page is its hostname: its container id)
+
+        def get(address):
+            res = lab.run(["python3", "-c", "import urllib.request as u; print(u.urlopen("
+                                            f"'http://{address}:18497/', timeout=10).read().decode())"])
+            return res.stdout.strip() if res.exit_code == 0 else None
+
+        for _ in range(3):
+            lab.call("manager.step", name="tm", _timeout=120)  # (the mesh is written once the tasks run)
+        answers = {a: [get(a) for _ in range(6)] for a in ("127.0.0.1", WORKERS[0])}
+        assert None not in answers["127.0.0.1"] + answers[WORKERS[0]], f"every request answered: {answers}"
+        nodes_seen = {node_of.get(a) for a in answers["127.0.0.1"] + answers[WORKERS[0]]}
+        assert len(nodes_seen) >= 2 and nodes_seen & {"worker1", "worker2"} and None not in nodes_seen, \
+            f"the mesh balanced over tasks on the machines: {answers} ({node_of})"
+
+        boot = lab.call("node.inspect", node_id="tm-worker2")
+        assert boot["status"] == "ready" and boot["machine"] == WORKERS[1]
+        lab.call("node.kill", node_id="tm-worker2")  # the worker VM's power, cut by its own kernel
+        end = time.monotonic() + 60
+        while lab.call("node.inspect", node_id="tm-worker2")["status"] != "down":
+            assert time.monotonic() < end, "the worker VM still answers a minute after its power cut"
+            time.sleep(1)
+        t0 = time.monotonic()
+        back = settle(lambda ts: len(ts) == 3 and all(t["node"] != "worker2" for t in ts))
+        print(f"\nreplicas back on {sorted(t['node'] for t in back)} {time.monotonic() - t0:.1f} s after the "
+              "worker VM went down (TCG guests, SSH heartbeats)")
+        for _ in range(3):
+            lab.call("manager.step", name="tm", _timeout=120)
+        assert get("127.0.0.1") and get(WORKERS[0]), "the port answers on the machines still up"
+        with pytest.raises(InvalidSpec, match="vagrant suspend"):
+            lab.call("node.pause", node_id="tm-worker1")
+        assert lab.call("machine.hello")["worker"] is False  # (the manager VM is no worker: it cannot be cut)
+        on_w1 = "sudo ip route show; sudo nft list tables; sudo ls /run/labkit/machine; sudo PYTHONPATH=/labkit " \
+                "python3 -m labkit.cli ps -a"
+        before = vm_tier.vagrant("ssh", "worker1", "-c", on_w1).stdout
+        assert "10.223.0.0/24 via 192.168.56.10" in before and "labkit_mesh_tm" in before and "tm.json" in before, \
+            before
+        assert lab.call("cluster.remove", name="tm", _timeout=300)["name"] == "tm"
+        with pytest.raises(NotFound):
+            lab.call("cluster.inspect", name="tm")
+        assert lab.run(["ip", "route", "show", "10.223.1.0/24"]).stdout.strip() == "", "the manager's route went"
+        after = vm_tier.vagrant("ssh", "worker1", "-c", on_w1).stdout
+        assert "10.223." not in after and "labkit_mesh_tm" not in after and "tm.json" not in after \
+            and "web." not in after, f"worker1 keeps nothing of the cluster:\n{after}"
+    finally:
+        try:
+            if any(c["name"] == "tm" for c in lab.call("cluster.list")):
+                lab.call("cluster.remove", name="tm", _timeout=300)
+        finally:
+            lab.close()
