@@ -111,7 +111,7 @@ def test_provision_makes_a_random_jupyter_token_once(tmp_path):
 
 @pytest.mark.vm
 def test_second_provision_is_idempotent_and_self_tests(vm_tier):
-    res = vm_tier.vagrant("provision", timeout=900)
+    res = vm_tier.vagrant("provision", *vm_tier.lab_machine(), timeout=900)
     out = res.stdout + res.stderr
     assert "self-test (labkit doctor)" in out
     assert "installing" not in out.split("self-test")[0], "a second provision must find everything installed"

@@ -296,6 +296,10 @@ class Tier:
         import labkit
         return labkit.connect("vagrant")
 
+    def lab_machine(self):
+        """The lab VM's name for vagrant's commands: [] for the one VM, ["manager"] beside workers."""
+        return ["manager"] if self.nodes > 1 else []
+
     # -- teardown --------------------------------------------------------------------------------
     def down(self):
         errors = []

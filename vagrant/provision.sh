@@ -253,7 +253,7 @@ AGENT
   chmod 0755 /usr/local/sbin/labkit-node-agent.new
   mv -f /usr/local/sbin/labkit-node-agent.new /usr/local/sbin/labkit-node-agent
   id labkit-node >/dev/null 2>&1 || useradd --system --create-home --home-dir /var/lib/labkit-node \
-    --shell /bin/sh --comment "labkit cluster: runs labkit's agent for the cluster's manager" labkit-node
+    --shell /bin/sh --comment "labkit cluster node agent" labkit-node
   usermod -p '*' labkit-node  # no password, but not locked: sshd refuses a locked account even its key
   install -d -m 0700 -o labkit-node -g labkit-node /var/lib/labkit-node/.ssh
   printf 'restrict,from="%s",command="sudo -n /usr/local/sbin/labkit-node-agent" %s\n' "$manager" "$pub" \
