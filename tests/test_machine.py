@@ -6,7 +6,9 @@ where the machine has no cluster key. In the VM tier (the multi-machine Vagrantf
 whose workers are the worker VMs, a 3-replica service with a published port answering on the manager and on a
 worker's address, one worker VM's power cut, its replicas back on the others, everything undone."""
 import os
+import shutil
 import subprocess
+import sys
 import time
 
 import pytest
@@ -71,6 +73,131 @@ def test_a_cluster_across_machines_needs_the_cluster_key_and_makes_nothing_witho
     with pytest.raises(NotFound):
         lab.call("cluster.inspect", name="tm")
     assert not any(n["id"].startswith("tm-") for n in lab.call("node.list"))
+
+
+NS, HERE, THERE = "tmachine", "10.250.77.1", "10.250.77.2"  # (not lk-*: those are labkit cleanup's)
+
+
+def _sh(*argv):
+    subprocess.run(list(argv), check=True, capture_output=True)
+
+
+def _start_sshd(d):
+    sshd = shutil.which("sshd", path="/usr/sbin:/usr/bin")
+    with open(d / "sshd.log", "ab") as log:
+        proc = subprocess.Popen(["ip", "netns", "exec", NS, sshd, "-D", "-e", "-f", str(d / "sshd_config")],
+                                stdout=subprocess.DEVNULL, stderr=log)
+    end = time.monotonic() + 10
+    while subprocess.run(["ip", "netns", "exec", NS, "ss", "-ltn", "sport = :22"], capture_output=True,
+                         text=True).stdout.count("LISTEN") == 0:
+        assert time.monotonic() < end and proc.poll() is None, (d / "sshd.log").read_text()
+        time.sleep(0.05)
+    return proc
+
+
+@pytest.fixture
+def worker_sshd(tmp_path, monkeypatch):
+    """A worker machine's SSH for the manager's side of the channel: a real sshd in a network namespace this test
+    makes, at a private address behind a veth, whose key runs labkit's agent as root (the forced command that
+    provision.sh --worker writes). The agent it runs is this host's own, not another computer's: this stands in
+    for the SSH path, the pool and its failures, not for a second kernel (the VM tier below has those)."""
+    _sh("ip", "netns", "add", NS)
+    started = []
+    try:
+        _sh("ip", "link", "add", "tmach0", "type", "veth", "peer", "name", "tmach1", "netns", NS)
+        _sh("ip", "addr", "add", f"{HERE}/30", "dev", "tmach0")
+        _sh("ip", "link", "set", "tmach0", "up")
+        for cmd in (["addr", "add", f"{THERE}/30", "dev", "tmach1"], ["link", "set", "tmach1", "up"],
+                    ["link", "set", "lo", "up"]):
+            _sh("ip", "-n", NS, *cmd)
+        for name in ("host_key", "client_key"):
+            _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / name))
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        (tmp_path / "authorized_keys").write_text(
+            f'restrict,from="{HERE}",command="env PYTHONPATH={repo} {sys.executable} -m labkit.agent" '
+            + (tmp_path / "client_key.pub").read_text())
+        (tmp_path / "sshd_config").write_text(
+            f"Port 22\nListenAddress {THERE}\nHostKey {tmp_path}/host_key\n"
+            f"AuthorizedKeysFile {tmp_path}/authorized_keys\n"
+            f"PidFile {tmp_path}/sshd.pid\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n"
+            "PermitRootLogin prohibit-password\nLogLevel ERROR\n")
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+        started.append(_start_sshd(tmp_path))
+        monkeypatch.setattr(machine, "KEY", str(tmp_path / "client_key"))
+        monkeypatch.setattr(machine, "KNOWN_HOSTS", str(tmp_path / "known_hosts"))
+        monkeypatch.setattr(machine, "USER", "root")
+        yield {"address": THERE, "dir": tmp_path, "sshd": started}
+    finally:
+        machine.forget(THERE)
+        for proc in started:
+            proc.kill()
+            proc.wait()
+        for pid in subprocess.run(["ip", "netns", "pids", NS], capture_output=True, text=True).stdout.split():
+            os.kill(int(pid), 9)  # (the agents its sessions started)
+        subprocess.run(["ip", "netns", "delete", NS], capture_output=True)
+
+
+@pytest.mark.privileged
+def test_the_managers_channels_to_a_machine_are_pooled_bounded_and_pinned(worker_sshd):
+    """Over a real sshd: a channel is opened once and used again (one agent there, not one per request); requests
+    at once get channels of their own; an error answer keeps its channel, a request out of time breaks only its
+    own; the worker's host key is learned on first contact and then pinned (a changed one is refused, with the
+    ssh-keygen -R that makes it right); a machine whose SSH is gone fails fast, and is reached again when back."""
+    import threading
+    from labkit.wire.errors import TransportError
+    at = worker_sshd["address"]
+    assert at not in machine._idle
+    said = machine.call(at, "machine.hello", timeout=30)
+    assert said["worker"] is False and said["boot_id"] == open("/proc/sys/kernel/random/boot_id").read().strip()
+    [chan] = machine._idle[at]
+    assert machine.call(at, "machine.hello", timeout=5) and machine._idle[at] == [chan], "the same channel, again"
+    held = machine._open(at, 5)  # a request under way on it (a health check that takes seconds)
+    assert machine.call(at, "machine.hello", timeout=60) and machine._idle[at] != [held], "a channel of its own"
+    machine._give_back(at, held)
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(machine.call(at, "machine.hello", timeout=60)))
+               for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(answers) == 8 and 2 <= len(machine._idle[at]) <= machine.POOL
+    pooled = len(machine._idle[at])
+    with pytest.raises(NotFound):
+        machine.call(at, "container.inspect", {"ref": "no-such-box"}, timeout=10)
+    assert len(machine._idle[at]) == pooled, "an error answered by the agent keeps its channel"
+    with pytest.raises(TransportError, match="did not answer bench.net_measure"):  # (it retries a refused port)
+        machine.call(at, "bench.net_measure", {"ip": "127.0.0.1", "port": 9, "mode": "latency", "amount": 1},
+                     timeout=1)
+    assert len(machine._idle[at]) == pooled - 1, "the channel out of time is closed; the others stay"
+    with pytest.raises(InvalidSpec, match="_timeout"):
+        machine.call(at, "machine.hello", {"_timeout": 1})
+    assert THERE in (worker_sshd["dir"] / "known_hosts").read_text(), "the host key, learned"
+
+    machine.forget(at)  # a worker made anew: another host key at the same address
+    worker_sshd["sshd"][0].kill()
+    worker_sshd["sshd"][0].wait()
+    for f in ("host_key", "host_key.pub"):
+        os.unlink(worker_sshd["dir"] / f)
+    _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(worker_sshd["dir"] / "host_key"))
+    worker_sshd["sshd"].append(_start_sshd(worker_sshd["dir"]))
+    with pytest.raises(TransportError) as err:
+        machine.call(at, "machine.hello", timeout=30)
+    assert f"ssh-keygen -R {at}" in err.value.fix, err.value
+
+    worker_sshd["sshd"][-1].kill()  # the machine's SSH gone (a power cut, as the manager sees it)
+    worker_sshd["sshd"][-1].wait()
+    _sh("ssh-keygen", "-q", "-R", at, "-f", str(worker_sshd["dir"] / "known_hosts"))
+    machine.forget(at)
+    t0 = time.monotonic()
+    with pytest.raises(TransportError):
+        machine.call(at, "machine.hello", timeout=30)
+    with pytest.raises(TransportError, match="does not answer"):
+        machine.call(at, "container.ps", timeout=3)  # a heartbeat: no wait for a machine that was down
+    assert time.monotonic() - t0 < 15, "a machine that refuses is not waited for"
+    worker_sshd["sshd"].append(_start_sshd(worker_sshd["dir"]))
+    time.sleep(machine.RETRY_AFTER)
+    assert machine.call(at, "machine.hello", timeout=machine.HELLO_TIMEOUT)["worker"] is False, "reached again"
 
 
 @pytest.mark.privileged

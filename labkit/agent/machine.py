@@ -61,8 +61,8 @@ def ssh_argv(address):
         raise InvalidSpec("ssh is not installed here", fix="apt-get install openssh-client")
     return ["ssh", "-T", "-i", KEY, "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
             "-o", "StrictHostKeyChecking=accept-new", "-o", f"UserKnownHostsFile={KNOWN_HOSTS}",
-            "-o", f"ConnectTimeout={CONNECT_TIMEOUT}", "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=2",
-            "-o", "LogLevel=ERROR", f"{USER}@{address}"]
+            "-o", "HashKnownHosts=no", "-o", f"ConnectTimeout={CONNECT_TIMEOUT}", "-o", "ServerAliveInterval=5",
+            "-o", "ServerAliveCountMax=2", "-o", "LogLevel=ERROR", f"{USER}@{address}"]
 
 
 class Ssh(Channel):
@@ -87,7 +87,7 @@ class Ssh(Channel):
             if not line:
                 self.proc.kill()
                 time.sleep(0.1)  # (what ssh said on its way out)
-                said = self._err.decode(errors="replace").strip()[-300:] or "no output"
+                said = " / ".join(self._err.decode(errors="replace").strip().splitlines()[-3:])[-400:] or "no output"
                 fix = (f"the machine's host key changed (a worker VM made anew): ssh-keygen -R {address} -f "
                        f"{KNOWN_HOSTS}, then try again" if "HOST IDENTIFICATION HAS CHANGED" in said or
                        "host key" in said.lower() else
@@ -178,7 +178,7 @@ def _connect(address, done):
             _failed.pop(address, None)
     except Exception as exc:  # noqa: BLE001 - said to every caller that waits for this machine
         with _pool_lock:
-            _failed[address] = (time.monotonic(), str(exc).splitlines()[0])
+            _failed[address] = (time.monotonic(), exc)
     finally:
         with _pool_lock:
             _connecting.pop(address, None)
@@ -197,7 +197,8 @@ def _open(address, wait):
     with _pool_lock:
         if address not in _met:
             wait = max(wait, HELLO_TIMEOUT)
-    deadline = time.monotonic() + wait
+    began = time.monotonic()
+    deadline = began + wait
     try:
         while True:
             with _pool_lock:
@@ -212,9 +213,10 @@ def _open(address, wait):
                 if done is None and (when is None or time.monotonic() - when >= RETRY_AFTER):
                     done = _connecting[address] = threading.Event()
                     threading.Thread(target=_connect, args=(address, done), daemon=True).start()
-                if when is not None and wait < HELLO_TIMEOUT:
-                    raise TransportError(f"machine {address} does not answer: {why}",
-                                         fix="is it up? see lab.call('node.inspect', ...)")
+                if when is not None and (wait < HELLO_TIMEOUT or when >= began):  # (or an attempt failed meanwhile)
+                    said = why.message if isinstance(why, LabkitError) else str(why)
+                    raise TransportError(f"machine {address} does not answer: {said}",
+                                         fix=getattr(why, "fix", "") or "is it up? see lab.call('node.inspect', ...)")
             left = deadline - time.monotonic()
             if left <= 0 or (done is not None and not done.wait(left)):
                 raise TransportError(f"machine {address}'s agent did not answer within {wait:g} s",
