@@ -258,8 +258,7 @@ def forget(address):
     """Close this process's channels to ``address`` (a machine powered off or removed)."""
     with _pool_lock:
         chans = _idle.pop(address, [])
-        _failed.pop(address, None)
-        _met.discard(address)
+        _failed.pop(address, None)  # (but it stays met: a heartbeat to it is not a first contact's long wait)
     for c in chans:
         c.close()
 
