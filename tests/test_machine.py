@@ -235,8 +235,7 @@ def test_a_cluster_runs_across_three_vms_and_heals_a_worker_vms_power_cut(vm_tie
                 time.sleep(0.2)
             raise AssertionError(f"not settled: {lab.call('service.ps', name='tm')}")
 
-        spread = settle(lambda ts: sorted(t["node"] for t in ts) == ["manager", "worker1", "worker2"])
-        node_of = {t["container"]: t["node"] for t in spread}  # (a task's page is its hostname: its container id)
+        settle(lambda ts: sorted(t["node"] for t in ts) == ["manager", "worker1", "worker2"])
 
         def get(address):
             res = lab.run(["python3", "-c", "import urllib.request as u; print(u.urlopen("
@@ -247,9 +246,11 @@ def test_a_cluster_runs_across_three_vms_and_heals_a_worker_vms_power_cut(vm_tie
             lab.call("manager.step", name="tm", _timeout=120)  # (the mesh is written once the tasks run)
         answers = {a: [get(a) for _ in range(6)] for a in ("127.0.0.1", WORKERS[0])}
         assert None not in answers["127.0.0.1"] + answers[WORKERS[0]], f"every request answered: {answers}"
-        nodes_seen = {node_of.get(a) for a in answers["127.0.0.1"] + answers[WORKERS[0]]}
-        assert len(nodes_seen) >= 2 and nodes_seen & {"worker1", "worker2"} and None not in nodes_seen, \
-            f"the mesh balanced over tasks on the machines: {answers} ({node_of})"
+        # a task's page is its hostname, its container's id: three different ones are the three tasks, one on
+        # each machine (seen on the first run: worker1's mesh took turns over all three; the manager VM's own
+        # 127.0.0.1 answered from one task only, six times: to be understood, see the session note)
+        assert len(set(answers[WORKERS[0]])) == 3, f"worker1's mesh took turns over the 3 tasks: {answers}"
+        assert len(set(answers["127.0.0.1"])) >= 2, f"the manager's 127.0.0.1 took turns: {answers}"
 
         boot = lab.call("node.inspect", node_id="tm-worker2")
         assert boot["status"] == "ready" and boot["machine"] == WORKERS[1]
