@@ -1,6 +1,7 @@
 """Networking for real: veth pairs, bridges, NAT rules, published ports reached from the host."""
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -108,10 +109,11 @@ def test_iptables_backend_too(lab, rootfs_name, monkeypatch):
         with lab.spawn(WEB, NS, rootfs=rootfs_name, network="tipt", ports=["18082:80"]):
             assert "Hello" in http("http://127.0.0.1:18082/")
             assert "LABKIT-OUTPUT" in sh("nft", "list", "table", "ip", "nat")
+            assert "LABKIT-LOOPBACK" in sh("nft", "list", "table", "ip", "raw"), "loopback addresses kept out"
     finally:
         n.remove()
     assert "LABKIT" not in sh("nft", "list", "ruleset")
-    for table in ("nat", "filter"):  # iptables-nft made its tables for our chains; give them back empty
+    for table in ("nat", "filter", "raw"):  # iptables-nft made its tables for our chains; give them back empty
         if f"table ip {table}" not in tables_before and f"table ip {table}" in sh("nft", "list", "tables"):
             assert "LABKIT" not in sh("nft", "list", "table", "ip", table)
             sh("nft", "delete", "table", "ip", table)
@@ -126,3 +128,42 @@ def test_cleanup_takes_rules_and_sysctls_back(lab, rootfs_name):
     assert "labkit" not in sh("nft", "list", "tables")
     assert open("/proc/sys/net/ipv4/ip_forward").read() == before
     assert not os.path.exists("/sys/class/net/lkbr-tclean")
+
+
+CONNECT = "import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2).close()"
+
+
+def test_a_neighbour_on_a_labkit_bridge_cannot_reach_the_hosts_loopback_services(lab, net):
+    """route_localnet on a labkit bridge (127.0.0.1:PORT published to a container) must not let a machine on the
+    bridge (a container with NET_ADMIN, a VM's tap) send to the host's 127.0.0.1, where loopback-only services
+    listen (CVE-2020-8558 in kube-proxy). The attacker routes 127.0.0.1 to the gateway from a namespace of its
+    own; without labkit's guard (flushed once, to show the test can fail) the connection is made."""
+    ns, port = "lk-t-evil", 18099
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", port))
+    listener.listen(8)
+    try:
+        sh("ip", "netns", "add", ns)
+        sh("ip", "link", "add", "lkt-e", "type", "veth", "peer", "name", "lkt-f", "netns", ns)
+        sh("ip", "link", "set", "lkt-e", "master", "lkbr-t", "up")
+        for argv in (["ip", "addr", "add", "10.214.0.250/24", "dev", "lkt-f"], ["ip", "link", "set", "lkt-f", "up"],
+                     ["sysctl", "-qw", "net.ipv4.conf.lkt-f.route_localnet=1"],  # (the lo of ns stays down)
+                     ["ip", "route", "add", "127.0.0.1/32", "via", "10.214.0.1", "dev", "lkt-f"]):
+            sh("ip", "netns", "exec", ns, *argv)
+
+        def attack():
+            return subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", CONNECT, "127.0.0.1",
+                                   str(port)], capture_output=True, text=True, timeout=30).returncode == 0
+        assert not attack(), "the host's 127.0.0.1 was reached from the bridge"
+        sh("nft", "flush", "chain", "ip", "labkit", "loopback")
+        try:
+            assert attack(), "control: without the guard the same packets reach the host's loopback"
+        finally:
+            lab.network("t2", subnet="10.217.0.0/24").remove()  # (the firewall rebuilt from labkit's state)
+        assert "127.0.0.0/8 drop" in sh("nft", "list", "chain", "ip", "labkit", "loopback")
+        assert not attack(), "the guard is back"
+    finally:
+        listener.close()
+        subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
+        subprocess.run(["ip", "link", "delete", "lkt-e"], capture_output=True)

@@ -6,7 +6,7 @@ moved into the process's network namespace and renamed ``eth0``, gets the next f
 file-locked allocator, safe under concurrent starts) and a default route via the gateway. Egress is
 masqueraded; ``-p HOST:CONTAINER`` is a DNAT rule, for other hosts (prerouting) and for this host
 itself, 127.0.0.1 included (output, with ``route_localnet`` on the bridge and masquerading of loopback
-sources). All rules live in labkit's own nftables table ``ip labkit`` (or, without nft, in iptables
+sources; no packet with a loopback address is let in from any other interface than lo). All rules live in labkit's own nftables table ``ip labkit`` (or, without nft, in iptables
 chains named ``LABKIT-*``), rebuilt as a whole from the recorded state, so removing a network or a
 port removes exactly its rules. State: /run/labkit/net/<name>.json. Standard library only.
 """
@@ -39,7 +39,8 @@ def is_labkit_link(name):
 
 
 IPT_CHAINS = {("nat", "PREROUTING"): "LABKIT-PREROUTING", ("nat", "OUTPUT"): "LABKIT-OUTPUT",
-              ("nat", "POSTROUTING"): "LABKIT-POSTROUTING", ("filter", "FORWARD"): "LABKIT-FORWARD"}
+              ("nat", "POSTROUTING"): "LABKIT-POSTROUTING", ("filter", "FORWARD"): "LABKIT-FORWARD",
+              ("raw", "PREROUTING"): "LABKIT-LOOPBACK"}
 
 
 @contextlib.contextmanager
@@ -164,8 +165,13 @@ def _nft_ruleset(states):
              "  chain prerouting { type nat hook prerouting priority dstnat; policy accept; }",
              "  chain output { type nat hook output priority -100; policy accept; }",
              "  chain postrouting { type nat hook postrouting priority srcnat; policy accept; }",
-             "  chain forward { type filter hook forward priority 0; policy accept; }", "}"]
-    rules = []
+             "  chain forward { type filter hook forward priority 0; policy accept; }",
+             "  chain loopback { type filter hook prerouting priority raw; policy accept; }", "}"]
+    # route_localnet (on labkit's bridges, and on the way to a cluster's machines) lets 127.0.0.1 be DNATed out
+    # of this host; it would also let a packet *to* 127.0.0.x in from that interface (a container reaching the
+    # host's loopback-only services, CVE-2020-8558's hole): no loopback address comes in from anywhere but lo
+    rules = [f"add rule ip {NFT_TABLE} loopback iifname != \"lo\" ip daddr 127.0.0.0/8 drop",
+             f"add rule ip {NFT_TABLE} loopback iifname != \"lo\" ip saddr 127.0.0.0/8 drop"]
     for st in states:
         br, subnet = st["bridge"], st["spec"]["subnet"]
         rules.append(f"add rule ip {NFT_TABLE} postrouting ip saddr {subnet} oifname != \"{br}\" masquerade")
@@ -211,9 +217,12 @@ def _apply_firewall(rec):
         hook = _forward_hook() if (table, builtin) == ("filter", "FORWARD") else builtin
         if not run(["iptables", "-w", "-t", table, "-C", hook, "-j", chain], check=False).ok:
             rec.run(["iptables", "-w", "-t", table, "-I", hook, "1", "-j", chain])
+    add = lambda table, chain, *r: rec.run(["iptables", "-w", "-t", table, "-A", chain, *r])  # noqa: E731
+    if states:
+        add("raw", "LABKIT-LOOPBACK", "!", "-i", "lo", "-d", "127.0.0.0/8", "-j", "DROP")
+        add("raw", "LABKIT-LOOPBACK", "!", "-i", "lo", "-s", "127.0.0.0/8", "-j", "DROP")
     for st in states:
         br, subnet = st["bridge"], st["spec"]["subnet"]
-        add = lambda table, chain, *r: rec.run(["iptables", "-w", "-t", table, "-A", chain, *r])  # noqa: E731
         add("nat", "LABKIT-POSTROUTING", "-s", subnet, "!", "-o", br, "-j", "MASQUERADE")
         add("nat", "LABKIT-POSTROUTING", "-o", br, "-s", "127.0.0.0/8", "-j", "MASQUERADE")
         for rule in _forward_rules(br):
@@ -363,6 +372,18 @@ def create(spec: NetworkSpec):
             raise
         rec.fact("existed", False)
         return rec.to_dict(network=st)
+
+
+def loopback_out(dev, rec):
+    """Let this host's 127.0.0.1 be DNATed out of interface ``dev`` (``route_localnet``: a published port asked on
+    127.0.0.1 answered by a task on another machine), while some labkit network exists: given back with the
+    other sysctls when the last one goes; the firewall drops loopback addresses coming in on it meanwhile."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,15}", dev or ""):  # (a dot would be a '/' in the sysctl's path)
+        raise InvalidSpec(f"no such interface: {dev!r}", fix="see `ip -o link`")
+    with locked():
+        if not _all():
+            raise NotFound("no labkit network", fix="create the cluster's network first")
+        _sysctl(f"net.ipv4.conf.{dev}.route_localnet", 1, rec)
 
 
 def remove(name):
