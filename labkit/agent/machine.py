@@ -263,14 +263,15 @@ def forget(address):
         c.close()
 
 
-def source_address(address):
-    """This machine's own address on the way to ``address`` (the manager machine's, for its workers' routes)."""
+def route_to(address):
+    """(this machine's own address on the way to ``address``, the interface it goes out of): the manager
+    machine's, for its workers' routes and for its 127.0.0.1 reaching their tasks."""
     res = run(["ip", "-o", "route", "get", check_machine_address(address)], check=False)
     words = res.stdout.split()
-    if not res.ok or "src" not in words:
+    if not res.ok or "src" not in words or "dev" not in words:
         raise TransportError(f"no route from here to machine {address}",
                              fix="are the machines on one private network? (`ip route get ADDRESS`)")
-    return str(ipaddress.IPv4Address(words[words.index("src") + 1]))
+    return str(ipaddress.IPv4Address(words[words.index("src") + 1])), words[words.index("dev") + 1]
 
 
 # -- the machine's side --------------------------------------------------------------------------------------------
