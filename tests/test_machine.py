@@ -4,7 +4,8 @@ On this host: what an agent that is no cluster worker refuses (a power cut, rout
 could otherwise power off a student's laptop), and a cluster across machines refused before anything is made
 where the machine has no cluster key. In the VM tier (the multi-machine Vagrantfile, three TCG guests): a cluster
 whose workers are the worker VMs, a 3-replica service with a published port answering on the manager and on a
-worker's address, one worker VM's power cut, its replicas back on the others, everything undone."""
+worker's address, an image made on the manager handed to the workers, one worker VM's power cut, its replicas
+back on the others, everything undone; and lab 09 run as a student runs it on the three VMs, at full points."""
 import os
 import shutil
 import subprocess
@@ -55,6 +56,10 @@ def test_an_agent_that_is_no_cluster_worker_refuses_a_power_cut_routes_and_a_mes
                  unreachable="10.214.255.0/24")
     with pytest.raises(PrivilegeError):
         lab.call("machine.mesh", cluster="tm", ports=[[8080, "tcp", 80, ["10.214.1.2"]]], vips=[])
+    with pytest.raises(PrivilegeError):  # (nor does it take layers and images from anyone who asks)
+        lab.call("machine.blob_put", digest="sha256:" + "0" * 64, token="0" * 16, offset=0, data="", last=True)
+    with pytest.raises(PrivilegeError):
+        lab.call("machine.image_put", ref="busybox", layers=["sha256:" + "0" * 64], config={})
     assert _routes() == before and not os.path.exists(f"{machine.RECORDS}/tm.json")
     said = lab.call("machine.hello")
     assert said["worker"] is False
@@ -73,6 +78,72 @@ def test_a_cluster_across_machines_needs_the_cluster_key_and_makes_nothing_witho
     with pytest.raises(NotFound):
         lab.call("cluster.inspect", name="tm")
     assert not any(n["id"].startswith("tm-") for n in lab.call("node.list"))
+
+
+def _layer(tmp_path, text):
+    import io
+    import tarfile
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("pushed.txt")
+        info.size, info.mode = len(text), 0o644
+        tar.addfile(info, io.BytesIO(text))
+    blob = buf.getvalue()
+    import hashlib
+    return blob, "sha256:" + hashlib.sha256(blob).hexdigest()
+
+
+@pytest.mark.privileged
+def test_a_worker_takes_an_image_layer_by_layer_and_refuses_what_is_not_it(tmp_path, monkeypatch):
+    """A worker's side of machine.push_image, called here as a worker's agent would be (the worker mark stands in
+    a file of this test's; the store is this host's, and the image is removed after). The attacks: a piece out of
+    order, a blob whose bytes are not its digest, a token that climbs out of the upload directory, a link planted
+    where the upload goes, an image record naming layers that are not there, a config that is no config."""
+    import base64
+    from labkit.agent import store
+    from labkit.wire.errors import Conflict, UnsafeLayer
+    mark = tmp_path / "worker"
+    mark.write_text("")
+    monkeypatch.setattr(machine, "WORKER_MARK", str(mark))
+    monkeypatch.setattr(machine, "INCOMING", str(tmp_path / "incoming"))
+    blob, digest = _layer(tmp_path, f"pushed at {time.time()}\n".encode())
+    ref, config = "tm-pushed:v1", {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"], "WorkingDir": "/"}
+    b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
+    try:
+        assert machine.image_have(ref, [digest], config) == {"same": False, "missing": [digest]}
+        with pytest.raises(NotFound, match="not here"):
+            machine.image_put(ref, [digest], config)
+        with pytest.raises(InvalidSpec, match="16 hex"):
+            machine.blob_put(digest, "../../../etc/x", 0, b64(blob), True)
+        token = "a" * 16
+        machine.blob_put(digest, token, 0, b64(blob[:700]), False)
+        with pytest.raises(Conflict, match="not 600"):
+            machine.blob_put(digest, token, 600, b64(blob[600:]), True)
+        with pytest.raises(Conflict, match="began already"):
+            machine.blob_put(digest, token, 0, b64(blob), True)
+        victim = tmp_path / "victim"
+        victim.write_text("mine")
+        os.symlink(victim, f"{machine.INCOMING}/{digest[7:]}.{'b' * 16}.part")
+        with pytest.raises(Conflict):
+            machine.blob_put(digest, "b" * 16, 0, b64(blob), True)
+        assert victim.read_text() == "mine", "a link planted where the upload goes is not followed"
+        with pytest.raises(UnsafeLayer):  # bytes that are not the digest's: refused, and the piece gone
+            machine.blob_put(digest, "c" * 16, 0, b64(blob[:-1] + b"x"), True)
+        assert not os.path.exists(f"{machine.INCOMING}/{digest[7:]}.{'c' * 16}.part")
+        assert machine.image_have(ref, [digest], config)["missing"] == [digest]
+        said = machine.blob_put(digest, token, 700, b64(blob[700:]), True)
+        assert said == {"digest": digest, "bytes": len(blob)}
+        with pytest.raises(InvalidSpec, match="KEY=VALUE"):
+            machine.image_put(ref, [digest], {"Env": ["no equals sign"]})
+        with pytest.raises(InvalidSpec):
+            machine.image_put(ref, ["sha256:../../x"], config)
+        made = machine.image_put(ref, [digest], config, history=[{"created_by": "the manager"}, "junk"])
+        assert store.load_image(ref)["layers"] == [digest] and made["id"] == store.load_image(ref)["id"]
+        assert machine.image_have(ref, [digest], config) == {"same": True, "missing": []}
+        assert open(os.path.join(store.layer_dir(digest), "pushed.txt")).read().startswith("pushed at")
+    finally:
+        if store.read_image(ref):
+            store.rmi(ref)
 
 
 NS, HERE, THERE = "tmachine", "10.250.77.1", "10.250.77.2"  # (not lk-*: those are labkit cleanup's)
@@ -255,6 +326,15 @@ def test_a_cluster_runs_across_three_vms_and_heals_a_worker_vms_power_cut(vm_tie
         localnet = ["sysctl", "-n", f"net.ipv4.conf.{dev}.route_localnet"]
         assert lab.run(localnet).stdout.strip() == "1"
 
+        # an image made on the manager VM only: each worker VM is handed its layers before its task starts
+        lab.build("FROM busybox\nRUN echo v2 > /v2\n", "tm/web:v2")
+        lab.call("service.update", name="tm", service="web", image="tm/web:v2")
+        settle(lambda ts: sorted(t["node"] for t in ts) == ["manager", "worker1", "worker2"]
+               and all(t["image"].startswith("tm/web:v2") for t in ts))
+        for _ in range(3):
+            lab.call("manager.step", name="tm", _timeout=120)
+        assert len({get(WORKERS[0]) for _ in range(6)}) == 3, "the updated tasks answer on every machine"
+
         boot = lab.call("node.inspect", node_id="tm-worker2")
         assert boot["status"] == "ready" and boot["machine"] == WORKERS[1]
         lab.call("node.kill", node_id="tm-worker2")  # the worker VM's power, cut by its own kernel
@@ -289,5 +369,29 @@ def test_a_cluster_runs_across_three_vms_and_heals_a_worker_vms_power_cut(vm_tie
         try:
             if any(c["name"] == "tm" for c in lab.call("cluster.list")):
                 lab.call("cluster.remove", name="tm", _timeout=300)
+            if any(i["ref"].startswith("tm/web:") for i in lab.images()):
+                lab.rmi("tm/web:v2", force=True)
         finally:
             lab.close()
+
+
+@pytest.mark.privileged
+@pytest.mark.vm
+@pytest.mark.slow
+def test_lab_09_scores_full_points_with_its_workers_on_the_worker_vms(vm_tier, tmp_path):
+    """Lab 09 as a student runs it on the three VMs (parameter worker_vms): the same notebook, the same checks,
+    full points; its workers read boot ids of their own, and exercise 5 cuts worker1's VM power."""
+    from labkit.course.runbook import run_notebooks
+    vm_tier.vagrant("up", "worker1", "worker2", timeout=900)  # (the test above cut worker2's power)
+    [run] = run_notebooks("vagrant", str(tmp_path), ["09-orchestration.ipynb"], parameters={"worker_vms": WORKERS})
+    print(f"\nlab 09 across the VMs: {run.total} in {run.seconds:.0f} s")
+    assert run.error is None, run.error
+    points, most = run.total
+    assert points == most > 0, [s for s in run.scores if s.get("points") != s.get("max_points")]
+    out = open(run.path).read()
+    assert out.count("(a kernel of its own: a VM)") == 2 and "vagrant up worker1" in out
+    lab = vm_tier.lab()
+    try:
+        assert lab.call("cluster.list") == [], "the notebook removed its cluster"
+    finally:
+        lab.close()

@@ -16,15 +16,20 @@ This module owns both ends:
 - the machine's side (methods its agent serves): :func:`hello` (boot id, hostname, whether it is a cluster
   worker), :func:`join` and :func:`leave` (the routes to the other nodes' task ranges, the services' virtual
   range made unreachable), :func:`mesh` (the cluster's routing-mesh table, built here from checked addresses
-  and ports) and :func:`poweroff` (a power cut: sysrq ``o``, no shutdown, no sync; only on a machine
-  provisioned as a cluster worker, :data:`WORKER_MARK`). What they make is recorded in
+  and ports), :func:`poweroff` (a power cut: sysrq ``o``, no shutdown, no sync; only on a machine
+  provisioned as a cluster worker, :data:`WORKER_MARK`), and :func:`image_have`, :func:`blob_put`,
+  :func:`image_put`: a task's image handed over by the manager (:func:`push_image`), layer by layer, each
+  verified against its digest and unpacked as any untrusted layer is. What they make is recorded in
   ``/run/labkit/machine/<cluster>.json`` before it is made, and :func:`cleanup` (part of ``labkit cleanup``
   there) undoes it.
 
 Standard library only.
 """
+import base64
+import binascii
 import ipaddress
 import os
+import secrets
 import select
 import subprocess
 import threading
@@ -33,7 +38,8 @@ import time
 from ..wire import protocol
 from ..wire.channel import Channel
 from ..wire.errors import Conflict, InvalidSpec, LabkitError, NotFound, PrivilegeError, TransportError
-from ..wire.specs import CLUSTER_NAME, RUN_DIR, check_cluster_name, check_machine_address, check_port
+from ..wire.specs import CLUSTER_NAME, RUN_DIR, STATE_DIR, check_cluster_name, check_machine_address, check_port
+from . import store
 from .runner import Recorder, read_text, run, which
 from .state import private_dir, read_json, write_json
 
@@ -46,6 +52,10 @@ RECORDS = RUN_DIR + "/machine"                 # (on a worker) <cluster>.json: t
 CONNECT_TIMEOUT = 10
 HELLO_TIMEOUT = 60                             # an agent's start under TCG takes seconds
 POOL = 4                                       # open channels kept per machine in one process
+INCOMING = STATE_DIR + "/machine-incoming"     # (on a worker) layers on their way from the manager
+CHUNK = 4 << 20                                # a layer's bytes per request (base64 on the wire: a third more)
+MAX_LAYERS = 128
+MAX_LAYER = 16 << 30                           # a layer's size at most (tarsafe's bound for an unpacked one)
 
 
 # -- the manager's side --------------------------------------------------------------------------------------------
@@ -466,9 +476,119 @@ def memberships():
 
 
 def cleanup(rec):
-    """``labkit cleanup``'s part on a machine: what every recorded cluster made here (routes, mesh table)."""
+    """``labkit cleanup``'s part on a machine: what every recorded cluster made here (routes, mesh table), and
+    layers a manager began to send and never finished."""
+    if os.path.isdir(INCOMING):
+        for fn in os.listdir(INCOMING):
+            if fn.endswith(".part"):
+                os.unlink(os.path.join(INCOMING, fn))
+                rec.file("unlink", os.path.join(INCOMING, fn))
     for name in memberships():
         try:
             rec.steps += leave(name)["steps"]
         except LabkitError as exc:
             rec.fact(f"cluster membership {name}", str(exc))
+
+
+# -- images: the manager hands a worker a task's image ----------------------------------------------------------
+
+def push_image(address, ref, timeout=120):
+    """The manager's side: image ``ref`` as this machine's store has it, on machine ``address`` too (a worker
+    pulls from no registry: the manager sends the layers it lacks, then the image's record). Returns the
+    digests sent (none when the machine had the image already)."""
+    image = store.load_image(ref)
+    layers, config = list(image["layers"]), image["config"]
+    said = call(address, "machine.image_have", {"ref": ref, "layers": layers, "config": config}, timeout=timeout)
+    if said.get("same"):
+        return []
+    sent = []
+    for digest in said.get("missing") or []:
+        if digest not in layers:
+            continue  # (only what this image is made of leaves this machine)
+        token, offset = secrets.token_hex(8), 0
+        with open(store.blob_path(digest), "rb") as f:
+            while True:
+                data = f.read(CHUNK)
+                last = len(data) < CHUNK
+                call(address, "machine.blob_put", {"digest": digest, "token": token, "offset": offset, "last": last,
+                                                   "data": base64.b64encode(data).decode()}, timeout=timeout)
+                offset += len(data)
+                if last:
+                    break
+        sent.append(digest)
+    call(address, "machine.image_put", {"ref": ref, "layers": layers, "config": config,
+                                        "history": image.get("history") or []}, timeout=timeout)
+    return sent
+
+
+def _candidate(ref, layers, config):
+    if not isinstance(layers, list) or not layers or len(layers) > MAX_LAYERS:
+        raise InvalidSpec(f"layers {layers!r:.80}: 1 to {MAX_LAYERS} digests", fix="send the image's layer list")
+    for d in layers:
+        store.digest_hex(d if isinstance(d, str) else repr(d))  # (refuses anything but sha256:<64 hex>)
+    return {"layers": list(layers), "config": store.image_config(config, f"image {ref}")}
+
+
+def image_have(ref, layers, config):
+    """A worker's side: whether image ``ref`` is here as the manager has it (the same layers and config), and
+    which of its layers are missing."""
+    _worker_only("take images from a cluster's manager")
+    want = _candidate(ref, layers, config)
+    here = store.read_image(ref)
+    return {"same": here is not None and store.image_id(here) == store.image_id(want),
+            "missing": [d for d in want["layers"] if not os.path.isdir(store.layer_dir(d))]}
+
+
+def blob_put(digest, token, offset, data, last):
+    """A worker's side: a piece of layer ``digest`` at ``offset`` of its upload ``token``; with ``last`` the
+    whole blob is checked against its digest and taken into the store as any pulled layer (tarsafe)."""
+    _worker_only("take images from a cluster's manager")
+    hexd = store.digest_hex(digest)
+    if not isinstance(token, str) or len(token) != 16 or any(c not in "0123456789abcdef" for c in token):
+        raise InvalidSpec(f"upload token {token!r:.40} is not 16 hex digits", fix="start the upload again")
+    try:
+        chunk = base64.b64decode(data if isinstance(data, str) else "", validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidSpec("a layer's piece is not base64", fix="send the layer again") from None
+    if len(chunk) > CHUNK or not isinstance(offset, int) or isinstance(offset, bool) or \
+            not 0 <= offset <= MAX_LAYER - len(chunk):
+        raise InvalidSpec(f"a piece of {len(chunk)} bytes at {offset!r}: at most {CHUNK} bytes, within "
+                          f"{MAX_LAYER} in all", fix="send the layer in pieces of CHUNK bytes")
+    private_dir(INCOMING)
+    part = f"{INCOMING}/{hexd}.{token}.part"
+    flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if offset == 0 else 0)
+    try:
+        fd = os.open(part, flags, 0o600)
+    except FileExistsError:
+        raise Conflict(f"upload {token} of {digest} began already", fix="start with a new token") from None
+    except FileNotFoundError:
+        raise NotFound(f"no upload {token} of {digest} here", fix="start it at offset 0") from None
+    except OSError as exc:  # (ELOOP: a link where the upload goes, planted by nobody labkit knows)
+        raise Conflict(f"upload {token} of {digest} cannot be written: {exc.strerror}",
+                       fix="start again with a new token") from None
+    try:
+        if os.fstat(fd).st_size != offset:
+            raise Conflict(f"upload {token} of {digest} holds {os.fstat(fd).st_size} bytes, not {offset}",
+                           fix="send the pieces in order, or start again with a new token")
+        os.lseek(fd, offset, os.SEEK_SET)
+        os.write(fd, chunk)
+    finally:
+        os.close(fd)
+    if last is not True:
+        return {"digest": digest, "bytes": offset + len(chunk)}
+    try:
+        return {"digest": store.add_layer_tar(part, digest), "bytes": offset + len(chunk)}  # (the digest checked)
+    finally:
+        os.unlink(part)
+
+
+def image_put(ref, layers, config, history=()):
+    """A worker's side: the image record of ``ref``, once every layer it names is here."""
+    _worker_only("take images from a cluster's manager")
+    want = _candidate(ref, layers, config)
+    missing = [d for d in want["layers"] if not os.path.isdir(store.layer_dir(d))]
+    if missing:
+        raise NotFound(f"image {ref}: layers {', '.join(missing)} are not here", fix="send them first (blob_put)")
+    history = [h for h in history if isinstance(h, dict)][:256] if isinstance(history, list) else []
+    image = store.save_image(ref, dict(want, history=history, created=time.time()))
+    return {"ref": image["ref"], "id": image["id"]}

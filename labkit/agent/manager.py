@@ -28,7 +28,7 @@ import time
 from ..wire.errors import InvalidSpec, LabkitError, NotFound
 from ..wire.orchestration import Action, Node, ServiceSpec, StackSpec, Task, reconcile, update_failed
 from ..wire.specs import ClusterSpec, ContainerSpec
-from . import cluster, node
+from . import cluster, machine, node
 from .runner import Recorder, run, which
 from .state import read_json, write_json
 
@@ -526,6 +526,9 @@ def _start(st, spec, task, now, hosts):
     try:
         cspec = ContainerSpec(image=spec.image, name=cname, cmd=spec.cmd, env=dict(spec.env), network=cluster.TASKS,
                               extra_hosts=hosts)
+        on = next((n.get("machine") for n in st["nodes"] if n["name"] == task.node), None)
+        if on:  # a machine of its own: its store holds only what the manager handed it (Swarm's workers pull)
+            machine.push_image(on, spec.image)
         made = node.call(nid, "container.create", {"spec": cspec.to_dict()})
         node.call(nid, "container.start", {"ref": made["id"]})
         ip = node.call(nid, "container.inspect", {"ref": made["id"]})["NetworkSettings"]["IPAddress"]

@@ -81,10 +81,11 @@ class NotebookRun:
 
 
 def run_notebooks(target, output, notebooks=None, student_id="anonymous", quick=True, timeout=900,
-                  source_dir=NOTEBOOK_DIR, on_done=None, lang=None):
+                  source_dir=NOTEBOOK_DIR, on_done=None, lang=None, parameters=None):
     """Execute notebooks with papermill into ``output``; a list of :class:`NotebookRun`. ``on_done(run)``
     is called as each one finishes (the lab command prints its line there); ``lang``: the edition's language,
-    which the checks' feedback is shown in (labkit.course.feedback; None: the edition's folder says, e.g. ko)."""
+    which the checks' feedback is shown in (labkit.course.feedback; None: the edition's folder says, e.g. ko);
+    ``parameters``: a notebook's own parameters besides these (lab 09's ``worker_vms``)."""
     import papermill as pm
     from .feedback import edition_of
     lang = lang or edition_of(source_dir)
@@ -94,7 +95,8 @@ def run_notebooks(target, output, notebooks=None, student_id="anonymous", quick=
     saved = {k: os.environ.get(k) for k in ("LABKIT_HEADLESS", "LABKIT_LANG")}
     os.environ.update(LABKIT_HEADLESS="1", LABKIT_LANG=lang)
     try:
-        return _run_each(pm, target, output, notebooks, student_id, quick, timeout, source_dir, on_done, runs)
+        return _run_each(pm, target, output, notebooks, student_id, quick, timeout, source_dir, on_done, runs,
+                         dict(parameters or {}))
     finally:
         for k, v in saved.items():
             if v is None:
@@ -103,13 +105,13 @@ def run_notebooks(target, output, notebooks=None, student_id="anonymous", quick=
                 os.environ[k] = v
 
 
-def _run_each(pm, target, output, notebooks, student_id, quick, timeout, source_dir, on_done, runs):
+def _run_each(pm, target, output, notebooks, student_id, quick, timeout, source_dir, on_done, runs, extra):
     for name in notebooks or course_notebooks(source_dir):
         out = os.path.join(output, name)
         started, error = time.monotonic(), None
         try:
             pm.execute_notebook(os.path.join(source_dir, name), out, cwd=output, kernel_name="python3",
-                                parameters={"target": target, "student_id": student_id, "quick": quick,
+                                parameters={**extra, "target": target, "student_id": student_id, "quick": quick,
                                             "output_dir": os.path.abspath(output)},
                                 execution_timeout=timeout, progress_bar=False)
         except Exception as exc:  # noqa: BLE001 - one notebook's failure is reported, the others still run
