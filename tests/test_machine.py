@@ -115,8 +115,18 @@ def test_a_worker_takes_an_image_layer_by_layer_and_refuses_what_is_not_it(tmp_p
             machine.image_put(ref, [digest], config)
         with pytest.raises(InvalidSpec, match="16 hex"):
             machine.blob_put(digest, "../../../etc/x", 0, b64(blob), True)
+        for bad in ({"digest": 5}, {"data": None}, {"data": "not base64!"}, {"offset": True}, {"offset": -1}):
+            with pytest.raises(InvalidSpec):  # (every refusal a LabkitError, none an agent crash)
+                machine.blob_put(**dict({"digest": digest, "token": "d" * 16, "offset": 0, "data": b64(blob),
+                                         "last": True}, **bad))
+        stale = tmp_path / "incoming" / f"{digest[7:]}.{'e' * 16}.part"
+        stale.parent.mkdir(mode=0o700, exist_ok=True)
+        stale.write_bytes(blob[:10])
+        os.utime(stale, (time.time() - machine.STALE_UPLOAD - 5,) * 2)
+        assert machine.incoming() == [stale.name]
         token = "a" * 16
         machine.blob_put(digest, token, 0, b64(blob[:700]), False)
+        assert not stale.exists(), "an upload abandoned long ago goes when a new one begins"
         with pytest.raises(Conflict, match="not 600"):
             machine.blob_put(digest, token, 600, b64(blob[600:]), True)
         with pytest.raises(Conflict, match="began already"):
@@ -141,6 +151,14 @@ def test_a_worker_takes_an_image_layer_by_layer_and_refuses_what_is_not_it(tmp_p
         assert store.load_image(ref)["layers"] == [digest] and made["id"] == store.load_image(ref)["id"]
         assert machine.image_have(ref, [digest], config) == {"same": True, "missing": []}
         assert open(os.path.join(store.layer_dir(digest), "pushed.txt")).read().startswith("pushed at")
+        # a layer unpacked here whose blob went (a crash, a full disk): forged bytes under its digest are refused
+        os.unlink(store.blob_path(digest))
+        assert machine.image_have(ref, [digest], config)["missing"] == [digest]
+        with pytest.raises(UnsafeLayer):
+            machine.blob_put(digest, "f" * 16, 0, b64(blob[:-1] + b"y"), True)
+        assert not os.path.exists(store.blob_path(digest))
+        machine.blob_put(digest, "f" * 16, 0, b64(blob), True)
+        assert os.path.isfile(store.blob_path(digest)) and machine.image_have(ref, [digest], config)["same"]
     finally:
         if store.read_image(ref):
             store.rmi(ref)

@@ -48,6 +48,8 @@ def plan():
         items.append(("node", n["id"]))
     for name in machine.memberships():  # (on a worker machine: what its cluster made here)
         items.append(("cluster membership", name))
+    for fn in machine.incoming():  # (a layer a cluster's manager began to send here)
+        items.append(("unfinished upload", fn))
     for e in process.list_processes():
         items.append(("process", e["id"]))
     for p in os.listdir("/proc"):
@@ -114,7 +116,7 @@ def cleanup(dry_run=False):
     cluster.cleanup(rec)  # clusters next: with each, its manager, nodes and all they ran, routes, mesh, network
     node.cleanup(rec)
     machine.cleanup(rec)
-    removed += [f"{k} {n}" for k, n in items if k == "cluster membership"]
+    removed += [f"{k} {n}" for k, n in items if k in ("cluster membership", "unfinished upload")]
     for table in manager.mesh_leftovers():  # a cluster's whose record was lost
         rec.run(["nft", "delete", "table", "ip", table])
     removed += [f"{k} {n}" for k, n in items if k in ("cluster", "node")]

@@ -37,9 +37,10 @@ import time
 
 from ..wire import protocol
 from ..wire.channel import Channel
-from ..wire.errors import Conflict, InvalidSpec, LabkitError, NotFound, PrivilegeError, TransportError
+from ..wire.errors import (Conflict, InvalidSpec, LabkitError, MechanismError, NotFound, PrivilegeError,
+                           TransportError, UnsafeLayer)
 from ..wire.specs import CLUSTER_NAME, RUN_DIR, STATE_DIR, check_cluster_name, check_machine_address, check_port
-from . import store
+from . import store, tarsafe
 from .runner import Recorder, read_text, run, which
 from .state import private_dir, read_json, write_json
 
@@ -416,7 +417,9 @@ def mesh(cluster, ports, vips):
     if not st.get("mesh"):
         st["mesh"] = table
         write_json(path, st)
-    text, rules = manager.ruleset(table, backends, virtual, local_hook=True)
+    # (prerouting only: a worker's own 127.0.0.1 would reach tasks on other machines only with route_localnet on
+    # its uplink, which a worker is not given; its address, and the manager's 127.0.0.1, answer)
+    text, rules = manager.ruleset(table, backends, virtual, local_hook=False)
     # written every time: each of the manager's channels is an agent process of its own here, whose memory of
     # what it wrote last says nothing of what another one wrote since
     manager.apply_rules(table, text, rules, remember=False)
@@ -499,14 +502,19 @@ def push_image(address, ref, timeout=120):
     image = store.load_image(ref)
     layers, config = list(image["layers"]), image["config"]
     said = call(address, "machine.image_have", {"ref": ref, "layers": layers, "config": config}, timeout=timeout)
-    if said.get("same"):
+    if said.get("same") and not said.get("missing"):
         return []
     sent = []
     for digest in said.get("missing") or []:
         if digest not in layers:
             continue  # (only what this image is made of leaves this machine)
         token, offset = secrets.token_hex(8), 0
-        with open(store.blob_path(digest), "rb") as f:
+        try:
+            f = open(store.blob_path(digest), "rb")
+        except OSError as exc:
+            raise NotFound(f"layer {digest} of image {ref} is missing here ({exc.strerror})",
+                           fix=f"build or pull {ref} again") from None
+        with f:
             while True:
                 data = f.read(CHUNK)
                 last = len(data) < CHUNK
@@ -536,18 +544,21 @@ def image_have(ref, layers, config):
     want = _candidate(ref, layers, config)
     here = store.read_image(ref)
     return {"same": here is not None and store.image_id(here) == store.image_id(want),
-            "missing": [d for d in want["layers"] if not os.path.isdir(store.layer_dir(d))]}
+            "missing": [d for d in want["layers"]
+                        if not os.path.isdir(store.layer_dir(d)) or not os.path.isfile(store.blob_path(d))]}
 
 
 def blob_put(digest, token, offset, data, last):
     """A worker's side: a piece of layer ``digest`` at ``offset`` of its upload ``token``; with ``last`` the
     whole blob is checked against its digest and taken into the store as any pulled layer (tarsafe)."""
     _worker_only("take images from a cluster's manager")
-    hexd = store.digest_hex(digest)
+    hexd = store.digest_hex(digest if isinstance(digest, str) else repr(digest))
+    if not isinstance(data, str):
+        raise InvalidSpec(f"a layer's piece is {type(data).__name__}, not base64 text", fix="send the layer again")
     if not isinstance(token, str) or len(token) != 16 or any(c not in "0123456789abcdef" for c in token):
         raise InvalidSpec(f"upload token {token!r:.40} is not 16 hex digits", fix="start the upload again")
     try:
-        chunk = base64.b64decode(data if isinstance(data, str) else "", validate=True)
+        chunk = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidSpec("a layer's piece is not base64", fix="send the layer again") from None
     if len(chunk) > CHUNK or not isinstance(offset, int) or isinstance(offset, bool) or \
@@ -555,6 +566,8 @@ def blob_put(digest, token, offset, data, last):
         raise InvalidSpec(f"a piece of {len(chunk)} bytes at {offset!r}: at most {CHUNK} bytes, within "
                           f"{MAX_LAYER} in all", fix="send the layer in pieces of CHUNK bytes")
     private_dir(INCOMING)
+    if offset == 0:
+        _forget_stale_uploads()
     part = f"{INCOMING}/{hexd}.{token}.part"
     flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if offset == 0 else 0)
     try:
@@ -571,24 +584,58 @@ def blob_put(digest, token, offset, data, last):
             raise Conflict(f"upload {token} of {digest} holds {os.fstat(fd).st_size} bytes, not {offset}",
                            fix="send the pieces in order, or start again with a new token")
         os.lseek(fd, offset, os.SEEK_SET)
-        os.write(fd, chunk)
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError as exc:  # (ENOSPC, EIO: the upload cannot go on; its piece so far goes)
+        os.unlink(part)
+        raise MechanismError(f"layer {digest} could not be written here: {exc.strerror}",
+                             fix="free space in /var/lib/labkit on the worker, then start the task again") from None
     finally:
         os.close(fd)
     if last is not True:
         return {"digest": digest, "bytes": offset + len(chunk)}
     try:
-        return {"digest": store.add_layer_tar(part, digest), "bytes": offset + len(chunk)}  # (the digest checked)
+        if tarsafe.sha256_file(part) != digest:  # (add_layer_tar checks only a layer it has not unpacked yet)
+            raise UnsafeLayer(f"the bytes sent as layer {digest} are not that layer",
+                              fix="the manager's copy is damaged or the pieces were mixed: send it again")
+        with store.locked():
+            return {"digest": store.add_layer_tar(part, digest), "bytes": offset + len(chunk)}
+    except OSError as exc:
+        raise MechanismError(f"layer {digest} could not be stored here: {exc.strerror}",
+                             fix="free space in /var/lib/labkit on the worker, then start the task again") from None
     finally:
         os.unlink(part)
+
+
+STALE_UPLOAD = 600  # seconds: an upload not written for this long was abandoned (a manager gone, a timeout)
+
+
+def _forget_stale_uploads():
+    now = time.time()
+    for fn in os.listdir(INCOMING):
+        path = os.path.join(INCOMING, fn)
+        try:
+            if fn.endswith(".part") and now - os.lstat(path).st_mtime > STALE_UPLOAD:
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def incoming():
+    """Uploads begun here and not finished (for ``labkit cleanup``'s plan)."""
+    return sorted(fn for fn in os.listdir(INCOMING) if fn.endswith(".part")) if os.path.isdir(INCOMING) else []
 
 
 def image_put(ref, layers, config, history=()):
     """A worker's side: the image record of ``ref``, once every layer it names is here."""
     _worker_only("take images from a cluster's manager")
     want = _candidate(ref, layers, config)
-    missing = [d for d in want["layers"] if not os.path.isdir(store.layer_dir(d))]
-    if missing:
-        raise NotFound(f"image {ref}: layers {', '.join(missing)} are not here", fix="send them first (blob_put)")
     history = [h for h in history if isinstance(h, dict)][:256] if isinstance(history, list) else []
-    image = store.save_image(ref, dict(want, history=history, created=time.time()))
+    with store.locked():  # (no prune between the look and the record)
+        missing = [d for d in want["layers"]
+                   if not os.path.isdir(store.layer_dir(d)) or not os.path.isfile(store.blob_path(d))]
+        if missing:
+            raise NotFound(f"image {ref}: layers {', '.join(missing)} are not here", fix="send them first (blob_put)")
+        image = store.save_image(ref, dict(want, history=history, created=time.time()))
     return {"ref": image["ref"], "id": image["id"]}

@@ -395,9 +395,9 @@ def remove(name):
                               fix="stop those processes first")
         os.unlink(_path(name))
         rec.run(["ip", "link", "delete", st["bridge"]], check=False)
-        _apply_firewall(rec)
         if not _all():
-            _restore_sysctls(rec)
+            _restore_sysctls(rec)  # (first: route_localnet never outlives the guard against loopback addresses)
+        _apply_firewall(rec)
     return rec.to_dict()
 
 
@@ -545,6 +545,6 @@ def cleanup(rec):
     """Remove every labkit network's state, rules and sysctl changes (bridges go with the lk* links)."""
     for st in _all():
         os.unlink(_path(st["spec"]["name"]))
-    remove_firewall(rec)
     if os.path.exists(SYSCTL_STATE):
         _restore_sysctls(rec)
+    remove_firewall(rec)
