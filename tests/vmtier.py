@@ -264,6 +264,13 @@ class Tier:
             log(f"pool {POOL} left by an earlier run: removing it")
             sh(["virsh", "pool-destroy", POOL], check=False)
             sh(["virsh", "pool-undefine", POOL])
+        # and so do the domains of a run stopped while `vagrant up` made them (vagrant then says their names are
+        # "already taken"): vagrant-libvirt names them <Vagrantfile's folder>_<machine>, ours by that exact name
+        for name in ["manager"] + [f"worker{i}" for i in range(1, self.nodes)]:
+            if sh(["virsh", "dominfo", f"vagrant_{name}"], check=False).returncode == 0:
+                log(f"domain vagrant_{name} left by an earlier run: removing it")
+                sh(["virsh", "destroy", f"vagrant_{name}"], check=False)
+                sh(["virsh", "undefine", f"vagrant_{name}", "--nvram"], check=False)
         sh(["virsh", "pool-define-as", POOL, "dir", "--target", pool_dir])
         sh(["virsh", "pool-start", POOL])
         log(f"libvirtd {self.pids['libvirtd']} runs in netns {NETNS}; pool {POOL} at {pool_dir}")
