@@ -292,10 +292,10 @@ def test_the_managers_channels_to_a_machine_are_pooled_bounded_and_pinned(worker
 @pytest.mark.privileged
 @pytest.mark.vm
 @pytest.mark.slow
-def test_a_cluster_runs_across_three_vms_and_heals_a_worker_vms_power_cut(vm_tier):
+def test_a_cluster_runs_across_three_vms_and_rolls_out_an_image_made_on_the_manager(vm_tier):
     """The multi-machine Vagrantfile's manager and two worker VMs, one cluster over the same API as on one
-    host: spread over the machines, the routing mesh on every machine, a worker VM powered off, its replica
-    back on the others, the port answering after it; cluster.remove undoes it on the machine still up."""
+    host: spread over the machines, the routing mesh on every machine and on the manager's 127.0.0.1, an image
+    built on the manager rolled out to tasks on the workers; cluster.remove undoes it on the workers."""
     from labkit.wire.orchestration import ServiceSpec
     assert vm_tier.nodes == 3, "the VM tier boots the manager and two workers (LABKIT_VM_NODES=3)"
     lab = vm_tier.lab()
@@ -355,18 +355,8 @@ def test_a_cluster_runs_across_three_vms_and_heals_a_worker_vms_power_cut(vm_tie
 
         boot = lab.call("node.inspect", node_id="tm-worker2")
         assert boot["status"] == "ready" and boot["machine"] == WORKERS[1]
-        lab.call("node.kill", node_id="tm-worker2")  # the worker VM's power, cut by its own kernel
-        end = time.monotonic() + 60
-        while lab.call("node.inspect", node_id="tm-worker2")["status"] != "down":
-            assert time.monotonic() < end, "the worker VM still answers a minute after its power cut"
-            time.sleep(1)
-        t0 = time.monotonic()
-        back = settle(lambda ts: len(ts) == 3 and all(t["node"] != "worker2" for t in ts))
-        print(f"\nreplicas back on {sorted(t['node'] for t in back)} {time.monotonic() - t0:.1f} s after the "
-              "worker VM went down (TCG guests, SSH heartbeats)")
-        for _ in range(3):
-            lab.call("manager.step", name="tm", _timeout=120)
-        assert get("127.0.0.1") and get(WORKERS[0]), "the port answers on the machines still up"
+        # (a worker VM's power cut, its replicas back elsewhere, and a cluster removed while a worker is off:
+        # lab 09 does all of it in the test below, graded by its own checks)
         with pytest.raises(InvalidSpec, match="vagrant suspend"):
             lab.call("node.pause", node_id="tm-worker1")
         assert lab.call("machine.hello")["worker"] is False  # (the manager VM is no worker: it cannot be cut)
@@ -400,14 +390,18 @@ def test_lab_09_scores_full_points_with_its_workers_on_the_worker_vms(vm_tier, t
     """Lab 09 as a student runs it on the three VMs (parameter worker_vms): the same notebook, the same checks,
     full points; its workers read boot ids of their own, and exercise 5 cuts worker1's VM power."""
     from labkit.course.runbook import run_notebooks
-    vm_tier.vagrant("up", "worker1", "worker2", timeout=900)  # (the test above cut worker2's power)
     [run] = run_notebooks("vagrant", str(tmp_path), ["09-orchestration.ipynb"], parameters={"worker_vms": WORKERS})
     print(f"\nlab 09 across the VMs: {run.total} in {run.seconds:.0f} s")
     assert run.error is None, run.error
     points, most = run.total
     assert points == most > 0, [s for s in run.scores if s.get("points") != s.get("max_points")]
-    out = open(run.path).read()
-    assert out.count("(a kernel of its own: a VM)") == 2 and "vagrant up worker1" in out
+    import nbformat
+    nb = nbformat.read(run.path, as_version=4)
+    said = {c.id: "".join(o.get("text", "") for o in c.get("outputs", [])) for c in nb.cells if c.cell_type == "code"}
+    kernels = {line.split()[0]: line for line in said["09-44"].splitlines() if "boot id" in line}
+    assert "(the host's: one kernel)" in kernels["manager"], said["09-44"]
+    assert all("(a kernel of its own: a VM)" in kernels[w] for w in ("worker1", "worker2")), said["09-44"]
+    assert "vagrant up worker1" in said["09-46"]
     lab = vm_tier.lab()
     try:
         assert lab.call("cluster.list") == [], "the notebook removed its cluster"
