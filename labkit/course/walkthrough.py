@@ -108,6 +108,10 @@ def nginx_walkthrough(lab, registry_url, image="course/web:v1", name="lk-walk", 
         steps.append(Step(lecture=lecture, typed=f"curl http://127.0.0.1:{port}/", exit_code=res.exit_code,
                           output=res.stdout + res.stderr, expect=expect, ok=bool(check(res.exit_code, res.stdout))))
 
+    try:  # a run stopped before its end (a killed kernel) left its container: the name is the walkthrough's own
+        lab.container(name).rm(force=True)
+    except LabkitError:
+        pass
     lab.tag(image, remote)  # (preparation, not the lecture's: the registry must hold the image to pull it)
     pushed = lab.push(remote).facts["manifest"]
     lab.rmi(remote)
