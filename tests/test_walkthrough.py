@@ -1,6 +1,6 @@
 """The lecture's nginx walkthrough typed as the lecture types it (labkit.course.walkthrough), offline, against the
 course's local registry: every step does what the lecture says, `exec -it` in a real pseudo-terminal edits the
-page, and nothing of it is left afterwards."""
+page, nothing of it is left afterwards, and what a run stopped midway left does not stop the next one."""
 import pytest
 
 from labkit.course.walkthrough import nginx_walkthrough
@@ -13,8 +13,15 @@ def test_the_walkthrough_does_what_the_lecture_says(lab):
               "t-walk/web:v1", context={"index.html": "<h1>Welcome</h1>"})
     try:
         with lab.registry(port=5055) as reg:
+            # what a run stopped midway (a killed kernel) leaves: its container, holding the pulled image's name
+            lab.tag("t-walk/web:v1", f"{reg.url}/course/web:v1")
+            lab.create(f"{reg.url}/course/web:v1", name="lk-walk-t")
             done = nginx_walkthrough(lab, reg.url, image="t-walk/web:v1", name="lk-walk-t", port=8093)
     finally:
+        if "lk-walk-t" in [c["name"] for c in lab.containers(all=True)]:  # (only when the walkthrough failed)
+            lab.container("lk-walk-t").rm(force=True)
+        for ref in [i["ref"] for i in lab.images() if i["ref"].startswith("127.0.0.1:5055/")]:
+            lab.rmi(ref)
         lab.rmi("t-walk/web:v1")
         for n in lab.networks():
             if not n["members"] and n["spec"]["name"] == "default":
