@@ -193,7 +193,7 @@ def test_prune_keeps_the_layers_of_a_live_root_whose_record_is_lost(lab):
     layers = lab.image("t-live:v1")["layers"]
     with lab.container_root("t-live:v1", "t-liveroot") as root:
         lab.rmi("t-live:v1")
-        with open(f"/var/lib/labkit/containers/t-liveroot/image.json", "w") as f:
+        with open("/var/lib/labkit/containers/t-liveroot/image.json", "w") as f:
             f.write('{"layers": [')
         lab.prune(all_cache=True)
         assert all(os.path.isdir(f"/var/lib/labkit/layers/sha256/{d.split(':')[1]}") for d in layers)

@@ -3,13 +3,12 @@ attack or an accident: a truncated entry, a planted symlink, two writers at once
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
-from labkit.agent import cleanup, engine, network, process, state, store, vm
+from labkit.agent import engine, network, process, state, store, vm
 from labkit.agent.runner import pid_starttime, same_process
 
 pytestmark = pytest.mark.privileged

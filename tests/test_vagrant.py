@@ -157,7 +157,6 @@ def test_provision_gives_students_the_student_editions_and_keeps_their_work(tmp_
     """provision.sh's course step, run on its own for a real unprivileged user whose home is a temporary
     folder: the student editions (no solutions) in ~/labkit-course, owned by that user; a notebook the
     student changed stays as it is on the next provision, a missing one comes back; JupyterLab opens there."""
-    import pwd
     text = open(os.path.join(REPO, "vagrant", "provision.sh")).read()
     assert "WorkingDirectory=$course\n" in text
     start = text.index("  course=$(getent passwd")
