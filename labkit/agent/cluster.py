@@ -85,8 +85,9 @@ def create(spec: ClusterSpec):
         rec.steps += network.create(NetworkSpec(name=spec.network, subnet=spec.subnet))["steps"]
         net = ipaddress.ip_network(spec.subnet)
         # with machines: this machine's own address on their network, where they route the cluster's ranges to
-        st["via"] = machine.route_to(spec.machines[0])[0] if spec.machines else None
-        for dev in sorted({machine.route_to(m)[1] for m in spec.machines}):
+        ways = [machine.route_to(m) for m in spec.machines]  # (this machine's address and interface towards each)
+        st["via"] = ways[0][0] if ways else None
+        for dev in sorted({dev for _, dev in ways}):
             network.loopback_out(dev, rec)  # (the mesh's 127.0.0.1 answered by tasks on the machines too)
         for i, name in enumerate(spec.node_names()):
             on = spec.machine_of(i)  # a worker on a machine of its own, or None: a node of this host

@@ -27,7 +27,7 @@ import shutil
 import tempfile
 import time
 
-from ..wire.errors import Conflict, InvalidSpec, NotFound
+from ..wire.errors import Conflict, InvalidSpec, NotFound, UnsafeLayer
 from ..wire.specs import CONTAINERS_DIR, STATE_DIR, ImageRef
 from . import rootfs, tarsafe
 from .runner import Recorder
@@ -62,10 +62,12 @@ def add_layer_tar(tar_path, digest=None, rec=None):
     ``<hex>.json`` beside it and, when ``rec`` is given, in its facts as ``devices_skipped``."""
     private_dir(BLOBS)
     private_dir(LAYERS)
+    checked = digest is None  # (the bytes are their digest) or, below, unpacked against it
     digest = digest or tarsafe.sha256_file(tar_path)
     if not os.path.isdir(layer_dir(digest)):
         try:
             special = tarsafe.unpack(tar_path, layer_dir(digest), digest=digest)
+            checked = True
         except InvalidSpec:
             if not os.path.isdir(layer_dir(digest)):
                 raise
@@ -77,6 +79,9 @@ def add_layer_tar(tar_path, digest=None, rec=None):
     if rec is not None and devices:
         rec.fact("devices_skipped", sorted(set(rec.facts.get("devices_skipped", [])) | set(devices)))
     if not os.path.exists(blob_path(digest)):
+        if not checked and tarsafe.sha256_file(tar_path) != digest:  # (its layer was here: these bytes, unread)
+            raise UnsafeLayer(f"the bytes given as layer {digest} are not that layer",
+                              fix="the copy is damaged or mislabelled: fetch or send it again")
         tmp = f"{blob_path(digest)}.{os.getpid()}.{os.urandom(4).hex()}.tmp"  # two agents never share one
         try:
             shutil.copyfile(tar_path, tmp)
